@@ -1,0 +1,121 @@
+//! The composed libp2p behaviour: one sub-behaviour per protocol.
+
+// The derive generates `NodeBehaviourEvent` with one variant per field and
+// no doc comments; the fields below document what each variant carries.
+#![allow(missing_docs)]
+
+use std::time::Duration;
+
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{
+    StreamProtocol, connection_limits, gossipsub, identify, identity::Keypair, kad, mdns,
+    memory_connection_limits, ping, request_response,
+};
+
+use crate::wire::{self, RpcRequest, RpcResponse};
+use crate::{Error, NetConfig};
+
+/// The request-response protocol name.
+pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/openagi/rpc/1");
+
+/// Everything the node speaks, composed into one behaviour.
+#[derive(NetworkBehaviour)]
+pub struct NodeBehaviour {
+    /// Refuses connections beyond the configured counts. Listed first so it
+    /// vetoes a connection before any other behaviour sets up state.
+    pub limits: connection_limits::Behaviour,
+    /// Refuses new connections when the process is short of memory.
+    pub memory: memory_connection_limits::Behaviour,
+    /// Exchanges protocol version, agent and listen addresses.
+    pub identify: identify::Behaviour,
+    /// Liveness and round-trip time of connections.
+    pub ping: ping::Behaviour,
+    /// Peer routing (distributed hash table).
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    /// Local-network discovery; absent when disabled.
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Topic-based message dissemination.
+    pub gossipsub: gossipsub::Behaviour,
+    /// Direct requests between two nodes.
+    pub rpc: request_response::cbor::Behaviour<RpcRequest, RpcResponse>,
+}
+
+impl NodeBehaviour {
+    /// Builds the behaviour for `keypair` under `config`.
+    pub fn new(keypair: &Keypair, config: &NetConfig) -> Result<Self, Error> {
+        let peer_id = keypair.public().to_peer_id();
+        let limits = connection_limits::ConnectionLimits::default()
+            .with_max_established_incoming(Some(config.limits.max_incoming))
+            .with_max_established_outgoing(Some(config.limits.max_outgoing))
+            .with_max_established_per_peer(Some(config.limits.max_per_peer))
+            .with_max_pending_incoming(Some(config.limits.max_pending))
+            .with_max_pending_outgoing(Some(config.limits.max_pending));
+
+        let identify = identify::Behaviour::new(
+            identify::Config::new(config.protocol_version(), keypair.public())
+                .with_agent_version(config.agent_version.clone())
+                .with_interval(Duration::from_secs(60)),
+        );
+
+        let mut kad_config = kad::Config::new(StreamProtocol::new("/openagi/kad/1"));
+        kad_config.set_query_timeout(Duration::from_secs(30));
+        let mut kad =
+            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        // Every node serves the DHT: without AutoNAT confirming an external
+        // address kad would stay a client and nobody would route to it.
+        kad.set_mode(Some(kad::Mode::Server));
+
+        let mdns = if config.mdns {
+            Some(
+                mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
+                    .map_err(|e| Error::Setup(format!("mDNS: {e}")))?,
+            )
+        } else {
+            None
+        };
+
+        let gossip_config = gossipsub::ConfigBuilder::default()
+            .max_transmit_size(wire::MAX_GOSSIP_BYTES)
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            // The node checks each message before it is forwarded, so a
+            // malformed message stops at the first honest hop.
+            .validate_messages()
+            .heartbeat_interval(Duration::from_secs(1))
+            .build()
+            .map_err(|e| Error::Config(format!("gossipsub: {e}")))?;
+        let mut gossipsub = gossipsub::Behaviour::new(
+            gossipsub::MessageAuthenticity::Signed(keypair.clone()),
+            gossip_config,
+        )
+        .map_err(|e| Error::Config(format!("gossipsub: {e}")))?;
+        gossipsub
+            .with_peer_score(
+                gossipsub::PeerScoreParams::default(),
+                gossipsub::PeerScoreThresholds::default(),
+            )
+            .map_err(|e| Error::Config(format!("gossipsub scoring: {e}")))?;
+
+        let codec = request_response::cbor::codec::Codec::default()
+            .set_request_size_maximum(wire::MAX_RPC_REQUEST_BYTES)
+            .set_response_size_maximum(wire::MAX_RPC_RESPONSE_BYTES);
+        let rpc = request_response::Behaviour::with_codec(
+            codec,
+            [(RPC_PROTOCOL, request_response::ProtocolSupport::Full)],
+            request_response::Config::default()
+                .with_request_timeout(Duration::from_secs(20))
+                .with_max_concurrent_streams(64),
+        );
+
+        Ok(Self {
+            limits: connection_limits::Behaviour::new(limits),
+            memory: memory_connection_limits::Behaviour::with_max_bytes(config.max_memory_bytes),
+            identify,
+            ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
+            kad,
+            mdns: mdns.into(),
+            gossipsub,
+            rpc,
+        })
+    }
+}

@@ -1,0 +1,81 @@
+//! Peer-to-peer networking of an Open-AGI node, built on libp2p.
+//!
+//! One [`NodeBehaviour`] composes one libp2p behaviour per protocol
+//! (identify, ping, Kademlia, mDNS, gossipsub, request-response, connection
+//! and memory limits). [`NetworkService::start`] builds the swarm and drives
+//! it on its own task; the rest of the node talks to it through a bounded
+//! command channel ([`NetHandle`]), receives [`NetEvent`]s on a bounded
+//! channel, and reads a shared [`NetSnapshot`] for status pages.
+//!
+//! Invariants kept here:
+//! - every channel and buffer is bounded, and every inbound message is size
+//!   limited before it is decoded;
+//! - a peer that sends malformed data is penalised through gossipsub's
+//!   scoring and counted, never able to crash the task;
+//! - peers on another network id are disconnected after identify;
+//! - bootstrap peers are redialled with exponential backoff forever, so a
+//!   node recovers from restarts of its peers without operator action.
+
+mod backoff;
+mod behaviour;
+mod config;
+mod metrics;
+mod service;
+mod wire;
+
+pub use backoff::Backoff;
+pub use behaviour::{NodeBehaviour, NodeBehaviourEvent};
+pub use config::{ConnectionLimitsConfig, NetConfig, TransportMode};
+pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
+pub use metrics::NetMetrics;
+pub use service::{NetEvent, NetHandle, NetSnapshot, NetworkService, PeerSnapshot, ReceivedGossip};
+pub use wire::{Announce, NodeInfo, RpcRequest, RpcResponse, Topic};
+
+/// Coarse classification of networking errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The configuration cannot work (bad address, bad key).
+    Config,
+    /// A local resource failed (binding a port, the OS).
+    Local,
+    /// The network task has stopped.
+    Stopped,
+    /// A peer or the network refused or failed the operation.
+    Remote,
+}
+
+/// Errors returned by the networking layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value cannot be used.
+    #[error("network configuration: {0}")]
+    Config(String),
+    /// Building the transport or listening failed.
+    #[error("network setup failed: {0}")]
+    Setup(String),
+    /// The network task is no longer running.
+    #[error("the network task has stopped")]
+    Stopped,
+    /// Publishing to gossip failed.
+    #[error("publish failed: {0}")]
+    Publish(String),
+}
+
+impl Error {
+    /// The coarse kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Config(_) => ErrorKind::Config,
+            Error::Setup(_) => ErrorKind::Local,
+            Error::Stopped => ErrorKind::Stopped,
+            Error::Publish(_) => ErrorKind::Remote,
+        }
+    }
+}
+
+/// Converts a node identity seed into the libp2p keypair, so the libp2p
+/// peer id is derived from the same Ed25519 key the node signs with.
+pub fn keypair_from_identity(identity: &openagi_crypto::Identity) -> Result<Keypair, Error> {
+    let mut seed = *identity.seed();
+    Keypair::ed25519_from_bytes(&mut seed).map_err(|e| Error::Config(format!("identity key: {e}")))
+}

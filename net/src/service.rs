@@ -1,0 +1,824 @@
+//! The task that owns the libp2p swarm.
+//!
+//! The swarm is driven by one task; nothing else touches it. Other parts
+//! of the node send [`Command`]s through a bounded channel and receive
+//! [`NetEvent`]s through another. A [`NetSnapshot`] behind a lock gives
+//! status pages a consistent view without a round trip through the task.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use libp2p::metrics::Recorder;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{
+    Multiaddr, PeerId, Swarm, gossipsub, identify, identity::Keypair, kad, mdns, noise, ping,
+    request_response, tcp, yamux,
+};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::behaviour::{NodeBehaviour, NodeBehaviourEvent};
+use crate::config::peer_id_of;
+use crate::metrics::{
+    Direction, DirectionLabels, GossipLabels, GossipOutcome, ProtocolLabels, ReasonLabels,
+};
+use crate::wire::{Announce, NodeInfo, RpcRequest, RpcResponse, Topic};
+use crate::{Error, NetConfig, NetMetrics};
+
+/// Capacity of the command channel into the network task.
+const COMMAND_CAPACITY: usize = 256;
+/// Capacity of the event channel out of the network task.
+const EVENT_CAPACITY: usize = 1024;
+/// How long shutdown waits for connections to close politely.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// A gossip message received from the network and accepted.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReceivedGossip {
+    /// Short topic name.
+    pub topic: &'static str,
+    /// The original author (messages are signed by their author).
+    pub author: String,
+    /// The payload.
+    #[serde(skip)]
+    pub data: Vec<u8>,
+}
+
+/// Events the network task reports to the node.
+#[derive(Debug, Clone)]
+pub enum NetEvent {
+    /// A valid gossip message arrived.
+    Gossip(ReceivedGossip),
+    /// The first connection to a peer was established.
+    PeerConnected(PeerId),
+    /// The last connection to a peer closed.
+    PeerDisconnected(PeerId),
+    /// A peer on this network told us where it listens (at most 16
+    /// addresses, each ending in its `/p2p/` id), so it can be redialled
+    /// after a restart.
+    PeerIdentified {
+        /// The peer.
+        peer_id: PeerId,
+        /// Its dialable addresses.
+        listen_addrs: Vec<Multiaddr>,
+    },
+}
+
+/// What the node knows about one connected peer.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PeerSnapshot {
+    /// The peer's id.
+    pub peer_id: String,
+    /// Remote addresses of the open connections.
+    pub addresses: Vec<String>,
+    /// Whether this node dialled the first connection.
+    pub outbound: bool,
+    /// Unix seconds when the first current connection was established.
+    pub connected_since: u64,
+    /// Latest ping round trip, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Agent version from identify.
+    pub agent_version: Option<String>,
+    /// Node information from the RPC protocol.
+    pub info: Option<NodeInfo>,
+    /// Latest announcement received from this peer.
+    pub last_announce: Option<Announce>,
+    /// Unix seconds when that announcement arrived.
+    pub last_announce_at: Option<u64>,
+    #[serde(skip)]
+    connections: usize,
+}
+
+/// A consistent view of the network state, for status pages.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NetSnapshot {
+    /// This node's peer id.
+    pub local_peer_id: String,
+    /// Addresses this node listens on.
+    pub listen_addrs: Vec<String>,
+    /// Connected peers, by peer id.
+    pub peers: BTreeMap<String, PeerSnapshot>,
+    /// Gossip messages accepted since start.
+    pub gossip_received: u64,
+}
+
+enum Command {
+    Publish {
+        topic: Topic,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Dial {
+        addr: Multiaddr,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// A cheap, cloneable handle to the network task.
+#[derive(Clone)]
+pub struct NetHandle {
+    commands: mpsc::Sender<Command>,
+    snapshot: Arc<RwLock<NetSnapshot>>,
+    local_peer_id: PeerId,
+}
+
+impl NetHandle {
+    /// This node's peer id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    /// A copy of the current network state.
+    pub fn snapshot(&self) -> NetSnapshot {
+        match self.snapshot.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Publishes `data` on `topic`.
+    pub async fn publish(&self, topic: Topic, data: Vec<u8>) -> Result<(), Error> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Publish { topic, data, reply })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        answer.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Asks the task to dial `addr`.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), Error> {
+        self.commands
+            .send(Command::Dial { addr })
+            .await
+            .map_err(|_| Error::Stopped)
+    }
+
+    /// Closes listeners and connections, waiting at most a short grace
+    /// period for peers to see the close.
+    pub async fn shutdown(&self) {
+        let (done, finished) = oneshot::channel();
+        if self.commands.send(Command::Shutdown { done }).await.is_ok() {
+            let _ = finished.await;
+        }
+    }
+}
+
+/// Builds and starts the network.
+pub struct NetworkService;
+
+impl NetworkService {
+    /// Builds the swarm, starts listening and spawns the task driving it.
+    ///
+    /// Returns once every listener is bound, so a failure to bind is an
+    /// error here rather than a log line later.
+    pub fn start(
+        keypair: Keypair,
+        config: NetConfig,
+        registry: &mut Registry,
+    ) -> Result<(NetHandle, mpsc::Receiver<NetEvent>, JoinHandle<()>), Error> {
+        config.validate()?;
+        let net_metrics = NetMetrics::register(registry);
+        let behaviour = NodeBehaviour::new(&keypair, &config)?;
+        // libp2p-metrics adds its own `libp2p_` prefix under ours.
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| Error::Setup(format!("tcp transport: {e}")))?
+            .with_quic()
+            .with_dns()
+            .map_err(|e| Error::Setup(format!("dns resolver: {e}")))?
+            .with_bandwidth_metrics(registry)
+            .with_behaviour(|_| behaviour)
+            .map_err(|e| Error::Setup(format!("behaviour: {e}")))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
+            .build();
+        let libp2p_metrics = libp2p::metrics::Metrics::new(registry);
+
+        for topic in Topic::ALL {
+            let t = gossipsub::IdentTopic::new(topic.topic_string(&config.network_id));
+            swarm
+                .behaviour_mut()
+                .gossipsub
+                .subscribe(&t)
+                .map_err(|e| Error::Setup(format!("subscribe: {e}")))?;
+        }
+        for addr in &config.listen {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| Error::Setup(format!("listen on {addr}: {e}")))?;
+        }
+
+        let local_peer_id = *swarm.local_peer_id();
+        let snapshot = Arc::new(RwLock::new(NetSnapshot {
+            local_peer_id: local_peer_id.to_string(),
+            ..Default::default()
+        }));
+        let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
+        let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
+        let topics = Topic::ALL
+            .iter()
+            .map(|t| {
+                (
+                    gossipsub::IdentTopic::new(t.topic_string(&config.network_id)).hash(),
+                    *t,
+                )
+            })
+            .collect();
+        let redials = config
+            .bootstrap
+            .iter()
+            .filter_map(|addr| {
+                peer_id_of(addr).map(|peer| Redial {
+                    addr: addr.clone(),
+                    peer,
+                    attempts: 0,
+                    due: Instant::now(),
+                    connected: false,
+                    dialling: false,
+                })
+            })
+            .collect();
+        let task = NetTask {
+            swarm,
+            config,
+            net_metrics,
+            libp2p_metrics,
+            snapshot: snapshot.clone(),
+            events: event_tx,
+            topics,
+            redials,
+            started: Instant::now(),
+            announce_sequence: 0,
+        };
+        let join = tokio::spawn(task.run(command_rx));
+        Ok((
+            NetHandle {
+                commands: command_tx,
+                snapshot,
+                local_peer_id,
+            },
+            event_rx,
+            join,
+        ))
+    }
+}
+
+struct Redial {
+    addr: Multiaddr,
+    peer: PeerId,
+    attempts: u32,
+    due: Instant,
+    connected: bool,
+    dialling: bool,
+}
+
+struct NetTask {
+    swarm: Swarm<NodeBehaviour>,
+    config: NetConfig,
+    net_metrics: NetMetrics,
+    libp2p_metrics: libp2p::metrics::Metrics,
+    snapshot: Arc<RwLock<NetSnapshot>>,
+    events: mpsc::Sender<NetEvent>,
+    topics: HashMap<gossipsub::TopicHash, Topic>,
+    redials: Vec<Redial>,
+    started: Instant,
+    announce_sequence: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl NetTask {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut announce = tokio::time::interval(self.config.announce_interval);
+        let mut redial = tokio::time::interval(Duration::from_millis(250));
+        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        for addr in self.config.bootstrap.clone() {
+            if let Some(peer) = peer_id_of(&addr) {
+                self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+            }
+        }
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = commands.recv() => match command {
+                    Some(Command::Publish { topic, data, reply }) => {
+                        let _ = reply.send(self.publish(topic, data));
+                    }
+                    Some(Command::Dial { addr }) => {
+                        if let Err(e) = self.swarm.dial(addr.clone()) {
+                            warn!(%addr, error = %e, "dial refused");
+                        }
+                    }
+                    Some(Command::Shutdown { done }) => {
+                        self.shutdown().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    None => {
+                        self.shutdown().await;
+                        return;
+                    }
+                },
+                _ = announce.tick() => self.announce(),
+                _ = redial.tick() => self.redial_due(),
+            }
+        }
+    }
+
+    fn update_snapshot(&self, f: impl FnOnce(&mut NetSnapshot)) {
+        match self.snapshot.write() {
+            Ok(mut guard) => f(&mut guard),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    fn emit(&self, event: NetEvent) {
+        if self.events.try_send(event).is_err() {
+            self.net_metrics.events_dropped.inc();
+        }
+    }
+
+    fn publish(&mut self, topic: Topic, data: Vec<u8>) -> Result<(), Error> {
+        let t = gossipsub::IdentTopic::new(topic.topic_string(&self.config.network_id));
+        let len = data.len() as u64;
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(t, data)
+            .map_err(|e| Error::Publish(e.to_string()))?;
+        self.net_metrics
+            .gossip_messages
+            .get_or_create(&GossipLabels {
+                topic: topic.name(),
+                outcome: GossipOutcome::Published,
+            })
+            .inc();
+        self.net_metrics
+            .payload_bytes
+            .get_or_create(&ProtocolLabels {
+                protocol: "gossipsub",
+                direction: Direction::Outbound,
+            })
+            .inc_by(len);
+        Ok(())
+    }
+
+    fn announce(&mut self) {
+        self.announce_sequence += 1;
+        let announce = Announce {
+            version: self.config.agent_version.clone(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            sequence: self.announce_sequence,
+        };
+        match announce.encode() {
+            Ok(bytes) => {
+                if let Err(e) = self.publish(Topic::Announce, bytes) {
+                    // No subscribed peers yet is normal right after start.
+                    debug!(error = %e, "announce not sent");
+                }
+            }
+            Err(e) => warn!(error = %e, "announce encoding failed"),
+        }
+    }
+
+    fn redial_due(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.redials.len() {
+            let entry = &self.redials[i];
+            if entry.connected || entry.dialling || entry.due > now {
+                continue;
+            }
+            if self.swarm.is_connected(&entry.peer) {
+                self.redials[i].connected = true;
+                continue;
+            }
+            let addr = entry.addr.clone();
+            debug!(%addr, attempt = entry.attempts, "dialling bootstrap peer");
+            match self.swarm.dial(addr.clone()) {
+                Ok(()) => self.redials[i].dialling = true,
+                Err(e) => {
+                    debug!(%addr, error = %e, "bootstrap dial not started");
+                    self.schedule_redial_for(i);
+                }
+            }
+        }
+    }
+
+    fn schedule_redial_for(&mut self, index: usize) {
+        let backoff = self.config.redial;
+        let entry = &mut self.redials[index];
+        entry.dialling = false;
+        entry.due = Instant::now() + backoff.delay(entry.attempts, rand::random::<f64>());
+        entry.attempts = entry.attempts.saturating_add(1);
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<NodeBehaviourEvent>) {
+        self.libp2p_metrics.record(&event);
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                self.update_snapshot(|s| s.listen_addrs.push(address.to_string()));
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                let gone = address.to_string();
+                self.update_snapshot(|s| s.listen_addrs.retain(|a| *a != gone));
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let direction = if endpoint.is_dialer() {
+                    Direction::Outbound
+                } else {
+                    Direction::Inbound
+                };
+                self.net_metrics
+                    .connections_opened
+                    .get_or_create(&DirectionLabels { direction })
+                    .inc();
+                let remote = endpoint.get_remote_address().to_string();
+                let first = num_established.get() == 1;
+                self.update_snapshot(|s| {
+                    let peer = s
+                        .peers
+                        .entry(peer_id.to_string())
+                        .or_insert_with(|| PeerSnapshot {
+                            peer_id: peer_id.to_string(),
+                            outbound: endpoint.is_dialer(),
+                            connected_since: unix_now(),
+                            ..Default::default()
+                        });
+                    peer.connections += 1;
+                    peer.addresses.push(remote);
+                });
+                for (i, entry) in self.redials.iter_mut().enumerate() {
+                    if entry.peer == peer_id {
+                        debug!(index = i, "bootstrap peer connected");
+                        entry.connected = true;
+                        entry.dialling = false;
+                        entry.attempts = 0;
+                    }
+                }
+                if first {
+                    info!(%peer_id, "peer connected");
+                    self.set_connected_gauge();
+                    self.swarm
+                        .behaviour_mut()
+                        .rpc
+                        .send_request(&peer_id, RpcRequest::Info);
+                    if self.redials.iter().any(|r| r.peer == peer_id) {
+                        // Learn the rest of the network from a bootstrap peer.
+                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
+                    self.emit(NetEvent::PeerConnected(peer_id));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                endpoint,
+                num_established,
+                cause,
+                ..
+            } => {
+                let direction = if endpoint.is_dialer() {
+                    Direction::Outbound
+                } else {
+                    Direction::Inbound
+                };
+                self.net_metrics
+                    .connections_closed
+                    .get_or_create(&DirectionLabels { direction })
+                    .inc();
+                let remote = endpoint.get_remote_address().to_string();
+                let key = peer_id.to_string();
+                self.update_snapshot(|s| {
+                    if num_established == 0 {
+                        s.peers.remove(&key);
+                    } else if let Some(peer) = s.peers.get_mut(&key) {
+                        peer.connections = peer.connections.saturating_sub(1);
+                        if let Some(pos) = peer.addresses.iter().position(|a| *a == remote) {
+                            peer.addresses.remove(pos);
+                        }
+                    }
+                });
+                if num_established == 0 {
+                    info!(%peer_id, cause = ?cause, "peer disconnected");
+                    self.set_connected_gauge();
+                    for i in 0..self.redials.len() {
+                        if self.redials[i].peer == peer_id {
+                            self.redials[i].connected = false;
+                            self.redials[i].attempts = 0;
+                            self.schedule_redial_for(i);
+                        }
+                    }
+                    self.emit(NetEvent::PeerDisconnected(peer_id));
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                self.net_metrics.dial_errors.inc();
+                debug!(peer = ?peer_id, error = %error, "dial failed");
+                if let Some(peer) = peer_id {
+                    for i in 0..self.redials.len() {
+                        if self.redials[i].peer == peer && !self.swarm.is_connected(&peer) {
+                            self.schedule_redial_for(i);
+                        }
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            _ => {}
+        }
+    }
+
+    fn set_connected_gauge(&self) {
+        let count = self.swarm.connected_peers().count();
+        self.net_metrics.connected_peers.set(count as i64);
+    }
+
+    fn on_behaviour_event(&mut self, event: NodeBehaviourEvent) {
+        match event {
+            NodeBehaviourEvent::Identify(event) => {
+                self.libp2p_metrics.record(&event);
+                if let identify::Event::Received { peer_id, info, .. } = event {
+                    if info.protocol_version != self.config.protocol_version() {
+                        warn!(%peer_id, theirs = %info.protocol_version, "peer is on another network; disconnecting");
+                        self.net_metrics
+                            .peers_refused
+                            .get_or_create(&ReasonLabels {
+                                reason: "wrong_network",
+                            })
+                            .inc();
+                        let _ = self.swarm.disconnect_peer_id(peer_id);
+                        return;
+                    }
+                    let listen_addrs: Vec<Multiaddr> =
+                        info.listen_addrs.iter().take(16).cloned().collect();
+                    for addr in &listen_addrs {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, addr.clone());
+                    }
+                    let dialable = listen_addrs
+                        .into_iter()
+                        .map(|a| {
+                            if peer_id_of(&a).is_some() {
+                                a
+                            } else {
+                                a.with(libp2p::multiaddr::Protocol::P2p(peer_id))
+                            }
+                        })
+                        .collect();
+                    self.emit(NetEvent::PeerIdentified {
+                        peer_id,
+                        listen_addrs: dialable,
+                    });
+                    let agent: String = info
+                        .agent_version
+                        .chars()
+                        .take(crate::wire::MAX_TEXT_LEN)
+                        .collect();
+                    self.update_snapshot(|s| {
+                        if let Some(p) = s.peers.get_mut(&peer_id.to_string()) {
+                            p.agent_version = Some(agent);
+                        }
+                    });
+                }
+            }
+            NodeBehaviourEvent::Ping(event) => {
+                self.libp2p_metrics.record(&event);
+                if let Ok(rtt) = event.result {
+                    let peer = event.peer.to_string();
+                    self.update_snapshot(|s| {
+                        if let Some(p) = s.peers.get_mut(&peer) {
+                            p.rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
+                        }
+                    });
+                } else if let Err(ping::Failure::Timeout) = event.result {
+                    debug!(peer = %event.peer, "ping timeout");
+                }
+            }
+            NodeBehaviourEvent::Kad(event) => {
+                self.libp2p_metrics.record(&event);
+                if let kad::Event::RoutingUpdated { peer, .. } = event {
+                    debug!(%peer, "routing table updated");
+                }
+            }
+            NodeBehaviourEvent::Mdns(event) => {
+                if let mdns::Event::Discovered(found) = event {
+                    for (peer, addr) in found.into_iter().take(64) {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer, addr.clone());
+                        if !self.swarm.is_connected(&peer) {
+                            let _ = self.swarm.dial(addr);
+                        }
+                    }
+                }
+            }
+            NodeBehaviourEvent::Gossipsub(event) => {
+                self.libp2p_metrics.record(&event);
+                if let gossipsub::Event::Message {
+                    propagation_source,
+                    message_id,
+                    message,
+                } = event
+                {
+                    self.on_gossip(propagation_source, message_id, message);
+                }
+            }
+            NodeBehaviourEvent::Rpc(event) => self.on_rpc(event),
+            NodeBehaviourEvent::Limits(never) => match never {},
+            NodeBehaviourEvent::Memory(never) => match never {},
+        }
+    }
+
+    fn on_gossip(&mut self, source: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
+        self.net_metrics
+            .payload_bytes
+            .get_or_create(&ProtocolLabels {
+                protocol: "gossipsub",
+                direction: Direction::Inbound,
+            })
+            .inc_by(message.data.len() as u64);
+        let Some(topic) = self.topics.get(&message.topic).copied() else {
+            self.net_metrics
+                .gossip_messages
+                .get_or_create(&GossipLabels {
+                    topic: "unknown",
+                    outcome: GossipOutcome::UnknownTopic,
+                })
+                .inc();
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .gossipsub
+                .report_message_validation_result(
+                    &id,
+                    &source,
+                    gossipsub::MessageAcceptance::Ignore,
+                );
+            return;
+        };
+        let verdict = match topic {
+            Topic::Announce => Announce::decode(&message.data),
+        };
+        let (acceptance, outcome) = match verdict {
+            Ok(announce) => {
+                if let Some(author) = message.source {
+                    let key = author.to_string();
+                    self.update_snapshot(|s| {
+                        s.gossip_received += 1;
+                        if let Some(p) = s.peers.get_mut(&key) {
+                            p.last_announce = Some(announce);
+                            p.last_announce_at = Some(unix_now());
+                        }
+                    });
+                    self.emit(NetEvent::Gossip(ReceivedGossip {
+                        topic: topic.name(),
+                        author: key,
+                        data: message.data,
+                    }));
+                }
+                (
+                    gossipsub::MessageAcceptance::Accept,
+                    GossipOutcome::Accepted,
+                )
+            }
+            Err(reason) => {
+                warn!(%source, topic = topic.name(), %reason, "rejected malformed gossip");
+                (
+                    gossipsub::MessageAcceptance::Reject,
+                    GossipOutcome::Rejected,
+                )
+            }
+        };
+        self.net_metrics
+            .gossip_messages
+            .get_or_create(&GossipLabels {
+                topic: topic.name(),
+                outcome,
+            })
+            .inc();
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(&id, &source, acceptance);
+    }
+
+    fn on_rpc(&mut self, event: request_response::Event<RpcRequest, RpcResponse>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                self.net_metrics
+                    .payload_bytes
+                    .get_or_create(&ProtocolLabels {
+                        protocol: "rpc",
+                        direction: Direction::Inbound,
+                    })
+                    .inc();
+                let response = match request {
+                    RpcRequest::Info => RpcResponse::Info(NodeInfo {
+                        network_id: self.config.network_id.clone(),
+                        version: self.config.agent_version.clone(),
+                        uptime_secs: self.started.elapsed().as_secs(),
+                    }),
+                };
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .rpc
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    debug!(%peer, "rpc response not sent: the request timed out or the connection closed");
+                }
+            }
+            Event::Message {
+                peer,
+                message: Message::Response { response, .. },
+                ..
+            } => match response {
+                RpcResponse::Info(info) => match info.validate() {
+                    Ok(()) => {
+                        let key = peer.to_string();
+                        self.update_snapshot(|s| {
+                            if let Some(p) = s.peers.get_mut(&key) {
+                                p.info = Some(info);
+                            }
+                        });
+                    }
+                    Err(reason) => {
+                        warn!(%peer, %reason, "invalid node info");
+                        self.net_metrics
+                            .peers_refused
+                            .get_or_create(&ReasonLabels {
+                                reason: "malformed_rpc",
+                            })
+                            .inc();
+                        let _ = self.swarm.disconnect_peer_id(peer);
+                    }
+                },
+                RpcResponse::Refused(reason) => debug!(%peer, %reason, "rpc refused"),
+            },
+            Event::OutboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "rpc request failed")
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "rpc inbound failure")
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        info!("closing network: unsubscribing, closing listeners and connections");
+        for topic in Topic::ALL {
+            let t = gossipsub::IdentTopic::new(topic.topic_string(&self.config.network_id));
+            self.swarm.behaviour_mut().gossipsub.unsubscribe(&t);
+        }
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while self.swarm.connected_peers().next().is_some() {
+            match tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await {
+                Ok(event) => self.on_swarm_event(event),
+                Err(_) => break,
+            }
+        }
+        self.update_snapshot(|s| {
+            s.peers.clear();
+            s.listen_addrs.clear();
+        });
+    }
+}
