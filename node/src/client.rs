@@ -1,0 +1,62 @@
+//! A small client of a running daemon's local API, used by `status` and
+//! `devnet`.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::datadir::DataDir;
+
+/// Connection details of one daemon's API.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl ApiClient {
+    /// Reads the API address and token from the data directory.
+    pub fn from_data_dir(dir: &DataDir) -> Result<Self> {
+        Ok(Self::new(&dir.api_addr()?, dir.token()?))
+    }
+
+    /// A client for the API at `addr` (host:port) with `token`.
+    pub fn new(addr: &str, token: String) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Self {
+            base: format!("http://{addr}"),
+            token,
+            agent,
+        }
+    }
+
+    /// The base URL, e.g. `http://127.0.0.1:4611`.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// GETs an authenticated JSON document.
+    pub fn get_json(&self, path: &str) -> Result<serde_json::Value> {
+        let url = format!("{}{path}", self.base);
+        let mut response = self
+            .agent
+            .get(&url)
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .call()
+            .with_context(|| format!("connecting to the daemon at {url}"))?;
+        let status = response.status();
+        let body: serde_json::Value = response
+            .body_mut()
+            .read_json()
+            .with_context(|| format!("reading the answer of {url}"))?;
+        if !status.is_success() {
+            anyhow::bail!("{url} answered {status}: {body}");
+        }
+        Ok(body)
+    }
+}

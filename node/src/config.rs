@@ -1,0 +1,769 @@
+//! Daemon configuration: defaults, `openagi.toml`, `OPENAGI_*` environment
+//! variables and command-line flags, in increasing precedence.
+//!
+//! All layers are merged as TOML tables first and deserialised once with
+//! unknown keys refused, so a typo anywhere stops start-up with a message
+//! that names the key, where it came from, and the fix.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use openagi_net::{ConnectionLimitsConfig, Multiaddr, NetConfig, TransportMode};
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+/// The file name of the configuration inside the data directory.
+pub const CONFIG_FILE: &str = "openagi.toml";
+/// Prefix of environment variables that set configuration keys.
+pub const ENV_PREFIX: &str = "OPENAGI_";
+
+/// A configuration problem, phrased for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a bad or unknown key.
+    #[error("{origin}: {message}")]
+    Invalid {
+        /// Where the bad value came from (file, variable or flag).
+        origin: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+fn invalid(origin: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        origin: origin.into(),
+        message: message.into(),
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// `[network]`: peer-to-peer settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSection {
+    /// Network id; nodes only talk to nodes with the same id.
+    pub network_id: String,
+    /// `direct` (TCP/QUIC over IP).
+    pub transport: TransportMode,
+    /// Multiaddrs to listen on.
+    pub listen: Vec<String>,
+    /// Multiaddrs of peers to dial at start, each ending in `/p2p/<peer id>`.
+    pub bootstrap: Vec<String>,
+    /// Multicast DNS discovery of peers on the local network.
+    pub mdns: bool,
+    /// Most inbound connections.
+    pub max_incoming: u32,
+    /// Most outbound connections.
+    pub max_outgoing: u32,
+    /// Most connections per peer.
+    pub max_per_peer: u32,
+    /// Most connections being negotiated, each direction.
+    pub max_pending: u32,
+    /// Refuse new connections above this resident memory, in MiB.
+    pub max_memory_mib: u64,
+    /// Close connections idle this long, in seconds.
+    pub idle_timeout_secs: u64,
+    /// Seconds between presence announcements.
+    pub announce_interval_secs: u64,
+    /// Longest wait between redials of a bootstrap peer, in seconds.
+    pub redial_max_secs: u64,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        let limits = ConnectionLimitsConfig::default();
+        Self {
+            network_id: "openagi-main".into(),
+            transport: TransportMode::Direct,
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/4610".into(),
+                "/ip4/0.0.0.0/udp/4610/quic-v1".into(),
+            ],
+            bootstrap: Vec::new(),
+            mdns: false,
+            max_incoming: limits.max_incoming,
+            max_outgoing: limits.max_outgoing,
+            max_per_peer: limits.max_per_peer,
+            max_pending: limits.max_pending,
+            max_memory_mib: 1024,
+            idle_timeout_secs: 60,
+            announce_interval_secs: 10,
+            redial_max_secs: 60,
+        }
+    }
+}
+
+/// `[api]`: the local HTTP API, metrics and health endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// Address of the HTTP server. Keep it on loopback: `/metrics` and
+    /// `/health` need no token.
+    pub listen: SocketAddr,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4611)),
+        }
+    }
+}
+
+/// `[log]`: logging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `pretty` or `json`.
+    pub format: LogFormat,
+    /// Filter directives, e.g. `info` or `info,openagi_net=debug`.
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+/// `[node]`: process behaviour.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// Seconds a SIGTERM may take to drain before the daemon exits anyway.
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout_secs: 10,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Process behaviour.
+    pub node: NodeSection,
+    /// Peer-to-peer networking.
+    pub network: NetworkSection,
+    /// Local HTTP API.
+    pub api: ApiSection,
+    /// Logging.
+    pub log: LogSection,
+}
+
+/// Settings given as command-line flags; `None` means "not given".
+#[derive(Debug, Clone, Default)]
+pub struct CliOverrides {
+    /// `--network-id`
+    pub network_id: Option<String>,
+    /// `--listen` (repeatable)
+    pub listen: Vec<String>,
+    /// `--bootstrap` (repeatable)
+    pub bootstrap: Vec<String>,
+    /// `--api-listen`
+    pub api_listen: Option<String>,
+    /// `--log-format`
+    pub log_format: Option<LogFormat>,
+    /// `--log-level`
+    pub log_level: Option<String>,
+    /// `--mdns`
+    pub mdns: Option<bool>,
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then `file` (or
+    /// `DATA_DIR/openagi.toml` when it exists), then the environment, then
+    /// `cli`.
+    pub fn load(
+        data_dir: &Path,
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        cli: &CliOverrides,
+    ) -> Result<Config, ConfigError> {
+        let defaults = defaults_table();
+        let mut merged = defaults.clone();
+        let mut origins: BTreeMap<String, String> = BTreeMap::new();
+
+        let default_path = data_dir.join(CONFIG_FILE);
+        let path = match file {
+            Some(p) => Some(p.to_path_buf()),
+            None if default_path.exists() => Some(default_path),
+            None => None,
+        };
+        if let Some(path) = &path {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let table: Table = toml::from_str(&text)
+                .map_err(|e| invalid(path.display().to_string(), e.to_string()))?;
+            for (section, value) in table {
+                let Some(known) = defaults.get(&section).and_then(Value::as_table) else {
+                    return Err(invalid(
+                        path.display().to_string(),
+                        format!(
+                            "unknown section [{section}]; known sections: {}",
+                            defaults.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                };
+                let Value::Table(entries) = value else {
+                    return Err(invalid(
+                        path.display().to_string(),
+                        format!("`{section}` must be a [{section}] table"),
+                    ));
+                };
+                for (key, value) in entries {
+                    if !known.contains_key(&key) {
+                        return Err(invalid(
+                            path.display().to_string(),
+                            unknown_key_message(&section, &key, known),
+                        ));
+                    }
+                    origins.insert(format!("{section}.{key}"), path.display().to_string());
+                    set(&mut merged, &section, &key, value);
+                }
+            }
+        }
+
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        env.sort();
+        for (name, raw) in env {
+            let Some((section, key)) = env_key(&name, &defaults) else {
+                // Variables that configure the CLI rather than the file.
+                if NON_CONFIG_ENV.contains(&name.as_str()) {
+                    continue;
+                }
+                return Err(invalid(
+                    format!("environment variable {name}"),
+                    format!(
+                        "does not name a setting; settings are OPENAGI_<SECTION>_<KEY>, e.g. OPENAGI_NETWORK_LISTEN (see `{CONFIG_FILE}` for the keys)"
+                    ),
+                ));
+            };
+            let template = &defaults[&section][&key];
+            let value = parse_like(template, &raw).map_err(|why| {
+                invalid(
+                    format!("environment variable {name}"),
+                    format!("{why} (setting {section}.{key})"),
+                )
+            })?;
+            origins.insert(
+                format!("{section}.{key}"),
+                format!("environment variable {name}"),
+            );
+            set(&mut merged, &section, &key, value);
+        }
+
+        let mut cli_set = |section: &str, key: &str, value: Value, flag: &str| {
+            origins.insert(format!("{section}.{key}"), format!("flag {flag}"));
+            set(&mut merged, section, key, value);
+        };
+        if let Some(v) = &cli.network_id {
+            cli_set(
+                "network",
+                "network_id",
+                Value::String(v.clone()),
+                "--network-id",
+            );
+        }
+        if !cli.listen.is_empty() {
+            cli_set("network", "listen", string_array(&cli.listen), "--listen");
+        }
+        if !cli.bootstrap.is_empty() {
+            cli_set(
+                "network",
+                "bootstrap",
+                string_array(&cli.bootstrap),
+                "--bootstrap",
+            );
+        }
+        if let Some(v) = &cli.api_listen {
+            cli_set("api", "listen", Value::String(v.clone()), "--api-listen");
+        }
+        if let Some(v) = cli.log_format {
+            let name = if v == LogFormat::Json {
+                "json"
+            } else {
+                "pretty"
+            };
+            cli_set("log", "format", Value::String(name.into()), "--log-format");
+        }
+        if let Some(v) = &cli.log_level {
+            cli_set("log", "level", Value::String(v.clone()), "--log-level");
+        }
+        if let Some(v) = cli.mdns {
+            cli_set("network", "mdns", Value::Boolean(v), "--mdns");
+        }
+
+        let config: Config = Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                invalid(
+                    "configuration",
+                    format!("{} (set from: {})", e.message(), describe(&origins)),
+                )
+            })?;
+        config.validate(&origins)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origins: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+        let origin = |key: &str| {
+            origins
+                .get(key)
+                .cloned()
+                .unwrap_or_else(|| format!("default for {key}"))
+        };
+        for (i, addr) in self.network.listen.iter().enumerate() {
+            addr.parse::<Multiaddr>().map_err(|e| {
+                invalid(
+                    origin("network.listen"),
+                    format!(
+                        "network.listen[{i}] = {addr:?} is not a multiaddr ({e}); write e.g. \"/ip4/0.0.0.0/tcp/4610\""
+                    ),
+                )
+            })?;
+        }
+        for (i, addr) in self.network.bootstrap.iter().enumerate() {
+            let parsed = addr.parse::<Multiaddr>().map_err(|e| {
+                invalid(
+                    origin("network.bootstrap"),
+                    format!(
+                        "network.bootstrap[{i}] = {addr:?} is not a multiaddr ({e}); write e.g. \"/ip4/192.0.2.1/tcp/4610/p2p/12D3Koo...\""
+                    ),
+                )
+            })?;
+            if !matches!(
+                parsed.iter().last(),
+                Some(libp2p::multiaddr::Protocol::P2p(_))
+            ) {
+                return Err(invalid(
+                    origin("network.bootstrap"),
+                    format!(
+                        "network.bootstrap[{i}] = {addr:?} has no peer id: append /p2p/<peer id> (shown by `openagi status` on that node)"
+                    ),
+                ));
+            }
+        }
+        self.net_config("check")
+            .map_err(|e| invalid(origin("network.network_id"), e.to_string()))?;
+        let positive = [
+            ("network.idle_timeout_secs", self.network.idle_timeout_secs),
+            (
+                "network.announce_interval_secs",
+                self.network.announce_interval_secs,
+            ),
+            ("network.redial_max_secs", self.network.redial_max_secs),
+            ("network.max_memory_mib", self.network.max_memory_mib),
+            (
+                "node.shutdown_timeout_secs",
+                self.node.shutdown_timeout_secs,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(origin(key), format!("{key} must be at least 1")));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            invalid(
+                origin("log.level"),
+                format!("log.level = {:?} is not a filter ({e}); write e.g. \"info\" or \"info,openagi_net=debug\"", self.log.level),
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The networking configuration derived from this one.
+    pub fn net_config(&self, agent_version: &str) -> Result<NetConfig, openagi_net::Error> {
+        let parse = |list: &[String]| -> Result<Vec<Multiaddr>, openagi_net::Error> {
+            list.iter()
+                .map(|a| {
+                    a.parse()
+                        .map_err(|e| openagi_net::Error::Config(format!("{a}: {e}")))
+                })
+                .collect()
+        };
+        let config = NetConfig {
+            network_id: self.network.network_id.clone(),
+            transport: self.network.transport,
+            listen: parse(&self.network.listen)?,
+            bootstrap: parse(&self.network.bootstrap)?,
+            mdns: self.network.mdns,
+            limits: ConnectionLimitsConfig {
+                max_incoming: self.network.max_incoming,
+                max_outgoing: self.network.max_outgoing,
+                max_per_peer: self.network.max_per_peer,
+                max_pending: self.network.max_pending,
+            },
+            max_memory_bytes: usize::try_from(self.network.max_memory_mib.saturating_mul(1 << 20))
+                .unwrap_or(usize::MAX),
+            idle_timeout: Duration::from_secs(self.network.idle_timeout_secs),
+            announce_interval: Duration::from_secs(self.network.announce_interval_secs),
+            redial: openagi_net::Backoff {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(self.network.redial_max_secs),
+            },
+            agent_version: format!("openagi/{agent_version}"),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Environment variables read by the CLI itself, not configuration keys.
+const NON_CONFIG_ENV: &[&str] = &["OPENAGI_DATA_DIR", "OPENAGI_CONFIG", "OPENAGI_BIN"];
+
+fn defaults_table() -> Table {
+    match Value::try_from(Config::default()) {
+        Ok(Value::Table(t)) => t,
+        // Serialising a plain struct of strings and numbers cannot fail;
+        // an empty table would make every key "unknown", which tests catch.
+        _ => Table::new(),
+    }
+}
+
+fn set(table: &mut Table, section: &str, key: &str, value: Value) {
+    if let Some(Value::Table(s)) = table.get_mut(section) {
+        s.insert(key.to_string(), value);
+    }
+}
+
+fn string_array(items: &[String]) -> Value {
+    Value::Array(items.iter().cloned().map(Value::String).collect())
+}
+
+fn unknown_key_message(section: &str, key: &str, known: &Table) -> String {
+    format!(
+        "unknown key `{key}` in [{section}]; valid keys: {}",
+        known.keys().cloned().collect::<Vec<_>>().join(", ")
+    )
+}
+
+fn describe(origins: &BTreeMap<String, String>) -> String {
+    if origins.is_empty() {
+        return "defaults only".into();
+    }
+    origins
+        .iter()
+        .map(|(k, v)| format!("{k} from {v}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Maps `OPENAGI_NETWORK_LISTEN` to `("network", "listen")`.
+fn env_key(name: &str, defaults: &Table) -> Option<(String, String)> {
+    let rest = name.strip_prefix(ENV_PREFIX)?.to_ascii_lowercase();
+    for (section, keys) in defaults {
+        let Some(key) = rest.strip_prefix(&format!("{section}_")) else {
+            continue;
+        };
+        if keys.as_table().is_some_and(|t| t.contains_key(key)) {
+            return Some((section.clone(), key.to_string()));
+        }
+    }
+    None
+}
+
+/// Parses an environment string into a value of the same TOML type as the
+/// default: lists are comma-separated, booleans are true/false.
+fn parse_like(template: &Value, raw: &str) -> Result<Value, String> {
+    match template {
+        Value::String(_) => Ok(Value::String(raw.to_string())),
+        Value::Integer(_) => raw
+            .trim()
+            .parse::<i64>()
+            .map(Value::Integer)
+            .map_err(|_| format!("{raw:?} is not a whole number")),
+        Value::Float(_) => raw
+            .trim()
+            .parse::<f64>()
+            .map(Value::Float)
+            .map_err(|_| format!("{raw:?} is not a number")),
+        Value::Boolean(_) => match raw.trim() {
+            "true" | "1" | "yes" => Ok(Value::Boolean(true)),
+            "false" | "0" | "no" => Ok(Value::Boolean(false)),
+            _ => Err(format!("{raw:?} is not true or false")),
+        },
+        Value::Array(_) => Ok(Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_string()))
+                .collect(),
+        )),
+        _ => Err("this setting cannot be set from the environment".into()),
+    }
+}
+
+/// The commented `openagi.toml` written by `openagi init`. Every setting is
+/// listed, commented out, with its default, so the file documents itself
+/// and later default changes still reach nodes that never edited a key.
+pub fn template(network_id: &str) -> String {
+    let d = Config::default();
+    let list = |items: &[String]| {
+        format!(
+            "[{}]",
+            items
+                .iter()
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    format!(
+        r#"# Open-AGI node configuration.
+#
+# Precedence: command-line flags > OPENAGI_<SECTION>_<KEY> environment
+# variables (e.g. OPENAGI_NETWORK_LISTEN, lists comma-separated) > this
+# file > built-in defaults. Every setting is shown commented out with its
+# default; uncomment a line to change it. Unknown keys stop start-up.
+
+[node]
+# Seconds a SIGTERM may take to drain (close connections, flush storage)
+# before the daemon exits anyway.
+# shutdown_timeout_secs = {shutdown}
+
+[network]
+# Nodes only talk to nodes with the same network id.
+network_id = "{network_id}"
+
+# Transport: "direct" (TCP and QUIC over IP; peers learn your IP address).
+# transport = "direct"
+
+# Multiaddrs to listen on.
+# listen = {listen}
+
+# Peers to dial at start and redial with backoff, each ending in
+# /p2p/<peer id>, e.g. "/ip4/192.0.2.1/tcp/4610/p2p/12D3KooW...".
+# bootstrap = {bootstrap}
+
+# Multicast DNS discovery on the local network (leaks presence to the LAN).
+# mdns = {mdns}
+
+# Connection limits.
+# max_incoming = {max_incoming}
+# max_outgoing = {max_outgoing}
+# max_per_peer = {max_per_peer}
+# max_pending = {max_pending}
+
+# Refuse new connections when the process uses more memory than this (MiB).
+# max_memory_mib = {max_memory}
+
+# Close connections idle for this many seconds.
+# idle_timeout_secs = {idle}
+
+# Seconds between presence announcements on gossip.
+# announce_interval_secs = {announce}
+
+# Longest wait between redials of an unreachable bootstrap peer (seconds).
+# redial_max_secs = {redial}
+
+[api]
+# Local HTTP server: /health and /metrics (no token) and /api/v1 (bearer
+# token from the data directory's api.token). Keep it on loopback.
+# listen = "{api}"
+
+[log]
+# "pretty" or "json".
+# format = "pretty"
+# Filter directives: a level, or per-module levels such as
+# "info,openagi_net=debug".
+# level = "{level}"
+"#,
+        shutdown = d.node.shutdown_timeout_secs,
+        listen = list(&d.network.listen),
+        bootstrap = list(&d.network.bootstrap),
+        mdns = d.network.mdns,
+        max_incoming = d.network.max_incoming,
+        max_outgoing = d.network.max_outgoing,
+        max_per_peer = d.network.max_per_peer,
+        max_pending = d.network.max_pending,
+        max_memory = d.network.max_memory_mib,
+        idle = d.network.idle_timeout_secs,
+        announce = d.network.announce_interval_secs,
+        redial = d.network.redial_max_secs,
+        api = d.api.listen,
+        level = d.log.level,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(
+        text: &str,
+        env: &[(&str, &str)],
+        cli: &CliOverrides,
+    ) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(CONFIG_FILE);
+        std::fs::write(&path, text).expect("write");
+        Config::load(
+            dir.path(),
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            cli,
+        )
+    }
+
+    #[test]
+    fn template_lists_every_setting_with_its_default() {
+        let uncommented: String = template("openagi-main")
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|r| r.contains(" = "))
+                    .unwrap_or(l)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let parsed: Config = toml::from_str(&uncommented).expect("template parses");
+        assert_eq!(parsed, Config::default());
+        // Every key of the defaults appears in the template.
+        for (section, keys) in defaults_table() {
+            for key in keys.as_table().expect("table").keys() {
+                assert!(
+                    uncommented.contains(&format!("\n{key} = ")),
+                    "{section}.{key} missing"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn precedence_is_cli_then_env_then_file() {
+        let file = "[network]\nnetwork_id = \"from-file\"\nidle_timeout_secs = 5\nmdns = true\n";
+        let env = [
+            ("OPENAGI_NETWORK_NETWORK_ID", "from-env"),
+            ("OPENAGI_NETWORK_IDLE_TIMEOUT_SECS", "7"),
+        ];
+        let cli = CliOverrides {
+            network_id: Some("from-cli".into()),
+            ..Default::default()
+        };
+        let c = load_text(file, &env, &cli).expect("valid");
+        assert_eq!(c.network.network_id, "from-cli");
+        assert_eq!(c.network.idle_timeout_secs, 7);
+        assert!(c.network.mdns);
+        assert_eq!(c.api, ApiSection::default());
+    }
+
+    #[test]
+    fn env_lists_are_comma_separated() {
+        let env = [(
+            "OPENAGI_NETWORK_LISTEN",
+            "/ip4/127.0.0.1/tcp/1, /ip4/127.0.0.1/tcp/2",
+        )];
+        let c = load_text("", &env, &CliOverrides::default()).expect("valid");
+        assert_eq!(
+            c.network.listen,
+            vec!["/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.1/tcp/2"]
+        );
+    }
+
+    fn error_text(r: Result<Config, ConfigError>) -> String {
+        r.expect_err("must be refused").to_string()
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = error_text(load_text(
+            "[network]\nlisten_addr = []\n",
+            &[],
+            &CliOverrides::default(),
+        ));
+        assert!(e.contains("listen_addr") && e.contains("valid keys"), "{e}");
+        let e = error_text(load_text("[netwrk]\n", &[], &CliOverrides::default()));
+        assert!(e.contains("[netwrk]"), "{e}");
+        let e = error_text(load_text(
+            "[network]\nidle_timeout_secs = \"soon\"\n",
+            &[],
+            &CliOverrides::default(),
+        ));
+        assert!(e.contains("idle_timeout_secs"), "{e}");
+        let e = error_text(load_text(
+            "[network]\nlisten = [\"tcp:4610\"]\n",
+            &[],
+            &CliOverrides::default(),
+        ));
+        assert!(
+            e.contains("network.listen[0]") && e.contains("/ip4/"),
+            "{e}"
+        );
+        let e = error_text(load_text(
+            "[network]\nbootstrap = [\"/ip4/127.0.0.1/tcp/1\"]\n",
+            &[],
+            &CliOverrides::default(),
+        ));
+        assert!(e.contains("/p2p/"), "{e}");
+        let e = error_text(load_text(
+            "",
+            &[("OPENAGI_NETWORK_IDLE", "3")],
+            &CliOverrides::default(),
+        ));
+        assert!(e.contains("OPENAGI_NETWORK_IDLE"), "{e}");
+        let e = error_text(load_text(
+            "",
+            &[("OPENAGI_NETWORK_MDNS", "maybe")],
+            &CliOverrides::default(),
+        ));
+        assert!(
+            e.contains("OPENAGI_NETWORK_MDNS") && e.contains("network.mdns"),
+            "{e}"
+        );
+        let e = error_text(load_text(
+            "[log]\nlevel = \"info,,=x=\"\n",
+            &[],
+            &CliOverrides::default(),
+        ));
+        assert!(e.contains("log.level"), "{e}");
+        let e = error_text(load_text(
+            "[node]\nshutdown_timeout_secs = 0\n",
+            &[],
+            &CliOverrides::default(),
+        ));
+        assert!(e.contains("node.shutdown_timeout_secs"), "{e}");
+    }
+
+    #[test]
+    fn cli_only_variables_are_not_settings() {
+        let c =
+            load_text("", &[("OPENAGI_DATA_DIR", "/x")], &CliOverrides::default()).expect("valid");
+        assert_eq!(c, Config::default());
+    }
+}

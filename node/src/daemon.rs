@@ -1,0 +1,207 @@
+//! `openagi run`: the daemon's life cycle.
+//!
+//! Start-up order matters: configuration and logging first (so every later
+//! failure is reported properly), then the data-directory lock (so two
+//! daemons never share a database), the store, the network, and last the
+//! API, whose address file tells `openagi status` the daemon is ready.
+//! Shutdown runs the other way round within a bounded time.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use openagi_crypto::keyfile;
+use openagi_dashboard::MetricsRegistry;
+use openagi_net::{NetEvent, NetworkService};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::api::{self, ApiState};
+use crate::config::{CliOverrides, Config, LogFormat, LogSection};
+use crate::datadir::{API_ADDR_FILE, DataDir};
+use crate::store::Store;
+
+/// The software version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How many stored peers are redialled at start.
+const REDIAL_KNOWN_PEERS: usize = 16;
+
+/// Options of `openagi run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// An explicit configuration file.
+    pub config_file: Option<PathBuf>,
+    /// Settings given as flags.
+    pub overrides: CliOverrides,
+    /// Stop when this process is no longer our parent (used by `devnet`
+    /// so that no node outlives it, even if it is killed).
+    pub exit_with_parent: Option<u32>,
+}
+
+/// Loads the configuration for `options` from all layers.
+pub fn load_config(options: &RunOptions) -> Result<Config> {
+    Ok(Config::load(
+        &options.data_dir,
+        options.config_file.as_deref(),
+        std::env::vars(),
+        &options.overrides,
+    )?)
+}
+
+/// Installs the global `tracing` subscriber.
+pub fn init_logging(log: &LogSection) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&log.level)
+        .with_context(|| format!("log.level = {:?}", log.level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let installed = match log.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("installing logger: {e}"))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(options: RunOptions, config: Config, started: Instant) -> Result<()> {
+    let data_dir = DataDir::new(&options.data_dir);
+    let _lock = data_dir.lock()?;
+    let identity = data_dir.identity()?;
+    let token = data_dir.token()?;
+    let store = Arc::new(Store::open(data_dir.path()).context("opening the database")?);
+    let starts = store.record_start().context("recording start")?;
+
+    let mut metrics = MetricsRegistry::new(VERSION);
+    let net_config = config.net_config(VERSION)?;
+    let keypair = openagi_net::keypair_from_identity(&identity)?;
+    let (net, mut events, net_task) =
+        NetworkService::start(keypair, net_config, metrics.registry_mut())?;
+    info!(peer_id = %net.local_peer_id(), network_id = %config.network.network_id, starts, "node identity loaded");
+
+    for (peer_id, known) in store.known_peers(REDIAL_KNOWN_PEERS)? {
+        if let Some(addr) = known.addresses.first().and_then(|a| a.parse().ok()) {
+            tracing::debug!(%peer_id, %addr, "redialling known peer");
+            net.dial(addr).await?;
+        }
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the API to {} (set api.listen to a free address)",
+                config.api.listen
+            )
+        })?;
+    let api_addr = listener.local_addr()?;
+    let state = Arc::new(ApiState {
+        net: net.clone(),
+        metrics,
+        token,
+        draining: AtomicBool::new(false),
+        started,
+        network_id: config.network.network_id.clone(),
+        transport: "direct".into(),
+        api_addr: api_addr.to_string(),
+    });
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        axum::serve(listener, api::router(state.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = api_stopped.await;
+            })
+            .into_future(),
+    );
+    keyfile::write_atomic(
+        &data_dir.file(API_ADDR_FILE),
+        format!("{api_addr}\n").as_bytes(),
+        0o600,
+    )?;
+    info!(
+        api = %api_addr,
+        listen = ?net.snapshot().listen_addrs,
+        startup_ms = started.elapsed().as_millis() as u64,
+        "ready"
+    );
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut watchdog = tokio::time::interval(Duration::from_secs(1));
+    let reason = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            _ = watchdog.tick() => {
+                if let Some(parent) = options.exit_with_parent
+                    && nix::unistd::getppid().as_raw() as u32 != parent
+                {
+                    break "parent process exited";
+                }
+            }
+            event = events.recv() => match event {
+                Some(event) => handle_event(&store, event).await,
+                None => break "network task stopped",
+            },
+        }
+    };
+
+    info!(%reason, "shutting down");
+    state.draining.store(true, Ordering::Relaxed);
+    let grace = Duration::from_secs(config.node.shutdown_timeout_secs);
+    let drained = tokio::time::timeout(grace, async {
+        let _ = stop_api.send(());
+        net.shutdown().await;
+        let _ = net_task.await;
+        let _ = server.await;
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            grace_secs = grace.as_secs(),
+            "shutdown did not finish in time; exiting anyway"
+        );
+    }
+    let _ = std::fs::remove_file(data_dir.file(API_ADDR_FILE));
+    info!("stopped");
+    Ok(())
+}
+
+async fn handle_event(store: &Arc<Store>, event: NetEvent) {
+    match event {
+        NetEvent::PeerIdentified {
+            peer_id,
+            listen_addrs,
+        } => {
+            let Some(addr) = listen_addrs.first().map(|a| a.to_string()) else {
+                return;
+            };
+            let store = store.clone();
+            let peer = peer_id.to_string();
+            let written =
+                tokio::task::spawn_blocking(move || store.remember_peer(&peer, &addr, unix_now()))
+                    .await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "could not record peer address"),
+                Err(e) => warn!(error = %e, "address-book writer failed"),
+            }
+        }
+        NetEvent::Gossip(message) => {
+            tracing::debug!(topic = message.topic, author = %message.author, bytes = message.data.len(), "gossip received");
+        }
+        NetEvent::PeerConnected(_) | NetEvent::PeerDisconnected(_) => {}
+    }
+}

@@ -1,0 +1,254 @@
+//! The data directory: what `openagi init` creates and `run` uses.
+//!
+//! ```text
+//! DATA_DIR/            mode 0700
+//!   node.key           Ed25519 identity seed, 0600, never overwritten
+//!   api.token          bearer token of the local API, 0600
+//!   openagi.toml       commented configuration
+//!   node.redb          the database
+//!   node.lock          held (flock) by the running daemon
+//!   api.addr           address the running daemon's API is bound to
+//! ```
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use openagi_crypto::{Identity, keyfile};
+
+use crate::config;
+
+/// Identity key file name.
+pub const KEY_FILE: &str = "node.key";
+/// API token file name.
+pub const TOKEN_FILE: &str = "api.token";
+/// Lock file name.
+pub const LOCK_FILE: &str = "node.lock";
+/// File holding the bound API address of the running daemon.
+pub const API_ADDR_FILE: &str = "api.addr";
+
+/// A data directory path with helpers for its files.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    path: PathBuf,
+}
+
+/// What `init` found and what it created.
+#[derive(Debug, Default)]
+pub struct InitReport {
+    /// Lines for the operator, one per file.
+    pub lines: Vec<String>,
+    /// The node's peer id.
+    pub peer_id: String,
+}
+
+/// Holds the data directory's lock until dropped.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: fs::File,
+}
+
+impl DataDir {
+    /// Wraps `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    /// The default: `$XDG_DATA_HOME/openagi` or `~/.local/share/openagi`.
+    pub fn default_path() -> PathBuf {
+        if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+            return PathBuf::from(xdg).join("openagi");
+        }
+        let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+        PathBuf::from(home).join(".local/share/openagi")
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A file inside the directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Creates whatever is missing: the directory (0700), the identity, the
+    /// API token and the commented configuration. Existing files are kept.
+    pub fn init(&self, network_id: &str) -> Result<InitReport> {
+        let mut report = InitReport::default();
+        if !self.path.exists() {
+            fs::create_dir_all(&self.path)
+                .with_context(|| format!("creating data directory {}", self.path.display()))?;
+            report
+                .lines
+                .push(format!("created data directory {}", self.path.display()));
+        }
+        fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("setting mode 0700 on {}", self.path.display()))?;
+
+        let key_path = self.file(KEY_FILE);
+        let identity = if key_path.exists() {
+            let identity = keyfile::load(&key_path)
+                .with_context(|| format!("existing identity {}", key_path.display()))?;
+            report.lines.push(format!(
+                "found existing identity {} (kept)",
+                key_path.display()
+            ));
+            identity
+        } else {
+            let identity = Identity::generate()?;
+            keyfile::save_new(&key_path, &identity)?;
+            report.lines.push(format!(
+                "generated identity {} (mode 0600)",
+                key_path.display()
+            ));
+            identity
+        };
+        report.peer_id = openagi_net::keypair_from_identity(&identity)?
+            .public()
+            .to_peer_id()
+            .to_string();
+
+        let token_path = self.file(TOKEN_FILE);
+        if token_path.exists() {
+            report.lines.push(format!(
+                "found existing API token {} (kept)",
+                token_path.display()
+            ));
+        } else {
+            let mut secret = [0u8; 32];
+            openagi_crypto::os_random(&mut secret)?;
+            keyfile::write_atomic(
+                &token_path,
+                format!("{}\n", hex::encode(secret)).as_bytes(),
+                0o600,
+            )?;
+            report.lines.push(format!(
+                "generated API token {} (mode 0600)",
+                token_path.display()
+            ));
+        }
+
+        let config_path = self.file(config::CONFIG_FILE);
+        if config_path.exists() {
+            report.lines.push(format!(
+                "found existing config {} (kept)",
+                config_path.display()
+            ));
+        } else {
+            keyfile::write_atomic(&config_path, config::template(network_id).as_bytes(), 0o600)?;
+            report
+                .lines
+                .push(format!("wrote commented config {}", config_path.display()));
+        }
+        Ok(report)
+    }
+
+    /// Takes the exclusive lock; fails at once if another daemon holds it.
+    pub fn lock(&self) -> Result<DirLock> {
+        let path = self.file(LOCK_FILE);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening lock file {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(DirLock { _file: file }),
+            Err(fs::TryLockError::WouldBlock) => bail!(
+                "another openagi daemon is already running on {} (it holds {}); stop it first or use another --data-dir",
+                self.path.display(),
+                path.display()
+            ),
+            Err(fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("locking {}", path.display()))
+            }
+        }
+    }
+
+    /// Loads the identity, telling the operator to run `init` if missing.
+    pub fn identity(&self) -> Result<Identity> {
+        let path = self.file(KEY_FILE);
+        if !path.exists() {
+            bail!(
+                "no identity at {}; run `openagi init --data-dir {}` first",
+                path.display(),
+                self.path.display()
+            );
+        }
+        Ok(keyfile::load(&path)?)
+    }
+
+    /// Loads the API token.
+    pub fn token(&self) -> Result<String> {
+        let path = self.file(TOKEN_FILE);
+        let text = fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading API token {} (run `openagi init` to create it)",
+                path.display()
+            )
+        })?;
+        let token = text.trim().to_string();
+        if token.len() < 32 {
+            bail!(
+                "API token in {} is shorter than 32 characters; delete it and run `openagi init`",
+                path.display()
+            );
+        }
+        Ok(token)
+    }
+
+    /// The address the running daemon's API listens on.
+    pub fn api_addr(&self) -> Result<String> {
+        let path = self.file(API_ADDR_FILE);
+        let text = fs::read_to_string(&path).with_context(|| {
+            format!("no running daemon found: cannot read {} (is `openagi run` running on this data dir?)", path.display())
+        })?;
+        Ok(text.trim().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_is_idempotent_and_private() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = DataDir::new(tmp.path().join("node"));
+        let first = dir.init("testnet").expect("init");
+        assert!(
+            first
+                .lines
+                .iter()
+                .any(|l| l.starts_with("generated identity"))
+        );
+        let mode = |p: &Path| fs::metadata(p).expect("exists").permissions().mode() & 0o777;
+        assert_eq!(mode(dir.path()), 0o700);
+        assert_eq!(mode(&dir.file(KEY_FILE)), 0o600);
+        assert_eq!(mode(&dir.file(TOKEN_FILE)), 0o600);
+        let token = dir.token().expect("token");
+        let second = dir.init("testnet").expect("init again");
+        assert_eq!(first.peer_id, second.peer_id);
+        assert!(
+            second
+                .lines
+                .iter()
+                .any(|l| l.starts_with("found existing identity"))
+        );
+        assert_eq!(dir.token().expect("token"), token);
+    }
+
+    #[test]
+    fn second_lock_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = DataDir::new(tmp.path());
+        let held = dir.lock().expect("first lock");
+        let err = dir.lock().expect_err("second lock must fail");
+        assert!(err.to_string().contains("already running"), "{err}");
+        drop(held);
+        dir.lock().expect("free again");
+    }
+}

@@ -1,0 +1,349 @@
+//! `openagi devnet`: a local network of real daemons on loopback.
+//!
+//! Each node is a separate `openagi run` process with its own data
+//! directory, so the devnet exercises exactly what operators run. Node 0
+//! listens on a fixed free port and every other node bootstraps from it;
+//! Kademlia finds the rest. The children are started with
+//! `--exit-with-parent`, so none outlives the devnet even if it is killed.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tokio::process::{Child, Command};
+
+use crate::client::ApiClient;
+use crate::datadir::DataDir;
+
+/// Network id of every devnet.
+pub const DEVNET_NETWORK_ID: &str = "openagi-devnet";
+/// How long stopping may take before stragglers are killed.
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
+/// Options of `openagi devnet`.
+#[derive(Debug, Clone)]
+pub struct DevnetOptions {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Directory holding one data directory per node.
+    pub dir: PathBuf,
+    /// Stop by itself after this long.
+    pub duration: Option<Duration>,
+}
+
+struct Node {
+    index: usize,
+    data_dir: DataDir,
+    child: Child,
+    exited: Option<String>,
+    client: Option<ApiClient>,
+    last_status: Option<Value>,
+}
+
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn write_node_config(path: &Path, p2p_port: u16, bootstrap: Option<&str>) -> Result<()> {
+    let bootstrap = bootstrap.map(|b| format!("{b:?}")).unwrap_or_default();
+    let text = format!(
+        "# Written by `openagi devnet`; rewritten on every devnet start.\n\
+         [network]\n\
+         network_id = \"{DEVNET_NETWORK_ID}\"\n\
+         listen = [\"/ip4/127.0.0.1/tcp/{p2p_port}\"]\n\
+         bootstrap = [{bootstrap}]\n\
+         announce_interval_secs = 2\n\
+         redial_max_secs = 5\n\
+         [api]\n\
+         listen = \"127.0.0.1:0\"\n\
+         [log]\n\
+         level = \"info\"\n"
+    );
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Runs the devnet until Ctrl-C (or `duration`), then stops every node.
+pub async fn run(options: DevnetOptions) -> Result<()> {
+    if options.nodes == 0 || options.nodes > 64 {
+        bail!("--nodes must be between 1 and 64 (got {})", options.nodes);
+    }
+    let exe = std::env::current_exe().context("locating the openagi binary")?;
+    std::fs::create_dir_all(&options.dir)
+        .with_context(|| format!("creating {}", options.dir.display()))?;
+    let started = Instant::now();
+
+    let mut bootstrap = None;
+    let mut nodes = Vec::with_capacity(options.nodes);
+    for index in 0..options.nodes {
+        let data_dir = DataDir::new(options.dir.join(format!("node-{index}")));
+        let report = data_dir.init(DEVNET_NETWORK_ID)?;
+        let _ = std::fs::remove_file(data_dir.file(crate::datadir::API_ADDR_FILE));
+        let port = if index == 0 { free_port()? } else { 0 };
+        let config = data_dir.file("devnet.toml");
+        write_node_config(&config, port, bootstrap.as_deref())?;
+        if index == 0 {
+            bootstrap = Some(format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", report.peer_id));
+        }
+        let log = std::fs::File::create(data_dir.file("daemon.log"))?;
+        let child = Command::new(&exe)
+            .arg("run")
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .arg("--config")
+            .arg(&config)
+            .arg("--exit-with-parent")
+            .arg(std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting node {index}"))?;
+        nodes.push(Node {
+            index,
+            data_dir,
+            child,
+            exited: None,
+            client: None,
+            last_status: None,
+        });
+    }
+
+    println!(
+        "Open-AGI devnet: {} nodes in {}",
+        options.nodes,
+        options.dir.display()
+    );
+    wait_for_apis(&mut nodes, Duration::from_secs(30)).await?;
+    for node in &nodes {
+        if let Some(client) = &node.client {
+            println!(
+                "  node-{}  api {}/api/v1/status  metrics {}/metrics  log {}",
+                node.index,
+                client.base_url(),
+                client.base_url(),
+                node.data_dir.file("daemon.log").display()
+            );
+        }
+    }
+    println!("  token for each node's API: <node dir>/api.token. Ctrl-C stops the devnet.");
+
+    let interactive = std::io::stdout().is_terminal();
+    let mut all_connected_after: Option<Duration> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_plain_print = Instant::now() - Duration::from_secs(60);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
+    let sleep_until_deadline = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(sleep_until_deadline);
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => break,
+            _ = &mut sleep_until_deadline => break,
+            _ = tick.tick() => {
+                refresh(&mut nodes).await;
+                let expected = options.nodes.saturating_sub(1);
+                if all_connected_after.is_none()
+                    && nodes.iter().all(|n| peer_count(n) >= expected && n.exited.is_none())
+                {
+                    let after = started.elapsed();
+                    all_connected_after = Some(after);
+                    if !interactive {
+                        println!("all {} nodes connected to each other after {:.1} s", options.nodes, after.as_secs_f64());
+                    }
+                }
+                if interactive {
+                    print!("\x1b[2J\x1b[H{}", render(&nodes, started.elapsed(), all_connected_after));
+                    let _ = std::io::stdout().flush();
+                } else if last_plain_print.elapsed() >= Duration::from_secs(5) {
+                    last_plain_print = Instant::now();
+                    print!("{}", render(&nodes, started.elapsed(), all_connected_after));
+                }
+            }
+        }
+    }
+
+    println!("stopping {} nodes...", nodes.len());
+    let clean = stop_all(&mut nodes).await;
+    if let Some(after) = all_connected_after {
+        println!(
+            "all {} nodes had connected to each other after {:.1} s",
+            options.nodes,
+            after.as_secs_f64()
+        );
+    }
+    if !clean {
+        bail!("some nodes did not stop cleanly; see their daemon.log files");
+    }
+    println!("devnet stopped");
+    Ok(())
+}
+
+fn peer_count(node: &Node) -> usize {
+    node.last_status
+        .as_ref()
+        .and_then(|s| s["network"]["connected_peers"].as_u64())
+        .unwrap_or(0) as usize
+}
+
+async fn wait_for_apis(nodes: &mut [Node], limit: Duration) -> Result<()> {
+    let until = Instant::now() + limit;
+    loop {
+        let mut missing = 0;
+        for node in nodes.iter_mut() {
+            if node.client.is_some() {
+                continue;
+            }
+            if let Ok(Some(status)) = node.child.try_wait() {
+                bail!(
+                    "node-{} exited during start-up ({status}); see {}",
+                    node.index,
+                    node.data_dir.file("daemon.log").display()
+                );
+            }
+            match ApiClient::from_data_dir(&node.data_dir) {
+                Ok(client) => node.client = Some(client),
+                Err(_) => missing += 1,
+            }
+        }
+        if missing == 0 {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            bail!(
+                "{missing} nodes did not start their API within {} s",
+                limit.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn refresh(nodes: &mut [Node]) {
+    for node in nodes.iter_mut() {
+        if node.exited.is_none()
+            && let Ok(Some(status)) = node.child.try_wait()
+        {
+            node.exited = Some(status.to_string());
+            node.last_status = None;
+        }
+    }
+    let queries: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let client = n.client.clone().filter(|_| n.exited.is_none());
+            tokio::task::spawn_blocking(move || {
+                client.and_then(|c| c.get_json("/api/v1/status").ok())
+            })
+        })
+        .collect();
+    for (node, query) in nodes.iter_mut().zip(queries) {
+        node.last_status = query.await.ok().flatten();
+    }
+}
+
+fn short(peer_id: &str) -> String {
+    let n = peer_id.len();
+    if n <= 16 {
+        peer_id.to_string()
+    } else {
+        format!("{}…{}", &peer_id[..8], &peer_id[n - 6..])
+    }
+}
+
+fn render(nodes: &[Node], elapsed: Duration, connected_after: Option<Duration>) -> String {
+    let mut out = format!(
+        "Open-AGI devnet · {} nodes · network {DEVNET_NETWORK_ID} · up {}s · Ctrl-C stops\n\n",
+        nodes.len(),
+        elapsed.as_secs()
+    );
+    out.push_str(&format!(
+        "{:<7} {:<18} {:>6} {:>10} {:>8}  {}\n",
+        "node", "peer id", "peers", "gossip rx", "uptime", "api"
+    ));
+    for node in nodes {
+        let api = node
+            .client
+            .as_ref()
+            .map(|c| c.base_url().to_string())
+            .unwrap_or_default();
+        match (&node.exited, &node.last_status) {
+            (Some(status), _) => out.push_str(&format!(
+                "node-{:<2} EXITED ({status}); log: {}\n",
+                node.index,
+                node.data_dir.file("daemon.log").display()
+            )),
+            (None, Some(s)) => out.push_str(&format!(
+                "node-{:<2} {:<18} {:>6} {:>10} {:>7}s  {api}\n",
+                node.index,
+                short(s["node"]["peer_id"].as_str().unwrap_or("?")),
+                s["network"]["connected_peers"].as_u64().unwrap_or(0),
+                s["network"]["gossip_received"].as_u64().unwrap_or(0),
+                s["node"]["uptime_secs"].as_u64().unwrap_or(0),
+            )),
+            (None, None) => {
+                out.push_str(&format!("node-{:<2} (not answering)  {api}\n", node.index))
+            }
+        }
+    }
+    match connected_after {
+        Some(d) => out.push_str(&format!(
+            "\nall nodes connected after {:.1} s\n",
+            d.as_secs_f64()
+        )),
+        None => out.push_str("\nwaiting for all nodes to connect...\n"),
+    }
+    out
+}
+
+async fn stop_all(nodes: &mut [Node]) -> bool {
+    for node in nodes.iter() {
+        if node.exited.is_none()
+            && let Some(pid) = node.child.id()
+        {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+    let until = tokio::time::Instant::now() + STOP_GRACE;
+    let mut clean = true;
+    for node in nodes.iter_mut() {
+        if let Some(status) = &node.exited {
+            println!("  node-{} had already exited ({status})", node.index);
+            clean = false;
+            continue;
+        }
+        match tokio::time::timeout_at(until, node.child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(status)) => {
+                println!("  node-{} exited with {status}", node.index);
+                clean = false;
+            }
+            Ok(Err(e)) => {
+                println!("  node-{}: {e}", node.index);
+                clean = false;
+            }
+            Err(_) => {
+                println!(
+                    "  node-{} did not stop in {} s; killing it",
+                    node.index,
+                    STOP_GRACE.as_secs()
+                );
+                let _ = node.child.kill().await;
+                clean = false;
+            }
+        }
+    }
+    clean
+}

@@ -1,0 +1,15 @@
+//! The Open-AGI node: configuration, data directory, storage, local API,
+//! the daemon's life cycle, and the `devnet` orchestrator.
+//!
+//! This crate is the edge where I/O happens: it feeds the pure cores
+//! (consensus, learning, crypto) with network messages, time and disk, and
+//! exposes them to operators. The `openagi` binary is a thin CLI over it.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod datadir;
+pub mod devnet;
+pub mod status;
+pub mod store;

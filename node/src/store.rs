@@ -1,0 +1,193 @@
+//! The node's on-disk store, one redb database in the data directory.
+//!
+//! Every write is one redb transaction committed with immediate durability
+//! (fsync) before the call returns, so anything the node acknowledges has
+//! reached the disk. The engine sits behind this module alone, so changing
+//! it is a one-file change.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// The database file name inside the data directory.
+pub const STORE_FILE: &str = "node.redb";
+
+const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+const PEERS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("peers");
+
+/// Most peers kept in the address book; the least recently seen go first.
+pub const MAX_KNOWN_PEERS: usize = 1024;
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database engine failed.
+    #[error("database {0}")]
+    Engine(String),
+    /// A stored record could not be decoded.
+    #[error("corrupt record in table {table}, key {key}: {detail}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// The key.
+        key: String,
+        /// The decoding error.
+        detail: String,
+    },
+}
+
+fn engine(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Engine(e.to_string())
+}
+
+/// A peer the node has been connected to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownPeer {
+    /// Addresses it was reached at (dialable multiaddrs with `/p2p/` id).
+    pub addresses: Vec<String>,
+    /// Unix seconds it was last connected.
+    pub last_seen: u64,
+}
+
+/// The node's database.
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens or creates the database in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(data_dir.join(STORE_FILE)).map_err(engine)?;
+        let txn = db.begin_write().map_err(engine)?;
+        txn.open_table(META).map_err(engine)?;
+        txn.open_table(PEERS).map_err(engine)?;
+        txn.commit().map_err(engine)?;
+        Ok(Self { db })
+    }
+
+    /// Counts one more start of the daemon and returns the new count.
+    pub fn record_start(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write().map_err(engine)?;
+        let count = {
+            let mut meta = txn.open_table(META).map_err(engine)?;
+            let previous = match meta.get("starts").map_err(engine)? {
+                Some(v) => decode_u64(v.value()).ok_or_else(|| StoreError::Corrupt {
+                    table: "meta",
+                    key: "starts".into(),
+                    detail: "not an 8-byte counter".into(),
+                })?,
+                None => 0,
+            };
+            let count = previous.saturating_add(1);
+            meta.insert("starts", count.to_le_bytes().as_slice())
+                .map_err(engine)?;
+            count
+        };
+        txn.commit().map_err(engine)?;
+        Ok(count)
+    }
+
+    /// Records that `peer_id` was connected at `address` at `now`.
+    pub fn remember_peer(&self, peer_id: &str, address: &str, now: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(engine)?;
+        {
+            let mut peers = txn.open_table(PEERS).map_err(engine)?;
+            let mut entry = match peers.get(peer_id).map_err(engine)? {
+                Some(v) => decode_peer(peer_id, v.value())?,
+                None => KnownPeer {
+                    addresses: Vec::new(),
+                    last_seen: now,
+                },
+            };
+            entry.last_seen = now;
+            entry.addresses.retain(|a| a != address);
+            entry.addresses.insert(0, address.to_string());
+            entry.addresses.truncate(4);
+            let bytes = serde_json::to_vec(&entry).map_err(engine)?;
+            peers.insert(peer_id, bytes.as_slice()).map_err(engine)?;
+            if peers.len().map_err(engine)? > MAX_KNOWN_PEERS as u64 {
+                let mut oldest: Option<(String, u64)> = None;
+                for row in peers.iter().map_err(engine)? {
+                    let (k, v) = row.map_err(engine)?;
+                    let seen = decode_peer(k.value(), v.value())
+                        .map(|p| p.last_seen)
+                        .unwrap_or(0);
+                    if oldest.as_ref().is_none_or(|(_, s)| seen < *s) {
+                        oldest = Some((k.value().to_string(), seen));
+                    }
+                }
+                if let Some((key, _)) = oldest {
+                    peers.remove(key.as_str()).map_err(engine)?;
+                }
+            }
+        }
+        txn.commit().map_err(engine)?;
+        Ok(())
+    }
+
+    /// The `limit` most recently seen peers, newest first.
+    pub fn known_peers(&self, limit: usize) -> Result<Vec<(String, KnownPeer)>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let peers = txn.open_table(PEERS).map_err(engine)?;
+        let mut all = Vec::new();
+        for row in peers.iter().map_err(engine)? {
+            let (k, v) = row.map_err(engine)?;
+            all.push((k.value().to_string(), decode_peer(k.value(), v.value())?));
+        }
+        all.sort_by_key(|(_, peer)| std::cmp::Reverse(peer.last_seen));
+        all.truncate(limit);
+        Ok(all)
+    }
+}
+
+fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_le_bytes)
+}
+
+fn decode_peer(key: &str, bytes: &[u8]) -> Result<KnownPeer, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        table: "peers",
+        key: key.to_string(),
+        detail: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_are_counted_across_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            assert_eq!(store.record_start().expect("write"), 1);
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.record_start().expect("write"), 2);
+    }
+
+    #[test]
+    fn address_book_keeps_newest_first_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store
+                .remember_peer("a", "/ip4/127.0.0.1/tcp/1/p2p/a", 10)
+                .expect("write");
+            store
+                .remember_peer("b", "/ip4/127.0.0.1/tcp/2/p2p/b", 20)
+                .expect("write");
+            store
+                .remember_peer("a", "/ip4/127.0.0.1/tcp/3/p2p/a", 30)
+                .expect("write");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let peers = store.known_peers(10).expect("read");
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].0, "a");
+        assert_eq!(peers[0].1.addresses[0], "/ip4/127.0.0.1/tcp/3/p2p/a");
+        assert_eq!(store.known_peers(1).expect("read").len(), 1);
+    }
+}

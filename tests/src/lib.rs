@@ -1,0 +1,275 @@
+//! Harness for multi-process tests: real `openagi` daemons on loopback.
+//!
+//! Each [`Daemon`] is a child process with its own data directory and
+//! ephemeral ports; it is killed when dropped, so a failing test leaves no
+//! processes behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// Network id used by test daemons.
+pub const TEST_NETWORK: &str = "openagi-test";
+
+/// Path of the `openagi` binary: `$OPENAGI_BIN`, or the one cargo built
+/// next to this test executable (`target/<profile>/openagi`).
+pub fn openagi_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("OPENAGI_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/debug/deps/test-binary -> target/debug/openagi
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    profile_dir.join("openagi")
+}
+
+/// Runs `openagi` with `args` to completion, returning status, stdout and
+/// stderr.
+pub fn openagi(args: &[&str]) -> Result<(ExitStatus, String, String)> {
+    let output = Command::new(openagi_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} {args:?}", openagi_bin().display()))?;
+    Ok((
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// Creates a data directory with `openagi init`.
+pub fn init(dir: &Path) -> Result<()> {
+    let path = dir.to_str().context("utf-8 path")?;
+    let (status, out, err) = openagi(&["init", "--data-dir", path, "--network-id", TEST_NETWORK])?;
+    if !status.success() {
+        bail!("init failed: {out}{err}");
+    }
+    Ok(())
+}
+
+/// Polls `check` every 100 ms until it returns `Some` or `limit` passes.
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return Ok(v);
+        }
+        if Instant::now() > until {
+            bail!("timed out after {} s waiting for {what}", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    /// Its data directory.
+    pub dir: PathBuf,
+    child: Child,
+    api: String,
+    token: String,
+}
+
+/// How to start a daemon.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonOptions {
+    /// Bootstrap multiaddrs.
+    pub bootstrap: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Extra arguments after `run`.
+    pub args: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts `openagi run` on `dir` (which must be initialised) and waits
+    /// until its API answers `/health`.
+    pub fn start(dir: &Path, options: &DaemonOptions) -> Result<Daemon> {
+        let _ = std::fs::remove_file(dir.join("api.addr"));
+        let mut child = Self::spawn(dir, options)?;
+        let api = match wait_for("api.addr", Duration::from_secs(20), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(Err(anyhow::anyhow!(
+                    "daemon exited during start-up: {status}"
+                )));
+            }
+            std::fs::read_to_string(dir.join("api.addr"))
+                .ok()
+                .map(|s| Ok(s.trim().to_string()))
+        }) {
+            Ok(Ok(api)) => api,
+            Ok(Err(e)) | Err(e) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+                bail!("{e}\n--- daemon.log ---\n{log}");
+            }
+        };
+        let token = std::fs::read_to_string(dir.join("api.token"))?
+            .trim()
+            .to_string();
+        let daemon = Daemon {
+            dir: dir.to_path_buf(),
+            child,
+            api,
+            token,
+        };
+        wait_for("/health", Duration::from_secs(10), || {
+            daemon
+                .get("/health", None)
+                .ok()
+                .filter(|(code, _)| *code == 200)
+        })?;
+        Ok(daemon)
+    }
+
+    /// Spawns `openagi run` on `dir` without waiting for anything.
+    pub fn spawn(dir: &Path, options: &DaemonOptions) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("daemon.log"))?;
+        let mut command = Command::new(openagi_bin());
+        command
+            .arg("run")
+            .arg("--data-dir")
+            .arg(dir)
+            .args([
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--api-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--log-level", "info,openagi_net=debug"])
+            .env("OPENAGI_NETWORK_ANNOUNCE_INTERVAL_SECS", "1")
+            .env("OPENAGI_NETWORK_REDIAL_MAX_SECS", "2")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for addr in &options.bootstrap {
+            command.args(["--bootstrap", addr]);
+        }
+        command.args(&options.args);
+        for (k, v) in &options.env {
+            command.env(k, v);
+        }
+        command.spawn().context("spawning openagi run")
+    }
+
+    /// The API address (host:port).
+    pub fn api_addr(&self) -> &str {
+        &self.api
+    }
+
+    /// The API token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// GETs `path`, with `Authorization: Bearer token` when given; returns
+    /// the status code and body.
+    pub fn get(&self, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut request = agent.get(&format!("http://{}{path}", self.api));
+        if let Some(token) = token {
+            request = request.header("Authorization", &format!("Bearer {token}"));
+        }
+        let mut response = request.call()?;
+        let code = response.status().as_u16();
+        Ok((code, response.body_mut().read_to_string()?))
+    }
+
+    /// The `/api/v1/status` document.
+    pub fn status(&self) -> Result<Value> {
+        let (code, body) = self.get("/api/v1/status", Some(&self.token))?;
+        if code != 200 {
+            bail!("status answered {code}: {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// The `/api/v1/peers` document.
+    pub fn peers(&self) -> Result<Value> {
+        let (_, body) = self.get("/api/v1/peers", Some(&self.token))?;
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// The classic-format `/metrics` text.
+    pub fn metrics(&self) -> Result<String> {
+        Ok(self.get("/metrics", None)?.1)
+    }
+
+    /// This daemon's peer id.
+    pub fn peer_id(&self) -> Result<String> {
+        Ok(self.status()?["node"]["peer_id"]
+            .as_str()
+            .context("peer_id")?
+            .to_string())
+    }
+
+    /// A dialable multiaddr of this daemon, ending in `/p2p/<peer id>`.
+    pub fn multiaddr(&self) -> Result<String> {
+        let status = self.status()?;
+        let addr = status["network"]["listen_addrs"][0]
+            .as_str()
+            .context("no listen address")?;
+        Ok(format!(
+            "{addr}/p2p/{}",
+            status["node"]["peer_id"].as_str().context("peer_id")?
+        ))
+    }
+
+    /// Number of connected peers.
+    pub fn connected_peers(&self) -> usize {
+        self.status()
+            .ok()
+            .and_then(|s| s["network"]["connected_peers"].as_u64())
+            .unwrap_or(0) as usize
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        kill(Pid::from_raw(self.child.id() as i32), signal)?;
+        Ok(())
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus> {
+        let child = &mut self.child;
+        wait_for("daemon exit", limit, || child.try_wait().ok().flatten())
+    }
+
+    /// SIGKILLs the process and reaps it.
+    pub fn kill_hard(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

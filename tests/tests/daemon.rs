@@ -1,0 +1,324 @@
+//! Real daemons on loopback: discovery, gossip, restarts, signals, config
+//! errors, API authentication and metrics format.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use openagi_tests::{Daemon, DaemonOptions, init, openagi, wait_for};
+
+fn fresh_node(root: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let dir = root.join(name);
+    init(&dir).expect("init");
+    dir
+}
+
+fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[test]
+fn three_daemons_find_each_other_and_gossip() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let a =
+        Daemon::start(&fresh_node(root.path(), "a"), &DaemonOptions::default()).expect("a starts");
+    let boot = DaemonOptions {
+        bootstrap: vec![a.multiaddr().expect("addr")],
+        ..Default::default()
+    };
+    let b = Daemon::start(&fresh_node(root.path(), "b"), &boot).expect("b starts");
+    let c = Daemon::start(&fresh_node(root.path(), "c"), &boot).expect("c starts");
+    let nodes = [&a, &b, &c];
+    let ids: Vec<String> = nodes
+        .iter()
+        .map(|d| d.peer_id().expect("peer id"))
+        .collect();
+
+    // B and C only know A; they must find each other through the DHT.
+    wait_for("full mesh", Duration::from_secs(30), || {
+        nodes.iter().all(|d| d.connected_peers() == 2).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log()));
+
+    // Every node receives the others' signed announcements over gossipsub.
+    wait_for(
+        "announcements from both other nodes",
+        Duration::from_secs(30),
+        || {
+            let announced_peers = |d: &Daemon| -> usize {
+                d.peers()
+                    .ok()
+                    .and_then(|p| p["peers"].as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|p| p["last_announce"]["sequence"].as_u64().is_some())
+                    .count()
+            };
+            nodes.iter().all(|d| announced_peers(d) == 2).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", a.log()));
+
+    for (i, node) in nodes.iter().enumerate() {
+        // `openagi status --json` reports the other two peers.
+        let (status, out, err) = openagi(&[
+            "status",
+            "--json",
+            "--data-dir",
+            node.dir.to_str().expect("utf-8"),
+        ])
+        .expect("runs");
+        assert!(status.success(), "{err}");
+        let doc: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(doc["node"]["peer_id"], ids[i]);
+        let reported: BTreeSet<String> = doc["network"]["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .filter_map(|p| p.as_str().map(String::from))
+            .collect();
+        let expected: BTreeSet<String> = ids.iter().filter(|id| **id != ids[i]).cloned().collect();
+        assert_eq!(reported, expected);
+
+        // And so do its metrics.
+        let metrics = node.metrics().expect("metrics");
+        assert_eq!(
+            metric_value(&metrics, "openagi_peers_connected"),
+            Some(2.0),
+            "{metrics}"
+        );
+        let accepted = metric_value(
+            &metrics,
+            "openagi_gossip_messages_total{topic=\"announce\",outcome=\"accepted\"}",
+        )
+        .unwrap_or(0.0);
+        assert!(accepted >= 2.0, "{metrics}");
+        let opened: f64 = ["inbound", "outbound"]
+            .iter()
+            .filter_map(|d| {
+                metric_value(
+                    &metrics,
+                    &format!("openagi_connections_opened_total{{direction=\"{d}\"}}"),
+                )
+            })
+            .sum();
+        assert!(opened >= 2.0, "{metrics}");
+    }
+}
+
+#[test]
+fn sigkill_restart_keeps_peer_id_and_reconnects_from_the_address_book() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let a =
+        Daemon::start(&fresh_node(root.path(), "a"), &DaemonOptions::default()).expect("a starts");
+    let b_dir = fresh_node(root.path(), "b");
+    let boot = DaemonOptions {
+        bootstrap: vec![a.multiaddr().expect("addr")],
+        ..Default::default()
+    };
+    let mut b = Daemon::start(&b_dir, &boot).expect("b starts");
+    let b_id = b.peer_id().expect("id");
+    wait_for("b connected", Duration::from_secs(20), || {
+        (b.connected_peers() == 1).then_some(())
+    })
+    .expect("connects");
+    // Give the address book a moment: identify runs right after connecting.
+    wait_for("identify", Duration::from_secs(10), || {
+        b.peers().ok()?["peers"][0]["agent_version"]
+            .as_str()
+            .map(|_| ())
+    })
+    .expect("identified");
+
+    b.kill_hard().expect("SIGKILL");
+    wait_for("a notices", Duration::from_secs(20), || {
+        (a.connected_peers() == 0).then_some(())
+    })
+    .expect("disconnect seen");
+
+    // Restart with no bootstrap at all: only what B stored can bring it back.
+    let b = Daemon::start(&b_dir, &DaemonOptions::default()).expect("b restarts");
+    assert_eq!(
+        b.peer_id().expect("id"),
+        b_id,
+        "identity must survive SIGKILL"
+    );
+    wait_for("b reconnected", Duration::from_secs(30), || {
+        (b.connected_peers() == 1).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", b.log()));
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero_within_the_bound() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let a =
+        Daemon::start(&fresh_node(root.path(), "a"), &DaemonOptions::default()).expect("a starts");
+    let boot = DaemonOptions {
+        bootstrap: vec![a.multiaddr().expect("addr")],
+        ..Default::default()
+    };
+    let mut b = Daemon::start(&fresh_node(root.path(), "b"), &boot).expect("b starts");
+    wait_for("connected", Duration::from_secs(20), || {
+        (b.connected_peers() == 1).then_some(())
+    })
+    .expect("connects");
+    b.signal(Signal::SIGTERM).expect("signal");
+    // The configured bound is 10 s; allow process start-up noise on top.
+    let status = b.wait_exit(Duration::from_secs(12)).expect("exits in time");
+    assert!(status.success(), "exit status {status}\n{}", b.log());
+    assert!(
+        !b.dir.join("api.addr").exists(),
+        "api.addr must be removed on clean exit"
+    );
+    assert!(b.log().contains("stopped"));
+    wait_for("a sees b leave", Duration::from_secs(10), || {
+        (a.connected_peers() == 0).then_some(())
+    })
+    .expect("peer closed the connection");
+}
+
+#[test]
+fn a_second_daemon_on_the_same_data_dir_is_refused() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = fresh_node(root.path(), "a");
+    let _first = Daemon::start(&dir, &DaemonOptions::default()).expect("first starts");
+    let mut second = Daemon::spawn(&dir, &DaemonOptions::default()).expect("spawned");
+    let status = wait_for("second exits", Duration::from_secs(10), || {
+        second.try_wait().ok().flatten()
+    })
+    .expect("second must exit");
+    assert!(!status.success());
+    let log = std::fs::read_to_string(dir.join("daemon.log")).expect("log");
+    assert!(
+        log.contains("another openagi daemon is already running"),
+        "{log}"
+    );
+}
+
+#[test]
+fn malformed_config_names_the_key_and_the_fix() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = fresh_node(root.path(), "a");
+    let config = dir.join("openagi.toml");
+    let text = std::fs::read_to_string(&config)
+        .expect("config")
+        .replace("[network]", "[network]\nlisten_adress = []");
+    std::fs::write(&config, text).expect("write");
+    let (status, _, err) =
+        openagi(&["run", "--data-dir", dir.to_str().expect("utf-8")]).expect("runs");
+    assert!(!status.success());
+    assert!(
+        err.contains("listen_adress") && err.contains("valid keys"),
+        "{err}"
+    );
+
+    let (status, _, err) = openagi(&[
+        "run",
+        "--data-dir",
+        dir.to_str().expect("utf-8"),
+        "--config",
+        "/nonexistent/openagi.toml",
+    ])
+    .expect("runs");
+    assert!(!status.success());
+    assert!(err.contains("/nonexistent/openagi.toml"), "{err}");
+}
+
+#[test]
+fn api_refuses_missing_or_wrong_token() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let a =
+        Daemon::start(&fresh_node(root.path(), "a"), &DaemonOptions::default()).expect("starts");
+    for path in ["/api/v1/status", "/api/v1/peers"] {
+        assert_eq!(
+            a.get(path, None).expect("answers").0,
+            401,
+            "{path} without token"
+        );
+        assert_eq!(
+            a.get(path, Some("0000")).expect("answers").0,
+            401,
+            "{path} wrong token"
+        );
+        let mut almost = a.token().to_string();
+        almost.pop();
+        almost.push('x');
+        assert_eq!(
+            a.get(path, Some(&almost)).expect("answers").0,
+            401,
+            "{path} near-miss token"
+        );
+        assert_eq!(
+            a.get(path, Some(a.token())).expect("answers").0,
+            200,
+            "{path} right token"
+        );
+    }
+    assert_eq!(a.get("/health", None).expect("answers").0, 200);
+}
+
+#[test]
+fn metrics_are_valid_prometheus_text() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let a =
+        Daemon::start(&fresh_node(root.path(), "a"), &DaemonOptions::default()).expect("starts");
+    let boot = DaemonOptions {
+        bootstrap: vec![a.multiaddr().expect("addr")],
+        ..Default::default()
+    };
+    let b = Daemon::start(&fresh_node(root.path(), "b"), &boot).expect("b starts");
+    wait_for("traffic", Duration::from_secs(20), || {
+        (b.connected_peers() == 1).then_some(())
+    })
+    .expect("connects");
+    std::thread::sleep(Duration::from_secs(2));
+    let metrics = b.metrics().expect("metrics");
+    assert!(metrics.contains("openagi_build_info{version="), "{metrics}");
+    for line in metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        assert!(
+            line.starts_with("openagi_"),
+            "metric outside the namespace: {line}"
+        );
+        assert!(!line.contains("12D3Koo"), "peer id used as a label: {line}");
+    }
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    match promtool {
+        Ok(mut child) => {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(metrics.as_bytes())
+                .expect("write");
+            let out = child.wait_with_output().expect("promtool runs");
+            assert!(
+                out.status.success(),
+                "promtool check metrics failed:\n{}{}\n{metrics}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!(
+                "promtool not installed ({e}); install Debian's `prometheus` package to run this check"
+            )
+        }
+        Err(e) => panic!("promtool is required in CI: {e}"),
+    }
+}
