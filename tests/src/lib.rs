@@ -3,6 +3,10 @@
 //! Each [`Daemon`] is a child process with its own data directory and
 //! ephemeral ports; it is killed when dropped, so a failing test leaves no
 //! processes behind.
+//!
+//! The tests themselves live with the crate that builds the binary
+//! (`node/tests/`), because only there does cargo guarantee a fresh
+//! `openagi` executable; they hand its path over with [`use_binary`].
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -16,20 +20,24 @@ use serde_json::Value;
 /// Network id used by test daemons.
 pub const TEST_NETWORK: &str = "openagi-test";
 
-/// Path of the `openagi` binary: `$OPENAGI_BIN`, or the one cargo built
-/// next to this test executable (`target/<profile>/openagi`).
+static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Tells the harness which `openagi` executable to run; call it with
+/// `env!("CARGO_BIN_EXE_openagi")` at the start of each test. The first
+/// call wins.
+pub fn use_binary(path: &str) {
+    let _ = BINARY.set(PathBuf::from(path));
+}
+
+/// Path of the `openagi` binary: the one given to [`use_binary`], else
+/// `$OPENAGI_BIN`, else `openagi` on the `PATH`.
 pub fn openagi_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("OPENAGI_BIN") {
-        return PathBuf::from(path);
+    if let Some(path) = BINARY.get() {
+        return path.clone();
     }
-    let exe = std::env::current_exe().unwrap_or_default();
-    // target/debug/deps/test-binary -> target/debug/openagi
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    profile_dir.join("openagi")
+    std::env::var_os("OPENAGI_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("openagi"))
 }
 
 /// Runs `openagi` with `args` to completion, returning status, stdout and

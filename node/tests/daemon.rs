@@ -5,9 +5,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use openagi_tests::{Daemon, DaemonOptions, init, openagi, wait_for};
+use openagi_tests::{Daemon, DaemonOptions, init, openagi, use_binary, wait_for};
 
 fn fresh_node(root: &std::path::Path, name: &str) -> std::path::PathBuf {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
     let dir = root.join(name);
     init(&dir).expect("init");
     dir
@@ -320,5 +321,34 @@ fn metrics_are_valid_prometheus_text() {
             )
         }
         Err(e) => panic!("promtool is required in CI: {e}"),
+    }
+}
+
+#[test]
+fn devnet_connects_all_nodes_and_leaves_no_orphans() {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("devnet");
+    let dir_text = dir.to_str().expect("utf-8");
+    let (status, out, err) = openagi(&[
+        "devnet",
+        "--nodes",
+        "3",
+        "--dir",
+        dir_text,
+        "--duration",
+        "8s",
+    ])
+    .expect("runs");
+    assert!(status.success(), "{out}\n{err}");
+    assert!(
+        out.contains("all 3 nodes connected to each other after"),
+        "{out}"
+    );
+    assert!(out.contains("devnet stopped"), "{out}");
+    for i in 0..3 {
+        let log = std::fs::read_to_string(dir.join(format!("node-{i}/daemon.log"))).expect("log");
+        assert!(log.contains("stopped"), "node-{i} did not drain:\n{log}");
+        assert!(!dir.join(format!("node-{i}/api.addr")).exists());
     }
 }
