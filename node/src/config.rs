@@ -767,3 +767,16 @@ mod tests {
         assert_eq!(c, Config::default());
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    #[test]
+    fn configs_example_matches_the_generated_template() {
+        let shipped = include_str!("../../configs/openagi.toml");
+        assert_eq!(
+            shipped,
+            super::template("openagi-main"),
+            "configs/openagi.toml is stale: regenerate it with `openagi init` and copy it"
+        );
+    }
+}
