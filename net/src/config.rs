@@ -15,6 +15,17 @@ pub enum TransportMode {
     /// TCP and QUIC straight over the network, for LANs and development.
     /// Reveals the node's IP address to its peers.
     Direct,
+    /// Onion services through Tor embedded in the process (arti).
+    Tor,
+    /// Onion services through a separately run tor (SOCKS5 + ControlPort).
+    TorSystem,
+}
+
+impl TransportMode {
+    /// Whether peer traffic goes through Tor.
+    pub fn is_tor(self) -> bool {
+        matches!(self, TransportMode::Tor | TransportMode::TorSystem)
+    }
 }
 
 /// Limits on connections, enforced by libp2p's connection-limits behaviour.
@@ -67,6 +78,8 @@ pub struct NetConfig {
     pub redial: Backoff,
     /// Version string announced to peers.
     pub agent_version: String,
+    /// Tor settings; required by the Tor transports.
+    pub tor: Option<crate::tor::TorSettings>,
 }
 
 impl NetConfig {
@@ -88,6 +101,26 @@ impl NetConfig {
                 return Err(Error::Config(format!(
                     "bootstrap address {addr} has no peer id: append /p2p/<peer id>"
                 )));
+            }
+        }
+        if self.transport.is_tor() {
+            let hybrid = self.tor.as_ref().is_some_and(|t| t.hybrid);
+            if self.tor.is_none() {
+                return Err(Error::Config("Tor transport without Tor settings".into()));
+            }
+            if self.mdns {
+                return Err(Error::Config(
+                    "mDNS announces this node on the LAN and cannot be used with a Tor transport: set network.mdns = false".into(),
+                ));
+            }
+            if !hybrid {
+                for addr in &self.bootstrap {
+                    if crate::tor::parse_onion_multiaddr(addr).is_none() {
+                        return Err(Error::Config(format!(
+                            "bootstrap address {addr} is not an onion address (/onion3/<address>:<port>/p2p/<peer id>); Tor mode never dials directly (set tor.hybrid = true to allow it)"
+                        )));
+                    }
+                }
             }
         }
         if self.announce_interval.is_zero() {

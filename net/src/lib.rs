@@ -19,12 +19,16 @@
 mod backoff;
 mod behaviour;
 mod config;
+mod direct;
 mod metrics;
 mod service;
+pub mod tor;
+mod transport;
 mod wire;
 
 pub use backoff::Backoff;
 pub use behaviour::{NodeBehaviour, NodeBehaviourEvent};
+pub use direct::{DIRECT_PROTOCOL, MAX_DIRECT_BYTES};
 pub use config::{ConnectionLimitsConfig, NetConfig, TransportMode};
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
 pub use metrics::NetMetrics;

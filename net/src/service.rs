@@ -13,8 +13,8 @@ use futures::StreamExt;
 use libp2p::metrics::Recorder;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{
-    Multiaddr, PeerId, Swarm, gossipsub, identify, identity::Keypair, kad, mdns, noise, ping,
-    request_response, tcp, yamux,
+    Multiaddr, PeerId, Swarm, gossipsub, identify, identity::Keypair, kad, mdns, ping,
+    request_response,
 };
 use prometheus_client::registry::Registry;
 use serde::Serialize;
@@ -33,7 +33,7 @@ use crate::{Error, NetConfig, NetMetrics};
 /// Capacity of the command channel into the network task.
 const COMMAND_CAPACITY: usize = 256;
 /// Capacity of the event channel out of the network task.
-const EVENT_CAPACITY: usize = 1024;
+const EVENT_CAPACITY: usize = 4096;
 /// How long shutdown waits for connections to close politely.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -58,6 +58,13 @@ pub enum NetEvent {
     PeerConnected(PeerId),
     /// The last connection to a peer closed.
     PeerDisconnected(PeerId),
+    /// A peer sent a message on the direct protocol.
+    Direct {
+        /// The sending peer (authenticated by the connection).
+        from: PeerId,
+        /// The message bytes, at most [`crate::MAX_DIRECT_BYTES`].
+        data: Vec<u8>,
+    },
     /// A peer on this network told us where it listens (at most 16
     /// addresses, each ending in its `/p2p/` id), so it can be redialled
     /// after a restart.
@@ -127,12 +134,18 @@ pub struct NetHandle {
     commands: mpsc::Sender<Command>,
     snapshot: Arc<RwLock<NetSnapshot>>,
     local_peer_id: PeerId,
+    tor: Option<crate::tor::TorState>,
 }
 
 impl NetHandle {
     /// This node's peer id.
     pub fn local_peer_id(&self) -> PeerId {
         self.local_peer_id
+    }
+
+    /// Tor status, in the Tor transport modes.
+    pub fn tor_status(&self) -> Option<crate::tor::TorStatus> {
+        self.tor.as_ref().map(crate::tor::TorState::get)
     }
 
     /// A copy of the current network state.
@@ -151,6 +164,13 @@ impl NetHandle {
             .await
             .map_err(|_| Error::Stopped)?;
         answer.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Sends `data` to `peer` on the direct protocol, dialling it if
+    /// needed. Waits while the command queue is full, so a fast producer
+    /// is slowed to the network's pace instead of growing a queue.
+    pub async fn send_direct(&self, peer: PeerId, data: Vec<u8>) -> Result<(), Error> {
+        self.commands.send(Command::SendDirect { peer, data }).await.map_err(|_| Error::Stopped)
     }
 
     /// Asks the task to dial `addr`.
@@ -188,22 +208,11 @@ impl NetworkService {
         let net_metrics = NetMetrics::register(registry);
         let behaviour = NodeBehaviour::new(&keypair, &config)?;
         // libp2p-metrics adds its own `libp2p_` prefix under ours.
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| Error::Setup(format!("tcp transport: {e}")))?
-            .with_quic()
-            .with_dns()
-            .map_err(|e| Error::Setup(format!("dns resolver: {e}")))?
-            .with_bandwidth_metrics(registry)
-            .with_behaviour(|_| behaviour)
-            .map_err(|e| Error::Setup(format!("behaviour: {e}")))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
-            .build();
+        let crate::transport::Built {
+            mut swarm,
+            listen,
+            tor,
+        } = crate::transport::build_swarm(keypair.clone(), &config, behaviour, registry)?;
         let libp2p_metrics = libp2p::metrics::Metrics::new(registry);
 
         for topic in Topic::ALL {
@@ -214,7 +223,7 @@ impl NetworkService {
                 .subscribe(&t)
                 .map_err(|e| Error::Setup(format!("subscribe: {e}")))?;
         }
-        for addr in &config.listen {
+        for addr in &listen {
             swarm
                 .listen_on(addr.clone())
                 .map_err(|e| Error::Setup(format!("listen on {addr}: {e}")))?;
@@ -268,6 +277,7 @@ impl NetworkService {
                 commands: command_tx,
                 snapshot,
                 local_peer_id,
+                tor,
             },
             event_rx,
             join,
@@ -320,6 +330,13 @@ impl NetTask {
                 command = commands.recv() => match command {
                     Some(Command::Publish { topic, data, reply }) => {
                         let _ = reply.send(self.publish(topic, data));
+                    }
+                    Some(Command::SendDirect { peer, data }) => {
+                        self.net_metrics
+                            .payload_bytes
+                            .get_or_create(&ProtocolLabels { protocol: "direct", direction: Direction::Outbound })
+                            .inc_by(data.len() as u64);
+                        self.swarm.behaviour_mut().direct.send_request(&peer, data);
                     }
                     Some(Command::Dial { addr }) => {
                         if let Err(e) = self.swarm.dial(addr.clone()) {
@@ -648,6 +665,7 @@ impl NetTask {
                 }
             }
             NodeBehaviourEvent::Rpc(event) => self.on_rpc(event),
+            NodeBehaviourEvent::Direct(event) => self.on_direct(event),
             NodeBehaviourEvent::Limits(never) => match never {},
             NodeBehaviourEvent::Memory(never) => match never {},
         }
@@ -796,6 +814,28 @@ impl NetTask {
                 debug!(%peer, %error, "rpc inbound failure")
             }
             Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_direct(&mut self, event: request_response::Event<Vec<u8>, ()>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
+                self.net_metrics
+                    .payload_bytes
+                    .get_or_create(&ProtocolLabels { protocol: "direct", direction: Direction::Inbound })
+                    .inc_by(request.len() as u64);
+                let _ = self.swarm.behaviour_mut().direct.send_response(channel, ());
+                self.emit(NetEvent::Direct { from: peer, data: request });
+            }
+            Event::Message { message: Message::Response { .. }, .. } | Event::ResponseSent { .. } => {}
+            Event::OutboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "direct message not delivered");
+                self.net_metrics.direct_failures.inc();
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "direct message not received");
+            }
         }
     }
 

@@ -49,6 +49,9 @@ pub struct StatusDocument {
     pub node: NodeStatus,
     /// Its networking.
     pub network: NetworkStatus,
+    /// Tor (mode, bootstrap, onion address); `null` with the direct
+    /// transport.
+    pub tor: Option<openagi_net::tor::TorStatus>,
 }
 
 /// The `node` section of the status document.
@@ -100,6 +103,7 @@ impl ApiState {
                 peers: snapshot.peers.keys().cloned().collect(),
                 gossip_received: snapshot.gossip_received,
             },
+            tor: self.net.tor_status(),
         }
     }
 }

@@ -64,7 +64,7 @@ pub enum LogFormat {
 pub struct NetworkSection {
     /// Network id; nodes only talk to nodes with the same id.
     pub network_id: String,
-    /// `direct` (TCP/QUIC over IP).
+    /// `tor` (embedded), `tor-system` or `direct` (TCP/QUIC over IP).
     pub transport: TransportMode,
     /// Multiaddrs to listen on.
     pub listen: Vec<String>,
@@ -95,7 +95,7 @@ impl Default for NetworkSection {
         let limits = ConnectionLimitsConfig::default();
         Self {
             network_id: "openagi-main".into(),
-            transport: TransportMode::Direct,
+            transport: TransportMode::Tor,
             listen: vec![
                 "/ip4/0.0.0.0/tcp/4610".into(),
                 "/ip4/0.0.0.0/udp/4610/quic-v1".into(),
@@ -110,6 +110,51 @@ impl Default for NetworkSection {
             idle_timeout_secs: 60,
             announce_interval_secs: 10,
             redial_max_secs: 60,
+        }
+    }
+}
+
+/// `[tor]`: Tor transports (`network.transport = "tor"` or `"tor-system"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TorSection {
+    /// Virtual port of this node's onion service.
+    pub onion_port: u16,
+    /// Also use direct TCP/QUIC beside Tor (reveals the IP address).
+    pub hybrid: bool,
+    /// Embedded mode: an arti configuration file (arti's TOML schema),
+    /// e.g. for a private Tor network; empty for the public network.
+    pub arti_config: String,
+    /// System mode: tor's SOCKS5 address.
+    pub socks_addr: SocketAddr,
+    /// System mode: tor's ControlPort address.
+    pub control_addr: SocketAddr,
+    /// System mode: ControlPort password; empty for cookie or no auth.
+    pub control_password: String,
+    /// System mode: cookie file; empty to use the one tor names.
+    pub control_cookie_file: String,
+    /// Bound on one onion dial, in seconds.
+    pub connect_timeout_secs: u64,
+    /// Warn when Tor is not bootstrapped after this many seconds.
+    pub bootstrap_warn_secs: u64,
+    /// New circuits for every peer after this many seconds (0: never).
+    pub circuit_rotation_secs: u64,
+}
+
+impl Default for TorSection {
+    fn default() -> Self {
+        let d = openagi_net::tor::TorSettings::with_dir("");
+        Self {
+            onion_port: d.onion_port,
+            hybrid: d.hybrid,
+            arti_config: String::new(),
+            socks_addr: d.socks_addr,
+            control_addr: d.control_addr,
+            control_password: String::new(),
+            control_cookie_file: String::new(),
+            connect_timeout_secs: d.connect_timeout.as_secs(),
+            bootstrap_warn_secs: d.bootstrap_warn_after.as_secs(),
+            circuit_rotation_secs: d.circuit_rotation.as_secs(),
         }
     }
 }
@@ -174,6 +219,8 @@ pub struct Config {
     pub node: NodeSection,
     /// Peer-to-peer networking.
     pub network: NetworkSection,
+    /// Tor transports.
+    pub tor: TorSection,
     /// Local HTTP API.
     pub api: ApiSection,
     /// Logging.
@@ -378,8 +425,32 @@ impl Config {
                 ));
             }
         }
-        self.net_config("check")
-            .map_err(|e| invalid(origin("network.network_id"), e.to_string()))?;
+        if self.network.transport.is_tor() && self.network.mdns {
+            return Err(invalid(
+                origin("network.mdns"),
+                format!(
+                    "network.mdns = true announces this node on the LAN, which a Tor transport exists to avoid: set network.mdns = false, or network.transport = \"direct\" (transport from {})",
+                    origin("network.transport")
+                ),
+            ));
+        }
+        if !self.tor.arti_config.is_empty() && !Path::new(&self.tor.arti_config).is_file() {
+            return Err(invalid(
+                origin("tor.arti_config"),
+                format!(
+                    "tor.arti_config = {:?} is not a readable file; give the path of an arti configuration, or \"\" for the public Tor network",
+                    self.tor.arti_config
+                ),
+            ));
+        }
+        self.net_config("check").map_err(|e| {
+            let key = if e.to_string().contains("bootstrap") {
+                "network.bootstrap"
+            } else {
+                "network.network_id"
+            };
+            invalid(origin(key), format!("{key}: {e}"))
+        })?;
         let positive = [
             ("network.idle_timeout_secs", self.network.idle_timeout_secs),
             (
@@ -388,6 +459,9 @@ impl Config {
             ),
             ("network.redial_max_secs", self.network.redial_max_secs),
             ("network.max_memory_mib", self.network.max_memory_mib),
+            ("tor.connect_timeout_secs", self.tor.connect_timeout_secs),
+            ("tor.bootstrap_warn_secs", self.tor.bootstrap_warn_secs),
+            ("tor.onion_port", u64::from(self.tor.onion_port)),
             (
                 "node.shutdown_timeout_secs",
                 self.node.shutdown_timeout_secs,
@@ -407,7 +481,42 @@ impl Config {
         Ok(())
     }
 
-    /// The networking configuration derived from this one.
+    /// The networking configuration for a node whose data directory is
+    /// `data_dir` (Tor keys and state live in `<data_dir>/tor`).
+    pub fn net_config_for(
+        &self,
+        agent_version: &str,
+        data_dir: &Path,
+    ) -> Result<NetConfig, openagi_net::Error> {
+        let mut config = self.net_config(agent_version)?;
+        if let Some(tor) = config.tor.as_mut() {
+            tor.dir = data_dir.join("tor");
+        }
+        Ok(config)
+    }
+
+    /// The Tor settings for a node whose data directory is `data_dir`.
+    pub fn tor_settings(&self, data_dir: &Path) -> openagi_net::tor::TorSettings {
+        let t = &self.tor;
+        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        openagi_net::tor::TorSettings {
+            dir: data_dir.join("tor"),
+            onion_port: t.onion_port,
+            hybrid: t.hybrid,
+            arti_config: non_empty(&t.arti_config).map(PathBuf::from),
+            socks_addr: t.socks_addr,
+            control_addr: t.control_addr,
+            control_password: non_empty(&t.control_password),
+            control_cookie_file: non_empty(&t.control_cookie_file).map(PathBuf::from),
+            connect_timeout: Duration::from_secs(t.connect_timeout_secs),
+            bootstrap_warn_after: Duration::from_secs(t.bootstrap_warn_secs),
+            circuit_rotation: Duration::from_secs(t.circuit_rotation_secs),
+        }
+    }
+
+    /// The networking configuration derived from this one; Tor state (if
+    /// any) is placed relative to the working directory, see
+    /// [`Config::net_config_for`].
     pub fn net_config(&self, agent_version: &str) -> Result<NetConfig, openagi_net::Error> {
         let parse = |list: &[String]| -> Result<Vec<Multiaddr>, openagi_net::Error> {
             list.iter()
@@ -438,6 +547,11 @@ impl Config {
                 max: Duration::from_secs(self.network.redial_max_secs),
             },
             agent_version: format!("openagi/{agent_version}"),
+            tor: self
+                .network
+                .transport
+                .is_tor()
+                .then(|| self.tor_settings(Path::new("."))),
         };
         config.validate()?;
         Ok(config)
@@ -561,10 +675,13 @@ pub fn template(network_id: &str) -> String {
 # Nodes only talk to nodes with the same network id.
 network_id = "{network_id}"
 
-# Transport: "direct" (TCP and QUIC over IP; peers learn your IP address).
-# transport = "direct"
+# Transport: "tor" (Tor embedded in the node; peers reach it through its
+# onion service), "tor-system" (a tor you run, through its SOCKS and
+# ControlPort; see [tor]) or "direct" (TCP and QUIC over IP; peers learn
+# your IP address). See doc/tor.md.
+# transport = "{transport}"
 
-# Multiaddrs to listen on.
+# Multiaddrs to listen on (direct transport, or Tor in hybrid mode).
 # listen = {listen}
 
 # Peers to dial at start and redial with backoff, each ending in
@@ -592,6 +709,37 @@ network_id = "{network_id}"
 # Longest wait between redials of an unreachable bootstrap peer (seconds).
 # redial_max_secs = {redial}
 
+[tor]
+# Virtual port of this node's onion service (its address is in
+# `openagi status`; `openagi tor rotate-address` makes a new one).
+# onion_port = {onion_port}
+
+# Also listen and dial over direct TCP/QUIC beside Tor. Peers then learn
+# your IP address; never enabled implicitly.
+# hybrid = {hybrid}
+
+# Embedded Tor: an arti configuration file (arti's TOML schema) for a
+# private or test Tor network (authorities, fallback caches, ...).
+# Empty: the public Tor network.
+# arti_config = "{arti_config}"
+
+# System tor (transport "tor-system"): SOCKS5 and ControlPort addresses.
+# socks_addr = "{socks}"
+# control_addr = "{control}"
+# ControlPort authentication: SAFECOOKIE/COOKIE with the cookie file tor
+# names (or this one), a password (HashedControlPassword), or none.
+# control_password = "{control_password}"
+# control_cookie_file = "{control_cookie}"
+
+# Seconds one onion dial may take (circuits and rendezvous included).
+# connect_timeout_secs = {connect_timeout}
+
+# Warn when Tor is not bootstrapped after this many seconds.
+# bootstrap_warn_secs = {bootstrap_warn}
+
+# Seconds before each peer gets fresh circuits for new streams (0: never).
+# circuit_rotation_secs = {rotation}
+
 [api]
 # Local HTTP server: /health and /metrics (no token) and /api/v1 (bearer
 # token from the data directory's api.token). Keep it on loopback.
@@ -605,6 +753,21 @@ network_id = "{network_id}"
 # level = "{level}"
 "#,
         shutdown = d.node.shutdown_timeout_secs,
+        transport = match d.network.transport {
+            TransportMode::Direct => "direct",
+            TransportMode::Tor => "tor",
+            TransportMode::TorSystem => "tor-system",
+        },
+        onion_port = d.tor.onion_port,
+        hybrid = d.tor.hybrid,
+        arti_config = d.tor.arti_config,
+        socks = d.tor.socks_addr,
+        control = d.tor.control_addr,
+        control_password = d.tor.control_password,
+        control_cookie = d.tor.control_cookie_file,
+        connect_timeout = d.tor.connect_timeout_secs,
+        bootstrap_warn = d.tor.bootstrap_warn_secs,
+        rotation = d.tor.circuit_rotation_secs,
         listen = list(&d.network.listen),
         bootstrap = list(&d.network.bootstrap),
         mdns = d.network.mdns,
@@ -667,7 +830,7 @@ mod tests {
 
     #[test]
     fn precedence_is_cli_then_env_then_file() {
-        let file = "[network]\nnetwork_id = \"from-file\"\nidle_timeout_secs = 5\nmdns = true\n";
+        let file = "[network]\nnetwork_id = \"from-file\"\ntransport = \"direct\"\nidle_timeout_secs = 5\nmdns = true\n";
         let env = [
             ("OPENAGI_NETWORK_NETWORK_ID", "from-env"),
             ("OPENAGI_NETWORK_IDLE_TIMEOUT_SECS", "7"),
@@ -758,6 +921,57 @@ mod tests {
             &CliOverrides::default(),
         ));
         assert!(e.contains("node.shutdown_timeout_secs"), "{e}");
+    }
+
+    #[test]
+    fn tor_is_the_default_and_refuses_leaky_settings() {
+        let c = load_text("", &[], &CliOverrides::default()).expect("valid");
+        assert_eq!(c.network.transport, TransportMode::Tor);
+        let dir = Path::new("/var/lib/openagi");
+        let net = c.net_config_for("1", dir).expect("net config");
+        let tor = net.tor.expect("tor settings");
+        assert_eq!(tor.dir, dir.join("tor"));
+        assert!(!tor.hybrid);
+        let e = error_text(load_text(
+            "[network]\nmdns = true\n",
+            &[],
+            &CliOverrides::default(),
+        ));
+        assert!(e.contains("network.mdns") && e.contains("direct"), "{e}");
+        let e = error_text(load_text(
+            "[network]\nbootstrap = [\"/ip4/127.0.0.1/tcp/1/p2p/12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo\"]\n",
+            &[],
+            &CliOverrides::default(),
+        ));
+        assert!(
+            e.contains("network.bootstrap") && e.contains("onion"),
+            "{e}"
+        );
+        // hybrid is explicit and then allows direct bootstrap peers
+        let c = load_text(
+            "[network]\nbootstrap = [\"/ip4/127.0.0.1/tcp/1/p2p/12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo\"]\n[tor]\nhybrid = true\n",
+            &[],
+            &CliOverrides::default(),
+        )
+        .expect("hybrid");
+        assert!(c.tor.hybrid);
+        let c = load_text(
+            "",
+            &[
+                ("OPENAGI_NETWORK_TRANSPORT", "tor-system"),
+                ("OPENAGI_TOR_SOCKS_ADDR", "127.0.0.1:19050"),
+            ],
+            &CliOverrides::default(),
+        )
+        .expect("system");
+        assert_eq!(c.network.transport, TransportMode::TorSystem);
+        assert_eq!(c.tor.socks_addr.port(), 19050);
+        let e = error_text(load_text(
+            "[tor]\narti_config = \"/nonexistent/arti.toml\"\n",
+            &[],
+            &CliOverrides::default(),
+        ));
+        assert!(e.contains("tor.arti_config"), "{e}");
     }
 
     #[test]

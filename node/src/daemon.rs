@@ -85,7 +85,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let starts = store.record_start().context("recording start")?;
 
     let mut metrics = MetricsRegistry::new(VERSION);
-    let net_config = config.net_config(VERSION)?;
+    let net_config = config.net_config_for(VERSION, data_dir.path())?;
     let keypair = openagi_net::keypair_from_identity(&identity)?;
     let (net, mut events, net_task) =
         NetworkService::start(keypair, net_config, metrics.registry_mut())?;
@@ -114,7 +114,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         draining: AtomicBool::new(false),
         started,
         network_id: config.network.network_id.clone(),
-        transport: "direct".into(),
+        transport: crate::tor::transport_name(config.network.transport).into(),
         api_addr: api_addr.to_string(),
     });
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();

@@ -34,6 +34,9 @@ pub struct DevnetOptions {
     pub dir: PathBuf,
     /// Stop by itself after this long.
     pub duration: Option<Duration>,
+    /// Run a private Tor network and connect the nodes through onion
+    /// services only.
+    pub tor: bool,
 }
 
 struct Node {
@@ -50,12 +53,28 @@ fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-fn write_node_config(path: &Path, p2p_port: u16, bootstrap: Option<&str>) -> Result<()> {
+fn write_node_config(
+    path: &Path,
+    p2p_port: u16,
+    bootstrap: Option<&str>,
+    arti_config: Option<&Path>,
+) -> Result<()> {
     let bootstrap = bootstrap.map(|b| format!("{b:?}")).unwrap_or_default();
+    let (transport, tor) = match arti_config {
+        Some(arti) => (
+            "tor",
+            format!(
+                "[tor]\narti_config = {:?}\nconnect_timeout_secs = 30\n",
+                arti.display().to_string()
+            ),
+        ),
+        None => ("direct", String::new()),
+    };
     let text = format!(
         "# Written by `openagi devnet`; rewritten on every devnet start.\n\
          [network]\n\
          network_id = \"{DEVNET_NETWORK_ID}\"\n\
+         transport = \"{transport}\"\n\
          listen = [\"/ip4/127.0.0.1/tcp/{p2p_port}\"]\n\
          bootstrap = [{bootstrap}]\n\
          announce_interval_secs = 2\n\
@@ -63,7 +82,8 @@ fn write_node_config(path: &Path, p2p_port: u16, bootstrap: Option<&str>) -> Res
          [api]\n\
          listen = \"127.0.0.1:0\"\n\
          [log]\n\
-         level = \"info\"\n"
+         level = \"info\"\n\
+         {tor}"
     );
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
@@ -78,6 +98,33 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
         .with_context(|| format!("creating {}", options.dir.display()))?;
     let started = Instant::now();
 
+    let tornet = if options.tor {
+        let net_dir = options.dir.join("tornet");
+        if net_dir.exists() {
+            std::fs::remove_dir_all(&net_dir)
+                .with_context(|| format!("removing the old {}", net_dir.display()))?;
+        }
+        println!(
+            "starting a private Tor network in {} (30-60 s)...",
+            net_dir.display()
+        );
+        let net = tokio::task::spawn_blocking(move || {
+            openagi_tests::tornet::TorNet::start(
+                &net_dir,
+                &openagi_tests::tornet::TorNetOptions::default(),
+            )
+        })
+        .await
+        .context("starting the private Tor network")??;
+        println!(
+            "private Tor network ready after {:.1} s",
+            net.ready_after.as_secs_f64()
+        );
+        Some(net)
+    } else {
+        None
+    };
+
     let mut bootstrap = None;
     let mut nodes = Vec::with_capacity(options.nodes);
     for index in 0..options.nodes {
@@ -86,8 +133,13 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
         let _ = std::fs::remove_file(data_dir.file(crate::datadir::API_ADDR_FILE));
         let port = if index == 0 { free_port()? } else { 0 };
         let config = data_dir.file("devnet.toml");
-        write_node_config(&config, port, bootstrap.as_deref())?;
-        if index == 0 {
+        write_node_config(
+            &config,
+            port,
+            bootstrap.as_deref(),
+            tornet.as_ref().map(|t| t.arti_toml.as_path()),
+        )?;
+        if index == 0 && tornet.is_none() {
             bootstrap = Some(format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", report.peer_id));
         }
         let log = std::fs::File::create(data_dir.file("daemon.log"))?;
@@ -113,6 +165,12 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
             client: None,
             last_status: None,
         });
+        if index == 0 && tornet.is_some() {
+            // Peers bootstrap from node 0's onion address, which exists
+            // once its onion service is launched.
+            wait_for_apis(&mut nodes[..1], Duration::from_secs(30)).await?;
+            bootstrap = Some(onion_bootstrap(&nodes[0]).await?);
+        }
     }
 
     println!(
@@ -196,6 +254,31 @@ fn peer_count(node: &Node) -> usize {
         .as_ref()
         .and_then(|s| s["network"]["connected_peers"].as_u64())
         .unwrap_or(0) as usize
+}
+
+/// Node 0's onion multiaddr with its peer id, from its status document.
+async fn onion_bootstrap(node: &Node) -> Result<String> {
+    let client = node.client.clone().context("node-0 API")?;
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = client.clone();
+        let status = tokio::task::spawn_blocking(move || c.get_json("/api/v1/status").ok())
+            .await
+            .ok()
+            .flatten();
+        if let Some(status) = status
+            && let (Some(onion), Some(peer)) = (
+                status["tor"]["onion_multiaddr"].as_str(),
+                status["node"]["peer_id"].as_str(),
+            )
+        {
+            return Ok(format!("{onion}/p2p/{peer}"));
+        }
+        if Instant::now() > until {
+            bail!("node-0 reported no onion address within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn wait_for_apis(nodes: &mut [Node], limit: Duration) -> Result<()> {

@@ -13,3 +13,4 @@ pub mod datadir;
 pub mod devnet;
 pub mod status;
 pub mod store;
+pub mod tor;

@@ -47,7 +47,14 @@ enum Command {
         /// Stop after this long (e.g. `90s`, `5m`); default: until Ctrl-C.
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
+        /// Start a private Tor network (needs Debian's `tor`) and connect
+        /// the nodes through onion services only.
+        #[arg(long)]
+        tor: bool,
     },
+    /// Tor onion service commands.
+    #[command(subcommand)]
+    Tor(openagi_node::tor::TorCommand),
 }
 
 #[derive(clap::Args)]
@@ -138,10 +145,22 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             nodes,
             dir,
             duration,
+            tor,
         } => runtime()?.block_on(devnet::run(devnet::DevnetOptions {
             nodes,
             dir,
             duration,
+            tor,
         })),
+        Command::Tor(command) => {
+            let options = RunOptions {
+                data_dir: data_dir.clone(),
+                config_file: None,
+                overrides: CliOverrides::default(),
+                exit_with_parent: None,
+            };
+            let config = daemon::load_config(&options)?;
+            openagi_node::tor::run(&DataDir::new(&data_dir), command, &config)
+        }
     }
 }

@@ -58,6 +58,27 @@ pub fn render(status: &Value) -> String {
         out.push_str(&format!("             {}\n", text(&peer)));
     }
     out.push_str(&format!("gossip rx    {}\n", text(&net["gossip_received"])));
+    let tor = &status["tor"];
+    if tor.is_object() {
+        let boot = if tor["bootstrapped"] == true {
+            "bootstrapped".to_string()
+        } else {
+            format!(
+                "bootstrapping {}% ({})",
+                text(&tor["bootstrap_percent"]),
+                text(&tor["bootstrap_summary"])
+            )
+        };
+        out.push_str(&format!("tor          {} {boot}\n", text(&tor["mode"])));
+        out.push_str(&format!(
+            "onion        {} (service {})\n",
+            text(&tor["onion_address"]),
+            text(&tor["onion_service"])
+        ));
+        if !tor["last_error"].is_null() {
+            out.push_str(&format!("tor problem  {}\n", text(&tor["last_error"])));
+        }
+    }
     out
 }
 
@@ -70,7 +91,9 @@ mod tests {
         let doc = serde_json::json!({
             "node": {"peer_id": "12D3KooWabc", "version": "0.1.0", "uptime_secs": 5, "api_addr": "127.0.0.1:1"},
             "network": {"network_id": "devnet", "transport": "direct", "listen_addrs": ["/ip4/127.0.0.1/tcp/1"],
-                        "connected_peers": 1, "peers": ["12D3KooWdef"], "gossip_received": 3}
+                        "connected_peers": 1, "peers": ["12D3KooWdef"], "gossip_received": 3},
+            "tor": {"mode": "tor", "bootstrapped": false, "bootstrap_percent": 40, "bootstrap_summary": "loading",
+                    "onion_address": "abc.onion", "onion_service": "bootstrapping", "last_error": null}
         });
         let text = render(&doc);
         for needle in [
@@ -79,6 +102,8 @@ mod tests {
             "/ip4/127.0.0.1/tcp/1",
             "12D3KooWdef",
             "gossip rx    3",
+            "tor          tor bootstrapping 40% (loading)",
+            "abc.onion (service bootstrapping)",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }

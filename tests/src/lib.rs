@@ -17,6 +17,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
+pub mod tornet;
+
 /// Network id used by test daemons.
 pub const TEST_NETWORK: &str = "openagi-test";
 
@@ -158,6 +160,9 @@ impl Daemon {
                 "127.0.0.1:0",
             ])
             .args(["--log-level", "info,openagi_net=debug"])
+            // Tor is the default transport of `openagi run`; tests that
+            // want it say so through `options.env`.
+            .env("OPENAGI_NETWORK_TRANSPORT", "direct")
             .env("OPENAGI_NETWORK_ANNOUNCE_INTERVAL_SECS", "1")
             .env("OPENAGI_NETWORK_REDIAL_MAX_SECS", "2")
             .stdin(Stdio::null())
