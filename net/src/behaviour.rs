@@ -39,6 +39,8 @@ pub struct NodeBehaviour {
     pub gossipsub: gossipsub::Behaviour,
     /// Direct requests between two nodes.
     pub rpc: request_response::cbor::Behaviour<RpcRequest, RpcResponse>,
+    /// Opaque messages to one peer (consensus traffic).
+    pub direct: request_response::Behaviour<crate::direct::DirectCodec>,
 }
 
 impl NodeBehaviour {
@@ -107,7 +109,19 @@ impl NodeBehaviour {
                 .with_max_concurrent_streams(64),
         );
 
+        let direct = request_response::Behaviour::with_codec(
+            crate::direct::DirectCodec,
+            [(
+                crate::direct::DIRECT_PROTOCOL,
+                request_response::ProtocolSupport::Full,
+            )],
+            request_response::Config::default()
+                .with_request_timeout(Duration::from_secs(10))
+                .with_max_concurrent_streams(256),
+        );
+
         Ok(Self {
+            direct,
             limits: connection_limits::Behaviour::new(limits),
             memory: memory_connection_limits::Behaviour::with_max_bytes(config.max_memory_bytes),
             identify,

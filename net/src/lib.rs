@@ -19,6 +19,7 @@
 mod backoff;
 mod behaviour;
 mod config;
+mod direct;
 mod metrics;
 mod service;
 mod wire;
@@ -26,6 +27,7 @@ mod wire;
 pub use backoff::Backoff;
 pub use behaviour::{NodeBehaviour, NodeBehaviourEvent};
 pub use config::{ConnectionLimitsConfig, NetConfig, TransportMode};
+pub use direct::{DIRECT_PROTOCOL, MAX_DIRECT_BYTES};
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
 pub use metrics::NetMetrics;
 pub use service::{NetEvent, NetHandle, NetSnapshot, NetworkService, PeerSnapshot, ReceivedGossip};

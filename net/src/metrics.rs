@@ -119,6 +119,8 @@ pub struct NetMetrics {
     pub peers_refused: Family<ReasonLabels, Counter>,
     /// Events dropped because the node was not keeping up.
     pub events_dropped: Counter,
+    /// Direct messages that could not be delivered.
+    pub direct_failures: Counter,
 }
 
 impl NetMetrics {
@@ -165,6 +167,11 @@ impl NetMetrics {
             "net_events_dropped",
             "Network events dropped because the node did not keep up",
             m.events_dropped.clone(),
+        );
+        registry.register(
+            "direct_send_failures",
+            "Direct messages that could not be delivered (peer unreachable, timeout)",
+            m.direct_failures.clone(),
         );
         m
     }

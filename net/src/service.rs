@@ -33,7 +33,7 @@ use crate::{Error, NetConfig, NetMetrics};
 /// Capacity of the command channel into the network task.
 const COMMAND_CAPACITY: usize = 256;
 /// Capacity of the event channel out of the network task.
-const EVENT_CAPACITY: usize = 1024;
+const EVENT_CAPACITY: usize = 4096;
 /// How long shutdown waits for connections to close politely.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -58,6 +58,13 @@ pub enum NetEvent {
     PeerConnected(PeerId),
     /// The last connection to a peer closed.
     PeerDisconnected(PeerId),
+    /// A peer sent a message on the direct protocol.
+    Direct {
+        /// The sending peer (authenticated by the connection).
+        from: PeerId,
+        /// The message bytes, at most [`crate::MAX_DIRECT_BYTES`].
+        data: Vec<u8>,
+    },
     /// A peer on this network told us where it listens (at most 16
     /// addresses, each ending in its `/p2p/` id), so it can be redialled
     /// after a restart.
@@ -116,6 +123,10 @@ enum Command {
     Dial {
         addr: Multiaddr,
     },
+    SendDirect {
+        peer: PeerId,
+        data: Vec<u8>,
+    },
     Shutdown {
         done: oneshot::Sender<()>,
     },
@@ -151,6 +162,16 @@ impl NetHandle {
             .await
             .map_err(|_| Error::Stopped)?;
         answer.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Sends `data` to `peer` on the direct protocol, dialling it if
+    /// needed. Waits while the command queue is full, so a fast producer
+    /// is slowed to the network's pace instead of growing a queue.
+    pub async fn send_direct(&self, peer: PeerId, data: Vec<u8>) -> Result<(), Error> {
+        self.commands
+            .send(Command::SendDirect { peer, data })
+            .await
+            .map_err(|_| Error::Stopped)
     }
 
     /// Asks the task to dial `addr`.
@@ -320,6 +341,13 @@ impl NetTask {
                 command = commands.recv() => match command {
                     Some(Command::Publish { topic, data, reply }) => {
                         let _ = reply.send(self.publish(topic, data));
+                    }
+                    Some(Command::SendDirect { peer, data }) => {
+                        self.net_metrics
+                            .payload_bytes
+                            .get_or_create(&ProtocolLabels { protocol: "direct", direction: Direction::Outbound })
+                            .inc_by(data.len() as u64);
+                        self.swarm.behaviour_mut().direct.send_request(&peer, data);
                     }
                     Some(Command::Dial { addr }) => {
                         if let Err(e) = self.swarm.dial(addr.clone()) {
@@ -648,6 +676,7 @@ impl NetTask {
                 }
             }
             NodeBehaviourEvent::Rpc(event) => self.on_rpc(event),
+            NodeBehaviourEvent::Direct(event) => self.on_direct(event),
             NodeBehaviourEvent::Limits(never) => match never {},
             NodeBehaviourEvent::Memory(never) => match never {},
         }
@@ -796,6 +825,45 @@ impl NetTask {
                 debug!(%peer, %error, "rpc inbound failure")
             }
             Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_direct(&mut self, event: request_response::Event<Vec<u8>, ()>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                self.net_metrics
+                    .payload_bytes
+                    .get_or_create(&ProtocolLabels {
+                        protocol: "direct",
+                        direction: Direction::Inbound,
+                    })
+                    .inc_by(request.len() as u64);
+                let _ = self.swarm.behaviour_mut().direct.send_response(channel, ());
+                self.emit(NetEvent::Direct {
+                    from: peer,
+                    data: request,
+                });
+            }
+            Event::Message {
+                message: Message::Response { .. },
+                ..
+            }
+            | Event::ResponseSent { .. } => {}
+            Event::OutboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "direct message not delivered");
+                self.net_metrics.direct_failures.inc();
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "direct message not received");
+            }
         }
     }
 

@@ -19,6 +19,7 @@ use tokio::process::{Child, Command};
 
 use crate::client::ApiClient;
 use crate::datadir::DataDir;
+use crate::genesis::{GENESIS_FILE, Genesis};
 
 /// Network id of every devnet.
 pub const DEVNET_NETWORK_ID: &str = "openagi-devnet";
@@ -34,6 +35,8 @@ pub struct DevnetOptions {
     pub dir: PathBuf,
     /// Stop by itself after this long.
     pub duration: Option<Duration>,
+    /// Transactions per second submitted to the nodes (0: none).
+    pub tx_rate: u32,
 }
 
 struct Node {
@@ -78,11 +81,34 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
         .with_context(|| format!("creating {}", options.dir.display()))?;
     let started = Instant::now();
 
+    // Every node is a validator: one genesis listing all their keys.
+    let dirs: Vec<DataDir> = (0..options.nodes)
+        .map(|i| DataDir::new(options.dir.join(format!("node-{i}"))))
+        .collect();
+    let mut reports = Vec::with_capacity(dirs.len());
+    let mut validators = Vec::with_capacity(dirs.len());
+    for dir in &dirs {
+        reports.push(dir.init(DEVNET_NETWORK_ID)?);
+        validators.push(dir.identity()?.public().to_hex());
+    }
+    let genesis = Genesis {
+        network_id: DEVNET_NETWORK_ID.into(),
+        validators,
+    };
+    for (index, dir) in dirs.iter().enumerate() {
+        let path = dir.file(GENESIS_FILE);
+        if path.exists() && Genesis::load(&path).ok().as_ref() != Some(&genesis) {
+            // The validator set changed (another --nodes): the old ledger
+            // belongs to another chain.
+            println!("node-{index}: validator set changed; starting a fresh ledger");
+            std::fs::remove_file(dir.file(crate::store::STORE_FILE)).ok();
+        }
+        std::fs::write(&path, genesis.to_toml()?)?;
+    }
+
     let mut bootstrap = None;
     let mut nodes = Vec::with_capacity(options.nodes);
-    for index in 0..options.nodes {
-        let data_dir = DataDir::new(options.dir.join(format!("node-{index}")));
-        let report = data_dir.init(DEVNET_NETWORK_ID)?;
+    for (index, (data_dir, report)) in dirs.into_iter().zip(reports).enumerate() {
         let _ = std::fs::remove_file(data_dir.file(crate::datadir::API_ADDR_FILE));
         let port = if index == 0 { free_port()? } else { 0 };
         let config = data_dir.file("devnet.toml");
@@ -133,6 +159,10 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
         }
     }
     println!("  token for each node's API: <node dir>/api.token. Ctrl-C stops the devnet.");
+    let load = (options.tx_rate > 0).then(|| {
+        let clients: Vec<ApiClient> = nodes.iter().filter_map(|n| n.client.clone()).collect();
+        spawn_load(clients, options.tx_rate)
+    });
 
     let interactive = std::io::stdout().is_terminal();
     let mut all_connected_after: Option<Duration> = None;
@@ -175,6 +205,10 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
         }
     }
 
+    if let Some((stop, handle)) = load {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = handle.join();
+    }
     println!("stopping {} nodes...", nodes.len());
     let clean = stop_all(&mut nodes).await;
     if let Some(after) = all_connected_after {
@@ -189,6 +223,37 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
     }
     println!("devnet stopped");
     Ok(())
+}
+
+/// Submits `rate` transactions a second, round-robin over `clients`, from
+/// a thread of its own until told to stop.
+fn spawn_load(
+    clients: Vec<ApiClient>,
+    rate: u32,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+        let started = Instant::now();
+        let mut sent: u64 = 0;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) && !clients.is_empty() {
+            let client = &clients[(sent % clients.len() as u64) as usize];
+            let body = serde_json::json!({ "payload": format!("devnet transfer #{sent}") });
+            // A node that is down or refusing is shown in the summary; the
+            // load just moves on.
+            let _ = client.post_json("/api/v1/tx", &body);
+            sent += 1;
+            let due = started + interval.mul_f64(sent as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    });
+    (stop, handle)
 }
 
 fn peer_count(node: &Node) -> usize {
@@ -270,8 +335,8 @@ fn render(nodes: &[Node], elapsed: Duration, connected_after: Option<Duration>) 
         elapsed.as_secs()
     );
     out.push_str(&format!(
-        "{:<7} {:<18} {:>6} {:>10} {:>8}  {}\n",
-        "node", "peer id", "peers", "gossip rx", "uptime", "api"
+        "{:<7} {:<18} {:>6} {:>8} {:>5} {:>9} {:>10} {:>8}  {}\n",
+        "node", "peer id", "peers", "height", "view", "txs", "gossip rx", "uptime", "api"
     ));
     for node in nodes {
         let api = node
@@ -286,10 +351,13 @@ fn render(nodes: &[Node], elapsed: Duration, connected_after: Option<Duration>) 
                 node.data_dir.file("daemon.log").display()
             )),
             (None, Some(s)) => out.push_str(&format!(
-                "node-{:<2} {:<18} {:>6} {:>10} {:>7}s  {api}\n",
+                "node-{:<2} {:<18} {:>6} {:>8} {:>5} {:>9} {:>10} {:>7}s  {api}\n",
                 node.index,
                 short(s["node"]["peer_id"].as_str().unwrap_or("?")),
                 s["network"]["connected_peers"].as_u64().unwrap_or(0),
+                s["ledger"]["height"].as_u64().unwrap_or(0),
+                s["consensus"]["view"].as_u64().unwrap_or(0),
+                s["consensus"]["committed_txs"].as_u64().unwrap_or(0),
                 s["network"]["gossip_received"].as_u64().unwrap_or(0),
                 s["node"]["uptime_secs"].as_u64().unwrap_or(0),
             )),

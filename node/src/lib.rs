@@ -6,10 +6,14 @@
 //! exposes them to operators. The `openagi` binary is a thin CLI over it.
 
 pub mod api;
+pub mod cli_ledger;
 pub mod client;
 pub mod config;
+pub mod consensus;
 pub mod daemon;
 pub mod datadir;
 pub mod devnet;
+pub mod genesis;
+pub mod ledger;
 pub mod status;
 pub mod store;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use openagi_node::config::{CliOverrides, LogFormat};
 use openagi_node::daemon::{self, RunOptions};
 use openagi_node::datadir::DataDir;
-use openagi_node::{devnet, status};
+use openagi_node::{cli_ledger, devnet, status};
 
 #[derive(Parser)]
 #[command(name = "openagi", version, about = "Open-AGI peer-to-peer node")]
@@ -27,6 +27,41 @@ enum Command {
         /// Network id written into the new config.
         #[arg(long, default_value = "openagi-main")]
         network_id: String,
+        /// Install this genesis file (validator set) into the data directory.
+        #[arg(long)]
+        genesis: Option<PathBuf>,
+    },
+    /// Submit a transaction to the ledger through the running daemon.
+    Submit {
+        /// The payload (text, or hex with --hex).
+        payload: String,
+        /// The payload is hexadecimal.
+        #[arg(long)]
+        hex: bool,
+        /// Return at once instead of waiting for the commit.
+        #[arg(long)]
+        no_wait: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read or verify the ledger of the running daemon.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerArgs,
+        /// Print JSON.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+    /// Create a genesis file.
+    Genesis {
+        #[command(subcommand)]
+        command: GenesisArgs,
+    },
+    /// Show this node's keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysArgs,
     },
     /// Run the daemon.
     Run(RunArgs),
@@ -47,6 +82,48 @@ enum Command {
         /// Stop after this long (e.g. `90s`, `5m`); default: until Ctrl-C.
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
+        /// Transactions per second submitted to the validators.
+        #[arg(long, default_value_t = 20)]
+        tx_rate: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerArgs {
+    /// The head: height and hash.
+    Head,
+    /// One block.
+    Get {
+        /// Height.
+        height: u64,
+    },
+    /// Re-check every hash link and commit certificate from genesis.
+    Verify,
+}
+
+#[derive(Subcommand)]
+enum GenesisArgs {
+    /// Write a genesis file listing the validators' public keys.
+    Create {
+        /// Network id (must equal network.network_id of every node).
+        #[arg(long)]
+        network_id: String,
+        /// A validator's Ed25519 public key in hex (`openagi keys show`), repeatable, in order.
+        #[arg(long = "validator", required = true)]
+        validators: Vec<String>,
+        /// Output file.
+        #[arg(long, default_value = "genesis.toml")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysArgs {
+    /// Peer id, public key and fingerprint.
+    Show {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -102,10 +179,17 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn dispatch(cli: Cli, started: Instant) -> Result<()> {
     let data_dir = cli.data_dir.unwrap_or_else(DataDir::default_path);
     match cli.command {
-        Command::Init { network_id } => {
-            let report = DataDir::new(&data_dir).init(&network_id)?;
+        Command::Init {
+            network_id,
+            genesis,
+        } => {
+            let dir = DataDir::new(&data_dir);
+            let report = dir.init(&network_id)?;
             for line in report.lines {
                 println!("{line}");
+            }
+            if let Some(genesis) = genesis {
+                println!("{}", cli_ledger::install_genesis(&dir, &genesis)?);
             }
             println!("peer id: {}", report.peer_id);
             Ok(())
@@ -134,14 +218,41 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             result
         }
         Command::Status { json } => status::print_status(&DataDir::new(&data_dir), json),
+        Command::Submit {
+            payload,
+            hex,
+            no_wait,
+            json,
+        } => cli_ledger::submit(&DataDir::new(&data_dir), &payload, hex, !no_wait, json),
+        Command::Ledger { command, json } => {
+            let command = match command {
+                LedgerArgs::Head => cli_ledger::LedgerCommand::Head,
+                LedgerArgs::Get { height } => cli_ledger::LedgerCommand::Get(height),
+                LedgerArgs::Verify => cli_ledger::LedgerCommand::Verify,
+            };
+            cli_ledger::ledger(&DataDir::new(&data_dir), command, json)
+        }
+        Command::Genesis {
+            command:
+                GenesisArgs::Create {
+                    network_id,
+                    validators,
+                    out,
+                },
+        } => cli_ledger::genesis_create(&network_id, validators, &out),
+        Command::Keys {
+            command: KeysArgs::Show { json },
+        } => cli_ledger::keys_show(&DataDir::new(&data_dir), json),
         Command::Devnet {
             nodes,
             dir,
             duration,
+            tx_rate,
         } => runtime()?.block_on(devnet::run(devnet::DevnetOptions {
             nodes,
             dir,
             duration,
+            tx_rate,
         })),
     }
 }

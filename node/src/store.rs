@@ -7,6 +7,7 @@
 
 use std::path::Path;
 
+use openagi_consensus::{Block, CommitCertificate, PersistRecord, PersistedState};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +16,16 @@ pub const STORE_FILE: &str = "node.redb";
 
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 const PEERS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("peers");
+/// Consensus scalars: current view, stable checkpoint.
+const PBFT_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("pbft_meta");
+/// Latest vote per sequence number: postcard `(view, digest)`.
+const PBFT_VOTES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("pbft_votes");
+/// Highest-view prepared proof per sequence number (postcard).
+const PBFT_PREPARED: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("pbft_prepared");
+/// Ledger blocks by height: postcard `(Block, CommitCertificate)`.
+const BLOCKS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("blocks");
+/// Where each committed transaction is: hash to `(height, index)`.
+const TX_INDEX: TableDefinition<'_, &[u8; 32], (u64, u32)> = TableDefinition::new("tx_index");
 
 /// Most peers kept in the address book; the least recently seen go first.
 pub const MAX_KNOWN_PEERS: usize = 1024;
@@ -62,6 +73,11 @@ impl Store {
         let txn = db.begin_write().map_err(engine)?;
         txn.open_table(META).map_err(engine)?;
         txn.open_table(PEERS).map_err(engine)?;
+        txn.open_table(PBFT_META).map_err(engine)?;
+        txn.open_table(PBFT_VOTES).map_err(engine)?;
+        txn.open_table(PBFT_PREPARED).map_err(engine)?;
+        txn.open_table(BLOCKS).map_err(engine)?;
+        txn.open_table(TX_INDEX).map_err(engine)?;
         txn.commit().map_err(engine)?;
         Ok(Self { db })
     }
@@ -139,6 +155,193 @@ impl Store {
         all.truncate(limit);
         Ok(all)
     }
+}
+
+impl Store {
+    /// Writes consensus records in one durable transaction, in order. The
+    /// replica's next outputs (votes to send, replies to clients) may only
+    /// be acted on after this returns.
+    pub fn persist_consensus(&self, records: &[PersistRecord]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(engine)?;
+        {
+            let mut meta = txn.open_table(PBFT_META).map_err(engine)?;
+            let mut votes = txn.open_table(PBFT_VOTES).map_err(engine)?;
+            let mut prepared = txn.open_table(PBFT_PREPARED).map_err(engine)?;
+            let mut blocks = txn.open_table(BLOCKS).map_err(engine)?;
+            let mut index = txn.open_table(TX_INDEX).map_err(engine)?;
+            for record in records {
+                match record {
+                    PersistRecord::View { view, changing } => {
+                        meta.insert("view", encode(&(*view, *changing))?.as_slice())
+                            .map_err(engine)?;
+                    }
+                    PersistRecord::Vote { view, seq, digest } => {
+                        votes
+                            .insert(*seq, encode(&(*view, *digest))?.as_slice())
+                            .map_err(engine)?;
+                    }
+                    PersistRecord::Prepared(proof) => {
+                        let seq = prepared_seq(proof)?;
+                        prepared
+                            .insert(seq, encode(proof)?.as_slice())
+                            .map_err(engine)?;
+                    }
+                    PersistRecord::Block { block, certificate } => {
+                        blocks
+                            .insert(block.height, encode(&(block, certificate))?.as_slice())
+                            .map_err(engine)?;
+                        for (i, tx) in block.txs.iter().enumerate() {
+                            let position = u32::try_from(i).unwrap_or(u32::MAX);
+                            index
+                                .insert(&tx.hash(), (block.height, position))
+                                .map_err(engine)?;
+                        }
+                    }
+                    PersistRecord::StableCheckpoint(proof) => {
+                        meta.insert("stable", encode(proof)?.as_slice())
+                            .map_err(engine)?;
+                        // Votes and proofs at or below a stable checkpoint
+                        // are never needed again.
+                        votes.retain(|seq, _| seq > proof.seq).map_err(engine)?;
+                        prepared.retain(|seq, _| seq > proof.seq).map_err(engine)?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(engine)?;
+        Ok(())
+    }
+
+    /// Everything a replica persisted, for [`openagi_consensus::Replica::restore`].
+    pub fn load_consensus(&self) -> Result<PersistedState, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let meta = txn.open_table(PBFT_META).map_err(engine)?;
+        let mut state = PersistedState::default();
+        if let Some(v) = meta.get("view").map_err(engine)? {
+            (state.view, state.changing) = decode("pbft_meta", "view", v.value())?;
+        }
+        if let Some(v) = meta.get("stable").map_err(engine)? {
+            state.stable = Some(decode("pbft_meta", "stable", v.value())?);
+        }
+        for row in txn
+            .open_table(PBFT_VOTES)
+            .map_err(engine)?
+            .iter()
+            .map_err(engine)?
+        {
+            let (k, v) = row.map_err(engine)?;
+            state.votes.insert(
+                k.value(),
+                decode("pbft_votes", &k.value().to_string(), v.value())?,
+            );
+        }
+        for row in txn
+            .open_table(PBFT_PREPARED)
+            .map_err(engine)?
+            .iter()
+            .map_err(engine)?
+        {
+            let (k, v) = row.map_err(engine)?;
+            state.prepared.insert(
+                k.value(),
+                decode("pbft_prepared", &k.value().to_string(), v.value())?,
+            );
+        }
+        for row in txn
+            .open_table(BLOCKS)
+            .map_err(engine)?
+            .iter()
+            .map_err(engine)?
+        {
+            let (k, v) = row.map_err(engine)?;
+            state
+                .blocks
+                .push(decode("blocks", &k.value().to_string(), v.value())?);
+        }
+        Ok(state)
+    }
+
+    /// The block at `height` with its certificate.
+    pub fn block(&self, height: u64) -> Result<Option<(Block, CommitCertificate)>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let blocks = txn.open_table(BLOCKS).map_err(engine)?;
+        match blocks.get(height).map_err(engine)? {
+            Some(v) => Ok(Some(decode("blocks", &height.to_string(), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// All blocks from `from` up, at most `limit`.
+    pub fn blocks_from(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(Block, CommitCertificate)>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let blocks = txn.open_table(BLOCKS).map_err(engine)?;
+        let mut out = Vec::new();
+        for row in blocks.range(from..).map_err(engine)?.take(limit) {
+            let (k, v) = row.map_err(engine)?;
+            out.push(decode("blocks", &k.value().to_string(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Where a committed transaction is, by its hash.
+    pub fn tx_position(&self, hash: &[u8; 32]) -> Result<Option<(u64, u32)>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let index = txn.open_table(TX_INDEX).map_err(engine)?;
+        Ok(index.get(hash).map_err(engine)?.map(|v| v.value()))
+    }
+
+    /// Reserves the next sequence number for transactions this node
+    /// submits as a client; durable, so a restart never reuses one.
+    pub fn next_client_seq(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write().map_err(engine)?;
+        let next = {
+            let mut meta = txn.open_table(META).map_err(engine)?;
+            let previous = match meta.get("client_seq").map_err(engine)? {
+                Some(v) => decode_u64(v.value()).unwrap_or(0),
+                None => 0,
+            };
+            let next = previous.saturating_add(1);
+            meta.insert("client_seq", next.to_le_bytes().as_slice())
+                .map_err(engine)?;
+            next
+        };
+        txn.commit().map_err(engine)?;
+        Ok(next)
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(value).map_err(engine)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    table: &'static str,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        table,
+        key: key.to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// The sequence number a prepared proof is for, read from its pre-prepare
+/// (our own record, already verified when it was made).
+fn prepared_seq(proof: &openagi_consensus::messages::PreparedProof) -> Result<u64, StoreError> {
+    let pre_prepare: openagi_consensus::messages::PrePrepare =
+        postcard::from_bytes(proof.pre_prepare.payload_bytes()).map_err(|e| {
+            StoreError::Corrupt {
+                table: "pbft_prepared",
+                key: "?".into(),
+                detail: e.to_string(),
+            }
+        })?;
+    Ok(pre_prepare.seq)
 }
 
 fn decode_u64(bytes: &[u8]) -> Option<u64> {
