@@ -140,6 +140,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/peers", get(peers))
         .route("/tx", post(submit_tx))
         .route("/tx/{hash}", get(tx_status))
+        .route(
+            "/tx/batch",
+            post(submit_batch).layer(axum::extract::DefaultBodyLimit::max(MAX_BATCH_BODY)),
+        )
+        .route("/consensus/latency", get(consensus_latency))
         .route("/ledger/head", get(ledger_head))
         .route("/ledger/blocks/{height}", get(ledger_block))
         .route("/ledger/verify", get(ledger_verify))
@@ -313,6 +318,63 @@ async fn submit_tx(
             Json(serde_json::json!({ "tx_hash": tx_hash, "seq": seq, "status": "pending" })),
         )
             .into_response(),
+    }
+}
+
+/// Largest body of `POST /api/v1/tx/batch`.
+const MAX_BATCH_BODY: usize = 32 * 1024 * 1024;
+/// Most transactions in one batch submission.
+const MAX_BATCH_TXS: usize = 100_000;
+
+/// `POST /api/v1/tx/batch`: a postcard-encoded `Vec<Transaction>` (binary,
+/// for load generators). Answers 202 once the batch is queued for the
+/// replica; refusals are counted in metrics.
+async fn submit_batch(State(state): State<Arc<ApiState>>, body: axum::body::Bytes) -> Response {
+    let consensus = match consensus_of(&state) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let txs: Vec<Transaction> = match postcard::from_bytes(&body) {
+        Ok(t) => t,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("body is not a postcard Vec<Transaction>: {e}"),
+            );
+        }
+    };
+    if txs.len() > MAX_BATCH_TXS {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("at most {MAX_BATCH_TXS} transactions per batch"),
+        );
+    }
+    let queued = txs.len();
+    match consensus.submit_batch(txs).await {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "queued": queued })),
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Query of `GET /api/v1/consensus/latency`.
+#[derive(Debug, Deserialize)]
+pub struct LatencyQuery {
+    /// Only commits at or after this unix time in milliseconds.
+    #[serde(default)]
+    pub since_ms: u64,
+}
+
+async fn consensus_latency(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Query(query): axum::extract::Query<LatencyQuery>,
+) -> Response {
+    match consensus_of(&state) {
+        Ok(c) => Json(c.latency(query.since_ms)).into_response(),
+        Err(r) => r,
     }
 }
 

@@ -74,6 +74,38 @@ impl ApiClient {
         Ok(answer)
     }
 
+    /// POSTs a binary body and returns the JSON answer.
+    pub fn post_bytes(&self, path: &str, body: Vec<u8>) -> Result<serde_json::Value> {
+        let url = format!("{}{path}", self.base);
+        let mut response = self
+            .agent
+            .post(&url)
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .content_type("application/octet-stream")
+            .send(&body[..])
+            .with_context(|| format!("connecting to the daemon at {url}"))?;
+        let status = response.status();
+        let answer: serde_json::Value = response
+            .body_mut()
+            .read_json()
+            .with_context(|| format!("reading the answer of {url}"))?;
+        if !status.is_success() {
+            anyhow::bail!("{url} answered {status}: {answer}");
+        }
+        Ok(answer)
+    }
+
+    /// GETs a text document (no token needed for `/metrics`).
+    pub fn get_text(&self, path: &str) -> Result<String> {
+        let url = format!("{}{path}", self.base);
+        let mut response = self
+            .agent
+            .get(&url)
+            .call()
+            .with_context(|| format!("connecting to {url}"))?;
+        Ok(response.body_mut().read_to_string()?)
+    }
+
     /// GETs an authenticated JSON document.
     pub fn get_json(&self, path: &str) -> Result<serde_json::Value> {
         let url = format!("{}{path}", self.base);

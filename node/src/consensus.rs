@@ -114,6 +114,7 @@ struct ConsensusMetrics {
     dropped: Family<ReasonLabel, Counter>,
     pending: Gauge,
     persist_latency: Histogram,
+    refused: Counter,
 }
 
 impl ConsensusMetrics {
@@ -128,7 +129,13 @@ impl ConsensusMetrics {
             dropped: Family::default(),
             pending: Gauge::default(),
             persist_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            refused: Counter::default(),
         };
+        registry.register(
+            "consensus_submissions_refused",
+            "Queued transactions the replica refused (duplicate, already applied, pending full)",
+            m.refused.clone(),
+        );
         let r = registry.sub_registry_with_prefix("consensus");
         r.register(
             "committed_transactions",
@@ -178,11 +185,35 @@ enum Input {
         tx: Transaction,
         reply: oneshot::Sender<Result<Hash, ConsensusError>>,
     },
+    SubmitBatch {
+        txs: Vec<Transaction>,
+        received: Instant,
+    },
     Message {
         from: PeerId,
         data: Vec<u8>,
     },
 }
+
+/// Percentiles of submission-to-commit latency at this node.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LatencySummary {
+    /// Samples the figures are computed from.
+    pub samples: usize,
+    /// Median, milliseconds.
+    pub p50_ms: f64,
+    /// 90th percentile, milliseconds.
+    pub p90_ms: f64,
+    /// 99th percentile, milliseconds.
+    pub p99_ms: f64,
+    /// Largest, milliseconds.
+    pub max_ms: f64,
+}
+
+/// Recent commit latencies: `(commit unix ms, latency ms)`, newest last.
+type LatencyRing = Arc<std::sync::Mutex<std::collections::VecDeque<(u64, f32)>>>;
+/// Latency samples kept for percentile queries.
+const LATENCY_SAMPLES: usize = 1 << 18;
 
 /// A handle to the consensus task.
 #[derive(Clone)]
@@ -191,9 +222,53 @@ pub struct ConsensusHandle {
     status: Arc<RwLock<ConsensusStatus>>,
     commits: broadcast::Sender<CommitNotice>,
     validators: ValidatorSet,
+    latencies: LatencyRing,
 }
 
 impl ConsensusHandle {
+    /// Queues many transactions at once (one queue slot for all) without
+    /// waiting for the replica: a load generator must not be slowed by the
+    /// replica's disk commits. Refusals are counted in
+    /// `openagi_consensus_submissions_refused_total`.
+    pub async fn submit_batch(&self, txs: Vec<Transaction>) -> Result<(), ConsensusError> {
+        self.inputs
+            .send(Input::SubmitBatch {
+                txs,
+                received: Instant::now(),
+            })
+            .await
+            .map_err(|_| ConsensusError::Stopped)
+    }
+
+    /// Latency percentiles of transactions submitted here that committed
+    /// at or after `since_unix_ms`.
+    pub fn latency(&self, since_unix_ms: u64) -> LatencySummary {
+        let mut values: Vec<f32> = match self.latencies.lock() {
+            Ok(ring) => ring
+                .iter()
+                .filter(|(at, _)| *at >= since_unix_ms)
+                .map(|(_, l)| *l)
+                .collect(),
+            Err(p) => p
+                .into_inner()
+                .iter()
+                .filter(|(at, _)| *at >= since_unix_ms)
+                .map(|(_, l)| *l)
+                .collect(),
+        };
+        if values.is_empty() {
+            return LatencySummary::default();
+        }
+        values.sort_by(f32::total_cmp);
+        let at = |q: f64| f64::from(values[((values.len() - 1) as f64 * q).round() as usize]);
+        LatencySummary {
+            samples: values.len(),
+            p50_ms: at(0.5),
+            p90_ms: at(0.9),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        }
+    }
     /// Submits a client transaction; returns its hash once the replica
     /// accepted it (not yet committed).
     pub async fn submit(&self, tx: Transaction) -> Result<Hash, ConsensusError> {
@@ -294,11 +369,13 @@ pub fn start(
     let status = Arc::new(RwLock::new(ConsensusStatus::default()));
     let (commits, _) = broadcast::channel(COMMIT_NOTICES);
     let (input_tx, mut input_rx) = mpsc::channel(INPUT_CAPACITY);
+    let latencies: LatencyRing = Arc::default();
     let handle = ConsensusHandle {
         inputs: input_tx,
         status: status.clone(),
         commits: commits.clone(),
         validators: validators.clone(),
+        latencies: latencies.clone(),
     };
     let mut driver = Driver {
         replica,
@@ -313,6 +390,7 @@ pub fn start(
         last_commit: None,
         committed_txs: 0,
         dropped_seen: BTreeMap::new(),
+        latencies,
     };
     driver.publish_status();
     let task = tokio::spawn(async move {
@@ -370,6 +448,7 @@ struct Driver {
     last_commit: Option<u64>,
     committed_txs: u64,
     dropped_seen: BTreeMap<DropReason, u64>,
+    latencies: LatencyRing,
 }
 
 impl Driver {
@@ -387,6 +466,22 @@ impl Driver {
                     self.submitted.insert(hash, Instant::now());
                 }
                 let _ = reply.send(result);
+            }
+            Input::SubmitBatch { txs, received } => {
+                for tx in txs {
+                    let hash = tx.hash();
+                    match self.replica.handle_request(tx, now) {
+                        Ok(()) => {
+                            if self.submitted.len() < MAX_TRACKED_LATENCIES {
+                                self.submitted.insert(hash, received);
+                            }
+                        }
+                        Err(e) => {
+                            self.metrics.refused.inc();
+                            debug!(error = %e, "queued transaction refused");
+                        }
+                    }
+                }
             }
             Input::Message { from, data } => {
                 match Message::decode(&data, self.replica.config().max_message_bytes) {
@@ -428,31 +523,35 @@ impl Driver {
     }
 
     async fn drain(&mut self) -> Result<(), ConsensusError> {
+        // Collect every output first and write all their records in one
+        // fsynced transaction before acting on any of them. The contract is
+        // "durable before acting on later outputs"; writing later records
+        // early only persists votes a little before they are sent, which a
+        // restart handles (it never contradicts what is on disk).
         let mut records = Vec::new();
+        let mut actions = Vec::new();
         while let Some(output) = self.replica.poll_output() {
             match output {
                 Output::Persist(record) => records.push(record),
-                other => {
-                    // Everything persisted so far must be on disk before we
-                    // act on what follows it.
-                    self.flush(&mut records).await?;
-                    match other {
-                        Output::Send { to, message } => self.send(to, &message).await,
-                        Output::Committed {
-                            block,
-                            certificate,
-                            applied,
-                        } => self.committed(&block, &certificate, applied.len()),
-                        Output::ViewInstalled { view, primary } => {
-                            self.metrics.view_changes.inc();
-                            info!(view, primary = %primary.fingerprint(), "new view installed");
-                        }
-                        Output::Persist(_) => {}
-                    }
-                }
+                other => actions.push(other),
             }
         }
         self.flush(&mut records).await?;
+        for action in actions {
+            match action {
+                Output::Send { to, message } => self.send(to, &message).await,
+                Output::Committed {
+                    block,
+                    certificate,
+                    applied,
+                } => self.committed(&block, &certificate, applied.len()),
+                Output::ViewInstalled { view, primary } => {
+                    self.metrics.view_changes.inc();
+                    info!(view, primary = %primary.fingerprint(), "new view installed");
+                }
+                Output::Persist(_) => {}
+            }
+        }
         self.sync_drop_counters();
         self.publish_status();
         Ok(())
@@ -491,13 +590,22 @@ impl Driver {
     fn committed(&mut self, block: &Block, _certificate: &CommitCertificate, applied: usize) {
         let now = Instant::now();
         let hashes: Vec<Hash> = block.txs.iter().map(Transaction::hash).collect();
+        let commit_ms = unix_ms();
+        let mut ring = match self.latencies.lock() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
         for hash in &hashes {
             if let Some(at) = self.submitted.remove(hash) {
-                self.metrics
-                    .commit_latency
-                    .observe(now.duration_since(at).as_secs_f64());
+                let latency = now.duration_since(at);
+                self.metrics.commit_latency.observe(latency.as_secs_f64());
+                if ring.len() >= LATENCY_SAMPLES {
+                    ring.pop_front();
+                }
+                ring.push_back((commit_ms, latency.as_secs_f32() * 1000.0));
             }
         }
+        drop(ring);
         self.metrics.committed_blocks.inc();
         self.metrics.committed_txs.inc_by(applied as u64);
         self.metrics.height.set(block.height as i64);

@@ -39,12 +39,13 @@ pub struct DevnetOptions {
     pub tx_rate: u32,
 }
 
-struct Node {
-    index: usize,
-    data_dir: DataDir,
+/// One child daemon of a local network.
+pub(crate) struct Node {
+    pub(crate) index: usize,
+    pub(crate) data_dir: DataDir,
     child: Child,
     exited: Option<String>,
-    client: Option<ApiClient>,
+    pub(crate) client: Option<ApiClient>,
     last_status: Option<Value>,
 }
 
@@ -53,7 +54,12 @@ fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-fn write_node_config(path: &Path, p2p_port: u16, bootstrap: Option<&str>) -> Result<()> {
+fn write_node_config(
+    path: &Path,
+    p2p_port: u16,
+    bootstrap: Option<&str>,
+    extra: &str,
+) -> Result<()> {
     let bootstrap = bootstrap.map(|b| format!("{b:?}")).unwrap_or_default();
     let text = format!(
         "# Written by `openagi devnet`; rewritten on every devnet start.\n\
@@ -66,53 +72,58 @@ fn write_node_config(path: &Path, p2p_port: u16, bootstrap: Option<&str>) -> Res
          [api]\n\
          listen = \"127.0.0.1:0\"\n\
          [log]\n\
-         level = \"info\"\n"
+         level = \"info\"\n\
+         {extra}"
     );
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Runs the devnet until Ctrl-C (or `duration`), then stops every node.
-pub async fn run(options: DevnetOptions) -> Result<()> {
-    if options.nodes == 0 || options.nodes > 64 {
-        bail!("--nodes must be between 1 and 64 (got {})", options.nodes);
+/// Initialises `count` validator data directories under `dir` sharing one
+/// genesis, starts each as an `openagi run` child process with `extra`
+/// appended to its config, and waits until every API answers.
+pub(crate) async fn start_local_network(
+    dir: &Path,
+    count: usize,
+    extra: &str,
+) -> Result<Vec<Node>> {
+    if count == 0 || count > 64 {
+        bail!("--nodes must be between 1 and 64 (got {count})");
     }
     let exe = std::env::current_exe().context("locating the openagi binary")?;
-    std::fs::create_dir_all(&options.dir)
-        .with_context(|| format!("creating {}", options.dir.display()))?;
-    let started = Instant::now();
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
 
     // Every node is a validator: one genesis listing all their keys.
-    let dirs: Vec<DataDir> = (0..options.nodes)
-        .map(|i| DataDir::new(options.dir.join(format!("node-{i}"))))
+    let dirs: Vec<DataDir> = (0..count)
+        .map(|i| DataDir::new(dir.join(format!("node-{i}"))))
         .collect();
     let mut reports = Vec::with_capacity(dirs.len());
     let mut validators = Vec::with_capacity(dirs.len());
-    for dir in &dirs {
-        reports.push(dir.init(DEVNET_NETWORK_ID)?);
-        validators.push(dir.identity()?.public().to_hex());
+    for d in &dirs {
+        reports.push(d.init(DEVNET_NETWORK_ID)?);
+        validators.push(d.identity()?.public().to_hex());
     }
     let genesis = Genesis {
         network_id: DEVNET_NETWORK_ID.into(),
         validators,
     };
-    for (index, dir) in dirs.iter().enumerate() {
-        let path = dir.file(GENESIS_FILE);
+    for (index, d) in dirs.iter().enumerate() {
+        let path = d.file(GENESIS_FILE);
         if path.exists() && Genesis::load(&path).ok().as_ref() != Some(&genesis) {
             // The validator set changed (another --nodes): the old ledger
             // belongs to another chain.
             println!("node-{index}: validator set changed; starting a fresh ledger");
-            std::fs::remove_file(dir.file(crate::store::STORE_FILE)).ok();
+            std::fs::remove_file(d.file(crate::store::STORE_FILE)).ok();
         }
         std::fs::write(&path, genesis.to_toml()?)?;
     }
 
     let mut bootstrap = None;
-    let mut nodes = Vec::with_capacity(options.nodes);
+    let mut nodes = Vec::with_capacity(count);
     for (index, (data_dir, report)) in dirs.into_iter().zip(reports).enumerate() {
         let _ = std::fs::remove_file(data_dir.file(crate::datadir::API_ADDR_FILE));
         let port = if index == 0 { free_port()? } else { 0 };
         let config = data_dir.file("devnet.toml");
-        write_node_config(&config, port, bootstrap.as_deref())?;
+        write_node_config(&config, port, bootstrap.as_deref(), extra)?;
         if index == 0 {
             bootstrap = Some(format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", report.peer_id));
         }
@@ -140,13 +151,19 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
             last_status: None,
         });
     }
+    wait_for_apis(&mut nodes, Duration::from_secs(30)).await?;
+    Ok(nodes)
+}
 
+/// Runs the devnet until Ctrl-C (or `duration`), then stops every node.
+pub async fn run(options: DevnetOptions) -> Result<()> {
+    let started = Instant::now();
+    let mut nodes = start_local_network(&options.dir, options.nodes, "").await?;
     println!(
         "Open-AGI devnet: {} nodes in {}",
         options.nodes,
         options.dir.display()
     );
-    wait_for_apis(&mut nodes, Duration::from_secs(30)).await?;
     for node in &nodes {
         if let Some(client) = &node.client {
             println!(
@@ -376,7 +393,9 @@ fn render(nodes: &[Node], elapsed: Duration, connected_after: Option<Duration>) 
     out
 }
 
-async fn stop_all(nodes: &mut [Node]) -> bool {
+/// Sends SIGTERM to every node and waits for each to exit; kills
+/// stragglers. Returns whether all exited cleanly.
+pub(crate) async fn stop_all(nodes: &mut [Node]) -> bool {
     for node in nodes.iter() {
         if node.exited.is_none()
             && let Some(pid) = node.child.id()

@@ -6,6 +6,7 @@
 //! exposes them to operators. The `openagi` binary is a thin CLI over it.
 
 pub mod api;
+pub mod bench;
 pub mod cli_ledger;
 pub mod client;
 pub mod config;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use openagi_node::config::{CliOverrides, LogFormat};
 use openagi_node::daemon::{self, RunOptions};
 use openagi_node::datadir::DataDir;
-use openagi_node::{cli_ledger, devnet, status};
+use openagi_node::{bench, cli_ledger, devnet, status};
 
 #[derive(Parser)]
 #[command(name = "openagi", version, about = "Open-AGI peer-to-peer node")]
@@ -57,6 +57,11 @@ enum Command {
     Genesis {
         #[command(subcommand)]
         command: GenesisArgs,
+    },
+    /// Measure performance; prints a table.
+    Bench {
+        #[command(subcommand)]
+        command: BenchArgs,
     },
     /// Show this node's keys.
     Keys {
@@ -114,6 +119,34 @@ enum GenesisArgs {
         /// Output file.
         #[arg(long, default_value = "genesis.toml")]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchArgs {
+    /// Validators on loopback under an open-loop transaction load.
+    Consensus {
+        /// Validators.
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        /// Offered transactions per second.
+        #[arg(long, default_value_t = 30_000)]
+        rate: u64,
+        /// Measured period.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Load before measuring.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        warmup: Duration,
+        /// Payload bytes per transaction.
+        #[arg(long, default_value_t = 512)]
+        payload: usize,
+        /// Most transactions per block.
+        #[arg(long, default_value_t = 4096)]
+        batch_txs: usize,
+        /// Keep the nodes' data here instead of a temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -240,6 +273,26 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                     out,
                 },
         } => cli_ledger::genesis_create(&network_id, validators, &out),
+        Command::Bench {
+            command:
+                BenchArgs::Consensus {
+                    nodes,
+                    rate,
+                    duration,
+                    warmup,
+                    payload,
+                    batch_txs,
+                    dir,
+                },
+        } => runtime()?.block_on(bench::consensus(bench::ConsensusBench {
+            nodes,
+            rate,
+            duration,
+            warmup,
+            payload_bytes: payload,
+            batch_txs,
+            dir,
+        })),
         Command::Keys {
             command: KeysArgs::Show { json },
         } => cli_ledger::keys_show(&DataDir::new(&data_dir), json),
