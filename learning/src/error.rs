@@ -21,6 +21,12 @@ pub enum ErrorKind {
     Incompatible,
     /// Running the requested round would exceed the privacy budget.
     BudgetExhausted,
+    /// A local data set (CSV, IDX, or samples handed in memory) is
+    /// malformed or does not fit the model. The operator's input, not a
+    /// peer's fault.
+    InvalidData,
+    /// The tensor backend failed (e.g. could not read a result back).
+    Backend,
 }
 
 /// Errors returned by this crate.
@@ -99,6 +105,22 @@ pub enum Error {
         /// Summary of the architecture supplied.
         found: String,
     },
+    /// A data set is malformed or does not fit the model.
+    #[error("{}{detail}", data_prefix(.origin, .line))]
+    Data {
+        /// Which input, e.g. `"CSV"` or `"IDX images"`.
+        origin: &'static str,
+        /// The 1-based line (CSV) the problem is on, when there is one.
+        line: Option<u64>,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The tensor backend reported a failure.
+    #[error("tensor backend: {detail}")]
+    Backend {
+        /// The backend's message.
+        detail: String,
+    },
     /// Running one more round would push ε past the budget.
     #[error("privacy budget exhausted: ε would reach {would_be:.4}, budget is {budget}")]
     BudgetExceeded {
@@ -116,6 +138,13 @@ fn client_prefix(client: &Option<ClientId>) -> String {
     }
 }
 
+fn data_prefix(origin: &str, line: &Option<u64>) -> String {
+    match line {
+        Some(l) => format!("{origin} line {l}: "),
+        None => format!("{origin}: "),
+    }
+}
+
 impl Error {
     /// The coarse class of this error.
     pub fn kind(&self) -> ErrorKind {
@@ -129,6 +158,8 @@ impl Error {
             | Error::TooLarge { .. } => ErrorKind::BadUpdate,
             Error::DescriptorMismatch { .. } => ErrorKind::Incompatible,
             Error::BudgetExceeded { .. } => ErrorKind::BudgetExhausted,
+            Error::Data { .. } => ErrorKind::InvalidData,
+            Error::Backend { .. } => ErrorKind::Backend,
         }
     }
 
@@ -136,6 +167,20 @@ impl Error {
         Error::InvalidArgument {
             what,
             detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn data(origin: &'static str, detail: impl Into<String>) -> Self {
+        Error::Data {
+            origin,
+            line: None,
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn backend(detail: impl std::fmt::Display) -> Self {
+        Error::Backend {
+            detail: detail.to_string(),
         }
     }
 

@@ -1,18 +1,32 @@
 //! Federated-learning core of an Open-AGI node.
 //!
 //! This crate is the pure numeric heart of federated learning: it does no
-//! I/O, reads no clock, starts no threads and never asks the operating
-//! system for randomness. Every random choice (DP noise, participant
-//! sampling, stochastic rounding, data splits) takes a caller-supplied RNG or
-//! seed, so a round can be replayed bit for bit in a seeded simulation. The
-//! node seeds the privacy-relevant RNGs from the OS; tests and simulators
-//! seed them from constants.
+//! I/O, reads no clock, starts no threads (unless built with the `parallel`
+//! feature) and never asks the operating system for randomness. Every
+//! random choice (initial weights, shuffling, DP noise, participant
+//! sampling, stochastic rounding, data splits) takes a caller-supplied RNG
+//! or seed, so a round can be replayed bit for bit in a seeded simulation.
+//! The node seeds the privacy-relevant RNGs from the OS; tests and
+//! simulators seed them from constants.
 //!
 //! Models are handled as flat parameter vectors (`Vec<f32>`) plus an
-//! [`model::ArchitectureDescriptor`]; `burn` models will plug in later by
-//! flattening their parameters into that form.
+//! [`model::ArchitectureDescriptor`]; the `burn` modules in [`models`]
+//! convert to and from that form, so aggregation, compression and model ids
+//! never see a tensor.
+//!
+//! Tensors run on `burn`'s pure-Rust CPU backend (`flex`) by default; the
+//! `cuda` and `wgpu` cargo features add GPU backends ([`train::Compute`]).
 //!
 //! What lives here:
+//! - [`models`]: logistic regression, MLPs (including the FedAvg paper's
+//!   2NN) and a small CNN as `burn` modules, their descriptors, seeded
+//!   initial parameters and the flat parameter order.
+//! - [`train`]: local mini-batch SGD returning the update and its sample
+//!   count, and evaluation (accuracy, loss).
+//! - [`data`]: in-memory labelled data sets, the embedded 8×8 digits set,
+//!   and validated CSV and MNIST IDX parsers.
+//! - [`simulate`]: federated rounds with N simulated clients in one process,
+//!   through the same sampling, DP, compression and aggregation code.
 //! - [`dp`]: client-level differential privacy as in DP-FedAvg (clipping,
 //!   Gaussian noise, participant sampling) and a Rényi-DP accountant that
 //!   reports (ε, δ) per round and enforces a budget.
@@ -63,10 +77,14 @@
 
 pub mod aggregate;
 pub mod compress;
+pub mod data;
 pub mod dp;
 mod error;
 pub mod model;
+pub mod models;
+pub mod simulate;
 pub mod split;
+pub mod train;
 
 pub use aggregate::{Aggregator, ClientId, ClientUpdate};
 pub use error::{Error, ErrorKind};

@@ -25,7 +25,7 @@ fn check_clients(n_clients: usize) -> Result<()> {
 }
 
 /// Fisher–Yates shuffle on the seeded stream (stable across releases).
-fn shuffle<T>(items: &mut [T], rng: &mut SeededRng) {
+pub(crate) fn shuffle<T>(items: &mut [T], rng: &mut SeededRng) {
     for i in (1..items.len()).rev() {
         let j = uniform_below(rng, i as u64 + 1) as usize;
         items.swap(i, j);

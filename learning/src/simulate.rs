@@ -1,0 +1,891 @@
+//! Federated training with N simulated clients in one process.
+//!
+//! A [`Simulation`] runs the same round as the network does, with the same
+//! code for each step:
+//!
+//! 1. refuse the round if it would exceed the privacy budget
+//!    ([`dp::Accountant`]);
+//! 2. select participants: all clients, a fixed number
+//!    ([`dp::fixed_size_sample`]) or Poisson sampling
+//!    ([`dp::poisson_sample`]);
+//! 3. each participant trains locally from the current global model
+//!    ([`Trainer::train`]) on its partition ([`crate::split`]);
+//! 4. each update is compressed (optionally top-k with per-client
+//!    [`compress::ErrorFeedback`], or 8-bit quantization), encoded with the
+//!    wire format and decoded again, counting the bytes;
+//! 5. the server aggregates the deltas with the job's [`Aggregator`], or,
+//!    with DP, clips, sums and noises them ([`dp::dp_fedavg`]) and records
+//!    the round with the accountant;
+//! 6. the new global model is evaluated on the test set and gets its
+//!    [`ModelId`] and lineage ([`ModelVersion`]).
+//!
+//! Everything is a deterministic function of the configuration's seed: the
+//! partition, the initial model, participant selection, local shuffles and
+//! the DP noise each draw from their own seeded stream, so two runs produce
+//! the same model ids round by round. (A real deployment draws the DP noise
+//! from the OS; a simulation's noise is reproducible by design and protects
+//! nothing.)
+//!
+//! The crate reads no clock: to report CPU time per round, pass a clock
+//! with [`Simulation::with_clock`].
+//!
+//! ```
+//! use std::ops::ControlFlow;
+//! use openagi_learning::{data, models::Architecture, train::{Compute, TrainConfig}};
+//! use openagi_learning::simulate::{Simulation, SimulationConfig};
+//!
+//! # fn main() -> Result<(), openagi_learning::Error> {
+//! let (train, test) = data::digits()?.split(0.25, 1)?;
+//! let config = SimulationConfig::fedavg(
+//!     Architecture::logistic_regression(64, 10),
+//!     4,                             // clients
+//!     2,                             // rounds
+//!     TrainConfig::sgd(0.5, 1, 16),  // lr, epochs, batch size
+//!     42,                            // seed
+//! );
+//! let mut sim = Simulation::new(config, Compute::Cpu, &train, &test)?;
+//! let summary = sim.run(|r| {
+//!     let e = r.evaluation.expect("evaluated every round");
+//!     println!("round {} accuracy {:.3} upload {} B", r.round, e.accuracy, r.upload_bytes);
+//!     ControlFlow::Continue(())
+//! })?;
+//! assert_eq!(summary.rounds, 2);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{Aggregator, ClientId, ClientUpdate};
+use crate::compress::{self, ErrorFeedback, Payload};
+use crate::data::Dataset;
+use crate::dp::{self, Accountant, DpConfig};
+use crate::model::{ModelId, ModelVersion};
+use crate::models::Architecture;
+use crate::train::{Compute, Evaluation, TrainConfig, Trainer};
+use crate::{Error, ErrorKind, Result, SeededRng, rng_from_seed};
+
+/// Most simulated clients.
+pub const MAX_CLIENTS: usize = 1_000_000;
+
+/// Which clients take part in a round.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Participation {
+    /// Every client, every round.
+    All,
+    /// Exactly `per_round` clients, uniformly without replacement.
+    Fixed {
+        /// Clients per round.
+        per_round: usize,
+    },
+    /// Each client independently with probability `rate` (what the DP
+    /// accountant's amplification bound assumes).
+    Poisson {
+        /// Sampling probability `q` in `(0, 1]`.
+        rate: f64,
+    },
+}
+
+/// How the training set is divided among clients.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Partition {
+    /// [`crate::split::iid`].
+    Iid,
+    /// [`crate::split::dirichlet`] with concentration `alpha`.
+    Dirichlet {
+        /// Dirichlet α; small is skewed.
+        alpha: f64,
+    },
+    /// [`crate::split::labels_per_client`].
+    LabelsPerClient {
+        /// Distinct labels per client.
+        labels: usize,
+    },
+}
+
+/// Update compression.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Compression {
+    /// Dense `f32` updates.
+    #[default]
+    None,
+    /// Top-k sparsification with per-client error feedback, sending
+    /// `ceil(fraction · dim)` coordinates, optionally 8-bit quantized.
+    TopK {
+        /// Share of coordinates sent, in `(0, 1]`.
+        fraction: f64,
+        /// Quantize the sent values to 8 bits (the quantization error is
+        /// fed back too).
+        quantize: bool,
+    },
+    /// Every coordinate, 8-bit quantized (round to nearest, no feedback).
+    Quantize,
+}
+
+/// Client-level differential privacy for a simulation.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Privacy {
+    /// Clipping bound and noise multiplier.
+    pub dp: DpConfig,
+    /// The δ that ε is reported for.
+    pub delta: f64,
+    /// Stop before a round that would push ε past this.
+    #[serde(default)]
+    pub budget_epsilon: Option<f64>,
+}
+
+/// Everything a simulation run depends on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulationConfig {
+    /// The model.
+    pub architecture: Architecture,
+    /// Number of simulated clients.
+    pub clients: usize,
+    /// Rounds to run (at most; a privacy budget may stop it earlier).
+    pub rounds: u64,
+    /// Who takes part in each round.
+    pub participation: Participation,
+    /// How the training set is divided.
+    pub partition: Partition,
+    /// Local SGD.
+    pub train: TrainConfig,
+    /// Server aggregation of the deltas (must be FedAvg with DP, whose
+    /// noisy average replaces it).
+    pub aggregator: Aggregator,
+    /// Client-level DP, if any.
+    #[serde(default)]
+    pub privacy: Option<Privacy>,
+    /// Update compression.
+    #[serde(default)]
+    pub compression: Compression,
+    /// Evaluate every this many rounds (and always after the last); at
+    /// least 1.
+    pub eval_every: u64,
+    /// Seed of every random choice.
+    pub seed: u64,
+}
+
+impl SimulationConfig {
+    /// A plain FedAvg run: all clients every round, IID partition, no DP,
+    /// no compression, evaluation every round.
+    pub fn fedavg(
+        architecture: Architecture,
+        clients: usize,
+        rounds: u64,
+        train: TrainConfig,
+        seed: u64,
+    ) -> Self {
+        SimulationConfig {
+            architecture,
+            clients,
+            rounds,
+            participation: Participation::All,
+            partition: Partition::Iid,
+            train,
+            aggregator: Aggregator::FedAvg,
+            privacy: None,
+            compression: Compression::None,
+            eval_every: 1,
+            seed,
+        }
+    }
+
+    /// Checks every setting that does not depend on the data.
+    pub fn validate(&self) -> Result<()> {
+        self.architecture.validate()?;
+        self.train.validate()?;
+        self.aggregator.validate()?;
+        if !(1..=MAX_CLIENTS).contains(&self.clients) {
+            return Err(Error::invalid(
+                "client count",
+                format!("{} is not in 1..={MAX_CLIENTS}", self.clients),
+            ));
+        }
+        if self.rounds == 0 {
+            return Err(Error::invalid("rounds", "must be at least 1"));
+        }
+        if self.eval_every == 0 {
+            return Err(Error::invalid("eval_every", "must be at least 1"));
+        }
+        match self.participation {
+            Participation::All => {}
+            Participation::Fixed { per_round } => {
+                if !(1..=self.clients).contains(&per_round) {
+                    return Err(Error::invalid(
+                        "clients per round",
+                        format!("{per_round} is not in 1..={}", self.clients),
+                    ));
+                }
+            }
+            Participation::Poisson { rate } => {
+                if !(rate > 0.0 && rate <= 1.0) {
+                    return Err(Error::invalid(
+                        "sample rate",
+                        format!("{rate} is not in (0, 1]"),
+                    ));
+                }
+            }
+        }
+        match self.compression {
+            Compression::TopK { fraction, .. } if !(fraction > 0.0 && fraction <= 1.0) => {
+                return Err(Error::invalid(
+                    "top-k fraction",
+                    format!("{fraction} is not in (0, 1]"),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(p) = &self.privacy {
+            p.dp.validate()?;
+            Accountant::new(p.delta)?;
+            if self.aggregator != Aggregator::FedAvg {
+                return Err(Error::invalid(
+                    "aggregator",
+                    format!(
+                        "{} cannot be combined with DP: DP-FedAvg's clipped, noised \
+                         average is the aggregation; use fedavg",
+                        self.aggregator.name()
+                    ),
+                ));
+            }
+            if let Some(b) = p.budget_epsilon
+                && !(b.is_finite() && b > 0.0)
+            {
+                return Err(Error::invalid(
+                    "epsilon budget",
+                    format!("{b} is not a finite positive number"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The accountant's sample rate `q` for one round.
+    fn sample_rate(&self) -> f64 {
+        match self.participation {
+            Participation::All => 1.0,
+            // Accounted as Poisson with the same rate: the approximation
+            // documented at `dp::fixed_size_sample`.
+            Participation::Fixed { per_round } => per_round as f64 / self.clients as f64,
+            Participation::Poisson { rate } => rate,
+        }
+    }
+
+    /// DP-FedAvg's fixed denominator: the expected number of participants.
+    fn expected_participants(&self) -> f64 {
+        match self.participation {
+            Participation::All => self.clients as f64,
+            Participation::Fixed { per_round } => per_round as f64,
+            Participation::Poisson { rate } => rate * self.clients as f64,
+        }
+    }
+}
+
+/// CPU time a round took, as measured by the caller's clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoundCpu {
+    /// The whole round: selection, training, compression, aggregation,
+    /// evaluation.
+    pub total: Duration,
+    /// Local training alone (all participants); `total − training` is the
+    /// federated machinery's overhead plus evaluation.
+    pub training: Duration,
+    /// Evaluation alone.
+    pub evaluation: Duration,
+}
+
+/// What happened in one round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundRecord {
+    /// Round number, from 1.
+    pub round: u64,
+    /// Clients selected.
+    pub participants: usize,
+    /// Training samples behind the aggregated updates.
+    pub samples: u64,
+    /// Whether the global model changed (false when no client sent an
+    /// update, or too few for the aggregator).
+    pub aggregated: bool,
+    /// Mean local training loss over the participants that trained.
+    pub train_loss: Option<f64>,
+    /// Test-set accuracy and loss, on evaluation rounds.
+    pub evaluation: Option<Evaluation>,
+    /// ε spent so far (at the configured δ), with DP.
+    pub epsilon: Option<f64>,
+    /// Bytes uploaded by all participants, in the wire encoding.
+    pub upload_bytes: u64,
+    /// What the same uploads would have cost as dense `f32` payloads.
+    pub dense_upload_bytes: u64,
+    /// Bytes of the global model sent to the participants (dense).
+    pub download_bytes: u64,
+    /// The new global model's id.
+    pub model_id: ModelId,
+    /// CPU time, when a clock was given.
+    pub cpu: Option<RoundCpu>,
+}
+
+/// Why [`Simulation::run`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// All configured rounds ran.
+    Completed,
+    /// The next round would have exceeded the ε budget.
+    BudgetExhausted,
+    /// The callback asked to stop.
+    Stopped,
+}
+
+/// The outcome of [`Simulation::run`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    /// Rounds run.
+    pub rounds: u64,
+    /// Why it stopped.
+    pub stop: StopReason,
+    /// The last evaluation, if any round was evaluated.
+    pub last_evaluation: Option<Evaluation>,
+    /// The final global model's id.
+    pub model_id: ModelId,
+}
+
+/// A caller-provided CPU clock: any monotonically increasing CPU time.
+pub type CpuClock<'a> = Box<dyn FnMut() -> Duration + Send + 'a>;
+
+/// A seeded federated training run over in-memory data.
+pub struct Simulation<'a> {
+    config: SimulationConfig,
+    trainer: Trainer,
+    train: &'a Dataset,
+    test: &'a Dataset,
+    partitions: Vec<Vec<usize>>,
+    params: Vec<f32>,
+    version: ModelVersion,
+    select_rng: SeededRng,
+    noise_rng: SeededRng,
+    accountant: Option<Accountant>,
+    feedback: Vec<Option<ErrorFeedback>>,
+    clock: Option<CpuClock<'a>>,
+}
+
+impl std::fmt::Debug for Simulation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Simulation")
+            .field("config", &self.config)
+            .field("round", &self.version.round)
+            .field("model", &self.version.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A 32-byte seed for one purpose, derived from the run's seed: BLAKE3 of
+/// a domain tag, the purpose and the seed, so streams never overlap.
+fn derive_seed(seed: u64, purpose: &str, a: u64, b: u64) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"openagi/simulate/v1\0");
+    h.update(purpose.as_bytes());
+    h.update(&[0]);
+    h.update(&seed.to_le_bytes());
+    h.update(&a.to_le_bytes());
+    h.update(&b.to_le_bytes());
+    *h.finalize().as_bytes()
+}
+
+fn derive_u64(seed: u64, purpose: &str, a: u64, b: u64) -> u64 {
+    let bytes = derive_seed(seed, purpose, a, b);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&bytes[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// The simulated identity of client `c`.
+fn client_id(c: usize) -> ClientId {
+    let mut id = [0u8; 32];
+    id[..8].copy_from_slice(&(c as u64).to_le_bytes());
+    ClientId(id)
+}
+
+fn elapsed(clock: &mut Option<CpuClock<'_>>, since: Option<Duration>) -> Option<Duration> {
+    match (clock, since) {
+        (Some(c), Some(s)) => Some(c().saturating_sub(s)),
+        _ => None,
+    }
+}
+
+fn now(clock: &mut Option<CpuClock<'_>>) -> Option<Duration> {
+    clock.as_mut().map(|c| c())
+}
+
+impl<'a> Simulation<'a> {
+    /// Prepares a run: validates the configuration against the data,
+    /// partitions `train` across the clients and builds the initial model
+    /// from the seed. `test` must not be empty.
+    pub fn new(
+        config: SimulationConfig,
+        compute: Compute,
+        train: &'a Dataset,
+        test: &'a Dataset,
+    ) -> Result<Self> {
+        config.validate()?;
+        let trainer = Trainer::new(config.architecture.clone(), compute)?;
+        trainer.check_data(train, &[])?;
+        trainer.check_data(test, &[])?;
+        if test.is_empty() {
+            return Err(Error::Empty {
+                what: "test samples",
+            });
+        }
+        let split_seed = derive_u64(config.seed, "partition", 0, 0);
+        let partitions = match config.partition {
+            Partition::Iid => crate::split::iid(train.len(), config.clients, split_seed)?,
+            Partition::Dirichlet { alpha } => {
+                crate::split::dirichlet(train.labels(), config.clients, alpha, split_seed)?
+            }
+            Partition::LabelsPerClient { labels } => {
+                crate::split::labels_per_client(train.labels(), config.clients, labels, split_seed)?
+            }
+        };
+        let params = config
+            .architecture
+            .init_params(derive_u64(config.seed, "init", 0, 0))?;
+        let id = ModelId::compute(trainer.descriptor(), &params)?;
+        let accountant = match &config.privacy {
+            Some(p) => Some(Accountant::new(p.delta)?),
+            None => None,
+        };
+        Ok(Simulation {
+            version: ModelVersion::genesis(format!("simulation-{}", config.seed), id),
+            select_rng: rng_from_seed(derive_seed(config.seed, "select", 0, 0)),
+            noise_rng: rng_from_seed(derive_seed(config.seed, "noise", 0, 0)),
+            feedback: vec![None; config.clients],
+            config,
+            trainer,
+            train,
+            test,
+            partitions,
+            params,
+            accountant,
+            clock: None,
+        })
+    }
+
+    /// Measures CPU time per round with `clock` (e.g. the process's CPU
+    /// time, read by the caller).
+    pub fn with_clock(mut self, clock: impl FnMut() -> Duration + Send + 'a) -> Self {
+        self.clock = Some(Box::new(clock));
+        self
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SimulationConfig {
+        &self.config
+    }
+
+    /// The current global parameters.
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    /// The current global model's version (id, round, parent).
+    pub fn version(&self) -> &ModelVersion {
+        &self.version
+    }
+
+    /// Each client's training sample indices.
+    pub fn partitions(&self) -> &[Vec<usize>] {
+        &self.partitions
+    }
+
+    /// The trainer (architecture, descriptor, device).
+    pub fn trainer(&self) -> &Trainer {
+        &self.trainer
+    }
+
+    /// ε spent so far, with DP.
+    pub fn epsilon(&self) -> Result<Option<f64>> {
+        match &self.accountant {
+            Some(a) => Ok(Some(a.spent()?.epsilon)),
+            None => Ok(None),
+        }
+    }
+
+    /// Evaluates the current global model on the test set.
+    pub fn evaluate(&self) -> Result<Evaluation> {
+        self.trainer.evaluate(&self.params, self.test)
+    }
+
+    /// Runs one round. Returns [`Error::BudgetExceeded`], changing
+    /// nothing, if the round would push ε past the budget.
+    pub fn step(&mut self) -> Result<RoundRecord> {
+        let round = self.version.round + 1;
+        let start = now(&mut self.clock);
+        let q = self.config.sample_rate();
+        if let (Some(p), Some(acc)) = (&self.config.privacy, &self.accountant)
+            && let Some(budget) = p.budget_epsilon
+        {
+            let after = acc.spent_after(q, p.dp.noise_multiplier, 1)?;
+            if after.epsilon > budget {
+                return Err(Error::BudgetExceeded {
+                    budget,
+                    would_be: after.epsilon,
+                });
+            }
+        }
+
+        let n = self.config.clients;
+        let selected = match self.config.participation {
+            Participation::All => (0..n).collect(),
+            Participation::Fixed { per_round } => {
+                dp::fixed_size_sample(n, per_round, &mut self.select_rng)?
+            }
+            Participation::Poisson { rate } => dp::poisson_sample(n, rate, &mut self.select_rng)?,
+        };
+
+        let dim = self.params.len();
+        let dense_len = compress::dense_encoded_len(dim) as u64;
+        let mut updates = Vec::with_capacity(selected.len());
+        let mut upload_bytes = 0u64;
+        let mut training = Duration::ZERO;
+        let mut loss_sum = 0.0;
+        let mut trained = 0usize;
+        for &c in &selected {
+            let indices = &self.partitions[c];
+            let t0 = now(&mut self.clock);
+            let local = self.trainer.train(
+                &self.params,
+                self.train,
+                indices,
+                &self.config.train,
+                derive_u64(self.config.seed, "client", round, c as u64),
+            )?;
+            training += elapsed(&mut self.clock, t0).unwrap_or_default();
+            if local.samples == 0 && self.config.privacy.is_none() {
+                // Nothing to contribute; under DP a zero delta still takes
+                // part (the noise is calibrated to the selected set).
+                continue;
+            }
+            if local.steps > 0 {
+                loss_sum += local.mean_loss;
+                trained += 1;
+            }
+            let payload = match self.config.compression {
+                Compression::None => Payload::Dense(local.delta),
+                Compression::Quantize => Payload::Quantized(compress::quantize(
+                    &local.delta,
+                    compress::DEFAULT_QUANT_CHUNK,
+                )?),
+                Compression::TopK { fraction, quantize } => {
+                    let k = ((fraction * dim as f64).ceil() as usize).clamp(1, dim);
+                    let feedback = match &mut self.feedback[c] {
+                        Some(f) => f,
+                        slot => slot.insert(ErrorFeedback::new(dim)?),
+                    };
+                    if quantize {
+                        Payload::SparseQuantized(feedback.compress_quantized(
+                            &local.delta,
+                            k,
+                            compress::DEFAULT_QUANT_CHUNK,
+                        )?)
+                    } else {
+                        Payload::Sparse(feedback.compress(&local.delta, k)?)
+                    }
+                }
+            };
+            let bytes = compress::encode(&payload)?;
+            upload_bytes += bytes.len() as u64;
+            // What the server works with is what it decodes from the wire.
+            let received = compress::decode(&bytes, dim)?.to_dense();
+            updates.push(ClientUpdate::new(client_id(c), received, local.samples));
+        }
+        let samples: u64 = updates.iter().map(|u| u.samples).sum();
+
+        let (aggregate, epsilon) = match (&self.config.privacy, &mut self.accountant) {
+            (Some(p), Some(acc)) => {
+                let denominator = self.config.expected_participants();
+                let avg = if updates.is_empty() {
+                    // The mechanism still releases noise when nobody was
+                    // sampled; skipping it would reveal the empty round.
+                    let mut noise = vec![0.0f32; dim];
+                    dp::add_gaussian_noise(&mut noise, p.dp.noise_std(), &mut self.noise_rng)?;
+                    noise
+                        .iter()
+                        .map(|&v| (f64::from(v) / denominator) as f32)
+                        .collect()
+                } else {
+                    dp::dp_fedavg(&updates, &p.dp, denominator, &mut self.noise_rng)?
+                };
+                let spent = acc.record_round(q, p.dp.noise_multiplier)?;
+                (Some(avg), Some(spent.epsilon))
+            }
+            _ => {
+                if updates.is_empty() {
+                    (None, None)
+                } else {
+                    match self.config.aggregator.aggregate(&updates) {
+                        Ok(avg) => (Some(avg), None),
+                        // Too few updates for the rule: the round closes
+                        // without changing the model, as on the network.
+                        Err(e) if e.kind() == ErrorKind::NotEnoughClients => (None, None),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        };
+        let aggregated = aggregate.is_some();
+        if let Some(delta) = aggregate {
+            let next: Vec<f32> = self.params.iter().zip(&delta).map(|(p, d)| p + d).collect();
+            self.trainer.descriptor().check_params(&next)?;
+            self.params = next;
+        }
+        let id = ModelId::compute(self.trainer.descriptor(), &self.params)?;
+        self.version = self.version.child(id);
+
+        let last = round >= self.config.rounds;
+        let eval_start = now(&mut self.clock);
+        let evaluation = if last || round.is_multiple_of(self.config.eval_every) {
+            Some(self.evaluate()?)
+        } else {
+            None
+        };
+        let evaluation_time = elapsed(&mut self.clock, eval_start);
+        let cpu = match (elapsed(&mut self.clock, start), evaluation_time) {
+            (Some(total), Some(evaluation)) => Some(RoundCpu {
+                total,
+                training,
+                evaluation,
+            }),
+            _ => None,
+        };
+        Ok(RoundRecord {
+            round,
+            participants: selected.len(),
+            samples,
+            aggregated,
+            train_loss: (trained > 0).then(|| loss_sum / trained as f64),
+            evaluation,
+            epsilon,
+            upload_bytes,
+            dense_upload_bytes: dense_len * updates.len() as u64,
+            download_bytes: dense_len * selected.len() as u64,
+            model_id: id,
+            cpu,
+        })
+    }
+
+    /// Runs the remaining rounds, handing each record to `on_round`
+    /// (return [`ControlFlow::Break`] to stop early). Stops cleanly before a
+    /// round that would exceed the privacy budget.
+    pub fn run(
+        &mut self,
+        mut on_round: impl FnMut(&RoundRecord) -> ControlFlow<()>,
+    ) -> Result<Summary> {
+        let mut last_evaluation = None;
+        let mut stop = StopReason::Completed;
+        while self.version.round < self.config.rounds {
+            let record = match self.step() {
+                Ok(r) => r,
+                Err(Error::BudgetExceeded { .. }) => {
+                    stop = StopReason::BudgetExhausted;
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            if record.evaluation.is_some() {
+                last_evaluation = record.evaluation;
+            }
+            if on_round(&record).is_break() {
+                stop = StopReason::Stopped;
+                break;
+            }
+        }
+        Ok(Summary {
+            rounds: self.version.round,
+            stop,
+            last_evaluation,
+            model_id: self.version.id,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::digits;
+
+    fn digits_split() -> (Dataset, Dataset) {
+        digits().expect("digits").split(0.25, 7).expect("split")
+    }
+
+    fn lr_config(seed: u64) -> SimulationConfig {
+        SimulationConfig::fedavg(
+            Architecture::logistic_regression(64, 10),
+            5,
+            3,
+            TrainConfig::sgd(0.5, 1, 16),
+            seed,
+        )
+    }
+
+    /// 5 clients, 3 rounds of FedAvg with logistic regression on the
+    /// digits: the test accuracy clears 85% (seeds 0–9 all land between
+    /// 0.919 and 0.931).
+    #[test]
+    fn short_fedavg_run_learns_digits() {
+        let (train, test) = digits_split();
+        let mut sim = Simulation::new(lr_config(1), Compute::Cpu, &train, &test).expect("sim");
+        let mut records = Vec::new();
+        let summary = sim
+            .run(|r| {
+                records.push(r.clone());
+                ControlFlow::Continue(())
+            })
+            .expect("run");
+        assert_eq!(summary.stop, StopReason::Completed);
+        assert_eq!(summary.rounds, 3);
+        assert_eq!(records.len(), 3);
+        let acc = summary.last_evaluation.expect("evaluated").accuracy;
+        assert!(acc >= 0.85, "accuracy {acc}");
+        let dim = 650u64;
+        for r in &records {
+            assert_eq!(r.participants, 5);
+            assert_eq!(r.samples, train.len() as u64);
+            assert_eq!(r.upload_bytes, 5 * (8 + 4 * dim));
+            assert_eq!(r.upload_bytes, r.dense_upload_bytes);
+            assert!(r.cpu.is_none() && r.epsilon.is_none());
+        }
+        assert!(records[2].evaluation.expect("e").loss < records[0].evaluation.expect("e").loss);
+        assert_eq!(sim.version().round, 3);
+        assert_eq!(sim.version().id, summary.model_id);
+    }
+
+    #[test]
+    fn same_seed_same_models() {
+        let (train, test) = digits_split();
+        let ids = |seed| {
+            let mut config = lr_config(seed);
+            config.rounds = 2;
+            config.participation = Participation::Fixed { per_round: 3 };
+            config.compression = Compression::TopK {
+                fraction: 0.1,
+                quantize: true,
+            };
+            let mut sim = Simulation::new(config, Compute::Cpu, &train, &test).expect("sim");
+            let mut ids = Vec::new();
+            sim.run(|r| {
+                ids.push(r.model_id);
+                ControlFlow::Continue(())
+            })
+            .expect("run");
+            ids
+        };
+        let a = ids(5);
+        assert_eq!(a.len(), 2);
+        assert_eq!(a, ids(5));
+        assert_ne!(a, ids(6));
+    }
+
+    #[test]
+    fn dp_and_compression_report_epsilon_and_bytes() {
+        let (train, test) = digits_split();
+        let mut config = lr_config(3);
+        config.rounds = 4;
+        config.participation = Participation::Poisson { rate: 0.6 };
+        config.compression = Compression::TopK {
+            fraction: 0.05,
+            quantize: false,
+        };
+        config.privacy = Some(Privacy {
+            dp: DpConfig {
+                clip_norm: 1.0,
+                noise_multiplier: 1.0,
+            },
+            delta: 1e-5,
+            budget_epsilon: Some(8.0),
+        });
+        let mut ticks = 0u64;
+        let mut sim = Simulation::new(config, Compute::Cpu, &train, &test)
+            .expect("sim")
+            .with_clock(move || {
+                ticks += 1;
+                Duration::from_millis(ticks)
+            });
+        let mut records = Vec::new();
+        let summary = sim
+            .run(|r| {
+                records.push(r.clone());
+                ControlFlow::Continue(())
+            })
+            .expect("run");
+        // ε grows every round and the budget stops the run before 8.
+        let eps: Vec<f64> = records.iter().map(|r| r.epsilon.expect("eps")).collect();
+        assert!(eps.windows(2).all(|w| w[1] > w[0]), "{eps:?}");
+        assert!(eps.iter().all(|&e| e <= 8.0));
+        assert_eq!(summary.rounds as usize, records.len());
+        for r in &records {
+            assert!(r.cpu.is_some());
+            if r.participants > 0 {
+                assert!(r.upload_bytes * 5 < r.dense_upload_bytes, "{r:?}");
+            }
+        }
+        // Far fewer rounds fit a small budget.
+        let mut tight = lr_config(3);
+        tight.privacy = Some(Privacy {
+            dp: DpConfig {
+                clip_norm: 1.0,
+                noise_multiplier: 1.0,
+            },
+            delta: 1e-5,
+            budget_epsilon: Some(4.0),
+        });
+        let mut sim = Simulation::new(tight, Compute::Cpu, &train, &test).expect("sim");
+        let s = sim.run(|_| ControlFlow::Continue(())).expect("run");
+        assert_eq!(s.stop, StopReason::BudgetExhausted);
+        assert!(s.rounds < 3);
+    }
+
+    #[test]
+    fn simulation_can_move_to_a_worker_thread() {
+        fn is_send<T: Send>() {}
+        is_send::<Simulation<'static>>();
+        is_send::<Trainer>();
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        let (train, test) = digits_split();
+        let mut c = lr_config(0);
+        c.participation = Participation::Fixed { per_round: 6 };
+        assert!(Simulation::new(c, Compute::Cpu, &train, &test).is_err());
+        let mut c = lr_config(0);
+        c.aggregator = Aggregator::Median;
+        c.privacy = Some(Privacy {
+            dp: DpConfig {
+                clip_norm: 1.0,
+                noise_multiplier: 1.0,
+            },
+            delta: 1e-5,
+            budget_epsilon: None,
+        });
+        assert!(Simulation::new(c, Compute::Cpu, &train, &test).is_err());
+        let mut c = lr_config(0);
+        c.architecture = Architecture::logistic_regression(784, 10);
+        let e = Simulation::new(c, Compute::Cpu, &train, &test).expect_err("features");
+        assert_eq!(e.kind(), ErrorKind::InvalidData);
+        let mut c = lr_config(0);
+        c.compression = Compression::TopK {
+            fraction: 0.0,
+            quantize: false,
+        };
+        assert!(Simulation::new(c, Compute::Cpu, &train, &test).is_err());
+        let json = serde_json::to_string(&lr_config(0)).expect("ser");
+        let back: SimulationConfig = serde_json::from_str(&json).expect("de");
+        assert_eq!(back, lr_config(0));
+    }
+}
