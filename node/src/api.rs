@@ -211,6 +211,9 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
+// The error is the HTTP response itself, built only when a request is
+// refused; boxing it would cost an allocation and buy nothing.
+#[allow(clippy::result_large_err)]
 fn consensus_of(state: &ApiState) -> Result<&ConsensusHandle, Response> {
     state.consensus.as_ref().ok_or_else(|| {
         error(

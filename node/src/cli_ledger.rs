@@ -9,8 +9,12 @@ use crate::datadir::DataDir;
 use crate::genesis::{GENESIS_FILE, Genesis};
 
 /// Prints the node's identity: peer id, public key and fingerprint.
-pub fn keys_show(dir: &DataDir, json_output: bool) -> Result<()> {
-    let identity = dir.identity()?;
+pub fn keys_show(
+    dir: &DataDir,
+    passphrase: &crate::passphrase::PassphraseSource,
+    json_output: bool,
+) -> Result<()> {
+    let identity = dir.identity(passphrase)?;
     let public = identity.public();
     let peer_id = openagi_net::keypair_from_identity(&identity)?
         .public()

@@ -23,6 +23,7 @@ use crate::config::{CliOverrides, Config, LogFormat, LogSection};
 use crate::consensus;
 use crate::datadir::{API_ADDR_FILE, DataDir};
 use crate::genesis::{GENESIS_FILE, Genesis};
+use crate::passphrase::PassphraseSource;
 use crate::store::Store;
 use openagi_crypto::Identity;
 
@@ -37,6 +38,8 @@ const REDIAL_KNOWN_PEERS: usize = 16;
 pub struct RunOptions {
     /// The data directory.
     pub data_dir: PathBuf,
+    /// Where the passphrase of an encrypted identity comes from.
+    pub passphrase: PassphraseSource,
     /// An explicit configuration file.
     pub config_file: Option<PathBuf>,
     /// Settings given as flags.
@@ -82,7 +85,13 @@ fn unix_now() -> u64 {
 pub async fn run(options: RunOptions, config: Config, started: Instant) -> Result<()> {
     let data_dir = DataDir::new(&options.data_dir);
     let _lock = data_dir.lock()?;
-    let identity = data_dir.identity()?;
+    let identity = data_dir.identity(&options.passphrase)?;
+    if !data_dir.key_format()?.encrypted() {
+        warn!(
+            key = %data_dir.file(crate::datadir::KEY_FILE).display(),
+            "the identity key is unencrypted (protected by file mode 0600 only); encrypt it with `openagi keys passphrase`"
+        );
+    }
     let token = data_dir.token()?;
     let store = Arc::new(Store::open(data_dir.path()).context("opening the database")?);
     let starts = store.record_start().context("recording start")?;

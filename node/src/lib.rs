@@ -15,6 +15,8 @@ pub mod daemon;
 pub mod datadir;
 pub mod devnet;
 pub mod genesis;
+pub mod keys;
 pub mod ledger;
+pub mod passphrase;
 pub mod status;
 pub mod store;
