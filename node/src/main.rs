@@ -10,7 +10,7 @@ use openagi_node::config::{CliOverrides, LogFormat};
 use openagi_node::daemon::{self, RunOptions};
 use openagi_node::datadir::DataDir;
 use openagi_node::passphrase::PassphraseSource;
-use openagi_node::{bench, cli_ledger, devnet, keys, status};
+use openagi_node::{bench, bench_crypto, cli_ledger, devnet, keys, status};
 
 #[derive(Parser)]
 #[command(name = "openagi", version, about = "Open-AGI peer-to-peer node")]
@@ -134,6 +134,16 @@ enum GenesisArgs {
 
 #[derive(Subcommand)]
 enum BenchArgs {
+    /// The cryptographic primitives: AEAD, signatures, DH, sealed
+    /// envelopes, puzzle verification, ratchet round trips.
+    Crypto {
+        /// How long each run of each row lasts.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        time: Duration,
+        /// Runs per row; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Validators on loopback under an open-loop transaction load.
     Consensus {
         /// Validators.
@@ -361,6 +371,14 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                     out,
                 },
         } => cli_ledger::genesis_create(&network_id, validators, &out),
+        Command::Bench {
+            command: BenchArgs::Crypto { time, runs },
+        } => {
+            let options = bench_crypto::CryptoBench { time, runs };
+            let rows = bench_crypto::run(&options)?;
+            print!("{}", bench_crypto::render(&rows, &options));
+            Ok(())
+        }
         Command::Bench {
             command:
                 BenchArgs::Consensus {
