@@ -1,5 +1,6 @@
-//! `openagi submit`, `openagi ledger ...`, `openagi genesis create` and
-//! `openagi keys show`: operator commands around consensus.
+//! `openagi submit`, `openagi ledger ...`, `openagi genesis create`,
+//! `openagi keys show` and `openagi msg send|inbox`: operator commands
+//! served by the running daemon or the data directory.
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -201,4 +202,33 @@ pub enum LedgerCommand {
     Get(u64),
     /// Re-check the whole chain.
     Verify,
+}
+
+/// `openagi msg send`: sends through the running daemon and waits for the
+/// recipient's acknowledgement.
+pub fn msg_send(dir: &DataDir, to: &str, message: &str) -> Result<()> {
+    let client = ApiClient::from_data_dir(dir)?.with_timeout(std::time::Duration::from_secs(60));
+    let answer = client.post_json("/api/v1/msg", &json!({ "to": to, "text": message }))?;
+    println!("delivered to {}", text(&answer["to"]));
+    Ok(())
+}
+
+/// `openagi msg inbox`: the newest messages, oldest first.
+pub fn msg_inbox(dir: &DataDir, limit: usize, json_output: bool) -> Result<()> {
+    let client = ApiClient::from_data_dir(dir)?;
+    let answer = client.get_json(&format!("/api/v1/inbox?limit={limit}"))?;
+    if json_output {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    for m in answer["messages"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "#{} from {} at {} ms: {}",
+            m["number"],
+            text(&m["from_peer"]),
+            m["received_unix_ms"],
+            text(&m["text"])
+        );
+    }
+    Ok(())
 }

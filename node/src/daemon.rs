@@ -102,6 +102,8 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let (net, mut events, net_task) =
         NetworkService::start(keypair, net_config, metrics.registry_mut())?;
     info!(peer_id = %net.local_peer_id(), network_id = %config.network.network_id, starts, "node identity loaded");
+    let messenger = crate::msg::Messenger::start(&identity, store.clone(), net.clone())
+        .context("starting messaging")?;
 
     let (stop_consensus, consensus_stopping) = tokio::sync::watch::channel(false);
     let genesis_path = data_dir.file(GENESIS_FILE);
@@ -163,6 +165,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         network_id: config.network.network_id.clone(),
         transport: "direct".into(),
         api_addr: api_addr.to_string(),
+        messenger: messenger.clone(),
     });
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
@@ -206,6 +209,12 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
                     {
                         tracing::debug!(%from, "consensus input queue full; message dropped");
                     }
+                }
+                Some(NetEvent::MsgRequest { from, data, reply }) => {
+                    // One task per request; the network task caps how many
+                    // wait for an answer, so these are bounded too.
+                    let messenger = messenger.clone();
+                    tokio::spawn(async move { messenger.handle(from, data, reply).await });
                 }
                 Some(event) => handle_event(&store, event).await,
                 None => break "network task stopped",
@@ -284,6 +293,9 @@ async fn handle_event(store: &Arc<Store>, event: NetEvent) {
         NetEvent::Gossip(message) => {
             tracing::debug!(topic = message.topic, author = %message.author, bytes = message.data.len(), "gossip received");
         }
-        NetEvent::PeerConnected(_) | NetEvent::PeerDisconnected(_) | NetEvent::Direct { .. } => {}
+        NetEvent::PeerConnected(_)
+        | NetEvent::PeerDisconnected(_)
+        | NetEvent::Direct { .. }
+        | NetEvent::MsgRequest { .. } => {}
     }
 }

@@ -18,6 +18,7 @@ pub mod devnet;
 pub mod genesis;
 pub mod keys;
 pub mod ledger;
+pub mod msg;
 pub mod passphrase;
 pub mod status;
 pub mod store;

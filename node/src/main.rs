@@ -78,6 +78,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysArgs,
     },
+    /// End-to-end encrypted messages to other nodes' operators.
+    Msg {
+        #[command(subcommand)]
+        command: MsgArgs,
+    },
     /// Run the daemon.
     Run(RunArgs),
     /// Show what the daemon running on the data directory reports.
@@ -100,6 +105,27 @@ enum Command {
         /// Transactions per second submitted to the validators.
         #[arg(long, default_value_t = 20)]
         tx_rate: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum MsgArgs {
+    /// Send a text message to a peer through the running daemon.
+    Send {
+        /// The recipient's peer id.
+        #[arg(long)]
+        to: String,
+        /// The text.
+        text: String,
+    },
+    /// Show the newest received messages, oldest first.
+    Inbox {
+        /// Most messages shown.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -347,6 +373,13 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                 tracing::error!(error = format!("{e:#}"), "daemon failed");
             }
             result
+        }
+        Command::Msg { command } => {
+            let dir = DataDir::new(&data_dir);
+            match command {
+                MsgArgs::Send { to, text } => cli_ledger::msg_send(&dir, &to, &text),
+                MsgArgs::Inbox { limit, json } => cli_ledger::msg_inbox(&dir, limit, json),
+            }
         }
         Command::Status { json } => status::print_status(&DataDir::new(&data_dir), json),
         Command::Submit {
