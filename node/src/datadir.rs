@@ -135,6 +135,12 @@ impl DataDir {
                 "found existing identity {} ({how}, kept)",
                 key_path.display()
             ));
+            if encrypt && how == "unencrypted" {
+                report.lines.push(
+                    "--encrypt does not touch an existing key; encrypt it with `openagi keys passphrase`"
+                        .into(),
+                );
+            }
             identity
         } else {
             let identity = Identity::generate()?;
@@ -242,8 +248,7 @@ impl DataDir {
                 let (identity, _) = keystore::load_identity(&path, secret.as_ref().map(|s| s.as_slice()))
                     .map_err(|e| match e {
                         openagi_crypto::Error::WrongPassphrase { .. } => anyhow::anyhow!(
-                            "{e}: the identity in {} could not be unlocked; check --passphrase-file, {} or {}",
-                            path.display(),
+                            "{e}; nothing was changed (the passphrase comes from --passphrase-file, {} or {}, or the prompt)",
                             crate::passphrase::PASSPHRASE_FILE_ENV,
                             crate::passphrase::PASSPHRASE_ENV
                         ),
