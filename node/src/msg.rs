@@ -16,8 +16,9 @@
 //! and the account never keeps more than `vodozemac`'s bound of unused
 //! ones.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use openagi_crypto::aead::{self, AeadKey};
@@ -38,6 +39,14 @@ use crate::store::Store;
 pub const MAX_TEXT_BYTES: usize = 16 * 1024;
 /// Most inbox entries one API call returns.
 pub const MAX_INBOX_PAGE: usize = 1000;
+/// Most bundle fetches answered per peer per [`FETCH_WINDOW`]: each one
+/// generates a key and writes the state with fsync, so an unbounded rate
+/// would let any peer keep the disk busy.
+pub const MAX_FETCHES_PER_WINDOW: u32 = 10;
+/// The window of [`MAX_FETCHES_PER_WINDOW`].
+pub const FETCH_WINDOW: Duration = Duration::from_secs(60);
+/// Most peers tracked by the fetch limiter.
+const MAX_TRACKED_FETCHERS: usize = 4096;
 const PICKLE_PURPOSE: &str = "openagi/msg/ratchet-pickle/v1";
 const INBOX_PURPOSE: &str = "openagi/msg/inbox/v1";
 const INBOX_AAD: &[u8] = b"openagi/msg/inbox-entry/v1";
@@ -105,8 +114,38 @@ pub struct InboxEntry {
     pub text: String,
 }
 
+/// Counts bundle fetches per peer in fixed windows.
+#[derive(Debug, Default)]
+struct FetchLimiter {
+    peers: HashMap<PublicKey, (Instant, u32)>,
+}
+
+impl FetchLimiter {
+    /// Whether `peer` may fetch another bundle at `now` (and counts it).
+    fn allow(&mut self, peer: PublicKey, now: Instant) -> bool {
+        if self.peers.len() >= MAX_TRACKED_FETCHERS {
+            self.peers
+                .retain(|_, (start, _)| now.duration_since(*start) < FETCH_WINDOW);
+            if self.peers.len() >= MAX_TRACKED_FETCHERS && !self.peers.contains_key(&peer) {
+                return false;
+            }
+        }
+        let (start, count) = self.peers.entry(peer).or_insert((now, 0));
+        if now.duration_since(*start) >= FETCH_WINDOW {
+            *start = now;
+            *count = 0;
+        }
+        if *count >= MAX_FETCHES_PER_WINDOW {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+}
+
 /// The node's messaging service.
 pub struct Messenger {
+    fetches: Mutex<FetchLimiter>,
     identity: Identity,
     ratchet: Mutex<Ratchet>,
     pickle_key: AeadKey,
@@ -159,6 +198,7 @@ impl Messenger {
             store.save_ratchet(&ratchet.pickle(&pickle_key)?, None)?;
         }
         Ok(Arc::new(Self {
+            fetches: Mutex::new(FetchLimiter::default()),
             identity: Identity::from_seed(&identity.seed()),
             ratchet: Mutex::new(ratchet),
             pickle_key,
@@ -308,10 +348,21 @@ impl Messenger {
 
     async fn answer(self: &Arc<Self>, from: PeerId, request: MsgRequest) -> MsgResponse {
         let result = match request {
-            MsgRequest::FetchBundle => self
-                .bundle()
-                .await
-                .map(|b| MsgResponse::Bundle(Box::new(b))),
+            MsgRequest::FetchBundle => {
+                let allowed = match (peer_key(&from), self.fetches.lock()) {
+                    (Ok(peer), Ok(mut limiter)) => limiter.allow(peer, Instant::now()),
+                    _ => false,
+                };
+                if allowed {
+                    self.bundle()
+                        .await
+                        .map(|b| MsgResponse::Bundle(Box::new(b)))
+                } else {
+                    Err(anyhow::anyhow!(
+                        "too many key bundle requests; at most {MAX_FETCHES_PER_WINDOW} a minute"
+                    ))
+                }
+            }
             MsgRequest::Deliver {
                 sender_key,
                 message,
@@ -403,6 +454,22 @@ impl Messenger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bundle_fetches_are_limited_per_peer_and_window() {
+        let mut limiter = FetchLimiter::default();
+        let (a, b) = (
+            Identity::from_seed(&[1; 32]).public(),
+            Identity::from_seed(&[2; 32]).public(),
+        );
+        let t0 = Instant::now();
+        for _ in 0..MAX_FETCHES_PER_WINDOW {
+            assert!(limiter.allow(a, t0));
+        }
+        assert!(!limiter.allow(a, t0), "over the limit");
+        assert!(limiter.allow(b, t0), "other peers unaffected");
+        assert!(limiter.allow(a, t0 + FETCH_WINDOW), "next window");
+    }
 
     #[test]
     fn requests_round_trip_through_postcard() {
