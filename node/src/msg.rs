@@ -455,6 +455,116 @@ impl Messenger {
 mod tests {
     use super::*;
 
+    /// A messenger on its own store and loopback network (no traffic is
+    /// needed: requests are handed to `answer` directly).
+    fn messenger(
+        seed: u8,
+        dir: &std::path::Path,
+    ) -> (Arc<Messenger>, PeerId, Arc<Store>, Identity) {
+        let identity = Identity::from_seed(&[seed; 32]);
+        let store = Arc::new(Store::open(dir).expect("store"));
+        let mut config = crate::config::Config::default();
+        config.network.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+        let net_config = config.net_config("test").expect("net config");
+        let keypair = openagi_net::keypair_from_identity(&identity).expect("keypair");
+        let mut registry = prometheus_client::registry::Registry::default();
+        let (net, _events, _task) =
+            openagi_net::NetworkService::start(keypair, net_config, &mut registry).expect("net");
+        let peer = net.local_peer_id();
+        let m = Messenger::start(&identity, store.clone(), net).expect("messenger");
+        (m, peer, store, identity)
+    }
+
+    fn deliver(from: &Messenger, message: RatchetMessage) -> MsgRequest {
+        MsgRequest::Deliver {
+            sender_key: Box::new(from.own_key.clone()),
+            message,
+        }
+    }
+
+    fn delivered(r: &MsgResponse) -> bool {
+        matches!(r, MsgResponse::Delivered)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn replayed_tampered_and_misattributed_deliveries_change_nothing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(tmp.path().join("a")).expect("dir");
+        std::fs::create_dir_all(tmp.path().join("b")).expect("dir");
+        let (a, _a_peer, a_store, a_id) = messenger(1, &tmp.path().join("a"));
+        let (b, b_peer, _, _) = messenger(2, &tmp.path().join("b"));
+        let a_key = a_id.public();
+
+        let bundle = a
+            .bundle()
+            .await
+            .expect("bundle")
+            .verify()
+            .expect("signed")
+            .bundle;
+        b.with_ratchet(|r| Ok(r.start_session(&a_key, &bundle)?), |_| Ok(None))
+            .expect("session");
+        let encrypt = |text: &'static str| {
+            b.with_ratchet(|r| Ok(r.encrypt(&a_key, text.as_bytes())?), |_| Ok(None))
+                .expect("encrypt")
+                .0
+        };
+        let first = encrypt("first");
+        assert!(delivered(
+            &a.answer(b_peer, deliver(&b, first.clone())).await
+        ));
+        // Replay: refused, nothing stored.
+        assert!(!delivered(&a.answer(b_peer, deliver(&b, first)).await));
+
+        // Tampered: refused, and the session still takes the real one.
+        let second = encrypt("second");
+        let mut tampered = second.clone();
+        if let Some(byte) = tampered.body.last_mut() {
+            *byte ^= 1;
+        }
+        assert!(!delivered(&a.answer(b_peer, deliver(&b, tampered)).await));
+        assert!(delivered(&a.answer(b_peer, deliver(&b, second)).await));
+
+        // Sent over another node's connection: the signed ratchet key does
+        // not match the authenticated sender.
+        let stranger = openagi_net::keypair_from_identity(&Identity::from_seed(&[3; 32]))
+            .expect("keypair")
+            .public()
+            .to_peer_id();
+        let third = encrypt("third");
+        assert!(!delivered(
+            &a.answer(stranger, deliver(&b, third.clone())).await
+        ));
+
+        let texts = |m: &Messenger| -> Vec<String> {
+            m.inbox(10)
+                .expect("inbox")
+                .into_iter()
+                .map(|e| e.text)
+                .collect()
+        };
+        assert_eq!(texts(&a), ["first", "second"]);
+
+        // After a restart (state reloaded from the store) the session
+        // continues where it was.
+        drop(a);
+        let net = {
+            let mut config = crate::config::Config::default();
+            config.network.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+            let mut registry = prometheus_client::registry::Registry::default();
+            openagi_net::NetworkService::start(
+                openagi_net::keypair_from_identity(&a_id).expect("keypair"),
+                config.net_config("test").expect("net config"),
+                &mut registry,
+            )
+            .expect("net")
+            .0
+        };
+        let a = Messenger::start(&a_id, a_store, net).expect("restarted");
+        assert!(delivered(&a.answer(b_peer, deliver(&b, third)).await));
+        assert_eq!(texts(&a), ["first", "second", "third"]);
+    }
+
     #[test]
     fn bundle_fetches_are_limited_per_peer_and_window() {
         let mut limiter = FetchLimiter::default();
