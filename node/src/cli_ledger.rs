@@ -16,6 +16,7 @@ pub fn keys_show(
     json_output: bool,
 ) -> Result<()> {
     let identity = dir.identity(passphrase)?;
+    let encrypted = dir.key_format()?.encrypted();
     let public = identity.public();
     let peer_id = openagi_net::keypair_from_identity(&identity)?
         .public()
@@ -27,12 +28,21 @@ pub fn keys_show(
                 "peer_id": peer_id.to_string(),
                 "public_key": public.to_hex(),
                 "fingerprint": public.fingerprint(),
+                "key_encrypted": encrypted,
             }))?
         );
     } else {
         println!("peer id      {peer_id}");
         println!("public key   {}", public.to_hex());
         println!("fingerprint  {}", public.fingerprint());
+        println!(
+            "key store    {}",
+            if encrypted {
+                "encrypted (Argon2id + XChaCha20-Poly1305)"
+            } else {
+                "UNENCRYPTED (file mode 0600 only; `openagi keys passphrase` encrypts it)"
+            }
+        );
     }
     Ok(())
 }

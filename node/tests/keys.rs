@@ -143,6 +143,16 @@ fn encrypted_key_store_passphrase_change_and_rotation() {
         & 0o777;
     assert_eq!(mode, 0o600);
     let key = public_key(&dir, &["--passphrase-file", s(&p1)]);
+    let (code, out, err) = run(&[
+        "keys",
+        "show",
+        "--data-dir",
+        s(&dir),
+        "--passphrase-file",
+        s(&p1),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("key store    encrypted"), "{out}");
 
     // No passphrase and no terminal: a clear refusal. Wrong passphrase:
     // a clear error and the file untouched.
