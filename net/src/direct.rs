@@ -22,7 +22,8 @@ pub const MAX_DIRECT_BYTES: usize = 16 * 1024 * 1024;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DirectCodec;
 
-async fn read_bounded<T: AsyncRead + Unpin + Send>(
+/// Reads a whole stream of at most `limit` bytes.
+pub(crate) async fn read_bounded<T: AsyncRead + Unpin + Send>(
     io: &mut T,
     limit: usize,
 ) -> io::Result<Vec<u8>> {
@@ -33,7 +34,7 @@ async fn read_bounded<T: AsyncRead + Unpin + Send>(
     if buf.len() > limit {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("direct message exceeds {limit} bytes"),
+            format!("message exceeds {limit} bytes"),
         ));
     }
     Ok(buf)

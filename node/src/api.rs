@@ -48,6 +48,8 @@ pub struct ApiState {
     pub transport: String,
     /// The bound API address.
     pub api_addr: String,
+    /// End-to-end encrypted messaging.
+    pub messenger: Arc<crate::msg::Messenger>,
 }
 
 /// The `/api/v1/status` document. Sections are stable: later parts add
@@ -148,6 +150,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/ledger/head", get(ledger_head))
         .route("/ledger/blocks/{height}", get(ledger_block))
         .route("/ledger/verify", get(ledger_verify))
+        .route("/msg", post(send_msg))
+        .route("/inbox", get(inbox))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))
@@ -211,6 +215,63 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
+/// Body of `POST /api/v1/msg`.
+#[derive(Debug, Deserialize)]
+pub struct SendMsgRequest {
+    /// The recipient's peer id.
+    pub to: String,
+    /// The text (UTF-8, at most `msg::MAX_TEXT_BYTES`).
+    pub text: String,
+}
+
+async fn send_msg(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Json<SendMsgRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(request) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let Ok(to) = request.to.parse::<openagi_net::PeerId>() else {
+        return error(StatusCode::BAD_REQUEST, "`to` is not a peer id");
+    };
+    if request.text.len() > crate::msg::MAX_TEXT_BYTES {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("text is limited to {} bytes", crate::msg::MAX_TEXT_BYTES),
+        );
+    }
+    match state.messenger.send(to, request.text).await {
+        Ok(()) => {
+            Json(serde_json::json!({ "status": "delivered", "to": to.to_string() })).into_response()
+        }
+        Err(e) => error(StatusCode::BAD_GATEWAY, format!("{e:#}")),
+    }
+}
+
+/// Query of `GET /api/v1/inbox`.
+#[derive(Debug, Deserialize)]
+pub struct InboxQuery {
+    /// Most messages returned (newest ones; default 100, at most 1000).
+    pub limit: Option<usize>,
+}
+
+async fn inbox(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Query(query): axum::extract::Query<InboxQuery>,
+) -> Response {
+    let limit = query.limit.unwrap_or(100).min(crate::msg::MAX_INBOX_PAGE);
+    let messenger = state.messenger.clone();
+    match tokio::task::spawn_blocking(move || messenger.inbox(limit)).await {
+        Ok(Ok(messages)) => Json(serde_json::json!({ "messages": messages })).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+// The error is the HTTP response itself, built only when a request is
+// refused; boxing it would cost an allocation and buy nothing.
+#[allow(clippy::result_large_err)]
 fn consensus_of(state: &ApiState) -> Result<&ConsensusHandle, Response> {
     state.consensus.as_ref().ok_or_else(|| {
         error(

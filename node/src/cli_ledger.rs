@@ -1,5 +1,6 @@
-//! `openagi submit`, `openagi ledger ...`, `openagi genesis create` and
-//! `openagi keys show`: operator commands around consensus.
+//! `openagi submit`, `openagi ledger ...`, `openagi genesis create`,
+//! `openagi keys show` and `openagi msg send|inbox`: operator commands
+//! served by the running daemon or the data directory.
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -9,8 +10,13 @@ use crate::datadir::DataDir;
 use crate::genesis::{GENESIS_FILE, Genesis};
 
 /// Prints the node's identity: peer id, public key and fingerprint.
-pub fn keys_show(dir: &DataDir, json_output: bool) -> Result<()> {
-    let identity = dir.identity()?;
+pub fn keys_show(
+    dir: &DataDir,
+    passphrase: &crate::passphrase::PassphraseSource,
+    json_output: bool,
+) -> Result<()> {
+    let identity = dir.identity(passphrase)?;
+    let encrypted = dir.key_format()?.encrypted();
     let public = identity.public();
     let peer_id = openagi_net::keypair_from_identity(&identity)?
         .public()
@@ -22,12 +28,21 @@ pub fn keys_show(dir: &DataDir, json_output: bool) -> Result<()> {
                 "peer_id": peer_id.to_string(),
                 "public_key": public.to_hex(),
                 "fingerprint": public.fingerprint(),
+                "key_encrypted": encrypted,
             }))?
         );
     } else {
         println!("peer id      {peer_id}");
         println!("public key   {}", public.to_hex());
         println!("fingerprint  {}", public.fingerprint());
+        println!(
+            "key store    {}",
+            if encrypted {
+                "encrypted (Argon2id + XChaCha20-Poly1305)"
+            } else {
+                "UNENCRYPTED (file mode 0600 only; `openagi keys passphrase` encrypts it)"
+            }
+        );
     }
     Ok(())
 }
@@ -197,4 +212,33 @@ pub enum LedgerCommand {
     Get(u64),
     /// Re-check the whole chain.
     Verify,
+}
+
+/// `openagi msg send`: sends through the running daemon and waits for the
+/// recipient's acknowledgement.
+pub fn msg_send(dir: &DataDir, to: &str, message: &str) -> Result<()> {
+    let client = ApiClient::from_data_dir(dir)?.with_timeout(std::time::Duration::from_secs(60));
+    let answer = client.post_json("/api/v1/msg", &json!({ "to": to, "text": message }))?;
+    println!("delivered to {}", text(&answer["to"]));
+    Ok(())
+}
+
+/// `openagi msg inbox`: the newest messages, oldest first.
+pub fn msg_inbox(dir: &DataDir, limit: usize, json_output: bool) -> Result<()> {
+    let client = ApiClient::from_data_dir(dir)?;
+    let answer = client.get_json(&format!("/api/v1/inbox?limit={limit}"))?;
+    if json_output {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    for m in answer["messages"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "#{} from {} at {} ms: {}",
+            m["number"],
+            text(&m["from_peer"]),
+            m["received_unix_ms"],
+            text(&m["text"])
+        );
+    }
+    Ok(())
 }

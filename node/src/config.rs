@@ -510,7 +510,15 @@ impl Config {
 }
 
 /// Environment variables read by the CLI itself, not configuration keys.
-const NON_CONFIG_ENV: &[&str] = &["OPENAGI_DATA_DIR", "OPENAGI_CONFIG", "OPENAGI_BIN"];
+const NON_CONFIG_ENV: &[&str] = &[
+    "OPENAGI_DATA_DIR",
+    "OPENAGI_CONFIG",
+    "OPENAGI_BIN",
+    crate::passphrase::PASSPHRASE_ENV,
+    crate::passphrase::PASSPHRASE_FILE_ENV,
+    crate::passphrase::NEW_PASSPHRASE_ENV,
+    crate::passphrase::NEW_PASSPHRASE_FILE_ENV,
+];
 
 fn defaults_table() -> Table {
     match Value::try_from(Config::default()) {
@@ -855,6 +863,16 @@ mod tests {
     fn cli_only_variables_are_not_settings() {
         let c =
             load_text("", &[("OPENAGI_DATA_DIR", "/x")], &CliOverrides::default()).expect("valid");
+        assert_eq!(c, Config::default());
+        let c = load_text(
+            "",
+            &[
+                ("OPENAGI_PASSPHRASE_FILE", "/p"),
+                ("OPENAGI_PASSPHRASE", "x"),
+            ],
+            &CliOverrides::default(),
+        )
+        .expect("valid");
         assert_eq!(c, Config::default());
     }
 }

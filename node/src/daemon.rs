@@ -23,6 +23,7 @@ use crate::config::{CliOverrides, Config, LogFormat, LogSection};
 use crate::consensus;
 use crate::datadir::{API_ADDR_FILE, DataDir};
 use crate::genesis::{GENESIS_FILE, Genesis};
+use crate::passphrase::PassphraseSource;
 use crate::store::Store;
 use openagi_crypto::Identity;
 
@@ -37,6 +38,8 @@ const REDIAL_KNOWN_PEERS: usize = 16;
 pub struct RunOptions {
     /// The data directory.
     pub data_dir: PathBuf,
+    /// Where the passphrase of an encrypted identity comes from.
+    pub passphrase: PassphraseSource,
     /// An explicit configuration file.
     pub config_file: Option<PathBuf>,
     /// Settings given as flags.
@@ -82,7 +85,13 @@ fn unix_now() -> u64 {
 pub async fn run(options: RunOptions, config: Config, started: Instant) -> Result<()> {
     let data_dir = DataDir::new(&options.data_dir);
     let _lock = data_dir.lock()?;
-    let identity = data_dir.identity()?;
+    let identity = data_dir.identity(&options.passphrase)?;
+    if !data_dir.key_format()?.encrypted() {
+        warn!(
+            key = %data_dir.file(crate::datadir::KEY_FILE).display(),
+            "the identity key is unencrypted (protected by file mode 0600 only); encrypt it with `openagi keys passphrase`"
+        );
+    }
     let token = data_dir.token()?;
     let store = Arc::new(Store::open(data_dir.path()).context("opening the database")?);
     let starts = store.record_start().context("recording start")?;
@@ -93,6 +102,8 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let (net, mut events, net_task) =
         NetworkService::start(keypair, net_config, metrics.registry_mut())?;
     info!(peer_id = %net.local_peer_id(), network_id = %config.network.network_id, starts, "node identity loaded");
+    let messenger = crate::msg::Messenger::start(&identity, store.clone(), net.clone())
+        .context("starting messaging")?;
 
     let (stop_consensus, consensus_stopping) = tokio::sync::watch::channel(false);
     let genesis_path = data_dir.file(GENESIS_FILE);
@@ -154,6 +165,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         network_id: config.network.network_id.clone(),
         transport: "direct".into(),
         api_addr: api_addr.to_string(),
+        messenger: messenger.clone(),
     });
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
@@ -197,6 +209,12 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
                     {
                         tracing::debug!(%from, "consensus input queue full; message dropped");
                     }
+                }
+                Some(NetEvent::MsgRequest { from, data, reply }) => {
+                    // One task per request; the network task caps how many
+                    // wait for an answer, so these are bounded too.
+                    let messenger = messenger.clone();
+                    tokio::spawn(async move { messenger.handle(from, data, reply).await });
                 }
                 Some(event) => handle_event(&store, event).await,
                 None => break "network task stopped",
@@ -275,6 +293,9 @@ async fn handle_event(store: &Arc<Store>, event: NetEvent) {
         NetEvent::Gossip(message) => {
             tracing::debug!(topic = message.topic, author = %message.author, bytes = message.data.len(), "gossip received");
         }
-        NetEvent::PeerConnected(_) | NetEvent::PeerDisconnected(_) | NetEvent::Direct { .. } => {}
+        NetEvent::PeerConnected(_)
+        | NetEvent::PeerDisconnected(_)
+        | NetEvent::Direct { .. }
+        | NetEvent::MsgRequest { .. } => {}
     }
 }

@@ -20,6 +20,7 @@ use tokio::process::{Child, Command};
 use crate::client::ApiClient;
 use crate::datadir::DataDir;
 use crate::genesis::{GENESIS_FILE, Genesis};
+use crate::passphrase::PassphraseSource;
 
 /// Network id of every devnet.
 pub const DEVNET_NETWORK_ID: &str = "openagi-devnet";
@@ -99,8 +100,10 @@ pub(crate) async fn start_local_network(
     let mut reports = Vec::with_capacity(dirs.len());
     let mut validators = Vec::with_capacity(dirs.len());
     for d in &dirs {
-        reports.push(d.init(DEVNET_NETWORK_ID)?);
-        validators.push(d.identity()?.public().to_hex());
+        // Devnet keys are unencrypted: the nodes start unattended.
+        let no_passphrase = PassphraseSource::current(None);
+        reports.push(d.init(DEVNET_NETWORK_ID, &no_passphrase, false)?);
+        validators.push(d.identity(&no_passphrase)?.public().to_hex());
     }
     let genesis = Genesis {
         network_id: DEVNET_NETWORK_ID.into(),

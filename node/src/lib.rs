@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_crypto;
 pub mod cli_ledger;
 pub mod client;
 pub mod config;
@@ -15,6 +16,9 @@ pub mod daemon;
 pub mod datadir;
 pub mod devnet;
 pub mod genesis;
+pub mod keys;
 pub mod ledger;
+pub mod msg;
+pub mod passphrase;
 pub mod status;
 pub mod store;

@@ -26,6 +26,14 @@ const PBFT_PREPARED: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("pbf
 const BLOCKS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("blocks");
 /// Where each committed transaction is: hash to `(height, index)`.
 const TX_INDEX: TableDefinition<'_, &[u8; 32], (u64, u32)> = TableDefinition::new("tx_index");
+/// Messaging state: `"ratchet"` holds the encrypted Double Ratchet pickle
+/// (account and sessions).
+const MSG_STATE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("msg_state");
+/// Received messages by arrival number, each encrypted at rest.
+const INBOX: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("inbox");
+
+/// Most messages kept in the inbox; the oldest go first.
+pub const MAX_INBOX: u64 = 10_000;
 
 /// Most peers kept in the address book; the least recently seen go first.
 pub const MAX_KNOWN_PEERS: usize = 1024;
@@ -78,8 +86,68 @@ impl Store {
         txn.open_table(PBFT_PREPARED).map_err(engine)?;
         txn.open_table(BLOCKS).map_err(engine)?;
         txn.open_table(TX_INDEX).map_err(engine)?;
+        txn.open_table(MSG_STATE).map_err(engine)?;
+        txn.open_table(INBOX).map_err(engine)?;
         txn.commit().map_err(engine)?;
         Ok(Self { db })
+    }
+
+    /// The stored (encrypted) ratchet pickle, if any.
+    pub fn ratchet_pickle(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(MSG_STATE).map_err(engine)?;
+        Ok(table
+            .get("ratchet")
+            .map_err(engine)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Replaces the ratchet pickle and, with `received`, appends one
+    /// (encrypted) inbox entry, in one fsynced transaction: a message is
+    /// never in the inbox without the session state that decrypted it, so
+    /// a replay after a crash is refused. Returns the entry's number.
+    pub fn save_ratchet(
+        &self,
+        pickle: &[u8],
+        received: Option<&[u8]>,
+    ) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_write().map_err(engine)?;
+        let number = {
+            let mut state = txn.open_table(MSG_STATE).map_err(engine)?;
+            state.insert("ratchet", pickle).map_err(engine)?;
+            match received {
+                Some(entry) => {
+                    let mut inbox = txn.open_table(INBOX).map_err(engine)?;
+                    let next = inbox
+                        .last()
+                        .map_err(engine)?
+                        .map_or(1, |(k, _)| k.value() + 1);
+                    inbox.insert(next, entry).map_err(engine)?;
+                    if next > MAX_INBOX {
+                        let cutoff = next - MAX_INBOX;
+                        inbox.retain_in(..=cutoff, |_, _| false).map_err(engine)?;
+                    }
+                    Some(next)
+                }
+                None => None,
+            }
+        };
+        txn.commit().map_err(engine)?;
+        Ok(number)
+    }
+
+    /// The newest `limit` inbox entries (number, encrypted entry), oldest
+    /// first.
+    pub fn inbox(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(INBOX).map_err(engine)?;
+        let mut entries = Vec::with_capacity(limit.min(1024));
+        for item in table.iter().map_err(engine)?.rev().take(limit) {
+            let (k, v) = item.map_err(engine)?;
+            entries.push((k.value(), v.value().to_vec()));
+        }
+        entries.reverse();
+        Ok(entries)
     }
 
     /// Counts one more start of the daemon and returns the new count.
