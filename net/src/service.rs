@@ -39,6 +39,11 @@ const EVENT_CAPACITY: usize = 4096;
 const MAX_PENDING_MSG_REPLIES: usize = 256;
 /// Most outbound msg requests waiting for a peer's answer.
 const MAX_PENDING_MSG_REQUESTS: usize = 256;
+/// How often a node with few peers asks the DHT for more.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(3);
+/// Above this many connected peers, discovery relies on Kademlia's own
+/// periodic bootstrap.
+const DISCOVERY_TARGET_PEERS: usize = 16;
 /// How long shutdown waits for connections to close politely.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -385,6 +390,8 @@ impl NetTask {
         let mut announce = tokio::time::interval(self.config.announce_interval);
         let mut redial = tokio::time::interval(Duration::from_millis(250));
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut discover = tokio::time::interval(DISCOVERY_INTERVAL);
+        discover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         for addr in self.config.bootstrap.clone() {
             if let Some(peer) = peer_id_of(&addr) {
                 self.swarm.behaviour_mut().kad.add_address(&peer, addr);
@@ -429,6 +436,7 @@ impl NetTask {
                 },
                 _ = announce.tick() => self.announce(),
                 _ = redial.tick() => self.redial_due(),
+                _ = discover.tick() => self.discover(),
             }
         }
     }
@@ -509,6 +517,18 @@ impl NetTask {
                     self.schedule_redial_for(i);
                 }
             }
+        }
+    }
+
+    /// Looks for more peers through the DHT while this node has few. A
+    /// single bootstrap query right after the first connection can run
+    /// before the bootstrap peer has learned of nodes that started at the
+    /// same moment; repeating it closes that gap within seconds, without
+    /// querying a well-connected node all the time.
+    fn discover(&mut self) {
+        let connected = self.swarm.connected_peers().count();
+        if connected > 0 && connected < DISCOVERY_TARGET_PEERS {
+            let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
     }
 
