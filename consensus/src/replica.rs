@@ -1,0 +1,2529 @@
+//! The PBFT replica state machine (Castro and Liskov), sans IO.
+//!
+//! Inputs: [`Replica::handle_request`], [`Replica::handle_message`],
+//! [`Replica::handle_tick`]; outputs: [`Replica::poll_output`], in order.
+//! Time is the caller's milliseconds; nothing here reads a clock.
+//!
+//! Choices worth knowing:
+//! - Quorum is `n - f` (2f+1 when n = 3f+1). A batch is prepared with the
+//!   primary's pre-prepare plus `quorum - 1` matching prepares from backups,
+//!   committed locally with `quorum` matching commits in the same view.
+//! - Votes carry the digest of a [`Batch`] header (proposer's view,
+//!   timestamp, Merkle root). Blocks are derived at execution, so every
+//!   replica builds the same block whichever view it committed in.
+//! - Each commit for `(view, seq)` is preceded by a persisted prepared
+//!   proof, each prepare or pre-prepare by a persisted vote, each view
+//!   change by the persisted view: see [`PersistRecord`].
+//! - View change follows the paper: the P-set holds the highest-view
+//!   prepared proof (with its batch) for every sequence number above the
+//!   stable checkpoint; the new primary re-proposes the highest-view batch
+//!   per number and null batches in the gaps; backups recompute that and
+//!   refuse any difference. The wait for a new view starts only after a
+//!   quorum asked for that view, and doubles on each further attempt, so
+//!   no replica runs ahead alone; f+1 replicas in higher views pull a
+//!   replica along.
+//! - Lost messages are covered by periodic retransmission of this
+//!   replica's own votes for unfinished sequence numbers, status messages,
+//!   and state transfer of certified blocks for anything older.
+//! - Exactly-once per `(client, seq)` is enforced at execution, so a
+//!   transaction proposed twice (by a faulty primary, or re-proposed after
+//!   a view change) takes effect once on every replica alike.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+
+use openagi_crypto::{PublicKey, Signed, identity::SignedPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::ledger::Ledger;
+use crate::messages::{
+    BlocksReply, Checkpoint, CheckpointProof, Commit, FetchBlocks, Forward, Message, NewView,
+    PrePrepare, Prepare, PreparedProof, Status, ViewChange,
+};
+use crate::signing::{IdentitySigner, Signer};
+use crate::types::{
+    Batch, Block, ClientId, CommitCertificate, NetworkId, Transaction, ValidatorSet, genesis_hash,
+    verify_block,
+};
+use crate::{Error, Hash};
+
+/// Tunables and buffer caps of a replica. All replicas of a network must
+/// agree on `checkpoint_interval` and `window`; the rest is local.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    /// K: a checkpoint is taken every K sequence numbers.
+    pub checkpoint_interval: u64,
+    /// L: sequence numbers accepted above the stable checkpoint (the high
+    /// watermark is `stable + L`); a multiple of K, at least 2K, so the
+    /// pipeline does not stall waiting for a checkpoint.
+    pub window: u64,
+    /// Most transactions in one batch.
+    pub max_batch_txs: usize,
+    /// Most transaction bytes in one batch.
+    pub max_batch_bytes: usize,
+    /// A primary proposes a partial batch once its oldest transaction has
+    /// waited this long.
+    pub max_batch_delay_ms: u64,
+    /// Largest transaction accepted.
+    pub max_tx_bytes: usize,
+    /// First view-change timeout; doubled on each consecutive view change
+    /// without progress.
+    pub view_change_timeout_ms: u64,
+    /// Ceiling of the doubled view-change timeout.
+    pub max_view_change_timeout_ms: u64,
+    /// How often unfinished work (votes, view changes, checkpoints) is
+    /// resent, since the network may lose messages.
+    pub retransmit_interval_ms: u64,
+    /// How often a status summary is broadcast.
+    pub status_interval_ms: u64,
+    /// A backup forwards a transaction to the primary if it has not been
+    /// proposed after this long.
+    pub forward_after_ms: u64,
+    /// How far a proposed timestamp may be from the backup's own clock.
+    pub max_clock_skew_ms: u64,
+    /// State transfer: a request unanswered this long goes to another peer.
+    pub fetch_timeout_ms: u64,
+    /// Most blocks in one state transfer reply.
+    pub max_blocks_per_reply: usize,
+    /// State transfer requests served per retransmit interval.
+    pub max_fetch_serves_per_interval: u32,
+    /// Cap on client transactions waiting to be proposed.
+    pub max_pending_requests: usize,
+    /// Cap on buffered messages for a view this replica has not reached.
+    pub max_future_messages: usize,
+    /// Cap on buffered messages above the high watermark.
+    pub max_out_of_window_messages: usize,
+    /// View-change messages are kept for at most this many views ahead.
+    pub max_future_views: u64,
+    /// Checkpoint votes remembered per replica.
+    pub max_checkpoints_per_replica: usize,
+    /// Largest encoded message a node should accept from the network.
+    pub max_message_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            checkpoint_interval: 16,
+            window: 64,
+            max_batch_txs: 256,
+            max_batch_bytes: 64 * 1024,
+            max_batch_delay_ms: 5,
+            max_tx_bytes: 64 * 1024,
+            view_change_timeout_ms: 2_000,
+            max_view_change_timeout_ms: 60_000,
+            retransmit_interval_ms: 500,
+            status_interval_ms: 1_000,
+            forward_after_ms: 200,
+            max_clock_skew_ms: 30_000,
+            fetch_timeout_ms: 1_000,
+            max_blocks_per_reply: 64,
+            max_fetch_serves_per_interval: 8,
+            max_pending_requests: 10_000,
+            max_future_messages: 4_096,
+            max_out_of_window_messages: 4_096,
+            max_future_views: 64,
+            max_checkpoints_per_replica: 8,
+            max_message_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// Refuses settings the protocol cannot run with.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |what: &str| Err(Error::Config(what.into()));
+        if self.checkpoint_interval == 0 {
+            return bad("checkpoint_interval must be positive");
+        }
+        if self.window < 2 * self.checkpoint_interval
+            || !self.window.is_multiple_of(self.checkpoint_interval)
+        {
+            return bad("window must be a multiple of checkpoint_interval and at least twice it");
+        }
+        if self.max_batch_txs == 0 || self.max_batch_bytes == 0 || self.max_tx_bytes == 0 {
+            return bad("batch and transaction limits must be positive");
+        }
+        if self.view_change_timeout_ms == 0
+            || self.max_view_change_timeout_ms < self.view_change_timeout_ms
+        {
+            return bad("view change timeouts must be positive and ordered");
+        }
+        if self.retransmit_interval_ms == 0
+            || self.status_interval_ms == 0
+            || self.fetch_timeout_ms == 0
+        {
+            return bad("intervals must be positive");
+        }
+        if self.max_blocks_per_reply == 0 || self.max_checkpoints_per_replica == 0 {
+            return bad("state transfer and checkpoint caps must be positive");
+        }
+        Ok(())
+    }
+
+    /// Upper estimate of the largest new-view message for `n` validators:
+    /// a quorum of view changes, each with a prepared proof (batch and
+    /// prepares) for every sequence number in the window.
+    pub fn max_new_view_bytes(&self, n: usize) -> u64 {
+        let n = n as u64;
+        let quorum = n - (n.saturating_sub(1)) / 3;
+        let per_proof =
+            self.max_batch_bytes as u64 + self.max_batch_txs as u64 * 64 + quorum * 256 + 512;
+        let per_view_change = self.window * per_proof + quorum * 256 + 1024;
+        quorum * per_view_change + self.window * 256 + 1024
+    }
+}
+
+/// Why an input was dropped; counted in [`Stats::dropped`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum DropReason {
+    /// Signed by a key outside the validator set.
+    NotMember,
+    /// Signature failed the strict check.
+    BadSignature,
+    /// Payload did not decode or had an impossible shape.
+    Malformed,
+    /// Names another network.
+    WrongNetwork,
+    /// For a view this replica has left.
+    OldView,
+    /// For a future view, and the buffer for those is full (or the view is
+    /// too far ahead).
+    FutureViewOverflow,
+    /// At or below the stable checkpoint.
+    BelowWindow,
+    /// Above the high watermark, and the buffer for those is full.
+    OutOfWindowOverflow,
+    /// A pre-prepare or new view from a replica that is not the primary.
+    NotPrimary,
+    /// Batch does not hash to the digest it travels with.
+    DigestMismatch,
+    /// Conflicts with a message the same sender already sent for the same
+    /// view and sequence number.
+    Equivocation,
+    /// Would make this replica vote against a vote it already cast.
+    ConflictsWithOwnVote,
+    /// Proposed timestamp goes backwards or is too far from local time.
+    BadTimestamp,
+    /// Too many or too large transactions.
+    TooLarge,
+    /// A checkpoint, prepared, view-change or new-view certificate is
+    /// forged or inconsistent.
+    InvalidCertificate,
+    /// A state-transfer block failed verification.
+    InvalidBlock,
+    /// Already seen.
+    Duplicate,
+    /// Pending request buffer is full.
+    PendingFull,
+    /// The transaction's `(client, seq)` already took effect.
+    AlreadyApplied,
+    /// State-transfer request over the serving budget.
+    RateLimited,
+}
+
+/// Counters a node exports as metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Dropped inputs by reason.
+    pub dropped: BTreeMap<DropReason, u64>,
+    /// Messages handed to [`Replica::handle_message`].
+    pub messages_received: u64,
+    /// Blocks committed by agreement.
+    pub blocks_committed: u64,
+    /// Blocks applied from state transfer.
+    pub blocks_fetched: u64,
+    /// View changes this replica started.
+    pub view_changes_started: u64,
+    /// New views installed.
+    pub new_views_installed: u64,
+    /// Stable checkpoints reached.
+    pub stable_checkpoints: u64,
+    /// Local failures (an encoding that could not be signed); should stay 0.
+    pub local_errors: u64,
+}
+
+impl Stats {
+    /// How many inputs were dropped for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped.get(&reason).copied().unwrap_or(0)
+    }
+
+    /// All dropped inputs.
+    pub fn total_dropped(&self) -> u64 {
+        self.dropped.values().sum()
+    }
+}
+
+/// Where a message goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recipient {
+    /// Every other validator.
+    All,
+    /// One validator.
+    One(PublicKey),
+}
+
+/// Something the node must do, in the order given.
+#[derive(Clone, Debug)]
+pub enum Output {
+    /// Write durably before acting on any later output. Consecutive
+    /// records may go into one storage transaction, as long as it has
+    /// committed before the next non-persist output is acted upon: that
+    /// order is what keeps a restarted replica from contradicting a vote it
+    /// already sent.
+    Persist(PersistRecord),
+    /// Send a message.
+    Send {
+        /// To whom.
+        to: Recipient,
+        /// What.
+        message: Message,
+    },
+    /// A block committed (its [`PersistRecord::Block`] came just before).
+    Committed {
+        /// The block.
+        block: Block,
+        /// Its commit certificate.
+        certificate: CommitCertificate,
+        /// The transactions in it that took effect, in order.
+        applied: Vec<Transaction>,
+    },
+    /// A new view was installed.
+    ViewInstalled {
+        /// The view.
+        view: u64,
+        /// Its primary.
+        primary: PublicKey,
+    },
+}
+
+/// A durable fact. Fold records in order into a [`PersistedState`] with
+/// [`PersistedState::apply`] (or store them in any equivalent form).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PersistRecord {
+    /// The replica moved to `view`; `changing` while waiting for its new
+    /// view.
+    View {
+        /// The view.
+        view: u64,
+        /// Whether the view change is still in progress.
+        changing: bool,
+    },
+    /// The replica is about to pre-prepare (as primary) or prepare `digest`
+    /// at `(view, seq)`; it must never vote for another digest there.
+    Vote {
+        /// View.
+        view: u64,
+        /// Sequence number.
+        seq: u64,
+        /// Batch digest.
+        digest: Hash,
+    },
+    /// The replica prepared this batch and is about to commit it.
+    Prepared(PreparedProof),
+    /// A block joined the ledger.
+    Block {
+        /// The block.
+        block: Block,
+        /// Its commit certificate.
+        certificate: CommitCertificate,
+    },
+    /// A new stable checkpoint; everything at or below it may be forgotten.
+    StableCheckpoint(CheckpointProof),
+    /// The replica is recovering from lost state and casts no vote within
+    /// `bound` (unknown yet when `None`); see
+    /// [`Replica::recover_after_data_loss`].
+    Recovering {
+        /// Where it may have voted before.
+        bound: Option<RecoveryBound>,
+    },
+    /// Recovery from lost state finished.
+    Recovered,
+}
+
+/// What a replica recovering from lost state may have voted for before:
+/// nothing above sequence number `seq` and nothing in a view above `view`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryBound {
+    /// Highest sequence number it may have voted for.
+    pub seq: u64,
+    /// Highest view it may have voted in.
+    pub view: u64,
+}
+
+/// Everything a replica needs to restart without contradicting itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistedState {
+    /// Last view entered.
+    pub view: u64,
+    /// Whether a view change to `view` was in progress.
+    pub changing: bool,
+    /// Latest vote per sequence number: `(view, digest)`.
+    pub votes: BTreeMap<u64, (u64, Hash)>,
+    /// Highest-view prepared proof per sequence number.
+    pub prepared: BTreeMap<u64, PreparedProof>,
+    /// Last stable checkpoint (none means genesis).
+    pub stable: Option<CheckpointProof>,
+    /// The ledger.
+    pub blocks: Vec<(Block, CommitCertificate)>,
+    /// `Some` while recovering from lost state: the vote bound, if known.
+    pub recovering: Option<Option<RecoveryBound>>,
+}
+
+impl PersistedState {
+    /// Folds one record into the state.
+    pub fn apply(&mut self, record: &PersistRecord) {
+        match record {
+            PersistRecord::View { view, changing } => {
+                self.view = *view;
+                self.changing = *changing;
+            }
+            PersistRecord::Vote { view, seq, digest } => {
+                self.votes.insert(*seq, (*view, *digest));
+            }
+            PersistRecord::Prepared(proof) => {
+                if let Ok(pp) = decode_unverified(&proof.pre_prepare) {
+                    self.prepared.insert(pp.seq, proof.clone());
+                }
+            }
+            PersistRecord::Block { block, certificate } => {
+                self.blocks.push((block.clone(), certificate.clone()));
+            }
+            PersistRecord::StableCheckpoint(proof) => {
+                let keep_above = proof.seq.saturating_add(1);
+                self.votes = self.votes.split_off(&keep_above);
+                self.prepared = self.prepared.split_off(&keep_above);
+                self.stable = Some(proof.clone());
+            }
+            PersistRecord::Recovering { bound } => self.recovering = Some(*bound),
+            PersistRecord::Recovered => self.recovering = None,
+        }
+    }
+}
+
+/// Decodes a payload whose signature was already checked (or that this
+/// replica produced itself).
+fn decode_unverified<T: SignedPayload>(signed: &Signed<T>) -> Result<T, Error> {
+    postcard::from_bytes(signed.payload_bytes()).map_err(|e| Error::Malformed(e.to_string()))
+}
+
+/// Agreement state of one sequence number.
+#[derive(Clone, Debug, Default)]
+struct Slot {
+    /// The view the fields below belong to.
+    view: u64,
+    digest: Option<Hash>,
+    pre_prepare: Option<Signed<PrePrepare>>,
+    batch: Option<Batch>,
+    prepares: BTreeMap<usize, (Hash, Signed<Prepare>)>,
+    commits: BTreeMap<usize, (Hash, Signed<Commit>)>,
+    prepared: bool,
+    committed: bool,
+    /// When this slot last changed, for retransmission.
+    touched: u64,
+    /// Highest-view prepared proof; survives view changes.
+    proof: Option<PreparedProof>,
+}
+
+impl Slot {
+    fn reset_for_view(&mut self, view: u64) {
+        let proof = self.proof.take();
+        *self = Slot {
+            view,
+            proof,
+            ..Slot::default()
+        };
+    }
+}
+
+#[derive(Clone, Debug)]
+struct PendingTx {
+    tx: Transaction,
+    arrived: u64,
+    forwarded: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct PeerInfo {
+    view: u64,
+    height: u64,
+    stable: u64,
+    /// Last time this replica sent the peer its new-view message.
+    helped_at: Option<u64>,
+}
+
+/// Recovery from lost state: which peers reported their height since the
+/// restart, and the bound learned from them.
+#[derive(Clone, Debug, Default)]
+struct Recovery {
+    /// Height and view reported by each peer since the restart.
+    reports: BTreeMap<usize, (u64, u64)>,
+    bound: Option<RecoveryBound>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Fetch {
+    target: u64,
+    peer: usize,
+    deadline: u64,
+    /// Requests in a row that brought nothing; after asking every peer
+    /// once the fetch is abandoned (a lying peer cannot pin it forever).
+    fruitless: usize,
+}
+
+/// A PBFT replica. `S` signs and checks messages: [`IdentitySigner`] in a
+/// node, a memoising signer in the simulator.
+pub struct Replica<S: Signer = IdentitySigner> {
+    cfg: Config,
+    validators: ValidatorSet,
+    signer: S,
+    me: usize,
+    network: NetworkId,
+    view: u64,
+    /// True between sending a view change and installing the new view.
+    changing: bool,
+    vc_attempt: u32,
+    deadline: Option<u64>,
+    log: BTreeMap<u64, Slot>,
+    stable: CheckpointProof,
+    checkpoint_votes: BTreeMap<u64, BTreeMap<usize, (Hash, Signed<Checkpoint>)>>,
+    ledger: Ledger,
+    pending: VecDeque<PendingTx>,
+    pending_keys: HashSet<(ClientId, u64)>,
+    in_flight: HashSet<(ClientId, u64)>,
+    next_seq: u64,
+    last_proposed_ts: u64,
+    votes: BTreeMap<u64, (u64, Hash)>,
+    view_changes: BTreeMap<u64, BTreeMap<usize, Signed<ViewChange>>>,
+    new_view: Option<Signed<NewView>>,
+    future: VecDeque<Message>,
+    /// Buffered future-view messages per sender, so one faulty member
+    /// cannot take the whole buffer.
+    future_per_sender: Vec<usize>,
+    out_of_window: VecDeque<Message>,
+    out_of_window_per_sender: Vec<usize>,
+    peers: Vec<PeerInfo>,
+    fetch: Option<Fetch>,
+    fetch_rotation: usize,
+    next_retransmit: u64,
+    next_status: u64,
+    serve_budget: u32,
+    last_progress: u64,
+    now: u64,
+    outputs: VecDeque<Output>,
+    stats: Stats,
+    recovery: Option<Recovery>,
+}
+
+impl<S: Signer> std::fmt::Debug for Replica<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("me", &self.me)
+            .field("view", &self.view)
+            .field("changing", &self.changing)
+            .field("height", &self.ledger.height())
+            .field("stable", &self.stable.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Signer> Replica<S> {
+    /// A fresh replica at genesis. Fails if the configuration is unusable
+    /// or the signer is not a member of `validators`.
+    pub fn new(cfg: Config, validators: ValidatorSet, signer: S, now: u64) -> Result<Self, Error> {
+        cfg.validate()?;
+        if cfg.max_new_view_bytes(validators.n()) > cfg.max_message_bytes as u64 {
+            // A correct new view could then be refused as too large and the
+            // view change would never complete.
+            return Err(Error::Config(format!(
+                "a new view for {} validators may reach {} bytes, above max_message_bytes; \
+                 lower window or max_batch_bytes",
+                validators.n(),
+                cfg.max_new_view_bytes(validators.n())
+            )));
+        }
+        let me = validators
+            .index_of(&signer.public())
+            .ok_or_else(|| Error::Config("this identity is not in the validator set".into()))?;
+        let network = validators.network();
+        let n = validators.n();
+        Ok(Replica {
+            next_retransmit: now.saturating_add(cfg.retransmit_interval_ms),
+            next_status: now,
+            serve_budget: cfg.max_fetch_serves_per_interval,
+            cfg,
+            me,
+            network,
+            view: 0,
+            changing: false,
+            vc_attempt: 0,
+            deadline: None,
+            log: BTreeMap::new(),
+            stable: CheckpointProof {
+                seq: 0,
+                state: genesis_hash(network),
+                messages: Vec::new(),
+            },
+            checkpoint_votes: BTreeMap::new(),
+            ledger: Ledger::new(network),
+            pending: VecDeque::new(),
+            pending_keys: HashSet::new(),
+            in_flight: HashSet::new(),
+            next_seq: 1,
+            last_proposed_ts: 0,
+            votes: BTreeMap::new(),
+            view_changes: BTreeMap::new(),
+            new_view: None,
+            future: VecDeque::new(),
+            future_per_sender: vec![0; n],
+            out_of_window: VecDeque::new(),
+            out_of_window_per_sender: vec![0; n],
+            peers: vec![PeerInfo::default(); n],
+            fetch: None,
+            fetch_rotation: me,
+            last_progress: now,
+            now,
+            outputs: VecDeque::new(),
+            stats: Stats::default(),
+            recovery: None,
+            validators,
+            signer,
+        })
+    }
+
+    /// Rebuilds a replica from what it persisted. The ledger's hash links
+    /// are re-checked (signatures are not: these are the node's own
+    /// records). A replica restored from an empty state is a fresh replica;
+    /// if it had voted before, it may now contradict those votes, which the
+    /// fault model counts against the `f` tolerated faults. A node that
+    /// knows it lost its state should use
+    /// [`Replica::recover_after_data_loss`] instead.
+    pub fn restore(
+        cfg: Config,
+        validators: ValidatorSet,
+        signer: S,
+        state: PersistedState,
+        now: u64,
+    ) -> Result<Self, Error> {
+        let mut replica = Replica::new(cfg, validators, signer, now)?;
+        for (block, cert) in state.blocks {
+            let head = replica.ledger.head();
+            if block.height != head.height.saturating_add(1) || block.prev_hash != head.hash {
+                return Err(Error::InvalidBlock {
+                    height: block.height,
+                    reason: "persisted chain does not link".into(),
+                });
+            }
+            replica.ledger.append(block, cert);
+        }
+        if let Some(stable) = state.stable {
+            replica.stable = stable;
+        }
+        let low = replica.stable.seq;
+        replica.view = state.view;
+        replica.changing = state.changing;
+        replica.votes = state
+            .votes
+            .into_iter()
+            .filter(|(seq, _)| *seq > low)
+            .collect();
+        for (seq, proof) in state.prepared {
+            if seq > low {
+                let view = decode_unverified(&proof.pre_prepare)
+                    .map(|pp| pp.view)
+                    .unwrap_or(0);
+                replica.log.insert(
+                    seq,
+                    Slot {
+                        view,
+                        proof: Some(proof),
+                        ..Slot::default()
+                    },
+                );
+            }
+        }
+        let highest_vote = replica.votes.keys().next_back().copied().unwrap_or(0);
+        replica.next_seq = highest_vote
+            .max(low)
+            .max(replica.ledger.height())
+            .saturating_add(1);
+        if let Some(bound) = state.recovering {
+            replica.recovery = Some(Recovery {
+                reports: BTreeMap::new(),
+                bound,
+            });
+        }
+        if replica.changing && replica.recovery.is_none() {
+            // Our view change may have been lost with the crash: send it
+            // again so the view change can complete.
+            replica.send_view_change();
+        }
+        replica.update_timer();
+        Ok(replica)
+    }
+
+    /// Starts a replica whose durable state was lost (disk replaced, data
+    /// directory wiped) but whose identity survived.
+    ///
+    /// Such a replica may have voted before, and a vote it no longer
+    /// remembers must not be contradicted: a primary that equivocates could
+    /// otherwise gather two quorums. It first learns a bound from status
+    /// messages of `2f + 1` other members: the highest height they report
+    /// plus the window L bounds the sequence numbers it voted for (it voted
+    /// only inside its old window, whose low end `f + 1` correct replicas
+    /// had executed), and the highest view they report bounds the views it
+    /// voted in (it voted in a view only after a quorum of view changes
+    /// for it). Any `2f + 1` reporters include a correct replica of each of
+    /// those sets. Until then it casts no vote at all; afterwards it votes
+    /// only above one of the bounds. It sends no view change (its prepared
+    /// proofs are gone) until its stable checkpoint passes the sequence
+    /// bound, when recovery ends. Meanwhile it follows the ledger (state
+    /// transfer, checkpoints), so it counts as faulty for liveness only,
+    /// never for safety. A lying reporter can only lengthen the recovery.
+    /// The recovery is persisted, so a crash during it does not end it.
+    pub fn recover_after_data_loss(
+        cfg: Config,
+        validators: ValidatorSet,
+        signer: S,
+        now: u64,
+    ) -> Result<Self, Error> {
+        let mut replica = Replica::new(cfg, validators, signer, now)?;
+        replica.recovery = Some(Recovery::default());
+        replica.persist(PersistRecord::Recovering { bound: None });
+        Ok(replica)
+    }
+
+    /// Whether this replica may vote at `(view, seq)` (always, unless
+    /// recovering from lost state).
+    fn may_vote(&self, view: u64, seq: u64) -> bool {
+        match &self.recovery {
+            None => true,
+            Some(r) => r.bound.is_some_and(|b| seq > b.seq || view > b.view),
+        }
+    }
+
+    /// Learns the recovery bound from status reports and ends recovery once
+    /// the stable checkpoint has passed it.
+    fn progress_recovery(&mut self, reporter: Option<(usize, u64, u64)>) {
+        let needed = 2 * self.validators.f() + 1;
+        let window = self.cfg.window;
+        let stable = self.stable.seq;
+        let Some(recovery) = self.recovery.as_mut() else {
+            return;
+        };
+        if let Some((from, height, view)) = reporter {
+            recovery.reports.insert(from, (height, view));
+        }
+        let mut learned = None;
+        if recovery.bound.is_none() && recovery.reports.len() >= needed {
+            let height = recovery.reports.values().map(|r| r.0).max().unwrap_or(0);
+            let view = recovery.reports.values().map(|r| r.1).max().unwrap_or(0);
+            let bound = RecoveryBound {
+                seq: height.saturating_add(window),
+                view,
+            };
+            recovery.bound = Some(bound);
+            learned = Some(bound);
+        }
+        let done = recovery.bound.is_some_and(|b| stable >= b.seq);
+        if let Some(bound) = learned {
+            self.persist(PersistRecord::Recovering { bound: Some(bound) });
+        }
+        if done {
+            self.recovery = None;
+            self.persist(PersistRecord::Recovered);
+        }
+    }
+
+    /// Whether this replica is still recovering from lost state.
+    pub fn is_recovering(&self) -> bool {
+        self.recovery.is_some()
+    }
+
+    // ----- accessors -------------------------------------------------------
+
+    /// Current view (the target view while a view change is in progress).
+    pub fn view(&self) -> u64 {
+        self.view
+    }
+
+    /// Whether a view change is in progress.
+    pub fn is_changing_view(&self) -> bool {
+        self.changing
+    }
+
+    /// Whether this replica is the primary of its current view.
+    pub fn is_primary(&self) -> bool {
+        self.validators.primary(self.view) == self.me
+    }
+
+    /// This replica's index in the validator set.
+    pub fn index(&self) -> usize {
+        self.me
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Ledger height.
+    pub fn height(&self) -> u64 {
+        self.ledger.height()
+    }
+
+    /// Sequence number of the stable checkpoint (the low watermark).
+    pub fn stable_seq(&self) -> u64 {
+        self.stable.seq
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The validator set.
+    pub fn validators(&self) -> &ValidatorSet {
+        &self.validators
+    }
+
+    /// Transactions waiting to be proposed.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Number of log entries kept (bounded by the window after garbage
+    /// collection).
+    pub fn log_len(&self) -> usize {
+        self.log.len()
+    }
+
+    /// The next output, in the order the node must act on them.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// The earliest time at which [`Replica::handle_tick`] has something to
+    /// do.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let mut t = self.next_retransmit.min(self.next_status);
+        if let Some(d) = self.deadline {
+            t = t.min(d);
+        }
+        if let Some(f) = &self.fetch {
+            t = t.min(f.deadline);
+        }
+        // A primary with room in its window proposes once its oldest
+        // unproposed transaction has waited the batch delay; in-flight ones
+        // must not count or the node would be woken in a loop.
+        if self.is_primary() && !self.changing && self.next_seq <= self.high_watermark() {
+            let oldest = self
+                .pending
+                .iter()
+                .find(|p| !self.in_flight.contains(&p.tx.key()))
+                .map(|p| p.arrived.saturating_add(self.cfg.max_batch_delay_ms));
+            if let Some(at) = oldest {
+                t = t.min(at);
+            }
+        }
+        Some(t)
+    }
+
+    // ----- inputs ----------------------------------------------------------
+
+    /// A client transaction reached this node. Backups keep it (to detect a
+    /// primary that ignores it) and forward it if it is not proposed soon.
+    pub fn handle_request(&mut self, tx: Transaction, now: u64) -> Result<(), Error> {
+        self.advance_clock(now);
+        if tx.size() > self.cfg.max_tx_bytes {
+            self.drop_input(DropReason::TooLarge);
+            return Err(Error::Malformed("transaction too large".into()));
+        }
+        self.admit(tx)?;
+        self.try_propose();
+        self.update_timer();
+        Ok(())
+    }
+
+    /// A message from a peer. Hostile input is dropped and counted, never
+    /// panics.
+    pub fn handle_message(&mut self, message: Message, now: u64) {
+        self.advance_clock(now);
+        self.stats.messages_received += 1;
+        self.dispatch(message);
+        self.update_timer();
+    }
+
+    /// Time passed: fires timers, batches, retransmissions and status.
+    pub fn handle_tick(&mut self, now: u64) {
+        self.advance_clock(now);
+        let now = self.now;
+        if let Some(deadline) = self.deadline
+            && now >= deadline
+        {
+            self.deadline = None;
+            let target = self.view.saturating_add(1);
+            self.start_view_change(target);
+        }
+        self.try_propose();
+        if now >= self.next_retransmit {
+            self.next_retransmit = now.saturating_add(self.cfg.retransmit_interval_ms);
+            self.serve_budget = self.cfg.max_fetch_serves_per_interval;
+            self.retransmit();
+            self.forward_stale_requests();
+            self.check_lagging();
+        }
+        if now >= self.next_status {
+            self.next_status = now.saturating_add(self.cfg.status_interval_ms);
+            let status = Status {
+                network: self.network,
+                view: self.view,
+                height: self.ledger.height(),
+                stable: self.stable.seq,
+            };
+            if let Some(signed) = self.seal(&status) {
+                self.send(Recipient::All, Message::Status(signed));
+            }
+        }
+        if let Some(fetch) = self.fetch {
+            if self.ledger.height() >= fetch.target {
+                self.fetch = None;
+            } else if now >= fetch.deadline {
+                if fetch.fruitless >= self.validators.n() {
+                    self.fetch = None;
+                } else {
+                    let peer = self.next_fetch_peer(None);
+                    self.request_blocks(fetch.target, peer, fetch.fruitless + 1);
+                }
+            }
+        }
+        self.update_timer();
+    }
+
+    // ----- small helpers ---------------------------------------------------
+
+    fn advance_clock(&mut self, now: u64) {
+        self.now = self.now.max(now);
+    }
+
+    fn drop_input(&mut self, reason: DropReason) {
+        *self.stats.dropped.entry(reason).or_insert(0) += 1;
+    }
+
+    fn quorum(&self) -> usize {
+        self.validators.quorum()
+    }
+
+    fn primary_of(&self, view: u64) -> usize {
+        self.validators.primary(view)
+    }
+
+    fn high_watermark(&self) -> u64 {
+        self.stable.seq.saturating_add(self.cfg.window)
+    }
+
+    fn timeout(&self) -> u64 {
+        let shift = self.vc_attempt.min(20);
+        self.cfg
+            .view_change_timeout_ms
+            .saturating_mul(1u64 << shift)
+            .min(self.cfg.max_view_change_timeout_ms)
+    }
+
+    fn send(&mut self, to: Recipient, message: Message) {
+        self.outputs.push_back(Output::Send { to, message });
+    }
+
+    fn send_to(&mut self, index: usize, message: Message) {
+        if let Some(key) = self.validators.member(index).copied() {
+            self.send(Recipient::One(key), message);
+        }
+    }
+
+    fn persist(&mut self, record: PersistRecord) {
+        self.outputs.push_back(Output::Persist(record));
+    }
+
+    fn seal<T: SignedPayload>(&mut self, value: &T) -> Option<Signed<T>> {
+        match self.signer.seal(value) {
+            Ok(signed) => Some(signed),
+            Err(_) => {
+                self.stats.local_errors += 1;
+                None
+            }
+        }
+    }
+
+    /// Membership and strict signature check; returns the sender's index and
+    /// the payload.
+    fn open<T: SignedPayload + Clone + 'static>(
+        &mut self,
+        signed: &Signed<T>,
+    ) -> Option<(usize, T)> {
+        let Some(index) = self.validators.index_of(signed.signer()) else {
+            self.drop_input(DropReason::NotMember);
+            return None;
+        };
+        match self.signer.open(signed) {
+            Ok(value) => Some((index, value)),
+            Err(Error::BadSignature) => {
+                self.drop_input(DropReason::BadSignature);
+                None
+            }
+            Err(_) => {
+                self.drop_input(DropReason::Malformed);
+                None
+            }
+        }
+    }
+
+    fn check_network(&mut self, network: NetworkId) -> bool {
+        if network != self.network {
+            self.drop_input(DropReason::WrongNetwork);
+            return false;
+        }
+        true
+    }
+
+    fn has_work(&self) -> bool {
+        let height = self.ledger.height();
+        !self.pending.is_empty()
+            || self
+                .log
+                .range(height.saturating_add(1)..)
+                .any(|(_, s)| s.digest.is_some())
+    }
+
+    /// Keeps the view-change timer armed exactly while work is outstanding.
+    fn update_timer(&mut self) {
+        if self.changing {
+            // A replica whose latest view change is for this view or a
+            // later one has given up on every earlier view.
+            let joined: BTreeSet<usize> = self
+                .view_changes
+                .range(self.view..)
+                .flat_map(|(_, m)| m.keys().copied())
+                .collect();
+            let quorum_joined = joined.len() >= self.quorum();
+            if !quorum_joined {
+                self.deadline = None;
+            } else if self.deadline.is_none() {
+                self.deadline = Some(self.now.saturating_add(self.timeout()));
+            }
+            return;
+        }
+        if self.has_work() {
+            if self.deadline.is_none() {
+                self.deadline = Some(self.now.saturating_add(self.timeout()));
+            }
+        } else {
+            self.deadline = None;
+        }
+    }
+
+    // ----- client requests -------------------------------------------------
+
+    fn admit(&mut self, tx: Transaction) -> Result<(), Error> {
+        let key = tx.key();
+        if self.ledger.is_applied(&tx.client, tx.seq) {
+            self.drop_input(DropReason::AlreadyApplied);
+            return Err(Error::Duplicate);
+        }
+        if self.pending_keys.contains(&key) {
+            self.drop_input(DropReason::Duplicate);
+            return Err(Error::Duplicate);
+        }
+        if self.pending.len() >= self.cfg.max_pending_requests {
+            self.drop_input(DropReason::PendingFull);
+            return Err(Error::Full("pending request buffer"));
+        }
+        self.pending_keys.insert(key);
+        self.pending.push_back(PendingTx {
+            tx,
+            arrived: self.now,
+            forwarded: false,
+        });
+        Ok(())
+    }
+
+    fn forget_pending(&mut self, keys: &HashSet<(ClientId, u64)>) {
+        if keys.is_empty() {
+            return;
+        }
+        self.pending.retain(|p| !keys.contains(&p.tx.key()));
+        for key in keys {
+            self.pending_keys.remove(key);
+            self.in_flight.remove(key);
+        }
+    }
+
+    fn forward_stale_requests(&mut self) {
+        if self.changing || self.is_primary() {
+            return;
+        }
+        let cutoff = self.now.saturating_sub(self.cfg.forward_after_ms);
+        let mut txs = Vec::new();
+        let mut bytes = 0;
+        for p in self.pending.iter_mut() {
+            if p.forwarded || p.arrived > cutoff || self.in_flight.contains(&p.tx.key()) {
+                continue;
+            }
+            if txs.len() >= self.cfg.max_batch_txs || bytes + p.tx.size() > self.cfg.max_batch_bytes
+            {
+                break;
+            }
+            p.forwarded = true;
+            bytes += p.tx.size();
+            txs.push(p.tx.clone());
+        }
+        if txs.is_empty() {
+            return;
+        }
+        // To every validator, not only the primary: as PBFT's client
+        // broadcasts a request the primary ignores, so that every backup
+        // holds it, arms its view-change timer, and a faulty primary is
+        // replaced even when the request reached a single backup.
+        if let Some(signed) = self.seal(&Forward {
+            network: self.network,
+            txs,
+        }) {
+            self.send(Recipient::All, Message::Forward(signed));
+        }
+    }
+
+    fn on_forward(&mut self, signed: Signed<Forward>) {
+        let Some((_, fwd)) = self.open(&signed) else {
+            return;
+        };
+        if !self.check_network(fwd.network) {
+            return;
+        }
+        if fwd.txs.len() > self.cfg.max_batch_txs {
+            self.drop_input(DropReason::TooLarge);
+            return;
+        }
+        for tx in fwd.txs {
+            if tx.size() > self.cfg.max_tx_bytes {
+                self.drop_input(DropReason::TooLarge);
+                continue;
+            }
+            // Refusals are already counted by `admit`.
+            let _ = self.admit(tx);
+        }
+        self.try_propose();
+    }
+
+    // ----- normal case -----------------------------------------------------
+
+    fn try_propose(&mut self) {
+        if self.changing || !self.is_primary() {
+            return;
+        }
+        loop {
+            if self.next_seq > self.high_watermark() {
+                return;
+            }
+            let mut ready = false;
+            let mut count = 0;
+            let mut bytes = 0;
+            for p in &self.pending {
+                if self.in_flight.contains(&p.tx.key()) {
+                    continue;
+                }
+                count += 1;
+                bytes += p.tx.size();
+                if p.arrived.saturating_add(self.cfg.max_batch_delay_ms) <= self.now {
+                    ready = true;
+                }
+                if count >= self.cfg.max_batch_txs || bytes >= self.cfg.max_batch_bytes {
+                    ready = true;
+                    break;
+                }
+            }
+            if count == 0 || !ready {
+                return;
+            }
+            let mut txs = Vec::new();
+            let mut size = 0;
+            for p in &self.pending {
+                if self.in_flight.contains(&p.tx.key()) {
+                    continue;
+                }
+                if txs.len() >= self.cfg.max_batch_txs
+                    || (size + p.tx.size() > self.cfg.max_batch_bytes && !txs.is_empty())
+                {
+                    break;
+                }
+                size += p.tx.size();
+                txs.push(p.tx.clone());
+            }
+            let seq = self.next_seq;
+            if !self.may_vote(self.view, seq) {
+                return;
+            }
+            if self.votes.get(&seq).is_some_and(|(v, _)| *v == self.view) {
+                // Already proposed here before a restart: never propose
+                // something else at the same (view, seq).
+                self.next_seq = seq.saturating_add(1);
+                continue;
+            }
+            // Never below a batch already in the log (re-proposed after a
+            // view change, perhaps by a primary whose clock ran ahead), or
+            // backups would refuse the proposal as going backwards.
+            let logged = self
+                .log
+                .range(..seq)
+                .filter_map(|(_, slot)| slot.batch.as_ref().map(|b| b.timestamp))
+                .max()
+                .unwrap_or(0);
+            let timestamp = self
+                .now
+                .max(self.last_proposed_ts)
+                .max(self.ledger.head().timestamp)
+                .max(logged);
+            self.last_proposed_ts = timestamp;
+            let batch = Batch {
+                proposed_view: self.view,
+                timestamp,
+                txs,
+            };
+            let digest = batch.digest();
+            let pp = PrePrepare {
+                network: self.network,
+                view: self.view,
+                seq,
+                digest,
+            };
+            let Some(signed) = self.seal(&pp) else { return };
+            self.next_seq = seq.saturating_add(1);
+            self.persist(PersistRecord::Vote {
+                view: self.view,
+                seq,
+                digest,
+            });
+            self.votes.insert(seq, (self.view, digest));
+            self.send(
+                Recipient::All,
+                Message::PrePrepare {
+                    pre_prepare: signed.clone(),
+                    batch: batch.clone(),
+                },
+            );
+            self.accept_pre_prepare(seq, signed, batch, digest);
+        }
+    }
+
+    /// Stores an accepted pre-prepare in the slot; sends this backup's
+    /// prepare after persisting the vote.
+    fn accept_pre_prepare(
+        &mut self,
+        seq: u64,
+        signed: Signed<PrePrepare>,
+        batch: Batch,
+        digest: Hash,
+    ) {
+        let view = self.view;
+        for tx in &batch.txs {
+            self.in_flight.insert(tx.key());
+        }
+        let now = self.now;
+        let slot = self.log.entry(seq).or_default();
+        if slot.view != view {
+            slot.reset_for_view(view);
+        }
+        slot.digest = Some(digest);
+        slot.pre_prepare = Some(signed);
+        slot.batch = Some(batch);
+        slot.touched = now;
+        if self.primary_of(view) != self.me && self.may_vote(view, seq) {
+            if self.votes.get(&seq) != Some(&(view, digest)) {
+                self.persist(PersistRecord::Vote { view, seq, digest });
+                self.votes.insert(seq, (view, digest));
+            }
+            let prepare = Prepare {
+                network: self.network,
+                view,
+                seq,
+                digest,
+            };
+            if let Some(signed) = self.seal(&prepare) {
+                if let Some(slot) = self.log.get_mut(&seq) {
+                    slot.prepares.insert(self.me, (digest, signed.clone()));
+                }
+                self.send(Recipient::All, Message::Prepare(signed));
+            }
+        }
+        self.check_prepared(seq);
+        self.check_committed(seq);
+    }
+
+    /// Routes a normal-case message by view and watermark: returns true if
+    /// it is for the current view and inside the window.
+    fn admit_normal(&mut self, from: usize, view: u64, seq: u64, message: &Message) -> bool {
+        if view < self.view {
+            self.drop_input(DropReason::OldView);
+            return false;
+        }
+        if view > self.view || self.changing {
+            self.buffer_future(from, message.clone(), view);
+            return false;
+        }
+        if seq <= self.stable.seq {
+            self.drop_input(DropReason::BelowWindow);
+            return false;
+        }
+        if seq > self.high_watermark() {
+            let share = self.buffer_share(self.cfg.max_out_of_window_messages);
+            let used = self
+                .out_of_window_per_sender
+                .get(from)
+                .copied()
+                .unwrap_or(usize::MAX);
+            if self.out_of_window.len() >= self.cfg.max_out_of_window_messages || used >= share {
+                self.drop_input(DropReason::OutOfWindowOverflow);
+            } else {
+                if let Some(c) = self.out_of_window_per_sender.get_mut(from) {
+                    *c += 1;
+                }
+                self.out_of_window.push_back(message.clone());
+            }
+            return false;
+        }
+        true
+    }
+
+    /// Each sender's share of a buffer of `cap` messages.
+    fn buffer_share(&self, cap: usize) -> usize {
+        (cap / self.validators.n()).max(1)
+    }
+
+    fn buffer_future(&mut self, from: usize, message: Message, view: u64) {
+        let share = self.buffer_share(self.cfg.max_future_messages);
+        let used = self
+            .future_per_sender
+            .get(from)
+            .copied()
+            .unwrap_or(usize::MAX);
+        if self.future.len() >= self.cfg.max_future_messages
+            || used >= share
+            || view > self.view.saturating_add(self.cfg.max_future_views)
+        {
+            self.drop_input(DropReason::FutureViewOverflow);
+        } else {
+            if let Some(c) = self.future_per_sender.get_mut(from) {
+                *c += 1;
+            }
+            self.future.push_back(message);
+        }
+    }
+
+    fn on_pre_prepare(&mut self, signed: Signed<PrePrepare>, batch: Batch) {
+        let Some((from, pp)) = self.open(&signed) else {
+            return;
+        };
+        if !self.check_network(pp.network) {
+            return;
+        }
+        let message = Message::PrePrepare {
+            pre_prepare: signed.clone(),
+            batch: batch.clone(),
+        };
+        if !self.admit_normal(from, pp.view, pp.seq, &message) {
+            return;
+        }
+        if from != self.primary_of(pp.view) {
+            self.drop_input(DropReason::NotPrimary);
+            return;
+        }
+        if let Some(slot) = self.log.get(&pp.seq)
+            && slot.view == pp.view
+            && let Some(existing) = slot.digest
+        {
+            let reason = if existing == pp.digest {
+                DropReason::Duplicate
+            } else {
+                DropReason::Equivocation
+            };
+            self.drop_input(reason);
+            return;
+        }
+        if batch.digest() != pp.digest {
+            self.drop_input(DropReason::DigestMismatch);
+            return;
+        }
+        if batch.proposed_view > pp.view {
+            self.drop_input(DropReason::Malformed);
+            return;
+        }
+        if batch.txs.len() > self.cfg.max_batch_txs
+            || batch.size() > self.cfg.max_batch_bytes
+            || batch.txs.iter().any(|t| t.size() > self.cfg.max_tx_bytes)
+        {
+            self.drop_input(DropReason::TooLarge);
+            return;
+        }
+        if let Some((view, digest)) = self.votes.get(&pp.seq)
+            && *view == pp.view
+            && *digest != pp.digest
+        {
+            self.drop_input(DropReason::ConflictsWithOwnVote);
+            return;
+        }
+        // The previous block's timestamp bounds this one from below, local
+        // time (with the allowed skew) from both sides.
+        let floor = self
+            .log
+            .range(..pp.seq)
+            .filter(|(_, s)| s.view == pp.view)
+            .filter_map(|(_, s)| s.batch.as_ref().map(|b| b.timestamp))
+            .max()
+            .unwrap_or(0)
+            .max(if self.ledger.height() < pp.seq {
+                self.ledger.head().timestamp
+            } else {
+                0
+            });
+        let skew = self.cfg.max_clock_skew_ms;
+        if batch.timestamp < floor
+            || batch.timestamp > self.now.saturating_add(skew)
+            || batch.timestamp.saturating_add(skew) < self.now
+        {
+            self.drop_input(DropReason::BadTimestamp);
+            return;
+        }
+        self.accept_pre_prepare(pp.seq, signed, batch, pp.digest);
+    }
+
+    fn on_prepare(&mut self, signed: Signed<Prepare>) {
+        let Some((from, p)) = self.open(&signed) else {
+            return;
+        };
+        if !self.check_network(p.network) {
+            return;
+        }
+        if !self.admit_normal(from, p.view, p.seq, &Message::Prepare(signed.clone())) {
+            return;
+        }
+        if from == self.primary_of(p.view) {
+            self.drop_input(DropReason::Malformed);
+            return;
+        }
+        let view = self.view;
+        let now = self.now;
+        let slot = self.log.entry(p.seq).or_default();
+        if slot.view != view {
+            slot.reset_for_view(view);
+        }
+        match slot.prepares.get(&from) {
+            Some((d, _)) if *d == p.digest => {
+                self.drop_input(DropReason::Duplicate);
+                return;
+            }
+            Some(_) => {
+                self.drop_input(DropReason::Equivocation);
+                return;
+            }
+            None => {
+                slot.prepares.insert(from, (p.digest, signed));
+                slot.touched = now;
+            }
+        }
+        self.check_prepared(p.seq);
+    }
+
+    fn on_commit(&mut self, signed: Signed<Commit>) {
+        let Some((from, c)) = self.open(&signed) else {
+            return;
+        };
+        if !self.check_network(c.network) {
+            return;
+        }
+        if !self.admit_normal(from, c.view, c.seq, &Message::Commit(signed.clone())) {
+            return;
+        }
+        let view = self.view;
+        let now = self.now;
+        let slot = self.log.entry(c.seq).or_default();
+        if slot.view != view {
+            slot.reset_for_view(view);
+        }
+        match slot.commits.get(&from) {
+            Some((d, _)) if *d == c.digest => {
+                self.drop_input(DropReason::Duplicate);
+                return;
+            }
+            Some(_) => {
+                self.drop_input(DropReason::Equivocation);
+                return;
+            }
+            None => {
+                slot.commits.insert(from, (c.digest, signed));
+                slot.touched = now;
+            }
+        }
+        self.check_committed(c.seq);
+    }
+
+    fn check_prepared(&mut self, seq: u64) {
+        let view = self.view;
+        let primary = self.primary_of(view);
+        let quorum = self.quorum();
+        let Some(slot) = self.log.get_mut(&seq) else {
+            return;
+        };
+        if slot.prepared || slot.view != view {
+            return;
+        }
+        let (Some(digest), Some(pp), Some(batch)) =
+            (slot.digest, slot.pre_prepare.clone(), slot.batch.clone())
+        else {
+            return;
+        };
+        let prepares: Vec<Signed<Prepare>> = slot
+            .prepares
+            .iter()
+            .filter(|(i, (d, _))| **i != primary && *d == digest)
+            .map(|(_, (_, s))| s.clone())
+            .collect();
+        if prepares.len() + 1 < quorum {
+            return;
+        }
+        slot.prepared = true;
+        let proof = PreparedProof {
+            pre_prepare: pp,
+            batch,
+            prepares,
+        };
+        slot.proof = Some(proof.clone());
+        self.persist(PersistRecord::Prepared(proof));
+        if !self.may_vote(view, seq) {
+            self.check_committed(seq);
+            return;
+        }
+        let commit = Commit {
+            network: self.network,
+            view,
+            seq,
+            digest,
+        };
+        if let Some(signed) = self.seal(&commit) {
+            if let Some(slot) = self.log.get_mut(&seq) {
+                slot.commits.insert(self.me, (digest, signed.clone()));
+            }
+            self.send(Recipient::All, Message::Commit(signed));
+        }
+        self.check_committed(seq);
+    }
+
+    fn check_committed(&mut self, seq: u64) {
+        let view = self.view;
+        let quorum = self.quorum();
+        let Some(slot) = self.log.get_mut(&seq) else {
+            return;
+        };
+        if slot.committed || slot.view != view {
+            return;
+        }
+        if slot.prepared {
+            let Some(digest) = slot.digest else { return };
+            let count = slot.commits.values().filter(|(d, _)| *d == digest).count();
+            if count >= quorum {
+                slot.committed = true;
+                self.try_execute();
+            }
+            return;
+        }
+        // A quorum committed something this replica never prepared (it
+        // missed the pre-prepare or prepares): fetch the block instead.
+        let mut counts: BTreeMap<Hash, usize> = BTreeMap::new();
+        for (d, _) in slot.commits.values() {
+            *counts.entry(*d).or_insert(0) += 1;
+        }
+        if counts.values().any(|c| *c >= quorum) && seq > self.ledger.height() {
+            let hint = slot.commits.keys().copied().find(|i| *i != self.me);
+            self.start_fetch(seq, hint);
+        }
+    }
+
+    fn try_execute(&mut self) {
+        loop {
+            let next = self.ledger.height().saturating_add(1);
+            let Some(slot) = self.log.get(&next) else {
+                return;
+            };
+            if !slot.committed {
+                return;
+            }
+            let (Some(batch), Some(digest)) = (slot.batch.clone(), slot.digest) else {
+                return;
+            };
+            let commits: Vec<Signed<Commit>> = slot
+                .commits
+                .values()
+                .filter(|(d, _)| *d == digest)
+                .map(|(_, s)| s.clone())
+                .collect();
+            let cert = CommitCertificate {
+                view: slot.view,
+                seq: next,
+                header: batch.header(),
+                commits,
+            };
+            let block = self.ledger.next_block(&batch);
+            self.commit_block(block, cert, false);
+        }
+    }
+
+    /// Appends a verified block, persists it first, then reports it and
+    /// takes a checkpoint when due.
+    fn commit_block(&mut self, block: Block, cert: CommitCertificate, fetched: bool) {
+        self.persist(PersistRecord::Block {
+            block: block.clone(),
+            certificate: cert.clone(),
+        });
+        let keys: HashSet<(ClientId, u64)> = block.txs.iter().map(Transaction::key).collect();
+        let applied = self.ledger.append(block.clone(), cert.clone());
+        self.forget_pending(&keys);
+        if fetched {
+            self.stats.blocks_fetched += 1;
+        } else {
+            self.stats.blocks_committed += 1;
+        }
+        let height = block.height;
+        let state = block.hash();
+        self.outputs.push_back(Output::Committed {
+            block,
+            certificate: cert,
+            applied,
+        });
+        self.vc_attempt = 0;
+        self.last_progress = self.now;
+        self.deadline = None;
+        self.next_seq = self.next_seq.max(height.saturating_add(1));
+        if height.is_multiple_of(self.cfg.checkpoint_interval) {
+            let checkpoint = Checkpoint {
+                network: self.network,
+                seq: height,
+                state,
+            };
+            if let Some(signed) = self.seal(&checkpoint) {
+                self.send(Recipient::All, Message::Checkpoint(signed.clone()));
+                self.record_checkpoint_vote(self.me, height, state, signed);
+            }
+        }
+    }
+
+    // ----- checkpoints -----------------------------------------------------
+
+    fn on_checkpoint(&mut self, signed: Signed<Checkpoint>) {
+        let Some((from, c)) = self.open(&signed) else {
+            return;
+        };
+        if !self.check_network(c.network) {
+            return;
+        }
+        if c.seq <= self.stable.seq {
+            self.drop_input(DropReason::BelowWindow);
+            return;
+        }
+        if c.seq % self.cfg.checkpoint_interval != 0 {
+            self.drop_input(DropReason::Malformed);
+            return;
+        }
+        self.record_checkpoint_vote(from, c.seq, c.state, signed);
+    }
+
+    fn record_checkpoint_vote(
+        &mut self,
+        from: usize,
+        seq: u64,
+        state: Hash,
+        signed: Signed<Checkpoint>,
+    ) {
+        let votes = self.checkpoint_votes.entry(seq).or_default();
+        if votes.contains_key(&from) {
+            self.drop_input(DropReason::Duplicate);
+            return;
+        }
+        votes.insert(from, (state, signed));
+        // Bound memory per sender: keep only its highest few checkpoints.
+        let mine: Vec<u64> = self
+            .checkpoint_votes
+            .iter()
+            .filter(|(_, v)| v.contains_key(&from))
+            .map(|(s, _)| *s)
+            .collect();
+        if mine.len() > self.cfg.max_checkpoints_per_replica
+            && let Some(lowest) = mine.first()
+            && let Some(v) = self.checkpoint_votes.get_mut(lowest)
+        {
+            v.remove(&from);
+        }
+        self.checkpoint_votes.retain(|_, v| !v.is_empty());
+        self.check_stable(seq);
+    }
+
+    fn check_stable(&mut self, seq: u64) {
+        let quorum = self.quorum();
+        let Some(votes) = self.checkpoint_votes.get(&seq) else {
+            return;
+        };
+        let mut by_state: BTreeMap<Hash, Vec<Signed<Checkpoint>>> = BTreeMap::new();
+        for (state, signed) in votes.values() {
+            by_state.entry(*state).or_default().push(signed.clone());
+        }
+        let Some((state, messages)) = by_state.into_iter().find(|(_, m)| m.len() >= quorum) else {
+            return;
+        };
+        self.adopt_stable(CheckpointProof {
+            seq,
+            state,
+            messages,
+        });
+    }
+
+    /// Moves the low watermark to a verified stable checkpoint and forgets
+    /// everything at or below it.
+    fn adopt_stable(&mut self, proof: CheckpointProof) {
+        if proof.seq <= self.stable.seq {
+            return;
+        }
+        let seq = proof.seq;
+        self.persist(PersistRecord::StableCheckpoint(proof.clone()));
+        self.stable = proof;
+        self.stats.stable_checkpoints += 1;
+        let keep = seq.saturating_add(1);
+        self.log = self.log.split_off(&keep);
+        self.checkpoint_votes = self.checkpoint_votes.split_off(&keep);
+        self.votes = self.votes.split_off(&keep);
+        self.next_seq = self.next_seq.max(keep);
+        self.rebuild_in_flight();
+        if self.ledger.height() < seq {
+            self.start_fetch(seq, None);
+        }
+        self.progress_recovery(None);
+        let buffered: Vec<Message> = self.out_of_window.drain(..).collect();
+        self.out_of_window_per_sender
+            .iter_mut()
+            .for_each(|c| *c = 0);
+        for message in buffered {
+            self.dispatch(message);
+        }
+        self.try_propose();
+    }
+
+    fn rebuild_in_flight(&mut self) {
+        let height = self.ledger.height();
+        self.in_flight = self
+            .log
+            .range(height.saturating_add(1)..)
+            .filter_map(|(_, s)| s.batch.as_ref())
+            .flat_map(|b| b.txs.iter().map(Transaction::key))
+            .collect();
+    }
+
+    // ----- view change -----------------------------------------------------
+
+    fn start_view_change(&mut self, target: u64) {
+        // A recovering replica's view change would omit prepared proofs it
+        // forgot; it waits for the others' new view instead.
+        if target <= self.view || self.recovery.is_some() {
+            return;
+        }
+        self.view = target;
+        self.changing = true;
+        self.new_view = None;
+        self.stats.view_changes_started += 1;
+        self.persist(PersistRecord::View {
+            view: target,
+            changing: true,
+        });
+        self.send_view_change();
+        // The wait for the new view starts only once a quorum has joined
+        // this view (see `update_timer`): a replica alone cannot run ahead
+        // of the others through ever higher views.
+        self.deadline = None;
+        self.vc_attempt = self.vc_attempt.saturating_add(1);
+        self.view_changes.retain(|v, _| *v >= target);
+        self.try_build_new_view();
+        self.replay_future();
+    }
+
+    /// Signs and broadcasts this replica's view change for the current
+    /// (target) view: its stable checkpoint and every prepared proof above.
+    fn send_view_change(&mut self) {
+        let target = self.view;
+        let low = self.stable.seq;
+        let prepared: Vec<PreparedProof> = self
+            .log
+            .range(low.saturating_add(1)..)
+            .filter_map(|(_, s)| s.proof.clone())
+            .collect();
+        let vc = ViewChange {
+            network: self.network,
+            new_view: target,
+            checkpoint: self.stable.clone(),
+            prepared,
+        };
+        if let Some(signed) = self.seal(&vc) {
+            self.view_changes
+                .entry(target)
+                .or_default()
+                .insert(self.me, signed.clone());
+            self.send(Recipient::All, Message::ViewChange(signed));
+        }
+    }
+
+    fn validate_checkpoint_proof(&self, proof: &CheckpointProof) -> Result<(), Error> {
+        if proof.seq == 0 {
+            if proof.state == genesis_hash(self.network) && proof.messages.is_empty() {
+                return Ok(());
+            }
+            return Err(Error::InvalidCertificate("bad genesis checkpoint".into()));
+        }
+        if !proof.seq.is_multiple_of(self.cfg.checkpoint_interval) {
+            return Err(Error::InvalidCertificate(
+                "checkpoint off the interval".into(),
+            ));
+        }
+        let mut signers = BTreeSet::new();
+        for signed in &proof.messages {
+            let index = self
+                .validators
+                .index_of(signed.signer())
+                .ok_or_else(|| Error::InvalidCertificate("checkpoint from a non-member".into()))?;
+            let c = self.signer.open(signed)?;
+            if c.network != self.network || c.seq != proof.seq || c.state != proof.state {
+                return Err(Error::InvalidCertificate(
+                    "checkpoint does not match".into(),
+                ));
+            }
+            signers.insert(index);
+        }
+        if signers.len() < self.quorum() {
+            return Err(Error::InvalidCertificate(
+                "too few checkpoint signers".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a prepared proof and returns its pre-prepare.
+    fn validate_prepared(
+        &self,
+        proof: &PreparedProof,
+        low: u64,
+        new_view: u64,
+    ) -> Result<PrePrepare, Error> {
+        let bad = |why: &str| Err(Error::InvalidCertificate(why.into()));
+        let Some(from) = self.validators.index_of(proof.pre_prepare.signer()) else {
+            return bad("pre-prepare from a non-member");
+        };
+        let pp = self.signer.open(&proof.pre_prepare)?;
+        if pp.network != self.network || from != self.primary_of(pp.view) {
+            return bad("pre-prepare not from that view's primary");
+        }
+        if pp.view >= new_view {
+            return bad("prepared in a view not below the new view");
+        }
+        if pp.seq <= low || pp.seq > low.saturating_add(self.cfg.window) {
+            return bad("prepared sequence number outside the window");
+        }
+        if proof.batch.digest() != pp.digest {
+            return bad("batch does not match the digest");
+        }
+        if proof.batch.txs.len() > self.cfg.max_batch_txs
+            || proof.batch.size() > self.cfg.max_batch_bytes
+        {
+            return bad("batch too large");
+        }
+        let mut signers = BTreeSet::new();
+        for signed in &proof.prepares {
+            let Some(index) = self.validators.index_of(signed.signer()) else {
+                return bad("prepare from a non-member");
+            };
+            if index == from {
+                return bad("prepare from the primary");
+            }
+            let p = self.signer.open(signed)?;
+            if p.network != self.network
+                || p.view != pp.view
+                || p.seq != pp.seq
+                || p.digest != pp.digest
+            {
+                return bad("prepare does not match the pre-prepare");
+            }
+            signers.insert(index);
+        }
+        if signers.len() + 1 < self.quorum() {
+            return bad("too few prepares");
+        }
+        Ok(pp)
+    }
+
+    fn validate_view_change(&self, vc: &ViewChange) -> Result<(), Error> {
+        if vc.network != self.network {
+            return Err(Error::InvalidCertificate("wrong network".into()));
+        }
+        self.validate_checkpoint_proof(&vc.checkpoint)?;
+        let mut last_seq = vc.checkpoint.seq;
+        for proof in &vc.prepared {
+            let pp = self.validate_prepared(proof, vc.checkpoint.seq, vc.new_view)?;
+            if pp.seq <= last_seq {
+                return Err(Error::InvalidCertificate(
+                    "prepared proofs out of order".into(),
+                ));
+            }
+            last_seq = pp.seq;
+        }
+        Ok(())
+    }
+
+    /// The deterministic new-view computation every replica repeats: the
+    /// highest stable checkpoint, and for each sequence number above it up
+    /// to the highest prepared one, the batch prepared in the highest view
+    /// (or the null batch).
+    fn compute_new_view(
+        &self,
+        view: u64,
+        vcs: &[ViewChange],
+    ) -> (CheckpointProof, Vec<(u64, Batch)>) {
+        let mut checkpoint = self.stable.clone();
+        checkpoint.seq = 0;
+        checkpoint.state = genesis_hash(self.network);
+        checkpoint.messages.clear();
+        for vc in vcs {
+            if vc.checkpoint.seq > checkpoint.seq {
+                checkpoint = vc.checkpoint.clone();
+            }
+        }
+        let min_s = checkpoint.seq;
+        let mut chosen: BTreeMap<u64, (u64, &Batch)> = BTreeMap::new();
+        for vc in vcs {
+            for proof in &vc.prepared {
+                let Ok(pp) = decode_unverified(&proof.pre_prepare) else {
+                    continue;
+                };
+                if pp.seq <= min_s {
+                    continue;
+                }
+                match chosen.get(&pp.seq) {
+                    Some((v, _)) if *v >= pp.view => {}
+                    _ => {
+                        chosen.insert(pp.seq, (pp.view, &proof.batch));
+                    }
+                }
+            }
+        }
+        let max_s = chosen.keys().next_back().copied().unwrap_or(min_s);
+        let out = (min_s.saturating_add(1)..=max_s)
+            .map(|seq| {
+                let batch = chosen
+                    .get(&seq)
+                    .map(|(_, b)| (*b).clone())
+                    .unwrap_or_else(|| Batch::null(view));
+                (seq, batch)
+            })
+            .collect();
+        (checkpoint, out)
+    }
+
+    fn on_view_change(&mut self, signed: Signed<ViewChange>) {
+        let Some((from, vc)) = self.open(&signed) else {
+            return;
+        };
+        if !self.check_network(vc.network) {
+            return;
+        }
+        if vc.new_view < self.view || (vc.new_view == self.view && !self.changing) {
+            // The sender is behind: hand it the new view that started ours.
+            self.help_lagging(from);
+            self.drop_input(DropReason::OldView);
+            return;
+        }
+        if vc.new_view > self.view.saturating_add(self.cfg.max_future_views) {
+            self.drop_input(DropReason::FutureViewOverflow);
+            return;
+        }
+        if self
+            .view_changes
+            .get(&vc.new_view)
+            .is_some_and(|m| m.contains_key(&from))
+        {
+            self.drop_input(DropReason::Duplicate);
+            return;
+        }
+        if self.validate_view_change(&vc).is_err() {
+            self.drop_input(DropReason::InvalidCertificate);
+            return;
+        }
+        // Each replica counts once across views: keep only its highest.
+        for (v, m) in self.view_changes.iter_mut() {
+            if *v < vc.new_view {
+                m.remove(&from);
+            }
+        }
+        self.view_changes
+            .entry(vc.new_view)
+            .or_default()
+            .insert(from, signed);
+        self.view_changes.retain(|_, m| !m.is_empty());
+        self.join_if_f_plus_one();
+        self.try_build_new_view();
+    }
+
+    /// If f+1 replicas (so at least one correct) want views above ours, go
+    /// to the highest view that f+1 of them want.
+    fn join_if_f_plus_one(&mut self) {
+        let f = self.validators.f();
+        let mut wanted: Vec<u64> = Vec::new();
+        for index in 0..self.validators.n() {
+            if index == self.me {
+                continue;
+            }
+            let vc_view = self
+                .view_changes
+                .iter()
+                .rev()
+                .find(|(_, m)| m.contains_key(&index))
+                .map(|(v, _)| *v)
+                .unwrap_or(0);
+            let status_view = self.peers.get(index).map(|p| p.view).unwrap_or(0);
+            let view = vc_view.max(status_view);
+            if view > self.view {
+                wanted.push(view);
+            }
+        }
+        if wanted.len() < f + 1 {
+            return;
+        }
+        wanted.sort_unstable_by(|a, b| b.cmp(a));
+        let Some(target) = wanted.get(f).copied() else {
+            return;
+        };
+        if target > self.view {
+            self.start_view_change(target);
+        }
+    }
+
+    fn help_lagging(&mut self, peer: usize) {
+        if self.changing {
+            return;
+        }
+        let Some(nv) = self.new_view.clone() else {
+            return;
+        };
+        let now = self.now;
+        let interval = self.cfg.retransmit_interval_ms;
+        let Some(info) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if info
+            .helped_at
+            .is_some_and(|t| t.saturating_add(interval) > now)
+        {
+            return;
+        }
+        info.helped_at = Some(now);
+        self.send_to(peer, Message::NewView(nv));
+    }
+
+    fn try_build_new_view(&mut self) {
+        if !self.changing || !self.is_primary() || self.recovery.is_some() {
+            return;
+        }
+        let view = self.view;
+        let quorum = self.quorum();
+        let Some(received) = self.view_changes.get(&view) else {
+            return;
+        };
+        if received.len() < quorum || !received.contains_key(&self.me) {
+            return;
+        }
+        // Our own first, then the lowest indices: any quorum is correct.
+        let mut chosen: Vec<Signed<ViewChange>> = Vec::new();
+        if let Some(mine) = received.get(&self.me) {
+            chosen.push(mine.clone());
+        }
+        for (i, s) in received {
+            if *i != self.me && chosen.len() < quorum {
+                chosen.push(s.clone());
+            }
+        }
+        let decoded: Vec<ViewChange> = chosen
+            .iter()
+            .filter_map(|s| decode_unverified(s).ok())
+            .collect();
+        if decoded.len() != chosen.len() {
+            return;
+        }
+        let (checkpoint, entries) = self.compute_new_view(view, &decoded);
+        let mut pre_prepares = Vec::new();
+        let mut accepted = Vec::new();
+        for (seq, batch) in entries {
+            let digest = batch.digest();
+            let Some(pp) = self.seal(&PrePrepare {
+                network: self.network,
+                view,
+                seq,
+                digest,
+            }) else {
+                return;
+            };
+            pre_prepares.push(pp.clone());
+            accepted.push((seq, pp, batch));
+        }
+        let nv = NewView {
+            network: self.network,
+            view,
+            view_changes: chosen,
+            pre_prepares,
+        };
+        let Some(signed) = self.seal(&nv) else { return };
+        self.persist(PersistRecord::View {
+            view,
+            changing: false,
+        });
+        for (seq, pp, _) in &accepted {
+            if let Ok(p) = decode_unverified(pp) {
+                self.persist(PersistRecord::Vote {
+                    view,
+                    seq: *seq,
+                    digest: p.digest,
+                });
+                self.votes.insert(*seq, (view, p.digest));
+            }
+        }
+        self.send(Recipient::All, Message::NewView(signed.clone()));
+        self.install_new_view(signed, checkpoint, accepted);
+    }
+
+    fn on_new_view(&mut self, signed: Signed<NewView>) {
+        let Some((from, nv)) = self.open(&signed) else {
+            return;
+        };
+        if !self.check_network(nv.network) {
+            return;
+        }
+        if nv.view < self.view || (nv.view == self.view && !self.changing) {
+            self.drop_input(DropReason::OldView);
+            return;
+        }
+        if from != self.primary_of(nv.view) {
+            self.drop_input(DropReason::NotPrimary);
+            return;
+        }
+        match self.validate_new_view(&nv) {
+            Ok((checkpoint, entries)) => {
+                self.view = nv.view;
+                self.persist(PersistRecord::View {
+                    view: nv.view,
+                    changing: false,
+                });
+                self.install_new_view(signed, checkpoint, entries);
+            }
+            Err(_) => self.drop_input(DropReason::InvalidCertificate),
+        }
+    }
+
+    /// Re-verifies a new view: a quorum of valid view changes from distinct
+    /// members for this view, and pre-prepares that match the recomputed
+    /// ones exactly.
+    #[allow(clippy::type_complexity)]
+    fn validate_new_view(
+        &self,
+        nv: &NewView,
+    ) -> Result<(CheckpointProof, Vec<(u64, Signed<PrePrepare>, Batch)>), Error> {
+        let bad = |why: &str| Err(Error::InvalidCertificate(why.into()));
+        let mut signers = BTreeSet::new();
+        let mut decoded = Vec::new();
+        for s in &nv.view_changes {
+            let Some(index) = self.validators.index_of(s.signer()) else {
+                return bad("view change from a non-member");
+            };
+            if !signers.insert(index) {
+                return bad("view change counted twice");
+            }
+            let vc = self.signer.open(s)?;
+            if vc.new_view != nv.view {
+                return bad("view change for another view");
+            }
+            self.validate_view_change(&vc)?;
+            decoded.push(vc);
+        }
+        if signers.len() < self.quorum() {
+            return bad("too few view changes");
+        }
+        let (checkpoint, expected) = self.compute_new_view(nv.view, &decoded);
+        if expected.len() != nv.pre_prepares.len() {
+            return bad("pre-prepares do not match the view changes");
+        }
+        let primary = self.primary_of(nv.view);
+        let mut entries = Vec::new();
+        for ((seq, batch), signed) in expected.into_iter().zip(&nv.pre_prepares) {
+            if self.validators.index_of(signed.signer()) != Some(primary) {
+                return bad("pre-prepare not from the new primary");
+            }
+            let pp = self.signer.open(signed)?;
+            if pp.network != self.network
+                || pp.view != nv.view
+                || pp.seq != seq
+                || pp.digest != batch.digest()
+            {
+                return bad("pre-prepare does not match the recomputed batch");
+            }
+            entries.push((seq, signed.clone(), batch));
+        }
+        Ok((checkpoint, entries))
+    }
+
+    fn install_new_view(
+        &mut self,
+        signed: Signed<NewView>,
+        checkpoint: CheckpointProof,
+        entries: Vec<(u64, Signed<PrePrepare>, Batch)>,
+    ) {
+        let view = self.view;
+        self.changing = false;
+        self.new_view = Some(signed);
+        self.stats.new_views_installed += 1;
+        if let Some(primary) = self.validators.member(self.primary_of(view)).copied() {
+            self.outputs
+                .push_back(Output::ViewInstalled { view, primary });
+        }
+        let max_s = entries.last().map(|(s, _, _)| *s).unwrap_or(checkpoint.seq);
+        // Fresh proposals go above everything the new view re-proposes; set
+        // before adopting the checkpoint, which may try to propose.
+        self.next_seq = max_s
+            .max(self.stable.seq)
+            .max(self.ledger.height())
+            .saturating_add(1);
+        self.adopt_stable(checkpoint);
+        // Slots the new view does not re-propose start over in this view.
+        let height = self.ledger.height();
+        for (seq, slot) in self.log.iter_mut() {
+            if *seq > height && slot.view < view {
+                slot.reset_for_view(view);
+            }
+        }
+        for (seq, pp, batch) in entries {
+            if seq <= self.stable.seq {
+                continue;
+            }
+            let digest = batch.digest();
+            if let Some((v, d)) = self.votes.get(&seq)
+                && *v == view
+                && *d != digest
+            {
+                self.drop_input(DropReason::ConflictsWithOwnVote);
+                continue;
+            }
+            self.accept_pre_prepare(seq, pp, batch, digest);
+        }
+        self.next_seq = self
+            .next_seq
+            .max(max_s.max(self.stable.seq).saturating_add(1));
+        self.view_changes.retain(|v, _| *v > view);
+        self.rebuild_in_flight();
+        // A new primary has not seen what backups forwarded to the old one.
+        for p in self.pending.iter_mut() {
+            p.forwarded = false;
+        }
+        self.deadline = None;
+        self.update_timer();
+        self.replay_future();
+        self.try_propose();
+    }
+
+    fn replay_future(&mut self) {
+        let buffered: Vec<Message> = self.future.drain(..).collect();
+        self.future_per_sender.iter_mut().for_each(|c| *c = 0);
+        for message in buffered {
+            self.dispatch(message);
+        }
+    }
+
+    // ----- status, retransmission, state transfer --------------------------
+
+    fn on_status(&mut self, signed: Signed<Status>) {
+        let Some((from, status)) = self.open(&signed) else {
+            return;
+        };
+        if !self.check_network(status.network) || from == self.me {
+            return;
+        }
+        if let Some(info) = self.peers.get_mut(from) {
+            info.view = status.view;
+            info.height = status.height;
+            info.stable = status.stable;
+        }
+        self.progress_recovery(Some((from, status.height, status.view)));
+        if status.view < self.view && !self.changing {
+            self.help_lagging(from);
+        }
+        self.join_if_f_plus_one();
+    }
+
+    /// If f+1 peers (so at least one correct) report a longer ledger and
+    /// this replica made no progress for a retransmit interval, fetch the
+    /// missing blocks, starting with the peer that reports the most.
+    fn check_lagging(&mut self) {
+        if self.fetch.is_some() {
+            return;
+        }
+        let height = self.ledger.height();
+        let f = self.validators.f();
+        let mut reported: Vec<(u64, usize)> = self
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| *i != self.me && p.height > height)
+            .map(|(i, p)| (p.height, i))
+            .collect();
+        reported.sort_unstable_by(|a, b| b.cmp(a));
+        let Some((target, _)) = reported.get(f).copied() else {
+            return;
+        };
+        let Some((_, peer)) = reported.first().copied() else {
+            return;
+        };
+        if self
+            .last_progress
+            .saturating_add(self.cfg.retransmit_interval_ms)
+            > self.now
+        {
+            return;
+        }
+        self.start_fetch(target, Some(peer));
+    }
+
+    fn next_fetch_peer(&mut self, hint: Option<usize>) -> usize {
+        if let Some(h) = hint
+            && h != self.me
+            && h < self.validators.n()
+        {
+            return h;
+        }
+        let n = self.validators.n();
+        for _ in 0..n {
+            self.fetch_rotation = (self.fetch_rotation + 1) % n;
+            if self.fetch_rotation != self.me {
+                break;
+            }
+        }
+        self.fetch_rotation
+    }
+
+    fn start_fetch(&mut self, target: u64, hint: Option<usize>) {
+        if target <= self.ledger.height() {
+            return;
+        }
+        if let Some(fetch) = &mut self.fetch {
+            fetch.target = fetch.target.max(target);
+            return;
+        }
+        let peer = self.next_fetch_peer(hint);
+        self.request_blocks(target, peer, 0);
+    }
+
+    fn request_blocks(&mut self, target: u64, peer: usize, fruitless: usize) {
+        let from = self.ledger.height().saturating_add(1);
+        let to = target.min(from.saturating_add(self.cfg.max_blocks_per_reply as u64 - 1));
+        let deadline = self.now.saturating_add(self.cfg.fetch_timeout_ms);
+        self.fetch = Some(Fetch {
+            target,
+            peer,
+            deadline,
+            fruitless,
+        });
+        if let Some(signed) = self.seal(&FetchBlocks {
+            network: self.network,
+            from,
+            to,
+        }) {
+            self.send_to(peer, Message::FetchBlocks(signed));
+        }
+    }
+
+    fn on_fetch_blocks(&mut self, signed: Signed<FetchBlocks>) {
+        let Some((from, req)) = self.open(&signed) else {
+            return;
+        };
+        if !self.check_network(req.network) || from == self.me {
+            return;
+        }
+        if req.from == 0 || req.to < req.from {
+            self.drop_input(DropReason::Malformed);
+            return;
+        }
+        if self.serve_budget == 0 {
+            self.drop_input(DropReason::RateLimited);
+            return;
+        }
+        self.serve_budget -= 1;
+        let last = req.to.min(self.ledger.height()).min(
+            req.from
+                .saturating_add(self.cfg.max_blocks_per_reply as u64 - 1),
+        );
+        let blocks: Vec<_> = (req.from..=last)
+            .filter_map(|h| self.ledger.get(h).cloned())
+            .collect();
+        if blocks.is_empty() {
+            return;
+        }
+        if let Some(reply) = self.seal(&BlocksReply {
+            network: self.network,
+            blocks,
+        }) {
+            self.send_to(from, Message::Blocks(reply));
+        }
+    }
+
+    fn on_blocks(&mut self, signed: Signed<BlocksReply>) {
+        let Some((from, reply)) = self.open(&signed) else {
+            return;
+        };
+        if !self.check_network(reply.network) || from == self.me {
+            return;
+        }
+        if reply.blocks.len() > self.cfg.max_blocks_per_reply {
+            self.drop_input(DropReason::TooLarge);
+            return;
+        }
+        let mut applied_any = false;
+        for (block, cert) in reply.blocks {
+            if block.height <= self.ledger.height() {
+                continue;
+            }
+            let head = self.ledger.head();
+            if verify_block(&head, &block, &cert, &self.validators, &self.signer).is_err() {
+                self.drop_input(DropReason::InvalidBlock);
+                break;
+            }
+            self.commit_block(block, cert, true);
+            applied_any = true;
+        }
+        if let Some(fetch) = self.fetch {
+            if self.ledger.height() >= fetch.target {
+                self.fetch = None;
+            } else if applied_any {
+                self.request_blocks(fetch.target, fetch.peer, 0);
+            }
+        }
+        if applied_any {
+            self.rebuild_in_flight();
+            self.try_execute();
+            self.try_propose();
+        }
+    }
+
+    /// Resends what others may have lost: this replica's votes for
+    /// unfinished sequence numbers (and the pre-prepare, as primary), its
+    /// view change while one is in progress, its latest checkpoint vote.
+    fn retransmit(&mut self) {
+        let now = self.now;
+        let interval = self.cfg.retransmit_interval_ms;
+        if self.changing {
+            if let Some(mine) = self
+                .view_changes
+                .get(&self.view)
+                .and_then(|m| m.get(&self.me))
+                .cloned()
+            {
+                self.send(Recipient::All, Message::ViewChange(mine));
+            }
+        } else {
+            let height = self.ledger.height();
+            let me = self.me;
+            let is_primary = self.is_primary();
+            let view = self.view;
+            let lagging: Vec<(usize, u64)> = self
+                .peers
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != me)
+                .map(|(i, p)| (i, p.height))
+                .collect();
+            let mut to_send: Vec<(Option<usize>, Message)> = Vec::new();
+            for (seq, slot) in self.log.range(self.stable.seq.saturating_add(1)..) {
+                if slot.view != view || slot.touched.saturating_add(interval) > now {
+                    continue;
+                }
+                let mut messages = Vec::new();
+                if is_primary && let (Some(pp), Some(batch)) = (&slot.pre_prepare, &slot.batch) {
+                    messages.push(Message::PrePrepare {
+                        pre_prepare: pp.clone(),
+                        batch: batch.clone(),
+                    });
+                }
+                if let Some((_, p)) = slot.prepares.get(&me) {
+                    messages.push(Message::Prepare(p.clone()));
+                }
+                if let Some((_, c)) = slot.commits.get(&me) {
+                    messages.push(Message::Commit(c.clone()));
+                }
+                if *seq > height {
+                    to_send.extend(messages.into_iter().map(|m| (None, m)));
+                } else {
+                    for (peer, peer_height) in &lagging {
+                        if *peer_height < *seq {
+                            to_send.extend(messages.iter().cloned().map(|m| (Some(*peer), m)));
+                        }
+                    }
+                }
+            }
+            for (to, message) in to_send {
+                match to {
+                    None => self.send(Recipient::All, message),
+                    Some(peer) => self.send_to(peer, message),
+                }
+            }
+        }
+        // Peers whose stable checkpoint is behind ours get our proof of it
+        // (the quorum of checkpoint messages), so their window moves and
+        // they fetch what they miss.
+        if self.stable.seq > 0 {
+            let behind: Vec<usize> = self
+                .peers
+                .iter()
+                .enumerate()
+                .filter(|(i, p)| *i != self.me && p.stable < self.stable.seq)
+                .map(|(i, _)| i)
+                .collect();
+            let proof = self.stable.messages.clone();
+            for peer in behind {
+                for m in &proof {
+                    self.send_to(peer, Message::Checkpoint(m.clone()));
+                }
+            }
+        }
+        let own_checkpoint = self
+            .checkpoint_votes
+            .iter()
+            .rev()
+            .find_map(|(_, votes)| votes.get(&self.me).map(|(_, s)| s.clone()));
+        if let Some(signed) = own_checkpoint {
+            self.send(Recipient::All, Message::Checkpoint(signed));
+        }
+    }
+
+    fn dispatch(&mut self, message: Message) {
+        match message {
+            Message::PrePrepare { pre_prepare, batch } => self.on_pre_prepare(pre_prepare, batch),
+            Message::Prepare(s) => self.on_prepare(s),
+            Message::Commit(s) => self.on_commit(s),
+            Message::Checkpoint(s) => self.on_checkpoint(s),
+            Message::ViewChange(s) => self.on_view_change(s),
+            Message::NewView(s) => self.on_new_view(s),
+            Message::Forward(s) => self.on_forward(s),
+            Message::Status(s) => self.on_status(s),
+            Message::FetchBlocks(s) => self.on_fetch_blocks(s),
+            Message::Blocks(s) => self.on_blocks(s),
+        }
+    }
+}

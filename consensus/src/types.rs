@@ -1,0 +1,423 @@
+//! Validator sets, transactions, batches, ledger blocks and commit
+//! certificates, and the chain verification a node runs on blocks it did not
+//! agree on itself.
+
+use std::collections::BTreeSet;
+
+use openagi_crypto::{PublicKey, Signed};
+use serde::{Deserialize, Serialize};
+
+use crate::messages::Commit;
+use crate::signing::{Crypto, StrictCrypto, hash_encoded};
+use crate::{Error, Hash};
+
+/// Identifies one Open-AGI network; every signed consensus message names it
+/// so a signature made for one network (a testnet, say) never counts in
+/// another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NetworkId(pub [u8; 32]);
+
+impl NetworkId {
+    /// Derives a network id from a human-readable network name.
+    pub fn from_name(name: &str) -> Self {
+        let mut hasher = blake3::Hasher::new_derive_key("openagi/consensus/network-id/v1");
+        hasher.update(name.as_bytes());
+        NetworkId(*hasher.finalize().as_bytes())
+    }
+}
+
+/// The fixed membership that runs consensus: `n` validators of which at
+/// most `f = (n - 1) / 3` may be faulty.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValidatorSet {
+    network: NetworkId,
+    members: Vec<PublicKey>,
+}
+
+impl ValidatorSet {
+    /// Builds a validator set; refuses an empty list or a key listed twice
+    /// (a duplicated key would let one signer count twice in a quorum).
+    pub fn new(network: NetworkId, members: Vec<PublicKey>) -> Result<Self, Error> {
+        if members.is_empty() {
+            return Err(Error::Config("validator set is empty".into()));
+        }
+        let distinct: BTreeSet<[u8; 32]> = members.iter().map(|k| k.to_bytes()).collect();
+        if distinct.len() != members.len() {
+            return Err(Error::Config("validator set lists a key twice".into()));
+        }
+        Ok(Self { network, members })
+    }
+
+    /// The network these validators serve.
+    pub fn network(&self) -> NetworkId {
+        self.network
+    }
+
+    /// The members in their fixed order (index = replica id).
+    pub fn members(&self) -> &[PublicKey] {
+        &self.members
+    }
+
+    /// Number of validators.
+    pub fn n(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Largest number of faulty validators tolerated.
+    pub fn f(&self) -> usize {
+        (self.n() - 1) / 3
+    }
+
+    /// Votes needed for a quorum certificate: `n - f`, which is `2f + 1`
+    /// when `n = 3f + 1`; two quorums always share at least one correct
+    /// member.
+    pub fn quorum(&self) -> usize {
+        self.n() - self.f()
+    }
+
+    /// The replica index of `key`, if it is a member.
+    pub fn index_of(&self, key: &PublicKey) -> Option<usize> {
+        self.members.iter().position(|m| m == key)
+    }
+
+    /// The key of replica `index`.
+    pub fn member(&self, index: usize) -> Option<&PublicKey> {
+        self.members.get(index)
+    }
+
+    /// The primary of `view`: `view mod n`.
+    pub fn primary(&self, view: u64) -> usize {
+        (view % self.n() as u64) as usize
+    }
+}
+
+/// An opaque client identifier (for example the hash of the client's key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ClientId(pub [u8; 32]);
+
+/// A client transaction: opaque bytes, tagged with the client and the
+/// client's own sequence number. The pair `(client, seq)` takes effect at
+/// most once, whatever the client or a primary does.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Transaction {
+    /// Who sent it.
+    pub client: ClientId,
+    /// The client's sequence number (or timestamp); starts at 1.
+    pub seq: u64,
+    /// Application data, never interpreted by consensus.
+    pub payload: Vec<u8>,
+}
+
+impl Transaction {
+    /// The exactly-once key.
+    pub fn key(&self) -> (ClientId, u64) {
+        (self.client, self.seq)
+    }
+
+    /// BLAKE3 hash of the canonical encoding.
+    pub fn hash(&self) -> Hash {
+        hash_encoded("openagi/consensus/tx/v1", self)
+    }
+
+    /// Bytes counted against batch and request size limits.
+    pub fn size(&self) -> usize {
+        self.payload.len() + 48
+    }
+}
+
+/// What the replicas agree on for one sequence number: a primary-proposed
+/// timestamp and an ordered list of transactions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    /// The view in which the batch was first proposed; kept when a new
+    /// primary re-proposes it, so every replica derives the same block.
+    pub proposed_view: u64,
+    /// Milliseconds, proposed by the primary.
+    pub timestamp: u64,
+    /// The transactions in order.
+    pub txs: Vec<Transaction>,
+}
+
+impl Batch {
+    /// The empty batch a new primary assigns to a sequence number nobody
+    /// prepared; deterministic so every backup recomputes the same digest.
+    pub fn null(view: u64) -> Self {
+        Batch {
+            proposed_view: view,
+            timestamp: 0,
+            txs: Vec::new(),
+        }
+    }
+
+    /// The header whose hash is the batch digest.
+    pub fn header(&self) -> BatchHeader {
+        BatchHeader {
+            proposed_view: self.proposed_view,
+            timestamp: self.timestamp,
+            batch_root: batch_root(&self.txs),
+        }
+    }
+
+    /// The digest votes refer to.
+    pub fn digest(&self) -> Hash {
+        self.header().digest()
+    }
+
+    /// Total size of the transactions, as counted against limits.
+    pub fn size(&self) -> usize {
+        self.txs.iter().map(Transaction::size).sum()
+    }
+}
+
+/// The part of a batch that votes bind: its digest is what pre-prepare,
+/// prepare and commit messages carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchHeader {
+    /// See [`Batch::proposed_view`].
+    pub proposed_view: u64,
+    /// See [`Batch::timestamp`].
+    pub timestamp: u64,
+    /// Merkle root over the transaction hashes.
+    pub batch_root: Hash,
+}
+
+impl BatchHeader {
+    /// BLAKE3 over the canonical encoding.
+    pub fn digest(&self) -> Hash {
+        hash_encoded("openagi/consensus/batch/v1", self)
+    }
+}
+
+/// Binary Merkle root over transaction hashes, with distinct domains for
+/// leaves, inner nodes and the empty list so no two shapes collide; an odd
+/// node is carried up unchanged.
+pub fn batch_root(txs: &[Transaction]) -> Hash {
+    if txs.is_empty() {
+        return *blake3::Hasher::new_derive_key("openagi/consensus/merkle-empty/v1")
+            .finalize()
+            .as_bytes();
+    }
+    let mut level: Vec<Hash> = txs
+        .iter()
+        .map(|tx| {
+            let mut h = blake3::Hasher::new_derive_key("openagi/consensus/merkle-leaf/v1");
+            h.update(&tx.hash());
+            *h.finalize().as_bytes()
+        })
+        .collect();
+    while level.len() > 1 {
+        level = level
+            .chunks(2)
+            .map(|pair| match pair {
+                [a, b] => {
+                    let mut h = blake3::Hasher::new_derive_key("openagi/consensus/merkle-node/v1");
+                    h.update(a);
+                    h.update(b);
+                    *h.finalize().as_bytes()
+                }
+                [a] => *a,
+                _ => [0; 32],
+            })
+            .collect();
+    }
+    level.first().copied().unwrap_or([0; 32])
+}
+
+/// A committed batch as it is stored in the ledger.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Block {
+    /// Equal to the PBFT sequence number; the first block is height 1.
+    pub height: u64,
+    /// The view in which the batch was first proposed.
+    pub view: u64,
+    /// Hash of the previous block, or [`genesis_hash`] for height 1.
+    pub prev_hash: Hash,
+    /// Merkle root over the transaction hashes.
+    pub batch_root: Hash,
+    /// The proposed timestamp, raised to the previous block's timestamp if
+    /// it was lower, so block time never runs backwards.
+    pub timestamp: u64,
+    /// The batch, including transactions that took no effect because their
+    /// `(client, seq)` had already been applied.
+    pub txs: Vec<Transaction>,
+}
+
+#[derive(Serialize)]
+struct BlockHeaderForHash<'a> {
+    height: u64,
+    view: u64,
+    prev_hash: &'a Hash,
+    batch_root: &'a Hash,
+    timestamp: u64,
+}
+
+impl Block {
+    /// BLAKE3 over the canonical (postcard) encoding of the header; the
+    /// header commits to the transactions through `batch_root`.
+    pub fn hash(&self) -> Hash {
+        hash_encoded(
+            "openagi/consensus/block/v1",
+            &BlockHeaderForHash {
+                height: self.height,
+                view: self.view,
+                prev_hash: &self.prev_hash,
+                batch_root: &self.batch_root,
+                timestamp: self.timestamp,
+            },
+        )
+    }
+}
+
+/// The hash block 1 links to.
+pub fn genesis_hash(network: NetworkId) -> Hash {
+    hash_encoded("openagi/consensus/genesis/v1", &network)
+}
+
+/// Proof that a batch committed: a quorum of signed commits for one view,
+/// sequence number and batch digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitCertificate {
+    /// View of the commits.
+    pub view: u64,
+    /// Sequence number (= block height).
+    pub seq: u64,
+    /// The committed batch's header; its digest is what the commits sign.
+    pub header: BatchHeader,
+    /// At least a quorum of commits from distinct members.
+    pub commits: Vec<Signed<Commit>>,
+}
+
+impl CommitCertificate {
+    /// Checks every commit strictly: members only, each counted once, all
+    /// for this network, view, sequence number and header digest.
+    pub fn verify<C: Crypto>(&self, validators: &ValidatorSet, crypto: &C) -> Result<(), Error> {
+        let digest = self.header.digest();
+        let mut seen = BTreeSet::new();
+        for signed in &self.commits {
+            let index = validators
+                .index_of(signed.signer())
+                .ok_or_else(|| Error::InvalidCertificate("commit from a non-member".into()))?;
+            let commit = crypto.open(signed)?;
+            if commit.network != validators.network()
+                || commit.view != self.view
+                || commit.seq != self.seq
+                || commit.digest != digest
+            {
+                return Err(Error::InvalidCertificate(
+                    "commit does not match certificate".into(),
+                ));
+            }
+            seen.insert(index);
+        }
+        if seen.len() < validators.quorum() {
+            return Err(Error::InvalidCertificate(format!(
+                "{} distinct commits, quorum is {}",
+                seen.len(),
+                validators.quorum()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The last block a chain segment builds on: height, hash and timestamp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainAnchor {
+    /// Height of the anchoring block (0 for genesis).
+    pub height: u64,
+    /// Its hash.
+    pub hash: Hash,
+    /// Its timestamp.
+    pub timestamp: u64,
+}
+
+impl ChainAnchor {
+    /// The anchor before block 1.
+    pub fn genesis(network: NetworkId) -> Self {
+        ChainAnchor {
+            height: 0,
+            hash: genesis_hash(network),
+            timestamp: 0,
+        }
+    }
+}
+
+/// Checks that `block` with `cert` extends `anchor`: height and hash link,
+/// batch root over its transactions, header and timestamp rule against the
+/// certificate, and the certificate's signatures.
+pub fn verify_block<C: Crypto>(
+    anchor: &ChainAnchor,
+    block: &Block,
+    cert: &CommitCertificate,
+    validators: &ValidatorSet,
+    crypto: &C,
+) -> Result<(), Error> {
+    let fail = |reason: &str| Error::InvalidBlock {
+        height: block.height,
+        reason: reason.into(),
+    };
+    if block.height != anchor.height.saturating_add(1) || cert.seq != block.height {
+        return Err(fail("height does not follow the previous block"));
+    }
+    if block.prev_hash != anchor.hash {
+        return Err(fail("previous hash does not link"));
+    }
+    if batch_root(&block.txs) != block.batch_root || cert.header.batch_root != block.batch_root {
+        return Err(fail("batch root does not match the transactions"));
+    }
+    if cert.header.proposed_view != block.view {
+        return Err(fail("view does not match the certificate"));
+    }
+    if block.timestamp != cert.header.timestamp.max(anchor.timestamp) {
+        return Err(fail("timestamp breaks the monotonic rule"));
+    }
+    cert.verify(validators, crypto)
+        .map_err(|e| Error::InvalidBlock {
+            height: block.height,
+            reason: e.to_string(),
+        })
+}
+
+/// Re-checks a whole chain from genesis: every hash link, every batch root,
+/// the timestamp rule and every commit certificate (strict Ed25519).
+pub fn verify_chain(
+    blocks: &[Block],
+    certs: &[CommitCertificate],
+    validators: &ValidatorSet,
+) -> Result<(), Error> {
+    verify_chain_from(
+        ChainAnchor::genesis(validators.network()),
+        blocks,
+        certs,
+        validators,
+        &StrictCrypto,
+    )
+}
+
+/// Like [`verify_chain`] but for a segment that starts after `anchor` and
+/// with a caller-chosen signature checker.
+pub fn verify_chain_from<C: Crypto>(
+    anchor: ChainAnchor,
+    blocks: &[Block],
+    certs: &[CommitCertificate],
+    validators: &ValidatorSet,
+    crypto: &C,
+) -> Result<(), Error> {
+    if blocks.len() != certs.len() {
+        return Err(Error::Malformed(format!(
+            "{} blocks but {} certificates",
+            blocks.len(),
+            certs.len()
+        )));
+    }
+    let mut anchor = anchor;
+    for (block, cert) in blocks.iter().zip(certs) {
+        verify_block(&anchor, block, cert, validators, crypto)?;
+        anchor = ChainAnchor {
+            height: block.height,
+            hash: block.hash(),
+            timestamp: block.timestamp,
+        };
+    }
+    Ok(())
+}
