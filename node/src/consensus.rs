@@ -343,6 +343,7 @@ pub fn start(
     store: Arc<Store>,
     net: NetHandle,
     registry: &mut Registry,
+    marker: &std::path::Path,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(ConsensusHandle, JoinHandle<Result<(), ConsensusError>>), ConsensusError> {
     let me = validators
@@ -350,13 +351,25 @@ pub fn start(
         .ok_or(ConsensusError::NotValidator)?;
     let persisted = store.load_consensus()?;
     let restored_height = persisted.blocks.len();
-    let replica = Replica::restore(
-        config,
-        validators.clone(),
-        IdentitySigner::new(identity),
-        persisted,
-        unix_ms(),
-    )?;
+    let nothing_stored = persisted == openagi_consensus::PersistedState::default();
+    let signer = IdentitySigner::new(identity);
+    let replica = if nothing_stored && marker.exists() {
+        // This validator voted before (the marker says so) but its
+        // consensus state is gone: it must not vote where it may have
+        // voted, or it could contradict itself.
+        warn!(marker = %marker.display(), "consensus state lost; recovering before voting again");
+        Replica::recover_after_data_loss(config, validators.clone(), signer, unix_ms())?
+    } else {
+        Replica::restore(config, validators.clone(), signer, persisted, unix_ms())?
+    };
+    if !marker.exists() {
+        openagi_crypto::keyfile::write_atomic(
+            marker,
+            b"this node has taken part in consensus\n",
+            0o600,
+        )
+        .map_err(|e| ConsensusError::Rejected(format!("writing {}: {e}", marker.display())))?;
+    }
     info!(
         validator_index = me,
         height = replica.height(),

@@ -30,6 +30,11 @@ use openagi_crypto::Identity;
 /// The software version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Kept in the data directory (beside the key, outside the database) once
+/// this node has run consensus, so that a lost or replaced database is
+/// recognised and the replica recovers before it votes again.
+const CONSENSUS_MARKER: &str = "consensus.started";
+
 /// How many stored peers are redialled at start.
 const REDIAL_KNOWN_PEERS: usize = 16;
 
@@ -126,6 +131,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
                 store.clone(),
                 net.clone(),
                 metrics.registry_mut(),
+                &data_dir.file(CONSENSUS_MARKER),
                 consensus_stopping,
             )?;
             (Some(handle), Some(task))

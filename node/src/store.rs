@@ -265,6 +265,13 @@ impl Store {
                                 .map_err(engine)?;
                         }
                     }
+                    PersistRecord::Recovering { bound } => {
+                        meta.insert("recovering", encode(bound)?.as_slice())
+                            .map_err(engine)?;
+                    }
+                    PersistRecord::Recovered => {
+                        meta.remove("recovering").map_err(engine)?;
+                    }
                     PersistRecord::StableCheckpoint(proof) => {
                         meta.insert("stable", encode(proof)?.as_slice())
                             .map_err(engine)?;
@@ -290,6 +297,9 @@ impl Store {
         }
         if let Some(v) = meta.get("stable").map_err(engine)? {
             state.stable = Some(decode("pbft_meta", "stable", v.value())?);
+        }
+        if let Some(v) = meta.get("recovering").map_err(engine)? {
+            state.recovering = Some(decode("pbft_meta", "recovering", v.value())?);
         }
         for row in txn
             .open_table(PBFT_VOTES)

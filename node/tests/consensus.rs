@@ -194,3 +194,40 @@ fn a_killed_backup_catches_up_and_a_stopped_primary_is_replaced() {
     .unwrap_or_else(|e| panic!("{e}\n{}", net.node(primary).log()));
     net.assert_ledgers_agree(top);
 }
+
+#[test]
+fn a_validator_that_lost_its_database_recovers_and_catches_up() {
+    let mut net = start_network(4);
+    for i in 0..4 {
+        net.submit(0, &format!("before the loss {i}"));
+    }
+    let primary = net.primary_index();
+    let victim = (primary + 2) % 4;
+    net.nodes[victim]
+        .as_mut()
+        .expect("running")
+        .kill_hard()
+        .expect("kill");
+    net.nodes[victim] = None;
+    std::fs::remove_file(net.dirs[victim].join("node.redb")).expect("database removed");
+    let boot = DaemonOptions {
+        bootstrap: vec![net.node(primary).multiaddr().expect("addr")],
+        ..Default::default()
+    };
+    net.nodes[victim] = Some(Daemon::start(&net.dirs[victim], &boot).expect("restarts"));
+    assert!(
+        net.node(victim)
+            .log()
+            .contains("consensus state lost; recovering"),
+        "the marker must make it recover instead of voting afresh"
+    );
+    for i in 0..4 {
+        net.submit(primary, &format!("after the loss {i}"));
+    }
+    let top = net.node(primary).height();
+    wait_for("victim catches up", Duration::from_secs(60), || {
+        (net.node(victim).height() >= top).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", net.node(victim).log()));
+    net.assert_ledgers_agree(top);
+}
