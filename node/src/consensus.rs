@@ -334,18 +334,34 @@ fn reason_name(reason: DropReason) -> String {
     out
 }
 
-/// Starts the replica task for `identity` in `validators`, restoring what
-/// `store` holds.
+/// Who this replica is and what it runs with.
+pub struct ReplicaSetup {
+    /// The node's signing identity.
+    pub identity: Identity,
+    /// The genesis validator set.
+    pub validators: ValidatorSet,
+    /// Replica tunables.
+    pub config: Config,
+    /// File (beside the key, outside the database) marking that this node
+    /// has taken part in consensus.
+    pub marker: std::path::PathBuf,
+}
+
+/// Starts the replica task, restoring what `store` holds.
 pub fn start(
-    identity: Identity,
-    validators: ValidatorSet,
-    config: Config,
+    setup: ReplicaSetup,
     store: Arc<Store>,
     net: NetHandle,
     registry: &mut Registry,
-    marker: &std::path::Path,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(ConsensusHandle, JoinHandle<Result<(), ConsensusError>>), ConsensusError> {
+    let ReplicaSetup {
+        identity,
+        validators,
+        config,
+        marker,
+    } = setup;
+    let marker = marker.as_path();
     let me = validators
         .index_of(&identity.public())
         .ok_or(ConsensusError::NotValidator)?;

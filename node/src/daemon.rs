@@ -124,14 +124,17 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         }
         let validators = genesis.validator_set()?;
         if validators.index_of(&identity.public()).is_some() {
-            let (handle, task) = consensus::start(
-                Identity::from_seed(&identity.seed()),
+            let setup = consensus::ReplicaSetup {
+                identity: Identity::from_seed(&identity.seed()),
                 validators,
-                config.consensus.replica_config(),
+                config: config.consensus.replica_config(),
+                marker: data_dir.file(CONSENSUS_MARKER),
+            };
+            let (handle, task) = consensus::start(
+                setup,
                 store.clone(),
                 net.clone(),
                 metrics.registry_mut(),
-                &data_dir.file(CONSENSUS_MARKER),
                 consensus_stopping,
             )?;
             (Some(handle), Some(task))
