@@ -41,6 +41,8 @@ pub struct NodeBehaviour {
     pub rpc: request_response::cbor::Behaviour<RpcRequest, RpcResponse>,
     /// Opaque messages to one peer (consensus traffic).
     pub direct: request_response::Behaviour<crate::direct::DirectCodec>,
+    /// End-to-end encrypted messages: key bundles and ratchet messages.
+    pub msg: request_response::Behaviour<crate::msg::MsgCodec>,
 }
 
 impl NodeBehaviour {
@@ -111,14 +113,29 @@ impl NodeBehaviour {
 
         let direct = request_response::Behaviour::with_codec(
             crate::direct::DirectCodec,
-            [(crate::direct::DIRECT_PROTOCOL, request_response::ProtocolSupport::Full)],
+            [(
+                crate::direct::DIRECT_PROTOCOL,
+                request_response::ProtocolSupport::Full,
+            )],
             request_response::Config::default()
                 .with_request_timeout(Duration::from_secs(10))
                 .with_max_concurrent_streams(256),
         );
 
+        let msg = request_response::Behaviour::with_codec(
+            crate::msg::MsgCodec,
+            [(
+                crate::msg::MSG_PROTOCOL,
+                request_response::ProtocolSupport::Full,
+            )],
+            request_response::Config::default()
+                .with_request_timeout(Duration::from_secs(20))
+                .with_max_concurrent_streams(64),
+        );
+
         Ok(Self {
             direct,
+            msg,
             limits: connection_limits::Behaviour::new(limits),
             memory: memory_connection_limits::Behaviour::with_max_bytes(config.max_memory_bytes),
             identify,

@@ -22,7 +22,11 @@ pub const MAX_DIRECT_BYTES: usize = 16 * 1024 * 1024;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DirectCodec;
 
-async fn read_bounded<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io::Result<Vec<u8>> {
+/// Reads a whole stream of at most `limit` bytes.
+pub(crate) async fn read_bounded<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    limit: usize,
+) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();
     // Read one byte past the limit so an oversized message is detected
     // without buffering all of it.
@@ -30,7 +34,7 @@ async fn read_bounded<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> 
     if buf.len() > limit {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("direct message exceeds {limit} bytes"),
+            format!("message exceeds {limit} bytes"),
         ));
     }
     Ok(buf)
@@ -55,7 +59,12 @@ impl Codec for DirectCodec {
         read_bounded(io, 0).await.map(|_| ())
     }
 
-    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> io::Result<()>
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
@@ -79,7 +88,10 @@ mod tests {
     fn oversized_messages_are_errors_and_small_ones_pass() {
         futures::executor::block_on(async {
             let mut ok = futures::io::Cursor::new(vec![7u8; 10]);
-            assert_eq!(read_bounded(&mut ok, 10).await.expect("fits"), vec![7u8; 10]);
+            assert_eq!(
+                read_bounded(&mut ok, 10).await.expect("fits"),
+                vec![7u8; 10]
+            );
             let mut big = futures::io::Cursor::new(vec![7u8; 11]);
             assert!(read_bounded(&mut big, 10).await.is_err());
         });

@@ -21,6 +21,7 @@ mod behaviour;
 mod config;
 mod direct;
 mod metrics;
+mod msg;
 mod service;
 pub mod tor;
 mod transport;
@@ -28,11 +29,14 @@ mod wire;
 
 pub use backoff::Backoff;
 pub use behaviour::{NodeBehaviour, NodeBehaviourEvent};
-pub use direct::{DIRECT_PROTOCOL, MAX_DIRECT_BYTES};
 pub use config::{ConnectionLimitsConfig, NetConfig, TransportMode};
+pub use direct::{DIRECT_PROTOCOL, MAX_DIRECT_BYTES};
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
 pub use metrics::NetMetrics;
-pub use service::{NetEvent, NetHandle, NetSnapshot, NetworkService, PeerSnapshot, ReceivedGossip};
+pub use msg::{MAX_MSG_REQUEST_BYTES, MAX_MSG_RESPONSE_BYTES, MSG_PROTOCOL};
+pub use service::{
+    MsgReply, NetEvent, NetHandle, NetSnapshot, NetworkService, PeerSnapshot, ReceivedGossip,
+};
 pub use wire::{Announce, NodeInfo, RpcRequest, RpcResponse, Topic};
 
 /// Coarse classification of networking errors.
@@ -63,6 +67,14 @@ pub enum Error {
     /// Publishing to gossip failed.
     #[error("publish failed: {0}")]
     Publish(String),
+    /// A request to a peer failed (unreachable, timed out, refused).
+    #[error("request to {peer} failed: {detail}")]
+    Request {
+        /// The peer.
+        peer: String,
+        /// What went wrong.
+        detail: String,
+    },
 }
 
 impl Error {
@@ -72,9 +84,18 @@ impl Error {
             Error::Config(_) => ErrorKind::Config,
             Error::Setup(_) => ErrorKind::Local,
             Error::Stopped => ErrorKind::Stopped,
-            Error::Publish(_) => ErrorKind::Remote,
+            Error::Publish(_) | Error::Request { .. } => ErrorKind::Remote,
         }
     }
+}
+
+/// The node identity behind a peer id: peer ids of Open-AGI nodes embed
+/// their Ed25519 public key, so this needs no lookup. `None` for peer ids
+/// of other key types or hashed keys.
+pub fn public_key_of(peer: &PeerId) -> Option<openagi_crypto::PublicKey> {
+    let key = libp2p::identity::PublicKey::try_decode_protobuf(peer.as_ref().digest()).ok()?;
+    let ed = key.try_into_ed25519().ok()?;
+    openagi_crypto::PublicKey::from_bytes(&ed.to_bytes()).ok()
 }
 
 /// Converts a node identity seed into the libp2p keypair, so the libp2p

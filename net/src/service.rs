@@ -34,6 +34,16 @@ use crate::{Error, NetConfig, NetMetrics};
 const COMMAND_CAPACITY: usize = 256;
 /// Capacity of the event channel out of the network task.
 const EVENT_CAPACITY: usize = 4096;
+/// Most inbound msg requests waiting for the node's answer; beyond this a
+/// request is dropped (the peer sees a failure) rather than queued.
+const MAX_PENDING_MSG_REPLIES: usize = 256;
+/// Most outbound msg requests waiting for a peer's answer.
+const MAX_PENDING_MSG_REQUESTS: usize = 256;
+/// How often a node with few peers asks the DHT for more.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(3);
+/// Above this many connected peers, discovery relies on Kademlia's own
+/// periodic bootstrap.
+const DISCOVERY_TARGET_PEERS: usize = 16;
 /// How long shutdown waits for connections to close politely.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -65,6 +75,17 @@ pub enum NetEvent {
         /// The message bytes, at most [`crate::MAX_DIRECT_BYTES`].
         data: Vec<u8>,
     },
+    /// A peer sent a request on the msg protocol; answer it with
+    /// [`NetHandle::respond_msg`] (dropping the reply answers nothing and
+    /// the peer sees a failure).
+    MsgRequest {
+        /// The sending peer (authenticated by the connection).
+        from: PeerId,
+        /// The request bytes, at most [`crate::MAX_MSG_REQUEST_BYTES`].
+        data: Vec<u8>,
+        /// Where the answer goes.
+        reply: MsgReply,
+    },
     /// A peer on this network told us where it listens (at most 16
     /// addresses, each ending in its `/p2p/` id), so it can be redialled
     /// after a restart.
@@ -75,6 +96,10 @@ pub enum NetEvent {
         listen_addrs: Vec<Multiaddr>,
     },
 }
+
+/// Names an inbound msg request awaiting the node's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsgReply(u64);
 
 /// What the node knows about one connected peer.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -123,6 +148,19 @@ enum Command {
     Dial {
         addr: Multiaddr,
     },
+    SendDirect {
+        peer: PeerId,
+        data: Vec<u8>,
+    },
+    MsgRequest {
+        peer: PeerId,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, Error>>,
+    },
+    MsgRespond {
+        reply: MsgReply,
+        data: Vec<u8>,
+    },
     Shutdown {
         done: oneshot::Sender<()>,
     },
@@ -170,7 +208,29 @@ impl NetHandle {
     /// needed. Waits while the command queue is full, so a fast producer
     /// is slowed to the network's pace instead of growing a queue.
     pub async fn send_direct(&self, peer: PeerId, data: Vec<u8>) -> Result<(), Error> {
-        self.commands.send(Command::SendDirect { peer, data }).await.map_err(|_| Error::Stopped)
+        self.commands
+            .send(Command::SendDirect { peer, data })
+            .await
+            .map_err(|_| Error::Stopped)
+    }
+
+    /// Sends a msg-protocol request to `peer` (dialling it if needed) and
+    /// waits for its answer.
+    pub async fn msg_request(&self, peer: PeerId, data: Vec<u8>) -> Result<Vec<u8>, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::MsgRequest { peer, data, reply })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        answer.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Answers an inbound msg-protocol request.
+    pub async fn respond_msg(&self, reply: MsgReply, data: Vec<u8>) -> Result<(), Error> {
+        self.commands
+            .send(Command::MsgRespond { reply, data })
+            .await
+            .map_err(|_| Error::Stopped)
     }
 
     /// Asks the task to dial `addr`.
@@ -270,6 +330,9 @@ impl NetworkService {
             redials,
             started: Instant::now(),
             announce_sequence: 0,
+            msg_replies: HashMap::new(),
+            next_msg_reply: 0,
+            msg_requests: HashMap::new(),
         };
         let join = tokio::spawn(task.run(command_rx));
         Ok((
@@ -305,6 +368,10 @@ struct NetTask {
     redials: Vec<Redial>,
     started: Instant,
     announce_sequence: u64,
+    msg_replies: HashMap<u64, request_response::ResponseChannel<Vec<u8>>>,
+    next_msg_reply: u64,
+    msg_requests:
+        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, Error>>>,
 }
 
 fn unix_now() -> u64 {
@@ -319,6 +386,8 @@ impl NetTask {
         let mut announce = tokio::time::interval(self.config.announce_interval);
         let mut redial = tokio::time::interval(Duration::from_millis(250));
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut discover = tokio::time::interval(DISCOVERY_INTERVAL);
+        discover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         for addr in self.config.bootstrap.clone() {
             if let Some(peer) = peer_id_of(&addr) {
                 self.swarm.behaviour_mut().kad.add_address(&peer, addr);
@@ -338,6 +407,14 @@ impl NetTask {
                             .inc_by(data.len() as u64);
                         self.swarm.behaviour_mut().direct.send_request(&peer, data);
                     }
+                    Some(Command::MsgRequest { peer, data, reply }) => self.msg_request(peer, data, reply),
+                    Some(Command::MsgRespond { reply, data }) => {
+                        if let Some(channel) = self.msg_replies.remove(&reply.0) {
+                            self.count_payload("msg", Direction::Outbound, data.len());
+                            // Fails only when the peer gave up waiting.
+                            let _ = self.swarm.behaviour_mut().msg.send_response(channel, data);
+                        }
+                    }
                     Some(Command::Dial { addr }) => {
                         if let Err(e) = self.swarm.dial(addr.clone()) {
                             warn!(%addr, error = %e, "dial refused");
@@ -355,6 +432,7 @@ impl NetTask {
                 },
                 _ = announce.tick() => self.announce(),
                 _ = redial.tick() => self.redial_due(),
+                _ = discover.tick() => self.discover(),
             }
         }
     }
@@ -435,6 +513,18 @@ impl NetTask {
                     self.schedule_redial_for(i);
                 }
             }
+        }
+    }
+
+    /// Looks for more peers through the DHT while this node has few. A
+    /// single bootstrap query right after the first connection can run
+    /// before the bootstrap peer has learned of nodes that started at the
+    /// same moment; repeating it closes that gap within seconds, without
+    /// querying a well-connected node all the time.
+    fn discover(&mut self) {
+        let connected = self.swarm.connected_peers().count();
+        if connected > 0 && connected < DISCOVERY_TARGET_PEERS {
+            let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
     }
 
@@ -666,6 +756,7 @@ impl NetTask {
             }
             NodeBehaviourEvent::Rpc(event) => self.on_rpc(event),
             NodeBehaviourEvent::Direct(event) => self.on_direct(event),
+            NodeBehaviourEvent::Msg(event) => self.on_msg(event),
             NodeBehaviourEvent::Limits(never) => match never {},
             NodeBehaviourEvent::Memory(never) => match never {},
         }
@@ -817,18 +908,133 @@ impl NetTask {
         }
     }
 
+    fn count_payload(&self, protocol: &'static str, direction: Direction, bytes: usize) {
+        self.net_metrics
+            .payload_bytes
+            .get_or_create(&ProtocolLabels {
+                protocol,
+                direction,
+            })
+            .inc_by(bytes as u64);
+    }
+
+    fn msg_request(
+        &mut self,
+        peer: PeerId,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, Error>>,
+    ) {
+        self.msg_requests.retain(|_, waiting| !waiting.is_closed());
+        if self.msg_requests.len() >= MAX_PENDING_MSG_REQUESTS {
+            let _ = reply.send(Err(Error::Request {
+                peer: peer.to_string(),
+                detail: "too many msg requests in flight".into(),
+            }));
+            return;
+        }
+        self.count_payload("msg", Direction::Outbound, data.len());
+        let id = self.swarm.behaviour_mut().msg.send_request(&peer, data);
+        self.msg_requests.insert(id, reply);
+    }
+
+    fn on_msg(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                self.count_payload("msg", Direction::Inbound, request.len());
+                self.msg_replies.retain(|_, c| c.is_open());
+                if self.msg_replies.len() >= MAX_PENDING_MSG_REPLIES {
+                    debug!(%peer, "msg request dropped: too many awaiting an answer");
+                    return;
+                }
+                self.next_msg_reply += 1;
+                let reply = MsgReply(self.next_msg_reply);
+                self.msg_replies.insert(reply.0, channel);
+                if self
+                    .events
+                    .try_send(NetEvent::MsgRequest {
+                        from: peer,
+                        data: request,
+                        reply,
+                    })
+                    .is_err()
+                {
+                    self.msg_replies.remove(&reply.0);
+                    self.net_metrics.events_dropped.inc();
+                }
+            }
+            Event::Message {
+                peer,
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                self.count_payload("msg", Direction::Inbound, response.len());
+                if let Some(waiting) = self.msg_requests.remove(&request_id) {
+                    let _ = waiting.send(Ok(response));
+                } else {
+                    debug!(%peer, "msg response nobody waits for");
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(waiting) = self.msg_requests.remove(&request_id) {
+                    let _ = waiting.send(Err(Error::Request {
+                        peer: peer.to_string(),
+                        detail: error.to_string(),
+                    }));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "msg request not answered");
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
     fn on_direct(&mut self, event: request_response::Event<Vec<u8>, ()>) {
         use request_response::{Event, Message};
         match event {
-            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
                 self.net_metrics
                     .payload_bytes
-                    .get_or_create(&ProtocolLabels { protocol: "direct", direction: Direction::Inbound })
+                    .get_or_create(&ProtocolLabels {
+                        protocol: "direct",
+                        direction: Direction::Inbound,
+                    })
                     .inc_by(request.len() as u64);
                 let _ = self.swarm.behaviour_mut().direct.send_response(channel, ());
-                self.emit(NetEvent::Direct { from: peer, data: request });
+                self.emit(NetEvent::Direct {
+                    from: peer,
+                    data: request,
+                });
             }
-            Event::Message { message: Message::Response { .. }, .. } | Event::ResponseSent { .. } => {}
+            Event::Message {
+                message: Message::Response { .. },
+                ..
+            }
+            | Event::ResponseSent { .. } => {}
             Event::OutboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "direct message not delivered");
                 self.net_metrics.direct_failures.inc();

@@ -10,20 +10,29 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use axum::extract::Path;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use openagi_consensus::{ClientId, Transaction};
 use openagi_dashboard::MetricsRegistry;
 use openagi_net::NetHandle;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::consensus::{ConsensusHandle, ConsensusStatus};
+use crate::store::Store;
 
 /// Shared state of the HTTP handlers.
 pub struct ApiState {
     /// The network task.
     pub net: NetHandle,
+    /// The consensus task, when this node is a validator.
+    pub consensus: Option<ConsensusHandle>,
+    /// The node's database.
+    pub store: Arc<Store>,
     /// The metrics registry.
     pub metrics: MetricsRegistry,
     /// The bearer token `/api/v1` requires.
@@ -39,6 +48,8 @@ pub struct ApiState {
     pub transport: String,
     /// The bound API address.
     pub api_addr: String,
+    /// End-to-end encrypted messaging.
+    pub messenger: Arc<crate::msg::Messenger>,
 }
 
 /// The `/api/v1/status` document. Sections are stable: later parts add
@@ -52,6 +63,19 @@ pub struct StatusDocument {
     /// Tor (mode, bootstrap, onion address); `null` with the direct
     /// transport.
     pub tor: Option<openagi_net::tor::TorStatus>,
+    /// Consensus, when this node is a validator (else `null`).
+    pub consensus: Option<ConsensusStatus>,
+    /// The ledger head, when this node runs consensus (else `null`).
+    pub ledger: Option<LedgerStatus>,
+}
+
+/// The `ledger` section of the status document.
+#[derive(Debug, Serialize)]
+pub struct LedgerStatus {
+    /// Committed height.
+    pub height: u64,
+    /// Head block hash (hex).
+    pub head_hash: String,
 }
 
 /// The `node` section of the status document.
@@ -88,7 +112,14 @@ impl ApiState {
     /// Builds the status document.
     pub fn status(&self) -> StatusDocument {
         let snapshot = self.net.snapshot();
+        let consensus = self.consensus.as_ref().map(ConsensusHandle::status);
+        let ledger = consensus.as_ref().map(|c| LedgerStatus {
+            height: c.height,
+            head_hash: c.head_hash.clone(),
+        });
         StatusDocument {
+            consensus,
+            ledger,
             node: NodeStatus {
                 peer_id: snapshot.local_peer_id.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -113,6 +144,18 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let authenticated = Router::new()
         .route("/status", get(status))
         .route("/peers", get(peers))
+        .route("/tx", post(submit_tx))
+        .route("/tx/{hash}", get(tx_status))
+        .route(
+            "/tx/batch",
+            post(submit_batch).layer(axum::extract::DefaultBodyLimit::max(MAX_BATCH_BODY)),
+        )
+        .route("/consensus/latency", get(consensus_latency))
+        .route("/ledger/head", get(ledger_head))
+        .route("/ledger/blocks/{height}", get(ledger_block))
+        .route("/ledger/verify", get(ledger_verify))
+        .route("/msg", post(send_msg))
+        .route("/inbox", get(inbox))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))
@@ -153,6 +196,347 @@ async fn peers(State(state): State<Arc<ApiState>>) -> Response {
     let snapshot = state.net.snapshot();
     Json(serde_json::json!({ "peers": snapshot.peers.values().collect::<Vec<_>>() }))
         .into_response()
+}
+
+/// Body of `POST /api/v1/tx`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// Payload as UTF-8 text.
+    pub payload: Option<String>,
+    /// Payload as hex (for binary data).
+    pub payload_hex: Option<String>,
+    /// Client id (64 hex digits); default: this node's own client id.
+    pub client: Option<String>,
+    /// The client's sequence number; default: the node's next one.
+    pub seq: Option<u64>,
+    /// Wait until the transaction commits (up to 30 s).
+    #[serde(default)]
+    pub wait: bool,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+/// Body of `POST /api/v1/msg`.
+#[derive(Debug, Deserialize)]
+pub struct SendMsgRequest {
+    /// The recipient's peer id.
+    pub to: String,
+    /// The text (UTF-8, at most `msg::MAX_TEXT_BYTES`).
+    pub text: String,
+}
+
+async fn send_msg(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Json<SendMsgRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(request) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let Ok(to) = request.to.parse::<openagi_net::PeerId>() else {
+        return error(StatusCode::BAD_REQUEST, "`to` is not a peer id");
+    };
+    if request.text.len() > crate::msg::MAX_TEXT_BYTES {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("text is limited to {} bytes", crate::msg::MAX_TEXT_BYTES),
+        );
+    }
+    match state.messenger.send(to, request.text).await {
+        Ok(()) => {
+            Json(serde_json::json!({ "status": "delivered", "to": to.to_string() })).into_response()
+        }
+        Err(e) => error(StatusCode::BAD_GATEWAY, format!("{e:#}")),
+    }
+}
+
+/// Query of `GET /api/v1/inbox`.
+#[derive(Debug, Deserialize)]
+pub struct InboxQuery {
+    /// Most messages returned (newest ones; default 100, at most 1000).
+    pub limit: Option<usize>,
+}
+
+async fn inbox(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Query(query): axum::extract::Query<InboxQuery>,
+) -> Response {
+    let limit = query.limit.unwrap_or(100).min(crate::msg::MAX_INBOX_PAGE);
+    let messenger = state.messenger.clone();
+    match tokio::task::spawn_blocking(move || messenger.inbox(limit)).await {
+        Ok(Ok(messages)) => Json(serde_json::json!({ "messages": messages })).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+// The error is the HTTP response itself, built only when a request is
+// refused; boxing it would cost an allocation and buy nothing.
+#[allow(clippy::result_large_err)]
+fn consensus_of(state: &ApiState) -> Result<&ConsensusHandle, Response> {
+    state.consensus.as_ref().ok_or_else(|| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node runs no consensus: it needs a genesis.toml in its data directory that lists it as a validator",
+        )
+    })
+}
+
+/// How long `wait` waits for a commit.
+const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn submit_tx(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Json<SubmitRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(request) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let consensus = match consensus_of(&state) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let payload = match (request.payload, request.payload_hex) {
+        (Some(text), None) => text.into_bytes(),
+        (None, Some(hex_text)) => match hex::decode(hex_text.trim()) {
+            Ok(bytes) => bytes,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("payload_hex: {e}")),
+        },
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of `payload` and `payload_hex`",
+            );
+        }
+    };
+    let client = match request.client {
+        Some(text) => match hex::decode(text.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        {
+            Some(bytes) => ClientId(bytes),
+            None => return error(StatusCode::BAD_REQUEST, "client must be 64 hex digits"),
+        },
+        None => ClientId(*blake3::hash(state.net.local_peer_id().to_bytes().as_slice()).as_bytes()),
+    };
+    let seq = match request.seq {
+        Some(0) => return error(StatusCode::BAD_REQUEST, "seq starts at 1"),
+        Some(seq) => seq,
+        None => {
+            let store = state.store.clone();
+            match tokio::task::spawn_blocking(move || store.next_client_seq()).await {
+                Ok(Ok(seq)) => seq,
+                Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+    };
+    let tx = Transaction {
+        client,
+        seq,
+        payload,
+    };
+    // Subscribe before submitting so a fast commit cannot be missed.
+    let mut commits = consensus.subscribe();
+    let hash = match consensus.submit(tx).await {
+        Ok(h) => h,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+    };
+    let tx_hash = hex::encode(hash);
+    if !request.wait {
+        return (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "tx_hash": tx_hash, "seq": seq, "status": "pending" })),
+        )
+            .into_response();
+    }
+    let waited = tokio::time::timeout(COMMIT_WAIT, async {
+        loop {
+            match commits.recv().await {
+                Ok(notice) => {
+                    if let Some(index) = notice.tx_hashes.iter().position(|h| *h == hash) {
+                        return Some((notice.height, index as u32));
+                    }
+                }
+                // Missed notices: the index on disk has the answer.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    if let Ok(Some(position)) = state.store.tx_position(&hash) {
+                        return Some(position);
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+    .await;
+    match waited {
+        Ok(Some((height, index))) => Json(serde_json::json!({
+            "tx_hash": tx_hash, "seq": seq, "status": "committed", "height": height, "index": index
+        }))
+        .into_response(),
+        _ => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "tx_hash": tx_hash, "seq": seq, "status": "pending" })),
+        )
+            .into_response(),
+    }
+}
+
+/// Largest body of `POST /api/v1/tx/batch`.
+const MAX_BATCH_BODY: usize = 32 * 1024 * 1024;
+/// Most transactions in one batch submission.
+const MAX_BATCH_TXS: usize = 100_000;
+
+/// `POST /api/v1/tx/batch`: a postcard-encoded `Vec<Transaction>` (binary,
+/// for load generators). Answers 202 once the batch is queued for the
+/// replica; refusals are counted in metrics.
+async fn submit_batch(State(state): State<Arc<ApiState>>, body: axum::body::Bytes) -> Response {
+    let consensus = match consensus_of(&state) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let txs: Vec<Transaction> = match postcard::from_bytes(&body) {
+        Ok(t) => t,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("body is not a postcard Vec<Transaction>: {e}"),
+            );
+        }
+    };
+    if txs.len() > MAX_BATCH_TXS {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("at most {MAX_BATCH_TXS} transactions per batch"),
+        );
+    }
+    let queued = txs.len();
+    match consensus.submit_batch(txs).await {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "queued": queued })),
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Query of `GET /api/v1/consensus/latency`.
+#[derive(Debug, Deserialize)]
+pub struct LatencyQuery {
+    /// Only commits at or after this unix time in milliseconds.
+    #[serde(default)]
+    pub since_ms: u64,
+}
+
+async fn consensus_latency(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Query(query): axum::extract::Query<LatencyQuery>,
+) -> Response {
+    match consensus_of(&state) {
+        Ok(c) => Json(c.latency(query.since_ms)).into_response(),
+        Err(r) => r,
+    }
+}
+
+fn parse_hash(text: &str) -> Option<[u8; 32]> {
+    hex::decode(text)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+}
+
+async fn tx_status(State(state): State<Arc<ApiState>>, Path(hash): Path<String>) -> Response {
+    let Some(hash) = parse_hash(&hash) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a transaction hash is 64 hex digits",
+        );
+    };
+    match state.store.tx_position(&hash) {
+        Ok(Some((height, index))) => Json(serde_json::json!({
+            "tx_hash": hex::encode(hash), "status": "committed", "height": height, "index": index
+        }))
+        .into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "tx_hash": hex::encode(hash), "status": "unknown" })),
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn ledger_head(State(state): State<Arc<ApiState>>) -> Response {
+    match consensus_of(&state) {
+        Ok(c) => {
+            let s = c.status();
+            Json(
+                serde_json::json!({ "height": s.height, "head_hash": s.head_hash, "view": s.view }),
+            )
+            .into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+/// The JSON form of a block.
+pub fn block_json(
+    block: &openagi_consensus::Block,
+    certificate: &openagi_consensus::CommitCertificate,
+) -> serde_json::Value {
+    serde_json::json!({
+        "height": block.height,
+        "hash": hex::encode(block.hash()),
+        "view": block.view,
+        "prev_hash": hex::encode(block.prev_hash),
+        "batch_root": hex::encode(block.batch_root),
+        "timestamp_ms": block.timestamp,
+        "transactions": block.txs.iter().map(|tx| serde_json::json!({
+            "hash": hex::encode(tx.hash()),
+            "client": hex::encode(tx.client.0),
+            "seq": tx.seq,
+            "payload_hex": hex::encode(&tx.payload),
+        })).collect::<Vec<_>>(),
+        "certificate": {
+            "view": certificate.view,
+            "seq": certificate.seq,
+            "signers": certificate.commits.iter().map(|c| c.signer().to_hex()).collect::<Vec<_>>(),
+        },
+    })
+}
+
+async fn ledger_block(State(state): State<Arc<ApiState>>, Path(height): Path<u64>) -> Response {
+    match state.store.block(height) {
+        Ok(Some((block, cert))) => Json(block_json(&block, &cert)).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no block at height {height}"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn ledger_verify(State(state): State<Arc<ApiState>>) -> Response {
+    let consensus = match consensus_of(&state) {
+        Ok(c) => c.clone(),
+        Err(r) => return r,
+    };
+    let store = state.store.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        crate::ledger::verify_stored(&store, consensus.validators())
+    })
+    .await;
+    match checked {
+        Ok(Ok(height)) => Json(serde_json::json!({ "ok": true, "height": height })).into_response(),
+        Ok(Err(e)) => {
+            Json(serde_json::json!({ "ok": false, "error": format!("{e:#}") })).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 /// Compares in time independent of where the first difference is, so the

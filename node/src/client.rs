@@ -35,9 +35,75 @@ impl ApiClient {
         }
     }
 
+    /// The same client with another overall request timeout (for calls
+    /// that wait on the daemon, like a submission waiting for its commit).
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Self { agent, ..self }
+    }
+
     /// The base URL, e.g. `http://127.0.0.1:4611`.
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// POSTs `body` as JSON and returns the JSON answer.
+    pub fn post_json(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
+        let url = format!("{}{path}", self.base);
+        let mut response = self
+            .agent
+            .post(&url)
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .send_json(body)
+            .with_context(|| format!("connecting to the daemon at {url}"))?;
+        let status = response.status();
+        let answer: serde_json::Value = response
+            .body_mut()
+            .read_json()
+            .with_context(|| format!("reading the answer of {url}"))?;
+        if !status.is_success() {
+            anyhow::bail!(
+                "{url} answered {status}: {}",
+                answer["error"].as_str().unwrap_or(&answer.to_string())
+            );
+        }
+        Ok(answer)
+    }
+
+    /// POSTs a binary body and returns the JSON answer.
+    pub fn post_bytes(&self, path: &str, body: Vec<u8>) -> Result<serde_json::Value> {
+        let url = format!("{}{path}", self.base);
+        let mut response = self
+            .agent
+            .post(&url)
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .content_type("application/octet-stream")
+            .send(&body[..])
+            .with_context(|| format!("connecting to the daemon at {url}"))?;
+        let status = response.status();
+        let answer: serde_json::Value = response
+            .body_mut()
+            .read_json()
+            .with_context(|| format!("reading the answer of {url}"))?;
+        if !status.is_success() {
+            anyhow::bail!("{url} answered {status}: {answer}");
+        }
+        Ok(answer)
+    }
+
+    /// GETs a text document (no token needed for `/metrics`).
+    pub fn get_text(&self, path: &str) -> Result<String> {
+        let url = format!("{}{path}", self.base);
+        let mut response = self
+            .agent
+            .get(&url)
+            .call()
+            .with_context(|| format!("connecting to {url}"))?;
+        Ok(response.body_mut().read_to_string()?)
     }
 
     /// GETs an authenticated JSON document.

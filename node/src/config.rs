@@ -211,6 +211,63 @@ impl Default for NodeSection {
     }
 }
 
+/// `[consensus]`: PBFT tunables. All validators of a network must use the
+/// same `checkpoint_interval` and `window`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsensusSection {
+    /// Most transactions in one batch (one block).
+    pub max_batch_txs: usize,
+    /// Most transaction bytes in one batch.
+    pub max_batch_bytes: usize,
+    /// A primary proposes a partial batch after this many milliseconds.
+    pub max_batch_delay_ms: u64,
+    /// A checkpoint every this many blocks.
+    pub checkpoint_interval: u64,
+    /// Blocks in flight above the stable checkpoint (a multiple of the
+    /// checkpoint interval, at least twice it).
+    pub window: u64,
+    /// Milliseconds without progress before backups replace the primary.
+    pub view_change_timeout_ms: u64,
+    /// Largest transaction accepted, in bytes.
+    pub max_tx_bytes: usize,
+    /// Transactions waiting to be proposed before new ones are refused.
+    pub max_pending: usize,
+}
+
+impl Default for ConsensusSection {
+    fn default() -> Self {
+        let d = openagi_consensus::Config::default();
+        Self {
+            max_batch_txs: d.max_batch_txs,
+            max_batch_bytes: d.max_batch_bytes,
+            max_batch_delay_ms: d.max_batch_delay_ms,
+            checkpoint_interval: d.checkpoint_interval,
+            window: d.window,
+            view_change_timeout_ms: d.view_change_timeout_ms,
+            max_tx_bytes: d.max_tx_bytes,
+            max_pending: d.max_pending_requests,
+        }
+    }
+}
+
+impl ConsensusSection {
+    /// The replica configuration these settings give.
+    pub fn replica_config(&self) -> openagi_consensus::Config {
+        openagi_consensus::Config {
+            max_batch_txs: self.max_batch_txs,
+            max_batch_bytes: self.max_batch_bytes,
+            max_batch_delay_ms: self.max_batch_delay_ms,
+            checkpoint_interval: self.checkpoint_interval,
+            window: self.window,
+            view_change_timeout_ms: self.view_change_timeout_ms,
+            max_tx_bytes: self.max_tx_bytes,
+            max_pending_requests: self.max_pending,
+            ..openagi_consensus::Config::default()
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -223,6 +280,8 @@ pub struct Config {
     pub tor: TorSection,
     /// Local HTTP API.
     pub api: ApiSection,
+    /// Consensus tunables.
+    pub consensus: ConsensusSection,
     /// Logging.
     pub log: LogSection,
 }
@@ -472,6 +531,12 @@ impl Config {
                 return Err(invalid(origin(key), format!("{key} must be at least 1")));
             }
         }
+        self.consensus.replica_config().validate().map_err(|e| {
+            invalid(
+                origin("consensus.window"),
+                format!("[consensus] settings cannot work: {e}"),
+            )
+        })?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             invalid(
                 origin("log.level"),
@@ -559,7 +624,15 @@ impl Config {
 }
 
 /// Environment variables read by the CLI itself, not configuration keys.
-const NON_CONFIG_ENV: &[&str] = &["OPENAGI_DATA_DIR", "OPENAGI_CONFIG", "OPENAGI_BIN"];
+const NON_CONFIG_ENV: &[&str] = &[
+    "OPENAGI_DATA_DIR",
+    "OPENAGI_CONFIG",
+    "OPENAGI_BIN",
+    crate::passphrase::PASSPHRASE_ENV,
+    crate::passphrase::PASSPHRASE_FILE_ENV,
+    crate::passphrase::NEW_PASSPHRASE_ENV,
+    crate::passphrase::NEW_PASSPHRASE_FILE_ENV,
+];
 
 fn defaults_table() -> Table {
     match Value::try_from(Config::default()) {
@@ -740,6 +813,24 @@ network_id = "{network_id}"
 # Seconds before each peer gets fresh circuits for new streams (0: never).
 # circuit_rotation_secs = {rotation}
 
+[consensus]
+# PBFT tunables; used when the data directory holds a genesis.toml that
+# lists this node as a validator. checkpoint_interval and window must be
+# the same on every validator.
+# Most transactions per block, and most transaction bytes per block.
+# max_batch_txs = {max_batch_txs}
+# max_batch_bytes = {max_batch_bytes}
+# A primary proposes a partial block after this many milliseconds.
+# max_batch_delay_ms = {max_batch_delay_ms}
+# Checkpoint every N blocks; at most `window` blocks in flight above it.
+# checkpoint_interval = {checkpoint_interval}
+# window = {window}
+# Milliseconds without progress before the validators replace the primary.
+# view_change_timeout_ms = {view_change_timeout_ms}
+# Largest transaction in bytes, and most transactions waiting to be proposed.
+# max_tx_bytes = {max_tx_bytes}
+# max_pending = {consensus_max_pending}
+
 [api]
 # Local HTTP server: /health and /metrics (no token) and /api/v1 (bearer
 # token from the data directory's api.token). Keep it on loopback.
@@ -781,6 +872,14 @@ network_id = "{network_id}"
         redial = d.network.redial_max_secs,
         api = d.api.listen,
         level = d.log.level,
+        max_batch_txs = d.consensus.max_batch_txs,
+        max_batch_bytes = d.consensus.max_batch_bytes,
+        max_batch_delay_ms = d.consensus.max_batch_delay_ms,
+        checkpoint_interval = d.consensus.checkpoint_interval,
+        window = d.consensus.window,
+        view_change_timeout_ms = d.consensus.view_change_timeout_ms,
+        max_tx_bytes = d.consensus.max_tx_bytes,
+        consensus_max_pending = d.consensus.max_pending,
     )
 }
 
@@ -978,6 +1077,16 @@ mod tests {
     fn cli_only_variables_are_not_settings() {
         let c =
             load_text("", &[("OPENAGI_DATA_DIR", "/x")], &CliOverrides::default()).expect("valid");
+        assert_eq!(c, Config::default());
+        let c = load_text(
+            "",
+            &[
+                ("OPENAGI_PASSPHRASE_FILE", "/p"),
+                ("OPENAGI_PASSPHRASE", "x"),
+            ],
+            &CliOverrides::default(),
+        )
+        .expect("valid");
         assert_eq!(c, Config::default());
     }
 }

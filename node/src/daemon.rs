@@ -20,11 +20,20 @@ use tracing::{info, warn};
 
 use crate::api::{self, ApiState};
 use crate::config::{CliOverrides, Config, LogFormat, LogSection};
+use crate::consensus;
 use crate::datadir::{API_ADDR_FILE, DataDir};
+use crate::genesis::{GENESIS_FILE, Genesis};
+use crate::passphrase::PassphraseSource;
 use crate::store::Store;
+use openagi_crypto::Identity;
 
 /// The software version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Kept in the data directory (beside the key, outside the database) once
+/// this node has run consensus, so that a lost or replaced database is
+/// recognised and the replica recovers before it votes again.
+const CONSENSUS_MARKER: &str = "consensus.started";
 
 /// How many stored peers are redialled at start.
 const REDIAL_KNOWN_PEERS: usize = 16;
@@ -34,6 +43,8 @@ const REDIAL_KNOWN_PEERS: usize = 16;
 pub struct RunOptions {
     /// The data directory.
     pub data_dir: PathBuf,
+    /// Where the passphrase of an encrypted identity comes from.
+    pub passphrase: PassphraseSource,
     /// An explicit configuration file.
     pub config_file: Option<PathBuf>,
     /// Settings given as flags.
@@ -79,7 +90,13 @@ fn unix_now() -> u64 {
 pub async fn run(options: RunOptions, config: Config, started: Instant) -> Result<()> {
     let data_dir = DataDir::new(&options.data_dir);
     let _lock = data_dir.lock()?;
-    let identity = data_dir.identity()?;
+    let identity = data_dir.identity(&options.passphrase)?;
+    if !data_dir.key_format()?.encrypted() {
+        warn!(
+            key = %data_dir.file(crate::datadir::KEY_FILE).display(),
+            "the identity key is unencrypted (protected by file mode 0600 only); encrypt it with `openagi keys passphrase`"
+        );
+    }
     let token = data_dir.token()?;
     let store = Arc::new(Store::open(data_dir.path()).context("opening the database")?);
     let starts = store.record_start().context("recording start")?;
@@ -90,6 +107,45 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let (net, mut events, net_task) =
         NetworkService::start(keypair, net_config, metrics.registry_mut())?;
     info!(peer_id = %net.local_peer_id(), network_id = %config.network.network_id, starts, "node identity loaded");
+    let messenger = crate::msg::Messenger::start(&identity, store.clone(), net.clone())
+        .context("starting messaging")?;
+
+    let (stop_consensus, consensus_stopping) = tokio::sync::watch::channel(false);
+    let genesis_path = data_dir.file(GENESIS_FILE);
+    let (consensus, mut consensus_task) = if genesis_path.exists() {
+        let genesis = Genesis::load(&genesis_path)?;
+        if genesis.network_id != config.network.network_id {
+            anyhow::bail!(
+                "{} is for network {:?} but network.network_id is {:?}; use the genesis of your network",
+                genesis_path.display(),
+                genesis.network_id,
+                config.network.network_id
+            );
+        }
+        let validators = genesis.validator_set()?;
+        if validators.index_of(&identity.public()).is_some() {
+            let setup = consensus::ReplicaSetup {
+                identity: Identity::from_seed(&identity.seed()),
+                validators,
+                config: config.consensus.replica_config(),
+                marker: data_dir.file(CONSENSUS_MARKER),
+            };
+            let (handle, task) = consensus::start(
+                setup,
+                store.clone(),
+                net.clone(),
+                metrics.registry_mut(),
+                consensus_stopping,
+            )?;
+            (Some(handle), Some(task))
+        } else {
+            warn!("this node's key is not among the genesis validators; running without consensus");
+            (None, None)
+        }
+    } else {
+        info!("no {GENESIS_FILE} in the data directory; running without consensus");
+        (None, None)
+    };
 
     for (peer_id, known) in store.known_peers(REDIAL_KNOWN_PEERS)? {
         if let Some(addr) = known.addresses.first().and_then(|a| a.parse().ok()) {
@@ -109,6 +165,8 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let api_addr = listener.local_addr()?;
     let state = Arc::new(ApiState {
         net: net.clone(),
+        consensus: consensus.clone(),
+        store: store.clone(),
         metrics,
         token,
         draining: AtomicBool::new(false),
@@ -116,6 +174,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         network_id: config.network.network_id.clone(),
         transport: crate::tor::transport_name(config.network.transport).into(),
         api_addr: api_addr.to_string(),
+        messenger: messenger.clone(),
     });
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
@@ -140,6 +199,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut watchdog = tokio::time::interval(Duration::from_secs(1));
+    let mut failure: Option<anyhow::Error> = None;
     let reason = loop {
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
@@ -152,9 +212,42 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
                 }
             }
             event = events.recv() => match event {
+                Some(NetEvent::Direct { from, data }) => {
+                    if let Some(consensus) = &consensus
+                        && !consensus.deliver(from, data)
+                    {
+                        tracing::debug!(%from, "consensus input queue full; message dropped");
+                    }
+                }
+                Some(NetEvent::MsgRequest { from, data, reply }) => {
+                    // One task per request; the network task caps how many
+                    // wait for an answer, so these are bounded too.
+                    let messenger = messenger.clone();
+                    tokio::spawn(async move { messenger.handle(from, data, reply).await });
+                }
                 Some(event) => handle_event(&store, event).await,
                 None => break "network task stopped",
             },
+            finished = async {
+                match consensus_task.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                consensus_task = None;
+                match finished {
+                    Ok(Ok(())) => break "consensus stopped",
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "consensus failed; shutting down rather than voting from unsaved state");
+                        failure = Some(anyhow::anyhow!("consensus failed: {e}"));
+                        break "consensus failed";
+                    }
+                    Err(e) => {
+                        failure = Some(anyhow::anyhow!("consensus task panicked: {e}"));
+                        break "consensus panicked";
+                    }
+                }
+            }
         }
     };
 
@@ -163,6 +256,10 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let grace = Duration::from_secs(config.node.shutdown_timeout_secs);
     let drained = tokio::time::timeout(grace, async {
         let _ = stop_api.send(());
+        let _ = stop_consensus.send(true);
+        if let Some(task) = consensus_task {
+            let _ = task.await;
+        }
         net.shutdown().await;
         let _ = net_task.await;
         let _ = server.await;
@@ -176,7 +273,10 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     }
     let _ = std::fs::remove_file(data_dir.file(API_ADDR_FILE));
     info!("stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 async fn handle_event(store: &Arc<Store>, event: NetEvent) {
@@ -202,6 +302,9 @@ async fn handle_event(store: &Arc<Store>, event: NetEvent) {
         NetEvent::Gossip(message) => {
             tracing::debug!(topic = message.topic, author = %message.author, bytes = message.data.len(), "gossip received");
         }
-        NetEvent::PeerConnected(_) | NetEvent::PeerDisconnected(_) => {}
+        NetEvent::PeerConnected(_)
+        | NetEvent::PeerDisconnected(_)
+        | NetEvent::Direct { .. }
+        | NetEvent::MsgRequest { .. } => {}
     }
 }

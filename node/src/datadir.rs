@@ -2,7 +2,10 @@
 //!
 //! ```text
 //! DATA_DIR/            mode 0700
-//!   node.key           Ed25519 identity seed, 0600, never overwritten
+//!   node.key           Ed25519 identity seed, 0600: hex, or a key store
+//!                      file encrypted under the operator's passphrase
+//!   node.key.old-<t>   a key replaced by `openagi keys rotate` at unix time t
+//!   rotations/         signed rotation statements, one per rotation
 //!   api.token          bearer token of the local API, 0600
 //!   openagi.toml       commented configuration
 //!   node.redb          the database
@@ -15,9 +18,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use openagi_crypto::keystore::{self, KdfParams, Protection};
 use openagi_crypto::{Identity, keyfile};
 
 use crate::config;
+use crate::passphrase::PassphraseSource;
 
 /// Identity key file name.
 pub const KEY_FILE: &str = "node.key";
@@ -27,6 +32,25 @@ pub const TOKEN_FILE: &str = "api.token";
 pub const LOCK_FILE: &str = "node.lock";
 /// File holding the bound API address of the running daemon.
 pub const API_ADDR_FILE: &str = "api.addr";
+
+/// How the identity key is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFormat {
+    /// The seed as hex on one line: protected by file permissions only.
+    PlainHex,
+    /// A key store file (`openagi_crypto::keystore`).
+    KeyStore {
+        /// Whether it is encrypted under a passphrase.
+        encrypted: bool,
+    },
+}
+
+impl KeyFormat {
+    /// Whether the secret is encrypted at rest.
+    pub fn encrypted(self) -> bool {
+        matches!(self, KeyFormat::KeyStore { encrypted: true })
+    }
+}
 
 /// A data directory path with helpers for its files.
 #[derive(Debug, Clone)]
@@ -76,7 +100,16 @@ impl DataDir {
 
     /// Creates whatever is missing: the directory (0700), the identity, the
     /// API token and the commented configuration. Existing files are kept.
-    pub fn init(&self, network_id: &str) -> Result<InitReport> {
+    ///
+    /// With `encrypt`, a new identity is written as a key store file under
+    /// a passphrase read from `passphrase`; an existing encrypted key is
+    /// unlocked with it to report the peer id.
+    pub fn init(
+        &self,
+        network_id: &str,
+        passphrase: &PassphraseSource,
+        encrypt: bool,
+    ) -> Result<InitReport> {
         let mut report = InitReport::default();
         if !self.path.exists() {
             fs::create_dir_all(&self.path)
@@ -90,20 +123,41 @@ impl DataDir {
 
         let key_path = self.file(KEY_FILE);
         let identity = if key_path.exists() {
-            let identity = keyfile::load(&key_path)
+            let identity = self
+                .identity(passphrase)
                 .with_context(|| format!("existing identity {}", key_path.display()))?;
+            let how = if self.key_format()?.encrypted() {
+                "encrypted"
+            } else {
+                "unencrypted"
+            };
             report.lines.push(format!(
-                "found existing identity {} (kept)",
+                "found existing identity {} ({how}, kept)",
                 key_path.display()
             ));
+            if encrypt && how == "unencrypted" {
+                report.lines.push(
+                    "--encrypt does not touch an existing key; encrypt it with `openagi keys passphrase`"
+                        .into(),
+                );
+            }
             identity
         } else {
             let identity = Identity::generate()?;
-            keyfile::save_new(&key_path, &identity)?;
-            report.lines.push(format!(
-                "generated identity {} (mode 0600)",
-                key_path.display()
-            ));
+            if encrypt {
+                let secret = passphrase.for_new_key().read()?;
+                self.write_identity(&key_path, &identity, Some(&secret))?;
+                report.lines.push(format!(
+                    "generated identity {} (encrypted with Argon2id + XChaCha20-Poly1305, mode 0600)",
+                    key_path.display()
+                ));
+            } else {
+                keyfile::save_new(&key_path, &identity)?;
+                report.lines.push(format!(
+                    "generated identity {} (unencrypted, mode 0600)",
+                    key_path.display()
+                ));
+            }
             identity
         };
         report.peer_id = openagi_net::keypair_from_identity(&identity)?
@@ -169,7 +223,12 @@ impl DataDir {
     }
 
     /// Loads the identity, telling the operator to run `init` if missing.
-    pub fn identity(&self) -> Result<Identity> {
+    ///
+    /// This is the one place the node reads its key. Both formats load: the
+    /// plain hex seed and the key store file; `passphrase` is read only
+    /// when the file is encrypted. A wrong passphrase is reported as such
+    /// and the file is never modified.
+    pub fn identity(&self, passphrase: &PassphraseSource) -> Result<Identity> {
         let path = self.file(KEY_FILE);
         if !path.exists() {
             bail!(
@@ -178,7 +237,85 @@ impl DataDir {
                 self.path.display()
             );
         }
-        Ok(keyfile::load(&path)?)
+        match self.key_format()? {
+            KeyFormat::PlainHex => Ok(keyfile::load(&path)?),
+            KeyFormat::KeyStore { encrypted } => {
+                let secret = if encrypted {
+                    Some(passphrase.read()?)
+                } else {
+                    None
+                };
+                let (identity, _) = keystore::load_identity(&path, secret.as_ref().map(|s| s.as_slice()))
+                    .map_err(|e| match e {
+                        openagi_crypto::Error::WrongPassphrase { .. } => anyhow::anyhow!(
+                            "{e}; nothing was changed (the passphrase comes from --passphrase-file, {} or {}, or the prompt)",
+                            crate::passphrase::PASSPHRASE_FILE_ENV,
+                            crate::passphrase::PASSPHRASE_ENV
+                        ),
+                        other => other.into(),
+                    })?;
+                Ok(identity)
+            }
+        }
+    }
+
+    /// How `node.key` is stored, read without any passphrase.
+    pub fn key_format(&self) -> Result<KeyFormat> {
+        let path = self.file(KEY_FILE);
+        let mut head = [0u8; 8];
+        let n = {
+            use std::io::Read;
+            let mut file =
+                fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            let mut n = 0;
+            // A short file simply is not a key store file.
+            while n < head.len() {
+                let got = file
+                    .read(&mut head[n..])
+                    .with_context(|| format!("reading {}", path.display()))?;
+                if got == 0 {
+                    break;
+                }
+                n += got;
+            }
+            n
+        };
+        if n == head.len() && &head == keystore::MAGIC {
+            let info = keystore::inspect(&path)?;
+            Ok(KeyFormat::KeyStore {
+                encrypted: info.encrypted,
+            })
+        } else {
+            Ok(KeyFormat::PlainHex)
+        }
+    }
+
+    /// Writes `identity` to `path` atomically (0600), replacing any file
+    /// there: encrypted under `passphrase` (Argon2id with the production
+    /// parameters) or, without one, as plain hex.
+    pub fn write_identity(
+        &self,
+        path: &Path,
+        identity: &Identity,
+        passphrase: Option<&[u8]>,
+    ) -> Result<()> {
+        match passphrase {
+            Some(passphrase) => keystore::write(
+                path,
+                keystore::IDENTITY_LABEL,
+                identity.seed().as_ref(),
+                &Protection::Passphrase {
+                    passphrase,
+                    params: KdfParams::PRODUCTION,
+                },
+            )?,
+            None => {
+                let text =
+                    zeroize::Zeroizing::new(format!("{}\n", hex::encode(identity.seed().as_ref())));
+                keyfile::write_atomic(path, text.as_bytes(), 0o600)?;
+            }
+        }
+        Ok(())
     }
 
     /// Loads the API token.
@@ -218,7 +355,9 @@ mod tests {
     fn init_is_idempotent_and_private() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = DataDir::new(tmp.path().join("node"));
-        let first = dir.init("testnet").expect("init");
+        let first = dir
+            .init("testnet", &PassphraseSource::current(None), false)
+            .expect("init");
         assert!(
             first
                 .lines
@@ -230,7 +369,9 @@ mod tests {
         assert_eq!(mode(&dir.file(KEY_FILE)), 0o600);
         assert_eq!(mode(&dir.file(TOKEN_FILE)), 0o600);
         let token = dir.token().expect("token");
-        let second = dir.init("testnet").expect("init again");
+        let second = dir
+            .init("testnet", &PassphraseSource::current(None), false)
+            .expect("init again");
         assert_eq!(first.peer_id, second.peer_id);
         assert!(
             second

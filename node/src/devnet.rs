@@ -19,6 +19,8 @@ use tokio::process::{Child, Command};
 
 use crate::client::ApiClient;
 use crate::datadir::DataDir;
+use crate::genesis::{GENESIS_FILE, Genesis};
+use crate::passphrase::PassphraseSource;
 
 /// Network id of every devnet.
 pub const DEVNET_NETWORK_ID: &str = "openagi-devnet";
@@ -37,14 +39,17 @@ pub struct DevnetOptions {
     /// Run a private Tor network and connect the nodes through onion
     /// services only.
     pub tor: bool,
+    /// Transactions per second submitted to the nodes (0: none).
+    pub tx_rate: u32,
 }
 
-struct Node {
-    index: usize,
-    data_dir: DataDir,
+/// One child daemon of a local network.
+pub(crate) struct Node {
+    pub(crate) index: usize,
+    pub(crate) data_dir: DataDir,
     child: Child,
     exited: Option<String>,
-    client: Option<ApiClient>,
+    pub(crate) client: Option<ApiClient>,
     last_status: Option<Value>,
 }
 
@@ -58,6 +63,7 @@ fn write_node_config(
     p2p_port: u16,
     bootstrap: Option<&str>,
     arti_config: Option<&Path>,
+    extra: &str,
 ) -> Result<()> {
     let bootstrap = bootstrap.map(|b| format!("{b:?}")).unwrap_or_default();
     let (transport, tor) = match arti_config {
@@ -83,23 +89,58 @@ fn write_node_config(
          listen = \"127.0.0.1:0\"\n\
          [log]\n\
          level = \"info\"\n\
-         {tor}"
+         {tor}\
+         {extra}"
     );
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Runs the devnet until Ctrl-C (or `duration`), then stops every node.
-pub async fn run(options: DevnetOptions) -> Result<()> {
-    if options.nodes == 0 || options.nodes > 64 {
-        bail!("--nodes must be between 1 and 64 (got {})", options.nodes);
+/// Initialises `count` validator data directories under `dir` sharing one
+/// genesis, starts each as an `openagi run` child process with `extra`
+/// appended to its config, and waits until every API answers. With `tor`,
+/// a private Tor network is started first and the nodes reach each other
+/// through onion services only; it must be kept alive as long as they run.
+pub(crate) async fn start_local_network(
+    dir: &Path,
+    count: usize,
+    extra: &str,
+    tor: bool,
+) -> Result<(Vec<Node>, Option<openagi_tests::tornet::TorNet>)> {
+    if count == 0 || count > 64 {
+        bail!("--nodes must be between 1 and 64 (got {count})");
     }
     let exe = std::env::current_exe().context("locating the openagi binary")?;
-    std::fs::create_dir_all(&options.dir)
-        .with_context(|| format!("creating {}", options.dir.display()))?;
-    let started = Instant::now();
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
 
-    let tornet = if options.tor {
-        let net_dir = options.dir.join("tornet");
+    // Every node is a validator: one genesis listing all their keys.
+    let dirs: Vec<DataDir> = (0..count)
+        .map(|i| DataDir::new(dir.join(format!("node-{i}"))))
+        .collect();
+    let mut reports = Vec::with_capacity(dirs.len());
+    let mut validators = Vec::with_capacity(dirs.len());
+    for d in &dirs {
+        // Devnet keys are unencrypted: the nodes start unattended.
+        let no_passphrase = PassphraseSource::current(None);
+        reports.push(d.init(DEVNET_NETWORK_ID, &no_passphrase, false)?);
+        validators.push(d.identity(&no_passphrase)?.public().to_hex());
+    }
+    let genesis = Genesis {
+        network_id: DEVNET_NETWORK_ID.into(),
+        validators,
+    };
+    for (index, d) in dirs.iter().enumerate() {
+        let path = d.file(GENESIS_FILE);
+        if path.exists() && Genesis::load(&path).ok().as_ref() != Some(&genesis) {
+            // The validator set changed (another --nodes): the old ledger
+            // belongs to another chain.
+            println!("node-{index}: validator set changed; starting a fresh ledger");
+            std::fs::remove_file(d.file(crate::store::STORE_FILE)).ok();
+        }
+        std::fs::write(&path, genesis.to_toml()?)?;
+    }
+
+    let tornet = if tor {
+        let net_dir = dir.join("tornet");
         if net_dir.exists() {
             std::fs::remove_dir_all(&net_dir)
                 .with_context(|| format!("removing the old {}", net_dir.display()))?;
@@ -126,10 +167,8 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
     };
 
     let mut bootstrap = None;
-    let mut nodes = Vec::with_capacity(options.nodes);
-    for index in 0..options.nodes {
-        let data_dir = DataDir::new(options.dir.join(format!("node-{index}")));
-        let report = data_dir.init(DEVNET_NETWORK_ID)?;
+    let mut nodes = Vec::with_capacity(count);
+    for (index, (data_dir, report)) in dirs.into_iter().zip(reports).enumerate() {
         let _ = std::fs::remove_file(data_dir.file(crate::datadir::API_ADDR_FILE));
         let port = if index == 0 { free_port()? } else { 0 };
         let config = data_dir.file("devnet.toml");
@@ -138,6 +177,7 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
             port,
             bootstrap.as_deref(),
             tornet.as_ref().map(|t| t.arti_toml.as_path()),
+            extra,
         )?;
         if index == 0 && tornet.is_none() {
             bootstrap = Some(format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", report.peer_id));
@@ -172,13 +212,20 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
             bootstrap = Some(onion_bootstrap(&nodes[0]).await?);
         }
     }
+    wait_for_apis(&mut nodes, Duration::from_secs(30)).await?;
+    Ok((nodes, tornet))
+}
 
+/// Runs the devnet until Ctrl-C (or `duration`), then stops every node.
+pub async fn run(options: DevnetOptions) -> Result<()> {
+    let started = Instant::now();
+    let (mut nodes, _tornet) =
+        start_local_network(&options.dir, options.nodes, "", options.tor).await?;
     println!(
         "Open-AGI devnet: {} nodes in {}",
         options.nodes,
         options.dir.display()
     );
-    wait_for_apis(&mut nodes, Duration::from_secs(30)).await?;
     for node in &nodes {
         if let Some(client) = &node.client {
             println!(
@@ -191,6 +238,10 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
         }
     }
     println!("  token for each node's API: <node dir>/api.token. Ctrl-C stops the devnet.");
+    let load = (options.tx_rate > 0).then(|| {
+        let clients: Vec<ApiClient> = nodes.iter().filter_map(|n| n.client.clone()).collect();
+        spawn_load(clients, options.tx_rate)
+    });
 
     let interactive = std::io::stdout().is_terminal();
     let mut all_connected_after: Option<Duration> = None;
@@ -233,6 +284,10 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
         }
     }
 
+    if let Some((stop, handle)) = load {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = handle.join();
+    }
     println!("stopping {} nodes...", nodes.len());
     let clean = stop_all(&mut nodes).await;
     if let Some(after) = all_connected_after {
@@ -247,6 +302,37 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
     }
     println!("devnet stopped");
     Ok(())
+}
+
+/// Submits `rate` transactions a second, round-robin over `clients`, from
+/// a thread of its own until told to stop.
+fn spawn_load(
+    clients: Vec<ApiClient>,
+    rate: u32,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+        let started = Instant::now();
+        let mut sent: u64 = 0;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) && !clients.is_empty() {
+            let client = &clients[(sent % clients.len() as u64) as usize];
+            let body = serde_json::json!({ "payload": format!("devnet transfer #{sent}") });
+            // A node that is down or refusing is shown in the summary; the
+            // load just moves on.
+            let _ = client.post_json("/api/v1/tx", &body);
+            sent += 1;
+            let due = started + interval.mul_f64(sent as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    });
+    (stop, handle)
 }
 
 fn peer_count(node: &Node) -> usize {
@@ -353,8 +439,8 @@ fn render(nodes: &[Node], elapsed: Duration, connected_after: Option<Duration>) 
         elapsed.as_secs()
     );
     out.push_str(&format!(
-        "{:<7} {:<18} {:>6} {:>10} {:>8}  {}\n",
-        "node", "peer id", "peers", "gossip rx", "uptime", "api"
+        "{:<7} {:<18} {:>6} {:>8} {:>5} {:>9} {:>10} {:>8}  {}\n",
+        "node", "peer id", "peers", "height", "view", "txs", "gossip rx", "uptime", "api"
     ));
     for node in nodes {
         let api = node
@@ -369,10 +455,13 @@ fn render(nodes: &[Node], elapsed: Duration, connected_after: Option<Duration>) 
                 node.data_dir.file("daemon.log").display()
             )),
             (None, Some(s)) => out.push_str(&format!(
-                "node-{:<2} {:<18} {:>6} {:>10} {:>7}s  {api}\n",
+                "node-{:<2} {:<18} {:>6} {:>8} {:>5} {:>9} {:>10} {:>7}s  {api}\n",
                 node.index,
                 short(s["node"]["peer_id"].as_str().unwrap_or("?")),
                 s["network"]["connected_peers"].as_u64().unwrap_or(0),
+                s["ledger"]["height"].as_u64().unwrap_or(0),
+                s["consensus"]["view"].as_u64().unwrap_or(0),
+                s["consensus"]["committed_txs"].as_u64().unwrap_or(0),
                 s["network"]["gossip_received"].as_u64().unwrap_or(0),
                 s["node"]["uptime_secs"].as_u64().unwrap_or(0),
             )),
@@ -391,7 +480,9 @@ fn render(nodes: &[Node], elapsed: Duration, connected_after: Option<Duration>) 
     out
 }
 
-async fn stop_all(nodes: &mut [Node]) -> bool {
+/// Sends SIGTERM to every node and waits for each to exit; kills
+/// stragglers. Returns whether all exited cleanly.
+pub(crate) async fn stop_all(nodes: &mut [Node]) -> bool {
     for node in nodes.iter() {
         if node.exited.is_none()
             && let Some(pid) = node.child.id()

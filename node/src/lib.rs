@@ -6,11 +6,20 @@
 //! exposes them to operators. The `openagi` binary is a thin CLI over it.
 
 pub mod api;
+pub mod bench;
+pub mod bench_crypto;
+pub mod cli_ledger;
 pub mod client;
 pub mod config;
+pub mod consensus;
 pub mod daemon;
 pub mod datadir;
 pub mod devnet;
+pub mod genesis;
+pub mod keys;
+pub mod ledger;
+pub mod msg;
+pub mod passphrase;
 pub mod status;
 pub mod store;
 pub mod tor;

@@ -1,6 +1,7 @@
 //! `openagi`: the Open-AGI node daemon and its command-line interface.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -8,7 +9,8 @@ use clap::{Parser, Subcommand};
 use openagi_node::config::{CliOverrides, LogFormat};
 use openagi_node::daemon::{self, RunOptions};
 use openagi_node::datadir::DataDir;
-use openagi_node::{devnet, status};
+use openagi_node::passphrase::PassphraseSource;
+use openagi_node::{bench, bench_crypto, cli_ledger, devnet, keys, status};
 
 #[derive(Parser)]
 #[command(name = "openagi", version, about = "Open-AGI peer-to-peer node")]
@@ -16,6 +18,10 @@ struct Cli {
     /// Data directory (keys, config, database).
     #[arg(long, global = true, env = "OPENAGI_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// File whose first line is the passphrase of an encrypted `node.key`
+    /// (otherwise `OPENAGI_PASSPHRASE`, or a prompt on a terminal).
+    #[arg(long, global = true, env = "OPENAGI_PASSPHRASE_FILE")]
+    passphrase_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -27,6 +33,55 @@ enum Command {
         /// Network id written into the new config.
         #[arg(long, default_value = "openagi-main")]
         network_id: String,
+        /// Install this genesis file (validator set) into the data directory.
+        #[arg(long)]
+        genesis: Option<PathBuf>,
+        /// Encrypt the new identity under a passphrase (Argon2id +
+        /// XChaCha20-Poly1305); see --passphrase-file.
+        #[arg(long)]
+        encrypt: bool,
+    },
+    /// Submit a transaction to the ledger through the running daemon.
+    Submit {
+        /// The payload (text, or hex with --hex).
+        payload: String,
+        /// The payload is hexadecimal.
+        #[arg(long)]
+        hex: bool,
+        /// Return at once instead of waiting for the commit.
+        #[arg(long)]
+        no_wait: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read or verify the ledger of the running daemon.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerArgs,
+        /// Print JSON.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+    /// Create a genesis file.
+    Genesis {
+        #[command(subcommand)]
+        command: GenesisArgs,
+    },
+    /// Measure performance; prints a table.
+    Bench {
+        #[command(subcommand)]
+        command: BenchArgs,
+    },
+    /// The node's keys: show, sign, verify, passphrase, rotate.
+    Keys {
+        #[command(subcommand)]
+        command: KeysArgs,
+    },
+    /// End-to-end encrypted messages to other nodes' operators.
+    Msg {
+        #[command(subcommand)]
+        command: MsgArgs,
     },
     /// Run the daemon.
     Run(RunArgs),
@@ -51,10 +106,142 @@ enum Command {
         /// the nodes through onion services only.
         #[arg(long)]
         tor: bool,
+        /// Transactions per second submitted to the validators.
+        #[arg(long, default_value_t = 20)]
+        tx_rate: u32,
     },
     /// Tor onion service commands.
     #[command(subcommand)]
     Tor(openagi_node::tor::TorCommand),
+}
+
+#[derive(Subcommand)]
+enum MsgArgs {
+    /// Send a text message to a peer through the running daemon.
+    Send {
+        /// The recipient's peer id.
+        #[arg(long)]
+        to: String,
+        /// The text.
+        text: String,
+    },
+    /// Show the newest received messages, oldest first.
+    Inbox {
+        /// Most messages shown.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerArgs {
+    /// The head: height and hash.
+    Head,
+    /// One block.
+    Get {
+        /// Height.
+        height: u64,
+    },
+    /// Re-check every hash link and commit certificate from genesis.
+    Verify,
+}
+
+#[derive(Subcommand)]
+enum GenesisArgs {
+    /// Write a genesis file listing the validators' public keys.
+    Create {
+        /// Network id (must equal network.network_id of every node).
+        #[arg(long)]
+        network_id: String,
+        /// A validator's Ed25519 public key in hex (`openagi keys show`), repeatable, in order.
+        #[arg(long = "validator", required = true)]
+        validators: Vec<String>,
+        /// Output file.
+        #[arg(long, default_value = "genesis.toml")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchArgs {
+    /// The cryptographic primitives: AEAD, signatures, DH, sealed
+    /// envelopes, puzzle verification, ratchet round trips.
+    Crypto {
+        /// How long each run of each row lasts.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        time: Duration,
+        /// Runs per row; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// Validators on loopback under an open-loop transaction load.
+    Consensus {
+        /// Validators.
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        /// Offered transactions per second.
+        #[arg(long, default_value_t = 30_000)]
+        rate: u64,
+        /// Measured period.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Load before measuring.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        warmup: Duration,
+        /// Payload bytes per transaction.
+        #[arg(long, default_value_t = 512)]
+        payload: usize,
+        /// Most transactions per block.
+        #[arg(long, default_value_t = 4096)]
+        batch_txs: usize,
+        /// Keep the nodes' data here instead of a temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysArgs {
+    /// Peer id, public key and fingerprint.
+    Show {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sign a file with the node identity; prints the signature in hex.
+    Sign {
+        /// The file to sign.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Check a file signature: exit 0 valid, 1 invalid, 2 malformed input.
+    Verify {
+        /// The signer's Ed25519 public key in hex.
+        #[arg(long)]
+        public_key: String,
+        /// The signature in hex, as printed by `keys sign`.
+        #[arg(long)]
+        signature: String,
+        /// The signed file.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Set, change or remove the passphrase of node.key (atomic).
+    Passphrase {
+        /// File whose first line is the new passphrase (otherwise
+        /// `OPENAGI_NEW_PASSPHRASE`, or a prompt asked twice).
+        #[arg(long, env = "OPENAGI_NEW_PASSPHRASE_FILE")]
+        new_passphrase_file: Option<PathBuf>,
+        /// Store the key unencrypted instead (not recommended).
+        #[arg(long, conflicts_with = "new_passphrase_file")]
+        remove: bool,
+    },
+    /// Replace the identity with a new one and a rotation statement
+    /// signed by both keys; the old key is kept as node.key.old-<time>.
+    Rotate,
 }
 
 #[derive(clap::Args)]
@@ -88,16 +275,60 @@ struct RunArgs {
     exit_with_parent: Option<u32>,
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
+    // `keys verify` has three outcomes, not two, so it sets its own status.
+    if let Command::Keys {
+        command:
+            KeysArgs::Verify {
+                public_key,
+                signature,
+                file,
+            },
+    } = &cli.command
+    {
+        return keys_verify(public_key, signature, file);
+    }
     match dispatch(cli, started) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
+}
+
+/// Exit status 0: valid; 1: well-formed but invalid; 2: malformed input.
+fn keys_verify(public_key: &str, signature: &str, file: &std::path::Path) -> ExitCode {
+    match keys::verify_file(public_key, signature, file) {
+        Ok(true) => {
+            println!(
+                "valid signature of {} by {}",
+                file.display(),
+                public_key.trim()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!(
+                "INVALID: not a signature of {} by {} (context {})",
+                file.display(),
+                public_key.trim(),
+                keys::SIGN_FILE_CONTEXT
+            );
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: malformed input: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Logging for the key commands, so their audit lines reach stderr.
+fn init_cli_logging() -> Result<()> {
+    daemon::init_logging(&openagi_node::config::LogSection::default())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -108,11 +339,20 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn dispatch(cli: Cli, started: Instant) -> Result<()> {
     let data_dir = cli.data_dir.unwrap_or_else(DataDir::default_path);
+    let passphrase = PassphraseSource::current(cli.passphrase_file);
     match cli.command {
-        Command::Init { network_id } => {
-            let report = DataDir::new(&data_dir).init(&network_id)?;
+        Command::Init {
+            network_id,
+            genesis,
+            encrypt,
+        } => {
+            let dir = DataDir::new(&data_dir);
+            let report = dir.init(&network_id, &passphrase, encrypt)?;
             for line in report.lines {
                 println!("{line}");
+            }
+            if let Some(genesis) = genesis {
+                println!("{}", cli_ledger::install_genesis(&dir, &genesis)?);
             }
             println!("peer id: {}", report.peer_id);
             Ok(())
@@ -120,6 +360,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
         Command::Run(args) => {
             let options = RunOptions {
                 data_dir,
+                passphrase,
                 config_file: args.config,
                 overrides: CliOverrides {
                     network_id: args.network_id,
@@ -140,21 +381,128 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             }
             result
         }
+        Command::Msg { command } => {
+            let dir = DataDir::new(&data_dir);
+            match command {
+                MsgArgs::Send { to, text } => cli_ledger::msg_send(&dir, &to, &text),
+                MsgArgs::Inbox { limit, json } => cli_ledger::msg_inbox(&dir, limit, json),
+            }
+        }
         Command::Status { json } => status::print_status(&DataDir::new(&data_dir), json),
+        Command::Submit {
+            payload,
+            hex,
+            no_wait,
+            json,
+        } => cli_ledger::submit(&DataDir::new(&data_dir), &payload, hex, !no_wait, json),
+        Command::Ledger { command, json } => {
+            let command = match command {
+                LedgerArgs::Head => cli_ledger::LedgerCommand::Head,
+                LedgerArgs::Get { height } => cli_ledger::LedgerCommand::Get(height),
+                LedgerArgs::Verify => cli_ledger::LedgerCommand::Verify,
+            };
+            cli_ledger::ledger(&DataDir::new(&data_dir), command, json)
+        }
+        Command::Genesis {
+            command:
+                GenesisArgs::Create {
+                    network_id,
+                    validators,
+                    out,
+                },
+        } => cli_ledger::genesis_create(&network_id, validators, &out),
+        Command::Bench {
+            command: BenchArgs::Crypto { time, runs },
+        } => {
+            let options = bench_crypto::CryptoBench { time, runs };
+            let rows = bench_crypto::run(&options)?;
+            print!("{}", bench_crypto::render(&rows, &options));
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchArgs::Consensus {
+                    nodes,
+                    rate,
+                    duration,
+                    warmup,
+                    payload,
+                    batch_txs,
+                    dir,
+                },
+        } => runtime()?.block_on(bench::consensus(bench::ConsensusBench {
+            nodes,
+            rate,
+            duration,
+            warmup,
+            payload_bytes: payload,
+            batch_txs,
+            dir,
+        })),
+        Command::Keys { command } => {
+            let dir = DataDir::new(&data_dir);
+            match command {
+                KeysArgs::Show { json } => cli_ledger::keys_show(&dir, &passphrase, json),
+                KeysArgs::Sign { file } => {
+                    println!("{}", keys::sign_file(&dir, &passphrase, &file)?);
+                    Ok(())
+                }
+                KeysArgs::Verify {
+                    public_key,
+                    signature,
+                    file,
+                } => {
+                    // Handled in main() for its exit status; kept here so the
+                    // match stays exhaustive.
+                    if keys_verify(&public_key, &signature, &file) == ExitCode::SUCCESS {
+                        Ok(())
+                    } else {
+                        anyhow::bail!("signature not valid")
+                    }
+                }
+                KeysArgs::Passphrase {
+                    new_passphrase_file,
+                    remove,
+                } => {
+                    init_cli_logging()?;
+                    let new = (!remove).then(|| PassphraseSource::replacement(new_passphrase_file));
+                    println!(
+                        "{}",
+                        keys::change_passphrase(&dir, &passphrase, new.as_ref())?
+                    );
+                    Ok(())
+                }
+                KeysArgs::Rotate => {
+                    init_cli_logging()?;
+                    let report = keys::rotate(&dir, &passphrase)?;
+                    println!("old key     {}", report.statement.old_key);
+                    println!("new key     {}", report.statement.new_key);
+                    println!("statement   {}", report.record_path.display());
+                    println!("old key in  {}", report.old_key_path.display());
+                    println!(
+                        "peers accept the new key only with this statement; a validator's genesis entry must be updated by the network"
+                    );
+                    Ok(())
+                }
+            }
+        }
         Command::Devnet {
             nodes,
             dir,
             duration,
             tor,
+            tx_rate,
         } => runtime()?.block_on(devnet::run(devnet::DevnetOptions {
             nodes,
             dir,
             duration,
             tor,
+            tx_rate,
         })),
         Command::Tor(command) => {
             let options = RunOptions {
                 data_dir: data_dir.clone(),
+                passphrase: passphrase.clone(),
                 config_file: None,
                 overrides: CliOverrides::default(),
                 exit_with_parent: None,

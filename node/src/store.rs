@@ -7,6 +7,7 @@
 
 use std::path::Path;
 
+use openagi_consensus::{Block, CommitCertificate, PersistRecord, PersistedState};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +16,24 @@ pub const STORE_FILE: &str = "node.redb";
 
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 const PEERS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("peers");
+/// Consensus scalars: current view, stable checkpoint.
+const PBFT_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("pbft_meta");
+/// Latest vote per sequence number: postcard `(view, digest)`.
+const PBFT_VOTES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("pbft_votes");
+/// Highest-view prepared proof per sequence number (postcard).
+const PBFT_PREPARED: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("pbft_prepared");
+/// Ledger blocks by height: postcard `(Block, CommitCertificate)`.
+const BLOCKS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("blocks");
+/// Where each committed transaction is: hash to `(height, index)`.
+const TX_INDEX: TableDefinition<'_, &[u8; 32], (u64, u32)> = TableDefinition::new("tx_index");
+/// Messaging state: `"ratchet"` holds the encrypted Double Ratchet pickle
+/// (account and sessions).
+const MSG_STATE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("msg_state");
+/// Received messages by arrival number, each encrypted at rest.
+const INBOX: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("inbox");
+
+/// Most messages kept in the inbox; the oldest go first.
+pub const MAX_INBOX: u64 = 10_000;
 
 /// Most peers kept in the address book; the least recently seen go first.
 pub const MAX_KNOWN_PEERS: usize = 1024;
@@ -62,8 +81,73 @@ impl Store {
         let txn = db.begin_write().map_err(engine)?;
         txn.open_table(META).map_err(engine)?;
         txn.open_table(PEERS).map_err(engine)?;
+        txn.open_table(PBFT_META).map_err(engine)?;
+        txn.open_table(PBFT_VOTES).map_err(engine)?;
+        txn.open_table(PBFT_PREPARED).map_err(engine)?;
+        txn.open_table(BLOCKS).map_err(engine)?;
+        txn.open_table(TX_INDEX).map_err(engine)?;
+        txn.open_table(MSG_STATE).map_err(engine)?;
+        txn.open_table(INBOX).map_err(engine)?;
         txn.commit().map_err(engine)?;
         Ok(Self { db })
+    }
+
+    /// The stored (encrypted) ratchet pickle, if any.
+    pub fn ratchet_pickle(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(MSG_STATE).map_err(engine)?;
+        Ok(table
+            .get("ratchet")
+            .map_err(engine)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Replaces the ratchet pickle and, with `received`, appends one
+    /// (encrypted) inbox entry, in one fsynced transaction: a message is
+    /// never in the inbox without the session state that decrypted it, so
+    /// a replay after a crash is refused. Returns the entry's number.
+    pub fn save_ratchet(
+        &self,
+        pickle: &[u8],
+        received: Option<&[u8]>,
+    ) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_write().map_err(engine)?;
+        let number = {
+            let mut state = txn.open_table(MSG_STATE).map_err(engine)?;
+            state.insert("ratchet", pickle).map_err(engine)?;
+            match received {
+                Some(entry) => {
+                    let mut inbox = txn.open_table(INBOX).map_err(engine)?;
+                    let next = inbox
+                        .last()
+                        .map_err(engine)?
+                        .map_or(1, |(k, _)| k.value() + 1);
+                    inbox.insert(next, entry).map_err(engine)?;
+                    if next > MAX_INBOX {
+                        let cutoff = next - MAX_INBOX;
+                        inbox.retain_in(..=cutoff, |_, _| false).map_err(engine)?;
+                    }
+                    Some(next)
+                }
+                None => None,
+            }
+        };
+        txn.commit().map_err(engine)?;
+        Ok(number)
+    }
+
+    /// The newest `limit` inbox entries (number, encrypted entry), oldest
+    /// first.
+    pub fn inbox(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(INBOX).map_err(engine)?;
+        let mut entries = Vec::with_capacity(limit.min(1024));
+        for item in table.iter().map_err(engine)?.rev().take(limit) {
+            let (k, v) = item.map_err(engine)?;
+            entries.push((k.value(), v.value().to_vec()));
+        }
+        entries.reverse();
+        Ok(entries)
     }
 
     /// Counts one more start of the daemon and returns the new count.
@@ -139,6 +223,203 @@ impl Store {
         all.truncate(limit);
         Ok(all)
     }
+}
+
+impl Store {
+    /// Writes consensus records in one durable transaction, in order. The
+    /// replica's next outputs (votes to send, replies to clients) may only
+    /// be acted on after this returns.
+    pub fn persist_consensus(&self, records: &[PersistRecord]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(engine)?;
+        {
+            let mut meta = txn.open_table(PBFT_META).map_err(engine)?;
+            let mut votes = txn.open_table(PBFT_VOTES).map_err(engine)?;
+            let mut prepared = txn.open_table(PBFT_PREPARED).map_err(engine)?;
+            let mut blocks = txn.open_table(BLOCKS).map_err(engine)?;
+            let mut index = txn.open_table(TX_INDEX).map_err(engine)?;
+            for record in records {
+                match record {
+                    PersistRecord::View { view, changing } => {
+                        meta.insert("view", encode(&(*view, *changing))?.as_slice())
+                            .map_err(engine)?;
+                    }
+                    PersistRecord::Vote { view, seq, digest } => {
+                        votes
+                            .insert(*seq, encode(&(*view, *digest))?.as_slice())
+                            .map_err(engine)?;
+                    }
+                    PersistRecord::Prepared(proof) => {
+                        let seq = prepared_seq(proof)?;
+                        prepared
+                            .insert(seq, encode(proof)?.as_slice())
+                            .map_err(engine)?;
+                    }
+                    PersistRecord::Block { block, certificate } => {
+                        blocks
+                            .insert(block.height, encode(&(block, certificate))?.as_slice())
+                            .map_err(engine)?;
+                        for (i, tx) in block.txs.iter().enumerate() {
+                            let position = u32::try_from(i).unwrap_or(u32::MAX);
+                            index
+                                .insert(&tx.hash(), (block.height, position))
+                                .map_err(engine)?;
+                        }
+                    }
+                    PersistRecord::Recovering { bound } => {
+                        meta.insert("recovering", encode(bound)?.as_slice())
+                            .map_err(engine)?;
+                    }
+                    PersistRecord::Recovered => {
+                        meta.remove("recovering").map_err(engine)?;
+                    }
+                    PersistRecord::StableCheckpoint(proof) => {
+                        meta.insert("stable", encode(proof)?.as_slice())
+                            .map_err(engine)?;
+                        // Votes and proofs at or below a stable checkpoint
+                        // are never needed again.
+                        votes.retain(|seq, _| seq > proof.seq).map_err(engine)?;
+                        prepared.retain(|seq, _| seq > proof.seq).map_err(engine)?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(engine)?;
+        Ok(())
+    }
+
+    /// Everything a replica persisted, for [`openagi_consensus::Replica::restore`].
+    pub fn load_consensus(&self) -> Result<PersistedState, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let meta = txn.open_table(PBFT_META).map_err(engine)?;
+        let mut state = PersistedState::default();
+        if let Some(v) = meta.get("view").map_err(engine)? {
+            (state.view, state.changing) = decode("pbft_meta", "view", v.value())?;
+        }
+        if let Some(v) = meta.get("stable").map_err(engine)? {
+            state.stable = Some(decode("pbft_meta", "stable", v.value())?);
+        }
+        if let Some(v) = meta.get("recovering").map_err(engine)? {
+            state.recovering = Some(decode("pbft_meta", "recovering", v.value())?);
+        }
+        for row in txn
+            .open_table(PBFT_VOTES)
+            .map_err(engine)?
+            .iter()
+            .map_err(engine)?
+        {
+            let (k, v) = row.map_err(engine)?;
+            state.votes.insert(
+                k.value(),
+                decode("pbft_votes", &k.value().to_string(), v.value())?,
+            );
+        }
+        for row in txn
+            .open_table(PBFT_PREPARED)
+            .map_err(engine)?
+            .iter()
+            .map_err(engine)?
+        {
+            let (k, v) = row.map_err(engine)?;
+            state.prepared.insert(
+                k.value(),
+                decode("pbft_prepared", &k.value().to_string(), v.value())?,
+            );
+        }
+        for row in txn
+            .open_table(BLOCKS)
+            .map_err(engine)?
+            .iter()
+            .map_err(engine)?
+        {
+            let (k, v) = row.map_err(engine)?;
+            state
+                .blocks
+                .push(decode("blocks", &k.value().to_string(), v.value())?);
+        }
+        Ok(state)
+    }
+
+    /// The block at `height` with its certificate.
+    pub fn block(&self, height: u64) -> Result<Option<(Block, CommitCertificate)>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let blocks = txn.open_table(BLOCKS).map_err(engine)?;
+        match blocks.get(height).map_err(engine)? {
+            Some(v) => Ok(Some(decode("blocks", &height.to_string(), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// All blocks from `from` up, at most `limit`.
+    pub fn blocks_from(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(Block, CommitCertificate)>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let blocks = txn.open_table(BLOCKS).map_err(engine)?;
+        let mut out = Vec::new();
+        for row in blocks.range(from..).map_err(engine)?.take(limit) {
+            let (k, v) = row.map_err(engine)?;
+            out.push(decode("blocks", &k.value().to_string(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Where a committed transaction is, by its hash.
+    pub fn tx_position(&self, hash: &[u8; 32]) -> Result<Option<(u64, u32)>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let index = txn.open_table(TX_INDEX).map_err(engine)?;
+        Ok(index.get(hash).map_err(engine)?.map(|v| v.value()))
+    }
+
+    /// Reserves the next sequence number for transactions this node
+    /// submits as a client; durable, so a restart never reuses one.
+    pub fn next_client_seq(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write().map_err(engine)?;
+        let next = {
+            let mut meta = txn.open_table(META).map_err(engine)?;
+            let previous = match meta.get("client_seq").map_err(engine)? {
+                Some(v) => decode_u64(v.value()).unwrap_or(0),
+                None => 0,
+            };
+            let next = previous.saturating_add(1);
+            meta.insert("client_seq", next.to_le_bytes().as_slice())
+                .map_err(engine)?;
+            next
+        };
+        txn.commit().map_err(engine)?;
+        Ok(next)
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(value).map_err(engine)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    table: &'static str,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        table,
+        key: key.to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// The sequence number a prepared proof is for, read from its pre-prepare
+/// (our own record, already verified when it was made).
+fn prepared_seq(proof: &openagi_consensus::messages::PreparedProof) -> Result<u64, StoreError> {
+    let pre_prepare: openagi_consensus::messages::PrePrepare =
+        postcard::from_bytes(proof.pre_prepare.payload_bytes()).map_err(|e| {
+            StoreError::Corrupt {
+                table: "pbft_prepared",
+                key: "?".into(),
+                detail: e.to_string(),
+            }
+        })?;
+    Ok(pre_prepare.seq)
 }
 
 fn decode_u64(bytes: &[u8]) -> Option<u64> {

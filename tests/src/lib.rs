@@ -67,6 +67,71 @@ pub fn init(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Initialises `n` data directories under `root` (`v0`, `v1`, ...) that
+/// share one genesis listing all of them as validators, using only the
+/// operator commands (`init`, `keys show`, `genesis create`, `init
+/// --genesis`).
+pub fn init_validators(root: &Path, n: usize) -> Result<Vec<PathBuf>> {
+    let mut dirs = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    for i in 0..n {
+        let dir = root.join(format!("v{i}"));
+        init(&dir)?;
+        let (status, out, err) = openagi(&[
+            "keys",
+            "show",
+            "--json",
+            "--data-dir",
+            dir.to_str().context("utf-8")?,
+        ])?;
+        if !status.success() {
+            bail!("keys show failed: {err}");
+        }
+        let shown: Value = serde_json::from_str(&out)?;
+        keys.push(
+            shown["public_key"]
+                .as_str()
+                .context("public_key")?
+                .to_string(),
+        );
+        dirs.push(dir);
+    }
+    let genesis = root.join("genesis.toml");
+    let genesis_text = genesis.to_str().context("utf-8")?;
+    let mut args = vec![
+        "genesis",
+        "create",
+        "--network-id",
+        TEST_NETWORK,
+        "--out",
+        genesis_text,
+    ];
+    for key in &keys {
+        args.push("--validator");
+        args.push(key);
+    }
+    let (status, out, err) = openagi(&args)?;
+    if !status.success() {
+        bail!("genesis create failed: {out}{err}");
+    }
+    for dir in &dirs {
+        let d = dir.to_str().context("utf-8")?;
+        let (status, out, err) = openagi(&[
+            "init",
+            "--data-dir",
+            d,
+            "--network-id",
+            TEST_NETWORK,
+            "--genesis",
+            genesis_text,
+        ])?;
+        if !status.success() {
+            bail!("init --genesis failed: {out}{err}");
+        }
+    }
+    Ok(dirs)
+}
+
 /// Polls `check` every 100 ms until it returns `Some` or `limit` passes.
 pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
     let until = Instant::now() + limit;
@@ -212,6 +277,29 @@ impl Daemon {
             bail!("status answered {code}: {body}");
         }
         Ok(serde_json::from_str(&body)?)
+    }
+
+    /// POSTs JSON to `path` with the token; returns status and body.
+    pub fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(40)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut response = agent
+            .post(&format!("http://{}{path}", self.api))
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .send_json(body)?;
+        let code = response.status().as_u16();
+        Ok((code, response.body_mut().read_json()?))
+    }
+
+    /// Committed ledger height, or 0 when unknown.
+    pub fn height(&self) -> u64 {
+        self.status()
+            .ok()
+            .and_then(|s| s["ledger"]["height"].as_u64())
+            .unwrap_or(0)
     }
 
     /// The `/api/v1/peers` document.

@@ -1,0 +1,291 @@
+//! `openagi bench ...`: performance measurements that print figures.
+//!
+//! `bench consensus` starts real validator daemons on loopback (the same
+//! binary, as child processes), offers an open-loop load of opaque
+//! transactions to the primary through the binary batch endpoint, and
+//! reports committed throughput and submission-to-commit latency measured
+//! inside the primary.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use openagi_consensus::{ClientId, Transaction};
+
+use crate::client::ApiClient;
+use crate::devnet;
+
+/// Options of `openagi bench consensus`.
+#[derive(Debug, Clone)]
+pub struct ConsensusBench {
+    /// Validators.
+    pub nodes: usize,
+    /// Offered transactions per second.
+    pub rate: u64,
+    /// Measured period.
+    pub duration: Duration,
+    /// Load before measuring starts.
+    pub warmup: Duration,
+    /// Bytes of each transaction's payload.
+    pub payload_bytes: usize,
+    /// Most transactions per block.
+    pub batch_txs: usize,
+    /// Where the nodes' data directories go (default: a temporary one).
+    pub dir: Option<PathBuf>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Default)]
+struct LoadCounters {
+    offered: AtomicU64,
+    accepted: AtomicU64,
+    failed_posts: AtomicU64,
+    first_failure: std::sync::Mutex<Option<String>>,
+}
+
+/// Offers `rate` transactions a second to `client` in ticks of 10 ms until
+/// `stop`; a tick that falls more than a second behind is skipped rather
+/// than sent late, so the offered load stays open-loop.
+fn run_load(
+    client: ApiClient,
+    rate: u64,
+    payload_bytes: usize,
+    stop: Arc<AtomicBool>,
+    counters: Arc<LoadCounters>,
+) {
+    const TICK: Duration = Duration::from_millis(10);
+    let mut identity = [0u8; 32];
+    // One client id per bench run; sequence numbers from 1.
+    let _ = openagi_crypto::os_random(&mut identity);
+    let client_id = ClientId(identity);
+    let per_tick = (rate as f64 * TICK.as_secs_f64()).max(1.0);
+    let started = Instant::now();
+    let mut seq: u64 = 0;
+    let mut owed = 0.0f64;
+    let mut tick: u32 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        tick += 1;
+        let due = started + TICK * tick;
+        let now = Instant::now();
+        if now < due {
+            std::thread::sleep(due - now);
+        } else if now - due > Duration::from_secs(1) {
+            continue;
+        }
+        owed += per_tick;
+        let count = owed.floor() as usize;
+        owed -= count as f64;
+        let mut txs = Vec::with_capacity(count);
+        for _ in 0..count {
+            seq += 1;
+            let mut payload = vec![0u8; payload_bytes];
+            let stamp = seq.to_le_bytes();
+            for (i, byte) in payload.iter_mut().enumerate() {
+                *byte = stamp[i % 8] ^ (i as u8);
+            }
+            txs.push(Transaction {
+                client: client_id,
+                seq,
+                payload,
+            });
+        }
+        counters.offered.fetch_add(count as u64, Ordering::Relaxed);
+        let Ok(body) = postcard::to_stdvec(&txs) else {
+            continue;
+        };
+        match client.post_bytes("/api/v1/tx/batch", body) {
+            Ok(answer) => {
+                counters
+                    .accepted
+                    .fetch_add(answer["queued"].as_u64().unwrap_or(0), Ordering::Relaxed);
+            }
+            Err(e) => {
+                counters.failed_posts.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut first) = counters.first_failure.lock() {
+                    first.get_or_insert_with(|| format!("{e:#}"));
+                }
+            }
+        }
+    }
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Runs the consensus benchmark and prints a table.
+pub async fn consensus(options: ConsensusBench) -> Result<()> {
+    if options.rate == 0 {
+        bail!("--rate must be positive");
+    }
+    let temp;
+    let dir = match &options.dir {
+        Some(d) => d.clone(),
+        None => {
+            temp = std::env::temp_dir().join(format!("openagi-bench-{}", std::process::id()));
+            temp.clone()
+        }
+    };
+    let extra = format!(
+        "[consensus]\nmax_batch_txs = {}\nmax_batch_bytes = {}\nmax_pending = {}\n",
+        options.batch_txs,
+        options.batch_txs * (options.payload_bytes + 64),
+        (options.rate * 4).max(10_000)
+    );
+    println!(
+        "bench consensus: {} validators on loopback, {} B transactions, offered {} tx/s open-loop, warm-up {} s, measuring {} s",
+        options.nodes,
+        options.payload_bytes,
+        options.rate,
+        options.warmup.as_secs(),
+        options.duration.as_secs()
+    );
+    let (mut nodes, _no_tor) =
+        devnet::start_local_network(&dir, options.nodes, &extra, false).await?;
+    let result = measure(&nodes, &options).await;
+    devnet::stop_all(&mut nodes).await;
+    if options.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<()> {
+    let clients: Vec<ApiClient> = nodes.iter().filter_map(|n| n.client.clone()).collect();
+    let first = clients.first().context("no node")?.clone();
+    let expected = options.nodes - 1;
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let connected = clients
+            .iter()
+            .filter_map(|c| c.get_json("/api/v1/status").ok())
+            .filter(|s| s["network"]["connected_peers"].as_u64() == Some(expected as u64))
+            .count();
+        if connected == clients.len() {
+            break;
+        }
+        if Instant::now() > until {
+            bail!("validators did not connect within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = first.get_json("/api/v1/status")?;
+    let primary_index = status["consensus"]["primary_index"]
+        .as_u64()
+        .context("no consensus status")? as usize;
+    let primary = clients
+        .get(primary_index)
+        .context("primary out of range")?
+        .clone();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(LoadCounters::default());
+    let load = {
+        let (primary, stop, counters) = (primary.clone(), stop.clone(), counters.clone());
+        let (rate, payload) = (options.rate, options.payload_bytes);
+        std::thread::spawn(move || run_load(primary, rate, payload, stop, counters))
+    };
+    tokio::time::sleep(options.warmup).await;
+
+    let committed = |c: &ApiClient| -> Result<(u64, u64)> {
+        let s = c.get_json("/api/v1/status")?;
+        Ok((
+            s["consensus"]["committed_txs"].as_u64().unwrap_or(0),
+            s["ledger"]["height"].as_u64().unwrap_or(0),
+        ))
+    };
+    let metrics_before = primary.get_text("/metrics")?;
+    let (tx0, h0) = committed(&primary)?;
+    let offered0 = counters.offered.load(Ordering::Relaxed);
+    let t0 = unix_ms();
+    let started = Instant::now();
+    tokio::time::sleep(options.duration).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let (tx1, h1) = committed(&primary)?;
+    let offered1 = counters.offered.load(Ordering::Relaxed);
+    let latency = primary.get_json(&format!("/api/v1/consensus/latency?since_ms={t0}"))?;
+    let metrics_after = primary.get_text("/metrics")?;
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || load.join()).await;
+
+    let committed_tps = (tx1 - tx0) as f64 / elapsed;
+    let blocks = h1 - h0;
+    let fsyncs = metric(
+        &metrics_after,
+        "openagi_consensus_persist_duration_seconds_count",
+    ) - metric(
+        &metrics_before,
+        "openagi_consensus_persist_duration_seconds_count",
+    );
+    let fsync_seconds = metric(
+        &metrics_after,
+        "openagi_consensus_persist_duration_seconds_sum",
+    ) - metric(
+        &metrics_before,
+        "openagi_consensus_persist_duration_seconds_sum",
+    );
+    let dropped = metrics_after
+        .lines()
+        .filter(|l| l.starts_with("openagi_consensus_messages_dropped_total"))
+        .map(|l| l.to_string())
+        .collect::<Vec<_>>();
+
+    println!();
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!(
+        "| offered load | {:.0} tx/s |",
+        (offered1 - offered0) as f64 / elapsed
+    );
+    println!("| committed throughput | {committed_tps:.0} tx/s |");
+    println!(
+        "| blocks | {blocks} ({:.1} blocks/s, {:.0} tx/block) |",
+        blocks as f64 / elapsed,
+        (tx1 - tx0) as f64 / blocks.max(1) as f64
+    );
+    println!(
+        "| latency submit→commit (primary) | p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} tx |",
+        latency["p50_ms"].as_f64().unwrap_or(0.0),
+        latency["p90_ms"].as_f64().unwrap_or(0.0),
+        latency["p99_ms"].as_f64().unwrap_or(0.0),
+        latency["max_ms"].as_f64().unwrap_or(0.0),
+        latency["samples"].as_u64().unwrap_or(0)
+    );
+    println!(
+        "| disk commits (fsync) at the primary | {:.0}/s, mean {:.2} ms, {:.0}% of wall time |",
+        fsyncs / elapsed,
+        if fsyncs > 0.0 {
+            fsync_seconds / fsyncs * 1000.0
+        } else {
+            0.0
+        },
+        fsync_seconds / elapsed * 100.0
+    );
+    println!(
+        "| refused by the primary | {:.0} (batch posts failed: {}) |",
+        metric(
+            &metrics_after,
+            "openagi_consensus_submissions_refused_total"
+        ),
+        counters.failed_posts.load(Ordering::Relaxed)
+    );
+    if let Ok(first) = counters.first_failure.lock()
+        && let Some(e) = first.as_ref()
+    {
+        println!("| first failed batch post | {e} |");
+    }
+    for line in dropped {
+        println!("| dropped | {line} |");
+    }
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! `openagi submit`, `openagi ledger ...`, `openagi genesis create`,
+//! `openagi keys show` and `openagi msg send|inbox`: operator commands
+//! served by the running daemon or the data directory.
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::client::ApiClient;
+use crate::datadir::DataDir;
+use crate::genesis::{GENESIS_FILE, Genesis};
+
+/// Prints the node's identity: peer id, public key and fingerprint.
+pub fn keys_show(
+    dir: &DataDir,
+    passphrase: &crate::passphrase::PassphraseSource,
+    json_output: bool,
+) -> Result<()> {
+    let identity = dir.identity(passphrase)?;
+    let encrypted = dir.key_format()?.encrypted();
+    let public = identity.public();
+    let peer_id = openagi_net::keypair_from_identity(&identity)?
+        .public()
+        .to_peer_id();
+    if json_output {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "peer_id": peer_id.to_string(),
+                "public_key": public.to_hex(),
+                "fingerprint": public.fingerprint(),
+                "key_encrypted": encrypted,
+            }))?
+        );
+    } else {
+        println!("peer id      {peer_id}");
+        println!("public key   {}", public.to_hex());
+        println!("fingerprint  {}", public.fingerprint());
+        println!(
+            "key store    {}",
+            if encrypted {
+                "encrypted (Argon2id + XChaCha20-Poly1305)"
+            } else {
+                "UNENCRYPTED (file mode 0600 only; `openagi keys passphrase` encrypts it)"
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Writes a genesis file for `validators` (hex public keys).
+pub fn genesis_create(
+    network_id: &str,
+    validators: Vec<String>,
+    out: &std::path::Path,
+) -> Result<()> {
+    let genesis = Genesis {
+        network_id: network_id.to_string(),
+        validators,
+    };
+    genesis.validator_set()?;
+    if out.exists() {
+        bail!(
+            "{} exists; a genesis is never overwritten (remove it first if you mean it)",
+            out.display()
+        );
+    }
+    std::fs::write(out, genesis.to_toml()?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "wrote {} ({} validators, network {network_id})",
+        out.display(),
+        genesis.validators.len()
+    );
+    Ok(())
+}
+
+/// Installs a genesis file into the data directory.
+pub fn install_genesis(dir: &DataDir, source: &std::path::Path) -> Result<String> {
+    let genesis = Genesis::load(source)?;
+    let target = dir.file(GENESIS_FILE);
+    if target.exists() {
+        let existing = Genesis::load(&target)?;
+        if existing == genesis {
+            return Ok(format!(
+                "found identical genesis {} (kept)",
+                target.display()
+            ));
+        }
+        bail!(
+            "{} exists and differs from {}; a node's genesis never changes",
+            target.display(),
+            source.display()
+        );
+    }
+    openagi_crypto::keyfile::write_atomic(&target, genesis.to_toml()?.as_bytes(), 0o644)?;
+    Ok(format!(
+        "installed genesis {} ({} validators)",
+        target.display(),
+        genesis.validators.len()
+    ))
+}
+
+/// Submits a transaction through the running daemon and prints the result.
+pub fn submit(
+    dir: &DataDir,
+    payload: &str,
+    hex_payload: bool,
+    wait: bool,
+    json_output: bool,
+) -> Result<()> {
+    let client = ApiClient::from_data_dir(dir)?.with_timeout(std::time::Duration::from_secs(45));
+    let body = if hex_payload {
+        json!({ "payload_hex": payload, "wait": wait })
+    } else {
+        json!({ "payload": payload, "wait": wait })
+    };
+    let answer = client.post_json("/api/v1/tx", &body)?;
+    if json_output {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    match answer["status"].as_str() {
+        Some("committed") => println!(
+            "committed at height {} index {} (tx {})",
+            answer["height"],
+            answer["index"],
+            text(&answer["tx_hash"])
+        ),
+        _ => println!(
+            "accepted, pending (tx {}); check with the ledger or /api/v1/tx/<hash>",
+            text(&answer["tx_hash"])
+        ),
+    }
+    Ok(())
+}
+
+fn text(v: &Value) -> String {
+    v.as_str()
+        .map(String::from)
+        .unwrap_or_else(|| v.to_string())
+}
+
+/// `openagi ledger head|get|verify`.
+pub fn ledger(dir: &DataDir, command: LedgerCommand, json_output: bool) -> Result<()> {
+    let client = ApiClient::from_data_dir(dir)?;
+    let (answer, ok) = match command {
+        LedgerCommand::Head => (client.get_json("/api/v1/ledger/head")?, true),
+        LedgerCommand::Get(height) => (
+            client.get_json(&format!("/api/v1/ledger/blocks/{height}"))?,
+            true,
+        ),
+        LedgerCommand::Verify => {
+            let v = client.get_json("/api/v1/ledger/verify")?;
+            let ok = v["ok"].as_bool().unwrap_or(false);
+            (v, ok)
+        }
+    };
+    if json_output {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        match command {
+            LedgerCommand::Head => println!(
+                "height {}  head {}  view {}",
+                answer["height"],
+                text(&answer["head_hash"]),
+                answer["view"]
+            ),
+            LedgerCommand::Get(_) => {
+                println!("height     {}", answer["height"]);
+                println!("hash       {}", text(&answer["hash"]));
+                println!("prev       {}", text(&answer["prev_hash"]));
+                println!("view       {}", answer["view"]);
+                println!("timestamp  {} ms", answer["timestamp_ms"]);
+                let txs = answer["transactions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                println!("txs        {}", txs.len());
+                for tx in txs {
+                    println!(
+                        "  {} client {}… seq {}",
+                        text(&tx["hash"]),
+                        &text(&tx["client"])[..8.min(text(&tx["client"]).len())],
+                        tx["seq"]
+                    );
+                }
+                let signers = answer["certificate"]["signers"]
+                    .as_array()
+                    .map(Vec::len)
+                    .unwrap_or(0);
+                println!("certified  by {signers} commit signatures");
+            }
+            LedgerCommand::Verify if ok => println!(
+                "ledger verified: every block from genesis to height {} links and is certified",
+                answer["height"]
+            ),
+            LedgerCommand::Verify => println!("LEDGER DOES NOT VERIFY: {}", text(&answer["error"])),
+        }
+    }
+    if !ok {
+        bail!("ledger verification failed");
+    }
+    Ok(())
+}
+
+/// What `openagi ledger` shows.
+#[derive(Debug, Clone, Copy)]
+pub enum LedgerCommand {
+    /// The head.
+    Head,
+    /// One block.
+    Get(u64),
+    /// Re-check the whole chain.
+    Verify,
+}
+
+/// `openagi msg send`: sends through the running daemon and waits for the
+/// recipient's acknowledgement.
+pub fn msg_send(dir: &DataDir, to: &str, message: &str) -> Result<()> {
+    let client = ApiClient::from_data_dir(dir)?.with_timeout(std::time::Duration::from_secs(60));
+    let answer = client.post_json("/api/v1/msg", &json!({ "to": to, "text": message }))?;
+    println!("delivered to {}", text(&answer["to"]));
+    Ok(())
+}
+
+/// `openagi msg inbox`: the newest messages, oldest first.
+pub fn msg_inbox(dir: &DataDir, limit: usize, json_output: bool) -> Result<()> {
+    let client = ApiClient::from_data_dir(dir)?;
+    let answer = client.get_json(&format!("/api/v1/inbox?limit={limit}"))?;
+    if json_output {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    for m in answer["messages"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "#{} from {} at {} ms: {}",
+            m["number"],
+            text(&m["from_peer"]),
+            m["received_unix_ms"],
+            text(&m["text"])
+        );
+    }
+    Ok(())
+}

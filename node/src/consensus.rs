@@ -1,0 +1,718 @@
+//! Drives the PBFT replica: the edge between the pure state machine in
+//! `openagi-consensus` and the node's network, disk and clock.
+//!
+//! One task owns the replica. It feeds it client transactions, messages
+//! from validators (direct protocol) and ticks, and acts on its outputs
+//! strictly in order: consecutive `Persist` records are committed to redb
+//! in one fsynced transaction before any later output (a vote on the wire,
+//! a commit reported to a client) is acted on. If the store fails, the
+//! task stops rather than vote from state it could not save.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openagi_consensus::{
+    Block, CommitCertificate, Config, DropReason, Hash, IdentitySigner, Message, Output, Recipient,
+    Replica, Transaction, ValidatorSet,
+};
+use openagi_crypto::{Identity, PublicKey};
+use openagi_net::{NetHandle, PeerId};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::store::Store;
+
+/// Inputs queued for the replica task.
+const INPUT_CAPACITY: usize = 8192;
+/// Commit notices buffered for API waiters.
+const COMMIT_NOTICES: usize = 1024;
+/// Locally submitted transactions whose latency is tracked.
+const MAX_TRACKED_LATENCIES: usize = 200_000;
+
+/// Errors of the consensus driver.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsensusError {
+    /// This node's key is not in the validator set.
+    #[error("this node is not a validator of the genesis")]
+    NotValidator,
+    /// The replica refused the input.
+    #[error("{0}")]
+    Rejected(String),
+    /// The consensus task has stopped.
+    #[error("consensus has stopped")]
+    Stopped,
+    /// The store failed.
+    #[error("storage: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The replica could not start.
+    #[error("consensus: {0}")]
+    Replica(#[from] openagi_consensus::Error),
+}
+
+/// What the status document shows about consensus.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConsensusStatus {
+    /// Current view.
+    pub view: u64,
+    /// Whether a view change is in progress.
+    pub changing_view: bool,
+    /// Replica index of the primary of the current view.
+    pub primary_index: usize,
+    /// Peer id of that primary.
+    pub primary: String,
+    /// This node's replica index.
+    pub validator_index: usize,
+    /// Number of validators.
+    pub validators: usize,
+    /// Faults tolerated.
+    pub f: usize,
+    /// Committed ledger height.
+    pub height: u64,
+    /// Hash of the ledger head (hex).
+    pub head_hash: String,
+    /// Unix milliseconds of the last commit.
+    pub last_commit_unix_ms: Option<u64>,
+    /// Transactions committed since start.
+    pub committed_txs: u64,
+    /// Transactions waiting to be proposed.
+    pub pending: usize,
+    /// Stable checkpoint sequence number.
+    pub stable_checkpoint: u64,
+}
+
+/// A block that committed, for API waiters.
+#[derive(Debug, Clone)]
+pub struct CommitNotice {
+    /// Its height.
+    pub height: u64,
+    /// Hashes of its transactions, in order.
+    pub tx_hashes: Arc<Vec<Hash>>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone)]
+struct ConsensusMetrics {
+    committed_txs: Counter,
+    committed_blocks: Counter,
+    height: Gauge,
+    view: Gauge,
+    view_changes: Counter,
+    commit_latency: Histogram,
+    dropped: Family<ReasonLabel, Counter>,
+    pending: Gauge,
+    persist_latency: Histogram,
+    refused: Counter,
+}
+
+impl ConsensusMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            committed_txs: Counter::default(),
+            committed_blocks: Counter::default(),
+            height: Gauge::default(),
+            view: Gauge::default(),
+            view_changes: Counter::default(),
+            commit_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            dropped: Family::default(),
+            pending: Gauge::default(),
+            persist_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            refused: Counter::default(),
+        };
+        registry.register(
+            "consensus_submissions_refused",
+            "Queued transactions the replica refused (duplicate, already applied, pending full)",
+            m.refused.clone(),
+        );
+        let r = registry.sub_registry_with_prefix("consensus");
+        r.register(
+            "committed_transactions",
+            "Transactions committed to the ledger",
+            m.committed_txs.clone(),
+        );
+        r.register(
+            "committed_blocks",
+            "Blocks committed to the ledger",
+            m.committed_blocks.clone(),
+        );
+        r.register("height", "Committed ledger height", m.height.clone());
+        r.register("view", "Current PBFT view", m.view.clone());
+        r.register(
+            "view_changes",
+            "New views installed",
+            m.view_changes.clone(),
+        );
+        r.register_with_unit(
+            "commit_latency",
+            "Time from a transaction's submission to this node until it committed",
+            Unit::Seconds,
+            m.commit_latency.clone(),
+        );
+        r.register(
+            "messages_dropped",
+            "Consensus inputs dropped, by reason",
+            m.dropped.clone(),
+        );
+        r.register(
+            "pending_transactions",
+            "Transactions waiting to be proposed",
+            m.pending.clone(),
+        );
+        r.register_with_unit(
+            "persist_duration",
+            "Time to commit consensus records to disk (fsync included)",
+            Unit::Seconds,
+            m.persist_latency.clone(),
+        );
+        m
+    }
+}
+
+enum Input {
+    Submit {
+        tx: Transaction,
+        reply: oneshot::Sender<Result<Hash, ConsensusError>>,
+    },
+    SubmitBatch {
+        txs: Vec<Transaction>,
+        received: Instant,
+    },
+    Message {
+        from: PeerId,
+        data: Vec<u8>,
+    },
+}
+
+/// Percentiles of submission-to-commit latency at this node.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LatencySummary {
+    /// Samples the figures are computed from.
+    pub samples: usize,
+    /// Median, milliseconds.
+    pub p50_ms: f64,
+    /// 90th percentile, milliseconds.
+    pub p90_ms: f64,
+    /// 99th percentile, milliseconds.
+    pub p99_ms: f64,
+    /// Largest, milliseconds.
+    pub max_ms: f64,
+}
+
+/// Recent commit latencies: `(commit unix ms, latency ms)`, newest last.
+type LatencyRing = Arc<std::sync::Mutex<std::collections::VecDeque<(u64, f32)>>>;
+/// Latency samples kept for percentile queries.
+const LATENCY_SAMPLES: usize = 1 << 18;
+
+/// A handle to the consensus task.
+#[derive(Clone)]
+pub struct ConsensusHandle {
+    inputs: mpsc::Sender<Input>,
+    status: Arc<RwLock<ConsensusStatus>>,
+    commits: broadcast::Sender<CommitNotice>,
+    validators: ValidatorSet,
+    latencies: LatencyRing,
+}
+
+impl ConsensusHandle {
+    /// Queues many transactions at once (one queue slot for all) without
+    /// waiting for the replica: a load generator must not be slowed by the
+    /// replica's disk commits. Refusals are counted in
+    /// `openagi_consensus_submissions_refused_total`.
+    pub async fn submit_batch(&self, txs: Vec<Transaction>) -> Result<(), ConsensusError> {
+        self.inputs
+            .send(Input::SubmitBatch {
+                txs,
+                received: Instant::now(),
+            })
+            .await
+            .map_err(|_| ConsensusError::Stopped)
+    }
+
+    /// Latency percentiles of transactions submitted here that committed
+    /// at or after `since_unix_ms`.
+    pub fn latency(&self, since_unix_ms: u64) -> LatencySummary {
+        let mut values: Vec<f32> = match self.latencies.lock() {
+            Ok(ring) => ring
+                .iter()
+                .filter(|(at, _)| *at >= since_unix_ms)
+                .map(|(_, l)| *l)
+                .collect(),
+            Err(p) => p
+                .into_inner()
+                .iter()
+                .filter(|(at, _)| *at >= since_unix_ms)
+                .map(|(_, l)| *l)
+                .collect(),
+        };
+        if values.is_empty() {
+            return LatencySummary::default();
+        }
+        values.sort_by(f32::total_cmp);
+        let at = |q: f64| f64::from(values[((values.len() - 1) as f64 * q).round() as usize]);
+        LatencySummary {
+            samples: values.len(),
+            p50_ms: at(0.5),
+            p90_ms: at(0.9),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        }
+    }
+    /// Submits a client transaction; returns its hash once the replica
+    /// accepted it (not yet committed).
+    pub async fn submit(&self, tx: Transaction) -> Result<Hash, ConsensusError> {
+        let (reply, answer) = oneshot::channel();
+        self.inputs
+            .send(Input::Submit { tx, reply })
+            .await
+            .map_err(|_| ConsensusError::Stopped)?;
+        answer.await.map_err(|_| ConsensusError::Stopped)?
+    }
+
+    /// Hands a message from the network to the replica. Drops it when the
+    /// replica is far behind (PBFT retransmits what matters).
+    pub fn deliver(&self, from: PeerId, data: Vec<u8>) -> bool {
+        self.inputs.try_send(Input::Message { from, data }).is_ok()
+    }
+
+    /// The current status.
+    pub fn status(&self) -> ConsensusStatus {
+        match self.status.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Notices of blocks committing from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<CommitNotice> {
+        self.commits.subscribe()
+    }
+
+    /// The validator set.
+    pub fn validators(&self) -> &ValidatorSet {
+        &self.validators
+    }
+}
+
+/// The libp2p peer id of a validator key (both are the same Ed25519 key).
+pub fn peer_id_of(key: &PublicKey) -> Option<PeerId> {
+    let public = libp2p::identity::ed25519::PublicKey::try_from_bytes(&key.to_bytes()).ok()?;
+    Some(libp2p::identity::PublicKey::from(public).to_peer_id())
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn reason_name(reason: DropReason) -> String {
+    let debug = format!("{reason:?}");
+    let mut out = String::with_capacity(debug.len() + 4);
+    for (i, c) in debug.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Who this replica is and what it runs with.
+pub struct ReplicaSetup {
+    /// The node's signing identity.
+    pub identity: Identity,
+    /// The genesis validator set.
+    pub validators: ValidatorSet,
+    /// Replica tunables.
+    pub config: Config,
+    /// File (beside the key, outside the database) marking that this node
+    /// has taken part in consensus.
+    pub marker: std::path::PathBuf,
+}
+
+/// Starts the replica task, restoring what `store` holds.
+pub fn start(
+    setup: ReplicaSetup,
+    store: Arc<Store>,
+    net: NetHandle,
+    registry: &mut Registry,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(ConsensusHandle, JoinHandle<Result<(), ConsensusError>>), ConsensusError> {
+    let ReplicaSetup {
+        identity,
+        validators,
+        config,
+        marker,
+    } = setup;
+    let marker = marker.as_path();
+    let me = validators
+        .index_of(&identity.public())
+        .ok_or(ConsensusError::NotValidator)?;
+    let persisted = store.load_consensus()?;
+    let restored_height = persisted.blocks.len();
+    let nothing_stored = persisted == openagi_consensus::PersistedState::default();
+    let signer = IdentitySigner::new(identity);
+    let replica = if nothing_stored && marker.exists() {
+        // This validator voted before (the marker says so) but its
+        // consensus state is gone: it must not vote where it may have
+        // voted, or it could contradict itself.
+        warn!(marker = %marker.display(), "consensus state lost; recovering before voting again");
+        Replica::recover_after_data_loss(config, validators.clone(), signer, unix_ms())?
+    } else {
+        Replica::restore(config, validators.clone(), signer, persisted, unix_ms())?
+    };
+    if !marker.exists() {
+        openagi_crypto::keyfile::write_atomic(
+            marker,
+            b"this node has taken part in consensus\n",
+            0o600,
+        )
+        .map_err(|e| ConsensusError::Rejected(format!("writing {}: {e}", marker.display())))?;
+    }
+    info!(
+        validator_index = me,
+        height = replica.height(),
+        restored_height,
+        view = replica.view(),
+        "consensus replica ready"
+    );
+    let peers: Vec<Option<PeerId>> = validators.members().iter().map(peer_id_of).collect();
+    let metrics = ConsensusMetrics::register(registry);
+    let status = Arc::new(RwLock::new(ConsensusStatus::default()));
+    let (commits, _) = broadcast::channel(COMMIT_NOTICES);
+    let (input_tx, mut input_rx) = mpsc::channel(INPUT_CAPACITY);
+    let latencies: LatencyRing = Arc::default();
+    let handle = ConsensusHandle {
+        inputs: input_tx,
+        status: status.clone(),
+        commits: commits.clone(),
+        validators: validators.clone(),
+        latencies: latencies.clone(),
+    };
+    let mut driver = Driver {
+        replica,
+        me,
+        peers,
+        store,
+        net,
+        metrics,
+        status,
+        commits,
+        submitted: HashMap::new(),
+        last_commit: None,
+        committed_txs: 0,
+        dropped_seen: BTreeMap::new(),
+        latencies,
+    };
+    driver.publish_status();
+    let task = tokio::spawn(async move {
+        loop {
+            // The replica's next timer, at most a second away so status
+            // refreshes even when idle.
+            let deadline = driver
+                .replica
+                .poll_timeout()
+                .unwrap_or(u64::MAX)
+                .min(unix_ms() + 1000);
+            let wait = Duration::from_millis(deadline.saturating_sub(unix_ms()));
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                input = input_rx.recv() => match input {
+                    Some(input) => {
+                        driver.handle(input);
+                        // Take whatever else is already queued before
+                        // draining outputs, so one fsync covers many inputs.
+                        for _ in 0..256 {
+                            match input_rx.try_recv() {
+                                Ok(more) => driver.handle(more),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => break,
+                },
+                _ = tokio::time::sleep(wait) => {}
+            }
+            // Timers must fire even when inputs arrive faster than they
+            // fall due, so the tick is not tied to the sleep winning.
+            let now = unix_ms();
+            if now >= deadline {
+                driver.replica.handle_tick(now);
+            }
+            driver.drain().await?;
+        }
+        info!("consensus stopped");
+        Ok(())
+    });
+    Ok((handle, task))
+}
+
+struct Driver {
+    replica: Replica<IdentitySigner>,
+    me: usize,
+    peers: Vec<Option<PeerId>>,
+    store: Arc<Store>,
+    net: NetHandle,
+    metrics: ConsensusMetrics,
+    status: Arc<RwLock<ConsensusStatus>>,
+    commits: broadcast::Sender<CommitNotice>,
+    submitted: HashMap<Hash, Instant>,
+    last_commit: Option<u64>,
+    committed_txs: u64,
+    dropped_seen: BTreeMap<DropReason, u64>,
+    latencies: LatencyRing,
+}
+
+impl Driver {
+    fn handle(&mut self, input: Input) {
+        let now = unix_ms();
+        match input {
+            Input::Submit { tx, reply } => {
+                let hash = tx.hash();
+                let result = self
+                    .replica
+                    .handle_request(tx, now)
+                    .map(|()| hash)
+                    .map_err(|e| ConsensusError::Rejected(e.to_string()));
+                if result.is_ok() && self.submitted.len() < MAX_TRACKED_LATENCIES {
+                    self.submitted.insert(hash, Instant::now());
+                }
+                let _ = reply.send(result);
+            }
+            Input::SubmitBatch { txs, received } => {
+                for tx in txs {
+                    let hash = tx.hash();
+                    match self.replica.handle_request(tx, now) {
+                        Ok(()) => {
+                            if self.submitted.len() < MAX_TRACKED_LATENCIES {
+                                self.submitted.insert(hash, received);
+                            }
+                        }
+                        Err(e) => {
+                            self.metrics.refused.inc();
+                            debug!(error = %e, "queued transaction refused");
+                        }
+                    }
+                }
+            }
+            Input::Message { from, data } => {
+                match Message::decode(&data, self.replica.config().max_message_bytes) {
+                    Ok(message) => {
+                        tracing::trace!(%from, kind = message.kind(), "consensus message in");
+                        self.replica.handle_message(message, now)
+                    }
+                    Err(e) => {
+                        debug!(%from, error = %e, "undecodable consensus message");
+                        self.metrics
+                            .dropped
+                            .get_or_create(&ReasonLabel {
+                                reason: "undecodable".into(),
+                            })
+                            .inc();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn flush(
+        &mut self,
+        records: &mut Vec<openagi_consensus::PersistRecord>,
+    ) -> Result<(), ConsensusError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(records);
+        let store = self.store.clone();
+        let started = Instant::now();
+        tokio::task::spawn_blocking(move || store.persist_consensus(&batch))
+            .await
+            .map_err(|e| ConsensusError::Rejected(format!("persist task failed: {e}")))??;
+        self.metrics
+            .persist_latency
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn drain(&mut self) -> Result<(), ConsensusError> {
+        // Collect every output first and write all their records in one
+        // fsynced transaction before acting on any of them. The contract is
+        // "durable before acting on later outputs"; writing later records
+        // early only persists votes a little before they are sent, which a
+        // restart handles (it never contradicts what is on disk).
+        let mut records = Vec::new();
+        let mut actions = Vec::new();
+        while let Some(output) = self.replica.poll_output() {
+            match output {
+                Output::Persist(record) => records.push(record),
+                other => actions.push(other),
+            }
+        }
+        self.flush(&mut records).await?;
+        for action in actions {
+            match action {
+                Output::Send { to, message } => self.send(to, &message).await,
+                Output::Committed {
+                    block,
+                    certificate,
+                    applied,
+                } => self.committed(&block, &certificate, applied.len()),
+                Output::ViewInstalled { view, primary } => {
+                    self.metrics.view_changes.inc();
+                    info!(view, primary = %primary.fingerprint(), "new view installed");
+                }
+                Output::Persist(_) => {}
+            }
+        }
+        self.sync_drop_counters();
+        self.publish_status();
+        Ok(())
+    }
+
+    async fn send(&mut self, to: Recipient, message: &Message) {
+        tracing::trace!(kind = message.kind(), to = ?to, "consensus message out");
+        let bytes = match message.encode() {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "could not encode consensus message");
+                return;
+            }
+        };
+        match to {
+            Recipient::All => {
+                for (index, peer) in self.peers.iter().enumerate() {
+                    if index == self.me {
+                        continue;
+                    }
+                    if let Some(peer) = peer
+                        && self.net.send_direct(*peer, bytes.clone()).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            Recipient::One(key) => {
+                if let Some(peer) = peer_id_of(&key) {
+                    let _ = self.net.send_direct(peer, bytes).await;
+                }
+            }
+        }
+    }
+
+    fn committed(&mut self, block: &Block, _certificate: &CommitCertificate, applied: usize) {
+        let now = Instant::now();
+        let hashes: Vec<Hash> = block.txs.iter().map(Transaction::hash).collect();
+        let commit_ms = unix_ms();
+        let mut ring = match self.latencies.lock() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        for hash in &hashes {
+            if let Some(at) = self.submitted.remove(hash) {
+                let latency = now.duration_since(at);
+                self.metrics.commit_latency.observe(latency.as_secs_f64());
+                if ring.len() >= LATENCY_SAMPLES {
+                    ring.pop_front();
+                }
+                ring.push_back((commit_ms, latency.as_secs_f32() * 1000.0));
+            }
+        }
+        drop(ring);
+        self.metrics.committed_blocks.inc();
+        self.metrics.committed_txs.inc_by(applied as u64);
+        self.metrics.height.set(block.height as i64);
+        self.committed_txs += applied as u64;
+        self.last_commit = Some(unix_ms());
+        let _ = self.commits.send(CommitNotice {
+            height: block.height,
+            tx_hashes: Arc::new(hashes),
+        });
+    }
+
+    fn sync_drop_counters(&mut self) {
+        for (reason, count) in &self.replica.stats().dropped {
+            let seen = self.dropped_seen.entry(*reason).or_insert(0);
+            if *count > *seen {
+                self.metrics
+                    .dropped
+                    .get_or_create(&ReasonLabel {
+                        reason: reason_name(*reason),
+                    })
+                    .inc_by(*count - *seen);
+                *seen = *count;
+            }
+        }
+    }
+
+    fn publish_status(&self) {
+        let validators = self.replica.validators();
+        let view = self.replica.view();
+        let primary_index = validators.primary(view);
+        let head = self.replica.ledger().head();
+        self.metrics.view.set(view as i64);
+        self.metrics.pending.set(self.replica.pending_len() as i64);
+        let status = ConsensusStatus {
+            view,
+            changing_view: self.replica.is_changing_view(),
+            primary_index,
+            primary: self
+                .peers
+                .get(primary_index)
+                .copied()
+                .flatten()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            validator_index: self.me,
+            validators: validators.n(),
+            f: validators.f(),
+            height: head.height,
+            head_hash: hex::encode(head.hash),
+            last_commit_unix_ms: self.last_commit,
+            committed_txs: self.committed_txs,
+            pending: self.replica.pending_len(),
+            stable_checkpoint: self.replica.stable_seq(),
+        };
+        match self.status.write() {
+            Ok(mut s) => *s = status,
+            Err(p) => *p.into_inner() = status,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_reasons_become_snake_case_labels() {
+        assert_eq!(reason_name(DropReason::BadSignature), "bad_signature");
+        assert_eq!(reason_name(DropReason::NotMember), "not_member");
+    }
+
+    #[test]
+    fn validator_keys_map_to_their_libp2p_peer_ids() {
+        let identity = Identity::from_seed(&[9; 32]);
+        let keypair = openagi_net::keypair_from_identity(&identity).expect("keypair");
+        assert_eq!(
+            peer_id_of(&identity.public()),
+            Some(keypair.public().to_peer_id())
+        );
+    }
+}

@@ -1,0 +1,26 @@
+//! `openagi bench crypto` through the real binary: it runs every row and
+//! prints the table (the figures themselves are only meaningful in a
+//! release build).
+
+use openagi_tests::{openagi, use_binary};
+
+#[test]
+fn bench_crypto_prints_every_row() {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let (status, out, err) =
+        openagi(&["bench", "crypto", "--time", "10ms", "--runs", "1"]).expect("runs");
+    assert!(status.success(), "{out}{err}");
+    for row in [
+        "ChaCha20-Poly1305 encrypt 64 B",
+        "ChaCha20-Poly1305 encrypt 1 KiB",
+        "ChaCha20-Poly1305 encrypt 64 KiB",
+        "Ed25519 sign",
+        "Ed25519 verify, strict",
+        "X25519 DH",
+        "sealed envelope open",
+        "puzzle verify (Argon2id 64 MiB, 1 pass)",
+        "ratchet round trip (1 KiB each way)",
+    ] {
+        assert!(out.contains(row), "missing {row}:\n{out}");
+    }
+}
