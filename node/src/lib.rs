@@ -11,5 +11,6 @@ pub mod config;
 pub mod daemon;
 pub mod datadir;
 pub mod devnet;
+pub mod learn;
 pub mod status;
 pub mod store;

@@ -48,6 +48,8 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
     },
+    /// Federated learning: privacy planning, simulation, benchmark.
+    Learn(openagi_node::learn::LearnArgs),
 }
 
 #[derive(clap::Args)]
@@ -143,5 +145,6 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             dir,
             duration,
         })),
+        Command::Learn(args) => openagi_node::learn::run(args),
     }
 }
