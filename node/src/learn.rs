@@ -234,7 +234,7 @@ impl ModelSpec {
             },
             ModelSpec::Cnn => {
                 let side = inputs.isqrt();
-                if side * side != inputs || side % 4 != 0 {
+                if side * side != inputs || !side.is_multiple_of(4) {
                     bail!(
                         "--model cnn needs square images whose side is a multiple of 4; \
                          the data has {inputs} features"
@@ -877,6 +877,10 @@ pub struct BenchLearningArgs {
     /// Test accuracy whose first round, wall and CPU time are reported.
     #[arg(long, default_value_t = 0.97)]
     pub target: f64,
+    /// Stop after the round that reaches `--target` (the figures the
+    /// comparison needs are known by then).
+    #[arg(long)]
+    pub stop_at_target: bool,
     /// Seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -1075,7 +1079,11 @@ pub fn bench_learning(args: &BenchLearningArgs) -> Result<()> {
                 0.0
             },
         );
-        ControlFlow::Continue(())
+        if args.stop_at_target && reached.is_some() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     })?;
     let rounds = summary.rounds.max(1);
     let peak = peak_rss_bytes();
