@@ -17,6 +17,7 @@ pub mod datadir;
 pub mod devnet;
 pub mod genesis;
 pub mod keys;
+pub mod learn;
 pub mod ledger;
 pub mod msg;
 pub mod passphrase;

@@ -113,6 +113,8 @@ enum Command {
     /// Tor onion service commands.
     #[command(subcommand)]
     Tor(openagi_node::tor::TorCommand),
+    /// Federated learning: privacy planning, simulation, benchmark.
+    Learn(openagi_node::learn::LearnArgs),
 }
 
 #[derive(Subcommand)]
@@ -167,6 +169,8 @@ enum GenesisArgs {
 
 #[derive(Subcommand)]
 enum BenchArgs {
+    /// Federated learning on MNIST against the FedAvg/Flower anchors.
+    Learning(openagi_node::learn::BenchLearningArgs),
     /// The cryptographic primitives: AEAD, signatures, DH, sealed
     /// envelopes, puzzle verification, ratchet round trips.
     Crypto {
@@ -412,6 +416,9 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                 },
         } => cli_ledger::genesis_create(&network_id, validators, &out),
         Command::Bench {
+            command: BenchArgs::Learning(args),
+        } => openagi_node::learn::bench_learning(&args),
+        Command::Bench {
             command: BenchArgs::Crypto { time, runs },
         } => {
             let options = bench_crypto::CryptoBench { time, runs };
@@ -510,5 +517,6 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             let config = daemon::load_config(&options)?;
             openagi_node::tor::run(&DataDir::new(&data_dir), command, &config)
         }
+        Command::Learn(args) => openagi_node::learn::run(args),
     }
 }
