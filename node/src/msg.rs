@@ -465,6 +465,8 @@ mod tests {
         let store = Arc::new(Store::open(dir).expect("store"));
         let mut config = crate::config::Config::default();
         config.network.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+        // Loopback TCP: this test is about the messenger, not Tor.
+        config.network.transport = openagi_net::TransportMode::Direct;
         let net_config = config.net_config("test").expect("net config");
         let keypair = openagi_net::keypair_from_identity(&identity).expect("keypair");
         let mut registry = prometheus_client::registry::Registry::default();
@@ -551,6 +553,7 @@ mod tests {
         let net = {
             let mut config = crate::config::Config::default();
             config.network.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+            config.network.transport = openagi_net::TransportMode::Direct;
             let mut registry = prometheus_client::registry::Registry::default();
             openagi_net::NetworkService::start(
                 openagi_net::keypair_from_identity(&a_id).expect("keypair"),
