@@ -1,4 +1,4 @@
-//! The correctness scenarios of DESIGN.md §5, each a named deterministic
+//! The correctness scenarios a PBFT replica must survive, each a named deterministic
 //! simulation. Every run checks safety after each step (no two correct
 //! replicas commit different blocks at one height, no transaction takes
 //! effect twice, no forged client transaction takes effect) and ends by
