@@ -54,45 +54,26 @@ impl ApiClient {
     /// POSTs `body` as JSON and returns the JSON answer.
     pub fn post_json(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
         let url = format!("{}{path}", self.base);
-        let mut response = self
+        let response = self
             .agent
             .post(&url)
             .header("Authorization", &format!("Bearer {}", self.token))
             .send_json(body)
             .with_context(|| format!("connecting to the daemon at {url}"))?;
-        let status = response.status();
-        let answer: serde_json::Value = response
-            .body_mut()
-            .read_json()
-            .with_context(|| format!("reading the answer of {url}"))?;
-        if !status.is_success() {
-            anyhow::bail!(
-                "{url} answered {status}: {}",
-                answer["error"].as_str().unwrap_or(&answer.to_string())
-            );
-        }
-        Ok(answer)
+        json_answer(&url, response)
     }
 
     /// POSTs a binary body and returns the JSON answer.
     pub fn post_bytes(&self, path: &str, body: Vec<u8>) -> Result<serde_json::Value> {
         let url = format!("{}{path}", self.base);
-        let mut response = self
+        let response = self
             .agent
             .post(&url)
             .header("Authorization", &format!("Bearer {}", self.token))
             .content_type("application/octet-stream")
             .send(&body[..])
             .with_context(|| format!("connecting to the daemon at {url}"))?;
-        let status = response.status();
-        let answer: serde_json::Value = response
-            .body_mut()
-            .read_json()
-            .with_context(|| format!("reading the answer of {url}"))?;
-        if !status.is_success() {
-            anyhow::bail!("{url} answered {status}: {answer}");
-        }
-        Ok(answer)
+        json_answer(&url, response)
     }
 
     /// GETs a text document (no token needed for `/metrics`).
@@ -109,20 +90,33 @@ impl ApiClient {
     /// GETs an authenticated JSON document.
     pub fn get_json(&self, path: &str) -> Result<serde_json::Value> {
         let url = format!("{}{path}", self.base);
-        let mut response = self
+        let response = self
             .agent
             .get(&url)
             .header("Authorization", &format!("Bearer {}", self.token))
             .call()
             .with_context(|| format!("connecting to the daemon at {url}"))?;
-        let status = response.status();
-        let body: serde_json::Value = response
-            .body_mut()
-            .read_json()
-            .with_context(|| format!("reading the answer of {url}"))?;
-        if !status.is_success() {
-            anyhow::bail!("{url} answered {status}: {body}");
-        }
-        Ok(body)
+        json_answer(&url, response)
     }
+}
+
+/// Reads a JSON answer; a non-success status becomes an error carrying the
+/// daemon's `error` text (or the whole answer when it has none).
+fn json_answer(
+    url: &str,
+    mut response: ureq::http::Response<ureq::Body>,
+) -> Result<serde_json::Value> {
+    let status = response.status();
+    let answer: serde_json::Value = response
+        .body_mut()
+        .read_json()
+        .with_context(|| format!("reading the answer of {url}"))?;
+    if !status.is_success() {
+        let reason = answer["error"]
+            .as_str()
+            .map(String::from)
+            .unwrap_or_else(|| answer.to_string());
+        anyhow::bail!("{url} answered {status}: {reason}");
+    }
+    Ok(answer)
 }
