@@ -194,51 +194,53 @@ impl NetHandle {
         }
     }
 
-    /// Publishes `data` on `topic`.
-    pub async fn publish(&self, topic: Topic, data: Vec<u8>) -> Result<(), Error> {
-        let (reply, answer) = oneshot::channel();
+    /// Queues `command` for the network task, waiting while the queue is
+    /// full so a fast producer is slowed to the network's pace.
+    async fn command(&self, command: Command) -> Result<(), Error> {
         self.commands
-            .send(Command::Publish { topic, data, reply })
+            .send(command)
             .await
-            .map_err(|_| Error::Stopped)?;
+            .map_err(|_| Error::Stopped)
+    }
+
+    /// Queues the command `make` builds around a reply channel and waits
+    /// for the task's answer.
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
+    ) -> Result<T, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.command(make(reply)).await?;
         answer.await.map_err(|_| Error::Stopped)?
     }
 
-    /// Sends `data` to `peer` on the direct protocol, dialling it if
-    /// needed. Waits while the command queue is full, so a fast producer
-    /// is slowed to the network's pace instead of growing a queue.
-    pub async fn send_direct(&self, peer: PeerId, data: Vec<u8>) -> Result<(), Error> {
-        self.commands
-            .send(Command::SendDirect { peer, data })
+    /// Publishes `data` on `topic`.
+    pub async fn publish(&self, topic: Topic, data: Vec<u8>) -> Result<(), Error> {
+        self.ask(|reply| Command::Publish { topic, data, reply })
             .await
-            .map_err(|_| Error::Stopped)
+    }
+
+    /// Sends `data` to `peer` on the direct protocol, dialling it if
+    /// needed.
+    pub async fn send_direct(&self, peer: PeerId, data: Vec<u8>) -> Result<(), Error> {
+        self.command(Command::SendDirect { peer, data }).await
     }
 
     /// Sends a msg-protocol request to `peer` (dialling it if needed) and
     /// waits for its answer.
     pub async fn msg_request(&self, peer: PeerId, data: Vec<u8>) -> Result<Vec<u8>, Error> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::MsgRequest { peer, data, reply })
+        self.ask(|reply| Command::MsgRequest { peer, data, reply })
             .await
-            .map_err(|_| Error::Stopped)?;
-        answer.await.map_err(|_| Error::Stopped)?
     }
 
     /// Answers an inbound msg-protocol request.
     pub async fn respond_msg(&self, reply: MsgReply, data: Vec<u8>) -> Result<(), Error> {
-        self.commands
-            .send(Command::MsgRespond { reply, data })
-            .await
-            .map_err(|_| Error::Stopped)
+        self.command(Command::MsgRespond { reply, data }).await
     }
 
     /// Asks the task to dial `addr`.
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), Error> {
-        self.commands
-            .send(Command::Dial { addr })
-            .await
-            .map_err(|_| Error::Stopped)
+        self.command(Command::Dial { addr }).await
     }
 
     /// Closes listeners and connections, waiting at most a short grace
@@ -401,10 +403,7 @@ impl NetTask {
                         let _ = reply.send(self.publish(topic, data));
                     }
                     Some(Command::SendDirect { peer, data }) => {
-                        self.net_metrics
-                            .payload_bytes
-                            .get_or_create(&ProtocolLabels { protocol: "direct", direction: Direction::Outbound })
-                            .inc_by(data.len() as u64);
+                        self.count_payload("direct", Direction::Outbound, data.len());
                         self.swarm.behaviour_mut().direct.send_request(&peer, data);
                     }
                     Some(Command::MsgRequest { peer, data, reply }) => self.msg_request(peer, data, reply),
@@ -452,7 +451,7 @@ impl NetTask {
 
     fn publish(&mut self, topic: Topic, data: Vec<u8>) -> Result<(), Error> {
         let t = gossipsub::IdentTopic::new(topic.topic_string(&self.config.network_id));
-        let len = data.len() as u64;
+        let len = data.len();
         self.swarm
             .behaviour_mut()
             .gossipsub
@@ -465,13 +464,7 @@ impl NetTask {
                 outcome: GossipOutcome::Published,
             })
             .inc();
-        self.net_metrics
-            .payload_bytes
-            .get_or_create(&ProtocolLabels {
-                protocol: "gossipsub",
-                direction: Direction::Outbound,
-            })
-            .inc_by(len);
+        self.count_payload("gossipsub", Direction::Outbound, len);
         Ok(())
     }
 
@@ -763,13 +756,7 @@ impl NetTask {
     }
 
     fn on_gossip(&mut self, source: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
-        self.net_metrics
-            .payload_bytes
-            .get_or_create(&ProtocolLabels {
-                protocol: "gossipsub",
-                direction: Direction::Inbound,
-            })
-            .inc_by(message.data.len() as u64);
+        self.count_payload("gossipsub", Direction::Inbound, message.data.len());
         let Some(topic) = self.topics.get(&message.topic).copied() else {
             self.net_metrics
                 .gossip_messages
@@ -847,13 +834,6 @@ impl NetTask {
                     },
                 ..
             } => {
-                self.net_metrics
-                    .payload_bytes
-                    .get_or_create(&ProtocolLabels {
-                        protocol: "rpc",
-                        direction: Direction::Inbound,
-                    })
-                    .inc();
                 let response = match request {
                     RpcRequest::Info => RpcResponse::Info(NodeInfo {
                         network_id: self.config.network_id.clone(),
@@ -1017,13 +997,7 @@ impl NetTask {
                     },
                 ..
             } => {
-                self.net_metrics
-                    .payload_bytes
-                    .get_or_create(&ProtocolLabels {
-                        protocol: "direct",
-                        direction: Direction::Inbound,
-                    })
-                    .inc_by(request.len() as u64);
+                self.count_payload("direct", Direction::Inbound, request.len());
                 let _ = self.swarm.behaviour_mut().direct.send_response(channel, ());
                 self.emit(NetEvent::Direct {
                     from: peer,
