@@ -35,6 +35,8 @@ use crate::store::Store;
 const INPUT_CAPACITY: usize = 8192;
 /// Commit notices buffered for API waiters.
 const COMMIT_NOTICES: usize = 1024;
+/// Submissions not committed after this long stop being tracked.
+const STALE_SUBMISSION: Duration = Duration::from_secs(120);
 /// Locally submitted transactions whose latency is tracked.
 const MAX_TRACKED_LATENCIES: usize = 200_000;
 
@@ -481,6 +483,21 @@ struct Driver {
 }
 
 impl Driver {
+    /// Remembers when a transaction was submitted, to measure its commit
+    /// latency. Transactions that never commit (a primary that drops them,
+    /// a later refusal) would otherwise fill the table and silently end
+    /// all measurement, so entries older than any sane latency are
+    /// forgotten when it is full.
+    fn track_submission(&mut self, hash: Hash, at: Instant) {
+        if self.submitted.len() >= MAX_TRACKED_LATENCIES {
+            self.submitted
+                .retain(|_, submitted| submitted.elapsed() < STALE_SUBMISSION);
+        }
+        if self.submitted.len() < MAX_TRACKED_LATENCIES {
+            self.submitted.insert(hash, at);
+        }
+    }
+
     fn handle(&mut self, input: Input) {
         let now = unix_ms();
         match input {
@@ -491,8 +508,8 @@ impl Driver {
                     .handle_request(tx, now)
                     .map(|()| hash)
                     .map_err(|e| ConsensusError::Rejected(e.to_string()));
-                if result.is_ok() && self.submitted.len() < MAX_TRACKED_LATENCIES {
-                    self.submitted.insert(hash, Instant::now());
+                if result.is_ok() {
+                    self.track_submission(hash, Instant::now());
                 }
                 let _ = reply.send(result);
             }
@@ -500,11 +517,7 @@ impl Driver {
                 for tx in txs {
                     let hash = tx.hash();
                     match self.replica.handle_request(tx, now) {
-                        Ok(()) => {
-                            if self.submitted.len() < MAX_TRACKED_LATENCIES {
-                                self.submitted.insert(hash, received);
-                            }
-                        }
+                        Ok(()) => self.track_submission(hash, received),
                         Err(e) => {
                             self.metrics.refused.inc();
                             debug!(error = %e, "queued transaction refused");
