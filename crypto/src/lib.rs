@@ -25,10 +25,14 @@
 //! - [`ratchet`]: Double Ratchet (Olm) sessions through `vodozemac`, bounded
 //!   per peer and persisted as encrypted pickles.
 //!
+//! - [`bench`]: the throughput table of `openagi bench crypto`; the one
+//!   module that reads a clock, and only to time the other modules.
+//!
 //! The only threads this crate starts are the worker threads of
 //! [`poc::solve`], and only for the duration of that call.
 
 pub mod aead;
+pub mod bench;
 pub mod identity;
 pub mod keyfile;
 pub mod keystore;

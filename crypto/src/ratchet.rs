@@ -17,6 +17,15 @@
 //! X25519 key from [`crate::seal`]: Olm generates and rotates its keys
 //! itself, and the node vouches for them by signing the bundle.
 //!
+//! One-time keys are rotated on a schedule by rotating the whole account
+//! ([`Ratchet::rotate_account`]): the previous account is kept, retired,
+//! for one more period so bundles handed out just before the rotation
+//! still work, and is dropped at the next rotation. A one-time key handed
+//! out but never used therefore dies within two periods, and established
+//! sessions are untouched (they do not depend on the account). `vodozemac`
+//! has no call to forget single one-time keys, and evicting them by
+//! generating thousands of new ones would bloat every persisted pickle.
+//!
 //! A failed decryption (tampered, replayed, too old) leaves every session
 //! exactly as it was: `vodozemac` only commits ratchet state after the MAC
 //! has verified.
@@ -45,7 +54,8 @@ use crate::{Error, PublicKey};
 /// start from both sides plus a re-key, small enough that a peer cannot
 /// make us hold unbounded state.
 pub const DEFAULT_MAX_SESSIONS_PER_PEER: usize = 4;
-const PICKLE_VERSION: u8 = 1;
+/// Version 2 added the retired account and the account creation time.
+const PICKLE_VERSION: u8 = 2;
 
 /// What a node publishes so peers can open sessions to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +130,11 @@ fn creation_error(e: SessionCreationError) -> Error {
 /// An Olm account and its sessions, bounded per peer.
 pub struct Ratchet {
     account: Account,
+    /// When `account` was created (Unix seconds, as given by the caller).
+    account_created_unix_secs: u64,
+    /// The account before the last rotation: answers pre-key messages made
+    /// from its one-time keys until the next rotation drops it.
+    retired: Option<Account>,
     /// Per peer, most recently used session first.
     sessions: HashMap<PublicKey, VecDeque<Session>>,
     max_per_peer: usize,
@@ -129,6 +144,7 @@ impl std::fmt::Debug for Ratchet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ratchet")
             .field("identity_key", &self.identity_key())
+            .field("retired", &self.retired.is_some())
             .field("peers", &self.sessions.len())
             .field("max_per_peer", &self.max_per_peer)
             .finish_non_exhaustive()
@@ -140,23 +156,62 @@ struct StorePickle {
     version: u8,
     max_per_peer: u32,
     account: String,
+    account_created_unix_secs: u64,
+    retired: Option<String>,
+    peers: Vec<(PublicKey, Vec<String>)>,
+}
+
+/// The layout of version 1, read so an upgrade keeps its sessions.
+#[derive(Deserialize)]
+struct StorePickleV1 {
+    version: u8,
+    max_per_peer: u32,
+    account: String,
     peers: Vec<(PublicKey, Vec<String>)>,
 }
 
 impl Ratchet {
-    /// A fresh account (keys from the operating system), keeping at most
-    /// `max_sessions_per_peer` sessions (at least 1) per peer.
-    pub fn new(max_sessions_per_peer: usize) -> Self {
+    /// A fresh account (keys from the operating system) created at
+    /// `now_unix_secs`, keeping at most `max_sessions_per_peer` sessions
+    /// (at least 1) per peer.
+    pub fn new(max_sessions_per_peer: usize, now_unix_secs: u64) -> Self {
         Self {
             account: Account::new(),
+            account_created_unix_secs: now_unix_secs,
+            retired: None,
             sessions: HashMap::new(),
             max_per_peer: max_sessions_per_peer.max(1),
         }
     }
 
-    /// The account's Curve25519 identity key.
+    /// The current account's Curve25519 identity key: the one new bundles
+    /// carry.
     pub fn identity_key(&self) -> X25519Public {
         x25519(&self.account.curve25519_key())
+    }
+
+    /// The identity key of the retired account, while it is kept.
+    pub fn retired_identity_key(&self) -> Option<X25519Public> {
+        self.retired.as_ref().map(|a| x25519(&a.curve25519_key()))
+    }
+
+    /// When the current account was created (Unix seconds).
+    pub fn account_created_unix_secs(&self) -> u64 {
+        self.account_created_unix_secs
+    }
+
+    /// Starts a new account at `now_unix_secs`: the current one is retired
+    /// (it still answers pre-key messages for its one-time keys) and the
+    /// one retired before is dropped with every one-time key it still
+    /// held. Returns how many such keys were dropped. Sessions are kept.
+    pub fn rotate_account(&mut self, now_unix_secs: u64) -> usize {
+        let dropped = self
+            .retired
+            .as_ref()
+            .map_or(0, |a| a.stored_one_time_key_count());
+        self.retired = Some(std::mem::replace(&mut self.account, Account::new()));
+        self.account_created_unix_secs = now_unix_secs;
+        dropped
     }
 
     /// Generates `count` one-time keys and returns them as bundles to
@@ -178,9 +233,14 @@ impl Ratchet {
         bundles
     }
 
-    /// One-time keys still held (published and not yet consumed).
+    /// One-time keys still held (published and not yet consumed), in the
+    /// current and the retired account.
     pub fn one_time_key_count(&self) -> usize {
         self.account.stored_one_time_key_count()
+            + self
+                .retired
+                .as_ref()
+                .map_or(0, |a| a.stored_one_time_key_count())
     }
 
     /// Opens an outbound session to `peer` from its published `bundle`.
@@ -232,26 +292,26 @@ impl Ratchet {
         Ok(RatchetMessage::from_olm(&message))
     }
 
-    /// Decrypts a message from `peer`, whose account identity key (from its
-    /// signed bundle) is `peer_identity_key`. A pre-key message for which no
-    /// session exists creates one.
+    /// Decrypts a message from `peer`, whose account identity keys (its
+    /// current and retired one, vouched for by its node identity) are
+    /// `peer_identity_keys`. A pre-key message for which no session exists
+    /// creates one, from whichever of our accounts (current or retired)
+    /// holds the one-time key it names.
     ///
     /// On failure no session changes.
     pub fn decrypt(
         &mut self,
         peer: &PublicKey,
-        peer_identity_key: &X25519Public,
+        peer_identity_keys: &[X25519Public],
         message: &RatchetMessage,
     ) -> Result<Zeroizing<Vec<u8>>, Error> {
         let olm = message.to_olm()?;
         let no_session = || Error::Session(format!("no session with {}", peer.fingerprint()));
         match &olm {
             OlmMessage::PreKey(pre) => {
-                if pre.identity_key() != curve(peer_identity_key) {
-                    return Err(Error::Session(
-                        "pre-key message from another identity key".into(),
-                    ));
-                }
+                // A session that already exists was authenticated when it
+                // was created; a later rotation of the peer's account must
+                // not cut it off.
                 let id = pre.session_id();
                 if let Some(list) = self.sessions.get_mut(peer)
                     && let Some(pos) = list.iter().position(|s| s.session_id() == id)
@@ -260,14 +320,29 @@ impl Ratchet {
                     promote(list, pos);
                     return Ok(Zeroizing::new(plaintext));
                 }
-                let created = self
-                    .account
-                    .create_inbound_session(
-                        SessionConfig::version_1(),
-                        curve(peer_identity_key),
-                        pre,
-                    )
-                    .map_err(creation_error)?;
+                let sender_key = pre.identity_key();
+                if !peer_identity_keys.iter().any(|k| curve(k) == sender_key) {
+                    return Err(Error::Session(
+                        "pre-key message from another identity key".into(),
+                    ));
+                }
+                let created = match self.account.create_inbound_session(
+                    SessionConfig::version_1(),
+                    sender_key,
+                    pre,
+                ) {
+                    Err(SessionCreationError::MissingOneTimeKey(key)) => match &mut self.retired {
+                        Some(retired) => retired
+                            .create_inbound_session(SessionConfig::version_1(), sender_key, pre)
+                            .map_err(creation_error)?,
+                        None => {
+                            return Err(creation_error(SessionCreationError::MissingOneTimeKey(
+                                key,
+                            )));
+                        }
+                    },
+                    other => other.map_err(creation_error)?,
+                };
                 self.insert(peer, created.session);
                 Ok(Zeroizing::new(created.plaintext))
             }
@@ -295,6 +370,11 @@ impl Ratchet {
             version: PICKLE_VERSION,
             max_per_peer: u32::try_from(self.max_per_peer).unwrap_or(u32::MAX),
             account: self.account.pickle().encrypt(key.as_bytes()),
+            account_created_unix_secs: self.account_created_unix_secs,
+            retired: self
+                .retired
+                .as_ref()
+                .map(|a| a.pickle().encrypt(key.as_bytes())),
             peers: self
                 .sessions
                 .iter()
@@ -318,23 +398,46 @@ impl Ratchet {
     /// Restores what [`Ratchet::pickle`] wrote. A wrong key or damaged data
     /// is an error, never a partly restored state.
     pub fn from_pickle(bytes: &[u8], key: &AeadKey) -> Result<Self, Error> {
-        let pickle: StorePickle = postcard::from_bytes(bytes).map_err(|e| Error::Malformed {
+        let malformed = |e: postcard::Error| Error::Malformed {
             what: "ratchet pickle",
             detail: e.to_string(),
-        })?;
-        if pickle.version != PICKLE_VERSION {
-            return Err(Error::Unsupported {
-                what: "ratchet pickle version",
-                detail: pickle.version.to_string(),
-            });
-        }
+        };
+        // The version is the first byte of either layout.
+        let pickle: StorePickle = match bytes.first() {
+            Some(1) => {
+                let v1: StorePickleV1 = postcard::from_bytes(bytes).map_err(malformed)?;
+                StorePickle {
+                    version: v1.version,
+                    max_per_peer: v1.max_per_peer,
+                    account: v1.account,
+                    // Unknown: the next scheduled check rotates it.
+                    account_created_unix_secs: 0,
+                    retired: None,
+                    peers: v1.peers,
+                }
+            }
+            Some(&PICKLE_VERSION) => postcard::from_bytes(bytes).map_err(malformed)?,
+            other => {
+                return Err(Error::Unsupported {
+                    what: "ratchet pickle version",
+                    detail: other.map_or("empty".into(), u8::to_string),
+                });
+            }
+        };
         let undecryptable = |_| Error::Decrypt {
             what: "ratchet pickle",
         };
-        let account = Account::from_pickle(
-            AccountPickle::from_encrypted(&pickle.account, key.as_bytes())
-                .map_err(undecryptable)?,
-        );
+        let unpickle_account = |encrypted: &str| {
+            AccountPickle::from_encrypted(encrypted, key.as_bytes())
+                .map(Account::from_pickle)
+                .map_err(undecryptable)
+        };
+        let account = unpickle_account(&pickle.account)?;
+        let retired = pickle
+            .retired
+            .as_deref()
+            .map(unpickle_account)
+            .transpose()?;
         let max_per_peer = usize::try_from(pickle.max_per_peer)
             .unwrap_or(usize::MAX)
             .max(1);
@@ -353,6 +456,8 @@ impl Ratchet {
         }
         Ok(Self {
             account,
+            account_created_unix_secs: pickle.account_created_unix_secs,
+            retired,
             sessions,
             max_per_peer,
         })
@@ -378,7 +483,7 @@ mod tests {
     fn node(byte: u8) -> Node {
         Node {
             id: Identity::from_seed(&[byte; 32]).public(),
-            ratchet: Ratchet::new(DEFAULT_MAX_SESSIONS_PER_PEER),
+            ratchet: Ratchet::new(DEFAULT_MAX_SESSIONS_PER_PEER, 1_000),
         }
     }
 
@@ -398,7 +503,7 @@ mod tests {
         assert!(first.prekey);
         let got = bob
             .ratchet
-            .decrypt(&alice.id, &alice.ratchet.identity_key(), &first)
+            .decrypt(&alice.id, &[alice.ratchet.identity_key()], &first)
             .expect("inbound");
         assert_eq!(&got[..], b"hello bob");
         (alice, bob)
@@ -410,7 +515,7 @@ mod tests {
 
     fn recv(to: &mut Node, from: &Node, msg: &RatchetMessage) -> Result<Vec<u8>, Error> {
         to.ratchet
-            .decrypt(&from.id, &from.ratchet.identity_key(), msg)
+            .decrypt(&from.id, &[from.ratchet.identity_key()], msg)
             .map(|p| p.to_vec())
     }
 
@@ -490,6 +595,163 @@ mod tests {
         let stray = send(&mut alice, &bob, b"x");
         assert!(recv(&mut bob, &mallory, &stray).is_err());
         assert!(!bob.ratchet.has_session(&mallory.id));
+    }
+
+    fn keys_of(node: &Node) -> Vec<X25519Public> {
+        std::iter::once(node.ratchet.identity_key())
+            .chain(node.ratchet.retired_identity_key())
+            .collect()
+    }
+
+    #[test]
+    fn rotation_retires_one_time_keys_after_one_period_and_keeps_sessions() {
+        let (mut alice, mut bob) = pair();
+        let mut carol = node(3);
+        // Carol fetches a bundle just before Bob's rotation and one in the
+        // period after it; Bob then rotates again.
+        let early = bob.ratchet.publish_bundles(1)[0];
+        assert_eq!(bob.ratchet.rotate_account(2_000), 0);
+        assert_eq!(bob.ratchet.account_created_unix_secs(), 2_000);
+        assert_ne!(bob.ratchet.identity_key(), early.identity_key);
+        assert_eq!(bob.ratchet.retired_identity_key(), Some(early.identity_key));
+
+        // The established session with Alice still works both ways.
+        let to_bob = send(&mut alice, &bob, b"still here");
+        assert_eq!(
+            recv(&mut bob, &alice, &to_bob).expect("old session"),
+            b"still here"
+        );
+        let to_alice = send(&mut bob, &alice, b"me too");
+        assert_eq!(
+            recv(&mut alice, &bob, &to_alice).expect("old session"),
+            b"me too"
+        );
+
+        // A bundle from the retired account still opens a session.
+        carol
+            .ratchet
+            .start_session(&bob.id, &early)
+            .expect("outbound");
+        let first = send(&mut carol, &bob, b"from the old bundle");
+        assert_eq!(
+            recv(&mut bob, &carol, &first).expect("retired account answers"),
+            b"from the old bundle"
+        );
+
+        // A key handed out before the previous rotation dies with the next.
+        let mut dave = node(4);
+        let stale = bob.ratchet.publish_bundles(1)[0];
+        bob.ratchet.rotate_account(3_000);
+        bob.ratchet.rotate_account(4_000);
+        dave.ratchet
+            .start_session(&bob.id, &stale)
+            .expect("outbound");
+        let late = send(&mut dave, &bob, b"too late");
+        let before = bob
+            .ratchet
+            .pickle(&AeadKey::from_bytes([1; 32]))
+            .expect("pickles");
+        assert!(matches!(
+            recv(&mut bob, &dave, &late),
+            Err(Error::Session(_))
+        ));
+        assert_eq!(bob.ratchet.session_count(&dave.id), 0);
+        let after = bob
+            .ratchet
+            .pickle(&AeadKey::from_bytes([1; 32]))
+            .expect("pickles");
+        assert_eq!(
+            Ratchet::from_pickle(&before, &AeadKey::from_bytes([1; 32]))
+                .expect("restores")
+                .one_time_key_count(),
+            Ratchet::from_pickle(&after, &AeadKey::from_bytes([1; 32]))
+                .expect("restores")
+                .one_time_key_count(),
+            "a refused message consumes nothing"
+        );
+    }
+
+    #[test]
+    fn a_peer_that_rotated_is_accepted_through_its_retired_key() {
+        let mut alice = node(1);
+        let mut bob = node(2);
+        let bundle = bob.ratchet.publish_bundles(1)[0];
+        alice
+            .ratchet
+            .start_session(&bob.id, &bundle)
+            .expect("outbound");
+        let first = send(&mut alice, &bob, b"before my rotation");
+        // Alice rotates before Bob reads her first message: her pre-key
+        // message carries the retired key, which she still vouches for.
+        alice.ratchet.rotate_account(5_000);
+        assert_eq!(
+            bob.ratchet
+                .decrypt(&alice.id, &keys_of(&alice), &first)
+                .expect("accepted")
+                .to_vec(),
+            b"before my rotation"
+        );
+        // Without the retired key the same kind of message is refused.
+        let mut carol = node(3);
+        let bundle = bob.ratchet.publish_bundles(1)[0];
+        carol
+            .ratchet
+            .start_session(&bob.id, &bundle)
+            .expect("outbound");
+        let first = send(&mut carol, &bob, b"hi");
+        carol.ratchet.rotate_account(5_000);
+        assert!(
+            bob.ratchet
+                .decrypt(&carol.id, &[carol.ratchet.identity_key()], &first)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn rotation_state_survives_a_restart() {
+        let (mut alice, mut bob) = pair();
+        let early = bob.ratchet.publish_bundles(1)[0];
+        bob.ratchet.rotate_account(7_000);
+        let key = AeadKey::from_bytes([9; 32]);
+        bob.ratchet = Ratchet::from_pickle(&bob.ratchet.pickle(&key).expect("pickles"), &key)
+            .expect("restores");
+        assert_eq!(bob.ratchet.account_created_unix_secs(), 7_000);
+        assert_eq!(bob.ratchet.retired_identity_key(), Some(early.identity_key));
+        let mut carol = node(3);
+        carol
+            .ratchet
+            .start_session(&bob.id, &early)
+            .expect("outbound");
+        let first = send(&mut carol, &bob, b"after restart");
+        assert_eq!(
+            recv(&mut bob, &carol, &first).expect("retired kept"),
+            b"after restart"
+        );
+        let to_bob = send(&mut alice, &bob, b"session kept");
+        assert_eq!(
+            recv(&mut bob, &alice, &to_bob).expect("kept"),
+            b"session kept"
+        );
+    }
+
+    #[test]
+    fn version_1_pickles_still_open() {
+        let (_, bob) = pair();
+        let key = AeadKey::from_bytes([4; 32]);
+        let v1 = postcard::to_stdvec(&(
+            1u8,
+            4u32,
+            bob.ratchet.account.pickle().encrypt(key.as_bytes()),
+            Vec::<(PublicKey, Vec<String>)>::new(),
+        ))
+        .expect("encodes");
+        let restored = Ratchet::from_pickle(&v1, &key).expect("v1 opens");
+        assert_eq!(restored.identity_key(), bob.ratchet.identity_key());
+        assert_eq!(restored.account_created_unix_secs(), 0);
+        assert!(matches!(
+            Ratchet::from_pickle(&[9u8, 0, 0], &key),
+            Err(Error::Unsupported { .. })
+        ));
     }
 
     #[test]

@@ -201,12 +201,16 @@ impl Default for LogSection {
 pub struct NodeSection {
     /// Seconds a SIGTERM may take to drain before the daemon exits anyway.
     pub shutdown_timeout_secs: u64,
+    /// Seconds between rotations of the messaging one-time keys: a key
+    /// handed out and never used stops working within two periods.
+    pub one_time_key_rotation_secs: u64,
 }
 
 impl Default for NodeSection {
     fn default() -> Self {
         Self {
             shutdown_timeout_secs: 10,
+            one_time_key_rotation_secs: 24 * 60 * 60,
         }
     }
 }
@@ -525,6 +529,10 @@ impl Config {
                 "node.shutdown_timeout_secs",
                 self.node.shutdown_timeout_secs,
             ),
+            (
+                "node.one_time_key_rotation_secs",
+                self.node.one_time_key_rotation_secs,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -743,6 +751,9 @@ pub fn template(network_id: &str) -> String {
 # Seconds a SIGTERM may take to drain (close connections, flush storage)
 # before the daemon exits anyway.
 # shutdown_timeout_secs = {shutdown}
+# Seconds between rotations of the one-time keys peers fetch to open
+# end-to-end message sessions; an unused key stops working within two.
+# one_time_key_rotation_secs = {otk_rotation}
 
 [network]
 # Nodes only talk to nodes with the same network id.
@@ -844,6 +855,7 @@ network_id = "{network_id}"
 # level = "{level}"
 "#,
         shutdown = d.node.shutdown_timeout_secs,
+        otk_rotation = d.node.one_time_key_rotation_secs,
         transport = match d.network.transport {
             TransportMode::Direct => "direct",
             TransportMode::Tor => "tor",

@@ -199,6 +199,10 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut watchdog = tokio::time::interval(Duration::from_secs(1));
+    // The account age is checked often so a node that restarts more often
+    // than the rotation period still rotates on time.
+    let otk_rotation = Duration::from_secs(config.node.one_time_key_rotation_secs);
+    let mut otk_check = tokio::time::interval(otk_rotation.min(Duration::from_secs(60)));
     let mut failure: Option<anyhow::Error> = None;
     let reason = loop {
         tokio::select! {
@@ -210,6 +214,14 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
                 {
                     break "parent process exited";
                 }
+            }
+            _ = otk_check.tick() => {
+                let messenger = messenger.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = messenger.rotate_if_due(unix_now(), otk_rotation) {
+                        tracing::warn!(error = format!("{e:#}"), "one-time key rotation failed; retrying later");
+                    }
+                });
             }
             event = events.recv() => match event {
                 Some(NetEvent::Direct { from, data }) => {

@@ -7,7 +7,7 @@
 
 pub mod api;
 pub mod bench;
-pub mod bench_crypto;
+pub mod bench_openssl;
 pub mod cli_ledger;
 pub mod client;
 pub mod config;

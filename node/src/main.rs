@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use openagi_crypto::bench as bench_crypto;
 use openagi_node::config::{CliOverrides, LogFormat};
 use openagi_node::daemon::{self, RunOptions};
 use openagi_node::datadir::DataDir;
 use openagi_node::passphrase::PassphraseSource;
-use openagi_node::{bench, bench_crypto, cli_ledger, devnet, keys, status};
+use openagi_node::{bench, cli_ledger, devnet, keys, status};
 
 #[derive(Parser)]
 #[command(name = "openagi", version, about = "Open-AGI peer-to-peer node")]
@@ -180,6 +181,10 @@ enum BenchArgs {
         /// Runs per row; the median is reported.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Also run `openssl speed` on this machine and compare with it
+        /// instead of the reference machine's figures.
+        #[arg(long)]
+        openssl: bool,
     },
     /// Validators on loopback under an open-loop transaction load.
     Consensus {
@@ -419,11 +424,21 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             command: BenchArgs::Learning(args),
         } => openagi_node::learn::bench_learning(&args),
         Command::Bench {
-            command: BenchArgs::Crypto { time, runs },
+            command:
+                BenchArgs::Crypto {
+                    time,
+                    runs,
+                    openssl,
+                },
         } => {
             let options = bench_crypto::CryptoBench { time, runs };
-            let rows = bench_crypto::run(&options)?;
-            print!("{}", bench_crypto::render(&rows, &options));
+            let reference = if openssl {
+                openagi_node::bench_openssl::measure(time.as_secs().max(1))?
+            } else {
+                bench_crypto::Reference::default()
+            };
+            let rows = bench_crypto::run(&options, &reference)?;
+            print!("{}", bench_crypto::render(&rows, &options, &reference));
             Ok(())
         }
         Command::Bench {

@@ -12,9 +12,11 @@
 //! The ratchet state (account and sessions) is pickled encrypted under a
 //! key derived from the node identity and written after every change;
 //! inbox entries are encrypted under another such key. Every bundle fetch
-//! creates a fresh one-time key, so a published key is used at most once
-//! and the account never keeps more than `vodozemac`'s bound of unused
-//! ones.
+//! creates a fresh one-time key, so a published key is used at most once.
+//! Keys handed out but never used are retired on a schedule
+//! (`node.one_time_key_rotation_secs`): the ratchet account is rotated, the
+//! previous one answers for one more period, and each rotation is written
+//! to the audit trail.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -62,11 +64,23 @@ impl SignedPayload for BundleStatement {
     const CONTEXT: &'static str = "openagi/msg/bundle/v1";
 }
 
-/// A node's ratchet identity key, signed by its node identity.
+/// A node's ratchet identity keys, signed by its node identity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RatchetKeyStatement {
-    /// The account's Curve25519 identity key.
+    /// The current account's Curve25519 identity key.
     pub identity_key: X25519Public,
+    /// The retired account's key, still vouched for until the next
+    /// rotation: sessions opened before the sender's last rotation carry it.
+    pub retired_identity_key: Option<X25519Public>,
+}
+
+impl RatchetKeyStatement {
+    /// Every key the statement vouches for.
+    pub fn keys(&self) -> Vec<X25519Public> {
+        std::iter::once(self.identity_key)
+            .chain(self.retired_identity_key)
+            .collect()
+    }
 }
 
 impl SignedPayload for RatchetKeyStatement {
@@ -150,7 +164,6 @@ pub struct Messenger {
     ratchet: Mutex<Ratchet>,
     pickle_key: AeadKey,
     inbox_key: AeadKey,
-    own_key: Signed<RatchetKeyStatement>,
     store: Arc<Store>,
     net: NetHandle,
 }
@@ -187,13 +200,8 @@ impl Messenger {
             None => None,
         };
         let fresh = ratchet.is_none();
-        let ratchet = ratchet.unwrap_or_else(|| Ratchet::new(DEFAULT_MAX_SESSIONS_PER_PEER));
-        let own_key = Signed::sign(
-            identity,
-            &RatchetKeyStatement {
-                identity_key: ratchet.identity_key(),
-            },
-        )?;
+        let ratchet = ratchet
+            .unwrap_or_else(|| Ratchet::new(DEFAULT_MAX_SESSIONS_PER_PEER, unix_ms() / 1000));
         if fresh {
             store.save_ratchet(&ratchet.pickle(&pickle_key)?, None)?;
         }
@@ -203,10 +211,47 @@ impl Messenger {
             ratchet: Mutex::new(ratchet),
             pickle_key,
             inbox_key,
-            own_key,
             store,
             net,
         }))
+    }
+
+    /// The statement vouching for `ratchet`'s identity keys.
+    fn key_statement(&self, ratchet: &Ratchet) -> Result<Signed<RatchetKeyStatement>> {
+        Ok(Signed::sign(
+            &self.identity,
+            &RatchetKeyStatement {
+                identity_key: ratchet.identity_key(),
+                retired_identity_key: ratchet.retired_identity_key(),
+            },
+        )?)
+    }
+
+    /// Rotates the ratchet account if it is at least `every` old at
+    /// `now_unix_secs` (see the module doc); returns whether it did. The
+    /// new state is on disk before this returns.
+    pub fn rotate_if_due(&self, now_unix_secs: u64, every: Duration) -> Result<bool> {
+        let (rotated, _) = self.with_ratchet(
+            |r| {
+                let age = now_unix_secs.saturating_sub(r.account_created_unix_secs());
+                if age < every.as_secs() {
+                    return Ok(None);
+                }
+                let dropped = r.rotate_account(now_unix_secs);
+                Ok(Some((dropped, r.identity_key())))
+            },
+            |_| Ok(None),
+        )?;
+        if let Some((dropped, key)) = rotated {
+            info!(
+                target: "audit",
+                event = "one_time_keys_rotated",
+                new_ratchet_key = %hex::encode(key.to_bytes()),
+                unused_keys_dropped = dropped,
+                "messaging one-time keys rotated; keys handed out before the previous rotation no longer open sessions"
+            );
+        }
+        Ok(rotated.is_some())
     }
 
     /// Runs `f` on the ratchet and, if it succeeds, persists the new state
@@ -287,16 +332,21 @@ impl Messenger {
                 .await?;
             }
             let plaintext = text.clone();
-            let (message, _) = self
+            let ((message, sender_key), _) = self
                 .blocking(move |this| {
                     this.with_ratchet(
-                        |r| Ok(r.encrypt(&peer, plaintext.as_bytes())?),
+                        |r| {
+                            Ok((
+                                r.encrypt(&peer, plaintext.as_bytes())?,
+                                this.key_statement(r)?,
+                            ))
+                        },
                         |_| Ok(None),
                     )
                 })
                 .await?;
             let request = MsgRequest::Deliver {
-                sender_key: Box::new(self.own_key.clone()),
+                sender_key: Box::new(sender_key),
                 message,
             };
             match self.request(to, &request).await? {
@@ -404,12 +454,12 @@ impl Messenger {
         if *sender_key.signer() != peer {
             bail!("ratchet key not signed by the sending node");
         }
-        let identity_key = sender_key.verify()?.identity_key;
+        let identity_keys = sender_key.verify()?.keys();
         let (number, text_len) = self
             .blocking(move |this| {
                 let (entry, number) = this.with_ratchet(
                     |r| {
-                        let plaintext = r.decrypt(&peer, &identity_key, &message)?;
+                        let plaintext = r.decrypt(&peer, &identity_keys, &message)?;
                         if plaintext.len() > MAX_TEXT_BYTES {
                             bail!("message longer than {MAX_TEXT_BYTES} bytes");
                         }
@@ -479,7 +529,11 @@ mod tests {
 
     fn deliver(from: &Messenger, message: RatchetMessage) -> MsgRequest {
         MsgRequest::Deliver {
-            sender_key: Box::new(from.own_key.clone()),
+            sender_key: Box::new(
+                from.with_ratchet(|r| from.key_statement(r), |_| Ok(None))
+                    .expect("statement")
+                    .0,
+            ),
             message,
         }
     }
@@ -591,6 +645,7 @@ mod tests {
             &identity,
             &RatchetKeyStatement {
                 identity_key: X25519Public::from_bytes([9; 32]),
+                retired_identity_key: Some(X25519Public::from_bytes([8; 32])),
             },
         )
         .expect("signed");

@@ -24,3 +24,34 @@ fn bench_crypto_prints_every_row() {
         assert!(out.contains(row), "missing {row}:\n{out}");
     }
 }
+
+#[test]
+fn bench_crypto_compares_with_openssl_on_this_machine() {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: no openssl command on this machine");
+        return;
+    }
+    let (status, out, err) = openagi(&[
+        "bench",
+        "crypto",
+        "--time",
+        "10ms",
+        "--runs",
+        "1",
+        "--openssl",
+    ])
+    .expect("runs");
+    assert!(status.success(), "{out}{err}");
+    assert!(
+        out.contains("on this machine (`openssl speed -aead`)"),
+        "{out}"
+    );
+    // Every compared row carries a ratio computed from a parsed figure.
+    let ratios = out.lines().filter(|l| l.trim_end().ends_with('x')).count();
+    assert_eq!(ratios, 4, "{out}");
+}

@@ -1,5 +1,6 @@
 //! Two real daemons exchanging end-to-end encrypted messages over
-//! `/openagi/msg/1`, before and after one of them restarts.
+//! `/openagi/msg/1`, before and after one of them restarts, while the
+//! other rotates its one-time keys every two seconds.
 
 use std::time::Duration;
 
@@ -30,7 +31,11 @@ fn two_daemons_exchange_messages_across_a_restart() {
     let (dir_a, dir_b) = (root.path().join("a"), root.path().join("b"));
     init(&dir_a).expect("init a");
     init(&dir_b).expect("init b");
-    let a = Daemon::start(&dir_a, &DaemonOptions::default()).expect("a starts");
+    let rotating = DaemonOptions {
+        env: vec![("OPENAGI_NODE_ONE_TIME_KEY_ROTATION_SECS".into(), "2".into())],
+        ..Default::default()
+    };
+    let a = Daemon::start(&dir_a, &rotating).expect("a starts");
     let boot = DaemonOptions {
         bootstrap: vec![a.multiaddr().expect("addr")],
         ..Default::default()
@@ -71,6 +76,13 @@ fn two_daemons_exchange_messages_across_a_restart() {
         .expect("post");
     assert_eq!(code, 200, "{answer}");
     assert_eq!(texts(&b), ["hello from a"]);
+
+    // A rotates its one-time keys twice (audit trail); the sessions opened
+    // before stay usable both ways, as the rest of the test shows.
+    wait_for("two rotations", Duration::from_secs(30), || {
+        (a.log().matches("one_time_keys_rotated").count() >= 2).then_some(())
+    })
+    .expect("A rotates its one-time keys");
 
     // B restarts: its sessions and inbox come back from the database.
     b.signal(Signal::SIGTERM).expect("sigterm");
