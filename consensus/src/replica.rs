@@ -240,6 +240,8 @@ pub struct Stats {
     pub stable_checkpoints: u64,
     /// Local failures (an encoding that could not be signed); should stay 0.
     pub local_errors: u64,
+    /// Batches of client transactions a backup relayed to the primary.
+    pub relayed_batches: u64,
 }
 
 impl Stats {
@@ -491,6 +493,13 @@ pub struct Replica<S: Signer = IdentitySigner> {
     pending: VecDeque<PendingTx>,
     pending_keys: HashSet<(ClientId, u64)>,
     in_flight: HashSet<(ClientId, u64)>,
+    /// A backup's client transactions not yet relayed to the primary, and
+    /// when the oldest arrived: relayed as one message per batch delay (or
+    /// sooner when a batch is full) so a backup's clients wait one hop,
+    /// not the stale-request timeout.
+    relay: Vec<Transaction>,
+    relay_bytes: usize,
+    relay_since: Option<u64>,
     next_seq: u64,
     last_proposed_ts: u64,
     votes: BTreeMap<u64, (u64, Hash)>,
@@ -569,6 +578,9 @@ impl<S: Signer> Replica<S> {
             pending: VecDeque::new(),
             pending_keys: HashSet::new(),
             in_flight: HashSet::new(),
+            relay: Vec::new(),
+            relay_bytes: 0,
+            relay_since: None,
             next_seq: 1,
             last_proposed_ts: 0,
             votes: BTreeMap::new(),
@@ -821,6 +833,9 @@ impl<S: Signer> Replica<S> {
         // A primary with room in its window proposes once its oldest
         // unproposed transaction has waited the batch delay; in-flight ones
         // must not count or the node would be woken in a loop.
+        if let Some(since) = self.relay_since {
+            t = t.min(since.saturating_add(self.cfg.max_batch_delay_ms));
+        }
         if self.is_primary() && !self.changing && self.next_seq <= self.high_watermark() {
             let oldest = self
                 .pending
@@ -836,18 +851,53 @@ impl<S: Signer> Replica<S> {
 
     // ----- inputs ----------------------------------------------------------
 
-    /// A client transaction reached this node. Backups keep it (to detect a
-    /// primary that ignores it) and forward it if it is not proposed soon.
+    /// A client transaction reached this node. A backup relays it to the
+    /// primary (batched over at most the batch delay) and keeps it, to
+    /// detect a primary that ignores it and to forward it to every
+    /// validator if it is not proposed soon.
     pub fn handle_request(&mut self, tx: Transaction, now: u64) -> Result<(), Error> {
         self.advance_clock(now);
         if tx.size() > self.cfg.max_tx_bytes {
             self.drop_input(DropReason::TooLarge);
             return Err(Error::Malformed("transaction too large".into()));
         }
+        let relayed = (!self.is_primary() && !self.changing).then(|| tx.clone());
         self.admit(tx)?;
+        if let Some(tx) = relayed {
+            if self.relay.len() >= self.cfg.max_batch_txs
+                || self.relay_bytes + tx.size() > self.cfg.max_batch_bytes
+            {
+                self.flush_relay();
+            }
+            self.relay_bytes += tx.size();
+            self.relay.push(tx);
+            self.relay_since.get_or_insert(self.now);
+        }
         self.try_propose();
         self.update_timer();
         Ok(())
+    }
+
+    /// Sends the queued client transactions to the current primary. During
+    /// a view change they are not sent: the stale-request path forwards
+    /// them to every validator once a new view is installed.
+    fn flush_relay(&mut self) {
+        self.relay_since = None;
+        self.relay_bytes = 0;
+        let txs = std::mem::take(&mut self.relay);
+        if txs.is_empty() || self.changing || self.is_primary() {
+            return;
+        }
+        let Some(primary) = self.validators.member(self.primary_of(self.view)).copied() else {
+            return;
+        };
+        if let Some(signed) = self.seal(&Forward {
+            network: self.network,
+            txs,
+        }) {
+            self.stats.relayed_batches += 1;
+            self.send(Recipient::One(primary), Message::Forward(signed));
+        }
     }
 
     /// A message from a peer. Hostile input is dropped and counted, never
@@ -869,6 +919,12 @@ impl<S: Signer> Replica<S> {
             self.deadline = None;
             let target = self.view.saturating_add(1);
             self.start_view_change(target);
+        }
+        if self
+            .relay_since
+            .is_some_and(|since| since.saturating_add(self.cfg.max_batch_delay_ms) <= now)
+        {
+            self.flush_relay();
         }
         self.try_propose();
         if now >= self.next_retransmit {

@@ -6,7 +6,7 @@ use openagi_consensus::sim::{Sim, SimConfig};
 use openagi_consensus::types::batch_root;
 use openagi_consensus::{
     Batch, ClientId, Config, DropReason, IdentitySigner, Ledger, Message, NetworkId, Output,
-    PersistRecord, PersistedState, Replica, Transaction, ValidatorSet, verify_chain,
+    PersistRecord, PersistedState, Recipient, Replica, Transaction, ValidatorSet, verify_chain,
 };
 use openagi_crypto::{Identity, Signed};
 
@@ -413,4 +413,75 @@ fn simulation_is_deterministic_per_seed() {
     let (b, hb) = run();
     assert_eq!(ha, hb);
     assert_eq!(a, b);
+}
+
+/// A backup relays its clients' transactions straight to the primary,
+/// batched over the batch delay, instead of waiting for the stale-request
+/// timeout; a full batch goes at once.
+#[test]
+fn a_backup_relays_client_transactions_to_the_primary_within_the_batch_delay() {
+    let ids = identities(4);
+    let vs = validators(&ids);
+    let primary = vs.members()[vs.primary(0)];
+    let backup = ids
+        .iter()
+        .find(|i| i.public() != primary)
+        .expect("a backup");
+    let cfg = Config {
+        max_batch_txs: 3,
+        ..Config::default()
+    };
+    let delay = cfg.max_batch_delay_ms;
+    assert!(delay < cfg.forward_after_ms);
+    let mut replica = Replica::new(
+        cfg,
+        vs.clone(),
+        IdentitySigner::new(Identity::from_seed(&backup.seed())),
+        0,
+    )
+    .expect("member");
+    drain(&mut replica);
+    let relayed = |outputs: &[Output]| -> Vec<usize> {
+        outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    to: Recipient::One(to),
+                    message: Message::Forward(signed),
+                } if *to == primary => Some(signed.verify().expect("signed").txs.len()),
+                Output::Send {
+                    message: Message::Forward(_),
+                    ..
+                } => panic!("relay goes to the primary only: {o:?}"),
+                _ => None,
+            })
+            .collect()
+    };
+
+    replica.handle_request(tx(1), 10).expect("accepted");
+    replica.handle_request(tx(2), 11).expect("accepted");
+    assert!(
+        relayed(&drain(&mut replica)).is_empty(),
+        "waits for the batch"
+    );
+    assert!(
+        replica.poll_timeout().is_some_and(|t| t <= 10 + delay),
+        "wakes for it"
+    );
+    replica.handle_tick(10 + delay - 1);
+    assert!(
+        relayed(&drain(&mut replica)).is_empty(),
+        "not before the delay"
+    );
+    replica.handle_tick(10 + delay);
+    assert_eq!(relayed(&drain(&mut replica)), [2]);
+
+    // Three fill a batch; the fourth sends it without waiting.
+    for seq in 3..=6 {
+        replica.handle_request(tx(seq), 20).expect("accepted");
+    }
+    assert_eq!(relayed(&drain(&mut replica)), [3]);
+    replica.handle_tick(20 + delay);
+    assert_eq!(relayed(&drain(&mut replica)), [1]);
+    assert_eq!(replica.stats().relayed_batches, 3);
 }
