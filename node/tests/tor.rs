@@ -1,6 +1,8 @@
 //! Daemons that reach each other only through onion services on a private
-//! Tor network (embedded arti and system tor), restarts that keep the onion
-//! address, and a daemon without Tor that says so instead of going direct.
+//! Tor network (embedded arti and system tor): they gossip, four validators
+//! in both modes commit blocks, restarts keep the onion address, a hybrid
+//! node bridges direct and onion peers, and a daemon without Tor says so
+//! instead of going direct.
 //!
 //! One private Tor network is shared by every test in this binary (start-up
 //! costs 30–60 s); its tor processes exit with the test process. Needs
@@ -12,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use openagi_tests::tornet::{INSTALL_HINT, TorNet, TorNetOptions, tor_available};
-use openagi_tests::{Daemon, DaemonOptions, init, use_binary, wait_for};
+use openagi_tests::{Daemon, DaemonOptions, init, init_validators, use_binary, wait_for};
+use serde_json::json;
 
 static NETWORK: OnceLock<Result<(TorNet, tempfile::TempDir), String>> = OnceLock::new();
 
@@ -322,6 +325,176 @@ fn system_tor_daemons_connect_through_the_networks_c_tor_clients() {
         "onion address kept across restarts"
     );
     wait_connected_and_gossiping(&a, &b, Duration::from_secs(150));
+}
+
+#[test]
+fn validators_on_onion_services_commit_blocks_in_both_tor_modes() {
+    let Some(net) = network() else { return };
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let dirs = init_validators(root.path(), 4).expect("validators");
+    // Two validators embed arti, two use the network's C tor clients.
+    let env_for = |i: usize| {
+        if i < 2 {
+            embedded_env(net)
+        } else {
+            system_env(net, i - 2)
+        }
+    };
+    let started = Instant::now();
+    let v0 = Daemon::start(
+        &dirs[0],
+        &DaemonOptions {
+            env: env_for(0),
+            ..Default::default()
+        },
+    )
+    .expect("v0 starts");
+    let boot = onion_bootstrap(&v0);
+    let mut nodes = vec![v0];
+    for (i, dir) in dirs.iter().enumerate().skip(1) {
+        nodes.push(
+            Daemon::start(
+                dir,
+                &DaemonOptions {
+                    env: env_for(i),
+                    bootstrap: vec![boot.clone()],
+                    ..Default::default()
+                },
+            )
+            .expect("validator starts"),
+        );
+    }
+    let logs = |nodes: &[Daemon]| {
+        nodes
+            .iter()
+            .enumerate()
+            .map(|(i, d)| format!("--- v{i} ---\n{}", d.log()))
+            .collect::<String>()
+    };
+    // Consensus needs every validator to reach every other one; the others
+    // learn each other's onion addresses through the DHT.
+    wait_for(
+        "validator mesh over onion",
+        Duration::from_secs(180),
+        || nodes.iter().all(|d| d.connected_peers() >= 3).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&nodes)));
+    let meshed = started.elapsed();
+    for (i, text) in ["first block over tor", "second", "third"]
+        .iter()
+        .enumerate()
+    {
+        let via = &nodes[(i + 1) % nodes.len()];
+        let submitted = Instant::now();
+        let (code, body) = via
+            .post("/api/v1/tx", &json!({ "payload": text, "wait": true }))
+            .expect("answers");
+        assert_eq!(code, 200, "{body}\n{}", logs(&nodes));
+        assert_eq!(body["status"], "committed", "{body}\n{}", logs(&nodes));
+        eprintln!(
+            "tor consensus: transaction {i} committed at height {} in {:.0} ms",
+            body["height"],
+            submitted.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    eprintln!(
+        "tor consensus: 4 validators meshed {:.1} s after v0 started",
+        meshed.as_secs_f64()
+    );
+    // Every validator holds the same chain, and none has an IP address.
+    let height = nodes[0].height();
+    assert!(height >= 1);
+    wait_for("ledgers equal", Duration::from_secs(60), || {
+        nodes.iter().all(|d| d.height() >= height).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&nodes)));
+    let head = |d: &Daemon| {
+        let (code, body) = d
+            .get(&format!("/api/v1/ledger/blocks/{height}"), Some(d.token()))
+            .expect("block");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("json")["hash"].clone()
+    };
+    let first = head(&nodes[0]);
+    assert!(first.is_string(), "{first}");
+    for d in &nodes[1..] {
+        assert_eq!(head(d), first, "same block at height {height}");
+    }
+    for d in &nodes {
+        assert_onion_only(d);
+    }
+    for (i, d) in nodes.iter().enumerate() {
+        let rtts: Vec<f64> = d
+            .peers()
+            .ok()
+            .and_then(|p| {
+                p["peers"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|p| p["rtt_ms"].as_f64()).collect())
+            })
+            .unwrap_or_default();
+        eprintln!("tor consensus: v{i} ping round trips to its peers (ms): {rtts:?}");
+    }
+}
+
+#[test]
+fn a_hybrid_node_bridges_direct_and_onion_peers() {
+    let Some(net) = network() else { return };
+    let root = tempfile::tempdir().expect("tempdir");
+    // D only speaks direct TCP; T only Tor; H both, explicitly.
+    let d = Daemon::start(
+        &fresh_node(root.path(), "direct"),
+        &DaemonOptions::default(),
+    )
+    .expect("direct node starts");
+    let mut hybrid_env = embedded_env(net);
+    hybrid_env.extend(env(&[
+        ("OPENAGI_TOR_HYBRID", "true"),
+        ("OPENAGI_NETWORK_LISTEN", "/ip4/127.0.0.1/tcp/0"),
+    ]));
+    let h = Daemon::start(
+        &fresh_node(root.path(), "hybrid"),
+        &DaemonOptions {
+            env: hybrid_env,
+            // Hybrid mode may dial an IP address; Tor-only mode refuses to.
+            bootstrap: vec![d.multiaddr().expect("addr")],
+            ..Default::default()
+        },
+    )
+    .expect("hybrid node starts");
+    let h_onion = onion_bootstrap(&h);
+    let t = Daemon::start(
+        &fresh_node(root.path(), "tor"),
+        &DaemonOptions {
+            env: embedded_env(net),
+            bootstrap: vec![h_onion],
+            ..Default::default()
+        },
+    )
+    .expect("tor node starts");
+    wait_connected_and_gossiping(&h, &d, Duration::from_secs(60));
+    wait_connected_and_gossiping(&h, &t, Duration::from_secs(150));
+
+    let status = h.status().expect("status");
+    assert_eq!(status["tor"]["hybrid"], true);
+    let listen = status["network"]["listen_addrs"].to_string();
+    assert!(
+        listen.contains("/onion3/") && listen.contains("/ip4/127.0.0.1/tcp/"),
+        "hybrid listens on both: {listen}"
+    );
+    // H reaches D over IP and T over its onion service; T never learns or
+    // uses an IP address, and D and T cannot meet directly.
+    let peers = h.peers().expect("peers").to_string();
+    assert!(
+        peers.contains("/ip4/") && peers.contains("/onion3/"),
+        "{peers}"
+    );
+    assert_onion_only(&t);
+    assert_eq!(t.connected_peers(), 1, "{}", t.peers().expect("peers"));
+    assert_eq!(d.connected_peers(), 1, "{}", d.peers().expect("peers"));
+    let t_peers = t.peers().expect("peers").to_string();
+    assert!(!t_peers.contains("/ip4/"), "{t_peers}");
 }
 
 #[test]
