@@ -36,6 +36,9 @@
 //!   quantization and a compact, validated wire encoding.
 //! - [`model`]: architecture descriptors, content-addressed model ids and
 //!   version lineage.
+//! - [`federation`]: training across nodes coordinated through the ledger:
+//!   job specs, signed ledger records, participant selection, a client's
+//!   update, and the round coordinator as a sans-IO state machine.
 //! - [`split`]: deterministic IID and non-IID partitions of a labelled data
 //!   set across simulated clients.
 //!
@@ -80,6 +83,7 @@ pub mod compress;
 pub mod data;
 pub mod dp;
 mod error;
+pub mod federation;
 pub mod model;
 pub mod models;
 pub mod simulate;

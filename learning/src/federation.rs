@@ -1,0 +1,1189 @@
+//! Federated training across nodes, coordinated through the ledger.
+//!
+//! A job is a ledger record; so is every node's offer to train for it and
+//! every round's start and end. Everything a node needs to follow a job is
+//! therefore in its ledger, in the same order on every node:
+//!
+//! 1. A researcher's node commits [`Record::Job`] with the [`JobSpec`]; that
+//!    node is the job's coordinator (the aggregator of every round).
+//! 2. Nodes whose local data fits the job's schema commit [`Record::Join`].
+//! 3. The [`Coordinator`] waits for at least `min_clients` joins (and the
+//!    join window), selects the round's participants deterministically from
+//!    the joins and a seed derived from the job and round
+//!    ([`select_participants`]) and commits [`Record::RoundStart`] naming
+//!    them and the current model.
+//! 4. Each participant fetches that model (the node serves it in chunks;
+//!    its [`ModelId`] is checked), trains on its own data, clips (with DP)
+//!    and compresses its delta ([`client_update`]) and sends it to the
+//!    coordinator.
+//! 5. The coordinator closes the round when every participant answered or
+//!    its deadline passed: it aggregates if at least `min_clients` updates
+//!    arrived (else the model stays), adds DP noise and accounts ε, and
+//!    commits [`Record::RoundEnd`] with the new model's id, ε and who
+//!    straggled. The next round starts from that commit.
+//!
+//! Rounds never hang: the deadline closes a round whoever is missing, and
+//! a privacy budget ends the job before a round that would exceed it.
+//!
+//! Records travel signed by the node that made them ([`SignedRecord`]), so
+//! a join names its node and only the coordinator can start or end rounds.
+//! This module is pure: time comes in as milliseconds, randomness as seeds.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use openagi_crypto::identity::SignedPayload;
+use openagi_crypto::{PublicKey, Signed};
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{Aggregator, ClientId, ClientUpdate};
+use crate::compress::{self, ErrorFeedback, Payload};
+use crate::data::Dataset;
+use crate::dp::{self, Accountant};
+use crate::model::ModelId;
+use crate::models::Architecture;
+use crate::simulate::{Compression, Participation, Privacy};
+use crate::train::{TrainConfig, Trainer};
+use crate::{Error, ErrorKind, Result, rng_from_seed};
+
+/// Prefix of every learning record in a ledger transaction's payload.
+pub const RECORD_TAG: &[u8] = b"openagi/learn/v1\n";
+/// Largest encoded record.
+pub const MAX_RECORD_BYTES: usize = 32 * 1024;
+/// Most participants in one round (and most joins a job keeps).
+pub const MAX_PARTICIPANTS: usize = 1024;
+/// Most rounds a job may ask for.
+pub const MAX_ROUNDS: u64 = 100_000;
+/// Longest round deadline, in seconds.
+pub const MAX_DEADLINE_SECS: u64 = 24 * 60 * 60;
+
+/// A job's identity: BLAKE3 of its signed record's encoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct JobId(pub [u8; 32]);
+
+impl JobId {
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(text: &str) -> Result<Self> {
+        let text = text.trim();
+        let invalid = || Error::invalid("job id", format!("{text:?} is not 64 hex digits"));
+        if text.len() != 64 || !text.is_ascii() {
+            return Err(invalid());
+        }
+        let mut id = [0u8; 32];
+        for (i, byte) in id.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| invalid())?;
+        }
+        Ok(JobId(id))
+    }
+}
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+fn default_join_window() -> u64 {
+    3
+}
+
+/// A training job as a researcher writes it (`openagi learn submit
+/// JOB.toml`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// A name for people; not an identifier.
+    pub name: String,
+    /// The model. Its input width and class count are the data schema a
+    /// node's local data must fit to join.
+    pub architecture: Architecture,
+    /// Rounds to run (a privacy budget may end the job sooner).
+    pub rounds: u64,
+    /// Fewest updates a round aggregates; with fewer by the deadline the
+    /// round ends without changing the model.
+    pub min_clients: usize,
+    /// Seconds a round waits for updates after its start is committed.
+    pub round_deadline_secs: u64,
+    /// Seconds the coordinator waits for joins before the first round.
+    #[serde(default = "default_join_window")]
+    pub join_window_secs: u64,
+    /// Who of the joined nodes takes part in each round.
+    pub participation: Participation,
+    /// Local SGD.
+    pub train: TrainConfig,
+    /// Aggregation rule (FedAvg under DP).
+    pub aggregator: Aggregator,
+    /// Client-level differential privacy.
+    #[serde(default)]
+    pub privacy: Option<Privacy>,
+    /// Update compression.
+    #[serde(default)]
+    pub compression: Compression,
+    /// Seed of the initial model, participant selection and local shuffles
+    /// (public; DP noise is drawn from the coordinator's OS instead).
+    pub seed: u64,
+}
+
+impl JobSpec {
+    /// Checks every setting; errors name the setting.
+    pub fn validate(&self) -> Result<()> {
+        if self.name.is_empty() || self.name.len() > 128 {
+            return Err(Error::invalid("name", "must be 1 to 128 bytes"));
+        }
+        self.architecture.validate()?;
+        self.train.validate()?;
+        self.aggregator.validate()?;
+        if !(1..=MAX_ROUNDS).contains(&self.rounds) {
+            return Err(Error::invalid(
+                "rounds",
+                format!("{} is not in 1..={MAX_ROUNDS}", self.rounds),
+            ));
+        }
+        if !(1..=MAX_PARTICIPANTS).contains(&self.min_clients) {
+            return Err(Error::invalid(
+                "min_clients",
+                format!("{} is not in 1..={MAX_PARTICIPANTS}", self.min_clients),
+            ));
+        }
+        if self.min_clients < self.aggregator.min_clients() {
+            return Err(Error::invalid(
+                "min_clients",
+                format!(
+                    "{} needs at least {} updates a round",
+                    self.aggregator.name(),
+                    self.aggregator.min_clients()
+                ),
+            ));
+        }
+        if !(1..=MAX_DEADLINE_SECS).contains(&self.round_deadline_secs) {
+            return Err(Error::invalid(
+                "round_deadline_secs",
+                format!(
+                    "{} is not in 1..={MAX_DEADLINE_SECS}",
+                    self.round_deadline_secs
+                ),
+            ));
+        }
+        if self.join_window_secs > MAX_DEADLINE_SECS {
+            return Err(Error::invalid(
+                "join_window_secs",
+                format!("at most {MAX_DEADLINE_SECS}"),
+            ));
+        }
+        match self.participation {
+            Participation::All => {}
+            Participation::Fixed { per_round } => {
+                if !(self.min_clients..=MAX_PARTICIPANTS).contains(&per_round) {
+                    return Err(Error::invalid(
+                        "participation.fixed.per_round",
+                        format!(
+                            "{per_round} is not in min_clients..={MAX_PARTICIPANTS} ({}..)",
+                            self.min_clients
+                        ),
+                    ));
+                }
+            }
+            Participation::Poisson { rate } => {
+                if !(rate > 0.0 && rate <= 1.0) {
+                    return Err(Error::invalid(
+                        "participation.poisson.rate",
+                        format!("{rate} is not in (0, 1]"),
+                    ));
+                }
+            }
+        }
+        if let Compression::TopK { fraction, .. } = self.compression
+            && !(fraction > 0.0 && fraction <= 1.0)
+        {
+            return Err(Error::invalid(
+                "compression.top_k.fraction",
+                format!("{fraction} is not in (0, 1]"),
+            ));
+        }
+        if let Some(p) = &self.privacy {
+            p.dp.validate()?;
+            Accountant::new(p.delta)?;
+            if self.aggregator != Aggregator::FedAvg {
+                return Err(Error::invalid(
+                    "aggregator",
+                    "DP jobs aggregate with fedavg (the clipped, noised average)",
+                ));
+            }
+            if matches!(self.participation, Participation::Fixed { .. }) {
+                return Err(Error::invalid(
+                    "participation",
+                    "DP jobs sample with poisson (or all): the accountant's bound assumes it",
+                ));
+            }
+            if let Some(b) = p.budget_epsilon
+                && !(b.is_finite() && b > 0.0)
+            {
+                return Err(Error::invalid(
+                    "privacy.budget_epsilon",
+                    format!("{b} is not a finite positive number"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a data set fits the job's schema (feature count, labels
+    /// below the class count).
+    pub fn accepts(&self, data: &Dataset) -> bool {
+        data.n_features() == self.architecture.inputs()
+            && data.classes() <= self.architecture.classes()
+            && !data.is_empty()
+    }
+
+    /// The round-0 model: the architecture initialised from the job seed,
+    /// so every node can compute and check it.
+    pub fn initial_params(&self) -> Result<Vec<f32>> {
+        self.architecture.init_params(self.seed)
+    }
+}
+
+/// A learning record as committed on the ledger.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Record {
+    /// A new job, as the JSON of its [`JobSpec`] (the spec's tagged enums
+    /// need a self-describing format); its signer coordinates it. Build it
+    /// with [`Record::job`], read it with [`Record::job_spec`].
+    Job(String),
+    /// The signer offers to train for `job` with `samples` local samples.
+    Join {
+        /// The job.
+        job: JobId,
+        /// Local training samples (informational).
+        samples: u64,
+    },
+    /// The coordinator opens a round.
+    RoundStart {
+        /// The job.
+        job: JobId,
+        /// Round number, from 1.
+        round: u64,
+        /// The model participants train from.
+        model: ModelId,
+        /// Who takes part (node public keys), as selected by
+        /// [`select_participants`].
+        participants: Vec<PublicKey>,
+    },
+    /// The coordinator closes a round.
+    RoundEnd(RoundSummary),
+}
+
+/// How a round ended, as committed by the coordinator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundSummary {
+    /// The job.
+    pub job: JobId,
+    /// The round.
+    pub round: u64,
+    /// The model after the round (the parent when nothing was aggregated).
+    pub model: ModelId,
+    /// The model the round started from.
+    pub parent: ModelId,
+    /// Whether enough updates arrived to change the model.
+    pub aggregated: bool,
+    /// Participants selected.
+    pub selected: u32,
+    /// Updates received in time.
+    pub responded: u32,
+    /// Updates received in time from the selected, refused as malformed.
+    pub rejected: u32,
+    /// Samples behind the aggregated updates.
+    pub samples: u64,
+    /// Accumulated ε after this round, with DP.
+    pub epsilon: Option<f64>,
+    /// Test accuracy of the new model on the coordinator's evaluation set.
+    pub accuracy: Option<f64>,
+    /// Whether this was the job's last round.
+    pub finished: bool,
+}
+
+impl Record {
+    /// The record of a new job.
+    pub fn job(spec: &JobSpec) -> Result<Record> {
+        spec.validate()?;
+        serde_json::to_string(spec)
+            .map(Record::Job)
+            .map_err(|e| Error::invalid("job spec", e.to_string()))
+    }
+
+    /// The validated spec of a job record (`None` for other records).
+    pub fn job_spec(&self) -> Result<Option<JobSpec>> {
+        let Record::Job(json) = self else {
+            return Ok(None);
+        };
+        let spec: JobSpec =
+            serde_json::from_str(json).map_err(|e| Error::invalid("job spec", e.to_string()))?;
+        spec.validate()?;
+        Ok(Some(spec))
+    }
+}
+
+impl SignedPayload for Record {
+    const CONTEXT: &'static str = "openagi/learn/record/v1";
+}
+
+/// A record with its signer's signature, as stored in a transaction.
+pub type SignedRecord = Signed<Record>;
+
+/// Encodes a signed record as a transaction payload.
+pub fn encode_record(record: &SignedRecord) -> Result<Vec<u8>> {
+    let body = postcard::to_stdvec(record).map_err(|e| Error::Malformed {
+        detail: format!("learning record: {e}"),
+    })?;
+    let mut out = Vec::with_capacity(RECORD_TAG.len() + body.len());
+    out.extend_from_slice(RECORD_TAG);
+    out.extend_from_slice(&body);
+    if out.len() > MAX_RECORD_BYTES {
+        return Err(Error::TooLarge {
+            what: "learning record",
+            limit: MAX_RECORD_BYTES,
+            found: out.len(),
+        });
+    }
+    Ok(out)
+}
+
+/// Decodes a transaction payload: `Ok(None)` when it is not a learning
+/// record at all, an error when it claims to be one but is malformed or
+/// its signature does not verify.
+pub fn decode_record(payload: &[u8]) -> Result<Option<(PublicKey, Record)>> {
+    let Some(body) = payload.strip_prefix(RECORD_TAG) else {
+        return Ok(None);
+    };
+    if payload.len() > MAX_RECORD_BYTES {
+        return Err(Error::TooLarge {
+            what: "learning record",
+            limit: MAX_RECORD_BYTES,
+            found: payload.len(),
+        });
+    }
+    let signed: SignedRecord = postcard::from_bytes(body).map_err(|e| Error::Malformed {
+        detail: format!("learning record: {e}"),
+    })?;
+    let signer = *signed.signer();
+    let record = signed.verify().map_err(|e| Error::Malformed {
+        detail: format!("learning record signature: {e}"),
+    })?;
+    record.job_spec()?;
+    Ok(Some((signer, record)))
+}
+
+/// The id of a job committed as `payload` (see [`encode_record`]).
+pub fn job_id(payload: &[u8]) -> JobId {
+    JobId(*blake3::hash(payload).as_bytes())
+}
+
+fn round_seed(job: &JobId, seed: u64, round: u64, purpose: &str) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"openagi/learn/round/v1\0");
+    h.update(purpose.as_bytes());
+    h.update(&[0]);
+    h.update(&job.0);
+    h.update(&seed.to_le_bytes());
+    h.update(&round.to_le_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// The participants of `round`: a deterministic function of the joined
+/// nodes (in ledger order), the job and the round, so any node can check
+/// the coordinator's choice.
+pub fn select_participants(
+    job: &JobId,
+    spec: &JobSpec,
+    round: u64,
+    joined: &[PublicKey],
+) -> Result<Vec<PublicKey>> {
+    let mut rng = rng_from_seed(round_seed(job, spec.seed, round, "select"));
+    let n = joined.len();
+    let picked = match spec.participation {
+        Participation::All => (0..n).collect(),
+        Participation::Fixed { per_round } => dp::fixed_size_sample(n, per_round.min(n), &mut rng)?,
+        Participation::Poisson { rate } => dp::poisson_sample(n, rate, &mut rng)?,
+    };
+    Ok(picked.into_iter().map(|i| joined[i]).collect())
+}
+
+/// The seed a participant's local shuffles use in `round`.
+pub fn training_seed(job: &JobId, spec: &JobSpec, round: u64, node: &PublicKey) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&round_seed(job, spec.seed, round, "train"));
+    h.update(&node.to_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// A participant's side of a round: trains from `params` on `data`,
+/// clips the delta to the job's DP bound (if any), compresses it as the
+/// job says (carrying the error-feedback state in `feedback`) and returns
+/// the wire payload and the sample count.
+pub fn client_update(
+    spec: &JobSpec,
+    trainer: &Trainer,
+    params: &[f32],
+    data: &Dataset,
+    seed: u64,
+    feedback: &mut Option<ErrorFeedback>,
+    progress: impl FnMut(crate::train::Progress),
+) -> Result<(Vec<u8>, u64)> {
+    trainer.descriptor().check_params(params)?;
+    let indices = data.all_indices();
+    let local = trainer.train_with_progress(params, data, &indices, &spec.train, seed, progress)?;
+    let mut delta = local.delta;
+    if let Some(p) = &spec.privacy {
+        dp::clip_update(&mut delta, p.dp.clip_norm)?;
+    }
+    let dim = delta.len();
+    let payload = match spec.compression {
+        Compression::None => Payload::Dense(delta),
+        Compression::Quantize => {
+            Payload::Quantized(compress::quantize(&delta, compress::DEFAULT_QUANT_CHUNK)?)
+        }
+        Compression::TopK { fraction, quantize } => {
+            let k = ((fraction * dim as f64).ceil() as usize).clamp(1, dim.max(1));
+            let state = match feedback {
+                Some(f) if f.residual().len() == dim => f,
+                slot => slot.insert(ErrorFeedback::new(dim)?),
+            };
+            if quantize {
+                Payload::SparseQuantized(state.compress_quantized(
+                    &delta,
+                    k,
+                    compress::DEFAULT_QUANT_CHUNK,
+                )?)
+            } else {
+                Payload::Sparse(state.compress(&delta, k)?)
+            }
+        }
+    };
+    Ok((compress::encode(&payload)?, local.samples))
+}
+
+/// What the coordinator asks its node to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CoordinatorOutput {
+    /// Sign this record and submit it to the ledger.
+    Submit(Record),
+    /// Keep this model available to participants (and for export) before
+    /// the record naming it commits.
+    Model {
+        /// Its id.
+        id: ModelId,
+        /// Its parameters.
+        params: Vec<f32>,
+        /// The round that produced it (0: the initial model).
+        round: u64,
+    },
+    /// A round closed (for metrics and logs; its record is submitted too).
+    RoundClosed(RoundSummary),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Phase {
+    /// Waiting for joins before round `next`.
+    Gathering { next: u64, since_ms: u64 },
+    /// A `RoundStart` was submitted; waiting for it to commit.
+    Starting { round: u64 },
+    /// Collecting updates until `deadline_ms`.
+    Collecting {
+        round: u64,
+        participants: BTreeSet<[u8; 32]>,
+        deadline_ms: u64,
+    },
+    /// A `RoundEnd` was submitted; waiting for it to commit.
+    Ending { round: u64, finished: bool },
+    /// The job is over.
+    Finished,
+}
+
+/// The coordinator of one job: a deterministic state machine fed with
+/// committed ledger records, participants' updates and the time.
+pub struct Coordinator {
+    job: JobId,
+    spec: JobSpec,
+    me: PublicKey,
+    trainer: Trainer,
+    evaluation: Option<Dataset>,
+    params: Vec<f32>,
+    model: ModelId,
+    joined: Vec<PublicKey>,
+    accountant: Option<Accountant>,
+    noise: crate::SeededRng,
+    phase: Phase,
+    updates: BTreeMap<[u8; 32], ClientUpdate>,
+    rejected: u32,
+    outputs: VecDeque<CoordinatorOutput>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("job", &self.job)
+            .field("phase", &self.phase)
+            .field("joined", &self.joined.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Coordinator {
+    /// The coordinator of job `job` (whose record committed at `now_ms`),
+    /// run by node `me`. `noise_seed` must be secret (from the OS):
+    /// it seeds the DP noise. `evaluation`, if given, scores each round's
+    /// model.
+    pub fn new(
+        job: JobId,
+        spec: JobSpec,
+        me: PublicKey,
+        trainer: Trainer,
+        evaluation: Option<Dataset>,
+        noise_seed: [u8; 32],
+        now_ms: u64,
+    ) -> Result<Self> {
+        spec.validate()?;
+        trainer
+            .descriptor()
+            .ensure_matches(&spec.architecture.descriptor()?)?;
+        let params = spec.initial_params()?;
+        let model = ModelId::compute(trainer.descriptor(), &params)?;
+        let accountant = match &spec.privacy {
+            Some(p) => Some(Accountant::new(p.delta)?),
+            None => None,
+        };
+        let mut outputs = VecDeque::new();
+        outputs.push_back(CoordinatorOutput::Model {
+            id: model,
+            params: params.clone(),
+            round: 0,
+        });
+        Ok(Self {
+            job,
+            spec,
+            me,
+            trainer,
+            evaluation,
+            params,
+            model,
+            joined: Vec::new(),
+            accountant,
+            noise: rng_from_seed(noise_seed),
+            phase: Phase::Gathering {
+                next: 1,
+                since_ms: now_ms,
+            },
+            updates: BTreeMap::new(),
+            rejected: 0,
+            outputs,
+        })
+    }
+
+    /// The job.
+    pub fn job(&self) -> JobId {
+        self.job
+    }
+
+    /// The current model's id.
+    pub fn model(&self) -> ModelId {
+        self.model
+    }
+
+    /// Whether the job is over.
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Finished
+    }
+
+    /// A committed record of this job, signed by `signer`, seen at `now_ms`.
+    pub fn handle_record(&mut self, signer: &PublicKey, record: &Record, now_ms: u64) {
+        match record {
+            Record::Join { job, .. }
+                if *job == self.job
+                    && !self.joined.contains(signer)
+                    && self.joined.len() < MAX_PARTICIPANTS =>
+            {
+                self.joined.push(*signer);
+            }
+            Record::RoundStart {
+                job,
+                round,
+                participants,
+                ..
+            } if *job == self.job
+                && *signer == self.me
+                && self.phase == (Phase::Starting { round: *round }) =>
+            {
+                self.updates.clear();
+                self.rejected = 0;
+                self.phase = Phase::Collecting {
+                    round: *round,
+                    participants: participants.iter().map(PublicKey::to_bytes).collect(),
+                    deadline_ms: now_ms
+                        .saturating_add(self.spec.round_deadline_secs.saturating_mul(1000)),
+                };
+            }
+            Record::RoundEnd(summary) if summary.job == self.job && *signer == self.me => {
+                if let Phase::Ending { round, finished } = self.phase
+                    && round == summary.round
+                {
+                    self.phase = if finished {
+                        Phase::Finished
+                    } else {
+                        Phase::Gathering {
+                            next: round + 1,
+                            since_ms: now_ms,
+                        }
+                    };
+                    self.handle_tick(now_ms);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// An update from `from` for `round`. Errors say why it was refused
+    /// (not selected, wrong round, duplicate, malformed); a refused update
+    /// changes nothing but the rejection count.
+    pub fn handle_update(
+        &mut self,
+        from: &PublicKey,
+        round: u64,
+        payload: &[u8],
+        samples: u64,
+        now_ms: u64,
+    ) -> Result<()> {
+        // An update that arrives after the deadline closes the round
+        // instead of joining it, even if no tick came in between.
+        self.handle_tick(now_ms);
+        let Phase::Collecting {
+            round: open,
+            participants,
+            ..
+        } = &self.phase
+        else {
+            return Err(Error::invalid("update", "no round is collecting updates"));
+        };
+        if round != *open {
+            return Err(Error::invalid(
+                "update",
+                format!("round {round} is not the open round {open}"),
+            ));
+        }
+        let sender = from.to_bytes();
+        if !participants.contains(&sender) {
+            return Err(Error::invalid(
+                "update",
+                "sender is not a participant of this round",
+            ));
+        }
+        if self.updates.contains_key(&sender) {
+            return Err(Error::DuplicateClient {
+                client: ClientId(sender),
+            });
+        }
+        let dim = self.params.len();
+        let update = compress::decode(payload, dim)
+            .map(|p| ClientUpdate::new(ClientId(sender), p.to_dense(), samples))
+            .and_then(|u| crate::aggregate::check_update(&u, dim).map(|()| u));
+        match update {
+            Ok(u) => {
+                self.updates.insert(sender, u);
+                if self.updates.len() == participants.len() {
+                    self.close_round();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.rejected += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// Time passed: opens a round once enough nodes joined, closes one at
+    /// its deadline.
+    pub fn handle_tick(&mut self, now_ms: u64) {
+        match self.phase.clone() {
+            Phase::Gathering { next, since_ms } => {
+                let window = self.spec.join_window_secs.saturating_mul(1000);
+                if self.joined.len() >= self.spec.min_clients
+                    && now_ms >= since_ms.saturating_add(window)
+                {
+                    self.open_round(next);
+                }
+            }
+            Phase::Collecting { deadline_ms, .. } if now_ms >= deadline_ms => self.close_round(),
+            _ => {}
+        }
+    }
+
+    /// When [`Coordinator::handle_tick`] next has something to do.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Gathering { since_ms, .. } => {
+                Some(since_ms.saturating_add(self.spec.join_window_secs.saturating_mul(1000)))
+            }
+            Phase::Collecting { deadline_ms, .. } => Some(*deadline_ms),
+            _ => None,
+        }
+    }
+
+    /// The next thing to do.
+    pub fn poll_output(&mut self) -> Option<CoordinatorOutput> {
+        self.outputs.pop_front()
+    }
+
+    fn open_round(&mut self, round: u64) {
+        match select_participants(&self.job, &self.spec, round, &self.joined) {
+            Ok(participants) => {
+                self.phase = Phase::Starting { round };
+                self.outputs
+                    .push_back(CoordinatorOutput::Submit(Record::RoundStart {
+                        job: self.job,
+                        round,
+                        model: self.model,
+                        participants,
+                    }));
+            }
+            Err(_) => self.phase = Phase::Finished,
+        }
+    }
+
+    /// Closes the collecting round. Never fails: a local failure while
+    /// aggregating or evaluating (which checked updates should not cause)
+    /// ends the round without changing the model, so rounds never hang.
+    fn close_round(&mut self) {
+        let Phase::Collecting {
+            round,
+            participants,
+            ..
+        } = self.phase.clone()
+        else {
+            return;
+        };
+        let updates: Vec<ClientUpdate> = std::mem::take(&mut self.updates).into_values().collect();
+        let parent = self.model;
+        let (delta, epsilon) = self.aggregate(&updates).unwrap_or((None, None));
+        let mut aggregated = false;
+        if let Some(delta) = delta {
+            let next: Vec<f32> = self.params.iter().zip(&delta).map(|(p, d)| p + d).collect();
+            if let Ok(id) = self
+                .trainer
+                .descriptor()
+                .check_params(&next)
+                .and_then(|()| ModelId::compute(self.trainer.descriptor(), &next))
+            {
+                self.params = next;
+                self.model = id;
+                aggregated = true;
+                self.outputs.push_back(CoordinatorOutput::Model {
+                    id,
+                    params: self.params.clone(),
+                    round,
+                });
+            }
+        }
+        let accuracy = self
+            .evaluation
+            .as_ref()
+            .and_then(|data| self.trainer.evaluate(&self.params, data).ok())
+            .map(|e| e.accuracy);
+        let q = self.sample_rate();
+        let budget_left = match (&self.spec.privacy, &self.accountant) {
+            (Some(p), Some(acc)) => match p.budget_epsilon {
+                Some(budget) => acc.can_run_round(budget, q, p.dp.noise_multiplier),
+                None => true,
+            },
+            _ => true,
+        };
+        let finished = round >= self.spec.rounds || !budget_left;
+        let summary = RoundSummary {
+            job: self.job,
+            round,
+            model: self.model,
+            parent,
+            aggregated,
+            selected: participants.len() as u32,
+            responded: updates.len() as u32,
+            rejected: self.rejected,
+            samples: updates.iter().map(|u| u.samples).sum(),
+            epsilon,
+            accuracy,
+            finished,
+        };
+        self.phase = Phase::Ending { round, finished };
+        self.outputs
+            .push_back(CoordinatorOutput::RoundClosed(summary.clone()));
+        self.outputs
+            .push_back(CoordinatorOutput::Submit(Record::RoundEnd(summary)));
+    }
+
+    /// The round's change to the model (if enough updates arrived) and,
+    /// with DP, the ε spent so far.
+    fn aggregate(&mut self, updates: &[ClientUpdate]) -> Result<(Option<Vec<f32>>, Option<f64>)> {
+        let enough = updates.len() >= self.spec.min_clients;
+        let q = self.sample_rate();
+        match (&self.spec.privacy, &mut self.accountant) {
+            (Some(p), Some(acc)) => {
+                // The mechanism runs every round whoever answered: noise
+                // over the expected participant count, accounted always.
+                let denominator = (q * self.joined.len() as f64).max(1.0);
+                let avg = if updates.is_empty() {
+                    let mut noise = vec![0.0f32; self.params.len()];
+                    dp::add_gaussian_noise(&mut noise, p.dp.noise_std(), &mut self.noise)?;
+                    noise
+                        .iter()
+                        .map(|&v| (f64::from(v) / denominator) as f32)
+                        .collect()
+                } else {
+                    dp::dp_fedavg(updates, &p.dp, denominator, &mut self.noise)?
+                };
+                let epsilon = acc.record_round(q, p.dp.noise_multiplier)?.epsilon;
+                Ok((enough.then_some(avg), Some(epsilon)))
+            }
+            _ if !enough => Ok((None, None)),
+            _ => match self.spec.aggregator.aggregate(updates) {
+                Ok(avg) => Ok((Some(avg), None)),
+                Err(e) if e.kind() == ErrorKind::NotEnoughClients => Ok((None, None)),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    fn sample_rate(&self) -> f64 {
+        match self.spec.participation {
+            Participation::All => 1.0,
+            Participation::Fixed { per_round } => {
+                per_round as f64 / (self.joined.len().max(per_round)) as f64
+            }
+            Participation::Poisson { rate } => rate,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data;
+    use crate::dp::DpConfig;
+    use crate::train::Compute;
+    use openagi_crypto::Identity;
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            name: "digits".into(),
+            architecture: Architecture::logistic_regression(64, 10),
+            rounds: 3,
+            min_clients: 2,
+            round_deadline_secs: 10,
+            join_window_secs: 1,
+            participation: Participation::All,
+            train: TrainConfig::sgd(0.5, 1, 16),
+            aggregator: Aggregator::FedAvg,
+            privacy: None,
+            compression: Compression::None,
+            seed: 7,
+        }
+    }
+
+    struct Net {
+        coordinator: Coordinator,
+        coordinator_id: Identity,
+        nodes: Vec<Identity>,
+        shards: Vec<Dataset>,
+        trainer: Trainer,
+        feedback: Vec<Option<ErrorFeedback>>,
+        params: BTreeMap<ModelId, Vec<f32>>,
+        now: u64,
+    }
+
+    fn net(spec: JobSpec, nodes: usize) -> Net {
+        let (train, test) = data::digits()
+            .expect("digits")
+            .split(0.25, 1)
+            .expect("split");
+        let parts = crate::split::iid(train.len(), nodes, 3).expect("split");
+        let shards = parts
+            .iter()
+            .map(|p| train.subset(p).expect("subset"))
+            .collect();
+        let trainer = Trainer::new(spec.architecture.clone(), Compute::Cpu).expect("trainer");
+        let coordinator_id = Identity::from_seed(&[100; 32]);
+        let job = JobId([5; 32]);
+        let coordinator = Coordinator::new(
+            job,
+            spec,
+            coordinator_id.public(),
+            trainer.clone(),
+            Some(test),
+            [9; 32],
+            0,
+        )
+        .expect("coordinator");
+        Net {
+            coordinator,
+            coordinator_id,
+            nodes: (0..nodes)
+                .map(|i| Identity::from_seed(&[i as u8 + 1; 32]))
+                .collect(),
+            shards,
+            trainer,
+            feedback: vec![None; nodes],
+            params: BTreeMap::new(),
+            now: 0,
+        }
+    }
+
+    impl Net {
+        /// Commits whatever the coordinator submitted; returns the records.
+        fn drain(&mut self) -> Vec<Record> {
+            let mut submitted = Vec::new();
+            while let Some(out) = self.coordinator.poll_output() {
+                match out {
+                    CoordinatorOutput::Submit(r) => submitted.push(r),
+                    CoordinatorOutput::Model { id, params, .. } => {
+                        assert_eq!(
+                            ModelId::compute(self.trainer.descriptor(), &params).expect("id"),
+                            id
+                        );
+                        self.params.insert(id, params);
+                    }
+                    CoordinatorOutput::RoundClosed(_) => {}
+                }
+            }
+            let me = self.coordinator_id.public();
+            for r in &submitted {
+                self.coordinator.handle_record(&me, r, self.now);
+            }
+            submitted
+        }
+
+        fn join_all(&mut self) {
+            let job = self.coordinator.job();
+            for n in &self.nodes {
+                self.coordinator.handle_record(
+                    &n.public(),
+                    &Record::Join { job, samples: 1 },
+                    self.now,
+                );
+            }
+        }
+
+        /// Runs one round in which the nodes in `answering` send updates.
+        fn round(&mut self, answering: &[usize]) -> RoundSummary {
+            self.now += 1_000;
+            self.coordinator.handle_tick(self.now);
+            let start = self.drain();
+            let Some(Record::RoundStart {
+                round,
+                model,
+                participants,
+                ..
+            }) = start
+                .into_iter()
+                .find(|r| matches!(r, Record::RoundStart { .. }))
+            else {
+                panic!("no round started");
+            };
+            let params = self.params[&model].clone();
+            let spec = self.coordinator.spec.clone();
+            for &i in answering {
+                let node = self.nodes[i].public();
+                assert!(participants.contains(&node));
+                let seed = training_seed(&self.coordinator.job(), &spec, round, &node);
+                let (payload, samples) = client_update(
+                    &spec,
+                    &self.trainer,
+                    &params,
+                    &self.shards[i],
+                    seed,
+                    &mut self.feedback[i],
+                    |_| {},
+                )
+                .expect("trains");
+                self.coordinator
+                    .handle_update(&node, round, &payload, samples, self.now)
+                    .expect("accepted");
+            }
+            if answering.len() < participants.len() {
+                self.now += spec.round_deadline_secs * 1000;
+                self.coordinator.handle_tick(self.now);
+            }
+            match self.drain().pop() {
+                Some(Record::RoundEnd(summary)) => summary,
+                other => panic!("round did not end: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn rounds_train_a_model_and_end_the_job() {
+        let mut net = net(spec(), 3);
+        net.drain();
+        net.coordinator.handle_tick(10_000);
+        assert!(net.drain().is_empty(), "no round before min_clients joined");
+        net.join_all();
+        let mut accuracy = Vec::new();
+        for round in 1..=3 {
+            let s = net.round(&[0, 1, 2]);
+            assert_eq!(s.round, round);
+            assert!(s.aggregated);
+            assert_eq!((s.selected, s.responded), (3, 3));
+            assert_ne!(s.model, s.parent);
+            assert_eq!(s.finished, round == 3);
+            accuracy.push(s.accuracy.expect("evaluated"));
+        }
+        assert!(net.coordinator.is_finished());
+        assert!(accuracy[2] > 0.8, "accuracy after 3 rounds: {accuracy:?}");
+    }
+
+    #[test]
+    fn a_round_closes_at_its_deadline_without_a_silent_client() {
+        let mut net = net(spec(), 3);
+        net.drain();
+        net.join_all();
+        let s = net.round(&[0, 2]);
+        assert!(s.aggregated, "two of three is enough");
+        assert_eq!((s.selected, s.responded), (3, 2));
+        // Too few: the model stays and the next round still comes.
+        let s = net.round(&[1]);
+        assert!(!s.aggregated);
+        assert_eq!(s.model, s.parent);
+        assert_eq!(net.round(&[0, 1, 2]).round, 3);
+    }
+
+    #[test]
+    fn bad_updates_are_refused_and_change_nothing() {
+        let mut net = net(spec(), 3);
+        net.drain();
+        net.join_all();
+        net.now = 2_000;
+        net.coordinator.handle_tick(net.now);
+        net.drain();
+        let stranger = Identity::from_seed(&[77; 32]).public();
+        let member = net.nodes[0].public();
+        let dim = net.params.values().next().expect("model").len();
+        let good = compress::encode(&Payload::Dense(vec![0.01; dim])).expect("encodes");
+        let short = compress::encode(&Payload::Dense(vec![0.01; dim - 1])).expect("encodes");
+        let nan = compress::encode(&Payload::Dense(vec![f32::NAN; dim])).expect("encodes");
+        let c = &mut net.coordinator;
+        assert!(c.handle_update(&stranger, 1, &good, 10, 2_000).is_err());
+        assert!(c.handle_update(&member, 2, &good, 10, 2_000).is_err());
+        assert!(c.handle_update(&member, 1, &short, 10, 2_000).is_err());
+        assert!(c.handle_update(&member, 1, &nan, 10, 2_000).is_err());
+        assert!(c.handle_update(&member, 1, &[1, 2, 3], 10, 2_000).is_err());
+        c.handle_update(&member, 1, &good, 10, 2_000)
+            .expect("first good one");
+        assert!(matches!(
+            c.handle_update(&member, 1, &good, 10, 2_000),
+            Err(Error::DuplicateClient { .. })
+        ));
+        // After the deadline the round closes with one update: too few.
+        assert!(
+            c.handle_update(&net.nodes[1].public(), 1, &good, 10, 60_000)
+                .is_err()
+        );
+        let summary = net
+            .drain()
+            .into_iter()
+            .find_map(|r| match r {
+                Record::RoundEnd(s) => Some(s),
+                _ => None,
+            })
+            .expect("closed");
+        assert_eq!((summary.responded, summary.rejected), (1, 3));
+        assert!(!summary.aggregated);
+    }
+
+    #[test]
+    fn a_privacy_budget_ends_the_job_and_epsilon_is_reported() {
+        let mut spec = spec();
+        spec.rounds = 50;
+        spec.privacy = Some(Privacy {
+            dp: DpConfig {
+                clip_norm: 1.0,
+                noise_multiplier: 1.0,
+            },
+            delta: 1e-5,
+            budget_epsilon: Some(10.0),
+        });
+        let mut net = net(spec, 3);
+        net.drain();
+        net.join_all();
+        let mut last = None;
+        for _ in 0..50 {
+            let s = net.round(&[0, 1, 2]);
+            assert!(s.epsilon.expect("epsilon") <= 10.0);
+            let finished = s.finished;
+            last = Some(s);
+            if finished {
+                break;
+            }
+        }
+        let last = last.expect("rounds ran");
+        assert!(
+            last.finished && last.round < 50,
+            "stopped by the budget: {last:?}"
+        );
+    }
+
+    #[test]
+    fn records_are_signed_tagged_and_validated() {
+        let id = Identity::from_seed(&[1; 32]);
+        let signed = Signed::sign(&id, &Record::job(&spec()).expect("valid")).expect("signs");
+        let payload = encode_record(&signed).expect("encodes");
+        let (signer, record) = decode_record(&payload).expect("valid").expect("a record");
+        assert_eq!(signer, id.public());
+        assert_eq!(record.job_spec().expect("valid"), Some(spec()));
+        assert_eq!(job_id(&payload), job_id(&payload));
+        assert!(
+            decode_record(b"just a transfer")
+                .expect("not ours")
+                .is_none()
+        );
+        let mut tampered = payload.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(decode_record(&tampered).is_err());
+        let mut bad = spec();
+        bad.min_clients = 0;
+        assert!(Record::job(&bad).is_err());
+        let json = serde_json::to_string(&bad).expect("json");
+        let payload =
+            encode_record(&Signed::sign(&id, &Record::Job(json)).expect("signs")).expect("encodes");
+        assert!(
+            decode_record(&payload).is_err(),
+            "invalid specs are refused"
+        );
+        let job = JobId([0xab; 32]);
+        assert_eq!(JobId::from_hex(&job.to_hex()).expect("parses"), job);
+        assert!(JobId::from_hex("zz").is_err());
+    }
+
+    #[test]
+    fn selection_is_deterministic_and_follows_the_participation_rule() {
+        let joined: Vec<PublicKey> = (0..20u8)
+            .map(|i| Identity::from_seed(&[i + 1; 32]).public())
+            .collect();
+        let mut s = spec();
+        s.participation = Participation::Fixed { per_round: 5 };
+        let job = JobId([1; 32]);
+        let a = select_participants(&job, &s, 1, &joined).expect("selects");
+        assert_eq!(a, select_participants(&job, &s, 1, &joined).expect("again"));
+        assert_eq!(a.len(), 5);
+        assert_ne!(
+            a,
+            select_participants(&job, &s, 2, &joined).expect("round 2")
+        );
+        s.participation = Participation::All;
+        assert_eq!(
+            select_participants(&job, &s, 1, &joined).expect("all"),
+            joined
+        );
+    }
+}
