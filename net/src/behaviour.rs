@@ -43,6 +43,8 @@ pub struct NodeBehaviour {
     pub direct: request_response::Behaviour<crate::direct::DirectCodec>,
     /// End-to-end encrypted messages: key bundles and ratchet messages.
     pub msg: request_response::Behaviour<crate::msg::MsgCodec>,
+    /// Federated learning: model chunks and client updates.
+    pub learn: request_response::Behaviour<crate::msg::MsgCodec>,
 }
 
 impl NodeBehaviour {
@@ -122,8 +124,20 @@ impl NodeBehaviour {
                 .with_max_concurrent_streams(256),
         );
 
+        let learn = request_response::Behaviour::with_codec(
+            crate::msg::MsgCodec::learn(),
+            [(
+                crate::msg::LEARN_PROTOCOL,
+                request_response::ProtocolSupport::Full,
+            )],
+            // A large update over Tor may take a while.
+            request_response::Config::default()
+                .with_request_timeout(Duration::from_secs(120))
+                .with_max_concurrent_streams(64),
+        );
+
         let msg = request_response::Behaviour::with_codec(
-            crate::msg::MsgCodec,
+            crate::msg::MsgCodec::msg(),
             [(
                 crate::msg::MSG_PROTOCOL,
                 request_response::ProtocolSupport::Full,
@@ -136,6 +150,7 @@ impl NodeBehaviour {
         Ok(Self {
             direct,
             msg,
+            learn,
             limits: connection_limits::Behaviour::new(limits),
             memory: memory_connection_limits::Behaviour::with_max_bytes(config.max_memory_bytes),
             identify,

@@ -33,9 +33,13 @@ pub use config::{ConnectionLimitsConfig, NetConfig, TransportMode};
 pub use direct::{DIRECT_PROTOCOL, MAX_DIRECT_BYTES};
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
 pub use metrics::NetMetrics;
-pub use msg::{MAX_MSG_REQUEST_BYTES, MAX_MSG_RESPONSE_BYTES, MSG_PROTOCOL};
+pub use msg::{
+    LEARN_PROTOCOL, MAX_LEARN_REQUEST_BYTES, MAX_LEARN_RESPONSE_BYTES, MAX_MSG_REQUEST_BYTES,
+    MAX_MSG_RESPONSE_BYTES, MSG_PROTOCOL,
+};
 pub use service::{
-    MsgReply, NetEvent, NetHandle, NetSnapshot, NetworkService, PeerSnapshot, ReceivedGossip,
+    AppProtocol, MsgReply, NetEvent, NetHandle, NetSnapshot, NetworkService, PeerSnapshot,
+    ReceivedGossip,
 };
 pub use wire::{Announce, NodeInfo, RpcRequest, RpcResponse, Topic};
 

@@ -75,13 +75,15 @@ pub enum NetEvent {
         /// The message bytes, at most [`crate::MAX_DIRECT_BYTES`].
         data: Vec<u8>,
     },
-    /// A peer sent a request on the msg protocol; answer it with
+    /// A peer sent a request on the msg or learn protocol; answer it with
     /// [`NetHandle::respond_msg`] (dropping the reply answers nothing and
     /// the peer sees a failure).
     MsgRequest {
+        /// Which protocol.
+        protocol: AppProtocol,
         /// The sending peer (authenticated by the connection).
         from: PeerId,
-        /// The request bytes, at most [`crate::MAX_MSG_REQUEST_BYTES`].
+        /// The request bytes, within the protocol's limit.
         data: Vec<u8>,
         /// Where the answer goes.
         reply: MsgReply,
@@ -97,9 +99,28 @@ pub enum NetEvent {
     },
 }
 
-/// Names an inbound msg request awaiting the node's answer.
+/// Names an inbound msg or learn request awaiting the node's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MsgReply(u64);
+
+/// The request-response protocols whose bytes the node interprets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AppProtocol {
+    /// `/openagi/msg/1`: end-to-end encrypted messages.
+    Msg,
+    /// `/openagi/learn/1`: model chunks and client updates.
+    Learn,
+}
+
+impl AppProtocol {
+    /// The label used in payload metrics.
+    fn label(self) -> &'static str {
+        match self {
+            AppProtocol::Msg => "msg",
+            AppProtocol::Learn => "learn",
+        }
+    }
+}
 
 /// What the node knows about one connected peer.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -153,6 +174,7 @@ enum Command {
         data: Vec<u8>,
     },
     MsgRequest {
+        protocol: AppProtocol,
         peer: PeerId,
         data: Vec<u8>,
         reply: oneshot::Sender<Result<Vec<u8>, Error>>,
@@ -229,11 +251,28 @@ impl NetHandle {
     /// Sends a msg-protocol request to `peer` (dialling it if needed) and
     /// waits for its answer.
     pub async fn msg_request(&self, peer: PeerId, data: Vec<u8>) -> Result<Vec<u8>, Error> {
-        self.ask(|reply| Command::MsgRequest { peer, data, reply })
-            .await
+        self.ask(|reply| Command::MsgRequest {
+            protocol: AppProtocol::Msg,
+            peer,
+            data,
+            reply,
+        })
+        .await
     }
 
-    /// Answers an inbound msg-protocol request.
+    /// Sends a learn-protocol request to `peer` (dialling it if needed)
+    /// and waits for its answer.
+    pub async fn learn_request(&self, peer: PeerId, data: Vec<u8>) -> Result<Vec<u8>, Error> {
+        self.ask(|reply| Command::MsgRequest {
+            protocol: AppProtocol::Learn,
+            peer,
+            data,
+            reply,
+        })
+        .await
+    }
+
+    /// Answers an inbound msg- or learn-protocol request.
     pub async fn respond_msg(&self, reply: MsgReply, data: Vec<u8>) -> Result<(), Error> {
         self.command(Command::MsgRespond { reply, data }).await
     }
@@ -370,11 +409,14 @@ struct NetTask {
     redials: Vec<Redial>,
     started: Instant,
     announce_sequence: u64,
-    msg_replies: HashMap<u64, request_response::ResponseChannel<Vec<u8>>>,
+    msg_replies: HashMap<u64, (AppProtocol, request_response::ResponseChannel<Vec<u8>>)>,
     next_msg_reply: u64,
-    msg_requests:
-        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, Error>>>,
+    /// Keyed by protocol too: each behaviour numbers its requests itself.
+    msg_requests: HashMap<(AppProtocol, request_response::OutboundRequestId), AnswerSender>,
 }
+
+/// Where the answer to an outbound msg or learn request goes.
+type AnswerSender = oneshot::Sender<Result<Vec<u8>, Error>>;
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -406,12 +448,14 @@ impl NetTask {
                         self.count_payload("direct", Direction::Outbound, data.len());
                         self.swarm.behaviour_mut().direct.send_request(&peer, data);
                     }
-                    Some(Command::MsgRequest { peer, data, reply }) => self.msg_request(peer, data, reply),
+                    Some(Command::MsgRequest { protocol, peer, data, reply }) => {
+                        self.msg_request(protocol, peer, data, reply)
+                    }
                     Some(Command::MsgRespond { reply, data }) => {
-                        if let Some(channel) = self.msg_replies.remove(&reply.0) {
-                            self.count_payload("msg", Direction::Outbound, data.len());
+                        if let Some((protocol, channel)) = self.msg_replies.remove(&reply.0) {
+                            self.count_payload(protocol.label(), Direction::Outbound, data.len());
                             // Fails only when the peer gave up waiting.
-                            let _ = self.swarm.behaviour_mut().msg.send_response(channel, data);
+                            let _ = self.app_behaviour(protocol).send_response(channel, data);
                         }
                     }
                     Some(Command::Dial { addr }) => {
@@ -749,7 +793,8 @@ impl NetTask {
             }
             NodeBehaviourEvent::Rpc(event) => self.on_rpc(event),
             NodeBehaviourEvent::Direct(event) => self.on_direct(event),
-            NodeBehaviourEvent::Msg(event) => self.on_msg(event),
+            NodeBehaviourEvent::Msg(event) => self.on_msg(AppProtocol::Msg, event),
+            NodeBehaviourEvent::Learn(event) => self.on_msg(AppProtocol::Learn, event),
             NodeBehaviourEvent::Limits(never) => match never {},
             NodeBehaviourEvent::Memory(never) => match never {},
         }
@@ -898,8 +943,20 @@ impl NetTask {
             .inc_by(bytes as u64);
     }
 
+    fn app_behaviour(
+        &mut self,
+        protocol: AppProtocol,
+    ) -> &mut request_response::Behaviour<crate::msg::MsgCodec> {
+        let behaviour = self.swarm.behaviour_mut();
+        match protocol {
+            AppProtocol::Msg => &mut behaviour.msg,
+            AppProtocol::Learn => &mut behaviour.learn,
+        }
+    }
+
     fn msg_request(
         &mut self,
+        protocol: AppProtocol,
         peer: PeerId,
         data: Vec<u8>,
         reply: oneshot::Sender<Result<Vec<u8>, Error>>,
@@ -908,16 +965,16 @@ impl NetTask {
         if self.msg_requests.len() >= MAX_PENDING_MSG_REQUESTS {
             let _ = reply.send(Err(Error::Request {
                 peer: peer.to_string(),
-                detail: "too many msg requests in flight".into(),
+                detail: format!("too many {} requests in flight", protocol.label()),
             }));
             return;
         }
-        self.count_payload("msg", Direction::Outbound, data.len());
-        let id = self.swarm.behaviour_mut().msg.send_request(&peer, data);
-        self.msg_requests.insert(id, reply);
+        self.count_payload(protocol.label(), Direction::Outbound, data.len());
+        let id = self.app_behaviour(protocol).send_request(&peer, data);
+        self.msg_requests.insert((protocol, id), reply);
     }
 
-    fn on_msg(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+    fn on_msg(&mut self, protocol: AppProtocol, event: request_response::Event<Vec<u8>, Vec<u8>>) {
         use request_response::{Event, Message};
         match event {
             Event::Message {
@@ -928,18 +985,19 @@ impl NetTask {
                     },
                 ..
             } => {
-                self.count_payload("msg", Direction::Inbound, request.len());
-                self.msg_replies.retain(|_, c| c.is_open());
+                self.count_payload(protocol.label(), Direction::Inbound, request.len());
+                self.msg_replies.retain(|_, (_, c)| c.is_open());
                 if self.msg_replies.len() >= MAX_PENDING_MSG_REPLIES {
-                    debug!(%peer, "msg request dropped: too many awaiting an answer");
+                    debug!(%peer, ?protocol, "request dropped: too many awaiting an answer");
                     return;
                 }
                 self.next_msg_reply += 1;
                 let reply = MsgReply(self.next_msg_reply);
-                self.msg_replies.insert(reply.0, channel);
+                self.msg_replies.insert(reply.0, (protocol, channel));
                 if self
                     .events
                     .try_send(NetEvent::MsgRequest {
+                        protocol,
                         from: peer,
                         data: request,
                         reply,
@@ -959,8 +1017,8 @@ impl NetTask {
                     },
                 ..
             } => {
-                self.count_payload("msg", Direction::Inbound, response.len());
-                if let Some(waiting) = self.msg_requests.remove(&request_id) {
+                self.count_payload(protocol.label(), Direction::Inbound, response.len());
+                if let Some(waiting) = self.msg_requests.remove(&(protocol, request_id)) {
                     let _ = waiting.send(Ok(response));
                 } else {
                     debug!(%peer, "msg response nobody waits for");
@@ -972,7 +1030,7 @@ impl NetTask {
                 error,
                 ..
             } => {
-                if let Some(waiting) = self.msg_requests.remove(&request_id) {
+                if let Some(waiting) = self.msg_requests.remove(&(protocol, request_id)) {
                     let _ = waiting.send(Err(Error::Request {
                         peer: peer.to_string(),
                         detail: error.to_string(),

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use axum::extract::Path;
-use axum::extract::{Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -50,6 +50,8 @@ pub struct ApiState {
     pub api_addr: String,
     /// End-to-end encrypted messaging.
     pub messenger: Arc<crate::msg::Messenger>,
+    /// Federated learning.
+    pub learner: Arc<crate::federation::Learner>,
 }
 
 /// The `/api/v1/status` document. Sections are stable: later parts add
@@ -156,6 +158,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/ledger/verify", get(ledger_verify))
         .route("/msg", post(send_msg))
         .route("/inbox", get(inbox))
+        .route("/learn/jobs", get(learn_jobs).post(learn_submit))
+        .route("/learn/jobs/{job}/model", get(learn_model))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))
@@ -588,5 +592,75 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}
+
+async fn learn_jobs(State(state): State<Arc<ApiState>>) -> Response {
+    match state.learner.jobs() {
+        Ok(jobs) => Json(serde_json::json!({ "jobs": jobs })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+async fn learn_submit(
+    State(state): State<Arc<ApiState>>,
+    body: Result<
+        Json<openagi_learning::federation::JobSpec>,
+        axum::extract::rejection::JsonRejection,
+    >,
+) -> Response {
+    let Json(spec) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    if let Err(e) = spec.validate() {
+        return error(StatusCode::BAD_REQUEST, format!("job spec: {e}"));
+    }
+    if state.consensus.is_none() {
+        return error(
+            StatusCode::CONFLICT,
+            "this node is not a validator; submit the job through a validator of the network",
+        );
+    }
+    match state.learner.submit_job(spec).await {
+        Ok(job) => Json(serde_json::json!({ "job_id": job.to_hex(), "status": "submitted" }))
+            .into_response(),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")),
+    }
+}
+
+/// Query of `GET /api/v1/learn/jobs/{job}/model`.
+#[derive(Debug, Deserialize)]
+pub struct ModelQuery {
+    /// The round whose resulting model is wanted (0: the initial model;
+    /// absent: the latest).
+    pub round: Option<u64>,
+}
+
+async fn learn_model(
+    State(state): State<Arc<ApiState>>,
+    Path(job): Path<String>,
+    Query(query): Query<ModelQuery>,
+) -> Response {
+    let job = match openagi_learning::federation::JobId::from_hex(&job) {
+        Ok(j) => j,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    match state.learner.export(&job, query.round).await {
+        Ok((id, bytes)) => (
+            [
+                (
+                    axum::http::header::CONTENT_TYPE,
+                    "application/octet-stream".to_string(),
+                ),
+                (
+                    axum::http::header::HeaderName::from_static("x-openagi-model-id"),
+                    id.to_hex(),
+                ),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::NOT_FOUND, format!("{e:#}")),
     }
 }

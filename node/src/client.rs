@@ -87,6 +87,33 @@ impl ApiClient {
         Ok(response.body_mut().read_to_string()?)
     }
 
+    /// GETs authenticated bytes, with the value of `header` if present.
+    pub fn get_bytes(&self, path: &str, header: &str) -> Result<(Vec<u8>, Option<String>)> {
+        let url = format!("{}{path}", self.base);
+        let mut response = self
+            .agent
+            .get(&url)
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .call()
+            .with_context(|| format!("connecting to the daemon at {url}"))?;
+        if !response.status().is_success() {
+            json_answer(&url, response)?;
+            anyhow::bail!("{url} failed");
+        }
+        let value = response
+            .headers()
+            .get(header)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .with_context(|| format!("reading the answer of {url}"))?;
+        Ok((bytes, value))
+    }
+
     /// GETs an authenticated JSON document.
     pub fn get_json(&self, path: &str) -> Result<serde_json::Value> {
         let url = format!("{}{path}", self.base);

@@ -272,6 +272,48 @@ impl ConsensusSection {
     }
 }
 
+/// `[learn]`: this node's part in federated training.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LearnSection {
+    /// Local training data: empty (this node does not train), `digits`,
+    /// `csv:PATH` or `mnist:DIR`. A quarter is held out for evaluation.
+    pub data: String,
+    /// Use only shard `K/N` of the training part (an IID split), e.g. to
+    /// give each node of a test network its own slice; empty: all of it.
+    pub shard: String,
+}
+
+impl LearnSection {
+    /// The data source, if this node trains.
+    pub fn source(&self) -> Result<Option<crate::learn::DataSource>, String> {
+        if self.data.trim().is_empty() {
+            return Ok(None);
+        }
+        crate::learn::parse_data(self.data.trim()).map(Some)
+    }
+
+    /// The shard as `(index from 0, count)`, if one is set.
+    pub fn shard(&self) -> Result<Option<(usize, usize)>, String> {
+        let text = self.shard.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let parsed = text.split_once('/').and_then(|(k, n)| {
+            Some((
+                k.trim().parse::<usize>().ok()?,
+                n.trim().parse::<usize>().ok()?,
+            ))
+        });
+        match parsed {
+            Some((k, n)) if k >= 1 && k <= n && n <= 10_000 => Ok(Some((k - 1, n))),
+            _ => Err(format!(
+                "`{text}` is not K/N with 1 <= K <= N <= 10000, e.g. \"2/4\""
+            )),
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -286,6 +328,8 @@ pub struct Config {
     pub api: ApiSection,
     /// Consensus tunables.
     pub consensus: ConsensusSection,
+    /// Federated learning.
+    pub learn: LearnSection,
     /// Logging.
     pub log: LogSection,
 }
@@ -539,6 +583,12 @@ impl Config {
                 return Err(invalid(origin(key), format!("{key} must be at least 1")));
             }
         }
+        self.learn
+            .source()
+            .map_err(|e| invalid(origin("learn.data"), format!("learn.data: {e}")))?;
+        self.learn
+            .shard()
+            .map_err(|e| invalid(origin("learn.shard"), format!("learn.shard: {e}")))?;
         self.consensus.replica_config().validate().map_err(|e| {
             invalid(
                 origin("consensus.window"),
@@ -841,6 +891,16 @@ network_id = "{network_id}"
 # Largest transaction in bytes, and most transactions waiting to be proposed.
 # max_tx_bytes = {max_tx_bytes}
 # max_pending = {consensus_max_pending}
+
+[learn]
+# Local data this node trains on when it joins federated jobs whose model
+# fits it: "digits" (the embedded 8x8 digits set), "csv:PATH" (features
+# then label per line) or "mnist:DIR" (the four IDX files). Empty: this
+# node does not train. The data never leaves the node; only model updates
+# do.
+# data = ""
+# Train on shard K of N of it (an IID split), e.g. "2/4".
+# shard = ""
 
 [api]
 # Local HTTP server: /health and /metrics (no token) and /api/v1 (bearer

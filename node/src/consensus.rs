@@ -98,6 +98,9 @@ pub struct CommitNotice {
     pub height: u64,
     /// Hashes of its transactions, in order.
     pub tx_hashes: Arc<Vec<Hash>>,
+    /// Whether any transaction is a federated-learning record, so the
+    /// learning service reads only blocks that concern it.
+    pub has_learning_records: bool,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -653,9 +656,14 @@ impl Driver {
         self.metrics.height.set(block.height as i64);
         self.committed_txs += applied as u64;
         self.last_commit = Some(unix_ms());
+        let has_learning_records = block.txs.iter().any(|tx| {
+            tx.payload
+                .starts_with(openagi_learning::federation::RECORD_TAG)
+        });
         let _ = self.commits.send(CommitNotice {
             height: block.height,
             tx_hashes: Arc::new(hashes),
+            has_learning_records,
         });
     }
 

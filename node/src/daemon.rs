@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use openagi_crypto::keyfile;
 use openagi_dashboard::MetricsRegistry;
-use openagi_net::{NetEvent, NetworkService};
+use openagi_net::{AppProtocol, NetEvent, NetworkService};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
@@ -147,6 +147,17 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         (None, None)
     };
 
+    let (learner, learner_task) = crate::federation::Learner::start(
+        &identity,
+        store.clone(),
+        net.clone(),
+        consensus.clone(),
+        &config.learn,
+        data_dir.path(),
+        metrics.registry_mut(),
+    )
+    .context("starting federated learning")?;
+
     for (peer_id, known) in store.known_peers(REDIAL_KNOWN_PEERS)? {
         if let Some(addr) = known.addresses.first().and_then(|a| a.parse().ok()) {
             tracing::debug!(%peer_id, %addr, "redialling known peer");
@@ -175,6 +186,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         transport: crate::tor::transport_name(config.network.transport).into(),
         api_addr: api_addr.to_string(),
         messenger: messenger.clone(),
+        learner: learner.clone(),
     });
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
@@ -231,11 +243,15 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
                         tracing::debug!(%from, "consensus input queue full; message dropped");
                     }
                 }
-                Some(NetEvent::MsgRequest { from, data, reply }) => {
+                Some(NetEvent::MsgRequest { protocol: AppProtocol::Msg, from, data, reply }) => {
                     // One task per request; the network task caps how many
                     // wait for an answer, so these are bounded too.
                     let messenger = messenger.clone();
                     tokio::spawn(async move { messenger.handle(from, data, reply).await });
+                }
+                Some(NetEvent::MsgRequest { protocol: AppProtocol::Learn, from, data, reply }) => {
+                    let learner = learner.clone();
+                    tokio::spawn(async move { learner.handle(from, data, reply).await });
                 }
                 Some(event) => handle_event(&store, event).await,
                 None => break "network task stopped",
@@ -269,6 +285,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let drained = tokio::time::timeout(grace, async {
         let _ = stop_api.send(());
         let _ = stop_consensus.send(true);
+        learner_task.abort();
         if let Some(task) = consensus_task {
             let _ = task.await;
         }

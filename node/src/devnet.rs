@@ -5,6 +5,10 @@
 //! listens on a fixed free port and every other node bootstraps from it;
 //! Kademlia finds the rest. The children are started with
 //! `--exit-with-parent`, so none outlives the devnet even if it is killed.
+//!
+//! Each node trains on its own shard of the embedded digits set; once
+//! consensus commits, node 0 submits the job of `configs/digits-job.toml`
+//! and the summary shows its round, accuracy and ε as they commit.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -41,7 +45,12 @@ pub struct DevnetOptions {
     pub tor: bool,
     /// Transactions per second submitted to the nodes (0: none).
     pub tx_rate: u32,
+    /// Submit the digits training job once consensus runs.
+    pub learning: bool,
 }
+
+/// The job a devnet trains.
+pub const DEVNET_JOB: &str = include_str!("../../configs/digits-job.toml");
 
 /// One child daemon of a local network.
 pub(crate) struct Node {
@@ -51,6 +60,7 @@ pub(crate) struct Node {
     exited: Option<String>,
     pub(crate) client: Option<ApiClient>,
     last_status: Option<Value>,
+    last_jobs: Option<Value>,
 }
 
 fn free_port() -> Result<u16> {
@@ -63,6 +73,7 @@ fn write_node_config(
     p2p_port: u16,
     bootstrap: Option<&str>,
     arti_config: Option<&Path>,
+    shard: (usize, usize),
     extra: &str,
 ) -> Result<()> {
     let bootstrap = bootstrap.map(|b| format!("{b:?}")).unwrap_or_default();
@@ -89,8 +100,13 @@ fn write_node_config(
          listen = \"127.0.0.1:0\"\n\
          [log]\n\
          level = \"info\"\n\
+         [learn]\n\
+         data = \"digits\"\n\
+         shard = \"{}/{}\"\n\
          {tor}\
-         {extra}"
+         {extra}",
+        shard.0 + 1,
+        shard.1
     );
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
@@ -177,6 +193,7 @@ pub(crate) async fn start_local_network(
             port,
             bootstrap.as_deref(),
             tornet.as_ref().map(|t| t.arti_toml.as_path()),
+            (index, count),
             extra,
         )?;
         if index == 0 && tornet.is_none() {
@@ -204,6 +221,7 @@ pub(crate) async fn start_local_network(
             exited: None,
             client: None,
             last_status: None,
+            last_jobs: None,
         });
         if index == 0 && tornet.is_some() {
             // Peers bootstrap from node 0's onion address, which exists
@@ -243,6 +261,7 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
         spawn_load(clients, options.tx_rate)
     });
 
+    let mut job_submitted = !options.learning;
     let interactive = std::io::stdout().is_terminal();
     let mut all_connected_after: Option<Duration> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -263,6 +282,10 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
             _ = &mut sleep_until_deadline => break,
             _ = tick.tick() => {
                 refresh(&mut nodes).await;
+                if !job_submitted && consensus_running(&nodes) {
+                    job_submitted = true;
+                    submit_job(&nodes).await;
+                }
                 let expected = options.nodes.saturating_sub(1);
                 if all_connected_after.is_none()
                     && nodes.iter().all(|n| peer_count(n) >= expected && n.exited.is_none())
@@ -333,6 +356,35 @@ fn spawn_load(
         }
     });
     (stop, handle)
+}
+
+/// Whether node 0 has committed a block (so a job record can commit).
+fn consensus_running(nodes: &[Node]) -> bool {
+    nodes
+        .first()
+        .and_then(|n| n.last_status.as_ref())
+        .is_some_and(|s| s["ledger"]["height"].as_u64().unwrap_or(0) > 0)
+}
+
+/// Submits the devnet's training job through node 0.
+async fn submit_job(nodes: &[Node]) {
+    let Some(client) = nodes.first().and_then(|n| n.client.clone()) else {
+        return;
+    };
+    let answer = tokio::task::spawn_blocking(move || -> Result<Value> {
+        let spec: openagi_learning::federation::JobSpec =
+            toml::from_str(DEVNET_JOB).context("the devnet job spec")?;
+        client.post_json("/api/v1/learn/jobs", &serde_json::to_value(&spec)?)
+    })
+    .await;
+    match answer {
+        Ok(Ok(a)) => println!(
+            "submitted the digits training job {} through node-0",
+            a["job_id"].as_str().unwrap_or("?")
+        ),
+        Ok(Err(e)) => println!("the training job was not submitted: {e:#}"),
+        Err(e) => println!("the training job was not submitted: {e}"),
+    }
 }
 
 fn peer_count(node: &Node) -> usize {
@@ -421,6 +473,15 @@ async fn refresh(nodes: &mut [Node]) {
     for (node, query) in nodes.iter_mut().zip(queries) {
         node.last_status = query.await.ok().flatten();
     }
+    if let Some(node) = nodes.first_mut() {
+        let client = node.client.clone().filter(|_| node.exited.is_none());
+        node.last_jobs = tokio::task::spawn_blocking(move || {
+            client.and_then(|c| c.get_json("/api/v1/learn/jobs").ok())
+        })
+        .await
+        .ok()
+        .flatten();
+    }
 }
 
 fn short(peer_id: &str) -> String {
@@ -470,6 +531,36 @@ fn render(nodes: &[Node], elapsed: Duration, connected_after: Option<Duration>) 
             }
         }
     }
+    let jobs = nodes
+        .first()
+        .and_then(|n| n.last_jobs.as_ref())
+        .and_then(|j| j["jobs"].as_array().cloned())
+        .unwrap_or_default();
+    for job in jobs {
+        let last = job["history"].as_array().and_then(|h| h.last().cloned());
+        let field = |name: &str| last.as_ref().map_or(Value::Null, |l| l[name].clone());
+        out.push_str(&format!(
+            "\nlearning: {} ({}) {} · round {}/{} · accuracy {} · ε {} · {} joined · stragglers {}",
+            job["name"].as_str().unwrap_or("?"),
+            &job["job_id"].as_str().unwrap_or("?")
+                [..8.min(job["job_id"].as_str().unwrap_or("?").len())],
+            job["state"].as_str().unwrap_or("?"),
+            field("round").as_u64().unwrap_or(0),
+            job["rounds"],
+            field("accuracy")
+                .as_f64()
+                .map_or("-".into(), |a| format!("{:.1}%", a * 100.0)),
+            field("epsilon")
+                .as_f64()
+                .map_or("- (no DP)".into(), |e| format!("{e:.2}")),
+            job["joined"],
+            job["history"].as_array().map_or(0, |h| h
+                .iter()
+                .filter_map(|r| r["stragglers"].as_u64())
+                .sum::<u64>()),
+        ));
+    }
+    out.push('\n');
     match connected_after {
         Some(d) => out.push_str(&format!(
             "\nall nodes connected after {:.1} s\n",

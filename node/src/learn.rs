@@ -49,14 +49,25 @@ pub enum LearnCommand {
     Simulate(SimulateArgs),
     /// The MNIST federated-learning benchmark (`openagi bench learning`).
     Bench(BenchLearningArgs),
+    /// Submits a federated training job (TOML spec) to the network through
+    /// this node's ledger; this node coordinates it.
+    Submit(crate::cli_learn::SubmitArgs),
+    /// The jobs on this node's ledger: round, accuracy, ε, stragglers.
+    Status(crate::cli_learn::StatusArgs),
+    /// Writes a job's model (after a given round) to a file.
+    Export(crate::cli_learn::ExportArgs),
 }
 
-/// Runs an `openagi learn` subcommand.
-pub fn run(args: LearnArgs) -> Result<()> {
+/// Runs an `openagi learn` subcommand (`dir`: the node, for the
+/// subcommands that talk to a running daemon).
+pub fn run(args: LearnArgs, dir: &crate::datadir::DataDir) -> Result<()> {
     match args.command {
         LearnCommand::Epsilon(a) => epsilon(&a),
         LearnCommand::Simulate(a) => simulate(&a),
         LearnCommand::Bench(a) => bench_learning(&a),
+        LearnCommand::Submit(a) => crate::cli_learn::submit(dir, &a),
+        LearnCommand::Status(a) => crate::cli_learn::status(dir, &a),
+        LearnCommand::Export(a) => crate::cli_learn::export(dir, &a),
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod bench;
 pub mod bench_openssl;
+pub mod cli_learn;
 pub mod cli_ledger;
 pub mod client;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod consensus;
 pub mod daemon;
 pub mod datadir;
 pub mod devnet;
+pub mod federation;
 pub mod genesis;
 pub mod keys;
 pub mod learn;

@@ -110,11 +110,16 @@ enum Command {
         /// Transactions per second submitted to the validators.
         #[arg(long, default_value_t = 20)]
         tx_rate: u32,
+        /// Do not submit the federated training job on the digits set
+        /// (`configs/digits-job.toml`) once consensus runs.
+        #[arg(long)]
+        no_learning: bool,
     },
     /// Tor onion service commands.
     #[command(subcommand)]
     Tor(openagi_node::tor::TorCommand),
-    /// Federated learning: privacy planning, simulation, benchmark.
+    /// Federated learning: jobs on the network (submit, status, export),
+    /// privacy planning, simulation, benchmark.
     Learn(openagi_node::learn::LearnArgs),
 }
 
@@ -514,12 +519,14 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             duration,
             tor,
             tx_rate,
+            no_learning,
         } => runtime()?.block_on(devnet::run(devnet::DevnetOptions {
             nodes,
             dir,
             duration,
             tor,
             tx_rate,
+            learning: !no_learning,
         })),
         Command::Tor(command) => {
             let options = RunOptions {
@@ -532,6 +539,6 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             let config = daemon::load_config(&options)?;
             openagi_node::tor::run(&DataDir::new(&data_dir), command, &config)
         }
-        Command::Learn(args) => openagi_node::learn::run(args),
+        Command::Learn(args) => openagi_node::learn::run(args, &DataDir::new(&data_dir)),
     }
 }

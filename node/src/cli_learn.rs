@@ -1,0 +1,163 @@
+//! `openagi learn submit|status|export`: federated jobs on a running node,
+//! through its local API.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use openagi_learning::federation::JobSpec;
+
+use crate::client::ApiClient;
+use crate::datadir::DataDir;
+
+/// Arguments of `openagi learn submit`.
+#[derive(Args, Debug, Clone)]
+pub struct SubmitArgs {
+    /// The job spec (TOML; see `configs/digits-job.toml`).
+    pub job: PathBuf,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `openagi learn status`.
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// Print the whole document as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `openagi learn export`.
+#[derive(Args, Debug, Clone)]
+pub struct ExportArgs {
+    /// The job id (from `learn submit` or `learn status`).
+    #[arg(long)]
+    pub job: String,
+    /// The round whose resulting model to export (0: the initial model);
+    /// the latest by default.
+    #[arg(long)]
+    pub round: Option<u64>,
+    /// Where to write the model: its parameters as little-endian f32, in
+    /// the architecture's layer order.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Reads and validates a job spec file.
+pub fn read_job(path: &std::path::Path) -> Result<JobSpec> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let spec: JobSpec = toml::from_str(&text)
+        .with_context(|| format!("{} is not a valid job spec", path.display()))?;
+    spec.validate()
+        .with_context(|| format!("{} is not a valid job spec", path.display()))?;
+    Ok(spec)
+}
+
+/// `openagi learn submit`.
+pub fn submit(dir: &DataDir, args: &SubmitArgs) -> Result<()> {
+    let spec = read_job(&args.job)?;
+    let client = ApiClient::from_data_dir(dir)?.with_timeout(std::time::Duration::from_secs(60));
+    let answer = client.post_json("/api/v1/learn/jobs", &serde_json::to_value(&spec)?)?;
+    if args.json {
+        println!("{answer}");
+    } else {
+        println!(
+            "job {} submitted ({}); follow it with `openagi learn status`",
+            answer["job_id"].as_str().unwrap_or("?"),
+            spec.name
+        );
+    }
+    Ok(())
+}
+
+/// `openagi learn status`.
+pub fn status(dir: &DataDir, args: &StatusArgs) -> Result<()> {
+    let answer = ApiClient::from_data_dir(dir)?.get_json("/api/v1/learn/jobs")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    let jobs = answer["jobs"].as_array().cloned().unwrap_or_default();
+    if jobs.is_empty() {
+        println!("no learning jobs on this node's ledger");
+    }
+    for job in jobs {
+        let last = job["history"].as_array().and_then(|h| h.last().cloned());
+        let pct = |v: &serde_json::Value| {
+            v.as_f64()
+                .map_or("-".to_string(), |a| format!("{:.1}%", a * 100.0))
+        };
+        let eps = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |e| format!("{e:.2}"));
+        println!(
+            "{} {:<16} {:<11} round {}/{}  joined {}{}  accuracy {}  ε {}  stragglers {}",
+            &job["job_id"].as_str().unwrap_or("?")
+                [..12.min(job["job_id"].as_str().unwrap_or("?").len())],
+            job["name"].as_str().unwrap_or("?"),
+            job["state"].as_str().unwrap_or("?"),
+            last.as_ref().and_then(|l| l["round"].as_u64()).unwrap_or(0),
+            job["rounds"],
+            job["joined"],
+            if job["joined_here"] == true {
+                " (this node too)"
+            } else {
+                ""
+            },
+            last.as_ref().map_or("-".into(), |l| pct(&l["accuracy"])),
+            last.as_ref().map_or("-".into(), |l| eps(&l["epsilon"])),
+            job["history"].as_array().map_or(0, |h| h
+                .iter()
+                .filter_map(|r| r["stragglers"].as_u64())
+                .sum::<u64>()),
+        );
+    }
+    Ok(())
+}
+
+/// `openagi learn export`.
+pub fn export(dir: &DataDir, args: &ExportArgs) -> Result<()> {
+    let client = ApiClient::from_data_dir(dir)?.with_timeout(std::time::Duration::from_secs(120));
+    let mut path = format!("/api/v1/learn/jobs/{}/model", args.job.trim());
+    if let Some(round) = args.round {
+        path.push_str(&format!("?round={round}"));
+    }
+    let (bytes, model) = client.get_bytes(&path, "x-openagi-model-id")?;
+    if bytes.is_empty() {
+        bail!("the daemon sent an empty model");
+    }
+    openagi_crypto::keyfile::write_atomic(&args.out, &bytes, 0o644)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    println!(
+        "model {} ({} parameters) written to {}",
+        model.unwrap_or_default(),
+        bytes.len() / 4,
+        args.out.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../configs/digits-job.toml");
+
+    #[test]
+    fn the_example_job_parses_with_and_without_privacy() {
+        let spec: JobSpec = toml::from_str(EXAMPLE).expect("example parses");
+        spec.validate().expect("example is valid");
+        assert_eq!(spec.rounds, 20);
+        let private = EXAMPLE
+            .replace("# [privacy]", "[privacy]")
+            .replace("# dp = ", "dp = ")
+            .replace("# delta = ", "delta = ")
+            .replace("# budget_epsilon = ", "budget_epsilon = ");
+        let spec: JobSpec = toml::from_str(&private).expect("private example parses");
+        spec.validate().expect("valid");
+        assert!(spec.privacy.is_some());
+        let wrong = EXAMPLE.replace("min_clients = 2", "min_clients = 0");
+        let spec: JobSpec = toml::from_str(&wrong).expect("parses");
+        assert!(spec.validate().is_err());
+    }
+}

@@ -1,0 +1,1057 @@
+//! Federated learning on the node: the I/O around
+//! [`openagi_learning::federation`].
+//!
+//! The service follows the learning records on this node's ledger (replayed
+//! from the start at boot, then block by block as they commit). It runs the
+//! [`Coordinator`] of the jobs this node submitted, submits its join to
+//! jobs its local data fits, and when a committed round start names it,
+//! fetches the round's model from the coordinator over `/openagi/learn/1`
+//! (chunked, checked against the model id), trains on its own data and
+//! sends back the clipped, compressed update. Models this node holds are
+//! kept in memory and written under `<data dir>/models/` so they can be
+//! served and exported.
+//!
+//! Records replayed at boot only rebuild the view of jobs; the node acts
+//! (joins, trains, coordinates) on records that commit while it runs. A job
+//! whose coordinator restarted mid-way shows as `interrupted`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use openagi_consensus::{ClientId, Transaction};
+use openagi_crypto::{Identity, PublicKey, Signed};
+use openagi_learning::compress::ErrorFeedback;
+use openagi_learning::data::Dataset;
+use openagi_learning::federation::{
+    self, Coordinator, CoordinatorOutput, JobId, JobSpec, Record, RoundSummary,
+};
+use openagi_learning::model::ModelId;
+use openagi_learning::train::{Compute, Trainer};
+use openagi_net::{MsgReply, NetHandle, PeerId};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::error::RecvError;
+use tracing::{debug, info, warn};
+
+use crate::config::LearnSection;
+use crate::consensus::{ConsensusHandle, peer_id_of};
+use crate::store::Store;
+
+/// Bytes of model per chunk on the wire.
+pub const MODEL_CHUNK_BYTES: usize = 512 * 1024;
+/// Models kept in memory (each job needs its current one).
+const MODEL_CACHE: usize = 64;
+/// Rounds of history kept per job for `learn status`.
+const HISTORY: usize = 1000;
+/// How often coordinators look at their deadlines.
+const TICK: Duration = Duration::from_millis(200);
+
+/// A request on `/openagi/learn/1` (postcard).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LearnRequest {
+    /// Part of a model's parameters (little-endian `f32`) from `offset`.
+    Model {
+        /// The model.
+        model: ModelId,
+        /// Byte offset.
+        offset: u64,
+    },
+    /// A participant's update for a round.
+    Update {
+        /// The job.
+        job: JobId,
+        /// The round.
+        round: u64,
+        /// Samples trained on.
+        samples: u64,
+        /// The encoded (compressed) delta.
+        payload: Vec<u8>,
+    },
+}
+
+/// A response on `/openagi/learn/1` (postcard).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LearnResponse {
+    /// A model chunk.
+    Chunk {
+        /// Length of the whole encoding.
+        total: u64,
+        /// The bytes from the requested offset.
+        bytes: Vec<u8>,
+    },
+    /// The update was accepted.
+    Accepted,
+    /// Refused, with the reason.
+    Refused(String),
+}
+
+/// One round of a job, as `learn status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundView {
+    /// The round.
+    pub round: u64,
+    /// The model after it (hex).
+    pub model: String,
+    /// Whether enough updates arrived to change the model.
+    pub aggregated: bool,
+    /// Participants selected.
+    pub selected: u32,
+    /// Updates received in time.
+    pub responded: u32,
+    /// Selected participants that did not answer in time.
+    pub stragglers: u32,
+    /// Samples behind the aggregated updates.
+    pub samples: u64,
+    /// ε after this round, with DP.
+    pub epsilon: Option<f64>,
+    /// Test accuracy on the coordinator's evaluation set.
+    pub accuracy: Option<f64>,
+}
+
+impl From<&RoundSummary> for RoundView {
+    fn from(s: &RoundSummary) -> Self {
+        Self {
+            round: s.round,
+            model: s.model.to_hex(),
+            aggregated: s.aggregated,
+            selected: s.selected,
+            responded: s.responded,
+            stragglers: s.selected.saturating_sub(s.responded),
+            samples: s.samples,
+            epsilon: s.epsilon,
+            accuracy: s.accuracy,
+        }
+    }
+}
+
+/// A job as this node's ledger shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobView {
+    /// The job id (hex).
+    pub job_id: String,
+    /// Its name.
+    pub name: String,
+    /// The coordinator's peer id.
+    pub coordinator: String,
+    /// The model architecture.
+    pub architecture: String,
+    /// Rounds asked for.
+    pub rounds: u64,
+    /// Nodes that joined.
+    pub joined: usize,
+    /// Whether this node joined.
+    pub joined_here: bool,
+    /// `gathering`, `running`, `finished` or `interrupted`.
+    pub state: String,
+    /// The latest round started.
+    pub round: u64,
+    /// The initial model (hex).
+    pub initial_model: String,
+    /// Finished rounds, oldest first.
+    pub history: Vec<RoundView>,
+    #[serde(skip)]
+    spec: JobSpec,
+    #[serde(skip)]
+    coordinator_key: PublicKey,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+#[derive(Clone)]
+struct LearnMetrics {
+    rounds: Family<OutcomeLabel, Counter>,
+    updates_received: Counter,
+    updates_refused: Counter,
+    stragglers: Counter,
+    updates_sent: Counter,
+    local_rounds_failed: Counter,
+    round: Gauge,
+    accuracy: Gauge<f64, std::sync::atomic::AtomicU64>,
+    epsilon: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl LearnMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            rounds: Family::default(),
+            updates_received: Counter::default(),
+            updates_refused: Counter::default(),
+            stragglers: Counter::default(),
+            updates_sent: Counter::default(),
+            local_rounds_failed: Counter::default(),
+            round: Gauge::default(),
+            accuracy: Gauge::default(),
+            epsilon: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("learn");
+        r.register(
+            "rounds",
+            "Rounds this node coordinated, by outcome (aggregated or unchanged)",
+            m.rounds.clone(),
+        );
+        r.register(
+            "updates_received",
+            "Client updates this coordinator accepted",
+            m.updates_received.clone(),
+        );
+        r.register(
+            "updates_refused",
+            "Client updates this coordinator refused (not selected, late, malformed)",
+            m.updates_refused.clone(),
+        );
+        r.register(
+            "stragglers",
+            "Selected participants that did not answer before a round's deadline",
+            m.stragglers.clone(),
+        );
+        r.register(
+            "updates_sent",
+            "Updates this node trained and delivered as a participant",
+            m.updates_sent.clone(),
+        );
+        r.register(
+            "participation_failures",
+            "Rounds this node was selected for but could not deliver an update",
+            m.local_rounds_failed.clone(),
+        );
+        r.register(
+            "round",
+            "Latest finished round of the most recent job on the ledger",
+            m.round.clone(),
+        );
+        r.register(
+            "accuracy_ratio",
+            "Test accuracy of the most recent job's latest model (0 to 1)",
+            m.accuracy.clone(),
+        );
+        r.register(
+            "epsilon",
+            "Privacy loss epsilon spent so far by the most recent DP job",
+            m.epsilon.clone(),
+        );
+        m
+    }
+}
+
+struct LocalData {
+    train: Dataset,
+    eval: Dataset,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: BTreeMap<JobId, JobView>,
+    coordinators: HashMap<JobId, Coordinator>,
+    trainers: HashMap<JobId, Trainer>,
+    feedback: HashMap<JobId, Option<ErrorFeedback>>,
+    models: HashMap<ModelId, Arc<Vec<f32>>>,
+    model_order: Vec<ModelId>,
+    /// (job, round) this node already trained for.
+    trained: HashSet<(JobId, u64)>,
+    /// Ledger height processed.
+    cursor: u64,
+}
+
+/// The node's federated-learning service.
+pub struct Learner {
+    identity: Identity,
+    me: PublicKey,
+    client: ClientId,
+    store: Arc<Store>,
+    net: NetHandle,
+    consensus: Option<ConsensusHandle>,
+    local: Option<LocalData>,
+    models_dir: PathBuf,
+    state: Mutex<State>,
+    metrics: LearnMetrics,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn params_to_bytes(params: &[f32]) -> Vec<u8> {
+    params.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn params_from_bytes(bytes: &[u8]) -> Result<Vec<f32>> {
+    if !bytes.len().is_multiple_of(4) {
+        bail!(
+            "model encoding of {} bytes is not whole f32 values",
+            bytes.len()
+        );
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// Loads the local training and evaluation data `config` names.
+fn load_local(config: &LearnSection) -> Result<Option<LocalData>> {
+    let Some(source) = config.source().map_err(|e| anyhow!("learn.data: {e}"))? else {
+        return Ok(None);
+    };
+    let (train, eval) = crate::learn::load_data(&source, 0.25, false, 1)
+        .with_context(|| format!("loading learn.data = {:?}", config.data))?;
+    let train = match config.shard().map_err(|e| anyhow!("learn.shard: {e}"))? {
+        Some((index, count)) => {
+            let parts = openagi_learning::split::iid(train.len(), count, 1)?;
+            let part = parts
+                .get(index)
+                .with_context(|| format!("learn.shard: no shard {} of {count}", index + 1))?;
+            train.subset(part)?
+        }
+        None => train,
+    };
+    Ok(Some(LocalData { train, eval }))
+}
+
+impl Learner {
+    /// Starts the service; the returned task follows the ledger until the
+    /// process ends.
+    pub fn start(
+        identity: &Identity,
+        store: Arc<Store>,
+        net: NetHandle,
+        consensus: Option<ConsensusHandle>,
+        config: &LearnSection,
+        data_dir: &std::path::Path,
+        registry: &mut Registry,
+    ) -> Result<(Arc<Self>, tokio::task::JoinHandle<()>)> {
+        let local = load_local(config)?;
+        if let Some(l) = &local {
+            info!(
+                train_samples = l.train.len(),
+                eval_samples = l.eval.len(),
+                features = l.train.n_features(),
+                "federated learning: local data loaded; this node joins jobs it fits"
+            );
+        }
+        let models_dir = data_dir.join("models");
+        std::fs::create_dir_all(&models_dir)
+            .with_context(|| format!("creating {}", models_dir.display()))?;
+        let me = identity.public();
+        let peer = net.local_peer_id();
+        let learner = Arc::new(Self {
+            identity: Identity::from_seed(&identity.seed()),
+            me,
+            client: ClientId(*blake3::hash(peer.to_bytes().as_slice()).as_bytes()),
+            store,
+            net,
+            consensus,
+            local,
+            models_dir,
+            state: Mutex::new(State::default()),
+            metrics: LearnMetrics::register(registry),
+        });
+        let task = tokio::spawn(learner.clone().run());
+        Ok((learner, task))
+    }
+
+    fn state(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        self.state
+            .lock()
+            .map_err(|_| anyhow!("learning state lock poisoned"))
+    }
+
+    async fn run(self: Arc<Self>) {
+        let Some(consensus) = self.consensus.clone() else {
+            return;
+        };
+        // Subscribe before replaying so no block falls between the two.
+        let mut commits = consensus.subscribe();
+        let head = consensus.status().height;
+        self.catch_up(head, false).await;
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                notice = commits.recv() => match notice {
+                    Ok(n) => {
+                        // The next block with nothing for us: no disk read.
+                        let next = self.state().map(|s| s.cursor + 1).unwrap_or(0);
+                        if n.height == next && !n.has_learning_records {
+                            if let Ok(mut s) = self.state() {
+                                s.cursor = n.height;
+                            }
+                        } else {
+                            self.catch_up(n.height, true).await;
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => {
+                        let head = consensus.status().height;
+                        self.catch_up(head, true).await;
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                _ = tick.tick() => self.tick(),
+            }
+        }
+    }
+
+    /// Processes committed blocks up to `height`.
+    async fn catch_up(self: &Arc<Self>, height: u64, live: bool) {
+        loop {
+            let from = match self.state() {
+                Ok(s) => s.cursor + 1,
+                Err(_) => return,
+            };
+            if from > height {
+                return;
+            }
+            let store = self.store.clone();
+            let blocks = tokio::task::spawn_blocking(move || store.blocks_from(from, 64)).await;
+            let blocks = match blocks {
+                Ok(Ok(b)) if !b.is_empty() => b,
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "learning: reading blocks failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            for (block, _) in blocks {
+                for tx in &block.txs {
+                    match federation::decode_record(&tx.payload) {
+                        Ok(Some((signer, record))) => {
+                            self.apply(&signer, &record, &tx.payload, live)
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            debug!(height = block.height, error = %e, "malformed learning record ignored")
+                        }
+                    }
+                }
+                if let Ok(mut s) = self.state() {
+                    s.cursor = block.height;
+                }
+            }
+        }
+    }
+
+    fn apply(self: &Arc<Self>, signer: &PublicKey, record: &Record, payload: &[u8], live: bool) {
+        let now = now_ms();
+        let mut actions = Vec::new();
+        {
+            let Ok(mut s) = self.state() else { return };
+            match record {
+                Record::Job(_) => {
+                    let Ok(Some(spec)) = record.job_spec() else {
+                        return;
+                    };
+                    let job = federation::job_id(payload);
+                    if s.jobs.contains_key(&job) {
+                        return;
+                    }
+                    let initial = spec
+                        .architecture
+                        .descriptor()
+                        .and_then(|d| ModelId::compute(&d, &spec.initial_params()?))
+                        .map(|m| m.to_hex())
+                        .unwrap_or_default();
+                    let view = JobView {
+                        job_id: job.to_hex(),
+                        name: spec.name.clone(),
+                        coordinator: peer_id_of(signer)
+                            .map(|p| p.to_string())
+                            .unwrap_or_default(),
+                        architecture: spec.architecture.name(),
+                        rounds: spec.rounds,
+                        joined: 0,
+                        joined_here: false,
+                        state: if live { "gathering" } else { "interrupted" }.into(),
+                        round: 0,
+                        initial_model: initial,
+                        history: Vec::new(),
+                        spec: spec.clone(),
+                        coordinator_key: *signer,
+                    };
+                    s.jobs.insert(job, view);
+                    info!(%job, name = %spec.name, coordinator = %signer.fingerprint(), "learning job on the ledger");
+                    if live && *signer == self.me {
+                        match self.coordinator(job, &spec, now) {
+                            Ok(c) => {
+                                s.coordinators.insert(job, c);
+                            }
+                            Err(e) => {
+                                warn!(%job, error = format!("{e:#}"), "cannot coordinate this job")
+                            }
+                        }
+                    }
+                    if live && self.local.as_ref().is_some_and(|l| spec.accepts(&l.train)) {
+                        let samples = self.local.as_ref().map_or(0, |l| l.train.len() as u64);
+                        actions.push(Action::Submit(Record::Join { job, samples }));
+                    }
+                }
+                Record::Join { job, .. } => {
+                    let me = self.me;
+                    if let Some(view) = s.jobs.get_mut(job) {
+                        view.joined += 1;
+                        view.joined_here |= *signer == me;
+                    }
+                }
+                Record::RoundStart {
+                    job,
+                    round,
+                    model,
+                    participants,
+                } => {
+                    let Some(view) = s.jobs.get_mut(job) else {
+                        return;
+                    };
+                    if *signer != view.coordinator_key {
+                        return;
+                    }
+                    view.round = *round;
+                    if view.state == "gathering" {
+                        view.state = "running".into();
+                    }
+                    let spec = view.spec.clone();
+                    let coordinator = view.coordinator_key;
+                    if live && participants.contains(&self.me) && s.trained.insert((*job, *round)) {
+                        actions.push(Action::Train {
+                            job: *job,
+                            round: *round,
+                            model: *model,
+                            spec: Box::new(spec),
+                            coordinator,
+                        });
+                    }
+                }
+                Record::RoundEnd(summary) => {
+                    let Some(view) = s.jobs.get_mut(&summary.job) else {
+                        return;
+                    };
+                    if *signer != view.coordinator_key {
+                        return;
+                    }
+                    if view.history.len() >= HISTORY {
+                        view.history.remove(0);
+                    }
+                    view.history.push(RoundView::from(summary));
+                    if summary.finished {
+                        view.state = "finished".into();
+                    }
+                    self.metrics.round.set(summary.round as i64);
+                    if let Some(a) = summary.accuracy {
+                        self.metrics.accuracy.set(a);
+                    }
+                    if let Some(e) = summary.epsilon {
+                        self.metrics.epsilon.set(e);
+                    }
+                    if live {
+                        info!(
+                            job = %summary.job,
+                            round = summary.round,
+                            accuracy = ?summary.accuracy,
+                            epsilon = ?summary.epsilon,
+                            responded = summary.responded,
+                            selected = summary.selected,
+                            "learning round committed"
+                        );
+                    }
+                }
+            }
+            let job = match record {
+                Record::Job(_) => federation::job_id(payload),
+                Record::Join { job, .. } | Record::RoundStart { job, .. } => *job,
+                Record::RoundEnd(s) => s.job,
+            };
+            if let Some(c) = s.coordinators.get_mut(&job) {
+                c.handle_record(signer, record, now);
+            }
+        }
+        self.drain();
+        for action in actions {
+            self.act(action);
+        }
+    }
+
+    fn coordinator(&self, job: JobId, spec: &JobSpec, now: u64) -> Result<Coordinator> {
+        let trainer = Trainer::new(spec.architecture.clone(), Compute::Cpu)?;
+        let evaluation = self
+            .local
+            .as_ref()
+            .filter(|l| spec.accepts(&l.eval))
+            .map(|l| l.eval.clone());
+        let mut noise_seed = [0u8; 32];
+        openagi_crypto::os_random(&mut noise_seed)?;
+        Ok(Coordinator::new(
+            job,
+            spec.clone(),
+            self.me,
+            trainer,
+            evaluation,
+            noise_seed,
+            now,
+        )?)
+    }
+
+    fn tick(self: &Arc<Self>) {
+        let now = now_ms();
+        if let Ok(mut s) = self.state() {
+            for c in s.coordinators.values_mut() {
+                c.handle_tick(now);
+            }
+        }
+        self.drain();
+    }
+
+    /// Carries out what the coordinators asked for.
+    fn drain(self: &Arc<Self>) {
+        let mut outputs = Vec::new();
+        if let Ok(mut s) = self.state() {
+            for c in s.coordinators.values_mut() {
+                while let Some(o) = c.poll_output() {
+                    outputs.push(o);
+                }
+            }
+            s.coordinators.retain(|_, c| !c.is_finished());
+        }
+        for output in outputs {
+            match output {
+                CoordinatorOutput::Submit(record) => self.act(Action::Submit(record)),
+                CoordinatorOutput::Model { id, params, round } => {
+                    debug!(model = %id.to_hex(), round, "model ready");
+                    self.keep_model(id, Arc::new(params));
+                }
+                CoordinatorOutput::RoundClosed(summary) => {
+                    let outcome = if summary.aggregated {
+                        "aggregated"
+                    } else {
+                        "unchanged"
+                    };
+                    self.metrics
+                        .rounds
+                        .get_or_create(&OutcomeLabel {
+                            outcome: outcome.into(),
+                        })
+                        .inc();
+                    self.metrics
+                        .updates_received
+                        .inc_by(u64::from(summary.responded));
+                    self.metrics
+                        .updates_refused
+                        .inc_by(u64::from(summary.rejected));
+                    self.metrics.stragglers.inc_by(u64::from(
+                        summary.selected.saturating_sub(summary.responded),
+                    ));
+                    info!(
+                        job = %summary.job,
+                        round = summary.round,
+                        responded = summary.responded,
+                        selected = summary.selected,
+                        aggregated = summary.aggregated,
+                        "round closed"
+                    );
+                }
+            }
+        }
+    }
+
+    fn act(self: &Arc<Self>, action: Action) {
+        let this = self.clone();
+        match action {
+            Action::Submit(record) => {
+                tokio::spawn(async move {
+                    if let Err(e) = this.submit(record).await {
+                        warn!(error = format!("{e:#}"), "learning record not submitted");
+                    }
+                });
+            }
+            Action::Train {
+                job,
+                round,
+                model,
+                spec,
+                coordinator,
+            } => {
+                tokio::spawn(async move {
+                    match this
+                        .participate(job, round, model, *spec, coordinator)
+                        .await
+                    {
+                        Ok(()) => {
+                            this.metrics.updates_sent.inc();
+                        }
+                        Err(e) => {
+                            this.metrics.local_rounds_failed.inc();
+                            warn!(%job, round, error = format!("{e:#}"), "no update sent for this round");
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// Signs `record` and submits it to the ledger (retrying while the
+    /// replica refuses it, e.g. during a view change).
+    async fn submit(&self, record: Record) -> Result<JobId> {
+        let consensus = self
+            .consensus
+            .as_ref()
+            .context("this node is not a validator; learning records go through the ledger")?;
+        let signed = Signed::sign(&self.identity, &record)?;
+        let payload = federation::encode_record(&signed)?;
+        let job = federation::job_id(&payload);
+        let mut delay = Duration::from_millis(200);
+        for attempt in 0..8 {
+            let store = self.store.clone();
+            let seq = tokio::task::spawn_blocking(move || store.next_client_seq()).await??;
+            let tx = Transaction {
+                client: self.client,
+                seq,
+                payload: payload.clone(),
+            };
+            match consensus.submit(tx).await {
+                Ok(_) => return Ok(job),
+                Err(e) if attempt < 7 => {
+                    debug!(error = %e, "learning record refused; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        bail!("learning record refused repeatedly")
+    }
+
+    /// Submits a new job coordinated by this node; returns its id.
+    pub async fn submit_job(&self, spec: JobSpec) -> Result<JobId> {
+        spec.validate()?;
+        self.submit(Record::job(&spec)?).await
+    }
+
+    /// Every job on the ledger, newest last.
+    pub fn jobs(&self) -> Result<Vec<JobView>> {
+        Ok(self.state()?.jobs.values().cloned().collect())
+    }
+
+    async fn participate(
+        self: &Arc<Self>,
+        job: JobId,
+        round: u64,
+        model: ModelId,
+        spec: JobSpec,
+        coordinator: PublicKey,
+    ) -> Result<()> {
+        let Some(local) = &self.local else {
+            bail!("selected, but this node has no learn.data");
+        };
+        if !spec.accepts(&local.train) {
+            bail!("selected, but the local data does not fit the job's model");
+        }
+        let coordinator_peer =
+            peer_id_of(&coordinator).context("coordinator key is not a peer id")?;
+        let trainer = {
+            let mut s = self.state()?;
+            match s.trainers.get(&job) {
+                Some(t) => t.clone(),
+                None => {
+                    let t = Trainer::new(spec.architecture.clone(), Compute::Cpu)?;
+                    s.trainers.insert(job, t.clone());
+                    t
+                }
+            }
+        };
+        let params = self
+            .model_params(&model, &trainer, Some(coordinator_peer))
+            .await?;
+        let seed = federation::training_seed(&job, &spec, round, &self.me);
+        let mut feedback = self.state()?.feedback.remove(&job).flatten();
+        let this = self.clone();
+        let started = std::time::Instant::now();
+        let (payload, samples, feedback) = tokio::task::spawn_blocking(move || {
+            let Some(local) = &this.local else {
+                return Err(anyhow!("no local data"));
+            };
+            let (payload, samples) = federation::client_update(
+                &spec,
+                &trainer,
+                &params,
+                &local.train,
+                seed,
+                &mut feedback,
+                |_| {},
+            )?;
+            Ok((payload, samples, feedback))
+        })
+        .await??;
+        self.state()?.feedback.insert(job, feedback);
+        let bytes = payload.len();
+        if coordinator == self.me {
+            // This node coordinates the job too: no network hop to itself.
+            let accepted = match self.state()?.coordinators.get_mut(&job) {
+                Some(c) => c
+                    .handle_update(&self.me, round, &payload, samples, now_ms())
+                    .map_err(|e| anyhow!("own update refused: {e}")),
+                None => Err(anyhow!("this node no longer coordinates the job")),
+            };
+            self.drain();
+            accepted?;
+            info!(%job, round, samples, bytes, train_ms = started.elapsed().as_millis() as u64, "update handed to the local coordinator");
+            return Ok(());
+        }
+        let request = LearnRequest::Update {
+            job,
+            round,
+            samples,
+            payload,
+        };
+        let answer = self
+            .net
+            .learn_request(coordinator_peer, postcard::to_stdvec(&request)?)
+            .await?;
+        match postcard::from_bytes::<LearnResponse>(&answer)? {
+            LearnResponse::Accepted => {
+                info!(%job, round, samples, bytes, train_ms = started.elapsed().as_millis() as u64, "update delivered");
+                Ok(())
+            }
+            LearnResponse::Refused(why) => bail!("coordinator refused the update: {why}"),
+            LearnResponse::Chunk { .. } => bail!("coordinator answered out of turn"),
+        }
+    }
+
+    /// The parameters of `model`: from memory, from disk, or fetched from
+    /// `from` in chunks; always checked against the model id.
+    async fn model_params(
+        &self,
+        model: &ModelId,
+        trainer: &Trainer,
+        from: Option<PeerId>,
+    ) -> Result<Arc<Vec<f32>>> {
+        if let Some(p) = self.state()?.models.get(model) {
+            return Ok(p.clone());
+        }
+        let path = self.model_path(model);
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(_) => {
+                let peer =
+                    from.with_context(|| format!("model {} is not held here", model.to_hex()))?;
+                self.fetch_model(peer, model, trainer).await?
+            }
+        };
+        let params = params_from_bytes(&bytes)?;
+        let found = ModelId::compute(trainer.descriptor(), &params)?;
+        if found != *model {
+            bail!(
+                "model {} does not match its id (got {})",
+                model.to_hex(),
+                found.to_hex()
+            );
+        }
+        let params = Arc::new(params);
+        self.keep_model(*model, params.clone());
+        Ok(params)
+    }
+
+    async fn fetch_model(
+        &self,
+        peer: PeerId,
+        model: &ModelId,
+        trainer: &Trainer,
+    ) -> Result<Vec<u8>> {
+        let expected = trainer.descriptor().param_count() as u64 * 4;
+        let mut bytes = Vec::with_capacity(expected as usize);
+        while (bytes.len() as u64) < expected {
+            let request = LearnRequest::Model {
+                model: *model,
+                offset: bytes.len() as u64,
+            };
+            let answer = self
+                .net
+                .learn_request(peer, postcard::to_stdvec(&request)?)
+                .await?;
+            match postcard::from_bytes::<LearnResponse>(&answer)? {
+                LearnResponse::Chunk {
+                    total,
+                    bytes: chunk,
+                } => {
+                    if total != expected || chunk.is_empty() {
+                        bail!("{peer} serves a model of {total} bytes; the job's has {expected}");
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                LearnResponse::Refused(why) => bail!("{peer} refused the model: {why}"),
+                LearnResponse::Accepted => bail!("{peer} answered out of turn"),
+            }
+        }
+        if bytes.len() as u64 != expected {
+            bail!(
+                "model transfer overran: {} bytes for {expected}",
+                bytes.len()
+            );
+        }
+        Ok(bytes)
+    }
+
+    fn model_path(&self, model: &ModelId) -> PathBuf {
+        self.models_dir.join(format!("{}.bin", model.to_hex()))
+    }
+
+    fn keep_model(&self, id: ModelId, params: Arc<Vec<f32>>) {
+        if let Ok(mut s) = self.state() {
+            if s.models.insert(id, params.clone()).is_none() {
+                s.model_order.push(id);
+            }
+            while s.model_order.len() > MODEL_CACHE {
+                let old = s.model_order.remove(0);
+                s.models.remove(&old);
+            }
+        }
+        let path = self.model_path(&id);
+        if !path.exists() {
+            let bytes = params_to_bytes(&params);
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = openagi_crypto::keyfile::write_atomic(&path, &bytes, 0o644) {
+                    warn!(path = %path.display(), error = %e, "model not written");
+                }
+            });
+        }
+    }
+
+    /// The model of `job` after `round` (the latest when `None`; round 0 is
+    /// the initial model) as (id, little-endian `f32` bytes).
+    pub async fn export(&self, job: &JobId, round: Option<u64>) -> Result<(ModelId, Vec<u8>)> {
+        let (spec, coordinator, model) = {
+            let s = self.state()?;
+            let view = s
+                .jobs
+                .get(job)
+                .with_context(|| format!("no job {job} on this node's ledger"))?;
+            let hex = match round {
+                Some(0) => view.initial_model.clone(),
+                Some(r) => view
+                    .history
+                    .iter()
+                    .find(|h| h.round == r)
+                    .map(|h| h.model.clone())
+                    .with_context(|| format!("round {r} of job {job} has not finished"))?,
+                None => view
+                    .history
+                    .last()
+                    .map_or_else(|| view.initial_model.clone(), |h| h.model.clone()),
+            };
+            (view.spec.clone(), view.coordinator_key, hex)
+        };
+        let mut id = [0u8; 32];
+        hex::decode_to_slice(&model, &mut id).context("model id")?;
+        let id = ModelId(id);
+        let trainer = Trainer::new(spec.architecture.clone(), Compute::Cpu)?;
+        let from = if coordinator == self.me {
+            None
+        } else {
+            peer_id_of(&coordinator)
+        };
+        let params = match self.model_params(&id, &trainer, from).await {
+            Ok(p) => p,
+            // Round 0 is a function of the spec: no one needs to send it.
+            Err(_) if round == Some(0) => Arc::new(spec.initial_params()?),
+            Err(e) => return Err(e),
+        };
+        Ok((id, params_to_bytes(&params)))
+    }
+
+    /// Answers a `/openagi/learn/1` request from `from`.
+    pub async fn handle(self: &Arc<Self>, from: PeerId, data: Vec<u8>, reply: MsgReply) {
+        let this = self.clone();
+        let response = tokio::task::spawn_blocking(move || this.answer(from, &data))
+            .await
+            .unwrap_or_else(|_| LearnResponse::Refused("internal error".into()));
+        match postcard::to_stdvec(&response) {
+            Ok(bytes) => {
+                let _ = self.net.respond_msg(reply, bytes).await;
+            }
+            Err(e) => warn!(error = %e, "learning response not encoded"),
+        }
+    }
+
+    fn answer(self: &Arc<Self>, from: PeerId, data: &[u8]) -> LearnResponse {
+        let request = match postcard::from_bytes::<LearnRequest>(data) {
+            Ok(r) => r,
+            Err(e) => return LearnResponse::Refused(format!("malformed request: {e}")),
+        };
+        match request {
+            LearnRequest::Model { model, offset } => {
+                let params = self
+                    .state()
+                    .ok()
+                    .and_then(|s| s.models.get(&model).cloned());
+                let bytes = match params {
+                    Some(p) => params_to_bytes(&p),
+                    None => match std::fs::read(self.model_path(&model)) {
+                        Ok(b) => b,
+                        Err(_) => {
+                            return LearnResponse::Refused(format!(
+                                "model {} is not held here",
+                                model.to_hex()
+                            ));
+                        }
+                    },
+                };
+                let start = usize::try_from(offset).unwrap_or(usize::MAX);
+                if start >= bytes.len() {
+                    return LearnResponse::Refused("offset beyond the model".into());
+                }
+                let end = (start + MODEL_CHUNK_BYTES).min(bytes.len());
+                LearnResponse::Chunk {
+                    total: bytes.len() as u64,
+                    bytes: bytes[start..end].to_vec(),
+                }
+            }
+            LearnRequest::Update {
+                job,
+                round,
+                samples,
+                payload,
+            } => {
+                let Some(sender) = openagi_net::public_key_of(&from) else {
+                    return LearnResponse::Refused("sender is not an Open-AGI node".into());
+                };
+                let result = match self.state() {
+                    Ok(mut s) => match s.coordinators.get_mut(&job) {
+                        Some(c) => c
+                            .handle_update(&sender, round, &payload, samples, now_ms())
+                            .map_err(|e| e.to_string()),
+                        None => Err("this node does not coordinate that job".into()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                self.drain();
+                match result {
+                    Ok(()) => LearnResponse::Accepted,
+                    Err(why) => {
+                        self.metrics.updates_refused.inc();
+                        debug!(%from, %job, round, %why, "update refused");
+                        LearnResponse::Refused(why)
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum Action {
+    Submit(Record),
+    Train {
+        job: JobId,
+        round: u64,
+        model: ModelId,
+        spec: Box<JobSpec>,
+        coordinator: PublicKey,
+    },
+}
