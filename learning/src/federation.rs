@@ -213,12 +213,6 @@ impl JobSpec {
                     "DP jobs aggregate with fedavg (the clipped, noised average)",
                 ));
             }
-            if matches!(self.participation, Participation::Fixed { .. }) {
-                return Err(Error::invalid(
-                    "participation",
-                    "DP jobs sample with poisson (or all): the accountant's bound assumes it",
-                ));
-            }
             if let Some(b) = p.budget_epsilon
                 && !(b.is_finite() && b > 0.0)
             {
@@ -858,6 +852,8 @@ impl Coordinator {
     fn sample_rate(&self) -> f64 {
         match self.spec.participation {
             Participation::All => 1.0,
+            // Accounted as Poisson sampling at the same rate: the
+            // approximation documented at `dp::fixed_size_sample`.
             Participation::Fixed { per_round } => {
                 per_round as f64 / (self.joined.len().max(per_round)) as f64
             }

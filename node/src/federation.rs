@@ -12,8 +12,10 @@
 //! served and exported.
 //!
 //! Records replayed at boot only rebuild the view of jobs; the node acts
-//! (joins, trains, coordinates) on records that commit while it runs. A job
-//! whose coordinator restarted mid-way shows as `interrupted`.
+//! (joins, trains, coordinates) on records that commit while it runs, so a
+//! participant that restarts trains again from the next round that names
+//! it. A job whose coordinator restarted mid-way shows as `interrupted` on
+//! that node.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -472,7 +474,13 @@ impl Learner {
                         rounds: spec.rounds,
                         joined: 0,
                         joined_here: false,
-                        state: if live { "gathering" } else { "interrupted" }.into(),
+                        // A coordinator's state does not survive a restart.
+                        state: if !live && *signer == self.me {
+                            "interrupted"
+                        } else {
+                            "gathering"
+                        }
+                        .into(),
                         round: 0,
                         initial_model: initial,
                         history: Vec::new(),
