@@ -174,54 +174,13 @@ impl JobSpec {
                 format!("at most {MAX_DEADLINE_SECS}"),
             ));
         }
-        match self.participation {
-            Participation::All => {}
-            Participation::Fixed { per_round } => {
-                if !(self.min_clients..=MAX_PARTICIPANTS).contains(&per_round) {
-                    return Err(Error::invalid(
-                        "participation.fixed.per_round",
-                        format!(
-                            "{per_round} is not in min_clients..={MAX_PARTICIPANTS} ({}..)",
-                            self.min_clients
-                        ),
-                    ));
-                }
-            }
-            Participation::Poisson { rate } => {
-                if !(rate > 0.0 && rate <= 1.0) {
-                    return Err(Error::invalid(
-                        "participation.poisson.rate",
-                        format!("{rate} is not in (0, 1]"),
-                    ));
-                }
-            }
-        }
-        if let Compression::TopK { fraction, .. } = self.compression
-            && !(fraction > 0.0 && fraction <= 1.0)
-        {
-            return Err(Error::invalid(
-                "compression.top_k.fraction",
-                format!("{fraction} is not in (0, 1]"),
-            ));
-        }
-        if let Some(p) = &self.privacy {
-            p.dp.validate()?;
-            Accountant::new(p.delta)?;
-            if self.aggregator != Aggregator::FedAvg {
-                return Err(Error::invalid(
-                    "aggregator",
-                    "DP jobs aggregate with fedavg (the clipped, noised average)",
-                ));
-            }
-            if let Some(b) = p.budget_epsilon
-                && !(b.is_finite() && b > 0.0)
-            {
-                return Err(Error::invalid(
-                    "privacy.budget_epsilon",
-                    format!("{b} is not a finite positive number"),
-                ));
-            }
-        }
+        crate::simulate::check_participation(
+            self.participation,
+            self.min_clients,
+            MAX_PARTICIPANTS,
+        )?;
+        crate::simulate::check_compression(self.compression)?;
+        crate::simulate::check_privacy(self.privacy.as_ref(), self.aggregator)?;
         Ok(())
     }
 

@@ -215,57 +215,9 @@ impl SimulationConfig {
         if self.eval_every == 0 {
             return Err(Error::invalid("eval_every", "must be at least 1"));
         }
-        match self.participation {
-            Participation::All => {}
-            Participation::Fixed { per_round } => {
-                if !(1..=self.clients).contains(&per_round) {
-                    return Err(Error::invalid(
-                        "clients per round",
-                        format!("{per_round} is not in 1..={}", self.clients),
-                    ));
-                }
-            }
-            Participation::Poisson { rate } => {
-                if !(rate > 0.0 && rate <= 1.0) {
-                    return Err(Error::invalid(
-                        "sample rate",
-                        format!("{rate} is not in (0, 1]"),
-                    ));
-                }
-            }
-        }
-        match self.compression {
-            Compression::TopK { fraction, .. } if !(fraction > 0.0 && fraction <= 1.0) => {
-                return Err(Error::invalid(
-                    "top-k fraction",
-                    format!("{fraction} is not in (0, 1]"),
-                ));
-            }
-            _ => {}
-        }
-        if let Some(p) = &self.privacy {
-            p.dp.validate()?;
-            Accountant::new(p.delta)?;
-            if self.aggregator != Aggregator::FedAvg {
-                return Err(Error::invalid(
-                    "aggregator",
-                    format!(
-                        "{} cannot be combined with DP: DP-FedAvg's clipped, noised \
-                         average is the aggregation; use fedavg",
-                        self.aggregator.name()
-                    ),
-                ));
-            }
-            if let Some(b) = p.budget_epsilon
-                && !(b.is_finite() && b > 0.0)
-            {
-                return Err(Error::invalid(
-                    "epsilon budget",
-                    format!("{b} is not a finite positive number"),
-                ));
-            }
-        }
-        Ok(())
+        check_participation(self.participation, 1, self.clients)?;
+        check_compression(self.compression)?;
+        check_privacy(self.privacy.as_ref(), self.aggregator)
     }
 
     /// The accountant's sample rate `q` for one round.
@@ -287,6 +239,64 @@ impl SimulationConfig {
             Participation::Poisson { rate } => rate * self.clients as f64,
         }
     }
+}
+
+/// Checks a participation rule: a fixed count must lie in `min..=max`, a
+/// Poisson rate in `(0, 1]`.
+pub(crate) fn check_participation(p: Participation, min: usize, max: usize) -> Result<()> {
+    match p {
+        Participation::All => Ok(()),
+        Participation::Fixed { per_round } if !(min..=max).contains(&per_round) => {
+            Err(Error::invalid(
+                "clients per round",
+                format!("{per_round} is not in {min}..={max}"),
+            ))
+        }
+        Participation::Poisson { rate } if !(rate > 0.0 && rate <= 1.0) => Err(Error::invalid(
+            "sample rate",
+            format!("{rate} is not in (0, 1]"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a compression setting: a top-k fraction lies in `(0, 1]`.
+pub(crate) fn check_compression(c: Compression) -> Result<()> {
+    match c {
+        Compression::TopK { fraction, .. } if !(fraction > 0.0 && fraction <= 1.0) => Err(
+            Error::invalid("top-k fraction", format!("{fraction} is not in (0, 1]")),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Checks DP settings and that they are combined with FedAvg, whose
+/// clipped, noised average is DP-FedAvg's aggregation.
+pub(crate) fn check_privacy(privacy: Option<&Privacy>, aggregator: Aggregator) -> Result<()> {
+    let Some(p) = privacy else {
+        return Ok(());
+    };
+    p.dp.validate()?;
+    Accountant::new(p.delta)?;
+    if aggregator != Aggregator::FedAvg {
+        return Err(Error::invalid(
+            "aggregator",
+            format!(
+                "{} cannot be combined with DP: DP-FedAvg's clipped, noised \
+                 average is the aggregation; use fedavg",
+                aggregator.name()
+            ),
+        ));
+    }
+    if let Some(b) = p.budget_epsilon
+        && !(b.is_finite() && b > 0.0)
+    {
+        return Err(Error::invalid(
+            "epsilon budget",
+            format!("{b} is not a finite positive number"),
+        ));
+    }
+    Ok(())
 }
 
 /// CPU time a round took, as measured by the caller's clock.

@@ -158,17 +158,23 @@ fn a_job_trains_across_daemons_and_survives_a_silent_participant() {
     // v2 did not coordinate: it fetches the final model from v1.
     let out_file = root.path().join("model.bin");
     let job_id = job["job_id"].as_str().expect("id");
-    let (status, out, err) = openagi(&[
-        "learn",
-        "export",
-        "--data-dir",
-        dirs[2].to_str().expect("utf-8"),
-        "--job",
-        job_id,
-        "--out",
-        out_file.to_str().expect("utf-8"),
-    ])
-    .expect("runs");
+    let export = |round: Option<&str>| {
+        let mut args = vec![
+            "learn",
+            "export",
+            "--data-dir",
+            dirs[2].to_str().expect("utf-8"),
+            "--job",
+            job_id,
+            "--out",
+            out_file.to_str().expect("utf-8"),
+        ];
+        if let Some(r) = round {
+            args.extend(["--round", r]);
+        }
+        openagi(&args).expect("runs")
+    };
+    let (status, out, err) = export(None);
     assert!(status.success(), "{out}{err}");
     let model = history
         .last()
@@ -180,19 +186,7 @@ fn a_job_trains_across_daemons_and_survives_a_silent_participant() {
         (64 * 10 + 10) * 4
     );
     // A round that never finished cannot be exported.
-    let (status, _, err) = openagi(&[
-        "learn",
-        "export",
-        "--data-dir",
-        dirs[2].to_str().expect("utf-8"),
-        "--job",
-        job_id,
-        "--round",
-        "99",
-        "--out",
-        out_file.to_str().expect("utf-8"),
-    ])
-    .expect("runs");
+    let (status, _, err) = export(Some("99"));
     assert!(!status.success());
     assert!(err.contains("round 99"), "{err}");
 }
