@@ -493,6 +493,10 @@ pub struct Replica<S: Signer = IdentitySigner> {
     pending: VecDeque<PendingTx>,
     pending_keys: HashSet<(ClientId, u64)>,
     in_flight: HashSet<(ClientId, u64)>,
+    /// Every entry of `pending` before this index is in flight, so the
+    /// primary's batch building starts here instead of rescanning the
+    /// in-flight prefix for each request (which made overload quadratic).
+    proposable_from: usize,
     /// A backup's client transactions not yet relayed to the primary, and
     /// when the oldest arrived: relayed as one message per batch delay (or
     /// sooner when a batch is full) so a backup's clients wait one hop,
@@ -578,6 +582,7 @@ impl<S: Signer> Replica<S> {
             pending: VecDeque::new(),
             pending_keys: HashSet::new(),
             in_flight: HashSet::new(),
+            proposable_from: 0,
             relay: Vec::new(),
             relay_bytes: 0,
             relay_since: None,
@@ -839,7 +844,7 @@ impl<S: Signer> Replica<S> {
         if self.is_primary() && !self.changing && self.next_seq <= self.high_watermark() {
             let oldest = self
                 .pending
-                .iter()
+                .range(self.proposable_from.min(self.pending.len())..)
                 .find(|p| !self.in_flight.contains(&p.tx.key()))
                 .map(|p| p.arrived.saturating_add(self.cfg.max_batch_delay_ms));
             if let Some(at) = oldest {
@@ -1111,7 +1116,17 @@ impl<S: Signer> Replica<S> {
         if keys.is_empty() {
             return;
         }
-        self.pending.retain(|p| !keys.contains(&p.tx.key()));
+        let (mut index, mut removed_before) = (0, 0);
+        let from = self.proposable_from;
+        self.pending.retain(|p| {
+            let keep = !keys.contains(&p.tx.key());
+            if !keep && index < from {
+                removed_before += 1;
+            }
+            index += 1;
+            keep
+        });
+        self.proposable_from = from - removed_before;
         for key in keys {
             self.pending_keys.remove(key);
             self.in_flight.remove(key);
@@ -1187,7 +1202,8 @@ impl<S: Signer> Replica<S> {
             let mut ready = false;
             let mut count = 0;
             let mut bytes = 0;
-            for p in &self.pending {
+            let from = self.proposable_from.min(self.pending.len());
+            for p in self.pending.range(from..) {
                 if self.in_flight.contains(&p.tx.key()) {
                     continue;
                 }
@@ -1206,8 +1222,12 @@ impl<S: Signer> Replica<S> {
             }
             let mut txs = Vec::new();
             let mut size = 0;
-            for p in &self.pending {
+            // Where the scan stopped: everything before it is in flight
+            // once this batch is proposed.
+            let mut scanned = from;
+            for p in self.pending.range(from..) {
                 if self.in_flight.contains(&p.tx.key()) {
+                    scanned += 1;
                     continue;
                 }
                 if txs.len() >= self.cfg.max_batch_txs
@@ -1216,6 +1236,7 @@ impl<S: Signer> Replica<S> {
                     break;
                 }
                 size += p.tx.size();
+                scanned += 1;
                 txs.push(p.tx.clone());
             }
             let seq = self.next_seq;
@@ -1271,6 +1292,7 @@ impl<S: Signer> Replica<S> {
                 },
             );
             self.accept_pre_prepare(seq, signed, batch, digest);
+            self.proposable_from = scanned;
         }
     }
 
@@ -1774,6 +1796,8 @@ impl<S: Signer> Replica<S> {
     }
 
     fn rebuild_in_flight(&mut self) {
+        // Transactions may have left flight: scan from the start again.
+        self.proposable_from = 0;
         let height = self.ledger.height();
         self.in_flight = self
             .log

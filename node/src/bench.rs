@@ -136,16 +136,31 @@ pub async fn consensus(options: ConsensusBench) -> Result<()> {
             temp.clone()
         }
     };
+    // Large batches make a new view (which carries every prepared batch
+    // in the window) large; the window is halved until one fits a message.
+    let mut consensus = openagi_consensus::Config {
+        max_batch_txs: options.batch_txs,
+        max_batch_bytes: options.batch_txs * (options.payload_bytes + 64),
+        ..openagi_consensus::Config::default()
+    };
+    while consensus.max_new_view_bytes(options.nodes) > consensus.max_message_bytes as u64
+        && consensus.window > 2 * consensus.checkpoint_interval
+    {
+        consensus.window /= 2;
+    }
     let extra = format!(
-        "[consensus]\nmax_batch_txs = {}\nmax_batch_bytes = {}\nmax_pending = {}\n",
-        options.batch_txs,
-        options.batch_txs * (options.payload_bytes + 64),
-        (options.rate * 4).max(10_000)
+        "[consensus]\nmax_batch_txs = {}\nmax_batch_bytes = {}\nmax_pending = {}\nwindow = {}\n",
+        consensus.max_batch_txs,
+        consensus.max_batch_bytes,
+        (options.rate * 4).max(10_000),
+        consensus.window
     );
     println!(
-        "bench consensus: {} validators on loopback, {} B transactions, offered {} tx/s open-loop, warm-up {} s, measuring {} s",
+        "bench consensus: {} validators on loopback, {} B transactions, batches of up to {} (window {}), offered {} tx/s open-loop, warm-up {} s, measuring {} s",
         options.nodes,
         options.payload_bytes,
+        consensus.max_batch_txs,
+        consensus.window,
         options.rate,
         options.warmup.as_secs(),
         options.duration.as_secs()
