@@ -444,7 +444,7 @@ enum Phase {
     /// Waiting for joins before round `next`.
     Gathering { next: u64, since_ms: u64 },
     /// A `RoundStart` was submitted; waiting for it to commit.
-    Starting { round: u64 },
+    Starting { round: u64, since_ms: u64 },
     /// Collecting updates until `deadline_ms`.
     Collecting {
         round: u64,
@@ -452,7 +452,11 @@ enum Phase {
         deadline_ms: u64,
     },
     /// A `RoundEnd` was submitted; waiting for it to commit.
-    Ending { round: u64, finished: bool },
+    Ending {
+        round: u64,
+        finished: bool,
+        since_ms: u64,
+    },
     /// The job is over.
     Finished,
 }
@@ -474,6 +478,12 @@ pub struct Coordinator {
     updates: BTreeMap<[u8; 32], ClientUpdate>,
     rejected: u32,
     outputs: VecDeque<CoordinatorOutput>,
+    /// The latest time seen.
+    now_ms: u64,
+    /// The record the coordinator waits to see committed, resubmitted if
+    /// it has not committed after [`Coordinator::resubmit_after_ms`] (a
+    /// transaction can be lost with a primary that fails).
+    awaiting: Option<Record>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -534,6 +544,8 @@ impl Coordinator {
             updates: BTreeMap::new(),
             rejected: 0,
             outputs,
+            now_ms,
+            awaiting: None,
         })
     }
 
@@ -554,6 +566,10 @@ impl Coordinator {
 
     /// A committed record of this job, signed by `signer`, seen at `now_ms`.
     pub fn handle_record(&mut self, signer: &PublicKey, record: &Record, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        if self.awaiting.as_ref() == Some(record) && *signer == self.me {
+            self.awaiting = None;
+        }
         match record {
             Record::Join { job, .. }
                 if *job == self.job
@@ -569,7 +585,7 @@ impl Coordinator {
                 ..
             } if *job == self.job
                 && *signer == self.me
-                && self.phase == (Phase::Starting { round: *round }) =>
+                && matches!(self.phase, Phase::Starting { round: r, .. } if r == *round) =>
             {
                 self.updates.clear();
                 self.rejected = 0;
@@ -581,7 +597,9 @@ impl Coordinator {
                 };
             }
             Record::RoundEnd(summary) if summary.job == self.job && *signer == self.me => {
-                if let Phase::Ending { round, finished } = self.phase
+                if let Phase::Ending {
+                    round, finished, ..
+                } = self.phase
                     && round == summary.round
                 {
                     self.phase = if finished {
@@ -661,6 +679,7 @@ impl Coordinator {
     /// Time passed: opens a round once enough nodes joined, closes one at
     /// its deadline.
     pub fn handle_tick(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
         match self.phase.clone() {
             Phase::Gathering { next, since_ms } => {
                 let window = self.spec.join_window_secs.saturating_mul(1000);
@@ -671,8 +690,35 @@ impl Coordinator {
                 }
             }
             Phase::Collecting { deadline_ms, .. } if now_ms >= deadline_ms => self.close_round(),
+            Phase::Starting { since_ms, .. } | Phase::Ending { since_ms, .. }
+                if now_ms >= since_ms.saturating_add(self.resubmit_after_ms()) =>
+            {
+                // Not committed yet: submit the same record again (the
+                // ledger may end up holding it twice; the second is
+                // ignored by everyone, as it names a finished step).
+                if let Some(record) = self.awaiting.clone() {
+                    self.outputs.push_back(CoordinatorOutput::Submit(record));
+                }
+                match &mut self.phase {
+                    Phase::Starting { since_ms, .. } | Phase::Ending { since_ms, .. } => {
+                        *since_ms = now_ms;
+                    }
+                    _ => {}
+                }
+            }
             _ => {}
         }
+    }
+
+    /// How long a submitted round start or end may take to commit before
+    /// it is submitted again: the round deadline, at least 10 s.
+    pub fn resubmit_after_ms(&self) -> u64 {
+        self.spec.round_deadline_secs.max(10).saturating_mul(1000)
+    }
+
+    fn submit(&mut self, record: Record) {
+        self.awaiting = Some(record.clone());
+        self.outputs.push_back(CoordinatorOutput::Submit(record));
     }
 
     /// When [`Coordinator::handle_tick`] next has something to do.
@@ -682,7 +728,10 @@ impl Coordinator {
                 Some(since_ms.saturating_add(self.spec.join_window_secs.saturating_mul(1000)))
             }
             Phase::Collecting { deadline_ms, .. } => Some(*deadline_ms),
-            _ => None,
+            Phase::Starting { since_ms, .. } | Phase::Ending { since_ms, .. } => {
+                Some(since_ms.saturating_add(self.resubmit_after_ms()))
+            }
+            Phase::Finished => None,
         }
     }
 
@@ -694,14 +743,16 @@ impl Coordinator {
     fn open_round(&mut self, round: u64) {
         match select_participants(&self.job, &self.spec, round, &self.joined) {
             Ok(participants) => {
-                self.phase = Phase::Starting { round };
-                self.outputs
-                    .push_back(CoordinatorOutput::Submit(Record::RoundStart {
-                        job: self.job,
-                        round,
-                        model: self.model,
-                        participants,
-                    }));
+                self.phase = Phase::Starting {
+                    round,
+                    since_ms: self.now_ms,
+                };
+                self.submit(Record::RoundStart {
+                    job: self.job,
+                    round,
+                    model: self.model,
+                    participants,
+                });
             }
             Err(_) => self.phase = Phase::Finished,
         }
@@ -769,11 +820,14 @@ impl Coordinator {
             accuracy,
             finished,
         };
-        self.phase = Phase::Ending { round, finished };
+        self.phase = Phase::Ending {
+            round,
+            finished,
+            since_ms: self.now_ms,
+        };
         self.outputs
             .push_back(CoordinatorOutput::RoundClosed(summary.clone()));
-        self.outputs
-            .push_back(CoordinatorOutput::Submit(Record::RoundEnd(summary)));
+        self.submit(Record::RoundEnd(summary));
     }
 
     /// The round's change to the model (if enough updates arrived) and,
@@ -1085,6 +1139,39 @@ mod tests {
             last.finished && last.round < 50,
             "stopped by the budget: {last:?}"
         );
+    }
+
+    #[test]
+    fn a_round_record_that_never_commits_is_submitted_again() {
+        let mut net = net(spec(), 3);
+        net.drain();
+        net.join_all();
+        net.coordinator.handle_tick(5_000);
+        let first: Vec<Record> = std::iter::from_fn(|| net.coordinator.poll_output())
+            .filter_map(|o| match o {
+                CoordinatorOutput::Submit(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(first.len(), 1, "one round start");
+        // Lost: nothing commits. After the resubmission delay it comes again.
+        let again_at = 5_000 + net.coordinator.resubmit_after_ms();
+        assert_eq!(net.coordinator.poll_timeout(), Some(again_at));
+        net.coordinator.handle_tick(again_at - 1);
+        assert!(net.coordinator.poll_output().is_none());
+        net.coordinator.handle_tick(again_at);
+        assert_eq!(
+            net.coordinator.poll_output(),
+            Some(CoordinatorOutput::Submit(first[0].clone()))
+        );
+        // Once it commits (twice, even), the round collects as usual.
+        let me = net.coordinator_id.public();
+        net.coordinator.handle_record(&me, &first[0], again_at + 10);
+        net.coordinator.handle_record(&me, &first[0], again_at + 20);
+        assert!(matches!(
+            net.coordinator.phase,
+            Phase::Collecting { round: 1, .. }
+        ));
     }
 
     #[test]

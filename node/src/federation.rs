@@ -376,8 +376,8 @@ impl Learner {
         };
         // Subscribe before replaying so no block falls between the two.
         let mut commits = consensus.subscribe();
-        let head = consensus.status().height;
-        self.catch_up(head, false).await;
+        // Everything already on disk is history: replayed, not acted on.
+        self.catch_up(u64::MAX, false).await;
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
@@ -523,7 +523,7 @@ impl Learner {
                     if *signer != view.coordinator_key {
                         return;
                     }
-                    view.round = *round;
+                    view.round = view.round.max(*round);
                     if view.state == "gathering" {
                         view.state = "running".into();
                     }
@@ -544,6 +544,14 @@ impl Learner {
                         return;
                     };
                     if *signer != view.coordinator_key {
+                        return;
+                    }
+                    // A resubmitted round end may commit twice.
+                    if view
+                        .history
+                        .last()
+                        .is_some_and(|h| h.round >= summary.round)
+                    {
                         return;
                     }
                     if view.history.len() >= HISTORY {

@@ -189,4 +189,25 @@ fn a_job_trains_across_daemons_and_survives_a_silent_participant() {
     let (status, _, err) = export(Some("99"));
     assert!(!status.success());
     assert!(err.contains("round 99"), "{err}");
+
+    // The coordinator restarts: it rebuilds the finished job from its
+    // ledger and does not run it again.
+    let mut v1 = nodes.remove(1);
+    v1.signal(Signal::SIGTERM).expect("sigterm");
+    let earlier = v1.log().len();
+    v1.wait_exit(Duration::from_secs(20)).expect("v1 stops");
+    drop(v1);
+    let v1 = Daemon::start(&dirs[1], &options(1, boot.clone())).expect("v1 restarts");
+    wait_for("job replayed", Duration::from_secs(30), || {
+        jobs(&v1)
+            .first()
+            .filter(|j| j["state"] == "finished")
+            .and_then(|j| j["history"].as_array().map(Vec::len))
+            .filter(|&n| n == 6)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", v1.log()));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(rounds_done(&v1), 6, "no round runs again");
+    let since_restart = v1.log().get(earlier..).unwrap_or_default().to_string();
+    assert!(!since_restart.contains("round closed"), "{since_restart}");
 }
