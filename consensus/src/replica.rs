@@ -877,6 +877,11 @@ impl<S: Signer> Replica<S> {
             self.relay_bytes += tx.size();
             self.relay.push(tx);
             self.relay_since.get_or_insert(self.now);
+            if self.relay.len() >= self.cfg.max_batch_txs
+                || self.relay_bytes >= self.cfg.max_batch_bytes
+            {
+                self.flush_relay();
+            }
         }
         self.try_propose();
         self.update_timer();
@@ -1291,8 +1296,11 @@ impl<S: Signer> Replica<S> {
                     batch: batch.clone(),
                 },
             );
-            self.accept_pre_prepare(seq, signed, batch, digest);
+            // Before accepting: accepting may commit the batch at once (a
+            // single validator, or votes that arrived first), and the
+            // commit's bookkeeping adjusts this index.
             self.proposable_from = scanned;
+            self.accept_pre_prepare(seq, signed, batch, digest);
         }
     }
 

@@ -285,6 +285,21 @@ fn single_replica_commits_on_its_own() {
         replica.handle_request(tx(1), 200).is_err(),
         "already applied"
     );
+    // Later transactions keep committing: the primary's scan position
+    // follows the committed ones out of the queue.
+    for (seq, at) in [(2, 300), (3, 400), (4, 400)] {
+        replica.handle_request(tx(seq), at).expect("accepted");
+        replica.handle_tick(at + 100);
+    }
+    replica.handle_tick(1_000);
+    let committed: usize = drain(&mut replica)
+        .iter()
+        .map(|o| match o {
+            Output::Committed { applied, .. } => applied.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(committed, 3, "every later transaction committed");
 }
 
 #[test]
@@ -476,7 +491,7 @@ fn a_backup_relays_client_transactions_to_the_primary_within_the_batch_delay() {
     replica.handle_tick(10 + delay);
     assert_eq!(relayed(&drain(&mut replica)), [2]);
 
-    // Three fill a batch; the fourth sends it without waiting.
+    // Three fill a batch, which goes at once.
     for seq in 3..=6 {
         replica.handle_request(tx(seq), 20).expect("accepted");
     }
