@@ -53,6 +53,9 @@ pub const MAX_RECORD_BYTES: usize = 32 * 1024;
 pub const MAX_PARTICIPANTS: usize = 1024;
 /// Most rounds a job may ask for.
 pub const MAX_ROUNDS: u64 = 100_000;
+/// Most parameters a job's model may have: a dense update of it (4 bytes a
+/// parameter) must fit one learning request on the wire (16 MiB).
+pub const MAX_JOB_PARAMS: usize = 4 * 1024 * 1024 - 1024;
 /// Longest round deadline, in seconds.
 pub const MAX_DEADLINE_SECS: u64 = 24 * 60 * 60;
 
@@ -135,6 +138,13 @@ impl JobSpec {
             return Err(Error::invalid("name", "must be 1 to 128 bytes"));
         }
         self.architecture.validate()?;
+        let params = self.architecture.param_count()?;
+        if params > MAX_JOB_PARAMS {
+            return Err(Error::invalid(
+                "architecture",
+                format!("{params} parameters; a networked job allows at most {MAX_JOB_PARAMS}"),
+            ));
+        }
         self.train.validate()?;
         self.aggregator.validate()?;
         if !(1..=MAX_ROUNDS).contains(&self.rounds) {
@@ -471,7 +481,8 @@ pub struct Coordinator {
     evaluation: Option<Dataset>,
     params: Vec<f32>,
     model: ModelId,
-    joined: Vec<PublicKey>,
+    /// Joined nodes in ledger order, with the samples each declared.
+    joined: Vec<(PublicKey, u64)>,
     accountant: Option<Accountant>,
     noise: crate::SeededRng,
     phase: Phase,
@@ -571,12 +582,12 @@ impl Coordinator {
             self.awaiting = None;
         }
         match record {
-            Record::Join { job, .. }
+            Record::Join { job, samples }
                 if *job == self.job
-                    && !self.joined.contains(signer)
+                    && !self.joined.iter().any(|(k, _)| k == signer)
                     && self.joined.len() < MAX_PARTICIPANTS =>
             {
-                self.joined.push(*signer);
+                self.joined.push((*signer, *samples));
             }
             Record::RoundStart {
                 job,
@@ -587,14 +598,19 @@ impl Coordinator {
                 && *signer == self.me
                 && matches!(self.phase, Phase::Starting { round: r, .. } if r == *round) =>
             {
-                self.updates.clear();
-                self.rejected = 0;
+                // Updates that arrived before this commit are kept.
+                let participants: BTreeSet<[u8; 32]> =
+                    participants.iter().map(PublicKey::to_bytes).collect();
+                let everyone = self.updates.len() == participants.len();
                 self.phase = Phase::Collecting {
                     round: *round,
-                    participants: participants.iter().map(PublicKey::to_bytes).collect(),
+                    participants,
                     deadline_ms: now_ms
                         .saturating_add(self.spec.round_deadline_secs.saturating_mul(1000)),
                 };
+                if everyone {
+                    self.close_round();
+                }
             }
             Record::RoundEnd(summary) if summary.job == self.job && *signer == self.me => {
                 if let Phase::Ending {
@@ -631,15 +647,25 @@ impl Coordinator {
         // An update that arrives after the deadline closes the round
         // instead of joining it, even if no tick came in between.
         self.handle_tick(now_ms);
-        let Phase::Collecting {
-            round: open,
-            participants,
-            ..
-        } = &self.phase
-        else {
-            return Err(Error::invalid("update", "no round is collecting updates"));
+        // A participant may see the round start commit before this node
+        // does: its update is kept until the start commits here too.
+        let (open, participants): (u64, BTreeSet<[u8; 32]>) = match &self.phase {
+            Phase::Collecting {
+                round,
+                participants,
+                ..
+            } => (*round, participants.clone()),
+            Phase::Starting { round, .. } => match &self.awaiting {
+                Some(Record::RoundStart { participants, .. }) => (
+                    *round,
+                    participants.iter().map(PublicKey::to_bytes).collect(),
+                ),
+                _ => return Err(Error::invalid("update", "no round is collecting updates")),
+            },
+            _ => return Err(Error::invalid("update", "no round is collecting updates")),
         };
-        if round != *open {
+        let collecting = matches!(self.phase, Phase::Collecting { .. });
+        if round != open {
             return Err(Error::invalid(
                 "update",
                 format!("round {round} is not the open round {open}"),
@@ -657,6 +683,14 @@ impl Coordinator {
                 client: ClientId(sender),
             });
         }
+        // FedAvg weighs by the sample count a client reports; it may not
+        // claim more than it declared when joining.
+        let declared = self
+            .joined
+            .iter()
+            .find(|(k, _)| k.to_bytes() == sender)
+            .map_or(0, |(_, n)| *n);
+        let samples = samples.min(declared);
         let dim = self.params.len();
         let update = compress::decode(payload, dim)
             .map(|p| ClientUpdate::new(ClientId(sender), p.to_dense(), samples))
@@ -664,7 +698,7 @@ impl Coordinator {
         match update {
             Ok(u) => {
                 self.updates.insert(sender, u);
-                if self.updates.len() == participants.len() {
+                if collecting && self.updates.len() == participants.len() {
                     self.close_round();
                 }
                 Ok(())
@@ -741,8 +775,11 @@ impl Coordinator {
     }
 
     fn open_round(&mut self, round: u64) {
-        match select_participants(&self.job, &self.spec, round, &self.joined) {
+        let joined: Vec<PublicKey> = self.joined.iter().map(|(k, _)| *k).collect();
+        match select_participants(&self.job, &self.spec, round, &joined) {
             Ok(participants) => {
+                self.updates.clear();
+                self.rejected = 0;
                 self.phase = Phase::Starting {
                     round,
                     since_ms: self.now_ms,
@@ -815,7 +852,9 @@ impl Coordinator {
             selected: participants.len() as u32,
             responded: updates.len() as u32,
             rejected: self.rejected,
-            samples: updates.iter().map(|u| u.samples).sum(),
+            samples: updates
+                .iter()
+                .fold(0u64, |sum, u| sum.saturating_add(u.samples)),
             epsilon,
             accuracy,
             finished,
@@ -835,11 +874,11 @@ impl Coordinator {
     fn aggregate(&mut self, updates: &[ClientUpdate]) -> Result<(Option<Vec<f32>>, Option<f64>)> {
         let enough = updates.len() >= self.spec.min_clients;
         let q = self.sample_rate();
+        let denominator = self.expected_participants();
         match (&self.spec.privacy, &mut self.accountant) {
             (Some(p), Some(acc)) => {
                 // The mechanism runs every round whoever answered: noise
                 // over the expected participant count, accounted always.
-                let denominator = (q * self.joined.len() as f64).max(1.0);
                 let avg = if updates.is_empty() {
                     let mut noise = vec![0.0f32; self.params.len()];
                     dp::add_gaussian_noise(&mut noise, p.dp.noise_std(), &mut self.noise)?;
@@ -862,16 +901,23 @@ impl Coordinator {
         }
     }
 
+    /// The sampling rate the accountant is given: 1. Privacy amplification
+    /// by subsampling needs the sample to be secret, and a networked round
+    /// publishes its participants on the ledger (chosen from a public
+    /// seed), so every round is accounted as if everyone took part.
     fn sample_rate(&self) -> f64 {
+        1.0
+    }
+
+    /// DP-FedAvg's fixed denominator: the expected number of participants.
+    fn expected_participants(&self) -> f64 {
+        let n = self.joined.len() as f64;
         match self.spec.participation {
-            Participation::All => 1.0,
-            // Accounted as Poisson sampling at the same rate: the
-            // approximation documented at `dp::fixed_size_sample`.
-            Participation::Fixed { per_round } => {
-                per_round as f64 / (self.joined.len().max(per_round)) as f64
-            }
-            Participation::Poisson { rate } => rate,
+            Participation::All => n,
+            Participation::Fixed { per_round } => (per_round as f64).min(n),
+            Participation::Poisson { rate } => rate * n,
         }
+        .max(1.0)
     }
 }
 
@@ -1172,6 +1218,57 @@ mod tests {
             net.coordinator.phase,
             Phase::Collecting { round: 1, .. }
         ));
+    }
+
+    #[test]
+    fn an_update_before_the_round_start_commits_here_is_kept() {
+        let mut net = net(spec(), 2);
+        net.drain();
+        net.join_all();
+        net.coordinator.handle_tick(5_000);
+        let start = std::iter::from_fn(|| net.coordinator.poll_output())
+            .find_map(|o| match o {
+                CoordinatorOutput::Submit(r @ Record::RoundStart { .. }) => Some(r),
+                _ => None,
+            })
+            .expect("round start submitted");
+        let dim = net.trainer.descriptor().param_count();
+        let update = compress::encode(&Payload::Dense(vec![0.01; dim])).expect("encodes");
+        // Both participants answer before the start commits at the
+        // coordinator; they claim more samples than they declared (1).
+        for n in &net.nodes {
+            net.coordinator
+                .handle_update(&n.public(), 1, &update, 1 << 60, 5_100)
+                .expect("kept");
+        }
+        assert!(
+            net.coordinator.poll_output().is_none(),
+            "not closed before the start commits"
+        );
+        let me = net.coordinator_id.public();
+        net.coordinator.handle_record(&me, &start, 5_200);
+        let summary = std::iter::from_fn(|| net.coordinator.poll_output())
+            .find_map(|o| match o {
+                CoordinatorOutput::RoundClosed(s) => Some(s),
+                _ => None,
+            })
+            .expect("closed as soon as the start committed");
+        assert_eq!(
+            (summary.responded, summary.samples),
+            (2, 2),
+            "samples capped at the join"
+        );
+    }
+
+    #[test]
+    fn jobs_too_large_for_the_wire_are_refused() {
+        let mut big = spec();
+        big.architecture = Architecture::Mlp {
+            inputs: 4096,
+            hidden: vec![2048],
+            classes: 10,
+        };
+        assert!(big.validate().is_err());
     }
 
     #[test]

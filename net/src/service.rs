@@ -39,6 +39,10 @@ const EVENT_CAPACITY: usize = 4096;
 const MAX_PENDING_MSG_REPLIES: usize = 256;
 /// Most outbound msg requests waiting for a peer's answer.
 const MAX_PENDING_MSG_REQUESTS: usize = 256;
+/// The same two bounds for the learn protocol, whose requests are up to
+/// 16 MiB: its own, smaller share, so learning traffic can neither crowd
+/// out messages nor hold much memory.
+const MAX_PENDING_LEARN: usize = 32;
 /// How often a node with few peers asks the DHT for more.
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(3);
 /// Above this many connected peers, discovery relies on Kademlia's own
@@ -113,6 +117,14 @@ pub enum AppProtocol {
 }
 
 impl AppProtocol {
+    /// Most requests of this protocol waiting for an answer, each way.
+    fn max_pending(self) -> usize {
+        match self {
+            AppProtocol::Msg => MAX_PENDING_MSG_REPLIES.min(MAX_PENDING_MSG_REQUESTS),
+            AppProtocol::Learn => MAX_PENDING_LEARN,
+        }
+    }
+
     /// The label used in payload metrics.
     fn label(self) -> &'static str {
         match self {
@@ -962,7 +974,12 @@ impl NetTask {
         reply: oneshot::Sender<Result<Vec<u8>, Error>>,
     ) {
         self.msg_requests.retain(|_, waiting| !waiting.is_closed());
-        if self.msg_requests.len() >= MAX_PENDING_MSG_REQUESTS {
+        let in_flight = self
+            .msg_requests
+            .keys()
+            .filter(|(p, _)| *p == protocol)
+            .count();
+        if in_flight >= protocol.max_pending() {
             let _ = reply.send(Err(Error::Request {
                 peer: peer.to_string(),
                 detail: format!("too many {} requests in flight", protocol.label()),
@@ -987,7 +1004,12 @@ impl NetTask {
             } => {
                 self.count_payload(protocol.label(), Direction::Inbound, request.len());
                 self.msg_replies.retain(|_, (_, c)| c.is_open());
-                if self.msg_replies.len() >= MAX_PENDING_MSG_REPLIES {
+                let waiting = self
+                    .msg_replies
+                    .values()
+                    .filter(|(p, _)| *p == protocol)
+                    .count();
+                if waiting >= protocol.max_pending() {
                     debug!(%peer, ?protocol, "request dropped: too many awaiting an answer");
                     return;
                 }

@@ -50,6 +50,8 @@ use crate::store::Store;
 pub const MODEL_CHUNK_BYTES: usize = 512 * 1024;
 /// Models kept in memory (each job needs its current one).
 const MODEL_CACHE: usize = 64;
+/// Jobs tracked at once.
+const MAX_JOBS: usize = 256;
 /// Rounds of history kept per job for `learn status`.
 const HISTORY: usize = 1000;
 /// How often coordinators look at their deadlines.
@@ -260,6 +262,10 @@ struct State {
     model_order: Vec<ModelId>,
     /// (job, round) this node already trained for.
     trained: HashSet<(JobId, u64)>,
+    /// Jobs this node is training for right now (one round at a time).
+    training: HashSet<JobId>,
+    /// Models being written to disk.
+    writing: HashSet<ModelId>,
     /// Ledger height processed.
     cursor: u64,
 }
@@ -376,8 +382,11 @@ impl Learner {
         };
         // Subscribe before replaying so no block falls between the two.
         let mut commits = consensus.subscribe();
-        // Everything already on disk is history: replayed, not acted on.
-        self.catch_up(u64::MAX, false).await;
+        // What committed before this start is history: replayed, not acted
+        // on. (The height is the restored ledger's, published before the
+        // consensus task runs; later blocks arrive as notices.)
+        let head = consensus.status().height;
+        self.catch_up(head, false).await;
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
@@ -399,7 +408,12 @@ impl Learner {
                     }
                     Err(RecvError::Closed) => return,
                 },
-                _ = tick.tick() => self.tick(),
+                _ = tick.tick() => {
+                    // Closing a round aggregates and evaluates: not on the
+                    // async workers.
+                    let this = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || this.tick()).await;
+                }
             }
         }
     }
@@ -487,6 +501,24 @@ impl Learner {
                         spec: spec.clone(),
                         coordinator_key: *signer,
                     };
+                    if s.jobs.len() >= MAX_JOBS {
+                        // Forget a finished job first; refuse to track more
+                        // unfinished ones than this.
+                        let finished = s
+                            .jobs
+                            .iter()
+                            .find(|(_, v)| v.state == "finished")
+                            .map(|(id, _)| *id);
+                        match finished {
+                            Some(id) => {
+                                s.jobs.remove(&id);
+                            }
+                            None => {
+                                warn!(%job, "too many unfinished learning jobs on the ledger; ignoring this one");
+                                return;
+                            }
+                        }
+                    }
                     s.jobs.insert(job, view);
                     info!(%job, name = %spec.name, coordinator = %signer.fingerprint(), "learning job on the ledger");
                     if live && *signer == self.me {
@@ -523,13 +555,33 @@ impl Learner {
                     if *signer != view.coordinator_key {
                         return;
                     }
+                    // Only the next round of an unfinished job, from the
+                    // model its last round ended with: a coordinator cannot
+                    // make participants train on anything else.
+                    let last = view.history.last();
+                    let expected_model =
+                        last.map_or(view.initial_model.clone(), |h| h.model.clone());
+                    let next = last.map_or(1, |h| h.round + 1);
+                    if view.state == "finished"
+                        || *round != next
+                        || *round > view.spec.rounds
+                        || model.to_hex() != expected_model
+                    {
+                        debug!(%job, round, "round start out of sequence ignored");
+                        return;
+                    }
                     view.round = view.round.max(*round);
                     if view.state == "gathering" {
                         view.state = "running".into();
                     }
                     let spec = view.spec.clone();
                     let coordinator = view.coordinator_key;
-                    if live && participants.contains(&self.me) && s.trained.insert((*job, *round)) {
+                    if live
+                        && participants.contains(&self.me)
+                        && !s.training.contains(job)
+                        && s.trained.insert((*job, *round))
+                    {
+                        s.training.insert(*job);
                         actions.push(Action::Train {
                             job: *job,
                             round: *round,
@@ -560,6 +612,10 @@ impl Learner {
                     view.history.push(RoundView::from(summary));
                     if summary.finished {
                         view.state = "finished".into();
+                        let job = summary.job;
+                        s.trainers.remove(&job);
+                        s.feedback.remove(&job);
+                        s.trained.retain(|(j, _)| *j != job);
                     }
                     self.metrics.round.set(summary.round as i64);
                     if let Some(a) = summary.accuracy {
@@ -696,10 +752,13 @@ impl Learner {
                 coordinator,
             } => {
                 tokio::spawn(async move {
-                    match this
+                    let result = this
                         .participate(job, round, model, *spec, coordinator)
-                        .await
-                    {
+                        .await;
+                    if let Ok(mut s) = this.state() {
+                        s.training.remove(&job);
+                    }
+                    match result {
                         Ok(()) => {
                             this.metrics.updates_sent.inc();
                         }
@@ -809,15 +868,20 @@ impl Learner {
         self.state()?.feedback.insert(job, feedback);
         let bytes = payload.len();
         if coordinator == self.me {
-            // This node coordinates the job too: no network hop to itself.
-            let accepted = match self.state()?.coordinators.get_mut(&job) {
-                Some(c) => c
-                    .handle_update(&self.me, round, &payload, samples, now_ms())
-                    .map_err(|e| anyhow!("own update refused: {e}")),
-                None => Err(anyhow!("this node no longer coordinates the job")),
-            };
-            self.drain();
-            accepted?;
+            // This node coordinates the job too: no network hop to itself
+            // (and the round may close here: off the async workers).
+            let this = self.clone();
+            tokio::task::spawn_blocking(move || {
+                let accepted = match this.state()?.coordinators.get_mut(&job) {
+                    Some(c) => c
+                        .handle_update(&this.me, round, &payload, samples, now_ms())
+                        .map_err(|e| anyhow!("own update refused: {e}")),
+                    None => Err(anyhow!("this node no longer coordinates the job")),
+                };
+                this.drain();
+                accepted
+            })
+            .await??;
             info!(%job, round, samples, bytes, train_ms = started.elapsed().as_millis() as u64, "update handed to the local coordinator");
             return Ok(());
         }
@@ -844,7 +908,7 @@ impl Learner {
     /// The parameters of `model`: from memory, from disk, or fetched from
     /// `from` in chunks; always checked against the model id.
     async fn model_params(
-        &self,
+        self: &Arc<Self>,
         model: &ModelId,
         trainer: &Trainer,
         from: Option<PeerId>,
@@ -853,23 +917,38 @@ impl Learner {
             return Ok(p.clone());
         }
         let path = self.model_path(model);
-        let bytes = match tokio::fs::read(&path).await {
-            Ok(b) => b,
-            Err(_) => {
+        let check = |bytes: &[u8]| -> Result<Vec<f32>> {
+            let params = params_from_bytes(bytes)?;
+            let found = ModelId::compute(trainer.descriptor(), &params)?;
+            if found != *model {
+                bail!(
+                    "model {} does not match its id (got {})",
+                    model.to_hex(),
+                    found.to_hex()
+                );
+            }
+            Ok(params)
+        };
+        let on_disk = match tokio::fs::read(&path).await {
+            Ok(bytes) => match check(&bytes) {
+                Ok(params) => Some(params),
+                Err(e) => {
+                    // Damaged: remove it, so it can be fetched again.
+                    warn!(path = %path.display(), error = format!("{e:#}"), "stored model removed");
+                    let _ = tokio::fs::remove_file(&path).await;
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        let params = match on_disk {
+            Some(p) => p,
+            None => {
                 let peer =
                     from.with_context(|| format!("model {} is not held here", model.to_hex()))?;
-                self.fetch_model(peer, model, trainer).await?
+                check(&self.fetch_model(peer, model, trainer).await?)?
             }
         };
-        let params = params_from_bytes(&bytes)?;
-        let found = ModelId::compute(trainer.descriptor(), &params)?;
-        if found != *model {
-            bail!(
-                "model {} does not match its id (got {})",
-                model.to_hex(),
-                found.to_hex()
-            );
-        }
         let params = Arc::new(params);
         self.keep_model(*model, params.clone());
         Ok(params)
@@ -919,22 +998,31 @@ impl Learner {
         self.models_dir.join(format!("{}.bin", model.to_hex()))
     }
 
-    fn keep_model(&self, id: ModelId, params: Arc<Vec<f32>>) {
-        if let Ok(mut s) = self.state() {
-            if s.models.insert(id, params.clone()).is_none() {
-                s.model_order.push(id);
-            }
-            while s.model_order.len() > MODEL_CACHE {
-                let old = s.model_order.remove(0);
-                s.models.remove(&old);
-            }
-        }
+    fn keep_model(self: &Arc<Self>, id: ModelId, params: Arc<Vec<f32>>) {
         let path = self.model_path(&id);
-        if !path.exists() {
-            let bytes = params_to_bytes(&params);
+        let write = match self.state() {
+            Ok(mut s) => {
+                if s.models.insert(id, params.clone()).is_none() {
+                    s.model_order.push(id);
+                }
+                while s.model_order.len() > MODEL_CACHE {
+                    let old = s.model_order.remove(0);
+                    s.models.remove(&old);
+                }
+                // One writer per model: the temporary file name is fixed.
+                !path.exists() && s.writing.insert(id)
+            }
+            Err(_) => false,
+        };
+        if write {
+            let this = self.clone();
             tokio::task::spawn_blocking(move || {
+                let bytes = params_to_bytes(&params);
                 if let Err(e) = openagi_crypto::keyfile::write_atomic(&path, &bytes, 0o644) {
                     warn!(path = %path.display(), error = %e, "model not written");
+                }
+                if let Ok(mut s) = this.state() {
+                    s.writing.remove(&id);
                 }
             });
         }
@@ -942,7 +1030,11 @@ impl Learner {
 
     /// The model of `job` after `round` (the latest when `None`; round 0 is
     /// the initial model) as (id, little-endian `f32` bytes).
-    pub async fn export(&self, job: &JobId, round: Option<u64>) -> Result<(ModelId, Vec<u8>)> {
+    pub async fn export(
+        self: &Arc<Self>,
+        job: &JobId,
+        round: Option<u64>,
+    ) -> Result<(ModelId, Vec<u8>)> {
         let (spec, coordinator, model) = {
             let s = self.state()?;
             let view = s
@@ -1003,15 +1095,24 @@ impl Learner {
         };
         match request {
             LearnRequest::Model { model, offset } => {
-                let params = self
+                let cached = self
                     .state()
                     .ok()
                     .and_then(|s| s.models.get(&model).cloned());
-                let bytes = match params {
-                    Some(p) => params_to_bytes(&p),
-                    None => match std::fs::read(self.model_path(&model)) {
-                        Ok(b) => b,
-                        Err(_) => {
+                let params = match cached {
+                    Some(p) => p,
+                    // Read from disk once, then served from memory. (Its id
+                    // was checked when it was kept.)
+                    None => match std::fs::read(self.model_path(&model))
+                        .ok()
+                        .and_then(|b| params_from_bytes(&b).ok())
+                    {
+                        Some(p) => {
+                            let p = Arc::new(p);
+                            self.keep_model(model, p.clone());
+                            p
+                        }
+                        None => {
                             return LearnResponse::Refused(format!(
                                 "model {} is not held here",
                                 model.to_hex()
@@ -1019,14 +1120,15 @@ impl Learner {
                         }
                     },
                 };
+                let total = params.len() * 4;
                 let start = usize::try_from(offset).unwrap_or(usize::MAX);
-                if start >= bytes.len() {
-                    return LearnResponse::Refused("offset beyond the model".into());
+                if start >= total || !start.is_multiple_of(4) {
+                    return LearnResponse::Refused("offset beyond the model or unaligned".into());
                 }
-                let end = (start + MODEL_CHUNK_BYTES).min(bytes.len());
+                let end = (start + MODEL_CHUNK_BYTES).min(total);
                 LearnResponse::Chunk {
-                    total: bytes.len() as u64,
-                    bytes: bytes[start..end].to_vec(),
+                    total: total as u64,
+                    bytes: params_to_bytes(&params[start / 4..end / 4]),
                 }
             }
             LearnRequest::Update {
