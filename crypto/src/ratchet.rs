@@ -519,6 +519,12 @@ mod tests {
             .map(|p| p.to_vec())
     }
 
+    /// `from` sends `text` to `to`, which must read it back.
+    fn delivers(from: &mut Node, to: &mut Node, text: &[u8]) {
+        let message = send(from, to, text);
+        assert_eq!(recv(to, from, &message).expect("delivered"), text);
+    }
+
     #[test]
     fn conversation_round_trips_and_consumes_one_time_keys() {
         let (mut alice, mut bob) = pair();
@@ -616,27 +622,15 @@ mod tests {
         assert_eq!(bob.ratchet.retired_identity_key(), Some(early.identity_key));
 
         // The established session with Alice still works both ways.
-        let to_bob = send(&mut alice, &bob, b"still here");
-        assert_eq!(
-            recv(&mut bob, &alice, &to_bob).expect("old session"),
-            b"still here"
-        );
-        let to_alice = send(&mut bob, &alice, b"me too");
-        assert_eq!(
-            recv(&mut alice, &bob, &to_alice).expect("old session"),
-            b"me too"
-        );
+        delivers(&mut alice, &mut bob, b"still here");
+        delivers(&mut bob, &mut alice, b"me too");
 
         // A bundle from the retired account still opens a session.
         carol
             .ratchet
             .start_session(&bob.id, &early)
             .expect("outbound");
-        let first = send(&mut carol, &bob, b"from the old bundle");
-        assert_eq!(
-            recv(&mut bob, &carol, &first).expect("retired account answers"),
-            b"from the old bundle"
-        );
+        delivers(&mut carol, &mut bob, b"from the old bundle");
 
         // A key handed out before the previous rotation dies with the next.
         let mut dave = node(4);
@@ -722,16 +716,8 @@ mod tests {
             .ratchet
             .start_session(&bob.id, &early)
             .expect("outbound");
-        let first = send(&mut carol, &bob, b"after restart");
-        assert_eq!(
-            recv(&mut bob, &carol, &first).expect("retired kept"),
-            b"after restart"
-        );
-        let to_bob = send(&mut alice, &bob, b"session kept");
-        assert_eq!(
-            recv(&mut bob, &alice, &to_bob).expect("kept"),
-            b"session kept"
-        );
+        delivers(&mut carol, &mut bob, b"after restart");
+        delivers(&mut alice, &mut bob, b"session kept");
     }
 
     #[test]
@@ -776,11 +762,7 @@ mod tests {
             recv(&mut bob, &alice, &in_flight).expect("decrypts"),
             b"sent before restart"
         );
-        let reply = send(&mut bob, &alice, b"after restart");
-        assert_eq!(
-            recv(&mut alice, &bob, &reply).expect("decrypts"),
-            b"after restart"
-        );
+        delivers(&mut bob, &mut alice, b"after restart");
     }
 
     #[test]

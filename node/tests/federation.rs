@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use openagi_tests::{Daemon, DaemonOptions, init_validators, openagi, use_binary, wait_for};
+use openagi_tests::{Daemon, DaemonOptions, init_validators, logs, openagi, use_binary, wait_for};
 use serde_json::Value;
 
 const JOB: &str = r#"
@@ -62,13 +62,6 @@ fn a_job_trains_across_daemons_and_survives_a_silent_participant() {
     for (i, dir) in dirs.iter().enumerate().skip(1) {
         nodes.push(Daemon::start(dir, &options(i, boot.clone())).expect("validator starts"));
     }
-    let logs = |nodes: &[Daemon]| {
-        nodes
-            .iter()
-            .enumerate()
-            .map(|(i, d)| format!("--- v{i} ---\n{}", d.log()))
-            .collect::<String>()
-    };
     wait_for("validator mesh", Duration::from_secs(30), || {
         nodes.iter().all(|d| d.connected_peers() == 3).then_some(())
     })

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use openagi_tests::tornet::{INSTALL_HINT, TorNet, TorNetOptions, tor_available};
-use openagi_tests::{Daemon, DaemonOptions, init, init_validators, use_binary, wait_for};
+use openagi_tests::{Daemon, DaemonOptions, init, init_validators, logs, use_binary, wait_for};
 use serde_json::json;
 
 static NETWORK: OnceLock<Result<(TorNet, tempfile::TempDir), String>> = OnceLock::new();
@@ -365,13 +365,6 @@ fn validators_on_onion_services_commit_blocks_in_both_tor_modes() {
             .expect("validator starts"),
         );
     }
-    let logs = |nodes: &[Daemon]| {
-        nodes
-            .iter()
-            .enumerate()
-            .map(|(i, d)| format!("--- v{i} ---\n{}", d.log()))
-            .collect::<String>()
-    };
     // Consensus needs every validator to reach every other one; the others
     // learn each other's onion addresses through the DHT.
     wait_for(

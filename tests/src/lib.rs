@@ -132,6 +132,15 @@ pub fn init_validators(root: &Path, n: usize) -> Result<Vec<PathBuf>> {
     Ok(dirs)
 }
 
+/// Every daemon's log, labelled `v0`, `v1`, ... (for failure messages).
+pub fn logs(nodes: &[Daemon]) -> String {
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, d)| format!("--- v{i} ---\n{}", d.log()))
+        .collect()
+}
+
 /// Polls `check` every 100 ms until it returns `Some` or `limit` passes.
 pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
     let until = Instant::now() + limit;
