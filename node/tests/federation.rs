@@ -24,8 +24,10 @@ seed = 11
 "#;
 
 /// The accuracy the job must reach on the coordinator's held-out quarter
-/// of the digits set (logistic regression reaches about 94% in 5 rounds).
-const STATED_ACCURACY: f64 = 0.90;
+/// of the digits set after 6 rounds, four of them without one of the four
+/// shards. Measured: 88-94% (the job id, and with it every local shuffle,
+/// differs per run because the validators' keys do); chance is 10%.
+const STATED_ACCURACY: f64 = 0.85;
 
 fn jobs(d: &Daemon) -> Vec<Value> {
     d.get("/api/v1/learn/jobs", Some(d.token()))
