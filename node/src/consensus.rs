@@ -91,6 +91,73 @@ pub struct ConsensusStatus {
     pub stable_checkpoint: u64,
 }
 
+/// Consensus messages of one processing round, per peer, in order.
+#[derive(Default)]
+struct Outgoing {
+    per_peer: Vec<(PeerId, Vec<Arc<Vec<u8>>>)>,
+}
+
+impl Outgoing {
+    fn push(&mut self, peer: PeerId, message: Arc<Vec<u8>>) {
+        match self.per_peer.iter_mut().find(|(p, _)| *p == peer) {
+            Some((_, parts)) => parts.push(message),
+            None => self.per_peer.push((peer, vec![message])),
+        }
+    }
+}
+
+/// Version byte of a bundle on `/openagi/direct/1`.
+const BUNDLE_VERSION: u8 = 1;
+/// Bytes of framing per message in a bundle (a little-endian length).
+const BUNDLE_FRAME: usize = 4;
+
+/// Packs encoded messages into as few direct messages as fit
+/// [`openagi_net::MAX_DIRECT_BYTES`]: a version byte, then each message as
+/// a 4-byte little-endian length and its bytes. Every consensus message a
+/// processing round sends to one peer travels in one stream: over Tor,
+/// where a stream costs round trips, one stream per message piled up
+/// thousands of streams and hit the connection's stream limits.
+fn bundles(parts: &[Arc<Vec<u8>>]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut current = vec![BUNDLE_VERSION];
+    for part in parts {
+        let framed = BUNDLE_FRAME + part.len();
+        if current.len() > 1 && current.len() + framed > openagi_net::MAX_DIRECT_BYTES {
+            out.push(std::mem::replace(&mut current, vec![BUNDLE_VERSION]));
+        }
+        current.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        current.extend_from_slice(part);
+    }
+    if current.len() > 1 {
+        out.push(current);
+    }
+    out
+}
+
+/// Splits a bundle back into its messages, refusing bad framing.
+fn decode_bundle(data: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let Some((&version, mut rest)) = data.split_first() else {
+        return Err("empty bundle".into());
+    };
+    if version != BUNDLE_VERSION {
+        return Err(format!("unknown bundle version {version}"));
+    }
+    let mut parts = Vec::new();
+    while !rest.is_empty() {
+        let (len, tail) = rest
+            .split_first_chunk::<BUNDLE_FRAME>()
+            .ok_or("truncated length")?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > tail.len() {
+            return Err(format!("message of {len} bytes in {} left", tail.len()));
+        }
+        let (part, tail) = tail.split_at(len);
+        parts.push(part);
+        rest = tail;
+    }
+    Ok(parts)
+}
+
 /// A block that committed, for API waiters.
 #[derive(Debug, Clone)]
 pub struct CommitNotice {
@@ -529,19 +596,25 @@ impl Driver {
                 }
             }
             Input::Message { from, data } => {
-                match Message::decode(&data, self.replica.config().max_message_bytes) {
-                    Ok(message) => {
-                        tracing::trace!(%from, kind = message.kind(), "consensus message in");
-                        self.replica.handle_message(message, now)
-                    }
+                let parts = match decode_bundle(&data) {
+                    Ok(parts) => parts,
                     Err(e) => {
-                        debug!(%from, error = %e, "undecodable consensus message");
-                        self.metrics
-                            .dropped
-                            .get_or_create(&ReasonLabel {
-                                reason: "undecodable".into(),
-                            })
-                            .inc();
+                        debug!(%from, error = %e, "undecodable consensus bundle");
+                        self.count_undecodable();
+                        return;
+                    }
+                };
+                let limit = self.replica.config().max_message_bytes;
+                for part in parts {
+                    match Message::decode(part, limit) {
+                        Ok(message) => {
+                            tracing::trace!(%from, kind = message.kind(), "consensus message in");
+                            self.replica.handle_message(message, now)
+                        }
+                        Err(e) => {
+                            debug!(%from, error = %e, "undecodable consensus message");
+                            self.count_undecodable();
+                        }
                     }
                 }
             }
@@ -567,6 +640,15 @@ impl Driver {
         Ok(())
     }
 
+    fn count_undecodable(&self) {
+        self.metrics
+            .dropped
+            .get_or_create(&ReasonLabel {
+                reason: "undecodable".into(),
+            })
+            .inc();
+    }
+
     async fn drain(&mut self) -> Result<(), ConsensusError> {
         // Collect every output first and write all their records in one
         // fsynced transaction before acting on any of them. The contract is
@@ -582,9 +664,10 @@ impl Driver {
             }
         }
         self.flush(&mut records).await?;
+        let mut outgoing = Outgoing::default();
         for action in actions {
             match action {
-                Output::Send { to, message } => self.send(to, &message).await,
+                Output::Send { to, message } => self.queue(&mut outgoing, to, &message),
                 Output::Committed {
                     block,
                     certificate,
@@ -597,15 +680,24 @@ impl Driver {
                 Output::Persist(_) => {}
             }
         }
+        for (peer, parts) in outgoing.per_peer {
+            for bundle in bundles(&parts) {
+                if self.net.send_direct(peer, bundle).await.is_err() {
+                    break;
+                }
+            }
+        }
         self.sync_drop_counters();
         self.publish_status();
         Ok(())
     }
 
-    async fn send(&mut self, to: Recipient, message: &Message) {
+    /// Encodes `message` once and queues it for its recipients; the drain
+    /// sends each peer's queue as bundles.
+    fn queue(&self, outgoing: &mut Outgoing, to: Recipient, message: &Message) {
         tracing::trace!(kind = message.kind(), to = ?to, "consensus message out");
         let bytes = match message.encode() {
-            Ok(b) => b,
+            Ok(b) => Arc::new(b),
             Err(e) => {
                 warn!(error = %e, "could not encode consensus message");
                 return;
@@ -614,19 +706,16 @@ impl Driver {
         match to {
             Recipient::All => {
                 for (index, peer) in self.peers.iter().enumerate() {
-                    if index == self.me {
-                        continue;
-                    }
-                    if let Some(peer) = peer
-                        && self.net.send_direct(*peer, bytes.clone()).await.is_err()
+                    if index != self.me
+                        && let Some(peer) = peer
                     {
-                        return;
+                        outgoing.push(*peer, bytes.clone());
                     }
                 }
             }
             Recipient::One(key) => {
                 if let Some(peer) = peer_id_of(&key) {
-                    let _ = self.net.send_direct(peer, bytes).await;
+                    outgoing.push(peer, bytes);
                 }
             }
         }
@@ -734,6 +823,47 @@ mod tests {
         assert_eq!(
             peer_id_of(&identity.public()),
             Some(keypair.public().to_peer_id())
+        );
+    }
+}
+
+#[cfg(test)]
+mod bundle_tests {
+    use super::*;
+
+    #[test]
+    fn bundles_round_trip_split_at_the_limit_and_refuse_bad_framing() {
+        let parts: Vec<Arc<Vec<u8>>> = vec![
+            Arc::new(b"prepare".to_vec()),
+            Arc::new(Vec::new()),
+            Arc::new(vec![7u8; 1000]),
+        ];
+        let packed = bundles(&parts);
+        assert_eq!(packed.len(), 1);
+        let back = decode_bundle(&packed[0]).expect("decodes");
+        assert_eq!(back, [&b"prepare"[..], &[][..], &[7u8; 1000][..]]);
+        assert!(bundles(&[]).is_empty());
+
+        // Two messages that do not fit one direct message go in two.
+        let half = openagi_net::MAX_DIRECT_BYTES / 2 + 1;
+        let big = vec![Arc::new(vec![1u8; half]), Arc::new(vec![2u8; half])];
+        let packed = bundles(&big);
+        assert_eq!(packed.len(), 2);
+        assert!(
+            packed
+                .iter()
+                .all(|b| b.len() <= openagi_net::MAX_DIRECT_BYTES)
+        );
+
+        assert!(decode_bundle(&[]).is_err());
+        assert!(decode_bundle(&[9, 0, 0, 0, 0]).is_err(), "unknown version");
+        assert!(
+            decode_bundle(&[BUNDLE_VERSION, 1, 0]).is_err(),
+            "short length"
+        );
+        assert!(
+            decode_bundle(&[BUNDLE_VERSION, 5, 0, 0, 0, 1]).is_err(),
+            "length past the end"
         );
     }
 }
