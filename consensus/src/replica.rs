@@ -1499,27 +1499,41 @@ impl<S: Signer> Replica<S> {
             self.drop_input(DropReason::Malformed);
             return;
         }
-        let view = self.view;
-        let now = self.now;
-        let slot = self.log.entry(p.seq).or_default();
+        if self.record_vote(p.seq, from, p.digest, signed, |slot| &mut slot.prepares) {
+            self.check_prepared(p.seq);
+        }
+    }
+
+    /// Stores `from`'s vote for `digest` at `seq` in this view's slot (the
+    /// map `votes` picks: prepares or commits). A repeated vote is a
+    /// duplicate, a different one an equivocation; both are dropped and
+    /// counted. Returns whether the vote was new.
+    fn record_vote<T>(
+        &mut self,
+        seq: u64,
+        from: usize,
+        digest: Hash,
+        signed: Signed<T>,
+        votes: impl FnOnce(&mut Slot) -> &mut BTreeMap<usize, (Hash, Signed<T>)>,
+    ) -> bool {
+        let (view, now) = (self.view, self.now);
+        let slot = self.log.entry(seq).or_default();
         if slot.view != view {
             slot.reset_for_view(view);
         }
-        match slot.prepares.get(&from) {
-            Some((d, _)) if *d == p.digest => {
-                self.drop_input(DropReason::Duplicate);
-                return;
-            }
-            Some(_) => {
-                self.drop_input(DropReason::Equivocation);
-                return;
-            }
-            None => {
-                slot.prepares.insert(from, (p.digest, signed));
+        let reason = match votes(slot).entry(from) {
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert((digest, signed));
                 slot.touched = now;
+                return true;
             }
-        }
-        self.check_prepared(p.seq);
+            std::collections::btree_map::Entry::Occupied(e) if e.get().0 == digest => {
+                DropReason::Duplicate
+            }
+            std::collections::btree_map::Entry::Occupied(_) => DropReason::Equivocation,
+        };
+        self.drop_input(reason);
+        false
     }
 
     fn on_commit(&mut self, signed: Signed<Commit>) {
@@ -1532,27 +1546,9 @@ impl<S: Signer> Replica<S> {
         if !self.admit_normal(from, c.view, c.seq, &Message::Commit(signed.clone())) {
             return;
         }
-        let view = self.view;
-        let now = self.now;
-        let slot = self.log.entry(c.seq).or_default();
-        if slot.view != view {
-            slot.reset_for_view(view);
+        if self.record_vote(c.seq, from, c.digest, signed, |slot| &mut slot.commits) {
+            self.check_committed(c.seq);
         }
-        match slot.commits.get(&from) {
-            Some((d, _)) if *d == c.digest => {
-                self.drop_input(DropReason::Duplicate);
-                return;
-            }
-            Some(_) => {
-                self.drop_input(DropReason::Equivocation);
-                return;
-            }
-            None => {
-                slot.commits.insert(from, (c.digest, signed));
-                slot.touched = now;
-            }
-        }
-        self.check_committed(c.seq);
     }
 
     fn check_prepared(&mut self, seq: u64) {

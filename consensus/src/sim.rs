@@ -659,6 +659,15 @@ impl Sim {
         }
     }
 
+    /// Sends `honest` to the even-numbered targets and `alt` to the odd
+    /// ones: the two halves see conflicting messages from one signer.
+    fn equivocate(&mut self, id: usize, targets: Vec<usize>, honest: &Message, alt: &Message) {
+        for to in targets {
+            let m = if to % 2 == 0 { honest } else { alt };
+            self.transmit(id, to, m.clone());
+        }
+    }
+
     /// Sends `message` from node `id` to `targets`, letting a faulty node
     /// rewrite it first.
     fn send_from(&mut self, id: usize, targets: Vec<usize>, message: Message) {
@@ -689,17 +698,11 @@ impl Sim {
                 let Ok(alt_signed) = signer.seal(&alt) else {
                     return;
                 };
-                for to in targets {
-                    if to % 2 == 0 {
-                        self.transmit(id, to, message.clone());
-                    } else {
-                        let m = Message::PrePrepare {
-                            pre_prepare: alt_signed.clone(),
-                            batch: other.clone(),
-                        };
-                        self.transmit(id, to, m);
-                    }
-                }
+                let alt = Message::PrePrepare {
+                    pre_prepare: alt_signed,
+                    batch: other,
+                };
+                self.equivocate(id, targets, &message, &alt);
             }
             (Fault::DoubleVoter, Message::Prepare(s)) => {
                 let Some(p) = decode(s) else { return };
@@ -710,14 +713,7 @@ impl Sim {
                 let Ok(alt) = signer.seal(&forged) else {
                     return;
                 };
-                for to in targets {
-                    let m = if to % 2 == 0 {
-                        message.clone()
-                    } else {
-                        Message::Prepare(alt.clone())
-                    };
-                    self.transmit(id, to, m);
-                }
+                self.equivocate(id, targets, &message, &Message::Prepare(alt));
             }
             (Fault::DoubleVoter, Message::Commit(s)) => {
                 let Some(c) = decode(s) else { return };
@@ -728,14 +724,7 @@ impl Sim {
                 let Ok(alt) = signer.seal(&forged) else {
                     return;
                 };
-                for to in targets {
-                    let m = if to % 2 == 0 {
-                        message.clone()
-                    } else {
-                        Message::Commit(alt.clone())
-                    };
-                    self.transmit(id, to, m);
-                }
+                self.equivocate(id, targets, &message, &Message::Commit(alt));
             }
             (Fault::ForgedViewChange, Message::NewView(s)) => {
                 let Some(nv) = decode(s) else { return };
