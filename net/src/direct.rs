@@ -40,6 +40,16 @@ pub(crate) async fn read_bounded<T: AsyncRead + Unpin + Send>(
     Ok(buf)
 }
 
+/// Writes one message and closes the write side: the end of the stream
+/// delimits it, which [`read_bounded`] relies on.
+pub(crate) async fn write_and_close<T>(io: &mut T, bytes: &[u8]) -> io::Result<()>
+where
+    T: AsyncWrite + Unpin + Send,
+{
+    io.write_all(bytes).await?;
+    io.close().await
+}
+
 impl Codec for DirectCodec {
     type Protocol = StreamProtocol;
     type Request = Vec<u8>;
@@ -68,8 +78,7 @@ impl Codec for DirectCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        io.write_all(&req).await?;
-        io.close().await
+        write_and_close(io, &req).await
     }
 
     async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, _: ()) -> io::Result<()>

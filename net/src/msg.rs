@@ -14,7 +14,7 @@ use futures::prelude::*;
 use libp2p::StreamProtocol;
 use libp2p::request_response::Codec;
 
-use crate::direct::read_bounded;
+use crate::direct::{read_bounded, write_and_close};
 
 /// The messaging protocol's name.
 pub const MSG_PROTOCOL: StreamProtocol = StreamProtocol::new("/openagi/msg/1");
@@ -90,8 +90,7 @@ impl Codec for MsgCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        io.write_all(&req).await?;
-        io.close().await
+        write_and_close(io, &req).await
     }
 
     async fn write_response<T>(
@@ -103,7 +102,6 @@ impl Codec for MsgCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        io.write_all(&res).await?;
-        io.close().await
+        write_and_close(io, &res).await
     }
 }
