@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use openagi_consensus::{ClientId, Transaction};
@@ -34,13 +34,6 @@ pub struct ConsensusBench {
     pub batch_txs: usize,
     /// Where the nodes' data directories go (default: a temporary one).
     pub dir: Option<PathBuf>,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[derive(Default)]
@@ -222,7 +215,7 @@ async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<()>
     let metrics_before = primary.get_text("/metrics")?;
     let (tx0, h0) = committed(&primary)?;
     let offered0 = counters.offered.load(Ordering::Relaxed);
-    let t0 = unix_ms();
+    let t0 = crate::unix_ms();
     let started = Instant::now();
     tokio::time::sleep(options.duration).await;
     let elapsed = started.elapsed().as_secs_f64();

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use openagi_consensus::{
     Block, CommitCertificate, Config, DropReason, Hash, IdentitySigner, Message, Output, Recipient,
@@ -383,13 +383,6 @@ pub fn peer_id_of(key: &PublicKey) -> Option<PeerId> {
     Some(libp2p::identity::PublicKey::from(public).to_peer_id())
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn reason_name(reason: DropReason) -> String {
     let debug = format!("{reason:?}");
     let mut out = String::with_capacity(debug.len() + 4);
@@ -446,9 +439,15 @@ pub fn start(
         // consensus state is gone: it must not vote where it may have
         // voted, or it could contradict itself.
         warn!(marker = %marker.display(), "consensus state lost; recovering before voting again");
-        Replica::recover_after_data_loss(config, validators.clone(), signer, unix_ms())?
+        Replica::recover_after_data_loss(config, validators.clone(), signer, crate::unix_ms())?
     } else {
-        Replica::restore(config, validators.clone(), signer, persisted, unix_ms())?
+        Replica::restore(
+            config,
+            validators.clone(),
+            signer,
+            persisted,
+            crate::unix_ms(),
+        )?
     };
     if !marker.exists() {
         openagi_crypto::keyfile::write_atomic(
@@ -502,8 +501,8 @@ pub fn start(
                 .replica
                 .poll_timeout()
                 .unwrap_or(u64::MAX)
-                .min(unix_ms() + 1000);
-            let wait = Duration::from_millis(deadline.saturating_sub(unix_ms()));
+                .min(crate::unix_ms() + 1000);
+            let wait = Duration::from_millis(deadline.saturating_sub(crate::unix_ms()));
             tokio::select! {
                 _ = shutdown.changed() => break,
                 input = input_rx.recv() => match input {
@@ -524,7 +523,7 @@ pub fn start(
             }
             // Timers must fire even when inputs arrive faster than they
             // fall due, so the tick is not tied to the sleep winning.
-            let now = unix_ms();
+            let now = crate::unix_ms();
             if now >= deadline {
                 driver.replica.handle_tick(now);
             }
@@ -569,7 +568,7 @@ impl Driver {
     }
 
     fn handle(&mut self, input: Input) {
-        let now = unix_ms();
+        let now = crate::unix_ms();
         match input {
             Input::Submit { tx, reply } => {
                 let hash = tx.hash();
@@ -724,7 +723,7 @@ impl Driver {
     fn committed(&mut self, block: &Block, _certificate: &CommitCertificate, applied: usize) {
         let now = Instant::now();
         let hashes: Vec<Hash> = block.txs.iter().map(Transaction::hash).collect();
-        let commit_ms = unix_ms();
+        let commit_ms = crate::unix_ms();
         let mut ring = match self.latencies.lock() {
             Ok(r) => r,
             Err(p) => p.into_inner(),
@@ -744,7 +743,7 @@ impl Driver {
         self.metrics.committed_txs.inc_by(applied as u64);
         self.metrics.height.set(block.height as i64);
         self.committed_txs += applied as u64;
-        self.last_commit = Some(unix_ms());
+        self.last_commit = Some(crate::unix_ms());
         let has_learning_records = block.txs.iter().any(|tx| {
             tx.payload
                 .starts_with(openagi_learning::federation::RECORD_TAG)

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use openagi_consensus::{ClientId, Transaction};
@@ -284,13 +284,6 @@ pub struct Learner {
     metrics: LearnMetrics,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn params_to_bytes(params: &[f32]) -> Vec<u8> {
     params.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
@@ -459,7 +452,7 @@ impl Learner {
     }
 
     fn apply(self: &Arc<Self>, signer: &PublicKey, record: &Record, payload: &[u8], live: bool) {
-        let now = now_ms();
+        let now = crate::unix_ms();
         let mut actions = Vec::new();
         {
             let Ok(mut s) = self.state() else { return };
@@ -673,7 +666,7 @@ impl Learner {
     }
 
     fn tick(self: &Arc<Self>) {
-        let now = now_ms();
+        let now = crate::unix_ms();
         if let Ok(mut s) = self.state() {
             for c in s.coordinators.values_mut() {
                 c.handle_tick(now);
@@ -874,7 +867,7 @@ impl Learner {
             tokio::task::spawn_blocking(move || {
                 let accepted = match this.state()?.coordinators.get_mut(&job) {
                     Some(c) => c
-                        .handle_update(&this.me, round, &payload, samples, now_ms())
+                        .handle_update(&this.me, round, &payload, samples, crate::unix_ms())
                         .map_err(|e| anyhow!("own update refused: {e}")),
                     None => Err(anyhow!("this node no longer coordinates the job")),
                 };
@@ -1143,7 +1136,7 @@ impl Learner {
                 let result = match self.state() {
                     Ok(mut s) => match s.coordinators.get_mut(&job) {
                         Some(c) => c
-                            .handle_update(&sender, round, &payload, samples, now_ms())
+                            .handle_update(&sender, round, &payload, samples, crate::unix_ms())
                             .map_err(|e| e.to_string()),
                         None => Err("this node does not coordinate that job".into()),
                     },

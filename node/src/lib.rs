@@ -26,3 +26,12 @@ pub mod passphrase;
 pub mod status;
 pub mod store;
 pub mod tor;
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it): the
+/// wall-clock time the node hands to its pure cores and records.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

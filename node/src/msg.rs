@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use openagi_crypto::aead::{self, AeadKey};
@@ -168,13 +168,6 @@ pub struct Messenger {
     net: NetHandle,
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn peer_key(peer: &PeerId) -> Result<PublicKey> {
     openagi_net::public_key_of(peer)
         .with_context(|| format!("{peer} is not an Open-AGI node id (no Ed25519 key in it)"))
@@ -200,8 +193,9 @@ impl Messenger {
             None => None,
         };
         let fresh = ratchet.is_none();
-        let ratchet = ratchet
-            .unwrap_or_else(|| Ratchet::new(DEFAULT_MAX_SESSIONS_PER_PEER, unix_ms() / 1000));
+        let ratchet = ratchet.unwrap_or_else(|| {
+            Ratchet::new(DEFAULT_MAX_SESSIONS_PER_PEER, crate::unix_ms() / 1000)
+        });
         if fresh {
             store.save_ratchet(&ratchet.pickle(&pickle_key)?, None)?;
         }
@@ -467,7 +461,7 @@ impl Messenger {
                             number: 0,
                             from_peer: from.to_string(),
                             from_key: peer.to_hex(),
-                            received_unix_ms: unix_ms(),
+                            received_unix_ms: crate::unix_ms(),
                             text: String::from_utf8_lossy(&plaintext).into_owned(),
                         })
                     },
