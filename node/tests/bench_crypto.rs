@@ -28,11 +28,15 @@ fn bench_crypto_prints_every_row() {
 #[test]
 fn bench_crypto_compares_with_openssl_on_this_machine() {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
-    if std::process::Command::new("openssl")
+    if let Err(e) = std::process::Command::new("openssl")
         .arg("version")
         .output()
-        .is_err()
     {
+        // CI installs openssl (.ci/run); elsewhere the comparison is optional.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "openssl is required in CI: {e}"
+        );
         eprintln!("skipped: no openssl command on this machine");
         return;
     }
