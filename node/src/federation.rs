@@ -421,34 +421,49 @@ impl Learner {
             if from > height {
                 return;
             }
-            let store = self.store.clone();
-            let blocks = tokio::task::spawn_blocking(move || store.blocks_from(from, 64)).await;
-            let blocks = match blocks {
-                Ok(Ok(b)) if !b.is_empty() => b,
-                Ok(Ok(_)) => return,
-                Ok(Err(e)) => {
-                    warn!(error = %e, "learning: reading blocks failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            for (block, _) in blocks {
-                for tx in &block.txs {
-                    match federation::decode_record(&tx.payload) {
-                        Ok(Some((signer, record))) => {
-                            self.apply(&signer, &record, &tx.payload, live)
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            debug!(height = block.height, error = %e, "malformed learning record ignored")
-                        }
-                    }
-                }
-                if let Ok(mut s) = self.state() {
-                    s.cursor = block.height;
-                }
+            // Reading, decoding and applying (which may hash a job's
+            // initial model) stay off the async workers.
+            let this = self.clone();
+            let done = tokio::task::spawn_blocking(move || this.apply_blocks(from, height, live))
+                .await
+                .unwrap_or(true);
+            if done {
+                return;
             }
         }
+    }
+
+    /// Applies up to 64 stored blocks from `from`, none above `height`;
+    /// returns whether there is nothing more to read now.
+    fn apply_blocks(self: &Arc<Self>, from: u64, height: u64, live: bool) -> bool {
+        let blocks = match self.store.blocks_from(from, 64) {
+            Ok(b) if !b.is_empty() => b,
+            Ok(_) => return true,
+            Err(e) => {
+                warn!(error = %e, "learning: reading blocks failed");
+                return true;
+            }
+        };
+        for (block, _) in blocks {
+            // Blocks past `height` are for the caller that knows whether
+            // they are live (the boot replay must not act on them).
+            if block.height > height {
+                return true;
+            }
+            for tx in &block.txs {
+                match federation::decode_record(&tx.payload) {
+                    Ok(Some((signer, record))) => self.apply(&signer, &record, &tx.payload, live),
+                    Ok(None) => {}
+                    Err(e) => {
+                        debug!(height = block.height, error = %e, "malformed learning record ignored")
+                    }
+                }
+            }
+            if let Ok(mut s) = self.state() {
+                s.cursor = block.height;
+            }
+        }
+        false
     }
 
     fn apply(self: &Arc<Self>, signer: &PublicKey, record: &Record, payload: &[u8], live: bool) {
