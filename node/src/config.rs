@@ -231,8 +231,10 @@ pub struct ConsensusSection {
     /// Blocks in flight above the stable checkpoint (a multiple of the
     /// checkpoint interval, at least twice it).
     pub window: u64,
-    /// Milliseconds without progress before backups replace the primary.
-    pub view_change_timeout_ms: u64,
+    /// Milliseconds without progress before backups replace the primary;
+    /// unset, it follows the transport ([`DIRECT_VIEW_CHANGE_TIMEOUT_MS`]
+    /// or [`TOR_VIEW_CHANGE_TIMEOUT_MS`]).
+    pub view_change_timeout_ms: Option<u64>,
     /// Largest transaction accepted, in bytes.
     pub max_tx_bytes: usize,
     /// Transactions waiting to be proposed before new ones are refused.
@@ -248,23 +250,34 @@ impl Default for ConsensusSection {
             max_batch_delay_ms: d.max_batch_delay_ms,
             checkpoint_interval: d.checkpoint_interval,
             window: d.window,
-            view_change_timeout_ms: d.view_change_timeout_ms,
+            view_change_timeout_ms: None,
             max_tx_bytes: d.max_tx_bytes,
             max_pending: d.max_pending_requests,
         }
     }
 }
 
+/// View-change timeout with the direct transport.
+pub const DIRECT_VIEW_CHANGE_TIMEOUT_MS: u64 = 2_000;
+/// View-change timeout over Tor: onion round trips take 50-175 ms and
+/// circuits stall for seconds; with 2 s a four-validator devnet over onion
+/// services changed views 5 times in 130 s, with 10 s never.
+pub const TOR_VIEW_CHANGE_TIMEOUT_MS: u64 = 10_000;
+
 impl ConsensusSection {
-    /// The replica configuration these settings give.
-    pub fn replica_config(&self) -> openagi_consensus::Config {
+    /// The replica configuration these settings give on `transport`.
+    pub fn replica_config(&self, transport: TransportMode) -> openagi_consensus::Config {
+        let view_change_timeout_ms = self.view_change_timeout_ms.unwrap_or(match transport {
+            TransportMode::Direct => DIRECT_VIEW_CHANGE_TIMEOUT_MS,
+            TransportMode::Tor | TransportMode::TorSystem => TOR_VIEW_CHANGE_TIMEOUT_MS,
+        });
         openagi_consensus::Config {
             max_batch_txs: self.max_batch_txs,
             max_batch_bytes: self.max_batch_bytes,
             max_batch_delay_ms: self.max_batch_delay_ms,
             checkpoint_interval: self.checkpoint_interval,
             window: self.window,
-            view_change_timeout_ms: self.view_change_timeout_ms,
+            view_change_timeout_ms,
             max_tx_bytes: self.max_tx_bytes,
             max_pending_requests: self.max_pending,
             ..openagi_consensus::Config::default()
@@ -363,8 +376,8 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         cli: &CliOverrides,
     ) -> Result<Config, ConfigError> {
-        let defaults = defaults_table();
-        let mut merged = defaults.clone();
+        let schema = schema_table();
+        let mut merged = defaults_table();
         let mut origins: BTreeMap<String, String> = BTreeMap::new();
 
         let default_path = data_dir.join(CONFIG_FILE);
@@ -381,12 +394,12 @@ impl Config {
             let table: Table = toml::from_str(&text)
                 .map_err(|e| invalid(path.display().to_string(), e.to_string()))?;
             for (section, value) in table {
-                let Some(known) = defaults.get(&section).and_then(Value::as_table) else {
+                let Some(known) = schema.get(&section).and_then(Value::as_table) else {
                     return Err(invalid(
                         path.display().to_string(),
                         format!(
                             "unknown section [{section}]; known sections: {}",
-                            defaults.keys().cloned().collect::<Vec<_>>().join(", ")
+                            schema.keys().cloned().collect::<Vec<_>>().join(", ")
                         ),
                     ));
                 };
@@ -415,7 +428,7 @@ impl Config {
             .collect();
         env.sort();
         for (name, raw) in env {
-            let Some((section, key)) = env_key(&name, &defaults) else {
+            let Some((section, key)) = env_key(&name, &schema) else {
                 // Variables that configure the CLI rather than the file.
                 if NON_CONFIG_ENV.contains(&name.as_str()) {
                     continue;
@@ -427,7 +440,7 @@ impl Config {
                     ),
                 ));
             };
-            let template = &defaults[&section][&key];
+            let template = &schema[&section][&key];
             let value = parse_like(template, &raw).map_err(|why| {
                 invalid(
                     format!("environment variable {name}"),
@@ -589,12 +602,15 @@ impl Config {
         self.learn
             .shard()
             .map_err(|e| invalid(origin("learn.shard"), format!("learn.shard: {e}")))?;
-        self.consensus.replica_config().validate().map_err(|e| {
-            invalid(
-                origin("consensus.window"),
-                format!("[consensus] settings cannot work: {e}"),
-            )
-        })?;
+        self.consensus
+            .replica_config(self.network.transport)
+            .validate()
+            .map_err(|e| {
+                invalid(
+                    origin("consensus.window"),
+                    format!("[consensus] settings cannot work: {e}"),
+                )
+            })?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             invalid(
                 origin("log.level"),
@@ -691,6 +707,20 @@ const NON_CONFIG_ENV: &[&str] = &[
     crate::passphrase::NEW_PASSPHRASE_ENV,
     crate::passphrase::NEW_PASSPHRASE_FILE_ENV,
 ];
+
+/// Settings without a fixed default (absent from [`defaults_table`]), with
+/// a value of their type for parsing environment variables.
+const OPTIONAL_KEYS: &[(&str, &str)] = &[("consensus", "view_change_timeout_ms")];
+
+/// Every key a file or the environment may set: the defaults plus the
+/// optional keys (typed by an example value; never merged in).
+fn schema_table() -> Table {
+    let mut schema = defaults_table();
+    for (section, key) in OPTIONAL_KEYS {
+        set(&mut schema, section, key, Value::Integer(0));
+    }
+    schema
+}
 
 fn defaults_table() -> Table {
     match Value::try_from(Config::default()) {
@@ -886,8 +916,10 @@ network_id = "{network_id}"
 # Checkpoint every N blocks; at most `window` blocks in flight above it.
 # checkpoint_interval = {checkpoint_interval}
 # window = {window}
-# Milliseconds without progress before the validators replace the primary.
-# view_change_timeout_ms = {view_change_timeout_ms}
+# view_change_timeout_ms: milliseconds without progress before the
+# validators replace the primary. Not set by default: then
+# {view_change_timeout_ms} with the direct transport and {tor_view_change_timeout_ms} over Tor (onion
+# round trips take 50-175 ms and circuits can stall for seconds).
 # Largest transaction in bytes, and most transactions waiting to be proposed.
 # max_tx_bytes = {max_tx_bytes}
 # max_pending = {consensus_max_pending}
@@ -949,7 +981,8 @@ network_id = "{network_id}"
         max_batch_delay_ms = d.consensus.max_batch_delay_ms,
         checkpoint_interval = d.consensus.checkpoint_interval,
         window = d.consensus.window,
-        view_change_timeout_ms = d.consensus.view_change_timeout_ms,
+        view_change_timeout_ms = DIRECT_VIEW_CHANGE_TIMEOUT_MS,
+        tor_view_change_timeout_ms = TOR_VIEW_CHANGE_TIMEOUT_MS,
         max_tx_bytes = d.consensus.max_tx_bytes,
         consensus_max_pending = d.consensus.max_pending,
     )
@@ -958,6 +991,41 @@ network_id = "{network_id}"
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_view_change_timeout_follows_the_transport_unless_set() {
+        let mut section = ConsensusSection::default();
+        let timeout = |s: &ConsensusSection, t| s.replica_config(t).view_change_timeout_ms;
+        assert_eq!(
+            timeout(&section, TransportMode::Direct),
+            DIRECT_VIEW_CHANGE_TIMEOUT_MS
+        );
+        assert_eq!(
+            timeout(&section, TransportMode::Tor),
+            TOR_VIEW_CHANGE_TIMEOUT_MS
+        );
+        assert_eq!(
+            timeout(&section, TransportMode::TorSystem),
+            TOR_VIEW_CHANGE_TIMEOUT_MS
+        );
+        section.view_change_timeout_ms = Some(3_000);
+        assert_eq!(timeout(&section, TransportMode::Tor), 3_000);
+    }
+
+    #[test]
+    fn the_view_change_timeout_can_be_set_in_the_file_and_the_environment() {
+        let none = CliOverrides::default();
+        let c = load_text("[consensus]\nview_change_timeout_ms = 5000\n", &[], &none)
+            .expect("file setting accepted");
+        assert_eq!(c.consensus.view_change_timeout_ms, Some(5_000));
+        let c = load_text(
+            "",
+            &[("OPENAGI_CONSENSUS_VIEW_CHANGE_TIMEOUT_MS", "7000")],
+            &none,
+        )
+        .expect("environment setting accepted");
+        assert_eq!(c.consensus.view_change_timeout_ms, Some(7_000));
+    }
 
     fn load_text(
         text: &str,

@@ -124,7 +124,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
             let setup = consensus::ReplicaSetup {
                 identity: Identity::from_seed(&identity.seed()),
                 validators,
-                config: config.consensus.replica_config(),
+                config: config.consensus.replica_config(config.network.transport),
                 marker: data_dir.file(CONSENSUS_MARKER),
             };
             let (handle, task) = consensus::start(

@@ -237,13 +237,8 @@ pub(crate) async fn start_local_network(
 /// Runs the devnet until Ctrl-C (or `duration`), then stops every node.
 pub async fn run(options: DevnetOptions) -> Result<()> {
     let started = Instant::now();
-    let (mut nodes, _tornet) = start_local_network(
-        &options.dir,
-        options.nodes,
-        devnet_extra(options.tor),
-        options.tor,
-    )
-    .await?;
+    let (mut nodes, _tornet) =
+        start_local_network(&options.dir, options.nodes, "", options.tor).await?;
     println!(
         "Open-AGI devnet: {} nodes in {}",
         options.nodes,
@@ -330,18 +325,6 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
     }
     println!("devnet stopped");
     Ok(())
-}
-
-/// Config the devnet adds to every node. Over Tor a message takes 50-100
-/// ms a hop on one machine and circuits stall for seconds while arti
-/// renews its view of a test network (whose consensus lasts minutes), so
-/// validators wait longer before replacing a primary.
-fn devnet_extra(tor: bool) -> &'static str {
-    if tor {
-        "[consensus]\nview_change_timeout_ms = 10000\n"
-    } else {
-        ""
-    }
 }
 
 /// Submits `rate` transactions a second, round-robin over `clients`, from
