@@ -18,15 +18,19 @@ min_clients = 2
 round_deadline_secs = 4
 join_window_secs = 2
 participation = "all"
-train = { learning_rate = 0.5, epochs = 1, batch_size = 16 }
+train = { learning_rate = 0.2, epochs = 2, batch_size = 16 }
 aggregator = "fedavg"
 seed = 11
 "#;
 
 /// The accuracy the job must reach on the coordinator's held-out quarter
 /// of the digits set after 6 rounds, four of them without one of the four
-/// shards. Measured: 88-94% (the job id, and with it every local shuffle,
-/// differs per run because the validators' keys do); chance is 10%.
+/// shards; chance is 10%. The job id, and with it every local shuffle,
+/// differs per run because the validators' keys do, so the training
+/// settings are ones whose spread is known: `openagi learn simulate
+/// --clients 3 --rounds 6 --lr 0.2 --epochs 2 --batch 16 --seed S` ends
+/// at 90-95% for S in 1..=40 (at `--lr 0.5 --epochs 1` the accuracy swings
+/// by up to 0.3 between rounds, and a run ended at 68%).
 const STATED_ACCURACY: f64 = 0.85;
 
 fn jobs(d: &Daemon) -> Vec<Value> {
