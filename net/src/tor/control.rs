@@ -1,5 +1,6 @@
 //! A minimal tor ControlPort client (control-spec.txt): authentication
-//! (SAFECOOKIE, COOKIE, HASHEDPASSWORD, NULL), `ADD_ONION`, `GETINFO`.
+//! (SAFECOOKIE, COOKIE, HASHEDPASSWORD, NULL), `ADD_ONION`, `GETINFO`,
+//! and asynchronous events (`SETEVENTS`).
 //!
 //! Replies are read line by line with a length bound, so a misbehaving
 //! peer on the control address cannot make the node buffer without limit.
@@ -18,6 +19,8 @@ use super::TorError;
 const MAX_LINE: usize = 64 * 1024;
 /// Most lines in one reply.
 const MAX_LINES: usize = 4096;
+/// Asynchronous events kept until read; older ones are dropped.
+const MAX_EVENTS: usize = 64;
 
 const SERVER_KEY: &[u8] = b"Tor safe cookie authentication server-to-controller hash";
 const CLIENT_KEY: &[u8] = b"Tor safe cookie authentication controller-to-server hash";
@@ -43,6 +46,8 @@ impl Reply {
 pub(crate) struct Control {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
+    /// Asynchronous events (`650` replies) read while waiting for a reply.
+    events: std::collections::VecDeque<String>,
 }
 
 impl Control {
@@ -61,6 +66,7 @@ impl Control {
         let mut c = Self {
             reader: BufReader::new(r),
             writer: w,
+            events: std::collections::VecDeque::new(),
         };
         c.authenticate(password, cookie_override).await?;
         Ok(c)
@@ -171,8 +177,64 @@ impl Control {
         self.read_reply().await
     }
 
-    /// Reads one reply (possibly multi-line) from tor.
+    /// Reads the reply to the last command; asynchronous events that
+    /// arrive first are kept for [`Self::wait_event`].
     pub(crate) async fn read_reply(&mut self) -> Result<Reply, TorError> {
+        loop {
+            let reply = self.read_any_reply().await?;
+            if reply.code != 650 {
+                return Ok(reply);
+            }
+            self.keep_event(reply);
+        }
+    }
+
+    fn keep_event(&mut self, reply: Reply) {
+        if self.events.len() >= MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(reply.lines.join(" "));
+    }
+
+    /// Waits up to `limit` for an asynchronous event (its text after
+    /// `650 `) that `wanted` accepts; `Ok(false)` when none came in time.
+    /// Only call it with no command outstanding.
+    pub(crate) async fn wait_event(
+        &mut self,
+        wanted: impl Fn(&str) -> bool,
+        limit: std::time::Duration,
+    ) -> Result<bool, TorError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(at) = self.events.iter().position(|e| wanted(e)) {
+                self.events.drain(..=at);
+                return Ok(true);
+            }
+            self.events.clear();
+            let reply = match tokio::time::timeout_at(deadline, self.read_any_reply()).await {
+                Ok(reply) => reply?,
+                Err(_) => return Ok(false),
+            };
+            if reply.code != 650 {
+                return Err(reply.error("unexpected reply while waiting for an event"));
+            }
+            self.keep_event(reply);
+        }
+    }
+
+    /// `SETEVENTS` with `events` (space separated; empty: none).
+    pub(crate) async fn set_events(&mut self, events: &str) -> Result<(), TorError> {
+        let reply = self
+            .command(format!("SETEVENTS {events}").trim_end())
+            .await?;
+        if !reply.ok() {
+            return Err(reply.error("SETEVENTS"));
+        }
+        Ok(())
+    }
+
+    /// Reads one reply (possibly multi-line) from tor.
+    async fn read_any_reply(&mut self) -> Result<Reply, TorError> {
         let mut lines = Vec::new();
         loop {
             let line = self.read_line().await?;

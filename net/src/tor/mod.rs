@@ -143,8 +143,8 @@ pub struct TorStatus {
     pub onion_address: Option<String>,
     /// The onion service's dialable multiaddr.
     pub onion_multiaddr: Option<String>,
-    /// The onion service's state (`starting`, `running`, `degraded`,
-    /// `down`, ...).
+    /// The onion service's state (`starting`, `publishing` (added, no
+    /// descriptor uploaded yet), `running`, `degraded`, `down`, ...).
     pub onion_service: String,
     /// Also direct TCP/QUIC (hybrid).
     pub hybrid: bool,

@@ -33,6 +33,9 @@ use crate::{Backoff, Error};
 const INCOMING_CAPACITY: usize = 32;
 /// How often a live control connection is checked (and bootstrap polled).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a new onion service waits for tor's first descriptor upload
+/// before it counts as running anyway.
+const PUBLISH_WAIT: Duration = Duration::from_secs(120);
 
 struct SocksBackend {
     socks: SocketAddr,
@@ -212,39 +215,76 @@ async fn session(
     }
     *attempt = 0;
     info!(onion = %host, "onion service added on the ControlPort");
+    // Dialable only once a descriptor is on the directories: a client that
+    // looks it up earlier is refused, and tor does not ask those
+    // directories again for 15 minutes. So the service counts as running
+    // from its first upload.
     state.update(|s| {
-        s.onion_service = "running".into();
+        s.onion_service = "publishing".into();
         s.last_error = None;
     });
-    metrics.onion_service_up.set(1);
     let mut warned = false;
+    control.set_events("HS_DESC").await?;
+    let is_upload = |event: &str| {
+        let mut words = event.split(' ');
+        words.next() == Some("HS_DESC")
+            && words.next() == Some("UPLOADED")
+            && words.next() == Some(id.as_str())
+    };
+    let mut uploaded = false;
+    let publishing = Instant::now();
+    while !uploaded && publishing.elapsed() < PUBLISH_WAIT {
+        report_bootstrap(&mut control, settings, state, metrics, started, &mut warned).await?;
+        uploaded = control.wait_event(is_upload, HEALTH_INTERVAL).await?;
+    }
+    control.set_events("").await?;
+    if uploaded {
+        info!(onion = %host, seconds = publishing.elapsed().as_secs_f64(), "onion service descriptor published");
+    } else {
+        warn!(onion = %host, wait_secs = PUBLISH_WAIT.as_secs(), "no onion service descriptor upload seen yet; peers may not reach this node until tor publishes one");
+    }
+    state.update(|s| s.onion_service = "running".into());
+    metrics.onion_service_up.set(1);
     loop {
         // Doubles as the liveness check of the control connection: a tor
         // that died or restarted fails this, and the service is re-added.
-        let phase = control.getinfo("status/bootstrap-phase").await?;
-        let (percent, summary) = parse_bootstrap(&phase);
-        let ready = percent >= 100;
-        let was_ready = state.get().bootstrapped;
-        metrics.set_bootstrap(f64::from(percent) / 100.0, ready);
-        if ready && !was_ready {
-            metrics
-                .bootstrap_seconds
-                .set(started.elapsed().as_secs_f64());
-            info!(
-                seconds = started.elapsed().as_secs_f64(),
-                "system tor bootstrapped"
-            );
-        } else if !ready && !warned && started.elapsed() >= settings.bootstrap_warn_after {
-            warn!(percent, %summary, "system tor is not bootstrapped yet; peers stay unreachable until it is");
-            warned = true;
-        } else {
-            debug!(percent, %summary, "system tor bootstrap");
-        }
-        state.update(|s| {
-            s.bootstrap_percent = percent;
-            s.bootstrap_summary = summary;
-            s.bootstrapped = ready;
-        });
+        report_bootstrap(&mut control, settings, state, metrics, started, &mut warned).await?;
         tokio::time::sleep(HEALTH_INTERVAL).await;
     }
+}
+
+/// Reads tor's bootstrap phase into the state and metrics.
+async fn report_bootstrap(
+    control: &mut Control,
+    settings: &TorSettings,
+    state: &TorState,
+    metrics: &TorMetrics,
+    started: Instant,
+    warned: &mut bool,
+) -> Result<(), TorError> {
+    let phase = control.getinfo("status/bootstrap-phase").await?;
+    let (percent, summary) = parse_bootstrap(&phase);
+    let ready = percent >= 100;
+    let was_ready = state.get().bootstrapped;
+    metrics.set_bootstrap(f64::from(percent) / 100.0, ready);
+    if ready && !was_ready {
+        metrics
+            .bootstrap_seconds
+            .set(started.elapsed().as_secs_f64());
+        info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "system tor bootstrapped"
+        );
+    } else if !ready && !*warned && started.elapsed() >= settings.bootstrap_warn_after {
+        warn!(percent, %summary, "system tor is not bootstrapped yet; peers stay unreachable until it is");
+        *warned = true;
+    } else {
+        debug!(percent, %summary, "system tor bootstrap");
+    }
+    state.update(|s| {
+        s.bootstrap_percent = percent;
+        s.bootstrap_summary = summary;
+        s.bootstrapped = ready;
+    });
+    Ok(())
 }
