@@ -33,6 +33,8 @@ pub struct ApiState {
     pub consensus: Option<ConsensusHandle>,
     /// The node's database.
     pub store: Arc<Store>,
+    /// Committed transactions by hash.
+    pub tx_lookup: Arc<crate::txindex::TxLookup>,
     /// The metrics registry.
     pub metrics: MetricsRegistry,
     /// The bearer token `/api/v1` requires.
@@ -368,7 +370,7 @@ async fn submit_tx(
                 }
                 // Missed notices: the index on disk has the answer.
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    if let Ok(Some(position)) = state.store.tx_position(&hash) {
+                    if let Ok(Some(position)) = state.tx_lookup.position(&hash) {
                         return Some(position);
                     }
                 }
@@ -460,7 +462,7 @@ async fn tx_status(State(state): State<Arc<ApiState>>, Path(hash): Path<String>)
             "a transaction hash is 64 hex digits",
         );
     };
-    match state.store.tx_position(&hash) {
+    match state.tx_lookup.position(&hash) {
         Ok(Some((height, index))) => Json(serde_json::json!({
             "tx_hash": hex::encode(hash), "status": "committed", "height": height, "index": index
         }))

@@ -163,6 +163,8 @@ fn decode_bundle(data: &[u8]) -> Result<Vec<&[u8]>, String> {
 pub struct CommitNotice {
     /// Its height.
     pub height: u64,
+    /// Its hash.
+    pub block_hash: Hash,
     /// Hashes of its transactions, in order.
     pub tx_hashes: Arc<Vec<Hash>>,
     /// Whether any transaction is a federated-learning record, so the
@@ -750,6 +752,7 @@ impl Driver {
         });
         let _ = self.commits.send(CommitNotice {
             height: block.height,
+            block_hash: block.hash(),
             tx_hashes: Arc::new(hashes),
             has_learning_records,
         });

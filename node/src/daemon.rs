@@ -144,6 +144,17 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         (None, None)
     };
 
+    let tx_lookup = Arc::new(
+        crate::txindex::TxLookup::open(data_dir.path(), store.clone())
+            .context("opening the transaction index")?,
+    );
+    let (stop_indexer, indexer_stopping) = tokio::sync::watch::channel(false);
+    let indexer_task = crate::txindex::start(
+        tx_lookup.clone(),
+        consensus.as_ref().map(|c| c.subscribe()),
+        indexer_stopping,
+    )?;
+
     let (learner, learner_task) = crate::federation::Learner::start(
         &identity,
         store.clone(),
@@ -175,6 +186,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         net: net.clone(),
         consensus: consensus.clone(),
         store: store.clone(),
+        tx_lookup,
         metrics,
         token,
         draining: AtomicBool::new(false),
@@ -285,6 +297,13 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         learner_task.abort();
         if let Some(task) = consensus_task {
             let _ = task.await;
+        }
+        // After consensus: the last commits get indexed and fsynced.
+        let _ = stop_indexer.send(true);
+        match indexer_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = format!("{e:#}"), "transaction index"),
+            Err(e) => warn!(error = %e, "transaction indexer panicked"),
         }
         net.shutdown().await;
         let _ = net_task.await;

@@ -151,6 +151,7 @@ pub(crate) async fn start_local_network(
             // belongs to another chain.
             println!("node-{index}: validator set changed; starting a fresh ledger");
             std::fs::remove_file(d.file(crate::store::STORE_FILE)).ok();
+            std::fs::remove_file(d.file(crate::store::TX_INDEX_FILE)).ok();
         }
         std::fs::write(&path, genesis.to_toml()?)?;
     }

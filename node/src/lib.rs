@@ -26,6 +26,7 @@ pub mod passphrase;
 pub mod status;
 pub mod store;
 pub mod tor;
+pub mod txindex;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it): the
 /// wall-clock time the node hands to its pure cores and records.
