@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Hash;
 use crate::types::{
-    Batch, Block, ChainAnchor, ClientId, CommitCertificate, NetworkId, Transaction,
+    Batch, Block, ChainAnchor, ClientId, CommitCertificate, NetworkId, Transaction, batch_root,
 };
 
 /// How many applied sequence numbers above a client's contiguous floor are
@@ -101,13 +101,19 @@ impl Ledger {
 
     /// Builds the block that `batch` becomes at the next height.
     pub fn next_block(&self, batch: &Batch) -> Block {
+        self.block_from(batch.clone(), batch_root(&batch.txs))
+    }
+
+    /// [`Self::next_block`] for a batch whose root the caller already has
+    /// (hashing every transaction again is the costly part).
+    pub fn block_from(&self, batch: Batch, batch_root: Hash) -> Block {
         Block {
             height: self.head.height.saturating_add(1),
             view: batch.proposed_view,
             prev_hash: self.head.hash,
-            batch_root: batch.header().batch_root,
+            batch_root,
             timestamp: batch.timestamp.max(self.head.timestamp),
-            txs: batch.txs.clone(),
+            txs: batch.txs,
         }
     }
 

@@ -1650,13 +1650,15 @@ impl<S: Signer> Replica<S> {
                 .filter(|(d, _)| *d == digest)
                 .map(|(_, s)| s.clone())
                 .collect();
+            let header = batch.header();
+            let batch_root = header.batch_root;
             let cert = CommitCertificate {
                 view: slot.view,
                 seq: next,
-                header: batch.header(),
+                header,
                 commits,
             };
-            let block = self.ledger.next_block(&batch);
+            let block = self.ledger.block_from(batch, batch_root);
             self.commit_block(block, cert, false);
         }
     }

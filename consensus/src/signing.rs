@@ -19,11 +19,20 @@ use crate::{Error, Hash};
 /// BLAKE3 (keyed by a derivation context) over the postcard encoding of
 /// `value`: the one canonical hash used for transactions, batches, blocks.
 pub fn hash_encoded<T: Serialize + ?Sized>(context: &str, value: &T) -> Hash {
-    let mut hasher = blake3::Hasher::new_derive_key(context);
-    // Encoding our own plain data types cannot fail; an empty encoding
-    // would still hash to a value nobody else produces for real data.
-    let bytes = postcard::to_stdvec(value).unwrap_or_default();
-    hasher.update(&bytes);
+    hash_encoded_with(blake3::Hasher::new_derive_key(context), value)
+}
+
+/// [`hash_encoded`] starting from a hasher already keyed with the context:
+/// hot paths keep one per context, since deriving the key costs as much as
+/// hashing a small value.
+pub(crate) fn hash_encoded_with<T: Serialize + ?Sized>(
+    mut hasher: blake3::Hasher,
+    value: &T,
+) -> Hash {
+    // The encoding streams into the hasher. Encoding our own plain data
+    // types cannot fail; if it did, the partial input would still hash to
+    // a value nobody else produces for real data.
+    let _ = postcard::to_io(value, &mut hasher);
     *hasher.finalize().as_bytes()
 }
 

@@ -3,12 +3,13 @@
 //! agree on itself.
 
 use std::collections::BTreeSet;
+use std::sync::LazyLock;
 
 use openagi_crypto::{PublicKey, Signed};
 use serde::{Deserialize, Serialize};
 
 use crate::messages::Commit;
-use crate::signing::{Crypto, StrictCrypto, hash_encoded};
+use crate::signing::{Crypto, StrictCrypto, hash_encoded, hash_encoded_with};
 use crate::{Error, Hash};
 
 /// Identifies one Open-AGI network; every signed consensus message names it
@@ -105,6 +106,7 @@ pub struct Transaction {
     /// The client's sequence number (or timestamp); starts at 1.
     pub seq: u64,
     /// Application data, never interpreted by consensus.
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 
@@ -116,7 +118,9 @@ impl Transaction {
 
     /// BLAKE3 hash of the canonical encoding.
     pub fn hash(&self) -> Hash {
-        hash_encoded("openagi/consensus/tx/v1", self)
+        static KEYED: LazyLock<blake3::Hasher> =
+            LazyLock::new(|| blake3::Hasher::new_derive_key("openagi/consensus/tx/v1"));
+        hash_encoded_with(KEYED.clone(), self)
     }
 
     /// Bytes counted against batch and request size limits.
@@ -197,10 +201,15 @@ pub fn batch_root(txs: &[Transaction]) -> Hash {
             .finalize()
             .as_bytes();
     }
+    // Keyed once: deriving a context key costs as much as a leaf.
+    static LEAF: LazyLock<blake3::Hasher> =
+        LazyLock::new(|| blake3::Hasher::new_derive_key("openagi/consensus/merkle-leaf/v1"));
+    static NODE: LazyLock<blake3::Hasher> =
+        LazyLock::new(|| blake3::Hasher::new_derive_key("openagi/consensus/merkle-node/v1"));
     let mut level: Vec<Hash> = txs
         .iter()
         .map(|tx| {
-            let mut h = blake3::Hasher::new_derive_key("openagi/consensus/merkle-leaf/v1");
+            let mut h = LEAF.clone();
             h.update(&tx.hash());
             *h.finalize().as_bytes()
         })
@@ -210,7 +219,7 @@ pub fn batch_root(txs: &[Transaction]) -> Hash {
             .chunks(2)
             .map(|pair| match pair {
                 [a, b] => {
-                    let mut h = blake3::Hasher::new_derive_key("openagi/consensus/merkle-node/v1");
+                    let mut h = NODE.clone();
                     h.update(a);
                     h.update(b);
                     *h.finalize().as_bytes()
@@ -420,4 +429,45 @@ pub fn verify_chain_from<C: Crypto>(
         };
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_txs() -> Vec<Transaction> {
+        (0..5u64)
+            .map(|i| Transaction {
+                client: ClientId([i as u8; 32]),
+                seq: 1 + i * 300,
+                payload: (0..(i * 200) as usize).map(|b| b as u8).collect(),
+            })
+            .collect()
+    }
+
+    /// Transaction hashes, batch roots and the wire encoding are part of
+    /// the ledger format: pinned so an optimisation cannot change them.
+    #[test]
+    fn hashes_and_encodings_are_stable() {
+        let txs = sample_txs();
+        assert_eq!(
+            hex(&txs[3].hash()),
+            "e4ebf51ba921be08ba42063a3ad7d488e702bd3aa9d80f0ffeaf5138cdb4f49a"
+        );
+        assert_eq!(
+            hex(&batch_root(&txs)),
+            "8047724439adb8b7286ff26331588af983dfd380fbcda050a656831863ad8f24"
+        );
+        let encoded = postcard::to_stdvec(&txs[2]).expect("encodes");
+        assert_eq!(
+            hex(&blake3::hash(&encoded).into()),
+            "326202a9ca10f79a55e31ce4b81e1754e60b4997b3c19361d24b6eab3d63fa41"
+        );
+        let decoded: Transaction = postcard::from_bytes(&encoded).expect("decodes");
+        assert_eq!(decoded, txs[2]);
+    }
+
+    fn hex(bytes: &[u8; 32]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
 }

@@ -300,6 +300,7 @@ pub trait SignedPayload: Serialize + DeserializeOwned {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Signed<T> {
     signer: PublicKey,
+    #[serde(with = "serde_bytes")]
     payload: Vec<u8>,
     signature: Signature,
     #[serde(skip)]
