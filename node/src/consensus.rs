@@ -31,8 +31,14 @@ use tracing::{debug, info, warn};
 
 use crate::store::Store;
 
-/// Inputs queued for the replica task.
-const INPUT_CAPACITY: usize = 8192;
+/// Peer messages queued for the replica task. Separate from client
+/// submissions, and served first, so a flood of transactions cannot crowd
+/// out the votes that commit them (dropped votes stall slots until the
+/// view-change timer fires).
+const PEER_QUEUE: usize = 8192;
+/// Client submissions (one transaction, or one batch) queued for the
+/// replica task; a full queue makes submitters wait.
+const CLIENT_QUEUE: usize = 256;
 /// Commit notices buffered for API waiters.
 const COMMIT_NOTICES: usize = 1024;
 /// Submissions not committed after this long stop being tracked.
@@ -293,6 +299,7 @@ const LATENCY_SAMPLES: usize = 1 << 18;
 #[derive(Clone)]
 pub struct ConsensusHandle {
     inputs: mpsc::Sender<Input>,
+    messages: mpsc::Sender<Input>,
     status: Arc<RwLock<ConsensusStatus>>,
     commits: broadcast::Sender<CommitNotice>,
     validators: ValidatorSet,
@@ -357,7 +364,9 @@ impl ConsensusHandle {
     /// Hands a message from the network to the replica. Drops it when the
     /// replica is far behind (PBFT retransmits what matters).
     pub fn deliver(&self, from: PeerId, data: Vec<u8>) -> bool {
-        self.inputs.try_send(Input::Message { from, data }).is_ok()
+        self.messages
+            .try_send(Input::Message { from, data })
+            .is_ok()
     }
 
     /// The current status.
@@ -470,10 +479,12 @@ pub fn start(
     let metrics = ConsensusMetrics::register(registry);
     let status = Arc::new(RwLock::new(ConsensusStatus::default()));
     let (commits, _) = broadcast::channel(COMMIT_NOTICES);
-    let (input_tx, mut input_rx) = mpsc::channel(INPUT_CAPACITY);
+    let (input_tx, mut input_rx) = mpsc::channel(CLIENT_QUEUE);
+    let (message_tx, mut message_rx) = mpsc::channel(PEER_QUEUE);
     let latencies: LatencyRing = Arc::default();
     let handle = ConsensusHandle {
         inputs: input_tx,
+        messages: message_tx,
         status: status.clone(),
         commits: commits.clone(),
         validators: validators.clone(),
@@ -506,22 +517,32 @@ pub fn start(
                 .min(crate::unix_ms() + 1000);
             let wait = Duration::from_millis(deadline.saturating_sub(crate::unix_ms()));
             tokio::select! {
+                biased;
                 _ = shutdown.changed() => break,
+                message = message_rx.recv() => match message {
+                    Some(message) => driver.handle(message),
+                    None => break,
+                },
                 input = input_rx.recv() => match input {
-                    Some(input) => {
-                        driver.handle(input);
-                        // Take whatever else is already queued before
-                        // draining outputs, so one fsync covers many inputs.
-                        for _ in 0..256 {
-                            match input_rx.try_recv() {
-                                Ok(more) => driver.handle(more),
-                                Err(_) => break,
-                            }
-                        }
-                    }
+                    Some(input) => driver.handle(input),
                     None => break,
                 },
                 _ = tokio::time::sleep(wait) => {}
+            }
+            // Take whatever else is already queued before draining
+            // outputs, so one fsync covers many inputs: peer messages
+            // first, then a bounded share of submissions.
+            for _ in 0..256 {
+                match message_rx.try_recv() {
+                    Ok(more) => driver.handle(more),
+                    Err(_) => break,
+                }
+            }
+            for _ in 0..16 {
+                match input_rx.try_recv() {
+                    Ok(more) => driver.handle(more),
+                    Err(_) => break,
+                }
             }
             // Timers must fire even when inputs arrive faster than they
             // fall due, so the tick is not tied to the sleep winning.
