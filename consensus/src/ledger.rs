@@ -1,7 +1,8 @@
-//! The replicated ledger: the chain of committed blocks and the
-//! exactly-once table that decides which transactions take effect.
+//! The replicated ledger: the head of the chain of committed blocks, the
+//! most recent blocks, and the exactly-once table that decides which
+//! transactions take effect.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -45,24 +46,43 @@ impl ClientRecord {
 }
 
 /// The chain of committed blocks with their certificates, and the
-/// exactly-once table derived from it.
+/// exactly-once table derived from it. Only the most recent blocks stay in
+/// memory (the node keeps the whole chain on disk), so memory does not
+/// grow with the chain.
 #[derive(Clone, Debug)]
 pub struct Ledger {
     network: NetworkId,
-    blocks: Vec<(Block, CommitCertificate)>,
+    /// The most recent blocks, oldest first.
+    blocks: VecDeque<(Block, CommitCertificate)>,
+    /// Most blocks kept in `blocks`.
+    keep: usize,
     clients: HashMap<ClientId, ClientRecord>,
     head: ChainAnchor,
 }
 
 impl Ledger {
-    /// An empty ledger for `network`.
+    /// An empty ledger for `network` that keeps every block in memory.
     pub fn new(network: NetworkId) -> Self {
+        Self::keeping(network, usize::MAX)
+    }
+
+    /// An empty ledger for `network` that keeps the last `keep` blocks in
+    /// memory (at least one).
+    pub fn keeping(network: NetworkId, keep: usize) -> Self {
         Ledger {
             network,
-            blocks: Vec::new(),
+            blocks: VecDeque::new(),
+            keep: keep.max(1),
             clients: HashMap::new(),
             head: ChainAnchor::genesis(network),
         }
+    }
+
+    /// Height of the oldest block in memory (the next height when none).
+    pub fn first_in_memory(&self) -> u64 {
+        self.blocks
+            .front()
+            .map_or(self.head.height.saturating_add(1), |(b, _)| b.height)
     }
 
     /// Height of the last block (0 when empty).
@@ -75,18 +95,19 @@ impl Ledger {
         self.head
     }
 
-    /// The block at `height` with its certificate.
+    /// The block at `height` with its certificate, if it is in memory.
     pub fn get(&self, height: u64) -> Option<&(Block, CommitCertificate)> {
-        let index = usize::try_from(height.checked_sub(1)?).ok()?;
+        let index = usize::try_from(height.checked_sub(self.first_in_memory())?).ok()?;
         self.blocks.get(index)
     }
 
-    /// All blocks in height order.
-    pub fn blocks(&self) -> &[(Block, CommitCertificate)] {
-        &self.blocks
+    /// The blocks in memory, in height order.
+    pub fn blocks(&self) -> impl Iterator<Item = &(Block, CommitCertificate)> {
+        self.blocks.iter()
     }
 
-    /// Hash of the block at `height` (the genesis hash for 0).
+    /// Hash of the block at `height` (the genesis hash for 0), if it is in
+    /// memory.
     pub fn hash_at(&self, height: u64) -> Option<Hash> {
         if height == 0 {
             return Some(ChainAnchor::genesis(self.network).hash);
@@ -134,7 +155,10 @@ impl Ledger {
             hash: block.hash(),
             timestamp: block.timestamp,
         };
-        self.blocks.push((block, cert));
+        self.blocks.push_back((block, cert));
+        while self.blocks.len() > self.keep {
+            self.blocks.pop_front();
+        }
         applied
     }
 }

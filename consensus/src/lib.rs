@@ -42,6 +42,12 @@
 //!         Output::Send { to: _, message } => drop(message.encode()?),
 //!         Output::Committed { block, .. } => committed = block.height,
 //!         Output::ViewInstalled { .. } => {}
+//!         // A peer wants blocks older than the replica keeps in memory:
+//!         // read them from disk and hand them back.
+//!         Output::ReadBlocks { peer, from, last } => {
+//!             let stored: Vec<_> = durable.blocks.iter().skip(from as usize - 1).take((last - from + 1) as usize).cloned().collect();
+//!             replica.handle_stored_blocks(&peer, stored, 10);
+//!         }
 //!     }
 //! }
 //! assert_eq!(committed, 1);
@@ -52,7 +58,8 @@
 //! Modules:
 //! - [`types`]: validator sets, transactions, batches, blocks, commit
 //!   certificates and [`verify_chain`].
-//! - [`ledger`]: the chain of committed blocks and the exactly-once table.
+//! - [`ledger`]: the head of the chain, its most recent blocks and the
+//!   exactly-once table.
 //! - [`messages`]: the signed wire messages.
 //! - [`replica`]: the state machine, its configuration, outputs, persisted
 //!   state and drop counters.

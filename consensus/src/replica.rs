@@ -84,6 +84,10 @@ pub struct Config {
     pub fetch_timeout_ms: u64,
     /// Most blocks in one state transfer reply.
     pub max_blocks_per_reply: usize,
+    /// Most recent blocks kept in memory. Older ones are on the node's
+    /// disk: a state transfer request for them becomes
+    /// [`Output::ReadBlocks`].
+    pub blocks_in_memory: usize,
     /// State transfer requests served per retransmit interval.
     pub max_fetch_serves_per_interval: u32,
     /// Cap on client transactions waiting to be proposed.
@@ -117,6 +121,7 @@ impl Default for Config {
             max_clock_skew_ms: 30_000,
             fetch_timeout_ms: 1_000,
             max_blocks_per_reply: 64,
+            blocks_in_memory: 64,
             max_fetch_serves_per_interval: 8,
             max_pending_requests: 10_000,
             max_future_messages: 4_096,
@@ -154,8 +159,11 @@ impl Config {
         {
             return bad("intervals must be positive");
         }
-        if self.max_blocks_per_reply == 0 || self.max_checkpoints_per_replica == 0 {
-            return bad("state transfer and checkpoint caps must be positive");
+        if self.max_blocks_per_reply == 0
+            || self.max_checkpoints_per_replica == 0
+            || self.blocks_in_memory == 0
+        {
+            return bad("state transfer, checkpoint and block memory caps must be positive");
         }
         Ok(())
     }
@@ -232,6 +240,9 @@ pub struct Stats {
     pub blocks_committed: u64,
     /// Blocks applied from state transfer.
     pub blocks_fetched: u64,
+    /// State transfer requests for blocks no longer in memory, handed to
+    /// the node's storage ([`Output::ReadBlocks`]).
+    pub storage_reads: u64,
     /// View changes this replica started.
     pub view_changes_started: u64,
     /// New views installed.
@@ -296,6 +307,17 @@ pub enum Output {
         view: u64,
         /// Its primary.
         primary: PublicKey,
+    },
+    /// A peer asked for blocks older than those kept in memory: read
+    /// heights `from..=last` from storage (as many as there are, in order)
+    /// and hand them to [`Replica::handle_stored_blocks`] for `peer`.
+    ReadBlocks {
+        /// Who asked.
+        peer: PublicKey,
+        /// First height.
+        from: u64,
+        /// Last height.
+        last: u64,
     },
 }
 
@@ -560,6 +582,7 @@ impl<S: Signer> Replica<S> {
             .ok_or_else(|| Error::Config("this identity is not in the validator set".into()))?;
         let network = validators.network();
         let n = validators.n();
+        let ledger = Ledger::keeping(network, cfg.blocks_in_memory);
         Ok(Replica {
             next_retransmit: now.saturating_add(cfg.retransmit_interval_ms),
             next_status: now,
@@ -578,7 +601,7 @@ impl<S: Signer> Replica<S> {
                 messages: Vec::new(),
             },
             checkpoint_votes: BTreeMap::new(),
-            ledger: Ledger::new(network),
+            ledger,
             pending: VecDeque::new(),
             pending_keys: HashSet::new(),
             in_flight: HashSet::new(),
@@ -2456,9 +2479,52 @@ impl<S: Signer> Replica<S> {
             req.from
                 .saturating_add(self.cfg.max_blocks_per_reply as u64 - 1),
         );
+        if req.from > last {
+            return;
+        }
+        if req.from < self.ledger.first_in_memory() {
+            if let Some(peer) = self.validators.member(from).copied() {
+                self.stats.storage_reads += 1;
+                self.outputs.push_back(Output::ReadBlocks {
+                    peer,
+                    from: req.from,
+                    last,
+                });
+            }
+            return;
+        }
         let blocks: Vec<_> = (req.from..=last)
             .filter_map(|h| self.ledger.get(h).cloned())
             .collect();
+        self.reply_blocks(from, blocks);
+    }
+
+    /// Blocks read from storage after [`Output::ReadBlocks`]: sent to
+    /// `peer` if they are a run of this replica's own committed blocks no
+    /// longer than a reply may be.
+    pub fn handle_stored_blocks(
+        &mut self,
+        peer: &PublicKey,
+        blocks: Vec<(Block, CommitCertificate)>,
+        now: u64,
+    ) {
+        self.now = self.now.max(now);
+        let Some(to) = self.validators.index_of(peer) else {
+            return;
+        };
+        let runs = blocks
+            .windows(2)
+            .all(|pair| pair[1].0.height == pair[0].0.height.saturating_add(1));
+        let within = blocks
+            .last()
+            .is_some_and(|(b, _)| b.height <= self.ledger.height());
+        if to == self.me || !runs || !within || blocks.len() > self.cfg.max_blocks_per_reply {
+            return;
+        }
+        self.reply_blocks(to, blocks);
+    }
+
+    fn reply_blocks(&mut self, to: usize, blocks: Vec<(Block, CommitCertificate)>) {
         if blocks.is_empty() {
             return;
         }
@@ -2466,7 +2532,7 @@ impl<S: Signer> Replica<S> {
             network: self.network,
             blocks,
         }) {
-            self.send_to(from, Message::Blocks(reply));
+            self.send_to(to, Message::Blocks(reply));
         }
     }
 

@@ -195,6 +195,8 @@ pub fn sim_replica_config() -> Config {
         forward_after_ms: 300,
         fetch_timeout_ms: 400,
         max_blocks_per_reply: 16,
+        // Few, so state transfer is also served from the node's disk.
+        blocks_in_memory: 8,
         ..Config::default()
     }
 }
@@ -428,6 +430,14 @@ impl Sim {
         self.nodes.get(id).and_then(|n| n.replica.as_ref())
     }
 
+    /// The blocks node `id` persisted, from height 1: its whole chain
+    /// (the replica keeps only recent blocks in memory).
+    pub fn stored_blocks(&self, id: usize) -> &[(crate::Block, crate::CommitCertificate)] {
+        self.nodes
+            .get(id)
+            .map_or(&[], |n| n.persisted.blocks.as_slice())
+    }
+
     /// Ledger height of node `id` (0 if down).
     pub fn height(&self, id: usize) -> u64 {
         self.replica(id).map(|r| r.height()).unwrap_or(0)
@@ -462,7 +472,7 @@ impl Sim {
         );
         match replica {
             Ok(r) => {
-                node.applied = applied_keys(r.ledger());
+                node.applied = applied_keys(&node.persisted.blocks);
                 node.replica = Some(r);
             }
             Err(e) => {
@@ -606,6 +616,21 @@ impl Sim {
                     self.on_committed(id, block.height, block.hash(), applied)
                 }
                 Output::ViewInstalled { .. } => {}
+                Output::ReadBlocks { peer, from, last } => {
+                    // The node's disk: what this replica persisted.
+                    let first = usize::try_from(from.saturating_sub(1)).unwrap_or(usize::MAX);
+                    let count = usize::try_from(last.saturating_sub(from) + 1).unwrap_or(0);
+                    let blocks: Vec<_> = node
+                        .persisted
+                        .blocks
+                        .iter()
+                        .skip(first)
+                        .take(count)
+                        .cloned()
+                        .collect();
+                    let clock = self.now.saturating_add(node.clock_offset);
+                    replica.handle_stored_blocks(&peer, blocks, clock);
+                }
             }
         }
     }
@@ -1251,7 +1276,17 @@ impl Sim {
             let Some(replica) = self.replica(id) else {
                 continue;
             };
-            let hash = replica.ledger().hash_at(min);
+            // The whole chain is on the node's disk; the replica keeps
+            // only recent blocks in memory.
+            let hash = match min {
+                0 => replica.ledger().hash_at(0),
+                _ => self.nodes.get(id).and_then(|n| {
+                    n.persisted
+                        .blocks
+                        .get(usize::try_from(min - 1).ok()?)
+                        .map(|(b, _)| b.hash())
+                }),
+            };
             match (reference, hash) {
                 (None, Some(h)) => reference = Some(h),
                 (Some(r), Some(h)) if r != h => {
@@ -1317,10 +1352,10 @@ impl Sim {
     }
 }
 
-fn applied_keys(ledger: &Ledger) -> HashSet<(ClientId, u64)> {
-    let mut scratch = Ledger::new(NetworkId([0; 32]));
+fn applied_keys(blocks: &[(crate::Block, crate::CommitCertificate)]) -> HashSet<(ClientId, u64)> {
+    let mut scratch = Ledger::keeping(NetworkId([0; 32]), 1);
     let mut keys = HashSet::new();
-    for (block, cert) in ledger.blocks() {
+    for (block, cert) in blocks {
         for tx in scratch.append(block.clone(), cert.clone()) {
             keys.insert(tx.key());
         }

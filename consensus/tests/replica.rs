@@ -223,7 +223,7 @@ fn verify_chain_accepts_a_simulated_chain_and_rejects_tampering() {
     let replica = sim.replica(1).expect("running");
     let vs = replica.validators().clone();
     let (mut blocks, mut certs): (Vec<_>, Vec<_>) =
-        replica.ledger().blocks().iter().take(4).cloned().unzip();
+        sim.stored_blocks(1).iter().take(4).cloned().unzip();
     assert!(blocks.len() >= 3, "some blocks committed");
     verify_chain(&blocks, &certs, &vs).expect("valid chain");
 

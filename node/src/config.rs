@@ -239,6 +239,9 @@ pub struct ConsensusSection {
     pub max_tx_bytes: usize,
     /// Transactions waiting to be proposed before new ones are refused.
     pub max_pending: usize,
+    /// Recent blocks kept in memory to answer lagging validators; older
+    /// ones are read from disk.
+    pub blocks_in_memory: usize,
 }
 
 impl Default for ConsensusSection {
@@ -253,6 +256,7 @@ impl Default for ConsensusSection {
             view_change_timeout_ms: None,
             max_tx_bytes: d.max_tx_bytes,
             max_pending: d.max_pending_requests,
+            blocks_in_memory: d.blocks_in_memory,
         }
     }
 }
@@ -280,6 +284,7 @@ impl ConsensusSection {
             view_change_timeout_ms,
             max_tx_bytes: self.max_tx_bytes,
             max_pending_requests: self.max_pending,
+            blocks_in_memory: self.blocks_in_memory,
             ..openagi_consensus::Config::default()
         }
     }
@@ -589,6 +594,10 @@ impl Config {
             (
                 "node.one_time_key_rotation_secs",
                 self.node.one_time_key_rotation_secs,
+            ),
+            (
+                "consensus.blocks_in_memory",
+                u64::try_from(self.consensus.blocks_in_memory).unwrap_or(u64::MAX),
             ),
         ];
         for (key, value) in positive {
@@ -923,6 +932,9 @@ network_id = "{network_id}"
 # Largest transaction in bytes, and most transactions waiting to be proposed.
 # max_tx_bytes = {max_tx_bytes}
 # max_pending = {consensus_max_pending}
+# Recent blocks kept in memory for validators catching up (older ones are
+# read from disk); the rest of the ledger is only on disk.
+# blocks_in_memory = {blocks_in_memory}
 
 [learn]
 # Local data this node trains on when it joins federated jobs whose model
@@ -985,6 +997,7 @@ network_id = "{network_id}"
         tor_view_change_timeout_ms = TOR_VIEW_CHANGE_TIMEOUT_MS,
         max_tx_bytes = d.consensus.max_tx_bytes,
         consensus_max_pending = d.consensus.max_pending,
+        blocks_in_memory = d.consensus.blocks_in_memory,
     )
 }
 

@@ -187,6 +187,7 @@ struct ReasonLabel {
 struct ConsensusMetrics {
     committed_txs: Counter,
     committed_blocks: Counter,
+    blocks_served_from_disk: Counter,
     height: Gauge,
     view: Gauge,
     view_changes: Counter,
@@ -202,6 +203,7 @@ impl ConsensusMetrics {
         let m = Self {
             committed_txs: Counter::default(),
             committed_blocks: Counter::default(),
+            blocks_served_from_disk: Counter::default(),
             height: Gauge::default(),
             view: Gauge::default(),
             view_changes: Counter::default(),
@@ -226,6 +228,11 @@ impl ConsensusMetrics {
             "committed_blocks",
             "Blocks committed to the ledger",
             m.committed_blocks.clone(),
+        );
+        r.register(
+            "blocks_served_from_disk",
+            "Blocks read from disk for validators catching up (older than those kept in memory)",
+            m.blocks_served_from_disk.clone(),
         );
         r.register("height", "Committed ledger height", m.height.clone());
         r.register("view", "Current PBFT view", m.view.clone());
@@ -672,6 +679,37 @@ impl Driver {
     }
 
     async fn drain(&mut self) -> Result<(), ConsensusError> {
+        // Reading stored blocks for a peer produces outputs again (the
+        // reply); a peer's requests are bounded by the replica's serve
+        // budget, so this ends.
+        loop {
+            let reads = self.drain_once().await?;
+            if reads.is_empty() {
+                return Ok(());
+            }
+            for (peer, from, last) in reads {
+                let store = self.store.clone();
+                let count = usize::try_from(last.saturating_sub(from).saturating_add(1))
+                    .unwrap_or(usize::MAX);
+                let blocks = tokio::task::spawn_blocking(move || store.blocks_from(from, count))
+                    .await
+                    .map_err(|e| ConsensusError::Rejected(format!("block read failed: {e}")))?;
+                match blocks {
+                    Ok(blocks) => {
+                        self.metrics
+                            .blocks_served_from_disk
+                            .inc_by(blocks.len() as u64);
+                        self.replica
+                            .handle_stored_blocks(&peer, blocks, crate::unix_ms())
+                    }
+                    Err(e) => warn!(error = %e, "could not read blocks a peer asked for"),
+                }
+            }
+        }
+    }
+
+    /// Acts on the replica's outputs; returns the block reads it asked for.
+    async fn drain_once(&mut self) -> Result<Vec<(PublicKey, u64, u64)>, ConsensusError> {
         // Collect every output first and write all their records in one
         // fsynced transaction before acting on any of them. The contract is
         // "durable before acting on later outputs"; writing later records
@@ -687,6 +725,7 @@ impl Driver {
         }
         self.flush(&mut records).await?;
         let mut outgoing = Outgoing::default();
+        let mut reads = Vec::new();
         for action in actions {
             match action {
                 Output::Send { to, message } => self.queue(&mut outgoing, to, &message),
@@ -700,6 +739,7 @@ impl Driver {
                     info!(view, primary = %primary.fingerprint(), "new view installed");
                 }
                 Output::Persist(_) => {}
+                Output::ReadBlocks { peer, from, last } => reads.push((peer, from, last)),
             }
         }
         for (peer, parts) in outgoing.per_peer {
@@ -711,7 +751,7 @@ impl Driver {
         }
         self.sync_drop_counters();
         self.publish_status();
-        Ok(())
+        Ok(reads)
     }
 
     /// Encodes `message` once and queues it for its recipients; the drain

@@ -15,12 +15,26 @@ struct Network {
 }
 
 fn start_network(n: usize) -> Network {
+    start_network_with(n, &[])
+}
+
+/// Starts `n` validators with extra environment variables.
+fn start_network_with(n: usize, env: &[(&str, &str)]) -> Network {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
     let root = tempfile::tempdir().expect("tempdir");
     let dirs = init_validators(root.path(), n).expect("validators");
-    let first = Daemon::start(&dirs[0], &DaemonOptions::default()).expect("v0 starts");
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let solo = DaemonOptions {
+        env: env.clone(),
+        ..Default::default()
+    };
+    let first = Daemon::start(&dirs[0], &solo).expect("v0 starts");
     let boot = DaemonOptions {
         bootstrap: vec![first.multiaddr().expect("addr")],
+        env,
         ..Default::default()
     };
     let mut nodes = vec![Some(first)];
@@ -197,7 +211,15 @@ fn a_killed_backup_catches_up_and_a_stopped_primary_is_replaced() {
 
 #[test]
 fn a_validator_that_lost_its_database_recovers_and_catches_up() {
-    let mut net = start_network(4);
+    // Checkpoints every 2 blocks, so the others' logs no longer hold what
+    // it missed and it must fetch blocks, and one block in memory, so they
+    // come from the others' disks.
+    const ENV: [(&str, &str); 3] = [
+        ("OPENAGI_CONSENSUS_BLOCKS_IN_MEMORY", "1"),
+        ("OPENAGI_CONSENSUS_CHECKPOINT_INTERVAL", "2"),
+        ("OPENAGI_CONSENSUS_WINDOW", "4"),
+    ];
+    let mut net = start_network_with(4, &ENV);
     for i in 0..4 {
         net.submit(0, &format!("before the loss {i}"));
     }
@@ -212,6 +234,10 @@ fn a_validator_that_lost_its_database_recovers_and_catches_up() {
     std::fs::remove_file(net.dirs[victim].join("node.redb")).expect("database removed");
     let boot = DaemonOptions {
         bootstrap: vec![net.node(primary).multiaddr().expect("addr")],
+        env: ENV
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         ..Default::default()
     };
     net.nodes[victim] = Some(Daemon::start(&net.dirs[victim], &boot).expect("restarts"));
@@ -230,4 +256,17 @@ fn a_validator_that_lost_its_database_recovers_and_catches_up() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", net.node(victim).log()));
     net.assert_ledgers_agree(top);
+    let served: f64 = net
+        .live()
+        .filter_map(|d| d.metrics().ok())
+        .filter_map(|text| {
+            text.lines().find_map(|l| {
+                l.strip_prefix("openagi_consensus_blocks_served_from_disk_total ")?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+        })
+        .sum();
+    assert!(served > 0.0, "no block was served from disk");
 }
