@@ -48,6 +48,9 @@ pub(crate) struct Control {
     writer: OwnedWriteHalf,
     /// Asynchronous events (`650` replies) read while waiting for a reply.
     events: std::collections::VecDeque<String>,
+    /// A line read in part when a wait for an event timed out; the next
+    /// read continues it, so the reply stream never loses its place.
+    partial: Vec<u8>,
 }
 
 impl Control {
@@ -67,6 +70,7 @@ impl Control {
             reader: BufReader::new(r),
             writer: w,
             events: std::collections::VecDeque::new(),
+            partial: Vec::new(),
         };
         c.authenticate(password, cookie_override).await?;
         Ok(c)
@@ -268,13 +272,16 @@ impl Control {
         }
     }
 
+    /// Reads one line. Cancel safe: bytes read before a cancellation stay
+    /// in `partial` and the next call completes the line.
     async fn read_line(&mut self) -> Result<String, TorError> {
-        let mut buf = Vec::new();
+        let room = MAX_LINE.saturating_sub(self.partial.len()) as u64;
         let n = (&mut self.reader)
-            .take(MAX_LINE as u64)
-            .read_until(b'\n', &mut buf)
+            .take(room)
+            .read_until(b'\n', &mut self.partial)
             .await?;
-        if n == 0 {
+        let mut buf = std::mem::take(&mut self.partial);
+        if n == 0 && buf.last() != Some(&b'\n') {
             return Err(TorError::Unavailable(
                 "tor closed the control connection".into(),
             ));

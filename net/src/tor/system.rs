@@ -33,8 +33,8 @@ use crate::{Backoff, Error};
 const INCOMING_CAPACITY: usize = 32;
 /// How often a live control connection is checked (and bootstrap polled).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
-/// How long a new onion service waits for tor's first descriptor upload
-/// before it counts as running anyway.
+/// How long a new onion service waits, once tor is bootstrapped, for its
+/// first descriptor upload before it counts as running anyway.
 const PUBLISH_WAIT: Duration = Duration::from_secs(120);
 
 struct SocksBackend {
@@ -205,6 +205,8 @@ async fn session(
         .get_or_create(&super::metrics::OutcomeLabels { outcome })
         .inc();
     let mut control = connected?;
+    // Subscribed before the service exists, so its first upload is seen.
+    control.set_events("HS_DESC").await?;
     let id = control
         .add_onion(add_key, settings.onion_port, target)
         .await?;
@@ -224,7 +226,6 @@ async fn session(
         s.last_error = None;
     });
     let mut warned = false;
-    control.set_events("HS_DESC").await?;
     let is_upload = |event: &str| {
         let mut words = event.split(' ');
         words.next() == Some("HS_DESC")
@@ -233,8 +234,16 @@ async fn session(
     };
     let mut uploaded = false;
     let publishing = Instant::now();
-    while !uploaded && publishing.elapsed() < PUBLISH_WAIT {
+    // Tor publishes only once bootstrapped, so the wait counts from then.
+    let mut give_up_at: Option<Instant> = None;
+    while !uploaded {
         report_bootstrap(&mut control, settings, state, metrics, started, &mut warned).await?;
+        if state.get().bootstrapped {
+            let at = *give_up_at.get_or_insert_with(|| Instant::now() + PUBLISH_WAIT);
+            if Instant::now() >= at {
+                break;
+            }
+        }
         uploaded = control.wait_event(is_upload, HEALTH_INTERVAL).await?;
     }
     control.set_events("").await?;
