@@ -47,8 +47,9 @@ impl ClientRecord {
 
 /// The chain of committed blocks with their certificates, and the
 /// exactly-once table derived from it. Only the most recent blocks stay in
-/// memory (the node keeps the whole chain on disk), so memory does not
-/// grow with the chain.
+/// memory (the node keeps the whole chain on disk), so a running replica's
+/// memory does not grow with the chain; [`crate::Replica::restore`] still
+/// replays the whole stored chain once.
 #[derive(Clone, Debug)]
 pub struct Ledger {
     network: NetworkId,

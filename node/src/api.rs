@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::consensus::{ConsensusHandle, ConsensusStatus};
 use crate::store::Store;
+use crate::txindex::TxLookupResult;
 
 /// Shared state of the HTTP handlers.
 pub struct ApiState {
@@ -370,7 +371,7 @@ async fn submit_tx(
                 }
                 // Missed notices: the index on disk has the answer.
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    if let Ok(Some(position)) = state.tx_lookup.position(&hash) {
+                    if let Ok(TxLookupResult::Committed(position)) = lookup_tx(&state, hash).await {
                         return Some(position);
                     }
                 }
@@ -455,6 +456,15 @@ fn parse_hash(text: &str) -> Option<[u8; 32]> {
         .and_then(|b| <[u8; 32]>::try_from(b).ok())
 }
 
+/// Looks a transaction up off the async workers (it reads the disk).
+async fn lookup_tx(state: &Arc<ApiState>, hash: [u8; 32]) -> Result<TxLookupResult, String> {
+    let lookup = state.tx_lookup.clone();
+    match tokio::task::spawn_blocking(move || lookup.position(&hash)).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("lookup task failed: {e}")),
+    }
+}
+
 async fn tx_status(State(state): State<Arc<ApiState>>, Path(hash): Path<String>) -> Response {
     let Some(hash) = parse_hash(&hash) else {
         return error(
@@ -462,17 +472,26 @@ async fn tx_status(State(state): State<Arc<ApiState>>, Path(hash): Path<String>)
             "a transaction hash is 64 hex digits",
         );
     };
-    match state.tx_lookup.position(&hash) {
-        Ok(Some((height, index))) => Json(serde_json::json!({
+    match lookup_tx(&state, hash).await {
+        Ok(TxLookupResult::Committed((height, index))) => Json(serde_json::json!({
             "tx_hash": hex::encode(hash), "status": "committed", "height": height, "index": index
         }))
         .into_response(),
-        Ok(None) => (
+        Ok(TxLookupResult::Unknown) => (
             StatusCode::NOT_FOUND,
             Json(serde_json::json!({ "tx_hash": hex::encode(hash), "status": "unknown" })),
         )
             .into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        // Cannot tell yet: retry later rather than believe "unknown".
+        Ok(TxLookupResult::Indexing { indexed, head }) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "tx_hash": hex::encode(hash), "status": "indexing",
+                "indexed_height": indexed, "ledger_height": head
+            })),
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 

@@ -933,7 +933,7 @@ network_id = "{network_id}"
 # max_tx_bytes = {max_tx_bytes}
 # max_pending = {consensus_max_pending}
 # Recent blocks kept in memory for validators catching up (older ones are
-# read from disk); the rest of the ledger is only on disk.
+# read from disk). A restart reads the whole ledger once.
 # blocks_in_memory = {blocks_in_memory}
 
 [learn]

@@ -307,6 +307,8 @@ const LATENCY_SAMPLES: usize = 1 << 18;
 pub struct ConsensusHandle {
     inputs: mpsc::Sender<Input>,
     messages: mpsc::Sender<Input>,
+    /// The validators' peer ids: only they may queue messages.
+    members: Arc<std::collections::HashSet<PeerId>>,
     status: Arc<RwLock<ConsensusStatus>>,
     commits: broadcast::Sender<CommitNotice>,
     validators: ValidatorSet,
@@ -315,8 +317,9 @@ pub struct ConsensusHandle {
 
 impl ConsensusHandle {
     /// Queues many transactions at once (one queue slot for all) without
-    /// waiting for the replica: a load generator must not be slowed by the
-    /// replica's disk commits. Refusals are counted in
+    /// waiting for the replica to take them in: a load generator must not
+    /// be slowed by the replica's disk commits. It waits only while the
+    /// submission queue is full. Refusals are counted in
     /// `openagi_consensus_submissions_refused_total`.
     pub async fn submit_batch(&self, txs: Vec<Transaction>) -> Result<(), ConsensusError> {
         self.inputs
@@ -369,8 +372,13 @@ impl ConsensusHandle {
     }
 
     /// Hands a message from the network to the replica. Drops it when the
-    /// replica is far behind (PBFT retransmits what matters).
+    /// replica is far behind (PBFT retransmits what matters), and drops
+    /// anything from a peer that is not a validator before it takes a
+    /// queue slot, so non-validators cannot crowd out votes.
     pub fn deliver(&self, from: PeerId, data: Vec<u8>) -> bool {
+        if !self.members.contains(&from) {
+            return false;
+        }
         self.messages
             .try_send(Input::Message { from, data })
             .is_ok()
@@ -492,6 +500,7 @@ pub fn start(
     let handle = ConsensusHandle {
         inputs: input_tx,
         messages: message_tx,
+        members: Arc::new(peers.iter().flatten().copied().collect()),
         status: status.clone(),
         commits: commits.clone(),
         validators: validators.clone(),
@@ -691,9 +700,12 @@ impl Driver {
                 let store = self.store.clone();
                 let count = usize::try_from(last.saturating_sub(from).saturating_add(1))
                     .unwrap_or(usize::MAX);
+                // Serving a peer is best effort: a failed read is logged,
+                // never a reason to stop consensus.
                 let blocks = tokio::task::spawn_blocking(move || store.blocks_from(from, count))
                     .await
-                    .map_err(|e| ConsensusError::Rejected(format!("block read failed: {e}")))?;
+                    .map_err(|e| e.to_string())
+                    .and_then(|read| read.map_err(|e| e.to_string()));
                 match blocks {
                     Ok(blocks) => {
                         self.metrics

@@ -153,7 +153,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         tx_lookup.clone(),
         consensus.as_ref().map(|c| c.subscribe()),
         indexer_stopping,
-    )?;
+    );
 
     let (learner, learner_task) = crate::federation::Learner::start(
         &identity,
@@ -300,10 +300,8 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         }
         // After consensus: the last commits get indexed and fsynced.
         let _ = stop_indexer.send(true);
-        match indexer_task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = format!("{e:#}"), "transaction index"),
-            Err(e) => warn!(error = %e, "transaction indexer panicked"),
+        if let Err(e) = indexer_task.await {
+            warn!(error = %e, "transaction indexer panicked");
         }
         net.shutdown().await;
         let _ = net_task.await;

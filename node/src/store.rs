@@ -458,11 +458,21 @@ impl TxIndex {
         }
         {
             let mut index = txn.open_table(TX_INDEX).map_err(engine)?;
-            // Sorted keys touch each B-tree page once per write.
+            // Sorted keys touch each B-tree page once per write; the sort
+            // is stable, so of a transaction repeated in later blocks the
+            // first (the one that took effect) comes first and stays.
             let mut sorted: Vec<&([u8; 32], TxPosition)> = entries.iter().collect();
-            sorted.sort_unstable_by_key(|entry| entry.0);
+            sorted.sort_by_key(|entry| entry.0);
+            sorted.dedup_by_key(|entry| entry.0);
             for (hash, position) in sorted {
-                index.insert(hash, *position).map_err(engine)?;
+                let earlier = index
+                    .insert(hash, *position)
+                    .map_err(engine)?
+                    .map(|old| old.value())
+                    .filter(|old| old.0 < position.0);
+                if let Some(earlier) = earlier {
+                    index.insert(hash, earlier).map_err(engine)?;
+                }
             }
             let mut meta = txn.open_table(TX_INDEX_META).map_err(engine)?;
             meta.insert("through", encode(&through)?.as_slice())

@@ -33,6 +33,22 @@ const CATCH_UP_CHUNK: u64 = 64;
 /// Most blocks a lookup reads itself when the indexer is behind.
 const MAX_LOOKUP_SCAN: u64 = 16;
 
+/// What a lookup by transaction hash found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxLookupResult {
+    /// Committed at this position.
+    Committed(TxPosition),
+    /// Not in any stored block.
+    Unknown,
+    /// The index is too far behind the ledger to say (it is being rebuilt).
+    Indexing {
+        /// The last block indexed.
+        indexed: u64,
+        /// The last stored block.
+        head: u64,
+    },
+}
+
 /// Lookups by transaction hash: the staged entries, then the index, then
 /// the few stored blocks the indexer has not reached yet.
 pub struct TxLookup {
@@ -55,31 +71,43 @@ impl TxLookup {
     }
 
     /// Where the committed transaction `hash` is. A transaction whose
-    /// commit was acknowledged is always found: blocks the indexer has not
-    /// reached yet (it trails the commit notices) are read directly.
-    pub fn position(&self, hash: &Hash) -> Result<Option<TxPosition>, StoreError> {
+    /// commit was acknowledged is always found while the indexer keeps up
+    /// (it trails the commit notices, so the few blocks it has not reached
+    /// are read directly); while it is further behind (rebuilding the
+    /// index, or stopped by a disk error) the answer is
+    /// [`TxLookupResult::Indexing`], never a wrong "unknown".
+    pub fn position(&self, hash: &Hash) -> Result<TxLookupResult, StoreError> {
         // Read before the lookups below so that a block staged meanwhile
         // is at worst scanned twice, never skipped.
         let through = self.staged_through.load(Ordering::Acquire);
         // Staged first: a write removes entries from here only after it
         // committed, so an entry is always in one place or the other.
         if let Some(position) = self.staged().get(hash) {
-            return Ok(Some(*position));
+            return Ok(TxLookupResult::Committed(*position));
         }
         if let Some(position) = self.index.get(hash)? {
-            return Ok(Some(position));
+            return Ok(TxLookupResult::Committed(position));
         }
         let head = self.store.head_height()?;
         if head <= through {
-            return Ok(None);
+            return Ok(TxLookupResult::Unknown);
         }
-        let count = (head - through).min(MAX_LOOKUP_SCAN) as usize;
-        for (block, _) in self.store.blocks_from(through + 1, count)? {
+        if head - through > MAX_LOOKUP_SCAN {
+            return Ok(TxLookupResult::Indexing {
+                indexed: through,
+                head,
+            });
+        }
+        for (block, _) in self
+            .store
+            .blocks_from(through + 1, MAX_LOOKUP_SCAN as usize)?
+        {
             if let Some(i) = block.txs.iter().position(|tx| tx.hash() == *hash) {
-                return Ok(Some((block.height, u32::try_from(i).unwrap_or(u32::MAX))));
+                let index = u32::try_from(i).unwrap_or(u32::MAX);
+                return Ok(TxLookupResult::Committed((block.height, index)));
             }
         }
-        Ok(None)
+        Ok(TxLookupResult::Unknown)
     }
 
     fn staged(&self) -> MutexGuard<'_, HashMap<Hash, TxPosition>> {
@@ -113,7 +141,9 @@ impl Indexer {
         let mut staged = self.lookup.staged();
         for (i, hash) in tx_hashes.iter().enumerate() {
             let position = (height, u32::try_from(i).unwrap_or(u32::MAX));
-            staged.insert(*hash, position);
+            // A transaction repeated in a later block took effect in the
+            // first; that position stays.
+            staged.entry(*hash).or_insert(position);
             self.pending.push((*hash, position));
         }
         drop(staged);
@@ -121,9 +151,10 @@ impl Indexer {
         self.lookup.staged_through.store(height, Ordering::Release);
     }
 
-    /// Stages stored blocks up to `until` (inclusive), a chunk at a time.
-    fn catch_up(&mut self, until: u64) -> Result<(), StoreError> {
-        while self.next_height() <= until {
+    /// Stages stored blocks up to `until` (inclusive), a chunk at a time,
+    /// until `stop` says the node is shutting down.
+    fn catch_up(&mut self, until: u64, stop: &watch::Receiver<bool>) -> Result<(), StoreError> {
+        while self.next_height() <= until && !*stop.borrow() {
             let limit = CATCH_UP_CHUNK.min(until + 1 - self.next_height());
             let blocks = self
                 .lookup
@@ -173,34 +204,35 @@ impl Indexer {
     }
 }
 
-/// Checks the index against the ledger and starts the indexer. An index
-/// whose last block is not in the ledger (another chain, a ledger that was
-/// removed) is emptied and rebuilt.
+/// Starts the indexer: it checks the index against the ledger (an index
+/// whose last block is not in the ledger, from another chain or a ledger
+/// that was removed, or that cannot be read, is emptied and rebuilt),
+/// catches up with the stored blocks and then follows `commits`. It ends
+/// when `shutdown` turns true, after indexing the last commits.
 pub fn start(
     lookup: Arc<TxLookup>,
     mut commits: Option<broadcast::Receiver<CommitNotice>>,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<Result<()>>> {
-    let through = lookup.index.through()?;
-    let through = match through {
-        Some((height, hash)) => {
-            let same = lookup
-                .store
-                .block(height)?
-                .is_some_and(|(block, _)| block.hash() == hash);
-            if same {
-                (height, hash)
-            } else {
-                warn!(
-                    height,
-                    "the transaction index does not match the ledger; rebuilding it"
-                );
-                lookup.index.clear()?;
-                (0, [0; 32])
-            }
+) -> tokio::task::JoinHandle<Result<()>> {
+    tokio::task::spawn_blocking(move || {
+        let outcome = run(lookup, &mut commits, &mut shutdown);
+        if let Err(e) = &outcome {
+            // Lookups then answer "indexing" for new blocks, not "unknown".
+            tracing::error!(
+                error = format!("{e:#}"),
+                "the transaction indexer stopped; lookups of newer transactions answer 503 until the node restarts"
+            );
         }
-        None => (0, [0; 32]),
-    };
+        outcome
+    })
+}
+
+fn run(
+    lookup: Arc<TxLookup>,
+    commits: &mut Option<broadcast::Receiver<CommitNotice>>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<()> {
+    let through = checked_watermark(&lookup)?;
     lookup.staged_through.store(through.0, Ordering::Release);
     let mut indexer = Indexer {
         lookup,
@@ -210,62 +242,89 @@ pub fn start(
         undurable: false,
         last_durable: Instant::now(),
     };
-    Ok(tokio::task::spawn_blocking(move || -> Result<()> {
-        let runtime = tokio::runtime::Handle::current();
-        let head = indexer.lookup.store.head_height()?;
-        if head > indexer.written_through {
-            info!(
-                from = indexer.next_height(),
-                to = head,
-                "indexing transactions of stored blocks"
-            );
-        }
-        indexer.catch_up(head)?;
-        indexer.write(true)?;
-        let mut flush_at = Instant::now() + FLUSH_EVERY;
-        loop {
-            let wait = flush_at.saturating_duration_since(Instant::now());
-            let event = runtime.block_on(async {
-                tokio::select! {
-                    _ = shutdown.changed() => Event::Stop,
-                    notice = next_notice(&mut commits) => notice,
-                    _ = tokio::time::sleep(wait) => Event::Flush,
+    let runtime = tokio::runtime::Handle::current();
+    let head = indexer.lookup.store.head_height()?;
+    if head > indexer.written_through {
+        info!(
+            from = indexer.next_height(),
+            to = head,
+            "indexing transactions of stored blocks"
+        );
+    }
+    indexer.catch_up(head, shutdown)?;
+    indexer.write(true)?;
+    let mut flush_at = Instant::now() + FLUSH_EVERY;
+    loop {
+        let wait = flush_at.saturating_duration_since(Instant::now());
+        let event = runtime.block_on(async {
+            tokio::select! {
+                _ = shutdown.changed() => Event::Stop,
+                notice = next_notice(commits) => notice,
+                _ = tokio::time::sleep(wait) => Event::Flush,
+            }
+        });
+        match event {
+            Event::Stop => break,
+            Event::Notice(notice) => {
+                if notice.height > indexer.next_height() {
+                    indexer.catch_up(notice.height - 1, shutdown)?;
                 }
-            });
-            match event {
-                Event::Stop => break,
-                Event::Notice(notice) => {
-                    if notice.height > indexer.next_height() {
-                        indexer.catch_up(notice.height - 1)?;
-                    }
-                    if notice.height == indexer.next_height() {
-                        indexer.stage(notice.height, notice.block_hash, &notice.tx_hashes);
-                    }
-                    if indexer.pending.len() >= MAX_STAGED {
-                        indexer.write(false)?;
-                    }
+                if notice.height == indexer.next_height() {
+                    indexer.stage(notice.height, notice.block_hash, &notice.tx_hashes);
                 }
-                Event::Missed => {
-                    debug!("transaction indexer missed commit notices; reading the ledger");
-                    let head = indexer.lookup.store.head_height()?;
-                    indexer.catch_up(head)?;
-                }
-                Event::Closed => commits = None,
-                Event::Flush => {
-                    // Blocks stored without a notice (state transfer)
-                    // are picked up here.
-                    let head = indexer.lookup.store.head_height()?;
-                    indexer.catch_up(head)?;
+                if indexer.pending.len() >= MAX_STAGED {
                     indexer.write(false)?;
-                    flush_at = Instant::now() + FLUSH_EVERY;
                 }
             }
+            Event::Missed => {
+                debug!("transaction indexer missed commit notices; reading the ledger");
+                let head = indexer.lookup.store.head_height()?;
+                indexer.catch_up(head, shutdown)?;
+            }
+            Event::Closed => *commits = None,
+            Event::Flush => {
+                // Blocks stored without a notice (state transfer)
+                // are picked up here.
+                let head = indexer.lookup.store.head_height()?;
+                indexer.catch_up(head, shutdown)?;
+                indexer.write(false)?;
+                flush_at = Instant::now() + FLUSH_EVERY;
+            }
         }
-        indexer
-            .write(true)
-            .context("writing the transaction index")?;
-        Ok(())
-    }))
+    }
+    // The last commits (consensus has stopped): a short catch-up, not
+    // a rebuild, so shutdown stays quick; the next start does the rest.
+    let head = indexer.lookup.store.head_height()?;
+    if head.saturating_sub(indexer.staged_through.0) <= CATCH_UP_CHUNK {
+        let (_, never) = watch::channel(false);
+        indexer.catch_up(head, &never)?;
+    }
+    indexer
+        .write(true)
+        .context("writing the transaction index")?;
+    Ok(())
+}
+
+/// The index's watermark if it matches the ledger; otherwise the index is
+/// emptied and indexing starts from the first block.
+fn checked_watermark(lookup: &TxLookup) -> Result<(u64, Hash), StoreError> {
+    let reason = match lookup.index.through() {
+        Ok(None) => return Ok((0, [0; 32])),
+        Ok(Some((height, hash))) => {
+            let same = lookup
+                .store
+                .block(height)?
+                .is_some_and(|(block, _)| block.hash() == hash);
+            if same {
+                return Ok((height, hash));
+            }
+            format!("its block {height} is not in the ledger")
+        }
+        Err(e) => format!("its watermark is unreadable ({e})"),
+    };
+    warn!(%reason, "rebuilding the transaction index");
+    lookup.index.clear()?;
+    Ok((0, [0; 32]))
 }
 
 enum Event {
@@ -363,14 +422,23 @@ mod tests {
         let lookup = Arc::new(TxLookup::open(dir.path(), store.clone()).expect("index"));
         let wanted = blocks[1].txs[4].hash();
         // Not indexed yet: read from the ledger.
-        assert_eq!(lookup.position(&wanted).expect("lookup"), Some((2, 4)));
+        assert_eq!(
+            lookup.position(&wanted).expect("lookup"),
+            TxLookupResult::Committed((2, 4))
+        );
 
         let (stop, stopping) = watch::channel(false);
-        let task = start(lookup.clone(), None, stopping).expect("start");
+        let task = start(lookup.clone(), None, stopping);
         wait_indexed(&lookup, 3).await;
         assert_eq!(lookup.index.get(&wanted).expect("get"), Some((2, 4)));
-        assert_eq!(lookup.position(&wanted).expect("lookup"), Some((2, 4)));
-        assert_eq!(lookup.position(&[9; 32]).expect("lookup"), None);
+        assert_eq!(
+            lookup.position(&wanted).expect("lookup"),
+            TxLookupResult::Committed((2, 4))
+        );
+        assert_eq!(
+            lookup.position(&[9; 32]).expect("lookup"),
+            TxLookupResult::Unknown
+        );
 
         // Blocks stored without a notice (state transfer) are picked up.
         let later = append(&store, 2, "a");
@@ -390,7 +458,7 @@ mod tests {
         let lookup = Arc::new(TxLookup::open(dir.path(), store.clone()).expect("index"));
         let (commits, rx) = broadcast::channel(4);
         let (stop, stopping) = watch::channel(false);
-        let task = start(lookup.clone(), Some(rx), stopping).expect("start");
+        let task = start(lookup.clone(), Some(rx), stopping);
         let blocks = append(&store, 3, "b");
         let last = &blocks[2];
         commits
@@ -406,7 +474,7 @@ mod tests {
             for (i, tx) in b.txs.iter().enumerate() {
                 assert_eq!(
                     lookup.position(&tx.hash()).expect("lookup"),
-                    Some((b.height, i as u32))
+                    TxLookupResult::Committed((b.height, i as u32))
                 );
             }
         }
@@ -422,7 +490,7 @@ mod tests {
             let blocks = append(&store, 3, "old");
             let lookup = Arc::new(TxLookup::open(dir.path(), store).expect("index"));
             let (stop, stopping) = watch::channel(false);
-            let task = start(lookup.clone(), None, stopping).expect("start");
+            let task = start(lookup.clone(), None, stopping);
             wait_indexed(&lookup, 3).await;
             stop.send(true).expect("stop");
             task.await.expect("joins").expect("stops cleanly");
@@ -434,12 +502,54 @@ mod tests {
         let new = append(&store, 4, "new");
         let lookup = Arc::new(TxLookup::open(dir.path(), store).expect("index"));
         let (stop, stopping) = watch::channel(false);
-        let task = start(lookup.clone(), None, stopping).expect("start");
+        let task = start(lookup.clone(), None, stopping);
         wait_indexed(&lookup, 4).await;
         assert_eq!(lookup.index.get(&old[0].txs[0].hash()).expect("get"), None);
         assert_eq!(
             lookup.position(&new[3].txs[2].hash()).expect("lookup"),
-            Some((4, 2))
+            TxLookupResult::Committed((4, 2))
+        );
+        stop.send(true).expect("stop");
+        task.await.expect("joins").expect("stops cleanly");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn far_behind_it_says_indexing_and_a_repeated_transaction_keeps_its_first_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path()).expect("store"));
+        let blocks = append(&store, MAX_LOOKUP_SCAN + 4, "c");
+        let lookup = Arc::new(TxLookup::open(dir.path(), store.clone()).expect("index"));
+        let late = blocks[blocks.len() - 1].txs[0].hash();
+        assert_eq!(
+            lookup.position(&late).expect("lookup"),
+            TxLookupResult::Indexing {
+                indexed: 0,
+                head: MAX_LOOKUP_SCAN + 4
+            },
+            "too far behind to scan: neither committed nor unknown"
+        );
+
+        // The same transaction again in a later block (it took no effect).
+        let head = store.head_height().expect("head");
+        let prev = store.block(head).expect("read").expect("block").0.hash();
+        let (mut again, certificate) = block(head + 1, prev, "c");
+        again.txs[1] = blocks[0].txs[2].clone();
+        store
+            .persist_consensus(&[PersistRecord::Block {
+                block: again,
+                certificate,
+            }])
+            .expect("persist");
+        let (stop, stopping) = watch::channel(false);
+        let task = start(lookup.clone(), None, stopping);
+        wait_indexed(&lookup, head + 1).await;
+        assert_eq!(
+            lookup.position(&late).expect("lookup"),
+            TxLookupResult::Committed((MAX_LOOKUP_SCAN + 4, 0))
+        );
+        assert_eq!(
+            lookup.index.get(&blocks[0].txs[2].hash()).expect("get"),
+            Some((1, 2))
         );
         stop.send(true).expect("stop");
         task.await.expect("joins").expect("stops cleanly");
