@@ -479,6 +479,18 @@ mod tests {
                     }
                 } else if line.starts_with("ADD_ONION") {
                     "250-ServiceID=abc\r\n250 OK\r\n".to_string()
+                } else if line == "SETEVENTS HS_DESC" {
+                    // Another service's upload, then ours split across
+                    // two writes 300 ms apart.
+                    w.write_all(
+                        b"250 OK\r\n650 HS_DESC UPLOADED other NO_AUTH x\r\n650 HS_DESC UPLO",
+                    )
+                    .await
+                    .expect("write");
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                    "ADED abc NO_AUTH x\r\n".to_string()
+                } else if line == "SETEVENTS" {
+                    "250 OK\r\n".to_string()
                 } else {
                     "510 Unrecognized command\r\n".to_string()
                 };
@@ -488,6 +500,29 @@ mod tests {
             seen
         });
         (addr, fake)
+    }
+
+    #[tokio::test]
+    async fn an_event_wait_that_times_out_mid_line_keeps_the_stream_in_step() {
+        let (addr, fake) = fake_tor("AUTH METHODS=NULL".into(), "AUTHENTICATE".into()).await;
+        let mut c = Control::connect(addr, None, None).await.expect("auth");
+        c.set_events("HS_DESC").await.expect("subscribe");
+        let ours = |e: &str| e == "HS_DESC UPLOADED abc NO_AUTH x";
+        let early = c
+            .wait_event(ours, std::time::Duration::from_millis(100))
+            .await
+            .expect("waits");
+        assert!(!early, "our line is not complete yet");
+        let late = c
+            .wait_event(ours, std::time::Duration::from_secs(5))
+            .await
+            .expect("the half-read line is completed, not misparsed");
+        assert!(late);
+        c.set_events("").await.expect("unsubscribe");
+        // Still in step: the next reply is the answer to the next command.
+        assert!(c.getinfo("version").await.is_err());
+        drop(c);
+        fake.await.expect("fake");
     }
 
     #[tokio::test]
