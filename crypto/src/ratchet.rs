@@ -641,26 +641,18 @@ mod tests {
             .start_session(&bob.id, &stale)
             .expect("outbound");
         let late = send(&mut dave, &bob, b"too late");
-        let before = bob
-            .ratchet
-            .pickle(&AeadKey::from_bytes([1; 32]))
-            .expect("pickles");
+        // A live key, so that consuming one would show.
+        bob.ratchet.publish_bundles(1);
+        let before = bob.ratchet.one_time_key_count();
+        assert!(before > 0);
         assert!(matches!(
             recv(&mut bob, &dave, &late),
             Err(Error::Session(_))
         ));
         assert_eq!(bob.ratchet.session_count(&dave.id), 0);
-        let after = bob
-            .ratchet
-            .pickle(&AeadKey::from_bytes([1; 32]))
-            .expect("pickles");
         assert_eq!(
-            Ratchet::from_pickle(&before, &AeadKey::from_bytes([1; 32]))
-                .expect("restores")
-                .one_time_key_count(),
-            Ratchet::from_pickle(&after, &AeadKey::from_bytes([1; 32]))
-                .expect("restores")
-                .one_time_key_count(),
+            bob.ratchet.one_time_key_count(),
+            before,
             "a refused message consumes nothing"
         );
     }

@@ -1279,7 +1279,14 @@ mod tests {
         let (signer, record) = decode_record(&payload).expect("valid").expect("a record");
         assert_eq!(signer, id.public());
         assert_eq!(record.job_spec().expect("valid"), Some(spec()));
-        assert_eq!(job_id(&payload), job_id(&payload));
+        // The id names the signed record: another signer, another job.
+        let other = Signed::sign(
+            &Identity::from_seed(&[2; 32]),
+            &Record::job(&spec()).expect("valid"),
+        )
+        .expect("signs");
+        let other = encode_record(&other).expect("encodes");
+        assert_ne!(job_id(&payload), job_id(&other));
         assert!(
             decode_record(b"just a transfer")
                 .expect("not ours")
