@@ -611,11 +611,15 @@ impl Driver {
         match input {
             Input::Submit { tx, reply } => {
                 let hash = tx.hash();
-                let result = self
-                    .replica
-                    .handle_request(tx, now)
-                    .map(|()| hash)
-                    .map_err(|e| ConsensusError::Rejected(e.to_string()));
+                let result =
+                    self.replica
+                        .handle_request(tx, now)
+                        .map(|()| hash)
+                        .map_err(|e| match e {
+                            // Kept typed: a resubmission learns it was taken.
+                            openagi_consensus::Error::Duplicate => ConsensusError::Replica(e),
+                            other => ConsensusError::Rejected(other.to_string()),
+                        });
                 if result.is_ok() {
                     self.track_submission(hash, Instant::now());
                 }

@@ -43,7 +43,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tracing::{debug, info, warn};
 
 use crate::config::LearnSection;
-use crate::consensus::{ConsensusHandle, peer_id_of};
+use crate::consensus::{ConsensusError, ConsensusHandle, peer_id_of};
 use crate::store::Store;
 
 /// Bytes of model per chunk on the wire.
@@ -148,10 +148,14 @@ pub struct JobView {
     pub architecture: String,
     /// Rounds asked for.
     pub rounds: u64,
-    /// Nodes that joined.
+    /// Nodes that joined (each counted once, at most
+    /// [`federation::MAX_PARTICIPANTS`], as the coordinator counts them).
     pub joined: usize,
     /// Whether this node joined.
     pub joined_here: bool,
+    /// Who joined, behind `joined`.
+    #[serde(skip)]
+    joiners: std::collections::HashSet<PublicKey>,
     /// `gathering`, `running`, `finished` or `interrupted`.
     pub state: String,
     /// The latest round started.
@@ -496,6 +500,7 @@ impl Learner {
                         rounds: spec.rounds,
                         joined: 0,
                         joined_here: false,
+                        joiners: Default::default(),
                         // A coordinator's state does not survive a restart.
                         state: if !live && *signer == self.me {
                             "interrupted"
@@ -546,8 +551,11 @@ impl Learner {
                 }
                 Record::Join { job, .. } => {
                     let me = self.me;
-                    if let Some(view) = s.jobs.get_mut(job) {
-                        view.joined += 1;
+                    if let Some(view) = s.jobs.get_mut(job)
+                        && view.joiners.len() < federation::MAX_PARTICIPANTS
+                        && view.joiners.insert(*signer)
+                    {
+                        view.joined = view.joiners.len();
                         view.joined_here |= *signer == me;
                     }
                 }
@@ -790,10 +798,13 @@ impl Learner {
         let signed = Signed::sign(&self.identity, &record)?;
         let payload = federation::encode_record(&signed)?;
         let job = federation::job_id(&payload);
+        // One sequence number for every attempt: the ledger's exactly-once
+        // rule then keeps an attempt that was taken after all from
+        // committing the record twice.
+        let store = self.store.clone();
+        let seq = tokio::task::spawn_blocking(move || store.next_client_seq()).await??;
         let mut delay = Duration::from_millis(200);
         for attempt in 0..8 {
-            let store = self.store.clone();
-            let seq = tokio::task::spawn_blocking(move || store.next_client_seq()).await??;
             let tx = Transaction {
                 client: self.client,
                 seq,
@@ -801,6 +812,11 @@ impl Learner {
             };
             match consensus.submit(tx).await {
                 Ok(_) => return Ok(job),
+                Err(ConsensusError::Replica(openagi_consensus::Error::Duplicate))
+                    if attempt > 0 =>
+                {
+                    return Ok(job);
+                }
                 Err(e) if attempt < 7 => {
                     debug!(error = %e, "learning record refused; retrying");
                     tokio::time::sleep(delay).await;
