@@ -447,6 +447,9 @@ pub enum CoordinatorOutput {
     },
     /// A round closed (for metrics and logs; its record is submitted too).
     RoundClosed(RoundSummary),
+    /// Something failed locally that the round survived (aggregation or
+    /// evaluation): for the node's log.
+    Problem(String),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -795,6 +798,10 @@ impl Coordinator {
         }
     }
 
+    fn problem(&mut self, what: String) {
+        self.outputs.push_back(CoordinatorOutput::Problem(what));
+    }
+
     /// Closes the collecting round. Never fails: a local failure while
     /// aggregating or evaluating (which checked updates should not cause)
     /// ends the round without changing the model, so rounds never hang.
@@ -809,31 +816,44 @@ impl Coordinator {
         };
         let updates: Vec<ClientUpdate> = std::mem::take(&mut self.updates).into_values().collect();
         let parent = self.model;
-        let (delta, epsilon) = self.aggregate(&updates).unwrap_or((None, None));
+        let (delta, epsilon) = self.aggregate(&updates).unwrap_or_else(|e| {
+            self.problem(format!("round {round}: aggregation failed: {e}"));
+            (None, None)
+        });
         let mut aggregated = false;
         if let Some(delta) = delta {
             let next: Vec<f32> = self.params.iter().zip(&delta).map(|(p, d)| p + d).collect();
-            if let Ok(id) = self
+            match self
                 .trainer
                 .descriptor()
                 .check_params(&next)
                 .and_then(|()| ModelId::compute(self.trainer.descriptor(), &next))
             {
-                self.params = next;
-                self.model = id;
-                aggregated = true;
-                self.outputs.push_back(CoordinatorOutput::Model {
-                    id,
-                    params: self.params.clone(),
-                    round,
-                });
+                Ok(id) => {
+                    self.params = next;
+                    self.model = id;
+                    aggregated = true;
+                    self.outputs.push_back(CoordinatorOutput::Model {
+                        id,
+                        params: self.params.clone(),
+                        round,
+                    });
+                }
+                Err(e) => self.problem(format!("round {round}: the new model is invalid: {e}")),
             }
         }
-        let accuracy = self
+        let accuracy = match self
             .evaluation
             .as_ref()
-            .and_then(|data| self.trainer.evaluate(&self.params, data).ok())
-            .map(|e| e.accuracy);
+            .map(|data| self.trainer.evaluate(&self.params, data))
+        {
+            Some(Ok(evaluation)) => Some(evaluation.accuracy),
+            Some(Err(e)) => {
+                self.problem(format!("round {round}: evaluation failed: {e}"));
+                None
+            }
+            None => None,
+        };
         let q = self.sample_rate();
         let budget_left = match (&self.spec.privacy, &self.accountant) {
             (Some(p), Some(acc)) => match p.budget_epsilon {
@@ -1009,6 +1029,7 @@ mod tests {
                         self.params.insert(id, params);
                     }
                     CoordinatorOutput::RoundClosed(_) => {}
+                    CoordinatorOutput::Problem(p) => panic!("coordinator problem: {p}"),
                 }
             }
             let me = self.coordinator_id.public();

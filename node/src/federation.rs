@@ -484,12 +484,19 @@ impl Learner {
                     if s.jobs.contains_key(&job) {
                         return;
                     }
-                    let initial = spec
+                    let initial = match spec
                         .architecture
                         .descriptor()
                         .and_then(|d| ModelId::compute(&d, &spec.initial_params()?))
-                        .map(|m| m.to_hex())
-                        .unwrap_or_default();
+                    {
+                        Ok(model) => model.to_hex(),
+                        Err(e) => {
+                            // Validated specs build; one that does not
+                            // cannot run here, so it is not followed.
+                            warn!(job = %job, error = %e, "job's initial model cannot be built; ignoring the job");
+                            return;
+                        }
+                    };
                     let view = JobView {
                         job_id: job.to_hex(),
                         name: spec.name.clone(),
@@ -716,6 +723,7 @@ impl Learner {
                     debug!(model = %id.to_hex(), round, "model ready");
                     self.keep_model(id, Arc::new(params));
                 }
+                CoordinatorOutput::Problem(what) => warn!(problem = %what, "federated round"),
                 CoordinatorOutput::RoundClosed(summary) => {
                     let outcome = if summary.aggregated {
                         "aggregated"
