@@ -225,10 +225,21 @@ impl Messenger {
     /// `now_unix_secs` (see the module doc); returns whether it did. The
     /// new state is on disk before this returns.
     pub fn rotate_if_due(&self, now_unix_secs: u64, every: Duration) -> Result<bool> {
+        let due = |r: &Ratchet| {
+            now_unix_secs.saturating_sub(r.account_created_unix_secs()) >= every.as_secs()
+        };
+        // Checked first without saving: the check runs every minute, and
+        // saving re-encrypts and fsyncs the whole messaging state.
+        let due_now = due(&*self
+            .ratchet
+            .lock()
+            .map_err(|_| anyhow::anyhow!("messaging state lock poisoned"))?);
+        if !due_now {
+            return Ok(false);
+        }
         let (rotated, _) = self.with_ratchet(
             |r| {
-                let age = now_unix_secs.saturating_sub(r.account_created_unix_secs());
-                if age < every.as_secs() {
+                if !due(r) {
                     return Ok(None);
                 }
                 let dropped = r.rotate_account(now_unix_secs);
