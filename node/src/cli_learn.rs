@@ -84,35 +84,79 @@ pub fn status(dir: &DataDir, args: &StatusArgs) -> Result<()> {
         println!("no learning jobs on this node's ledger");
     }
     for job in jobs {
-        let last = job["history"].as_array().and_then(|h| h.last().cloned());
-        let pct = |v: &serde_json::Value| {
-            v.as_f64()
-                .map_or("-".to_string(), |a| format!("{:.1}%", a * 100.0))
-        };
-        let eps = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |e| format!("{e:.2}"));
+        let j = JobSummary::of(&job, 12);
         println!(
             "{} {:<16} {:<11} round {}/{}  joined {}{}  accuracy {}  ε {}  stragglers {}",
-            &job["job_id"].as_str().unwrap_or("?")
-                [..12.min(job["job_id"].as_str().unwrap_or("?").len())],
-            job["name"].as_str().unwrap_or("?"),
-            job["state"].as_str().unwrap_or("?"),
-            last.as_ref().and_then(|l| l["round"].as_u64()).unwrap_or(0),
-            job["rounds"],
-            job["joined"],
-            if job["joined_here"] == true {
+            j.id,
+            j.name,
+            j.state,
+            j.round,
+            j.rounds,
+            j.joined,
+            if j.joined_here {
                 " (this node too)"
             } else {
                 ""
             },
-            last.as_ref().map_or("-".into(), |l| pct(&l["accuracy"])),
-            last.as_ref().map_or("-".into(), |l| eps(&l["epsilon"])),
-            job["history"].as_array().map_or(0, |h| h
-                .iter()
-                .filter_map(|r| r["stragglers"].as_u64())
-                .sum::<u64>()),
+            j.accuracy,
+            j.epsilon.as_deref().unwrap_or("-"),
+            j.stragglers,
         );
     }
     Ok(())
+}
+
+/// What `learn status` and the devnet summary show of one job from
+/// `/api/v1/learn/jobs`, formatted.
+pub struct JobSummary {
+    /// The job id, shortened.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its state.
+    pub state: String,
+    /// The latest finished round.
+    pub round: u64,
+    /// Rounds asked for.
+    pub rounds: u64,
+    /// Nodes that joined.
+    pub joined: u64,
+    /// Whether the answering node joined.
+    pub joined_here: bool,
+    /// Test accuracy after the latest round (`-` before any).
+    pub accuracy: String,
+    /// ε after the latest round, with DP.
+    pub epsilon: Option<String>,
+    /// Stragglers over all rounds.
+    pub stragglers: u64,
+}
+
+impl JobSummary {
+    /// Reads `job`, shortening its id to `id_len` characters.
+    pub fn of(job: &serde_json::Value, id_len: usize) -> Self {
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
+        let id = text(&job["job_id"]);
+        let history = job["history"].as_array();
+        let last = history.and_then(|h| h.last());
+        Self {
+            id: id.get(..id_len).unwrap_or(&id).to_string(),
+            name: text(&job["name"]),
+            state: text(&job["state"]),
+            round: last.and_then(|l| l["round"].as_u64()).unwrap_or(0),
+            rounds: job["rounds"].as_u64().unwrap_or(0),
+            joined: job["joined"].as_u64().unwrap_or(0),
+            joined_here: job["joined_here"] == true,
+            accuracy: last
+                .and_then(|l| l["accuracy"].as_f64())
+                .map_or("-".into(), |a| format!("{:.1}%", a * 100.0)),
+            epsilon: last
+                .and_then(|l| l["epsilon"].as_f64())
+                .map(|e| format!("{e:.2}")),
+            stragglers: history.map_or(0, |h| {
+                h.iter().filter_map(|r| r["stragglers"].as_u64()).sum()
+            }),
+        }
+    }
 }
 
 /// `openagi learn export`.

@@ -538,27 +538,18 @@ fn render(nodes: &[Node], elapsed: Duration, connected_after: Option<Duration>) 
         .and_then(|j| j["jobs"].as_array().cloned())
         .unwrap_or_default();
     for job in jobs {
-        let last = job["history"].as_array().and_then(|h| h.last().cloned());
-        let field = |name: &str| last.as_ref().map_or(Value::Null, |l| l[name].clone());
+        let j = crate::cli_learn::JobSummary::of(&job, 8);
         out.push_str(&format!(
             "\nlearning: {} ({}) {} · round {}/{} · accuracy {} · ε {} · {} joined · stragglers {}",
-            job["name"].as_str().unwrap_or("?"),
-            &job["job_id"].as_str().unwrap_or("?")
-                [..8.min(job["job_id"].as_str().unwrap_or("?").len())],
-            job["state"].as_str().unwrap_or("?"),
-            field("round").as_u64().unwrap_or(0),
-            job["rounds"],
-            field("accuracy")
-                .as_f64()
-                .map_or("-".into(), |a| format!("{:.1}%", a * 100.0)),
-            field("epsilon")
-                .as_f64()
-                .map_or("- (no DP)".into(), |e| format!("{e:.2}")),
-            job["joined"],
-            job["history"].as_array().map_or(0, |h| h
-                .iter()
-                .filter_map(|r| r["stragglers"].as_u64())
-                .sum::<u64>()),
+            j.name,
+            j.id,
+            j.state,
+            j.round,
+            j.rounds,
+            j.accuracy,
+            j.epsilon.as_deref().unwrap_or("- (no DP)"),
+            j.joined,
+            j.stragglers,
         ));
     }
     out.push('\n');
