@@ -892,9 +892,9 @@ impl<S: Signer> Replica<S> {
         let relayed = (!self.is_primary() && !self.changing).then(|| tx.clone());
         self.admit(tx)?;
         if let Some(tx) = relayed {
-            if self.relay.len() >= self.cfg.max_batch_txs
-                || self.relay_bytes + tx.size() > self.cfg.max_batch_bytes
-            {
+            // The count limit is enforced after the push; bytes before it,
+            // so a relayed batch never exceeds either.
+            if self.relay_bytes + tx.size() > self.cfg.max_batch_bytes {
                 self.flush_relay();
             }
             self.relay_bytes += tx.size();

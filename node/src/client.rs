@@ -97,8 +97,7 @@ impl ApiClient {
             .call()
             .with_context(|| format!("connecting to the daemon at {url}"))?;
         if !response.status().is_success() {
-            json_answer(&url, response)?;
-            anyhow::bail!("{url} failed");
+            return Err(refusal(&url, response));
         }
         let value = response
             .headers()
@@ -133,17 +132,24 @@ fn json_answer(
     url: &str,
     mut response: ureq::http::Response<ureq::Body>,
 ) -> Result<serde_json::Value> {
-    let status = response.status();
-    let answer: serde_json::Value = response
+    if !response.status().is_success() {
+        return Err(refusal(url, response));
+    }
+    response
         .body_mut()
         .read_json()
-        .with_context(|| format!("reading the answer of {url}"))?;
-    if !status.is_success() {
-        let reason = answer["error"]
+        .with_context(|| format!("reading the answer of {url}"))
+}
+
+/// The error for a non-success answer, with the daemon's stated reason.
+fn refusal(url: &str, mut response: ureq::http::Response<ureq::Body>) -> anyhow::Error {
+    let status = response.status();
+    let reason = match response.body_mut().read_json::<serde_json::Value>() {
+        Ok(answer) => answer["error"]
             .as_str()
             .map(String::from)
-            .unwrap_or_else(|| answer.to_string());
-        anyhow::bail!("{url} answered {status}: {reason}");
-    }
-    Ok(answer)
+            .unwrap_or_else(|| answer.to_string()),
+        Err(e) => format!("(unreadable answer: {e})"),
+    };
+    anyhow::anyhow!("{url} answered {status}: {reason}")
 }
