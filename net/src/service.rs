@@ -40,8 +40,10 @@ const MAX_PENDING_MSG_REPLIES: usize = 256;
 /// Most outbound msg requests waiting for a peer's answer.
 const MAX_PENDING_MSG_REQUESTS: usize = 256;
 /// The same two bounds for the learn protocol, whose requests are up to
-/// 16 MiB: its own, smaller share, so learning traffic can neither crowd
-/// out messages nor hold much memory.
+/// 16 MiB: its own, smaller share, so learning traffic cannot crowd out
+/// messages. It still allows 32 × 16 MiB = 512 MiB of requests waiting for
+/// an answer (in practice updates are far smaller; a per-peer share would
+/// bound it tighter).
 const MAX_PENDING_LEARN: usize = 32;
 /// How often a node with few peers asks the DHT for more.
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(3);
