@@ -36,14 +36,14 @@ use openagi_crypto::{PublicKey, Signed};
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{Aggregator, ClientId, ClientUpdate};
-use crate::compress::{self, ErrorFeedback, Payload};
+use crate::compress::{self, ErrorFeedback};
 use crate::data::Dataset;
 use crate::dp::{self, Accountant};
 use crate::model::ModelId;
 use crate::models::Architecture;
 use crate::simulate::{Compression, Participation, Privacy};
 use crate::train::{TrainConfig, Trainer};
-use crate::{Error, ErrorKind, Result, rng_from_seed};
+use crate::{Error, Result, rng_from_seed};
 
 /// Prefix of every learning record in a ledger transaction's payload.
 pub const RECORD_TAG: &[u8] = b"openagi/learn/v1\n";
@@ -404,31 +404,15 @@ pub fn client_update(
     if let Some(p) = &spec.privacy {
         dp::clip_update(&mut delta, p.dp.clip_norm)?;
     }
-    let dim = delta.len();
-    let payload = match spec.compression {
-        Compression::None => Payload::Dense(delta),
-        Compression::Quantize => {
-            Payload::Quantized(compress::quantize(&delta, compress::DEFAULT_QUANT_CHUNK)?)
-        }
-        Compression::TopK { fraction, quantize } => {
-            let k = ((fraction * dim as f64).ceil() as usize).clamp(1, dim.max(1));
-            let state = match feedback {
-                Some(f) if f.residual().len() == dim => f,
-                slot => slot.insert(ErrorFeedback::new(dim)?),
-            };
-            if quantize {
-                Payload::SparseQuantized(state.compress_quantized(
-                    &delta,
-                    k,
-                    compress::DEFAULT_QUANT_CHUNK,
-                )?)
-            } else {
-                Payload::Sparse(state.compress(&delta, k)?)
-            }
-        }
-    };
+    let payload = spec.compression.compress(delta, feedback)?;
     Ok((compress::encode(&payload)?, local.samples))
 }
+
+/// The sampling rate the accountant is given: 1. Privacy amplification
+/// by subsampling needs the sample to be secret, and a networked round
+/// publishes its participants on the ledger (chosen from a public
+/// seed), so every round is accounted as if everyone took part.
+const ACCOUNTED_SAMPLE_RATE: f64 = 1.0;
 
 /// What the coordinator asks its node to do.
 #[derive(Clone, Debug, PartialEq)]
@@ -854,7 +838,7 @@ impl Coordinator {
             }
             None => None,
         };
-        let q = self.sample_rate();
+        let q = ACCOUNTED_SAMPLE_RATE;
         let budget_left = match (&self.spec.privacy, &self.accountant) {
             (Some(p), Some(acc)) => match p.budget_epsilon {
                 Some(budget) => acc.can_run_round(budget, q, p.dp.noise_multiplier),
@@ -893,40 +877,29 @@ impl Coordinator {
     /// with DP, the ε spent so far.
     fn aggregate(&mut self, updates: &[ClientUpdate]) -> Result<(Option<Vec<f32>>, Option<f64>)> {
         let enough = updates.len() >= self.spec.min_clients;
-        let q = self.sample_rate();
+        let q = ACCOUNTED_SAMPLE_RATE;
         let denominator = self.expected_participants();
-        match (&self.spec.privacy, &mut self.accountant) {
-            (Some(p), Some(acc)) => {
-                // The mechanism runs every round whoever answered: noise
-                // over the expected participant count, accounted always.
-                let avg = if updates.is_empty() {
-                    let mut noise = vec![0.0f32; self.params.len()];
-                    dp::add_gaussian_noise(&mut noise, p.dp.noise_std(), &mut self.noise)?;
-                    noise
-                        .iter()
-                        .map(|&v| (f64::from(v) / denominator) as f32)
-                        .collect()
-                } else {
-                    dp::dp_fedavg(updates, &p.dp, denominator, &mut self.noise)?
-                };
-                let epsilon = acc.record_round(q, p.dp.noise_multiplier)?.epsilon;
-                Ok((enough.then_some(avg), Some(epsilon)))
-            }
-            _ if !enough => Ok((None, None)),
-            _ => match self.spec.aggregator.aggregate(updates) {
-                Ok(avg) => Ok((Some(avg), None)),
-                Err(e) if e.kind() == ErrorKind::NotEnoughClients => Ok((None, None)),
-                Err(e) => Err(e),
-            },
+        let dim = self.params.len();
+        let dp_state = match (&self.spec.privacy, &mut self.accountant) {
+            (Some(p), Some(acc)) => Some((p, acc)),
+            _ => None,
+        };
+        let dp = dp_state.is_some();
+        if !dp && !enough {
+            return Ok((None, None));
         }
-    }
-
-    /// The sampling rate the accountant is given: 1. Privacy amplification
-    /// by subsampling needs the sample to be secret, and a networked round
-    /// publishes its participants on the ledger (chosen from a public
-    /// seed), so every round is accounted as if everyone took part.
-    fn sample_rate(&self) -> f64 {
-        1.0
+        let (avg, epsilon) = crate::simulate::aggregate_round(
+            updates,
+            dim,
+            &self.spec.aggregator,
+            dp_state,
+            denominator,
+            q,
+            &mut self.noise,
+        )?;
+        // Under DP the round is accounted whoever answered, but fewer
+        // than min_clients leave the model unchanged.
+        Ok((avg.filter(|_| enough), epsilon))
     }
 
     /// DP-FedAvg's fixed denominator: the expected number of participants.
@@ -944,6 +917,7 @@ impl Coordinator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::Payload;
     use crate::data;
     use crate::dp::DpConfig;
     use crate::train::Compute;

@@ -128,6 +128,79 @@ pub enum Compression {
     Quantize,
 }
 
+impl Compression {
+    /// A client's wire payload for `delta` (top-k keeps its error feedback
+    /// in `feedback`, created or reset to the delta's size as needed).
+    pub fn compress(
+        self,
+        delta: Vec<f32>,
+        feedback: &mut Option<ErrorFeedback>,
+    ) -> Result<Payload> {
+        let dim = delta.len();
+        Ok(match self {
+            Compression::None => Payload::Dense(delta),
+            Compression::Quantize => {
+                Payload::Quantized(compress::quantize(&delta, compress::DEFAULT_QUANT_CHUNK)?)
+            }
+            Compression::TopK { fraction, quantize } => {
+                let k = ((fraction * dim as f64).ceil() as usize).clamp(1, dim.max(1));
+                let state = match feedback {
+                    Some(f) if f.residual().len() == dim => f,
+                    slot => slot.insert(ErrorFeedback::new(dim)?),
+                };
+                if quantize {
+                    Payload::SparseQuantized(state.compress_quantized(
+                        &delta,
+                        k,
+                        compress::DEFAULT_QUANT_CHUNK,
+                    )?)
+                } else {
+                    Payload::Sparse(state.compress(&delta, k)?)
+                }
+            }
+        })
+    }
+}
+
+/// A round's server step: the aggregate delta (`None`: the model stays)
+/// and, with DP, ε spent so far. Under DP the mechanism runs and is
+/// accounted every round whoever answered (noise over `expected`
+/// participants; an empty round still releases noise, skipping it would
+/// reveal the empty round); without, too few updates for the aggregator
+/// leave the model unchanged.
+pub(crate) fn aggregate_round(
+    updates: &[ClientUpdate],
+    dim: usize,
+    aggregator: &Aggregator,
+    dp_state: Option<(&Privacy, &mut Accountant)>,
+    expected: f64,
+    sample_rate: f64,
+    noise: &mut SeededRng,
+) -> Result<(Option<Vec<f32>>, Option<f64>)> {
+    match dp_state {
+        Some((p, accountant)) => {
+            let avg = if updates.is_empty() {
+                let mut zero_sum = vec![0.0f32; dim];
+                dp::add_gaussian_noise(&mut zero_sum, p.dp.noise_std(), noise)?;
+                zero_sum
+                    .iter()
+                    .map(|&v| (f64::from(v) / expected) as f32)
+                    .collect()
+            } else {
+                dp::dp_fedavg(updates, &p.dp, expected, noise)?
+            };
+            let spent = accountant.record_round(sample_rate, p.dp.noise_multiplier)?;
+            Ok((Some(avg), Some(spent.epsilon)))
+        }
+        None if updates.is_empty() => Ok((None, None)),
+        None => match aggregator.aggregate(updates) {
+            Ok(avg) => Ok((Some(avg), None)),
+            Err(e) if e.kind() == ErrorKind::NotEnoughClients => Ok((None, None)),
+            Err(e) => Err(e),
+        },
+    }
+}
+
 /// Client-level differential privacy for a simulation.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -585,29 +658,10 @@ impl<'a> Simulation<'a> {
                 loss_sum += local.mean_loss;
                 trained += 1;
             }
-            let payload = match self.config.compression {
-                Compression::None => Payload::Dense(local.delta),
-                Compression::Quantize => Payload::Quantized(compress::quantize(
-                    &local.delta,
-                    compress::DEFAULT_QUANT_CHUNK,
-                )?),
-                Compression::TopK { fraction, quantize } => {
-                    let k = ((fraction * dim as f64).ceil() as usize).clamp(1, dim);
-                    let feedback = match &mut self.feedback[c] {
-                        Some(f) => f,
-                        slot => slot.insert(ErrorFeedback::new(dim)?),
-                    };
-                    if quantize {
-                        Payload::SparseQuantized(feedback.compress_quantized(
-                            &local.delta,
-                            k,
-                            compress::DEFAULT_QUANT_CHUNK,
-                        )?)
-                    } else {
-                        Payload::Sparse(feedback.compress(&local.delta, k)?)
-                    }
-                }
-            };
+            let payload = self
+                .config
+                .compression
+                .compress(local.delta, &mut self.feedback[c])?;
             let bytes = compress::encode(&payload)?;
             upload_bytes += bytes.len() as u64;
             // What the server works with is what it decodes from the wire.
@@ -616,38 +670,19 @@ impl<'a> Simulation<'a> {
         }
         let samples: u64 = updates.iter().map(|u| u.samples).sum();
 
-        let (aggregate, epsilon) = match (&self.config.privacy, &mut self.accountant) {
-            (Some(p), Some(acc)) => {
-                let denominator = self.config.expected_participants();
-                let avg = if updates.is_empty() {
-                    // The mechanism still releases noise when nobody was
-                    // sampled; skipping it would reveal the empty round.
-                    let mut noise = vec![0.0f32; dim];
-                    dp::add_gaussian_noise(&mut noise, p.dp.noise_std(), &mut self.noise_rng)?;
-                    noise
-                        .iter()
-                        .map(|&v| (f64::from(v) / denominator) as f32)
-                        .collect()
-                } else {
-                    dp::dp_fedavg(&updates, &p.dp, denominator, &mut self.noise_rng)?
-                };
-                let spent = acc.record_round(q, p.dp.noise_multiplier)?;
-                (Some(avg), Some(spent.epsilon))
-            }
-            _ => {
-                if updates.is_empty() {
-                    (None, None)
-                } else {
-                    match self.config.aggregator.aggregate(&updates) {
-                        Ok(avg) => (Some(avg), None),
-                        // Too few updates for the rule: the round closes
-                        // without changing the model, as on the network.
-                        Err(e) if e.kind() == ErrorKind::NotEnoughClients => (None, None),
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
+        let dp_state = match (&self.config.privacy, &mut self.accountant) {
+            (Some(p), Some(acc)) => Some((p, acc)),
+            _ => None,
         };
+        let (aggregate, epsilon) = aggregate_round(
+            &updates,
+            dim,
+            &self.config.aggregator,
+            dp_state,
+            self.config.expected_participants(),
+            q,
+            &mut self.noise_rng,
+        )?;
         let aggregated = aggregate.is_some();
         if let Some(delta) = aggregate {
             let next: Vec<f32> = self.params.iter().zip(&delta).map(|(p, d)| p + d).collect();
