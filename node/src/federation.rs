@@ -949,20 +949,28 @@ impl Learner {
             return Ok(p.clone());
         }
         let path = self.model_path(model);
-        let check = |bytes: &[u8]| -> Result<Vec<f32>> {
-            let params = params_from_bytes(bytes)?;
-            let found = ModelId::compute(trainer.descriptor(), &params)?;
-            if found != *model {
-                bail!(
-                    "model {} does not match its id (got {})",
-                    model.to_hex(),
-                    found.to_hex()
-                );
+        // Decoding and hashing up to 16 MiB: off the async workers.
+        let check = |bytes: Vec<u8>| {
+            let descriptor = trainer.descriptor().clone();
+            let model = *model;
+            async move {
+                tokio::task::spawn_blocking(move || -> Result<Vec<f32>> {
+                    let params = params_from_bytes(&bytes)?;
+                    let found = ModelId::compute(&descriptor, &params)?;
+                    if found != model {
+                        bail!(
+                            "model {} does not match its id (got {})",
+                            model.to_hex(),
+                            found.to_hex()
+                        );
+                    }
+                    Ok(params)
+                })
+                .await?
             }
-            Ok(params)
         };
         let on_disk = match tokio::fs::read(&path).await {
-            Ok(bytes) => match check(&bytes) {
+            Ok(bytes) => match check(bytes).await {
                 Ok(params) => Some(params),
                 Err(e) => {
                     // Damaged: remove it, so it can be fetched again.
@@ -978,7 +986,7 @@ impl Learner {
             None => {
                 let peer =
                     from.with_context(|| format!("model {} is not held here", model.to_hex()))?;
-                check(&self.fetch_model(peer, model, trainer).await?)?
+                check(self.fetch_model(peer, model, trainer).await?).await?
             }
         };
         let params = Arc::new(params);
