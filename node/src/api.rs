@@ -328,7 +328,7 @@ async fn submit_tx(
             Some(bytes) => ClientId(bytes),
             None => return error(StatusCode::BAD_REQUEST, "client must be 64 hex digits"),
         },
-        None => ClientId(*blake3::hash(state.net.local_peer_id().to_bytes().as_slice()).as_bytes()),
+        None => crate::consensus::node_client_id(&state.net.local_peer_id()),
     };
     let seq = match request.seq {
         Some(0) => return error(StatusCode::BAD_REQUEST, "seq starts at 1"),

@@ -302,6 +302,13 @@ type LatencyRing = Arc<std::sync::Mutex<std::collections::VecDeque<(u64, f32)>>>
 /// Latency samples kept for percentile queries.
 const LATENCY_SAMPLES: usize = 1 << 18;
 
+/// The client id this node submits its own transactions under (API
+/// submissions without a client, learning records): one id, so the
+/// sequence numbers of [`crate::store::Store::next_client_seq`] stay unique.
+pub fn node_client_id(peer: &PeerId) -> openagi_consensus::ClientId {
+    openagi_consensus::ClientId(*blake3::hash(peer.to_bytes().as_slice()).as_bytes())
+}
+
 /// A handle to the consensus task.
 #[derive(Clone)]
 pub struct ConsensusHandle {

@@ -354,7 +354,7 @@ impl Learner {
         let learner = Arc::new(Self {
             identity: Identity::from_seed(&identity.seed()),
             me,
-            client: ClientId(*blake3::hash(peer.to_bytes().as_slice()).as_bytes()),
+            client: crate::consensus::node_client_id(&peer),
             store,
             net,
             consensus,
