@@ -278,7 +278,10 @@ fn system_tor_daemons_connect_through_the_networks_c_tor_clients() {
     )
     .expect("a starts");
     let a_addr = onion_bootstrap(&a);
-    wait_for("onion service added", Duration::from_secs(30), || {
+    // Running means tor has published the descriptor, which a young
+    // private network can take a while to accept (the daemon waits up to
+    // 120 s after bootstrap).
+    wait_for("onion service published", Duration::from_secs(150), || {
         a.status()
             .ok()
             .filter(|s| s["tor"]["onion_service"] == "running" && s["tor"]["bootstrapped"] == true)
@@ -504,7 +507,8 @@ fn system_tor_restart_recreates_the_onion_service() {
     .expect("c starts");
     let c_addr = onion_bootstrap(&c);
     let service = |want: &'static str| {
-        wait_for(want, Duration::from_secs(60), || {
+        // As above: running waits for the descriptor upload.
+        wait_for(want, Duration::from_secs(150), || {
             c.status()
                 .ok()
                 .filter(|s| s["tor"]["onion_service"] == want)

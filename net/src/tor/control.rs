@@ -201,7 +201,8 @@ impl Control {
     }
 
     /// Waits up to `limit` for an asynchronous event (its text after
-    /// `650 `) that `wanted` accepts; `Ok(false)` when none came in time.
+    /// `650 `) that `wanted` accepts and returns it; `Ok(None)` when none
+    /// came in time.
     /// Only call it with no command outstanding. Lines are never lost to
     /// the timeout, but a multi-line event cut by it would be: subscribe
     /// only to single-line events (such as `HS_DESC`).
@@ -209,17 +210,17 @@ impl Control {
         &mut self,
         wanted: impl Fn(&str) -> bool,
         limit: std::time::Duration,
-    ) -> Result<bool, TorError> {
+    ) -> Result<Option<String>, TorError> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             if let Some(at) = self.events.iter().position(|e| wanted(e)) {
-                self.events.drain(..=at);
-                return Ok(true);
+                let event = self.events.drain(..=at).next_back();
+                return Ok(event);
             }
             self.events.clear();
             let reply = match tokio::time::timeout_at(deadline, self.read_any_reply()).await {
                 Ok(reply) => reply?,
-                Err(_) => return Ok(false),
+                Err(_) => return Ok(None),
             };
             if reply.code != 650 {
                 return Err(reply.error("unexpected reply while waiting for an event"));
@@ -514,12 +515,12 @@ mod tests {
             .wait_event(ours, std::time::Duration::from_millis(100))
             .await
             .expect("waits");
-        assert!(!early, "our line is not complete yet");
+        assert_eq!(early, None, "our line is not complete yet");
         let late = c
             .wait_event(ours, std::time::Duration::from_secs(5))
             .await
             .expect("the half-read line is completed, not misparsed");
-        assert!(late);
+        assert_eq!(late.as_deref(), Some("HS_DESC UPLOADED abc NO_AUTH x"));
         c.set_events("").await.expect("unsubscribe");
         // Still in step: the next reply is the answer to the next command
         // (the fake refuses GETINFO with 510; a misparsed line would not).

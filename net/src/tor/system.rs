@@ -34,8 +34,10 @@ const INCOMING_CAPACITY: usize = 32;
 /// How often a live control connection is checked (and bootstrap polled).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a new onion service waits, once tor is bootstrapped, for its
-/// first descriptor upload before it counts as running anyway.
-const PUBLISH_WAIT: Duration = Duration::from_secs(120);
+/// first descriptor upload. Tor sometimes builds a descriptor and never
+/// uploads it (seen on young test networks); the service is then added
+/// again on a fresh control connection, which makes tor start over.
+const PUBLISH_WAIT: Duration = Duration::from_secs(30);
 
 struct SocksBackend {
     socks: SocketAddr,
@@ -226,11 +228,11 @@ async fn session(
         s.last_error = None;
     });
     let mut warned = false;
-    let is_upload = |event: &str| {
+    // Every descriptor event for this service: uploads end the wait,
+    // failures are reported (tor retries on its own schedule).
+    let ours = |event: &str| {
         let mut words = event.split(' ');
-        words.next() == Some("HS_DESC")
-            && words.next() == Some("UPLOADED")
-            && words.next() == Some(id.as_str())
+        words.next() == Some("HS_DESC") && words.nth(1) == Some(id.as_str())
     };
     let mut uploaded = false;
     let publishing = Instant::now();
@@ -244,14 +246,23 @@ async fn session(
                 break;
             }
         }
-        uploaded = control.wait_event(is_upload, HEALTH_INTERVAL).await?;
+        match control.wait_event(ours, HEALTH_INTERVAL).await? {
+            Some(event) if event.split(' ').nth(1) == Some("UPLOADED") => uploaded = true,
+            Some(event) if event.split(' ').nth(1) == Some("FAILED") => {
+                warn!(onion = %host, %event, "onion service descriptor upload failed; tor retries");
+            }
+            Some(event) => debug!(onion = %host, %event, "onion service descriptor"),
+            None => {}
+        }
     }
     control.set_events("").await?;
-    if uploaded {
-        info!(onion = %host, seconds = publishing.elapsed().as_secs_f64(), "onion service descriptor published");
-    } else {
-        warn!(onion = %host, wait_secs = PUBLISH_WAIT.as_secs(), "no onion service descriptor upload seen yet; peers may not reach this node until tor publishes one");
+    if !uploaded {
+        return Err(TorError::Unavailable(format!(
+            "tor did not upload the onion service descriptor within {} s of bootstrap; adding the service again",
+            PUBLISH_WAIT.as_secs()
+        )));
     }
+    info!(onion = %host, seconds = publishing.elapsed().as_secs_f64(), "onion service descriptor published");
     state.update(|s| s.onion_service = "running".into());
     metrics.onion_service_up.set(1);
     loop {
