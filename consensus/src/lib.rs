@@ -77,8 +77,8 @@ pub mod types;
 pub use ledger::Ledger;
 pub use messages::Message;
 pub use replica::{
-    Config, DropReason, Output, PersistRecord, PersistedState, Recipient, RecoveryBound, Replica,
-    Stats,
+    Config, DropReason, Output, PersistRecord, PersistedState, Recipient, RecoveryBound,
+    RecoveryStatus, Replica, Stats,
 };
 pub use signing::{Crypto, IdentitySigner, Signer, StrictCrypto};
 pub use types::{

@@ -161,10 +161,13 @@ pub struct Status {
     pub height: u64,
     /// Stable checkpoint sequence number.
     pub stable: u64,
+    /// The sender is recovering from lost state and casts no vote yet, so
+    /// the others can tell when too many are recovering for progress.
+    pub recovering: bool,
 }
 
 impl SignedPayload for Status {
-    const CONTEXT: &'static str = "openagi/pbft/status/v1";
+    const CONTEXT: &'static str = "openagi/pbft/status/v2";
 }
 
 /// State transfer request for blocks `from..=to`.

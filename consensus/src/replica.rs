@@ -375,6 +375,36 @@ pub struct RecoveryBound {
     pub view: u64,
 }
 
+/// Where a replica recovering from lost state stands; see
+/// [`Replica::recovery_status`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryStatus {
+    /// Peers whose height and view this replica heard since it restarted.
+    pub reports: usize,
+    /// Reports needed to learn the bound (`2f + 1`).
+    pub reports_needed: usize,
+    /// What it may have voted for before, once learned; it votes only
+    /// above it, and recovery ends when `stable` reaches `bound.seq`.
+    pub bound: Option<RecoveryBound>,
+    /// Its stable checkpoint now.
+    pub stable: u64,
+    /// Validators known to be recovering now, this one included.
+    pub recovering_validators: usize,
+    /// Most validators that may be recovering (or faulty) while the others
+    /// still make progress: `f`.
+    pub tolerated: usize,
+}
+
+impl RecoveryStatus {
+    /// Whether more validators are recovering than the network tolerates:
+    /// the others cannot commit without them, and they vote only once the
+    /// others have committed past the bound, so nothing moves until some
+    /// get their state back.
+    pub fn stalls_network(&self) -> bool {
+        self.recovering_validators > self.tolerated
+    }
+}
+
 /// Everything a replica needs to restart without contradicting itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersistedState {
@@ -472,6 +502,8 @@ struct PeerInfo {
     view: u64,
     height: u64,
     stable: u64,
+    /// Its last status said it is recovering from lost state.
+    recovering: bool,
     /// Last time this replica sent the peer its new-view message.
     helped_at: Option<u64>,
 }
@@ -780,6 +812,35 @@ impl<S: Signer> Replica<S> {
         self.recovery.is_some()
     }
 
+    /// Where this replica's recovery from lost state stands (`None` when
+    /// it is not recovering), for operators.
+    pub fn recovery_status(&self) -> Option<RecoveryStatus> {
+        let recovery = self.recovery.as_ref()?;
+        Some(RecoveryStatus {
+            reports: recovery.reports.len(),
+            reports_needed: 2 * self.validators.f() + 1,
+            bound: recovery.bound,
+            stable: self.stable.seq,
+            recovering_validators: self.recovering_validators(),
+            tolerated: self.validators.f(),
+        })
+    }
+
+    /// Validators known to be recovering from lost state now: this one if
+    /// it is, and the peers whose last status said so. More than `f` of
+    /// them (with the others intact) cannot form a quorum, and none of
+    /// them will vote until the others have moved a window on: the network
+    /// stops until enough of them get their state back.
+    pub fn recovering_validators(&self) -> usize {
+        let peers = self
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| *i != self.me && p.recovering)
+            .count();
+        peers + usize::from(self.recovery.is_some())
+    }
+
     // ----- accessors -------------------------------------------------------
 
     /// Current view (the target view while a view change is in progress).
@@ -815,6 +876,22 @@ impl<S: Signer> Replica<S> {
     /// Sequence number of the stable checkpoint (the low watermark).
     pub fn stable_seq(&self) -> u64 {
         self.stable.seq
+    }
+
+    /// The ledger height that at least `f + 1` other validators (so at
+    /// least one correct one) reported in their latest status messages; 0
+    /// until that many have. Above [`Replica::height`], this replica is
+    /// behind: `f` faulty peers alone cannot make it look so.
+    pub fn reported_height(&self) -> u64 {
+        let mut heights: Vec<u64> = self
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != self.me)
+            .map(|(_, p)| p.height)
+            .collect();
+        heights.sort_unstable_by(|a, b| b.cmp(a));
+        heights.get(self.validators.f()).copied().unwrap_or(0)
     }
 
     /// Counters.
@@ -974,6 +1051,7 @@ impl<S: Signer> Replica<S> {
                 view: self.view,
                 height: self.ledger.height(),
                 stable: self.stable.seq,
+                recovering: self.recovery.is_some(),
             };
             if let Some(signed) = self.seal(&status) {
                 self.send(Recipient::All, Message::Status(signed));
@@ -2370,6 +2448,7 @@ impl<S: Signer> Replica<S> {
             info.view = status.view;
             info.height = status.height;
             info.stable = status.stable;
+            info.recovering = status.recovering;
         }
         self.progress_recovery(Some((from, status.height, status.view)));
         if status.view < self.view && !self.changing {

@@ -139,6 +139,7 @@ fn extreme_values_from_a_member_never_panic() {
                 view,
                 height: seq,
                 stable: seq,
+                recovering: seq % 2 == 0,
             }) {
                 messages.push(Message::Status(s));
             }
