@@ -93,6 +93,32 @@ impl Error {
     }
 }
 
+/// `error` and every cause under it, joined by `: `.
+///
+/// libp2p's `TransportError::Other` displays as an empty string and keeps
+/// the actual reason (say, "Address already in use") in its source, so
+/// formatting only the outer error loses what the operator needs. Levels
+/// that print nothing, or only repeat what an outer level already said
+/// (an `io::Error` wrapping a custom error prints that error), are skipped.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut level = Some(error);
+    while let Some(e) = level {
+        let text = e.to_string();
+        let repeated = parts.iter().any(|p| p.contains(text.as_str()));
+        if !text.is_empty() && !repeated {
+            parts.push(text);
+        }
+        level = e.source();
+    }
+    if parts.is_empty() {
+        // Nothing printable anywhere in the chain: the debug form at least
+        // names the error's type and fields.
+        return format!("{error:?}");
+    }
+    parts.join(": ")
+}
+
 /// The node identity behind a peer id: peer ids of Open-AGI nodes embed
 /// their Ed25519 public key, so this needs no lookup. `None` for peer ids
 /// of other key types or hashed keys.
@@ -107,4 +133,31 @@ pub fn public_key_of(peer: &PeerId) -> Option<openagi_crypto::PublicKey> {
 pub fn keypair_from_identity(identity: &openagi_crypto::Identity) -> Result<Keypair, Error> {
     let mut seed = *identity.seed();
     Keypair::ed25519_from_bytes(&mut seed).map_err(|e| Error::Config(format!("identity key: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libp2p::core::transport::TransportError;
+
+    #[test]
+    fn error_chain_reaches_the_cause_under_an_empty_transport_error() {
+        let inner = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        let outer: TransportError<std::io::Error> = TransportError::Other(inner);
+        assert_eq!(
+            outer.to_string(),
+            "",
+            "libp2p changed; this helper may be moot"
+        );
+        assert_eq!(error_chain(&outer), "Address already in use");
+    }
+
+    #[test]
+    fn error_chain_skips_levels_that_repeat_an_outer_one() {
+        let wrapped = std::io::Error::other(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "Address already in use",
+        ));
+        assert_eq!(error_chain(&wrapped), "Address already in use");
+    }
 }

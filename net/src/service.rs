@@ -339,9 +339,9 @@ impl NetworkService {
                 .map_err(|e| Error::Setup(format!("subscribe: {e}")))?;
         }
         for addr in &listen {
-            swarm
-                .listen_on(addr.clone())
-                .map_err(|e| Error::Setup(format!("listen on {addr}: {e}")))?;
+            swarm.listen_on(addr.clone()).map_err(|e| {
+                Error::Setup(format!("listen on {addr}: {}", crate::error_chain(&e)))
+            })?;
         }
 
         let local_peer_id = *swarm.local_peer_id();

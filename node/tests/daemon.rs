@@ -352,3 +352,25 @@ fn devnet_connects_all_nodes_and_leaves_no_orphans() {
         assert!(!dir.join(format!("node-{i}/api.addr")).exists());
     }
 }
+
+#[test]
+fn a_taken_p2p_port_is_named_with_its_cause() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = fresh_node(root.path(), "a");
+    // Held until the end of the test, so the daemon cannot bind the port.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let output = std::process::Command::new(openagi_tests::openagi_bin())
+        .args(["run", "--data-dir", dir.to_str().expect("utf-8")])
+        .args(["--listen", &listen, "--api-listen", "127.0.0.1:0"])
+        .env("OPENAGI_NETWORK_TRANSPORT", "direct")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{err}");
+    assert!(err.contains(&format!("listen on {listen}")), "{err}");
+    assert!(err.contains("Address already in use"), "{err}");
+    drop(taken);
+}
