@@ -813,10 +813,209 @@ fn parse_like(template: &Value, raw: &str) -> Result<Value, String> {
     }
 }
 
-/// The commented `openagi.toml` written by `openagi init`. Every setting is
-/// listed, commented out, with its default, so the file documents itself
-/// and later default changes still reach nodes that never edited a key.
+/// The transport chosen with `openagi init --transport`: a value of
+/// `network.transport`, or hybrid (embedded Tor with `tor.hybrid = true`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InitTransport {
+    /// Tor embedded in the node (arti): peers reach it through its onion
+    /// service.
+    Tor,
+    /// A tor you run, through its SOCKS port and ControlPort.
+    TorSystem,
+    /// TCP and QUIC over IP: peers learn the node's IP address.
+    Direct,
+    /// Embedded Tor plus direct TCP and QUIC beside it.
+    Hybrid,
+}
+
+impl InitTransport {
+    /// The value of `network.transport` it writes.
+    pub fn mode(self) -> TransportMode {
+        match self {
+            InitTransport::Tor | InitTransport::Hybrid => TransportMode::Tor,
+            InitTransport::TorSystem => TransportMode::TorSystem,
+            InitTransport::Direct => TransportMode::Direct,
+        }
+    }
+
+    /// The value of `tor.hybrid` it writes.
+    pub fn hybrid(self) -> bool {
+        self == InitTransport::Hybrid
+    }
+
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            InitTransport::Tor => "tor",
+            InitTransport::TorSystem => "tor-system",
+            InitTransport::Direct => "direct",
+            InitTransport::Hybrid => "hybrid",
+        }
+    }
+
+    /// What it means for the operator, in one sentence.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            InitTransport::Tor => {
+                "Tor embedded in the node, on the public Tor network: peers reach this node through its onion service and never learn its IP address; network.listen is not used and bootstrap peers are onion addresses"
+            }
+            InitTransport::TorSystem => {
+                "a tor you run, through its SOCKS port and ControlPort ([tor] socks_addr and control_addr): peers reach this node through its onion service; network.listen is not used and bootstrap peers are onion addresses"
+            }
+            InitTransport::Direct => {
+                "TCP and QUIC over IP on network.listen: peers learn this node's IP address (LANs, development, validators whose addresses are known)"
+            }
+            InitTransport::Hybrid => {
+                "embedded Tor plus direct TCP and QUIC on network.listen ([tor] hybrid = true): peers can learn this node's IP address"
+            }
+        }
+    }
+
+    /// The choice a configuration amounts to.
+    pub fn of(config: &Config) -> Self {
+        match config.network.transport {
+            TransportMode::Tor if config.tor.hybrid => InitTransport::Hybrid,
+            TransportMode::TorSystem if config.tor.hybrid => InitTransport::Hybrid,
+            TransportMode::Tor => InitTransport::Tor,
+            TransportMode::TorSystem => InitTransport::TorSystem,
+            TransportMode::Direct => InitTransport::Direct,
+        }
+    }
+}
+
+/// A setting that differs from its default but that the configured
+/// transport does not use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IgnoredSetting {
+    /// The key, e.g. `network.listen`.
+    pub key: &'static str,
+    /// Why it is not used and what to do instead.
+    pub why: String,
+}
+
+impl Config {
+    /// The settings changed from their defaults that `network.transport`
+    /// does not use, so that `run` says so instead of silently ignoring
+    /// them. (`network.mdns` with Tor is refused outright instead.)
+    pub fn ignored_settings(&self) -> Vec<IgnoredSetting> {
+        let d = Config::default();
+        let t = &self.tor;
+        let transport = crate::tor::transport_name(self.network.transport);
+        let mut ignored = Vec::new();
+        let mut note = |changed: bool, key: &'static str, why: String| {
+            if changed {
+                ignored.push(IgnoredSetting { key, why });
+            }
+        };
+        match self.network.transport {
+            TransportMode::Direct => {
+                let tor_keys: [(&'static str, bool); 10] = [
+                    ("tor.onion_port", t.onion_port != d.tor.onion_port),
+                    ("tor.hybrid", t.hybrid != d.tor.hybrid),
+                    ("tor.arti_config", t.arti_config != d.tor.arti_config),
+                    ("tor.socks_addr", t.socks_addr != d.tor.socks_addr),
+                    ("tor.control_addr", t.control_addr != d.tor.control_addr),
+                    (
+                        "tor.control_password",
+                        t.control_password != d.tor.control_password,
+                    ),
+                    (
+                        "tor.control_cookie_file",
+                        t.control_cookie_file != d.tor.control_cookie_file,
+                    ),
+                    (
+                        "tor.connect_timeout_secs",
+                        t.connect_timeout_secs != d.tor.connect_timeout_secs,
+                    ),
+                    (
+                        "tor.bootstrap_warn_secs",
+                        t.bootstrap_warn_secs != d.tor.bootstrap_warn_secs,
+                    ),
+                    (
+                        "tor.circuit_rotation_secs",
+                        t.circuit_rotation_secs != d.tor.circuit_rotation_secs,
+                    ),
+                ];
+                for (key, changed) in tor_keys {
+                    note(
+                        changed,
+                        key,
+                        format!(
+                            "{key} is ignored: network.transport = \"direct\" does not use Tor; set network.transport = \"tor\" or \"tor-system\" to use it, or remove it"
+                        ),
+                    );
+                }
+            }
+            TransportMode::Tor | TransportMode::TorSystem => {
+                note(
+                    !t.hybrid && self.network.listen != d.network.listen,
+                    "network.listen",
+                    format!(
+                        "network.listen is ignored: network.transport = \"{transport}\" listens only on its onion service; set tor.hybrid = true to also listen directly (peers then learn your IP address), network.transport = \"direct\", or remove it"
+                    ),
+                );
+                if self.network.transport == TransportMode::Tor {
+                    let system_keys: [(&'static str, bool); 4] = [
+                        ("tor.socks_addr", t.socks_addr != d.tor.socks_addr),
+                        ("tor.control_addr", t.control_addr != d.tor.control_addr),
+                        (
+                            "tor.control_password",
+                            t.control_password != d.tor.control_password,
+                        ),
+                        (
+                            "tor.control_cookie_file",
+                            t.control_cookie_file != d.tor.control_cookie_file,
+                        ),
+                    ];
+                    for (key, changed) in system_keys {
+                        note(
+                            changed,
+                            key,
+                            format!(
+                                "{key} is ignored: it is for a tor you run (network.transport = \"tor-system\"), and network.transport = \"tor\" embeds its own"
+                            ),
+                        );
+                    }
+                } else {
+                    note(
+                        t.arti_config != d.tor.arti_config,
+                        "tor.arti_config",
+                        "tor.arti_config is ignored: it configures the embedded Tor (network.transport = \"tor\"), and network.transport = \"tor-system\" uses your tor's own configuration".into(),
+                    );
+                }
+            }
+        }
+        ignored
+    }
+}
+
+/// `text` as `# ` comment lines of at most 72 columns.
+fn comment_lines(text: &str) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    let mut line = String::from("#");
+    for word in text.split_whitespace() {
+        if line.len() > 1 && line.len() + 1 + word.len() > 72 {
+            lines.push(std::mem::replace(&mut line, String::from("#")));
+        }
+        line.push(' ');
+        line.push_str(word);
+    }
+    lines.push(line);
+    lines.join("\n")
+}
+
+/// The commented `openagi.toml` written by `openagi init` with the default
+/// transport. Every setting is listed, commented out, with its default, so
+/// the file documents itself and later default changes still reach nodes
+/// that never edited a key; the network id and the transport are the
+/// exceptions, because they are the operator's choice at `init`.
 pub fn template(network_id: &str) -> String {
+    template_for(network_id, InitTransport::of(&Config::default()))
+}
+
+/// [`template`] for the transport chosen with `openagi init --transport`,
+/// which is written uncommented under a comment saying what it means.
+pub fn template_for(network_id: &str, transport: InitTransport) -> String {
     let d = Config::default();
     let list = |items: &[String]| {
         format!(
@@ -848,11 +1047,14 @@ pub fn template(network_id: &str) -> String {
 # Nodes only talk to nodes with the same network id.
 network_id = "{network_id}"
 
-# Transport: "tor" (Tor embedded in the node; peers reach it through its
+# Transport, chosen with `openagi init --transport {transport_choice}`:
+{transport_meaning}
+# The choices: "tor" (Tor embedded in the node; peers reach it through its
 # onion service), "tor-system" (a tor you run, through its SOCKS and
 # ControlPort; see [tor]) or "direct" (TCP and QUIC over IP; peers learn
-# your IP address). See doc/tor.md.
-# transport = "{transport}"
+# your IP address); [tor] hybrid = true adds direct TCP and QUIC beside
+# Tor. `openagi init --transport` changes it; see doc/tor.md.
+transport = "{transport}"
 
 # Multiaddrs to listen on (direct transport, or Tor in hybrid mode).
 # listen = {listen}
@@ -889,7 +1091,7 @@ network_id = "{network_id}"
 
 # Also listen and dial over direct TCP/QUIC beside Tor. Peers then learn
 # your IP address; never enabled implicitly.
-# hybrid = {hybrid}
+{hybrid}
 
 # Embedded Tor: an arti configuration file (arti's TOML schema) for a
 # private or test Tor network (authorities, fallback caches, ...).
@@ -960,13 +1162,15 @@ network_id = "{network_id}"
 "#,
         shutdown = d.node.shutdown_timeout_secs,
         otk_rotation = d.node.one_time_key_rotation_secs,
-        transport = match d.network.transport {
-            TransportMode::Direct => "direct",
-            TransportMode::Tor => "tor",
-            TransportMode::TorSystem => "tor-system",
-        },
+        transport_choice = transport.name(),
+        transport_meaning = comment_lines(&format!("{}.", transport.meaning())),
+        transport = crate::tor::transport_name(transport.mode()),
         onion_port = d.tor.onion_port,
-        hybrid = d.tor.hybrid,
+        hybrid = if transport.hybrid() {
+            "hybrid = true".to_string()
+        } else {
+            format!("# hybrid = {}", d.tor.hybrid)
+        },
         arti_config = d.tor.arti_config,
         socks = d.tor.socks_addr,
         control = d.tor.control_addr,
@@ -1224,6 +1428,71 @@ mod tests {
             &CliOverrides::default(),
         ));
         assert!(e.contains("tor.arti_config"), "{e}");
+    }
+
+    #[test]
+    fn init_writes_the_chosen_transport_and_what_it_means() {
+        for choice in [
+            InitTransport::Tor,
+            InitTransport::TorSystem,
+            InitTransport::Direct,
+            InitTransport::Hybrid,
+        ] {
+            let text = template_for("mynet", choice);
+            let parsed = load_text(&text, &[], &CliOverrides::default()).expect("template loads");
+            assert_eq!(parsed.network.network_id, "mynet");
+            assert_eq!(InitTransport::of(&parsed), choice, "{text}");
+            assert!(
+                text.contains(&format!("--transport {}`:", choice.name())),
+                "{text}"
+            );
+            assert!(
+                text.lines().all(|l| l.len() <= 80),
+                "long comment lines in the {} template",
+                choice.name()
+            );
+        }
+        assert_eq!(
+            template("openagi-main"),
+            template_for("openagi-main", InitTransport::Tor)
+        );
+    }
+
+    #[test]
+    fn settings_the_transport_does_not_use_are_named() {
+        let none = CliOverrides::default();
+        let keys = |text: &str| -> Vec<&'static str> {
+            load_text(text, &[], &none)
+                .expect("valid")
+                .ignored_settings()
+                .into_iter()
+                .map(|i| i.key)
+                .collect()
+        };
+        assert!(keys("").is_empty());
+        assert!(keys("[network]\ntransport = \"direct\"\n").is_empty());
+        assert_eq!(
+            keys("[network]\nlisten = [\"/ip4/0.0.0.0/tcp/1\"]\n"),
+            ["network.listen"]
+        );
+        // Hybrid mode listens on network.listen.
+        assert!(
+            keys("[network]\nlisten = [\"/ip4/0.0.0.0/tcp/1\"]\n[tor]\nhybrid = true\n").is_empty()
+        );
+        assert_eq!(
+            keys("[network]\ntransport = \"direct\"\n[tor]\nhybrid = true\nonion_port = 81\n"),
+            ["tor.onion_port", "tor.hybrid"]
+        );
+        assert_eq!(
+            keys("[tor]\nsocks_addr = \"127.0.0.1:19050\"\n"),
+            ["tor.socks_addr"]
+        );
+        let c = load_text("[network]\nlisten = []\n", &[], &none).expect("valid");
+        let why = &c.ignored_settings()[0].why;
+        assert!(
+            why.contains("network.listen") && why.contains("tor.hybrid"),
+            "{why}"
+        );
     }
 
     #[test]

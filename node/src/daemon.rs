@@ -99,6 +99,11 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let starts = store.record_start().context("recording start")?;
 
     let mut metrics = MetricsRegistry::new(VERSION);
+    // A setting the transport does not use would otherwise be dropped
+    // without a word (e.g. network.listen in Tor mode).
+    for ignored in config.ignored_settings() {
+        warn!(key = ignored.key, "{}", ignored.why);
+    }
     let net_config = config.net_config_for(VERSION, data_dir.path())?;
     let keypair = openagi_net::keypair_from_identity(&identity)?;
     let (net, mut events, net_task) =

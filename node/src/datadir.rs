@@ -67,6 +67,16 @@ pub struct InitReport {
     pub peer_id: String,
 }
 
+/// What `openagi init` was told to write into the configuration; `None`:
+/// the flag was not given (a new config then gets the default).
+#[derive(Debug, Clone, Default)]
+pub struct InitSettings {
+    /// `--network-id`.
+    pub network_id: Option<String>,
+    /// `--transport`.
+    pub transport: Option<config::InitTransport>,
+}
+
 /// Holds the data directory's lock until dropped.
 #[derive(Debug)]
 pub struct DirLock {
@@ -99,14 +109,15 @@ impl DataDir {
     }
 
     /// Creates whatever is missing: the directory (0700), the identity, the
-    /// API token and the commented configuration. Existing files are kept.
+    /// API token and the commented configuration with the network id and
+    /// transport of `settings`. Existing files are kept.
     ///
     /// With `encrypt`, a new identity is written as a key store file under
     /// a passphrase read from `passphrase`; an existing encrypted key is
     /// unlocked with it to report the peer id.
     pub fn init(
         &self,
-        network_id: &str,
+        settings: &InitSettings,
         passphrase: &PassphraseSource,
         encrypt: bool,
     ) -> Result<InitReport> {
@@ -192,10 +203,32 @@ impl DataDir {
                 config_path.display()
             ));
         } else {
-            keyfile::write_atomic(&config_path, config::template(network_id).as_bytes(), 0o600)?;
+            let defaults = config::Config::default();
+            let network_id = settings
+                .network_id
+                .as_deref()
+                .unwrap_or(&defaults.network.network_id);
+            let transport = settings
+                .transport
+                .unwrap_or_else(|| config::InitTransport::of(&defaults));
+            keyfile::write_atomic(
+                &config_path,
+                config::template_for(network_id, transport).as_bytes(),
+                0o600,
+            )?;
             report
                 .lines
                 .push(format!("wrote commented config {}", config_path.display()));
+            report.lines.push(format!(
+                "  network.network_id = {network_id:?}; transport {}: {}{}",
+                transport.name(),
+                transport.meaning(),
+                if settings.transport.is_none() {
+                    " (the default; choose with --transport tor|tor-system|direct|hybrid)"
+                } else {
+                    ""
+                }
+            ));
         }
         Ok(report)
     }
@@ -351,12 +384,19 @@ impl DataDir {
 mod tests {
     use super::*;
 
+    fn testnet() -> InitSettings {
+        InitSettings {
+            network_id: Some("testnet".into()),
+            transport: None,
+        }
+    }
+
     #[test]
     fn init_is_idempotent_and_private() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = DataDir::new(tmp.path().join("node"));
         let first = dir
-            .init("testnet", &PassphraseSource::current(None), false)
+            .init(&testnet(), &PassphraseSource::current(None), false)
             .expect("init");
         assert!(
             first
@@ -370,7 +410,7 @@ mod tests {
         assert_eq!(mode(&dir.file(TOKEN_FILE)), 0o600);
         let token = dir.token().expect("token");
         let second = dir
-            .init("testnet", &PassphraseSource::current(None), false)
+            .init(&testnet(), &PassphraseSource::current(None), false)
             .expect("init again");
         assert_eq!(first.peer_id, second.peer_id);
         assert!(

@@ -137,7 +137,15 @@ pub(crate) async fn start_local_network(
     for d in &dirs {
         // Devnet keys are unencrypted: the nodes start unattended.
         let no_passphrase = PassphraseSource::current(None);
-        reports.push(d.init(DEVNET_NETWORK_ID, &no_passphrase, false)?);
+        let settings = crate::datadir::InitSettings {
+            network_id: Some(DEVNET_NETWORK_ID.into()),
+            transport: Some(if tor {
+                crate::config::InitTransport::Tor
+            } else {
+                crate::config::InitTransport::Direct
+            }),
+        };
+        reports.push(d.init(&settings, &no_passphrase, false)?);
         validators.push(d.identity(&no_passphrase)?.public().to_hex());
     }
     let genesis = Genesis {

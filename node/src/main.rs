@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use openagi_crypto::bench as bench_crypto;
-use openagi_node::config::{CliOverrides, LogFormat};
+use openagi_node::config::{CliOverrides, InitTransport, LogFormat};
 use openagi_node::daemon::{self, RunOptions};
-use openagi_node::datadir::DataDir;
+use openagi_node::datadir::{DataDir, InitSettings};
 use openagi_node::passphrase::PassphraseSource;
 use openagi_node::{bench, cli_ledger, devnet, keys, status};
 
@@ -31,9 +31,17 @@ struct Cli {
 enum Command {
     /// Create the data directory: identity key, API token, commented config.
     Init {
-        /// Network id written into the new config.
-        #[arg(long, default_value = "openagi-main")]
-        network_id: String,
+        /// Network id written into the config [default for a new config:
+        /// openagi-main].
+        #[arg(long)]
+        network_id: Option<String>,
+        /// How peers reach this node, written into the config: `tor`
+        /// (embedded Tor, onion service only), `tor-system` (your tor's
+        /// SOCKS and ControlPort), `direct` (TCP/QUIC on network.listen;
+        /// reveals your IP) or `hybrid` (Tor plus direct) [default for a
+        /// new config: tor].
+        #[arg(long, value_enum)]
+        transport: Option<InitTransport>,
         /// Install this genesis file (validator set) into the data directory.
         #[arg(long)]
         genesis: Option<PathBuf>,
@@ -357,11 +365,16 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
     match cli.command {
         Command::Init {
             network_id,
+            transport,
             genesis,
             encrypt,
         } => {
             let dir = DataDir::new(&data_dir);
-            let report = dir.init(&network_id, &passphrase, encrypt)?;
+            let settings = InitSettings {
+                network_id,
+                transport,
+            };
+            let report = dir.init(&settings, &passphrase, encrypt)?;
             for line in report.lines {
                 println!("{line}");
             }
