@@ -27,7 +27,7 @@ use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::store::Store;
 
@@ -95,6 +95,69 @@ pub struct ConsensusStatus {
     pub pending: usize,
     /// Stable checkpoint sequence number.
     pub stable_checkpoint: u64,
+    /// The height at least `f + 1` other validators reported in their
+    /// latest status; above `height`, this validator is behind.
+    pub peers_height: u64,
+    /// Validators known to be recovering from lost state (this one
+    /// included); more than `f` stop the network.
+    pub recovering_validators: usize,
+    /// Set while this validator recovers from lost consensus state.
+    pub recovery: Option<RecoveryReport>,
+}
+
+/// A validator's recovery from lost consensus state, for the status
+/// document and the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecoveryReport {
+    /// Peers heard since the restart, of `reports_needed`.
+    pub reports: usize,
+    /// Reports needed to learn what it may have voted for (`2f + 1`).
+    pub reports_needed: usize,
+    /// It votes again only above this sequence number (or in a later
+    /// view), and recovery ends when the stable checkpoint reaches it.
+    pub vote_bound_seq: Option<u64>,
+    /// Highest view it may have voted in.
+    pub vote_bound_view: Option<u64>,
+    /// Whether too many validators are recovering for the network to
+    /// make progress.
+    pub stalls_network: bool,
+    /// What is happening and what the operator can do, in words.
+    pub advice: String,
+}
+
+impl RecoveryReport {
+    fn from_status(status: &openagi_consensus::RecoveryStatus, n: usize) -> Self {
+        let advice = if status.stalls_network() {
+            format!(
+                "{} of {n} validators are recovering from lost consensus state and {n} validators tolerate {}: \
+                 the others cannot commit without them and they vote only after the others commit, so the network is stopped. \
+                 Restore the lost data directory (node.redb with consensus.started) of at least {} of them from a backup \
+                 and restart those; deleting files does not help. If no backup exists, the validators must agree on a new genesis.",
+                status.recovering_validators,
+                status.tolerated,
+                status.recovering_validators - status.tolerated,
+            )
+        } else if let Some(bound) = status.bound {
+            format!(
+                "following the ledger without voting until the stable checkpoint (now {}) reaches sequence {} \
+                 or a view above {}; the other validators commit meanwhile",
+                status.stable, bound.seq, bound.view
+            )
+        } else {
+            format!(
+                "waiting for status from {} more validators to learn what this node may have voted for; it does not vote until then",
+                status.reports_needed.saturating_sub(status.reports)
+            )
+        };
+        RecoveryReport {
+            reports: status.reports,
+            reports_needed: status.reports_needed,
+            vote_bound_seq: status.bound.map(|b| b.seq),
+            vote_bound_view: status.bound.map(|b| b.view),
+            stalls_network: status.stalls_network(),
+            advice,
+        }
+    }
 }
 
 /// Consensus messages of one processing round, per peer, in order.
@@ -445,6 +508,87 @@ pub struct ReplicaSetup {
     pub marker: std::path::PathBuf,
 }
 
+/// First line of the consensus marker file; the second names the instance.
+const MARKER_HEADER: &str = "this node has taken part in consensus";
+
+/// What the marker file beside the key says.
+#[derive(Debug, PartialEq, Eq)]
+enum Marker {
+    /// No marker: this validator never ran consensus from this data
+    /// directory (or the marker was removed; the database then decides).
+    Absent,
+    /// A marker of versions before instance ids: consensus ran, but with
+    /// which database is unknown.
+    Legacy,
+    /// Consensus ran with the database holding this instance id.
+    Instance([u8; 16]),
+}
+
+fn read_marker(path: &std::path::Path) -> Result<Marker, ConsensusError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Marker::Absent),
+        Err(e) => {
+            return Err(ConsensusError::Rejected(format!(
+                "reading {}: {e}",
+                path.display()
+            )));
+        }
+    };
+    let Some(id) = text.lines().find_map(|l| l.strip_prefix("instance ")) else {
+        return Ok(Marker::Legacy);
+    };
+    let mut bytes = [0u8; 16];
+    hex::decode_to_slice(id.trim(), &mut bytes).map_err(|e| {
+        ConsensusError::Rejected(format!(
+            "{} names instance {id:?}, not 32 hex digits ({e}); it must not be edited by hand",
+            path.display()
+        ))
+    })?;
+    Ok(Marker::Instance(bytes))
+}
+
+/// Whether this validator's consensus state was lost: it ran consensus
+/// before (the marker) but the database is not the one it ran with. A
+/// database that simply holds no vote yet (a stop before the first block)
+/// is not a loss: the instance id in it matches the marker.
+fn state_lost(marker: &std::path::Path, store: &Store) -> Result<bool, ConsensusError> {
+    let in_database = store.consensus_instance()?;
+    Ok(match (read_marker(marker)?, in_database) {
+        (Marker::Absent, _) => false,
+        (Marker::Instance(ran_with), Some(this_one)) => ran_with != this_one,
+        (Marker::Instance(_), None) => true,
+        (Marker::Legacy, Some(_)) => false,
+        // Older versions kept no instance id: a database that survived is
+        // trusted (votes were always stored before they were sent), one
+        // created just now replaced a lost one.
+        (Marker::Legacy, None) => store.created_now(),
+    })
+}
+
+/// Ties the database and the marker to one instance id: the database
+/// first (fsynced), then the marker (written atomically), so a crash
+/// between the two leaves a marker-less database that the next start
+/// adopts. A database that was lost gets a fresh id.
+fn mark_started(marker: &std::path::Path, store: &Store, lost: bool) -> Result<(), ConsensusError> {
+    let id = match store.consensus_instance()? {
+        Some(id) if !lost => id,
+        _ => {
+            let id: [u8; 16] = rand::random();
+            store.set_consensus_instance(id)?;
+            id
+        }
+    };
+    if read_marker(marker)? == Marker::Instance(id) {
+        return Ok(());
+    }
+    let text = format!("{MARKER_HEADER}\ninstance {}\n", hex::encode(id));
+    // Atomic (temp file, fsync, rename): a crash leaves the old marker or
+    // the new one, and the database already names the new id.
+    openagi_crypto::keyfile::write_atomic(marker, text.as_bytes(), 0o600)
+        .map_err(|e| ConsensusError::Rejected(format!("writing {}: {e}", marker.display())))
+}
+
 /// Starts the replica task, restoring what `store` holds.
 pub fn start(
     setup: ReplicaSetup,
@@ -465,13 +609,17 @@ pub fn start(
         .ok_or(ConsensusError::NotValidator)?;
     let persisted = store.load_consensus()?;
     let restored_height = persisted.blocks.len();
-    let nothing_stored = persisted == openagi_consensus::PersistedState::default();
     let signer = IdentitySigner::new(identity);
-    let replica = if nothing_stored && marker.exists() {
-        // This validator voted before (the marker says so) but its
-        // consensus state is gone: it must not vote where it may have
-        // voted, or it could contradict itself.
-        warn!(marker = %marker.display(), "consensus state lost; recovering before voting again");
+    let lost = state_lost(marker, &store)?;
+    let replica = if lost {
+        // This validator took part in consensus before (the marker says
+        // so) but the database it voted from is gone or another one: it
+        // must not vote where it may have voted, or it could contradict
+        // itself.
+        warn!(
+            marker = %marker.display(),
+            "consensus state lost; recovering before voting again (the database is not the one this validator voted from)"
+        );
         Replica::recover_after_data_loss(config, validators.clone(), signer, crate::unix_ms())?
     } else {
         Replica::restore(
@@ -482,14 +630,9 @@ pub fn start(
             crate::unix_ms(),
         )?
     };
-    if !marker.exists() {
-        openagi_crypto::keyfile::write_atomic(
-            marker,
-            b"this node has taken part in consensus\n",
-            0o600,
-        )
-        .map_err(|e| ConsensusError::Rejected(format!("writing {}: {e}", marker.display())))?;
-    }
+    // Durable before the replica can cast its first vote: a restart, even
+    // one before any vote, then finds the database it belongs to.
+    mark_started(marker, &store, lost)?;
     info!(
         validator_index = me,
         height = replica.height(),
@@ -527,6 +670,7 @@ pub fn start(
         committed_txs: 0,
         dropped_seen: BTreeMap::new(),
         latencies,
+        recovery_seen: (None, false),
     };
     driver.publish_status();
     let task = tokio::spawn(async move {
@@ -595,6 +739,9 @@ struct Driver {
     committed_txs: u64,
     dropped_seen: BTreeMap<DropReason, u64>,
     latencies: LatencyRing,
+    /// Recovery state last logged: `(Some(bound) while recovering,
+    /// network stalled)`.
+    recovery_seen: (Option<Option<u64>>, bool),
 }
 
 impl Driver {
@@ -857,7 +1004,43 @@ impl Driver {
         }
     }
 
-    fn publish_status(&self) {
+    /// Says in the log when recovery starts to stall the network, learns
+    /// its bound or ends, and when too many peers are recovering: once per
+    /// change, not once per drain.
+    fn log_recovery_change(&mut self, status: &ConsensusStatus) {
+        let stalled = status.recovering_validators > status.f;
+        let seen = (status.recovery.as_ref().map(|r| r.vote_bound_seq), stalled);
+        if seen == self.recovery_seen {
+            return;
+        }
+        let was_recovering = self.recovery_seen.0.is_some();
+        self.recovery_seen = seen;
+        match &status.recovery {
+            Some(report) if report.stalls_network => {
+                error!(
+                    recovering = status.recovering_validators,
+                    validators = status.validators,
+                    "{}",
+                    report.advice
+                )
+            }
+            Some(report) => warn!("consensus recovery: {}", report.advice),
+            None if was_recovering => {
+                info!("recovery from lost consensus state finished; voting again")
+            }
+            None if stalled => error!(
+                recovering = status.recovering_validators,
+                validators = status.validators,
+                "more validators are recovering from lost consensus state than the network tolerates ({}); \
+                 it cannot commit until at least {} of them get their data directory back from a backup",
+                status.f,
+                status.recovering_validators - status.f
+            ),
+            None => {}
+        }
+    }
+
+    fn publish_status(&mut self) {
         let validators = self.replica.validators();
         let view = self.replica.view();
         let primary_index = validators.primary(view);
@@ -884,7 +1067,14 @@ impl Driver {
             committed_txs: self.committed_txs,
             pending: self.replica.pending_len(),
             stable_checkpoint: self.replica.stable_seq(),
+            peers_height: self.replica.reported_height(),
+            recovering_validators: self.replica.recovering_validators(),
+            recovery: self
+                .replica
+                .recovery_status()
+                .map(|r| RecoveryReport::from_status(&r, validators.n())),
         };
+        self.log_recovery_change(&status);
         match self.status.write() {
             Ok(mut s) => *s = status,
             Err(p) => *p.into_inner() = status,

@@ -58,6 +58,28 @@ pub enum StoreError {
     /// The database engine failed.
     #[error("database {0}")]
     Engine(String),
+    /// The database has an older schema; `openagi run --migrate` upgrades it.
+    #[error(
+        "{STORE_FILE} has schema version {found} and this openagi uses {supported}: back up the data directory, \
+         then start the node once with `openagi run --migrate` to upgrade it (UPGRADING.md says what changes)"
+    )]
+    NeedsMigration {
+        /// The version found.
+        found: u32,
+        /// The version this build uses.
+        supported: u32,
+    },
+    /// The database was written by a newer version.
+    #[error(
+        "{STORE_FILE} has schema version {found}, written by a newer openagi; this one reads up to {supported}: \
+         run the newer version (a database is never migrated backwards)"
+    )]
+    TooNew {
+        /// The version found.
+        found: u32,
+        /// The newest version this build reads.
+        supported: u32,
+    },
     /// A stored record could not be decoded.
     #[error("corrupt record in table {table}, key {key}: {detail}")]
     Corrupt {
@@ -68,6 +90,34 @@ pub enum StoreError {
         /// The decoding error.
         detail: String,
     },
+}
+
+/// The stamped schema version; a database without one is version 1.
+fn read_schema_version(db: &Database) -> Result<u32, StoreError> {
+    let txn = db.begin_read().map_err(engine)?;
+    let meta = match txn.open_table(META) {
+        Ok(meta) => meta,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(1),
+        Err(e) => return Err(engine(e)),
+    };
+    match meta.get(SCHEMA_KEY).map_err(engine)? {
+        None => Ok(1),
+        Some(v) => <[u8; 4]>::try_from(v.value())
+            .map(u32::from_le_bytes)
+            .map_err(|_| StoreError::Corrupt {
+                table: "meta",
+                key: SCHEMA_KEY.into(),
+                detail: format!("{} bytes, expected 4", v.value().len()),
+            }),
+    }
+}
+
+fn stamp_schema(txn: &redb::WriteTransaction, version: u32) -> Result<(), StoreError> {
+    txn.open_table(META)
+        .map_err(engine)?
+        .insert(SCHEMA_KEY, version.to_le_bytes().as_slice())
+        .map_err(engine)?;
+    Ok(())
 }
 
 fn engine(e: impl std::fmt::Display) -> StoreError {
@@ -86,12 +136,73 @@ pub struct KnownPeer {
 /// The node's database.
 pub struct Store {
     db: Database,
+    /// Whether [`Store::open`] created the file (it did not exist before).
+    created: bool,
 }
 
+/// The layout of `node.redb` this version reads and writes. Every change
+/// to a table's layout or meaning bumps it and adds a step to
+/// [`Store::open_migrating`]; UPGRADING.md says what each step does.
+///
+/// - 1: the layout before versions were stamped (it may still hold the
+///   transaction index as the `tx_index` table).
+/// - 2: `meta.schema_version` stamped; the transaction index lives in
+///   its own file (`txindex.redb`, rebuilt from the blocks);
+///   `pbft_meta.instance` ties the consensus state to `consensus.started`.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Key of the schema version in the `meta` table (4 bytes, little endian).
+const SCHEMA_KEY: &str = "schema_version";
+
 impl Store {
-    /// Opens or creates the database in `data_dir`.
+    /// Opens or creates the database in `data_dir`. A database of an older
+    /// schema is refused ([`StoreError::NeedsMigration`]) and so is one
+    /// of a newer version ([`StoreError::TooNew`]): nothing is changed
+    /// until the operator asks for the migration.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(data_dir.join(STORE_FILE)).map_err(engine)?;
+        Self::open_with(data_dir, false).map(|(store, _)| store)
+    }
+
+    /// Opens the database like [`Store::open`], first migrating an older
+    /// schema step by step (each step one fsynced transaction). Returns
+    /// the steps taken, in words, for the log.
+    pub fn open_migrating(data_dir: &Path) -> Result<(Self, Vec<String>), StoreError> {
+        Self::open_with(data_dir, true)
+    }
+
+    fn open_with(data_dir: &Path, migrate: bool) -> Result<(Self, Vec<String>), StoreError> {
+        let path = data_dir.join(STORE_FILE);
+        let created = !path.exists();
+        let db = Database::create(&path).map_err(engine)?;
+        let found = if created {
+            SCHEMA_VERSION
+        } else {
+            read_schema_version(&db)?
+        };
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        let mut steps = Vec::new();
+        if found < SCHEMA_VERSION {
+            if !migrate {
+                return Err(StoreError::NeedsMigration {
+                    found,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            // Version 1 to 2: the transaction index moved to its own file,
+            // where it is rebuilt from the blocks; the stamp is new.
+            let txn = db.begin_write().map_err(engine)?;
+            txn.delete_table(TX_INDEX).map_err(engine)?;
+            stamp_schema(&txn, 2)?;
+            txn.commit().map_err(engine)?;
+            steps.push(format!(
+                "schema {found} -> 2: transaction index moved to {TX_INDEX_FILE} (rebuilt from the blocks)"
+            ));
+        }
         let txn = db.begin_write().map_err(engine)?;
         txn.open_table(META).map_err(engine)?;
         txn.open_table(PEERS).map_err(engine)?;
@@ -99,12 +210,61 @@ impl Store {
         txn.open_table(PBFT_VOTES).map_err(engine)?;
         txn.open_table(PBFT_PREPARED).map_err(engine)?;
         txn.open_table(BLOCKS).map_err(engine)?;
-        // Moved to its own file; the index there is rebuilt from blocks.
-        txn.delete_table(TX_INDEX).map_err(engine)?;
         txn.open_table(MSG_STATE).map_err(engine)?;
         txn.open_table(INBOX).map_err(engine)?;
+        if created {
+            stamp_schema(&txn, SCHEMA_VERSION)?;
+        }
         txn.commit().map_err(engine)?;
-        Ok(Self { db })
+        Ok((Self { db, created }, steps))
+    }
+
+    /// The schema version of the database in `data_dir` without changing
+    /// anything, or `None` when there is none. Fails while a daemon holds
+    /// the database open.
+    pub fn schema_version_at(data_dir: &Path) -> Result<Option<u32>, StoreError> {
+        let path = data_dir.join(STORE_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let db = Database::open(&path).map_err(engine)?;
+        read_schema_version(&db).map(Some)
+    }
+
+    /// Whether this process created the database file: nothing that an
+    /// earlier run stored is in it.
+    pub fn created_now(&self) -> bool {
+        self.created
+    }
+
+    /// The consensus instance this database belongs to (see
+    /// `consensus::ReplicaSetup::marker`), if the replica ever ran on it.
+    pub fn consensus_instance(&self) -> Result<Option<[u8; 16]>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let meta = txn.open_table(PBFT_META).map_err(engine)?;
+        match meta.get("instance").map_err(engine)? {
+            None => Ok(None),
+            Some(v) => v
+                .value()
+                .try_into()
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt {
+                    table: "pbft_meta",
+                    key: "instance".into(),
+                    detail: format!("{} bytes, expected 16", v.value().len()),
+                }),
+        }
+    }
+
+    /// Records the consensus instance id, fsynced before it returns.
+    pub fn set_consensus_instance(&self, id: [u8; 16]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(engine)?;
+        txn.open_table(PBFT_META)
+            .map_err(engine)?
+            .insert("instance", id.as_slice())
+            .map_err(engine)?;
+        txn.commit().map_err(engine)?;
+        Ok(())
     }
 
     /// The stored (encrypted) ratchet pickle, if any.
@@ -539,6 +699,93 @@ fn decode_peer(key: &str, bytes: &[u8]) -> Result<KnownPeer, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes a database the way versions before schema stamps did: the
+    /// same tables, no `schema_version`, and the transaction index inside.
+    pub(crate) fn write_schema_1(data_dir: &Path) {
+        let db = Database::create(data_dir.join(STORE_FILE)).expect("create");
+        let txn = db.begin_write().expect("write");
+        {
+            let mut meta = txn.open_table(META).expect("meta");
+            meta.insert("starts", 3u64.to_le_bytes().as_slice())
+                .expect("starts");
+            txn.open_table(PEERS).expect("peers");
+            txn.open_table(PBFT_META).expect("pbft_meta");
+            txn.open_table(PBFT_VOTES).expect("votes");
+            txn.open_table(PBFT_PREPARED).expect("prepared");
+            txn.open_table(BLOCKS).expect("blocks");
+            txn.open_table(MSG_STATE).expect("msg");
+            txn.open_table(INBOX).expect("inbox");
+            let mut index = txn.open_table(TX_INDEX).expect("tx_index");
+            index.insert(&[7u8; 32], (1, 0)).expect("entry");
+        }
+        txn.commit().expect("commit");
+    }
+
+    fn has_tx_index_table(data_dir: &Path) -> bool {
+        let db = Database::open(data_dir.join(STORE_FILE)).expect("open");
+        let txn = db.begin_read().expect("read");
+        txn.open_table(TX_INDEX).is_ok()
+    }
+
+    #[test]
+    fn a_new_store_is_stamped_with_the_current_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(Store::open(dir.path()).expect("open"));
+        assert_eq!(
+            Store::schema_version_at(dir.path()).expect("read"),
+            Some(SCHEMA_VERSION)
+        );
+    }
+
+    #[test]
+    fn an_older_schema_is_refused_untouched_then_migrated_on_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_schema_1(dir.path());
+        match Store::open(dir.path()) {
+            Err(e @ StoreError::NeedsMigration { found: 1, .. }) => {
+                assert!(e.to_string().contains("--migrate"), "{e}")
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("an old schema must not open without --migrate"),
+        }
+        // Refusing changed nothing: still version 1, old index still there.
+        assert_eq!(Store::schema_version_at(dir.path()).expect("read"), Some(1));
+        assert!(has_tx_index_table(dir.path()));
+        let (store, steps) = Store::open_migrating(dir.path()).expect("migrates");
+        assert_eq!(steps.len(), 1, "{steps:?}");
+        assert_eq!(store.record_start().expect("write"), 4, "data kept");
+        drop(store);
+        assert!(!has_tx_index_table(dir.path()), "old index dropped");
+        assert_eq!(
+            Store::schema_version_at(dir.path()).expect("read"),
+            Some(SCHEMA_VERSION)
+        );
+        let (_, steps) = Store::open_migrating(dir.path()).expect("again");
+        assert!(steps.is_empty(), "nothing left to migrate");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(Store::open(dir.path()).expect("open"));
+        {
+            let db = Database::open(dir.path().join(STORE_FILE)).expect("open");
+            let txn = db.begin_write().expect("write");
+            stamp_schema(&txn, SCHEMA_VERSION + 1).expect("stamp");
+            txn.commit().expect("commit");
+        }
+        for result in [
+            Store::open(dir.path()).map(|_| ()),
+            Store::open_migrating(dir.path()).map(|_| ()),
+        ] {
+            match result {
+                Err(StoreError::TooNew { .. }) => {}
+                Err(e) => panic!("wrong error: {e}"),
+                Ok(()) => panic!("a newer schema must be refused"),
+            }
+        }
+    }
 
     #[test]
     fn starts_are_counted_across_reopen() {

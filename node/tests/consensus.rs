@@ -270,3 +270,83 @@ fn a_validator_that_lost_its_database_recovers_and_catches_up() {
         .sum();
     assert!(served > 0.0, "no block was served from disk");
 }
+
+/// Operators start validators one at a time and restart them after a
+/// config mistake: `first` validators run alone for a few seconds (no
+/// block can commit), stop with SIGTERM, and then all `n` start. That stop
+/// must not look like lost state, and the network must commit.
+fn restart_before_the_first_block(n: usize, first: usize) {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let dirs = init_validators(root.path(), n).expect("validators");
+    let mut early: Vec<Daemon> = Vec::new();
+    for dir in &dirs[..first] {
+        let options = DaemonOptions {
+            bootstrap: early
+                .first()
+                .map(|d| d.multiaddr().expect("addr"))
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+        early.push(Daemon::start(dir, &options).expect("starts alone"));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    for daemon in &mut early {
+        assert_eq!(daemon.height(), 0, "nothing can commit without a quorum");
+        daemon.signal(Signal::SIGTERM).expect("SIGTERM");
+        let status = daemon.wait_exit(Duration::from_secs(20)).expect("exits");
+        assert!(status.success(), "clean exit: {status}");
+    }
+    drop(early);
+
+    let first_node = Daemon::start(&dirs[0], &DaemonOptions::default()).expect("restarts");
+    let boot = DaemonOptions {
+        bootstrap: vec![first_node.multiaddr().expect("addr")],
+        ..Default::default()
+    };
+    let mut nodes = vec![Some(first_node)];
+    for dir in &dirs[1..] {
+        nodes.push(Some(Daemon::start(dir, &boot).expect("starts")));
+    }
+    let net = Network {
+        _root: root,
+        dirs,
+        nodes,
+    };
+    wait_for("full mesh", Duration::from_secs(30), || {
+        net.live()
+            .all(|d| d.connected_peers() == n - 1)
+            .then_some(())
+    })
+    .expect("validators connect");
+    for i in 0..3 {
+        net.submit(i % n, &format!("after the early stop {i}"));
+    }
+    for (i, daemon) in net.live().enumerate() {
+        let log = daemon.log();
+        assert!(
+            !log.contains("consensus state lost"),
+            "validator {i} took a clean stop for lost state:\n{log}"
+        );
+        let status = daemon.status().expect("status");
+        assert_eq!(status["consensus"]["recovering_validators"], 0, "{status}");
+        assert!(status["consensus"]["recovery"].is_null(), "{status}");
+    }
+    let top = net.node(0).height();
+    wait_for("all at the top height", Duration::from_secs(20), || {
+        net.live().all(|d| d.height() >= top).then_some(())
+    })
+    .expect("replicas converge");
+    net.assert_ledgers_agree(top);
+}
+
+#[test]
+fn one_of_two_validators_stopped_before_the_first_block_rejoins() {
+    restart_before_the_first_block(2, 1);
+}
+
+#[test]
+fn two_of_four_validators_stopped_before_the_first_block_rejoin() {
+    restart_before_the_first_block(4, 2);
+}
