@@ -197,9 +197,30 @@ impl JobSpec {
     /// Whether a data set fits the job's schema (feature count, labels
     /// below the class count).
     pub fn accepts(&self, data: &Dataset) -> bool {
-        data.n_features() == self.architecture.inputs()
-            && data.classes() <= self.architecture.classes()
-            && !data.is_empty()
+        self.misfit(data).is_none()
+    }
+
+    /// Why a data set does not fit the job's schema, in words an operator
+    /// can act on; `None` when it fits.
+    pub fn misfit(&self, data: &Dataset) -> Option<String> {
+        if data.is_empty() {
+            return Some("the local data set is empty".into());
+        }
+        if data.n_features() != self.architecture.inputs() {
+            return Some(format!(
+                "the local data has {} features per sample and the job's model takes {}",
+                data.n_features(),
+                self.architecture.inputs()
+            ));
+        }
+        if data.classes() > self.architecture.classes() {
+            return Some(format!(
+                "the local data has {} classes and the job's model outputs {}",
+                data.classes(),
+                self.architecture.classes()
+            ));
+        }
+        None
     }
 
     /// The round-0 model: the architecture initialised from the job seed,
@@ -938,6 +959,25 @@ mod tests {
             compression: Compression::None,
             seed: 7,
         }
+    }
+
+    #[test]
+    fn a_misfit_says_what_does_not_fit() {
+        let spec = spec();
+        let digits = data::digits().expect("digits");
+        assert_eq!(spec.misfit(&digits), None);
+        assert!(spec.accepts(&digits));
+        let narrow = Dataset::new(vec![0.0; 8], vec![0, 1], 4).expect("data");
+        let why = spec.misfit(&narrow).expect("misfit");
+        assert!(
+            why.contains("4 features") && why.contains("takes 64"),
+            "{why}"
+        );
+        assert!(!spec.accepts(&narrow));
+        let mut few_classes = spec.clone();
+        few_classes.architecture = Architecture::logistic_regression(64, 2);
+        let why = few_classes.misfit(&digits).expect("misfit");
+        assert!(why.contains("10 classes"), "{why}");
     }
 
     struct Net {
