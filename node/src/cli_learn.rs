@@ -9,6 +9,7 @@ use openagi_learning::federation::JobSpec;
 
 use crate::client::ApiClient;
 use crate::datadir::DataDir;
+use crate::outln;
 
 /// Arguments of `openagi learn submit`.
 #[derive(Args, Debug, Clone)]
@@ -61,13 +62,13 @@ pub fn submit(dir: &DataDir, args: &SubmitArgs) -> Result<()> {
     let client = ApiClient::from_data_dir(dir)?.with_timeout(std::time::Duration::from_secs(60));
     let answer = client.post_json("/api/v1/learn/jobs", &serde_json::to_value(&spec)?)?;
     if args.json {
-        println!("{answer}");
+        outln!("{answer}")?;
     } else {
-        println!(
+        outln!(
             "job {} submitted ({}); follow it with `openagi learn status`",
             answer["job_id"].as_str().unwrap_or("?"),
             spec.name
-        );
+        )?;
     }
     Ok(())
 }
@@ -76,16 +77,16 @@ pub fn submit(dir: &DataDir, args: &SubmitArgs) -> Result<()> {
 pub fn status(dir: &DataDir, args: &StatusArgs) -> Result<()> {
     let answer = ApiClient::from_data_dir(dir)?.get_json("/api/v1/learn/jobs")?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+        outln!("{}", serde_json::to_string_pretty(&answer)?)?;
         return Ok(());
     }
     let jobs = answer["jobs"].as_array().cloned().unwrap_or_default();
     if jobs.is_empty() {
-        println!("no learning jobs on this node's ledger");
+        outln!("no learning jobs on this node's ledger")?;
     }
     for job in jobs {
         let j = JobSummary::of(&job, 12);
-        println!(
+        outln!(
             "{} {:<16} {:<11} round {}/{}  joined {}{}  accuracy {}  ε {}  stragglers {}",
             j.id,
             j.name,
@@ -101,7 +102,7 @@ pub fn status(dir: &DataDir, args: &StatusArgs) -> Result<()> {
             j.accuracy,
             j.epsilon.as_deref().unwrap_or("-"),
             j.stragglers,
-        );
+        )?;
     }
     Ok(())
 }
@@ -172,12 +173,12 @@ pub fn export(dir: &DataDir, args: &ExportArgs) -> Result<()> {
     }
     openagi_crypto::keyfile::write_atomic(&args.out, &bytes, 0o644)
         .with_context(|| format!("writing {}", args.out.display()))?;
-    println!(
+    outln!(
         "model {} ({} parameters) written to {}",
         model.unwrap_or_default(),
         bytes.len() / 4,
         args.out.display()
-    );
+    )?;
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use crate::client::ApiClient;
 use crate::datadir::DataDir;
 use crate::genesis::{GENESIS_FILE, Genesis};
+use crate::outln;
 
 /// Prints the node's identity: peer id, public key and fingerprint.
 pub fn keys_show(
@@ -22,7 +23,7 @@ pub fn keys_show(
         .public()
         .to_peer_id();
     if json_output {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "peer_id": peer_id.to_string(),
@@ -30,19 +31,19 @@ pub fn keys_show(
                 "fingerprint": public.fingerprint(),
                 "key_encrypted": encrypted,
             }))?
-        );
+        )?;
     } else {
-        println!("peer id      {peer_id}");
-        println!("public key   {}", public.to_hex());
-        println!("fingerprint  {}", public.fingerprint());
-        println!(
+        outln!("peer id      {peer_id}")?;
+        outln!("public key   {}", public.to_hex())?;
+        outln!("fingerprint  {}", public.fingerprint())?;
+        outln!(
             "key store    {}",
             if encrypted {
                 "encrypted (Argon2id + XChaCha20-Poly1305)"
             } else {
                 "UNENCRYPTED (file mode 0600 only; `openagi keys passphrase` encrypts it)"
             }
-        );
+        )?;
     }
     Ok(())
 }
@@ -66,11 +67,11 @@ pub fn genesis_create(
     }
     std::fs::write(out, genesis.to_toml()?)
         .with_context(|| format!("writing {}", out.display()))?;
-    println!(
+    outln!(
         "wrote {} ({} validators, network {network_id})",
         out.display(),
         genesis.validators.len()
-    );
+    )?;
     Ok(())
 }
 
@@ -116,20 +117,20 @@ pub fn submit(
     };
     let answer = client.post_json("/api/v1/tx", &body)?;
     if json_output {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+        outln!("{}", serde_json::to_string_pretty(&answer)?)?;
         return Ok(());
     }
     match answer["status"].as_str() {
-        Some("committed") => println!(
+        Some("committed") => outln!(
             "committed at height {} index {} (tx {})",
             answer["height"],
             answer["index"],
             text(&answer["tx_hash"])
-        ),
-        _ => println!(
+        )?,
+        _ => outln!(
             "accepted, pending (tx {}); check with the ledger or /api/v1/tx/<hash>",
             text(&answer["tx_hash"])
-        ),
+        )?,
     }
     Ok(())
 }
@@ -156,45 +157,45 @@ pub fn ledger(dir: &DataDir, command: LedgerCommand, json_output: bool) -> Resul
         }
     };
     if json_output {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+        outln!("{}", serde_json::to_string_pretty(&answer)?)?;
     } else {
         match command {
-            LedgerCommand::Head => println!(
+            LedgerCommand::Head => outln!(
                 "height {}  head {}  view {}",
                 answer["height"],
                 text(&answer["head_hash"]),
                 answer["view"]
-            ),
+            )?,
             LedgerCommand::Get(_) => {
-                println!("height     {}", answer["height"]);
-                println!("hash       {}", text(&answer["hash"]));
-                println!("prev       {}", text(&answer["prev_hash"]));
-                println!("view       {}", answer["view"]);
-                println!("timestamp  {} ms", answer["timestamp_ms"]);
+                outln!("height     {}", answer["height"])?;
+                outln!("hash       {}", text(&answer["hash"]))?;
+                outln!("prev       {}", text(&answer["prev_hash"]))?;
+                outln!("view       {}", answer["view"])?;
+                outln!("timestamp  {} ms", answer["timestamp_ms"])?;
                 let txs = answer["transactions"]
                     .as_array()
                     .cloned()
                     .unwrap_or_default();
-                println!("txs        {}", txs.len());
+                outln!("txs        {}", txs.len())?;
                 for tx in txs {
-                    println!(
+                    outln!(
                         "  {} client {}… seq {}",
                         text(&tx["hash"]),
                         &text(&tx["client"])[..8.min(text(&tx["client"]).len())],
                         tx["seq"]
-                    );
+                    )?;
                 }
                 let signers = answer["certificate"]["signers"]
                     .as_array()
                     .map(Vec::len)
                     .unwrap_or(0);
-                println!("certified  by {signers} commit signatures");
+                outln!("certified  by {signers} commit signatures")?;
             }
-            LedgerCommand::Verify if ok => println!(
+            LedgerCommand::Verify if ok => outln!(
                 "ledger verified: every block from genesis to height {} links and is certified",
                 answer["height"]
-            ),
-            LedgerCommand::Verify => println!("LEDGER DOES NOT VERIFY: {}", text(&answer["error"])),
+            )?,
+            LedgerCommand::Verify => outln!("LEDGER DOES NOT VERIFY: {}", text(&answer["error"]))?,
         }
     }
     if !ok {
@@ -219,7 +220,7 @@ pub enum LedgerCommand {
 pub fn msg_send(dir: &DataDir, to: &str, message: &str) -> Result<()> {
     let client = ApiClient::from_data_dir(dir)?.with_timeout(std::time::Duration::from_secs(60));
     let answer = client.post_json("/api/v1/msg", &json!({ "to": to, "text": message }))?;
-    println!("delivered to {}", text(&answer["to"]));
+    outln!("delivered to {}", text(&answer["to"]))?;
     Ok(())
 }
 
@@ -228,17 +229,17 @@ pub fn msg_inbox(dir: &DataDir, limit: usize, json_output: bool) -> Result<()> {
     let client = ApiClient::from_data_dir(dir)?;
     let answer = client.get_json(&format!("/api/v1/inbox?limit={limit}"))?;
     if json_output {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+        outln!("{}", serde_json::to_string_pretty(&answer)?)?;
         return Ok(());
     }
     for m in answer["messages"].as_array().cloned().unwrap_or_default() {
-        println!(
+        outln!(
             "#{} from {} at {} ms: {}",
             m["number"],
             text(&m["from_peer"]),
             m["received_unix_ms"],
             text(&m["text"])
-        );
+        )?;
     }
     Ok(())
 }

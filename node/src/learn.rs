@@ -31,6 +31,8 @@ use openagi_learning::simulate::{
 };
 use openagi_learning::train::{Compute, TrainConfig};
 
+use crate::outln;
+
 /// `openagi learn …`.
 #[derive(Args, Debug)]
 pub struct LearnArgs {
@@ -164,35 +166,35 @@ pub fn epsilon(args: &EpsilonArgs) -> Result<()> {
     let plan = format!("noise multiplier z = {z}, sample rate q = {q}, δ = {delta:e}");
     match (args.budget, args.rounds) {
         (Some(budget), _) => match rounds_within_budget(q, z, delta, budget)? {
-            None => println!("rounds within ε ≤ {budget}: more than {MAX_PLANNED_ROUNDS} ({plan})"),
+            None => outln!("rounds within ε ≤ {budget}: more than {MAX_PLANNED_ROUNDS} ({plan})")?,
             Some(0) => {
                 let one = spent(q, z, delta, 1)?;
-                println!(
+                outln!(
                     "rounds within ε ≤ {budget}: 0 (one round already costs ε = {:.2}; {plan})",
                     one.epsilon
-                );
+                )?;
             }
             Some(n) => {
                 let at = spent(q, z, delta, n)?;
                 let next = spent(q, z, delta, n + 1)?;
-                println!("rounds within ε ≤ {budget}: {n} ({plan})");
-                println!(
+                outln!("rounds within ε ≤ {budget}: {n} ({plan})")?;
+                outln!(
                     "  after {n}: ε = {:.2} (RDP order α = {}); after {}: ε = {:.2}",
                     at.epsilon,
                     fmt_order(at.order),
                     n + 1,
                     next.epsilon
-                );
+                )?;
             }
         },
         (None, Some(rounds)) => {
             let s = spent(q, z, delta, rounds)?;
-            println!(
+            outln!(
                 "ε = {:.2} at δ = {delta:e} after {rounds} rounds (RDP order α = {})",
                 s.epsilon,
                 fmt_order(s.order)
-            );
-            println!("  {plan}");
+            )?;
+            outln!("  {plan}")?;
         }
         // clap requires one of the two.
         (None, None) => bail!("give --rounds or --budget"),
@@ -768,7 +770,7 @@ pub fn simulate(args: &SimulateArgs) -> Result<()> {
     let params = config.architecture.param_count()?;
     let sim = Simulation::new(config, Compute::Cpu, &train, &test)?.with_clock(process_cpu_time);
     if !args.json {
-        println!(
+        outln!(
             "{} ({params} parameters) on {} train / {} test samples, {} clients, \
              participation {}, compression {}, aggregator {}{}",
             sim.config().architecture.name(),
@@ -782,24 +784,30 @@ pub fn simulate(args: &SimulateArgs) -> Result<()> {
                 Some(z) => format!(", DP z = {z} S = {} δ = {:e}", args.dp_clip, args.dp_delta),
                 None => String::new(),
             }
-        );
-        println!(
+        )?;
+        outln!(
             "{:>5} {:>8} {:>8} {:>8} {:>12} {:>9}",
-            "round", "accuracy", "loss", "ε", "upload B", "CPU ms"
-        );
+            "round",
+            "accuracy",
+            "loss",
+            "ε",
+            "upload B",
+            "CPU ms"
+        )?;
     }
     let wall = Instant::now();
     let mut upload_total = 0u64;
     let mut dense_total = 0u64;
     let mut cpu_total = Duration::ZERO;
+    let mut printed = Ok(());
     let summary = run_with_progress(sim, |r| {
         upload_total += r.upload_bytes;
         dense_total += r.dense_upload_bytes;
         cpu_total += r.cpu.map_or(Duration::ZERO, |c| c.total);
-        if args.json {
-            println!("{}", round_json(r));
+        let line = if args.json {
+            outln!("{}", round_json(r))
         } else {
-            println!(
+            outln!(
                 "{:>5} {:>8} {:>8} {:>8} {:>12} {:>9.0}",
                 r.round,
                 opt(r.evaluation.map(|e| e.accuracy), 4),
@@ -807,14 +815,22 @@ pub fn simulate(args: &SimulateArgs) -> Result<()> {
                 opt(r.epsilon, 2),
                 r.upload_bytes,
                 r.cpu.map_or(0.0, |c| ms(c.total)),
-            );
+            )
+        };
+        // Nobody reads the rounds any more (`| head`): stop training.
+        match line {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                printed = Err(e);
+                ControlFlow::Break(())
+            }
         }
-        ControlFlow::Continue(())
     })?;
+    printed?;
     let wall = wall.elapsed();
     let accuracy = summary.last_evaluation.map(|e| e.accuracy);
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"summary": {
                 "rounds": summary.rounds,
@@ -827,22 +843,22 @@ pub fn simulate(args: &SimulateArgs) -> Result<()> {
                 "wall_s": wall.as_secs_f64(),
                 "model_id": summary.model_id.to_hex(),
             }})
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "final accuracy {} loss {} after {} rounds ({})",
             opt(accuracy, 4),
             opt(summary.last_evaluation.map(|e| e.loss), 4),
             summary.rounds,
             stop_name(summary.stop)
-        );
-        println!(
+        )?;
+        outln!(
             "uploaded {upload_total} B (dense f32 updates: {dense_total} B), CPU {:.2} s, \
              wall {:.2} s, model {}",
             cpu_total.as_secs_f64(),
             wall.as_secs_f64(),
             summary.model_id
-        );
+        )?;
     }
     Ok(())
 }

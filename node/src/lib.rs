@@ -22,6 +22,7 @@ pub mod keys;
 pub mod learn;
 pub mod ledger;
 pub mod msg;
+pub mod output;
 pub mod passphrase;
 pub mod status;
 pub mod store;

@@ -10,8 +10,10 @@ use openagi_crypto::bench as bench_crypto;
 use openagi_node::config::{CliOverrides, InitTransport, LogFormat};
 use openagi_node::daemon::{self, RunOptions};
 use openagi_node::datadir::{DataDir, InitSettings};
+use openagi_node::output::OutputError;
 use openagi_node::passphrase::PassphraseSource;
 use openagi_node::{bench, cli_ledger, devnet, keys, status};
+use openagi_node::{out, outln};
 
 #[derive(Parser)]
 #[command(name = "openagi", version, about = "Open-AGI peer-to-peer node")]
@@ -314,6 +316,9 @@ fn main() -> ExitCode {
     }
     match dispatch(cli, started) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of a pipe stopped early (`openagi status | head`): it
+        // has what it wanted, so this is no failure worth a message.
+        Err(e) if OutputError::is_closed(e.as_ref()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -456,7 +461,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                 bench_crypto::Reference::default()
             };
             let rows = bench_crypto::run(&options, &reference)?;
-            print!("{}", bench_crypto::render(&rows, &options, &reference));
+            out!("{}", bench_crypto::render(&rows, &options, &reference))?;
             Ok(())
         }
         Command::Bench {
@@ -484,7 +489,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             match command {
                 KeysArgs::Show { json } => cli_ledger::keys_show(&dir, &passphrase, json),
                 KeysArgs::Sign { file } => {
-                    println!("{}", keys::sign_file(&dir, &passphrase, &file)?);
+                    outln!("{}", keys::sign_file(&dir, &passphrase, &file)?)?;
                     Ok(())
                 }
                 KeysArgs::Verify {
@@ -506,22 +511,22 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                 } => {
                     init_cli_logging()?;
                     let new = (!remove).then(|| PassphraseSource::replacement(new_passphrase_file));
-                    println!(
+                    outln!(
                         "{}",
                         keys::change_passphrase(&dir, &passphrase, new.as_ref())?
-                    );
+                    )?;
                     Ok(())
                 }
                 KeysArgs::Rotate => {
                     init_cli_logging()?;
                     let report = keys::rotate(&dir, &passphrase)?;
-                    println!("old key     {}", report.statement.old_key);
-                    println!("new key     {}", report.statement.new_key);
-                    println!("statement   {}", report.record_path.display());
-                    println!("old key in  {}", report.old_key_path.display());
-                    println!(
+                    outln!("old key     {}", report.statement.old_key)?;
+                    outln!("new key     {}", report.statement.new_key)?;
+                    outln!("statement   {}", report.record_path.display())?;
+                    outln!("old key in  {}", report.old_key_path.display())?;
+                    outln!(
                         "peers accept the new key only with this statement; a validator's genesis entry must be updated by the network"
-                    );
+                    )?;
                     Ok(())
                 }
             }

@@ -5,16 +5,17 @@ use serde_json::Value;
 
 use crate::client::ApiClient;
 use crate::datadir::DataDir;
+use crate::{out, outln};
 
 /// Prints the status of the daemon running on `dir`, as JSON or text.
 pub fn print_status(dir: &DataDir, json: bool) -> Result<()> {
     let client = ApiClient::from_data_dir(dir)?;
     let status = client.get_json("/api/v1/status")?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        outln!("{}", serde_json::to_string_pretty(&status)?)?;
         return Ok(());
     }
-    print!("{}", render(&status));
+    out!("{}", render(&status))?;
     Ok(())
 }
 

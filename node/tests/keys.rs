@@ -324,3 +324,33 @@ fn daemon_runs_on_an_encrypted_key_and_warns_on_a_plain_one() {
             .expect("peer id")
     );
 }
+
+#[test]
+fn a_closed_stdout_ends_keys_show_quietly() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("a");
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    init(&dir).expect("init");
+    for json in [false, true] {
+        // The reading end is closed before the child starts, so its first
+        // write meets a closed pipe, like `openagi keys show | head -0`.
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let mut args = vec!["keys", "show", "--data-dir", s(&dir)];
+        if json {
+            args.push("--json");
+        }
+        let output = Command::new(openagi_bin())
+            .args(&args)
+            .env_remove("OPENAGI_PASSPHRASE_FILE")
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("binary runs");
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.is_empty(), "nothing to say about a closed pipe: {err}");
+        assert!(output.status.success(), "{:?} {err}", output.status);
+    }
+}
