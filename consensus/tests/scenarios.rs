@@ -328,3 +328,40 @@ fn lagging_replica_refuses_forged_blocks_from_a_lying_peer() {
         "forged blocks refused"
     );
 }
+
+fn replica_zero(sim: &Sim) -> &openagi_consensus::Replica<openagi_consensus::signing::MemoSigner> {
+    sim.replica(0).expect("replica 0 is correct")
+}
+
+/// A replica cut off while the others commit sees, once it hears from them
+/// again, a reported height above its own until it has caught up; the
+/// node's readiness check reads exactly this.
+#[test]
+fn an_isolated_replica_knows_it_is_behind_until_it_catches_up() {
+    let mut sim = Sim::new(SimConfig::new(23, 4));
+    sim.schedule(500, Action::Partition(vec![0, 1, 1, 1]));
+    sim.schedule(4_000, Action::HealPartition);
+    ok(sim.run_until(4_000));
+    assert!(
+        sim.committed_height() > sim.height(0),
+        "the other three committed without it"
+    );
+    let mut seen_behind = false;
+    for step in 1..=200 {
+        ok(sim.run_until(4_000 + step * 50));
+        let r = replica_zero(&sim);
+        if r.reported_height() > r.height() {
+            seen_behind = true;
+            break;
+        }
+    }
+    assert!(seen_behind, "statuses from the others show it is behind");
+    ok(sim.heal_and_settle(10_000));
+    let r = replica_zero(&sim);
+    assert!(
+        r.reported_height() <= r.height(),
+        "caught up: reported {} at height {}",
+        r.reported_height(),
+        r.height()
+    );
+}

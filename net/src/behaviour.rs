@@ -39,8 +39,9 @@ pub struct NodeBehaviour {
     pub gossipsub: gossipsub::Behaviour,
     /// Direct requests between two nodes.
     pub rpc: request_response::cbor::Behaviour<RpcRequest, RpcResponse>,
-    /// Opaque messages to one peer (consensus traffic).
-    pub direct: request_response::Behaviour<crate::direct::DirectCodec>,
+    /// Opaque one-way messages to one peer (consensus traffic), as plain
+    /// streams so the sender is checked before anything is read.
+    pub direct: libp2p_stream::Behaviour,
     /// End-to-end encrypted messages: key bundles and ratchet messages.
     pub msg: request_response::Behaviour<crate::msg::MsgCodec>,
     /// Federated learning: model chunks and client updates.
@@ -113,16 +114,7 @@ impl NodeBehaviour {
                 .with_max_concurrent_streams(64),
         );
 
-        let direct = request_response::Behaviour::with_codec(
-            crate::direct::DirectCodec,
-            [(
-                crate::direct::DIRECT_PROTOCOL,
-                request_response::ProtocolSupport::Full,
-            )],
-            request_response::Config::default()
-                .with_request_timeout(Duration::from_secs(10))
-                .with_max_concurrent_streams(256),
-        );
+        let direct = libp2p_stream::Behaviour::new();
 
         let learn = request_response::Behaviour::with_codec(
             crate::msg::MsgCodec::learn(),

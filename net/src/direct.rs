@@ -1,26 +1,69 @@
-//! `/openagi/direct/1`: opaque messages sent straight to one peer.
+//! `/openagi/direct/2`: opaque one-way messages straight to one peer.
 //!
 //! Consensus traffic goes to the validators that need it, not flooded over
-//! gossip: each message is one request on a fresh stream, answered with an
-//! empty acknowledgement. The payload is whatever the caller encoded (the
-//! node puts PBFT messages here); this layer only bounds its size.
+//! gossip. A message is one stream: the sender writes it and closes, the
+//! end of the stream delimits it, nothing is answered. The payload is
+//! whatever the caller encoded (the node puts bundles of PBFT messages
+//! here); this layer decides who may send, how much and how many at once.
+//!
+//! Who may open a stream is checked when it opens, before a byte of it is
+//! read: only peers the node named with [`crate::NetHandle::allow_direct_from`]
+//! (the validators). Anyone else's stream is reset at once and counted, so
+//! a peer that merely speaks the network id cannot make a validator hold
+//! memory. An allowed peer may have [`MAX_INBOUND_STREAMS_PER_PEER`]
+//! streams in flight, each at most [`MAX_DIRECT_BYTES`] and
+//! [`DIRECT_READ_TIMEOUT`] long: at most 32 MiB per validator.
+//!
+//! Outbound, each destination has one writer task fed by a bounded queue,
+//! so messages to one peer leave in order and a slow peer delays only its
+//! own queue; a full queue drops the message (consensus retransmits).
 
+use std::collections::{HashMap, HashSet};
 use std::io;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use futures::prelude::*;
-use libp2p::StreamProtocol;
-use libp2p::request_response::Codec;
+use libp2p::{PeerId, StreamProtocol};
+use tokio::sync::mpsc;
+use tracing::debug;
 
-/// The protocol name.
-pub const DIRECT_PROTOCOL: StreamProtocol = StreamProtocol::new("/openagi/direct/1");
+use crate::metrics::{Direction, NetMetrics, ProtocolLabels, RefusalLabels};
+use crate::service::NetEvent;
+
+/// The protocol name. Version 2: one-way streams, no acknowledgement.
+pub const DIRECT_PROTOCOL: StreamProtocol = StreamProtocol::new("/openagi/direct/2");
 
 /// Largest direct message accepted, in bytes. A PBFT pre-prepare carries a
-/// whole batch, and a state-transfer reply several blocks.
+/// whole batch, a new view the prepared proofs of a window, and a
+/// state-transfer reply several blocks; the node splits its bundles at
+/// this size.
 pub const MAX_DIRECT_BYTES: usize = 16 * 1024 * 1024;
 
-/// Reads and writes length-delimited-by-stream-end byte messages.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DirectCodec;
+/// Streams one allowed peer may have open towards us at once. The node
+/// sends one bundle per peer per processing round, so two cover a bundle
+/// in flight while the next starts; more would only multiply the memory a
+/// faulty validator can pin.
+pub const MAX_INBOUND_STREAMS_PER_PEER: usize = 2;
+
+/// How long one inbound stream may take to deliver its message: a full
+/// 16 MiB bundle over Tor (about 1.5 MB/s measured) fits in it.
+pub const DIRECT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long writing one message to a peer may take.
+pub const DIRECT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Messages waiting per destination. Consensus sends at most one bundle
+/// per peer per processing round; this many cover a peer that is slow for
+/// a few seconds, and beyond it retransmission is cheaper than memory.
+pub const OUTBOUND_QUEUE_PER_PEER: usize = 64;
+
+/// Destinations with a writer at once; a writer idle for
+/// [`WRITER_IDLE`] ends, so this bounds tasks, not peers over time.
+pub const MAX_DESTINATIONS: usize = 256;
+
+/// How long an idle writer waits before it ends.
+pub const WRITER_IDLE: Duration = Duration::from_secs(60);
 
 /// Reads a whole stream of at most `limit` bytes.
 pub(crate) async fn read_bounded<T: AsyncRead + Unpin + Send>(
@@ -50,42 +93,230 @@ where
     io.close().await
 }
 
-impl Codec for DirectCodec {
-    type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
-    type Response = ();
+/// The peers allowed to open direct streams to this node.
+#[derive(Clone, Default)]
+pub(crate) struct DirectPeers {
+    allowed: Arc<RwLock<HashSet<PeerId>>>,
+}
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        read_bounded(io, MAX_DIRECT_BYTES).await
+impl DirectPeers {
+    pub(crate) fn set(&self, peers: HashSet<PeerId>) {
+        match self.allowed.write() {
+            Ok(mut guard) => *guard = peers,
+            Err(poisoned) => *poisoned.into_inner() = peers,
+        }
     }
 
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<()>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        read_bounded(io, 0).await.map(|_| ())
+    fn allows(&self, peer: &PeerId) -> bool {
+        match self.allowed.read() {
+            Ok(guard) => guard.contains(peer),
+            Err(poisoned) => poisoned.into_inner().contains(peer),
+        }
+    }
+}
+
+/// Streams in flight per peer; a slot is given back when its guard drops.
+#[derive(Clone, Default)]
+struct InFlight(Arc<Mutex<HashMap<PeerId, usize>>>);
+
+struct Slot {
+    in_flight: InFlight,
+    peer: PeerId,
+}
+
+impl InFlight {
+    fn take(&self, peer: PeerId) -> Option<Slot> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = map.entry(peer).or_insert(0);
+        if *count >= MAX_INBOUND_STREAMS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(Slot {
+            in_flight: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = self.in_flight.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = map.get_mut(&self.peer) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                map.remove(&self.peer);
+            }
+        }
+    }
+}
+
+fn refuse(metrics: &NetMetrics, reason: &'static str) {
+    metrics
+        .inbound_refused
+        .get_or_create(&RefusalLabels {
+            protocol: "direct",
+            reason,
+        })
+        .inc();
+}
+
+/// Accepts inbound direct streams until `incoming` ends: refuses those of
+/// peers not allowed and those beyond a peer's concurrency at once, reads
+/// the rest within the size and time limits and hands each message to the
+/// node as [`NetEvent::Direct`].
+pub(crate) async fn serve_inbound(
+    mut incoming: libp2p_stream::IncomingStreams,
+    allowed: DirectPeers,
+    events: mpsc::Sender<NetEvent>,
+    metrics: NetMetrics,
+) {
+    let in_flight = InFlight::default();
+    while let Some((peer, mut stream)) = incoming.next().await {
+        if !allowed.allows(&peer) {
+            // Dropping the stream resets it: nothing of it is read.
+            refuse(&metrics, "not_a_validator");
+            debug!(%peer, "direct stream from a peer that is not allowed refused");
+            continue;
+        }
+        let Some(slot) = in_flight.take(peer) else {
+            refuse(&metrics, "too_many_streams");
+            debug!(%peer, "direct stream beyond the peer's concurrency refused");
+            continue;
+        };
+        let events = events.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let read = tokio::time::timeout(
+                DIRECT_READ_TIMEOUT,
+                read_bounded(&mut stream, MAX_DIRECT_BYTES),
+            )
+            .await;
+            let data = match read {
+                Ok(Ok(data)) => data,
+                Ok(Err(e)) => {
+                    let reason = if e.kind() == io::ErrorKind::InvalidData {
+                        "too_large"
+                    } else {
+                        "stream_error"
+                    };
+                    refuse(&metrics, reason);
+                    debug!(%peer, error = %e, "direct message not received");
+                    return;
+                }
+                Err(_) => {
+                    refuse(&metrics, "timeout");
+                    debug!(%peer, "direct message not received in time");
+                    return;
+                }
+            };
+            metrics
+                .payload_bytes
+                .get_or_create(&ProtocolLabels {
+                    protocol: "direct",
+                    direction: Direction::Inbound,
+                })
+                .inc_by(data.len() as u64);
+            if events
+                .try_send(NetEvent::Direct { from: peer, data })
+                .is_err()
+            {
+                metrics.events_dropped.inc();
+            }
+        });
+    }
+}
+
+/// Sends direct messages through one ordered writer per destination.
+#[derive(Clone)]
+pub(crate) struct DirectSender {
+    control: libp2p_stream::Control,
+    queues: Arc<Mutex<HashMap<PeerId, mpsc::Sender<Vec<u8>>>>>,
+    metrics: NetMetrics,
+}
+
+impl DirectSender {
+    pub(crate) fn new(control: libp2p_stream::Control, metrics: NetMetrics) -> Self {
+        Self {
+            control,
+            queues: Arc::default(),
+            metrics,
+        }
     }
 
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Vec<u8>,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        write_and_close(io, &req).await
+    /// Queues `data` for `peer`; a message that finds the peer's queue
+    /// full (or no writer slot free) is dropped and counted.
+    pub(crate) fn send(&self, peer: PeerId, data: Vec<u8>) {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let data = match queues.get(&peer) {
+            Some(queue) => match queue.try_send(data) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.metrics.direct_failures.inc();
+                    debug!(%peer, "direct queue full; message dropped");
+                    return;
+                }
+                // The writer ended (idle): start a new one.
+                Err(mpsc::error::TrySendError::Closed(data)) => data,
+            },
+            None => data,
+        };
+        queues.retain(|_, q| !q.is_closed());
+        if queues.len() >= MAX_DESTINATIONS {
+            self.metrics.direct_failures.inc();
+            debug!(%peer, "too many direct destinations; message dropped");
+            return;
+        }
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE_PER_PEER);
+        // Cannot fail: the queue is new and empty.
+        let _ = tx.try_send(data);
+        queues.insert(peer, tx);
+        tokio::spawn(write_to_peer(
+            self.control.clone(),
+            peer,
+            rx,
+            self.metrics.clone(),
+        ));
     }
+}
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, _: ()) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        io.close().await
+/// Writes `peer`'s messages in order, one stream each, until the queue
+/// has been idle for [`WRITER_IDLE`].
+async fn write_to_peer(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    mut queue: mpsc::Receiver<Vec<u8>>,
+    metrics: NetMetrics,
+) {
+    while let Ok(Some(data)) = tokio::time::timeout(WRITER_IDLE, queue.recv()).await {
+        let sent = tokio::time::timeout(DIRECT_WRITE_TIMEOUT, async {
+            let mut stream = control
+                .open_stream(peer, DIRECT_PROTOCOL)
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            write_and_close(&mut stream, &data).await
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => {
+                metrics
+                    .payload_bytes
+                    .get_or_create(&ProtocolLabels {
+                        protocol: "direct",
+                        direction: Direction::Outbound,
+                    })
+                    .inc_by(data.len() as u64);
+            }
+            Ok(Err(e)) => {
+                metrics.direct_failures.inc();
+                debug!(%peer, error = %e, "direct message not delivered");
+            }
+            Err(_) => {
+                metrics.direct_failures.inc();
+                debug!(%peer, "direct message not delivered in time");
+            }
+        }
     }
 }
 
@@ -104,5 +335,31 @@ mod tests {
             let mut big = futures::io::Cursor::new(vec![7u8; 11]);
             assert!(read_bounded(&mut big, 10).await.is_err());
         });
+    }
+
+    #[test]
+    fn a_peer_gets_at_most_its_stream_slots_and_they_come_back() {
+        let in_flight = InFlight::default();
+        let peer = PeerId::random();
+        let slots: Vec<Slot> = (0..MAX_INBOUND_STREAMS_PER_PEER)
+            .map(|_| in_flight.take(peer).expect("slot"))
+            .collect();
+        assert!(in_flight.take(peer).is_none(), "beyond the limit");
+        assert!(
+            in_flight.take(PeerId::random()).is_some(),
+            "others unaffected"
+        );
+        drop(slots);
+        assert!(in_flight.take(peer).is_some(), "slots come back");
+    }
+
+    #[test]
+    fn only_named_peers_are_allowed() {
+        let allowed = DirectPeers::default();
+        let validator = PeerId::random();
+        assert!(!allowed.allows(&validator), "nobody by default");
+        allowed.set([validator].into_iter().collect());
+        assert!(allowed.allows(&validator));
+        assert!(!allowed.allows(&PeerId::random()));
     }
 }

@@ -30,7 +30,10 @@ mod wire;
 pub use backoff::Backoff;
 pub use behaviour::{NodeBehaviour, NodeBehaviourEvent};
 pub use config::{ConnectionLimitsConfig, NetConfig, TransportMode};
-pub use direct::{DIRECT_PROTOCOL, MAX_DIRECT_BYTES};
+pub use direct::{
+    DIRECT_PROTOCOL, DIRECT_READ_TIMEOUT, MAX_DIRECT_BYTES, MAX_INBOUND_STREAMS_PER_PEER,
+    OUTBOUND_QUEUE_PER_PEER,
+};
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
 pub use metrics::NetMetrics;
 pub use msg::{

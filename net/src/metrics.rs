@@ -100,6 +100,16 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Labels: protocol and the reason an inbound stream or message was
+/// refused, both from fixed sets.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// The protocol.
+    pub protocol: &'static str,
+    /// Why it was refused.
+    pub reason: &'static str,
+}
+
 /// The network layer's own metrics.
 #[derive(Debug, Clone, Default)]
 pub struct NetMetrics {
@@ -121,6 +131,8 @@ pub struct NetMetrics {
     pub events_dropped: Counter,
     /// Direct messages that could not be delivered.
     pub direct_failures: Counter,
+    /// Inbound streams and messages refused, by protocol and reason.
+    pub inbound_refused: Family<RefusalLabels, Counter>,
 }
 
 impl NetMetrics {
@@ -172,6 +184,11 @@ impl NetMetrics {
             "direct_send_failures",
             "Direct messages that could not be delivered (peer unreachable, timeout)",
             m.direct_failures.clone(),
+        );
+        registry.register(
+            "p2p_inbound_refused",
+            "Inbound streams and messages refused before use, by protocol and reason (not allowed, too many, too large, malformed, timeout)",
+            m.inbound_refused.clone(),
         );
         m
     }

@@ -183,10 +183,6 @@ enum Command {
     Dial {
         addr: Multiaddr,
     },
-    SendDirect {
-        peer: PeerId,
-        data: Vec<u8>,
-    },
     MsgRequest {
         protocol: AppProtocol,
         peer: PeerId,
@@ -206,6 +202,8 @@ enum Command {
 #[derive(Clone)]
 pub struct NetHandle {
     commands: mpsc::Sender<Command>,
+    direct: crate::direct::DirectSender,
+    direct_peers: crate::direct::DirectPeers,
     snapshot: Arc<RwLock<NetSnapshot>>,
     local_peer_id: PeerId,
     tor: Option<crate::tor::TorState>,
@@ -256,10 +254,31 @@ impl NetHandle {
             .await
     }
 
-    /// Sends `data` to `peer` on the direct protocol, dialling it if
-    /// needed.
+    /// Sends `data` (at most [`crate::MAX_DIRECT_BYTES`]) to `peer` on the
+    /// direct protocol, dialling it if needed. Returns once the message is
+    /// queued behind the peer's earlier ones; a message that finds the
+    /// peer's queue full is dropped and counted
+    /// (`openagi_direct_send_failures_total`).
     pub async fn send_direct(&self, peer: PeerId, data: Vec<u8>) -> Result<(), Error> {
-        self.command(Command::SendDirect { peer, data }).await
+        if data.len() > crate::MAX_DIRECT_BYTES {
+            return Err(Error::Setup(format!(
+                "direct message of {} bytes exceeds {}",
+                data.len(),
+                crate::MAX_DIRECT_BYTES
+            )));
+        }
+        if self.commands.is_closed() {
+            return Err(Error::Stopped);
+        }
+        self.direct.send(peer, data);
+        Ok(())
+    }
+
+    /// Names the only peers whose direct streams are read (the
+    /// validators); anyone else's is refused when it opens. Replaces the
+    /// previous set; nobody is allowed until this is called.
+    pub fn allow_direct_from(&self, peers: impl IntoIterator<Item = PeerId>) {
+        self.direct_peers.set(peers.into_iter().collect());
     }
 
     /// Sends a msg-protocol request to `peer` (dialling it if needed) and
@@ -351,6 +370,18 @@ impl NetworkService {
         }));
         let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
         let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
+        let mut control = swarm.behaviour().direct.new_control();
+        let incoming = control
+            .accept(crate::direct::DIRECT_PROTOCOL)
+            .map_err(|e| Error::Setup(format!("direct protocol: {e}")))?;
+        let direct_peers = crate::direct::DirectPeers::default();
+        tokio::spawn(crate::direct::serve_inbound(
+            incoming,
+            direct_peers.clone(),
+            event_tx.clone(),
+            net_metrics.clone(),
+        ));
+        let direct = crate::direct::DirectSender::new(control, net_metrics.clone());
         let topics = Topic::ALL
             .iter()
             .map(|t| {
@@ -393,6 +424,8 @@ impl NetworkService {
         Ok((
             NetHandle {
                 commands: command_tx,
+                direct,
+                direct_peers,
                 snapshot,
                 local_peer_id,
                 tor,
@@ -457,10 +490,6 @@ impl NetTask {
                 command = commands.recv() => match command {
                     Some(Command::Publish { topic, data, reply }) => {
                         let _ = reply.send(self.publish(topic, data));
-                    }
-                    Some(Command::SendDirect { peer, data }) => {
-                        self.count_payload("direct", Direction::Outbound, data.len());
-                        self.swarm.behaviour_mut().direct.send_request(&peer, data);
                     }
                     Some(Command::MsgRequest { protocol, peer, data, reply }) => {
                         self.msg_request(protocol, peer, data, reply)
@@ -806,7 +835,7 @@ impl NetTask {
                 }
             }
             NodeBehaviourEvent::Rpc(event) => self.on_rpc(event),
-            NodeBehaviourEvent::Direct(event) => self.on_direct(event),
+            NodeBehaviourEvent::Direct(()) => {}
             NodeBehaviourEvent::Msg(event) => self.on_msg(AppProtocol::Msg, event),
             NodeBehaviourEvent::Learn(event) => self.on_msg(AppProtocol::Learn, event),
             NodeBehaviourEvent::Limits(never) => match never {},
@@ -1065,39 +1094,6 @@ impl NetTask {
                 debug!(%peer, %error, "msg request not answered");
             }
             Event::ResponseSent { .. } => {}
-        }
-    }
-
-    fn on_direct(&mut self, event: request_response::Event<Vec<u8>, ()>) {
-        use request_response::{Event, Message};
-        match event {
-            Event::Message {
-                peer,
-                message:
-                    Message::Request {
-                        request, channel, ..
-                    },
-                ..
-            } => {
-                self.count_payload("direct", Direction::Inbound, request.len());
-                let _ = self.swarm.behaviour_mut().direct.send_response(channel, ());
-                self.emit(NetEvent::Direct {
-                    from: peer,
-                    data: request,
-                });
-            }
-            Event::Message {
-                message: Message::Response { .. },
-                ..
-            }
-            | Event::ResponseSent { .. } => {}
-            Event::OutboundFailure { peer, error, .. } => {
-                debug!(%peer, %error, "direct message not delivered");
-                self.net_metrics.direct_failures.inc();
-            }
-            Event::InboundFailure { peer, error, .. } => {
-                debug!(%peer, %error, "direct message not received");
-            }
         }
     }
 

@@ -1,7 +1,9 @@
-//! The local HTTP server: `/health`, `/metrics` and the authenticated
-//! operator API under `/api/v1`.
+//! The local HTTP server: `/health`, `/ready`, `/metrics` and the
+//! authenticated operator API under `/api/v1`.
 //!
-//! `/health` and `/metrics` are open so that load balancers and Prometheus
+//! `/health` (liveness: the process answers) and `/ready` (readiness: it
+//! has peers, its transport is up and its ledger has caught up) and
+//! `/metrics` are open so that supervisors, load balancers and Prometheus
 //! need no secret; everything under `/api/v1` needs
 //! `Authorization: Bearer <token>` with the token from the data
 //! directory's `api.token`. The server binds to loopback by default.
@@ -55,6 +57,9 @@ pub struct ApiState {
     pub messenger: Arc<crate::msg::Messenger>,
     /// Federated learning.
     pub learner: Arc<crate::federation::Learner>,
+    /// Whether `network.listen` names any address: a node configured to
+    /// only dial out is not expected to listen.
+    pub listen_configured: bool,
 }
 
 /// The `/api/v1/status` document. Sections are stable: later parts add
@@ -144,6 +149,59 @@ impl ApiState {
     }
 }
 
+/// Onion service states (as in the Tor status) in which peers can reach
+/// this node: `degradedreachable` is arti's "some introduction points
+/// failed, the service still answers".
+const ONION_UP: &[&str] = &["running", "degradedreachable"];
+
+impl ApiState {
+    /// Why this node is not ready to serve (empty when it is): `/ready`.
+    ///
+    /// Ready means: at least one connected peer; the transport up (Tor
+    /// bootstrapped and the onion service reachable in the Tor modes, a
+    /// bound listen address in direct mode); and, on a validator, not
+    /// recovering lost consensus state nor behind the height `f + 1` other
+    /// validators report. A node with no peers (none configured, none
+    /// found) is not ready: it cannot reach the network it serves.
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if self.draining.load(Ordering::Relaxed) {
+            reasons.push("draining".to_string());
+        }
+        let snapshot = self.net.snapshot();
+        if snapshot.peers.is_empty() {
+            reasons.push("no peers".to_string());
+        }
+        match self.net.tor_status() {
+            Some(tor) if !tor.bootstrapped => {
+                reasons.push(format!("tor not bootstrapped ({}%)", tor.bootstrap_percent))
+            }
+            Some(tor) if !ONION_UP.contains(&tor.onion_service.as_str()) => {
+                reasons.push(format!("onion service {}", tor.onion_service))
+            }
+            Some(_) => {}
+            None => {
+                if self.listen_configured && snapshot.listen_addrs.is_empty() {
+                    reasons.push("not listening".to_string());
+                }
+            }
+        }
+        if let Some(consensus) = &self.consensus {
+            let status = consensus.status();
+            if status.recovery.is_some() {
+                reasons.push("consensus recovering lost state".to_string());
+            }
+            if status.height < status.peers_height {
+                reasons.push(format!(
+                    "ledger behind: height {} of {} reported by validators",
+                    status.height, status.peers_height
+                ));
+            }
+        }
+        reasons
+    }
+}
+
 /// Builds the router.
 pub fn router(state: Arc<ApiState>) -> Router {
     let authenticated = Router::new()
@@ -166,6 +224,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .nest("/api/v1", authenticated)
         .with_state(state)
@@ -180,6 +239,19 @@ async fn health(State(state): State<Arc<ApiState>>) -> Response {
             .into_response()
     } else {
         Json(serde_json::json!({"status": "ok"})).into_response()
+    }
+}
+
+async fn ready(State(state): State<Arc<ApiState>>) -> Response {
+    let reasons = state.not_ready_reasons();
+    if reasons.is_empty() {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "not ready", "reasons": reasons})),
+        )
+            .into_response()
     }
 }
 

@@ -163,8 +163,8 @@ impl Default for TorSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSection {
-    /// Address of the HTTP server. Keep it on loopback: `/metrics` and
-    /// `/health` need no token.
+    /// Address of the HTTP server. Keep it on loopback: `/metrics`,
+    /// `/health` and `/ready` need no token.
     pub listen: SocketAddr,
 }
 
@@ -1149,8 +1149,8 @@ transport = "{transport}"
 # shard = ""
 
 [api]
-# Local HTTP server: /health and /metrics (no token) and /api/v1 (bearer
-# token from the data directory's api.token). Keep it on loopback.
+# Local HTTP server: /health, /ready and /metrics (no token) and /api/v1
+# (bearer token from the data directory's api.token). Keep it on loopback.
 # listen = "{api}"
 
 [log]

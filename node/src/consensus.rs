@@ -175,7 +175,7 @@ impl Outgoing {
     }
 }
 
-/// Version byte of a bundle on `/openagi/direct/1`.
+/// Version byte of a bundle on `/openagi/direct/2`.
 const BUNDLE_VERSION: u8 = 1;
 /// Bytes of framing per message in a bundle (a little-endian length).
 const BUNDLE_FRAME: usize = 4;
@@ -641,6 +641,10 @@ pub fn start(
         "consensus replica ready"
     );
     let peers: Vec<Option<PeerId>> = validators.members().iter().map(peer_id_of).collect();
+    // Only validators' direct streams are read at all: anyone else's is
+    // refused when it opens, before it can make this node hold memory.
+    let me_peer = net.local_peer_id();
+    net.allow_direct_from(peers.iter().flatten().copied().filter(|p| *p != me_peer));
     let metrics = ConsensusMetrics::register(registry);
     let status = Arc::new(RwLock::new(ConsensusStatus::default()));
     let (commits, _) = broadcast::channel(COMMIT_NOTICES);

@@ -201,6 +201,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         api_addr: api_addr.to_string(),
         messenger: messenger.clone(),
         learner: learner.clone(),
+        listen_configured: !config.network.listen.is_empty(),
     });
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(

@@ -266,6 +266,37 @@ fn api_refuses_missing_or_wrong_token() {
 }
 
 #[test]
+fn ready_waits_for_a_peer_while_health_answers_at_once() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let a =
+        Daemon::start(&fresh_node(root.path(), "a"), &DaemonOptions::default()).expect("starts");
+    assert_eq!(a.get("/health", None).expect("answers").0, 200);
+    // Alone, listening, no consensus: the only thing missing is a peer.
+    let (code, body) = a.get("/ready", None).expect("answers");
+    assert_eq!(code, 503, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(doc["status"], "not ready", "{body}");
+    assert_eq!(doc["reasons"], serde_json::json!(["no peers"]), "{body}");
+
+    let boot = DaemonOptions {
+        bootstrap: vec![a.multiaddr().expect("addr")],
+        ..Default::default()
+    };
+    let b = Daemon::start(&fresh_node(root.path(), "b"), &boot).expect("b starts");
+    for node in [&a, &b] {
+        let body = wait_for("ready", Duration::from_secs(20), || {
+            node.get("/ready", None)
+                .ok()
+                .filter(|(code, _)| *code == 200)
+                .map(|(_, body)| body)
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
+        let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(doc, serde_json::json!({"status": "ready"}));
+    }
+}
+
+#[test]
 fn metrics_are_valid_prometheus_text() {
     let root = tempfile::tempdir().expect("tempdir");
     let a =
