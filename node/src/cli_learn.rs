@@ -32,7 +32,8 @@ pub struct StatusArgs {
 /// Arguments of `openagi learn export`.
 #[derive(Args, Debug, Clone)]
 pub struct ExportArgs {
-    /// The job id (from `learn submit` or `learn status`).
+    /// The job id, or any start of it that names one job (`learn status`
+    /// prints the first 12 digits).
     #[arg(long)]
     pub job: String,
     /// The round whose resulting model to export (0: the initial model);
@@ -160,10 +161,83 @@ impl JobSummary {
     }
 }
 
+/// A job id prefix that names no job, or more than one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobPrefixError {
+    /// Not hex digits (or nothing at all).
+    #[error("{0:?} is not a job id or the start of one (hex digits)")]
+    NotHex(String),
+    /// No job id starts with it.
+    #[error("no job starts with {0} on this node's ledger (see `openagi learn status`)")]
+    NoMatch(String),
+    /// Several job ids start with it.
+    #[error("{prefix} is ambiguous: {count} jobs start with it ({examples}); give more digits")]
+    Ambiguous {
+        /// The prefix as given.
+        prefix: String,
+        /// How many jobs it matches.
+        count: usize,
+        /// A few of them, shortened.
+        examples: String,
+    },
+}
+
+/// The one id among `ids` that starts with `prefix`: a whole id or the
+/// shortened one `learn status` prints. Case and surrounding space do
+/// not matter, since people copy ids from terminals and web pages.
+pub fn resolve_job_prefix<'a>(
+    prefix: &str,
+    ids: impl IntoIterator<Item = &'a str>,
+) -> Result<&'a str, JobPrefixError> {
+    let wanted = prefix.trim().to_ascii_lowercase();
+    if wanted.is_empty() || !wanted.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(JobPrefixError::NotHex(prefix.to_string()));
+    }
+    let matches: Vec<&str> = ids
+        .into_iter()
+        .filter(|id| id.to_ascii_lowercase().starts_with(&wanted))
+        .collect();
+    match matches.as_slice() {
+        [] => Err(JobPrefixError::NoMatch(wanted)),
+        [one] => Ok(one),
+        many => {
+            // Enough digits to tell the candidates apart, a few of them.
+            let shown: Vec<&str> = many
+                .iter()
+                .take(3)
+                .map(|id| id.get(..wanted.len() + 4).unwrap_or(id))
+                .collect();
+            let more = if many.len() > shown.len() {
+                ", …"
+            } else {
+                ""
+            };
+            Err(JobPrefixError::Ambiguous {
+                count: many.len(),
+                examples: format!("{}{more}", shown.join(", ")),
+                prefix: wanted,
+            })
+        }
+    }
+}
+
+/// The full id of the job `text` names: `text` itself when it is a whole
+/// id, otherwise the one job on the daemon's ledger that starts with it.
+fn full_job_id(client: &ApiClient, text: &str) -> Result<String> {
+    if openagi_learning::federation::JobId::from_hex(text).is_ok() {
+        return Ok(text.trim().to_ascii_lowercase());
+    }
+    let answer = client.get_json("/api/v1/learn/jobs")?;
+    let jobs = answer["jobs"].as_array().cloned().unwrap_or_default();
+    let ids = jobs.iter().filter_map(|j| j["job_id"].as_str());
+    Ok(resolve_job_prefix(text, ids)?.to_string())
+}
+
 /// `openagi learn export`.
 pub fn export(dir: &DataDir, args: &ExportArgs) -> Result<()> {
     let client = ApiClient::from_data_dir(dir)?.with_timeout(std::time::Duration::from_secs(120));
-    let mut path = format!("/api/v1/learn/jobs/{}/model", args.job.trim());
+    let job = full_job_id(&client, &args.job)?;
+    let mut path = format!("/api/v1/learn/jobs/{job}/model");
     if let Some(round) = args.round {
         path.push_str(&format!("?round={round}"));
     }
@@ -185,6 +259,46 @@ pub fn export(dir: &DataDir, args: &ExportArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_prefix_resolves_only_when_it_names_one_job() {
+        let a = "ab12cd34ef5600010000000000000000000000000000000000000000000000ff";
+        let b = "ab12cd34ef5600020000000000000000000000000000000000000000000000ff";
+        let c = "0f00000000000000000000000000000000000000000000000000000000000000";
+        let ids = [a, b, c];
+        assert_eq!(resolve_job_prefix("0f", ids), Ok(c));
+        assert_eq!(resolve_job_prefix(" 0F00 ", ids), Ok(c), "case, space");
+        assert_eq!(resolve_job_prefix(a, ids), Ok(a), "a whole id");
+        assert_eq!(
+            resolve_job_prefix(&a[..16], ids),
+            Ok(a),
+            "digits past the shared start"
+        );
+        assert_eq!(
+            resolve_job_prefix("ff", ids),
+            Err(JobPrefixError::NoMatch("ff".into()))
+        );
+        let ambiguous = resolve_job_prefix("ab12cd34ef56", ids).expect_err("two match");
+        assert!(
+            matches!(&ambiguous, JobPrefixError::Ambiguous { count: 2, .. }),
+            "{ambiguous:?}"
+        );
+        let message = ambiguous.to_string();
+        assert!(
+            message.contains("ab12cd34ef560001, ab12cd34ef560002") && message.contains("ambiguous")
+        );
+        for bad in ["", "  ", "xyz", "ab-12", "é"] {
+            assert_eq!(
+                resolve_job_prefix(bad, ids),
+                Err(JobPrefixError::NotHex(bad.into())),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            resolve_job_prefix("ab", []),
+            Err(JobPrefixError::NoMatch("ab".into()))
+        );
+    }
 
     const EXAMPLE: &str = include_str!("../../configs/digits-job.toml");
 
