@@ -86,6 +86,8 @@ fn unix_now() -> u64 {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(options: RunOptions, config: Config, started: Instant) -> Result<()> {
     let data_dir = DataDir::new(&options.data_dir);
+    // Before anything is created in it (the lock file included).
+    data_dir.check_private()?;
     let _lock = data_dir.lock()?;
     let identity = data_dir.identity(&options.passphrase)?;
     if !data_dir.key_format()?.encrypted() {

@@ -233,6 +233,44 @@ impl DataDir {
         Ok(report)
     }
 
+    /// Refuses a data directory or API token that the group or others can
+    /// reach (any of the mode bits `0o077`), naming the path, the mode found
+    /// and the `chmod` that fixes it. `init` creates both owner-only; a
+    /// looser mode means a copy, an archive or a hand-made directory
+    /// exposed the token (which controls the node) and, through the
+    /// directory, the database. The key file has the same check where it
+    /// is loaded.
+    pub fn check_private(&self) -> Result<()> {
+        let checks = [
+            (self.path.clone(), 0o700, "data directory"),
+            (self.file(TOKEN_FILE), 0o600, "API token"),
+        ];
+        for (path, wanted, what) in checks {
+            let meta = match fs::metadata(&path) {
+                Ok(meta) => meta,
+                // A missing token is reported where it is read.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && what == "API token" => {
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                    "no data directory at {}; run `openagi init --data-dir {}` first",
+                    path.display(),
+                    path.display()
+                ),
+                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            };
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                bail!(
+                    "{what} {} has mode {mode:04o}, open to group or others; it must be {wanted:04o}: run `chmod {wanted:o} {}`",
+                    path.display(),
+                    path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Takes the exclusive lock; fails at once if another daemon holds it.
     pub fn lock(&self) -> Result<DirLock> {
         let path = self.file(LOCK_FILE);

@@ -203,6 +203,62 @@ fn a_second_daemon_on_the_same_data_dir_is_refused() {
     );
 }
 
+/// Spawns `openagi run` on `dir` and waits for it to exit (killing it
+/// after `limit`); returns whether it exited, its status, and its log.
+fn run_until_exit(
+    dir: &std::path::Path,
+    limit: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    let mut child = Daemon::spawn(dir, &DaemonOptions::default()).expect("spawned");
+    let status = wait_for("exit", limit, || child.try_wait().ok().flatten()).ok();
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+    (status, log)
+}
+
+#[test]
+fn loose_permissions_on_the_data_dir_or_token_stop_start_up() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = fresh_node(root.path(), "a");
+    let chmod = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+
+    chmod(&dir, 0o755);
+    let (status, log) = run_until_exit(&dir, Duration::from_secs(10));
+    assert!(status.is_some_and(|s| !s.success()), "must refuse:\n{log}");
+    let shown = dir.display().to_string();
+    assert!(
+        log.contains(&format!("data directory {shown} has mode 0755"))
+            && log.contains(&format!("chmod 700 {shown}")),
+        "{log}"
+    );
+    assert!(
+        !dir.join("node.lock").exists(),
+        "nothing created before the check"
+    );
+
+    chmod(&dir, 0o700);
+    let token = dir.join("api.token");
+    chmod(&token, 0o644);
+    std::fs::remove_file(dir.join("daemon.log")).expect("clear log");
+    let (status, log) = run_until_exit(&dir, Duration::from_secs(10));
+    assert!(status.is_some_and(|s| !s.success()), "must refuse:\n{log}");
+    let shown = token.display().to_string();
+    assert!(
+        log.contains(&format!("API token {shown} has mode 0644"))
+            && log.contains(&format!("chmod 600 {shown}")),
+        "{log}"
+    );
+
+    chmod(&token, 0o600);
+    Daemon::start(&dir, &DaemonOptions::default()).expect("starts once fixed");
+}
+
 #[test]
 fn malformed_config_names_the_key_and_the_fix() {
     let root = tempfile::tempdir().expect("tempdir");
