@@ -233,13 +233,57 @@ pub fn msg_inbox(dir: &DataDir, limit: usize, json_output: bool) -> Result<()> {
         return Ok(());
     }
     for m in answer["messages"].as_array().cloned().unwrap_or_default() {
+        let received = m["received_unix_ms"]
+            .as_u64()
+            .map_or_else(|| text(&m["received_unix_ms"]), local_time);
         outln!(
-            "#{} from {} at {} ms: {}",
+            "#{} from {} at {received}: {}",
             m["number"],
             text(&m["from_peer"]),
-            m["received_unix_ms"],
             text(&m["text"])
         )?;
     }
     Ok(())
+}
+
+/// `unix_ms` as the local date and time with its offset from UTC, e.g.
+/// `2026-12-02 14:03:11 +01:00`. Where the local zone cannot be found
+/// (no TZ, no /etc/localtime) chrono uses UTC, which the `+00:00` shows.
+pub fn local_time(unix_ms: u64) -> String {
+    time_in(unix_ms, &chrono::Local)
+}
+
+/// `unix_ms` in `zone`, or the raw number (with its unit) when it is no
+/// representable time.
+fn time_in<Tz: chrono::TimeZone>(unix_ms: u64, zone: &Tz) -> String
+where
+    Tz::Offset: std::fmt::Display,
+{
+    i64::try_from(unix_ms)
+        .ok()
+        .and_then(|ms| zone.timestamp_millis_opt(ms).single())
+        .map_or_else(
+            || format!("{unix_ms} ms after 1970"),
+            |t| t.format("%Y-%m-%d %H:%M:%S %:z").to_string(),
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn received_times_read_as_dates_with_their_offset() {
+        let paris_winter = chrono::FixedOffset::east_opt(3600).expect("offset");
+        assert_eq!(
+            time_in(1_796_216_591_000, &paris_winter),
+            "2026-12-02 14:03:11 +01:00"
+        );
+        assert_eq!(time_in(0, &chrono::Utc), "1970-01-01 00:00:00 +00:00");
+        assert_eq!(
+            time_in(u64::MAX, &chrono::Utc),
+            format!("{} ms after 1970", u64::MAX)
+        );
+        assert!(local_time(0).starts_with("19"), "{}", local_time(0));
+    }
 }
