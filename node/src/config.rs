@@ -184,6 +184,13 @@ pub struct LogSection {
     pub format: LogFormat,
     /// Filter directives, e.g. `info` or `info,openagi_net=debug`.
     pub level: String,
+    /// Also write the log to this file (relative to the data directory);
+    /// empty: stderr only.
+    pub file: String,
+    /// Rotate the log file when a write would take it past this size.
+    pub max_file_bytes: u64,
+    /// Rotated log files kept (`FILE.1`, newest, to `FILE.<max_files>`).
+    pub max_files: u32,
 }
 
 impl Default for LogSection {
@@ -191,7 +198,19 @@ impl Default for LogSection {
         Self {
             format: LogFormat::Pretty,
             level: "info".into(),
+            file: String::new(),
+            max_file_bytes: 10 * 1024 * 1024,
+            max_files: 5,
         }
+    }
+}
+
+impl LogSection {
+    /// The log file, if one is configured: `file` as given when absolute,
+    /// else inside `data_dir`.
+    pub fn file_path(&self, data_dir: &Path) -> Option<PathBuf> {
+        let file = self.file.trim();
+        (!file.is_empty()).then(|| data_dir.join(file))
     }
 }
 
@@ -599,6 +618,8 @@ impl Config {
                 "consensus.blocks_in_memory",
                 u64::try_from(self.consensus.blocks_in_memory).unwrap_or(u64::MAX),
             ),
+            ("log.max_file_bytes", self.log.max_file_bytes),
+            ("log.max_files", u64::from(self.log.max_files)),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -620,6 +641,17 @@ impl Config {
                     format!("[consensus] settings cannot work: {e}"),
                 )
             })?;
+        let file = self.log.file.trim();
+        if file.ends_with('/') {
+            return Err(invalid(
+                origin("log.file"),
+                format!(
+                    "log.file = {:?} is a directory; name a file in it, e.g. \"{}/openagi.log\", or \"\" for stderr only",
+                    self.log.file,
+                    file.trim_end_matches('/')
+                ),
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             invalid(
                 origin("log.level"),
@@ -1159,6 +1191,15 @@ transport = "{transport}"
 # Filter directives: a level, or per-module levels such as
 # "info,openagi_net=debug".
 # level = "{level}"
+# Also write the log to this file (a relative path is inside the data
+# directory), in the same format, from the moment the daemon holds the
+# data directory. Empty: stderr only.
+# file = "{log_file}"
+# When a write would take the file past max_file_bytes it is renamed to
+# FILE.1 (FILE.1 to FILE.2, and so on); at most max_files old files are
+# kept, so the log takes at most (max_files + 1) * max_file_bytes.
+# max_file_bytes = {max_file_bytes}
+# max_files = {max_files}
 "#,
         shutdown = d.node.shutdown_timeout_secs,
         otk_rotation = d.node.one_time_key_rotation_secs,
@@ -1192,6 +1233,9 @@ transport = "{transport}"
         redial = d.network.redial_max_secs,
         api = d.api.listen,
         level = d.log.level,
+        log_file = d.log.file,
+        max_file_bytes = d.log.max_file_bytes,
+        max_files = d.log.max_files,
         max_batch_txs = d.consensus.max_batch_txs,
         max_batch_bytes = d.consensus.max_batch_bytes,
         max_batch_delay_ms = d.consensus.max_batch_delay_ms,
@@ -1377,6 +1421,47 @@ mod tests {
             &CliOverrides::default(),
         ));
         assert!(e.contains("node.shutdown_timeout_secs"), "{e}");
+        let e = error_text(load_text(
+            "[log]\nmax_file_bytes = 0\n",
+            &[],
+            &CliOverrides::default(),
+        ));
+        assert!(e.contains("log.max_file_bytes must be at least 1"), "{e}");
+        let e = error_text(load_text(
+            "",
+            &[("OPENAGI_LOG_MAX_FILES", "0")],
+            &CliOverrides::default(),
+        ));
+        assert!(
+            e.contains("OPENAGI_LOG_MAX_FILES") && e.contains("log.max_files"),
+            "{e}"
+        );
+        let e = error_text(load_text(
+            "[log]\nfile = \"logs/\"\n",
+            &[],
+            &CliOverrides::default(),
+        ));
+        assert!(
+            e.contains("log.file") && e.contains("logs/openagi.log"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_log_file_is_relative_to_the_data_dir() {
+        let mut log = LogSection::default();
+        let dir = Path::new("/var/lib/openagi");
+        assert_eq!(log.file_path(dir), None);
+        log.file = "logs/openagi.log".into();
+        assert_eq!(
+            log.file_path(dir),
+            Some(PathBuf::from("/var/lib/openagi/logs/openagi.log"))
+        );
+        log.file = "/var/log/openagi/node.log".into();
+        assert_eq!(
+            log.file_path(dir),
+            Some(PathBuf::from("/var/log/openagi/node.log"))
+        );
     }
 
     #[test]

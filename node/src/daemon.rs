@@ -64,17 +64,46 @@ pub fn load_config(options: &RunOptions) -> Result<Config> {
     )?)
 }
 
-/// Installs the global `tracing` subscriber.
+/// Installs the global `tracing` subscriber: stderr, and when `log.file`
+/// is set a second copy of each event for the log file, which
+/// [`crate::logfile::attach`] opens once the data directory is locked.
 pub fn init_logging(log: &LogSection) -> Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_new(&log.level)
         .with_context(|| format!("log.level = {:?}", log.level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let to_file = !log.file.trim().is_empty();
+    let registry = tracing_subscriber::registry().with(filter);
+    // Each format builds its own layers: their types depend on the format.
+    // No colour codes in the file, whatever stderr is.
     let installed = match log.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Json => {
+            let stderr = tracing_subscriber::fmt::layer()
+                .with_ansi(ansi)
+                .with_writer(std::io::stderr)
+                .json()
+                .flatten_event(true);
+            let file = to_file.then(|| {
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(crate::logfile::AttachedFile)
+                    .json()
+                    .flatten_event(true)
+            });
+            registry.with(stderr).with(file).try_init()
+        }
+        LogFormat::Pretty => {
+            let stderr = tracing_subscriber::fmt::layer()
+                .with_ansi(ansi)
+                .with_writer(std::io::stderr);
+            let file = to_file.then(|| {
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(crate::logfile::AttachedFile)
+            });
+            registry.with(stderr).with(file).try_init()
+        }
     };
     installed.map_err(|e| anyhow::anyhow!("installing logger: {e}"))
 }
@@ -89,6 +118,16 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     // Before anything is created in it (the lock file included).
     data_dir.check_private()?;
     let _lock = data_dir.lock()?;
+    if let Some(path) = config.log.file_path(data_dir.path()) {
+        crate::logfile::attach(&path, config.log.max_file_bytes, config.log.max_files)
+            .with_context(|| {
+                format!(
+                    "log.file = {:?}: give a file the daemon can create and write (relative paths are inside {}), or \"\" for stderr only",
+                    config.log.file,
+                    data_dir.path().display()
+                )
+            })?;
+    }
     let identity = data_dir.identity(&options.passphrase)?;
     if !data_dir.key_format()?.encrypted() {
         warn!(

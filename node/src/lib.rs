@@ -21,6 +21,7 @@ pub mod genesis;
 pub mod keys;
 pub mod learn;
 pub mod ledger;
+pub mod logfile;
 pub mod msg;
 pub mod output;
 pub mod passphrase;

@@ -260,6 +260,57 @@ fn loose_permissions_on_the_data_dir_or_token_stop_start_up() {
 }
 
 #[test]
+fn the_log_file_rotates_by_size() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = fresh_node(root.path(), "a");
+    let env = |k: &str, v: &str| (k.to_string(), v.to_string());
+    let options = DaemonOptions {
+        env: vec![
+            env("OPENAGI_LOG_FILE", "logs/node.log"),
+            env("OPENAGI_LOG_MAX_FILE_BYTES", "400"),
+            env("OPENAGI_LOG_MAX_FILES", "2"),
+        ],
+        ..Default::default()
+    };
+    let a = Daemon::start(&dir, &options).expect("starts");
+    let file = dir.join("logs/node.log");
+    let rotated = |n: u32| dir.join(format!("logs/node.log.{n}"));
+    // Start-up alone logs more than three files of this size.
+    wait_for("two rotations", Duration::from_secs(30), || {
+        let _ = a.status();
+        rotated(2).exists().then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", a.log()));
+    assert!(!rotated(3).exists(), "max_files = 2 keeps two old files");
+    for path in [rotated(1), rotated(2)] {
+        let text = std::fs::read_to_string(&path).expect("rotated file");
+        // Whole lines only, none split across files; a single event may
+        // exceed the limit alone.
+        assert!(text.ends_with('\n'), "{}: {text}", path.display());
+        assert!(
+            text.len() <= 400 || text.lines().count() == 1,
+            "{} holds {} bytes",
+            path.display(),
+            text.len()
+        );
+        assert!(!text.contains('\u{1b}'), "no colour codes in the file");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file)
+        .expect("log file")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    // The file gets what stderr gets.
+    let everything: String = [rotated(2), rotated(1), file]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect();
+    assert!(everything.contains("openagi"), "{everything}");
+}
+
+#[test]
 fn malformed_config_names_the_key_and_the_fix() {
     let root = tempfile::tempdir().expect("tempdir");
     let dir = fresh_node(root.path(), "a");
