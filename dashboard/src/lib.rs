@@ -27,9 +27,15 @@ pub enum Error {
     Encode(#[from] std::fmt::Error),
 }
 
+/// What the binary was built from: the labels of `openagi_build_info`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: String,
+pub struct BuildInfo {
+    /// The software version.
+    pub version: String,
+    /// The git commit it was built from (short hash, or "unknown").
+    pub git_commit: String,
+    /// The compiler, as `rustc --version` prints it (or "unknown").
+    pub rustc_version: String,
 }
 
 /// The node's metrics registry.
@@ -41,16 +47,12 @@ pub struct MetricsRegistry {
 }
 
 impl MetricsRegistry {
-    /// A registry with `openagi_build_info{version}` and
-    /// `openagi_process_uptime_seconds` already registered.
-    pub fn new(version: &str) -> Self {
+    /// A registry with `openagi_build_info{version,git_commit,rustc_version}`
+    /// and `openagi_process_uptime_seconds` already registered.
+    pub fn new(build: &BuildInfo) -> Self {
         let mut registry = Registry::with_prefix(NAMESPACE);
-        let build_info = Family::<BuildLabels, Gauge>::default();
-        build_info
-            .get_or_create(&BuildLabels {
-                version: version.to_string(),
-            })
-            .set(1);
+        let build_info = Family::<BuildInfo, Gauge>::default();
+        build_info.get_or_create(build).set(1);
         registry.register(
             "build_info",
             "Build information; the value is always 1",
@@ -146,7 +148,11 @@ mod tests {
 
     #[test]
     fn exports_namespaced_build_info_and_counters_with_total() {
-        let mut metrics = MetricsRegistry::new("1.2.3");
+        let mut metrics = MetricsRegistry::new(&BuildInfo {
+            version: "1.2.3".into(),
+            git_commit: "abc1234".into(),
+            rustc_version: "rustc 1.95.0 (0123456789 2026-01-01)".into(),
+        });
         let counter = Counter::<u64>::default();
         metrics
             .registry_mut()
@@ -154,7 +160,9 @@ mod tests {
         counter.inc_by(3);
         let text = metrics.encode().expect("encodes");
         assert!(
-            text.contains("openagi_build_info{version=\"1.2.3\"} 1"),
+            text.contains(
+                "openagi_build_info{version=\"1.2.3\",git_commit=\"abc1234\",rustc_version=\"rustc 1.95.0 (0123456789 2026-01-01)\"} 1"
+            ),
             "{text}"
         );
         assert!(text.contains("openagi_widgets_total 3"), "{text}");
@@ -182,7 +190,11 @@ mod tests {
 
     #[test]
     fn content_negotiation_follows_accept() {
-        let metrics = MetricsRegistry::new("1");
+        let metrics = MetricsRegistry::new(&BuildInfo {
+            version: "1".into(),
+            git_commit: "unknown".into(),
+            rustc_version: "unknown".into(),
+        });
         let (_, ct) = metrics
             .encode_for(Some(
                 "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",

@@ -29,6 +29,20 @@ use openagi_crypto::Identity;
 
 /// The software version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit the binary was built from (short hash), or "unknown"
+/// (see `build.rs`).
+pub const GIT_COMMIT: &str = env!("BUILD_GIT_COMMIT");
+/// The compiler that built the binary (`rustc --version`), or "unknown".
+pub const RUSTC_VERSION: &str = env!("BUILD_RUSTC_VERSION");
+
+/// What this binary was built from, as `openagi_build_info` labels it.
+pub fn build_info() -> openagi_dashboard::BuildInfo {
+    openagi_dashboard::BuildInfo {
+        version: VERSION.to_string(),
+        git_commit: GIT_COMMIT.to_string(),
+        rustc_version: RUSTC_VERSION.to_string(),
+    }
+}
 
 /// Kept in the data directory (beside the key, outside the database) once
 /// this node has run consensus, so that a lost or replaced database is
@@ -139,7 +153,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let store = Arc::new(Store::open(data_dir.path()).context("opening the database")?);
     let starts = store.record_start().context("recording start")?;
 
-    let mut metrics = MetricsRegistry::new(VERSION);
+    let mut metrics = MetricsRegistry::new(&build_info());
     // A setting the transport does not use would otherwise be dropped
     // without a word (e.g. network.listen in Tor mode).
     for ignored in config.ignored_settings() {

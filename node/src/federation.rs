@@ -175,6 +175,16 @@ struct OutcomeLabel {
     outcome: String,
 }
 
+/// The job a per-job learning series belongs to (its id in hex). Only
+/// unfinished jobs have series, and the ledger view tracks at most
+/// `MAX_JOBS` of those, so the number of series stays bounded.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabel {
+    job: String,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 #[derive(Clone)]
 struct LearnMetrics {
     rounds: Family<OutcomeLabel, Counter>,
@@ -183,9 +193,9 @@ struct LearnMetrics {
     stragglers: Counter,
     updates_sent: Counter,
     local_rounds_failed: Counter,
-    round: Gauge,
-    accuracy: Gauge<f64, std::sync::atomic::AtomicU64>,
-    epsilon: Gauge<f64, std::sync::atomic::AtomicU64>,
+    round: Family<JobLabel, Gauge>,
+    accuracy: Family<JobLabel, FloatGauge>,
+    epsilon: Family<JobLabel, FloatGauge>,
 }
 
 impl LearnMetrics {
@@ -197,9 +207,9 @@ impl LearnMetrics {
             stragglers: Counter::default(),
             updates_sent: Counter::default(),
             local_rounds_failed: Counter::default(),
-            round: Gauge::default(),
-            accuracy: Gauge::default(),
-            epsilon: Gauge::default(),
+            round: Family::default(),
+            accuracy: Family::default(),
+            epsilon: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("learn");
         r.register(
@@ -234,20 +244,55 @@ impl LearnMetrics {
         );
         r.register(
             "round",
-            "Latest finished round of the most recent job on the ledger",
+            "Latest finished round of each unfinished job on the ledger",
             m.round.clone(),
         );
         r.register(
             "accuracy_ratio",
-            "Test accuracy of the most recent job's latest model (0 to 1)",
+            "Test accuracy (0 to 1) of each unfinished job's latest model, when its coordinator evaluates",
             m.accuracy.clone(),
         );
         r.register(
             "epsilon",
-            "Privacy loss epsilon spent so far by the most recent DP job",
+            "Privacy loss epsilon spent so far by each unfinished job with differential privacy",
             m.epsilon.clone(),
         );
         m
+    }
+
+    /// Follows a committed round end: the job's gauges show it, and a
+    /// finished job's series go away. Accuracy and epsilon exist only when
+    /// the round has them: a job without DP has no epsilon series (0
+    /// would claim perfect privacy).
+    fn round_ended(&self, summary: &RoundSummary) {
+        let label = JobLabel {
+            job: summary.job.to_hex(),
+        };
+        if summary.finished {
+            self.round.remove(&label);
+            self.accuracy.remove(&label);
+            self.epsilon.remove(&label);
+            return;
+        }
+        self.round
+            .get_or_create(&label)
+            .set(i64::try_from(summary.round).unwrap_or(i64::MAX));
+        match summary.accuracy {
+            Some(a) => {
+                self.accuracy.get_or_create(&label).set(a);
+            }
+            None => {
+                self.accuracy.remove(&label);
+            }
+        }
+        match summary.epsilon {
+            Some(e) => {
+                self.epsilon.get_or_create(&label).set(e);
+            }
+            None => {
+                self.epsilon.remove(&label);
+            }
+        }
     }
 }
 
@@ -640,13 +685,7 @@ impl Learner {
                         s.feedback.remove(&job);
                         s.trained.retain(|(j, _)| *j != job);
                     }
-                    self.metrics.round.set(summary.round as i64);
-                    if let Some(a) = summary.accuracy {
-                        self.metrics.accuracy.set(a);
-                    }
-                    if let Some(e) = summary.epsilon {
-                        self.metrics.epsilon.set(e);
-                    }
+                    self.metrics.round_ended(summary);
                     if live {
                         info!(
                             job = %summary.job,
@@ -1212,4 +1251,71 @@ enum Action {
         spec: Box<JobSpec>,
         coordinator: PublicKey,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(job: u8, round: u64, epsilon: Option<f64>, finished: bool) -> RoundSummary {
+        RoundSummary {
+            job: JobId([job; 32]),
+            round,
+            model: ModelId([1; 32]),
+            parent: ModelId([0; 32]),
+            aggregated: true,
+            selected: 2,
+            responded: 2,
+            rejected: 0,
+            samples: 100,
+            epsilon,
+            accuracy: Some(0.5),
+            finished,
+        }
+    }
+
+    fn series(registry: &Registry, name: &str) -> Vec<String> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).expect("encodes");
+        // A family's series come in hash order.
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .map(String::from)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn job_gauges_exist_while_a_job_runs_and_epsilon_only_with_dp() {
+        let mut registry = Registry::with_prefix("openagi");
+        let metrics = LearnMetrics::register(&mut registry);
+        let plain = JobId([7; 32]).to_hex();
+        let private = JobId([8; 32]).to_hex();
+        metrics.round_ended(&summary(7, 1, None, false));
+        metrics.round_ended(&summary(8, 2, Some(1.5), false));
+        assert_eq!(
+            series(&registry, "openagi_learn_round{"),
+            vec![
+                format!("openagi_learn_round{{job=\"{plain}\"}} 1"),
+                format!("openagi_learn_round{{job=\"{private}\"}} 2"),
+            ]
+        );
+        // No epsilon series for the job without DP, not even 0.
+        assert_eq!(
+            series(&registry, "openagi_learn_epsilon{"),
+            vec![format!("openagi_learn_epsilon{{job=\"{private}\"}} 1.5")]
+        );
+        assert_eq!(series(&registry, "openagi_learn_accuracy_ratio{").len(), 2);
+
+        // A finished job's series go.
+        metrics.round_ended(&summary(8, 3, Some(2.0), true));
+        assert_eq!(
+            series(&registry, "openagi_learn_round{"),
+            vec![format!("openagi_learn_round{{job=\"{plain}\"}} 1")]
+        );
+        assert!(series(&registry, "openagi_learn_epsilon{").is_empty());
+        assert_eq!(series(&registry, "openagi_learn_accuracy_ratio{").len(), 1);
+    }
 }

@@ -14,6 +14,16 @@ fn fresh_node(root: &std::path::Path, name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// The value of label `name` in one exposition line.
+fn label(line: &str, name: &str) -> Option<String> {
+    // Preceded by `{` or `,`, so `version` does not match `rustc_version`.
+    let start = [format!("{{{name}=\""), format!(",{name}=\"")]
+        .iter()
+        .find_map(|key| line.find(key.as_str()).map(|i| i + key.len()))?;
+    let rest = line.get(start..)?;
+    Some(rest.get(..rest.find('"')?)?.to_string())
+}
+
 fn metric_value(metrics: &str, series: &str) -> Option<f64> {
     metrics.lines().find_map(|l| {
         l.strip_prefix(series)?
@@ -419,7 +429,45 @@ fn metrics_are_valid_prometheus_text() {
     .expect("connects");
     std::thread::sleep(Duration::from_secs(2));
     let metrics = b.metrics().expect("metrics");
-    assert!(metrics.contains("openagi_build_info{version="), "{metrics}");
+    let build_info = metrics
+        .lines()
+        .find(|l| l.starts_with("openagi_build_info{"))
+        .unwrap_or_else(|| panic!("no build info:\n{metrics}"));
+    let (version, git_commit, rustc_version) = (
+        label(build_info, "version"),
+        label(build_info, "git_commit"),
+        label(build_info, "rustc_version"),
+    );
+    assert_eq!(
+        version.as_deref(),
+        Some(env!("CARGO_PKG_VERSION")),
+        "{build_info}"
+    );
+    // A short hash from git, or "unknown" when built without git.
+    let git_commit = git_commit.unwrap_or_else(|| panic!("{build_info}"));
+    assert!(
+        git_commit == "unknown"
+            || (git_commit.len() >= 7 && git_commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{build_info}"
+    );
+    let rustc_version = rustc_version.unwrap_or_else(|| panic!("{build_info}"));
+    assert!(rustc_version.starts_with("rustc "), "{build_info}");
+    assert!(build_info.ends_with(" 1"), "{build_info}");
+    // Per-job learning gauges exist only for running jobs, and epsilon
+    // only for jobs with DP: with no job, none at all (never a 0).
+    for family in [
+        "openagi_learn_round",
+        "openagi_learn_accuracy_ratio",
+        "openagi_learn_epsilon",
+    ] {
+        assert!(
+            !metrics
+                .lines()
+                .any(|l| l.starts_with(&format!("{family} "))
+                    || l.starts_with(&format!("{family}{{"))),
+            "{family} without a job:\n{metrics}"
+        );
+    }
     for line in metrics
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
