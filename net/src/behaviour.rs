@@ -22,6 +22,9 @@ pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/openagi/rpc/1");
 /// Everything the node speaks, composed into one behaviour.
 #[derive(NetworkBehaviour)]
 pub struct NodeBehaviour {
+    /// Refuses a new inbound connection from an address that already has
+    /// a few in negotiation, so one host cannot hold every pending slot.
+    pub pending: crate::pending::PendingPerSource,
     /// Refuses connections beyond the configured counts. Listed first so it
     /// vetoes a connection before any other behaviour sets up state.
     pub limits: connection_limits::Behaviour,
@@ -140,6 +143,7 @@ impl NodeBehaviour {
         );
 
         Ok(Self {
+            pending: crate::pending::PendingPerSource::default(),
             direct,
             msg,
             learn,

@@ -10,13 +10,15 @@
 //! read: only peers the node named with [`crate::NetHandle::allow_direct_from`]
 //! (the validators). Anyone else's stream is reset at once and counted, so
 //! a peer that merely speaks the network id cannot make a validator hold
-//! memory. An allowed peer may have [`MAX_INBOUND_STREAMS_PER_PEER`]
-//! streams in flight, each at most [`MAX_DIRECT_BYTES`] and
-//! [`DIRECT_READ_TIMEOUT`] long: at most 32 MiB per validator.
+//! memory. An allowed peer's streams are read one at a time, each at most
+//! [`MAX_DIRECT_BYTES`] and [`DIRECT_READ_TIMEOUT`] long, with at most
+//! [`MAX_QUEUED_STREAMS_PER_PEER`] more waiting.
 //!
 //! Outbound, each destination has one writer task fed by a bounded queue,
-//! so messages to one peer leave in order and a slow peer delays only its
-//! own queue; a full queue drops the message (consensus retransmits).
+//! so messages to one peer are written one after another and a slow peer
+//! delays only its own queue; a full queue drops the message (consensus
+//! retransmits). The receiver reads a peer's streams in the order they
+//! were opened, so messages arrive in the order they were sent.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -40,11 +42,11 @@ pub const DIRECT_PROTOCOL: StreamProtocol = StreamProtocol::new("/openagi/direct
 /// this size.
 pub const MAX_DIRECT_BYTES: usize = 16 * 1024 * 1024;
 
-/// Streams one allowed peer may have open towards us at once. The node
-/// sends one bundle per peer per processing round, so two cover a bundle
-/// in flight while the next starts; more would only multiply the memory a
-/// faulty validator can pin.
-pub const MAX_INBOUND_STREAMS_PER_PEER: usize = 2;
+/// Streams one allowed peer may have waiting to be read. They are read
+/// one at a time, in order; an unread stream holds at most its
+/// multiplexer's receive window, so this bounds what a faulty validator
+/// can pin to one message being read plus this many windows.
+pub const MAX_QUEUED_STREAMS_PER_PEER: usize = 32;
 
 /// How long one inbound stream may take to deliver its message: a full
 /// 16 MiB bundle over Tor (about 1.5 MB/s measured) fits in it.
@@ -115,42 +117,6 @@ impl DirectPeers {
     }
 }
 
-/// Streams in flight per peer; a slot is given back when its guard drops.
-#[derive(Clone, Default)]
-struct InFlight(Arc<Mutex<HashMap<PeerId, usize>>>);
-
-struct Slot {
-    in_flight: InFlight,
-    peer: PeerId,
-}
-
-impl InFlight {
-    fn take(&self, peer: PeerId) -> Option<Slot> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let count = map.entry(peer).or_insert(0);
-        if *count >= MAX_INBOUND_STREAMS_PER_PEER {
-            return None;
-        }
-        *count += 1;
-        Some(Slot {
-            in_flight: self.clone(),
-            peer,
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut map = self.in_flight.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = map.get_mut(&self.peer) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                map.remove(&self.peer);
-            }
-        }
-    }
-}
-
 fn refuse(metrics: &NetMetrics, reason: &'static str) {
     metrics
         .inbound_refused
@@ -161,70 +127,95 @@ fn refuse(metrics: &NetMetrics, reason: &'static str) {
         .inc();
 }
 
-/// Accepts inbound direct streams until `incoming` ends: refuses those of
-/// peers not allowed and those beyond a peer's concurrency at once, reads
-/// the rest within the size and time limits and hands each message to the
-/// node as [`NetEvent::Direct`].
+/// Accepts inbound direct streams until `incoming` ends. A stream from a
+/// peer not allowed is reset at once; an allowed peer's streams queue for
+/// that peer's reader (at most [`MAX_QUEUED_STREAMS_PER_PEER`], beyond
+/// which they are reset), which reads them one at a time, in the order
+/// they were opened, within the size and time limits, and hands each
+/// message to the node as [`NetEvent::Direct`].
 pub(crate) async fn serve_inbound(
     mut incoming: libp2p_stream::IncomingStreams,
     allowed: DirectPeers,
     events: mpsc::Sender<NetEvent>,
     metrics: NetMetrics,
 ) {
-    let in_flight = InFlight::default();
-    while let Some((peer, mut stream)) = incoming.next().await {
+    let mut readers: HashMap<PeerId, mpsc::Sender<libp2p::Stream>> = HashMap::new();
+    while let Some((peer, stream)) = incoming.next().await {
         if !allowed.allows(&peer) {
             // Dropping the stream resets it: nothing of it is read.
             refuse(&metrics, "not_a_validator");
             debug!(%peer, "direct stream from a peer that is not allowed refused");
             continue;
         }
-        let Some(slot) = in_flight.take(peer) else {
-            refuse(&metrics, "too_many_streams");
-            debug!(%peer, "direct stream beyond the peer's concurrency refused");
-            continue;
+        let stream = match readers.get(&peer) {
+            Some(queue) => match queue.try_send(stream) {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    refuse(&metrics, "too_many_streams");
+                    debug!(%peer, "direct stream beyond the peer's queue refused");
+                    continue;
+                }
+                // The reader ended (idle): start a new one.
+                Err(mpsc::error::TrySendError::Closed(stream)) => stream,
+            },
+            None => stream,
         };
-        let events = events.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let read = tokio::time::timeout(
-                DIRECT_READ_TIMEOUT,
-                read_bounded(&mut stream, MAX_DIRECT_BYTES),
-            )
-            .await;
-            let data = match read {
-                Ok(Ok(data)) => data,
-                Ok(Err(e)) => {
-                    let reason = if e.kind() == io::ErrorKind::InvalidData {
-                        "too_large"
-                    } else {
-                        "stream_error"
-                    };
-                    refuse(&metrics, reason);
-                    debug!(%peer, error = %e, "direct message not received");
-                    return;
-                }
-                Err(_) => {
-                    refuse(&metrics, "timeout");
-                    debug!(%peer, "direct message not received in time");
-                    return;
-                }
-            };
-            metrics
-                .payload_bytes
-                .get_or_create(&ProtocolLabels {
-                    protocol: "direct",
-                    direction: Direction::Inbound,
-                })
-                .inc_by(data.len() as u64);
-            if events
-                .try_send(NetEvent::Direct { from: peer, data })
-                .is_err()
-            {
-                metrics.events_dropped.inc();
+        // Readers exist only for allowed peers (the validators), and end
+        // when idle, so the map stays as small as the validator set.
+        readers.retain(|_, q| !q.is_closed());
+        let (tx, rx) = mpsc::channel(MAX_QUEUED_STREAMS_PER_PEER);
+        // Cannot fail: the queue is new and empty.
+        let _ = tx.try_send(stream);
+        readers.insert(peer, tx);
+        tokio::spawn(read_from_peer(peer, rx, events.clone(), metrics.clone()));
+    }
+}
+
+/// Reads `peer`'s queued streams one at a time until the queue has been
+/// idle for [`WRITER_IDLE`].
+async fn read_from_peer(
+    peer: PeerId,
+    mut queue: mpsc::Receiver<libp2p::Stream>,
+    events: mpsc::Sender<NetEvent>,
+    metrics: NetMetrics,
+) {
+    while let Ok(Some(mut stream)) = tokio::time::timeout(WRITER_IDLE, queue.recv()).await {
+        let read = tokio::time::timeout(
+            DIRECT_READ_TIMEOUT,
+            read_bounded(&mut stream, MAX_DIRECT_BYTES),
+        )
+        .await;
+        let data = match read {
+            Ok(Ok(data)) => data,
+            Ok(Err(e)) => {
+                let reason = if e.kind() == io::ErrorKind::InvalidData {
+                    "too_large"
+                } else {
+                    "stream_error"
+                };
+                refuse(&metrics, reason);
+                debug!(%peer, error = %e, "direct message not received");
+                continue;
             }
-        });
+            Err(_) => {
+                refuse(&metrics, "timeout");
+                debug!(%peer, "direct message not received in time");
+                continue;
+            }
+        };
+        metrics
+            .payload_bytes
+            .get_or_create(&ProtocolLabels {
+                protocol: "direct",
+                direction: Direction::Inbound,
+            })
+            .inc_by(data.len() as u64);
+        if events
+            .try_send(NetEvent::Direct { from: peer, data })
+            .is_err()
+        {
+            metrics.events_dropped.inc();
+        }
     }
 }
 
@@ -335,22 +326,6 @@ mod tests {
             let mut big = futures::io::Cursor::new(vec![7u8; 11]);
             assert!(read_bounded(&mut big, 10).await.is_err());
         });
-    }
-
-    #[test]
-    fn a_peer_gets_at_most_its_stream_slots_and_they_come_back() {
-        let in_flight = InFlight::default();
-        let peer = PeerId::random();
-        let slots: Vec<Slot> = (0..MAX_INBOUND_STREAMS_PER_PEER)
-            .map(|_| in_flight.take(peer).expect("slot"))
-            .collect();
-        assert!(in_flight.take(peer).is_none(), "beyond the limit");
-        assert!(
-            in_flight.take(PeerId::random()).is_some(),
-            "others unaffected"
-        );
-        drop(slots);
-        assert!(in_flight.take(peer).is_some(), "slots come back");
     }
 
     #[test]

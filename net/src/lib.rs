@@ -22,6 +22,7 @@ mod config;
 mod direct;
 mod metrics;
 mod msg;
+mod pending;
 mod service;
 pub mod tor;
 mod transport;
@@ -31,7 +32,7 @@ pub use backoff::Backoff;
 pub use behaviour::{NodeBehaviour, NodeBehaviourEvent};
 pub use config::{ConnectionLimitsConfig, NetConfig, TransportMode};
 pub use direct::{
-    DIRECT_PROTOCOL, DIRECT_READ_TIMEOUT, MAX_DIRECT_BYTES, MAX_INBOUND_STREAMS_PER_PEER,
+    DIRECT_PROTOCOL, DIRECT_READ_TIMEOUT, MAX_DIRECT_BYTES, MAX_QUEUED_STREAMS_PER_PEER,
     OUTBOUND_QUEUE_PER_PEER,
 };
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
@@ -40,6 +41,7 @@ pub use msg::{
     LEARN_PROTOCOL, MAX_LEARN_REQUEST_BYTES, MAX_LEARN_RESPONSE_BYTES, MAX_MSG_REQUEST_BYTES,
     MAX_MSG_RESPONSE_BYTES, MSG_PROTOCOL,
 };
+pub use pending::MAX_PENDING_PER_SOURCE;
 pub use service::{
     AppProtocol, MsgReply, NetEvent, NetHandle, NetSnapshot, NetworkService, PeerSnapshot,
     ReceivedGossip,

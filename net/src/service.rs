@@ -731,6 +731,31 @@ impl NetTask {
                     }
                 }
             }
+            SwarmEvent::IncomingConnectionError { error, .. } => {
+                // Counted by cause so an operator sees a flood of refused
+                // or failed negotiations, not just its absence of peers.
+                let reason = match &error {
+                    libp2p::swarm::ListenError::Denied { cause } => {
+                        if cause
+                            .downcast_ref::<crate::pending::TooManyPending>()
+                            .is_some()
+                        {
+                            "too_many_pending_from_source"
+                        } else {
+                            "connection_limit"
+                        }
+                    }
+                    _ => "negotiation_failed",
+                };
+                self.net_metrics
+                    .inbound_refused
+                    .get_or_create(&crate::metrics::RefusalLabels {
+                        protocol: "connection",
+                        reason,
+                    })
+                    .inc();
+                debug!(%error, reason, "inbound connection not established");
+            }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             _ => {}
         }
@@ -840,6 +865,7 @@ impl NetTask {
             NodeBehaviourEvent::Learn(event) => self.on_msg(AppProtocol::Learn, event),
             NodeBehaviourEvent::Limits(never) => match never {},
             NodeBehaviourEvent::Memory(never) => match never {},
+            NodeBehaviourEvent::Pending(never) => match never {},
         }
     }
 

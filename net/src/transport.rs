@@ -19,6 +19,13 @@ use crate::tor::{self, TorMetrics, TorRuntime, TorState};
 use crate::{Error, NetConfig, TransportMode};
 
 /// The swarm and, in Tor modes, the running Tor back end.
+/// How long a direct (TCP/QUIC) connection may take from the first byte to
+/// an authenticated, multiplexed connection. On loopback and LANs this
+/// takes milliseconds; a peer that stalls the negotiation holds a pending
+/// slot for at most this long (libp2p's default is 10 s). The Tor
+/// transports keep the default: their dial includes building circuits.
+pub const DIRECT_UPGRADE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(crate) struct Built {
     pub swarm: Swarm<NodeBehaviour>,
     pub listen: Vec<Multiaddr>,
@@ -53,6 +60,7 @@ pub(crate) fn build_swarm(
             .with_behaviour(|_| behaviour)
             .map_err(|e| Error::Setup(format!("behaviour: {e}")))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .with_connection_timeout(DIRECT_UPGRADE_TIMEOUT)
             .build();
         return Ok(Built {
             swarm,
