@@ -30,7 +30,8 @@ use libp2p::{PeerId, StreamProtocol};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::metrics::{Direction, NetMetrics, ProtocolLabels, RefusalLabels};
+use crate::metrics::{Direction, NetMetrics, ProtocolLabels};
+use crate::score::Penalties;
 use crate::service::NetEvent;
 
 /// The protocol name. Version 2: one-way streams, no acknowledgement.
@@ -117,14 +118,9 @@ impl DirectPeers {
     }
 }
 
-fn refuse(metrics: &NetMetrics, reason: &'static str) {
-    metrics
-        .inbound_refused
-        .get_or_create(&RefusalLabels {
-            protocol: "direct",
-            reason,
-        })
-        .inc();
+/// Counts a refused direct stream and charges its sender.
+fn refuse(penalties: &Penalties, peer: PeerId, reason: &'static str) {
+    penalties.report(peer, "direct", reason);
 }
 
 /// Accepts inbound direct streams until `incoming` ends. A stream from a
@@ -138,12 +134,13 @@ pub(crate) async fn serve_inbound(
     allowed: DirectPeers,
     events: mpsc::Sender<NetEvent>,
     metrics: NetMetrics,
+    penalties: Penalties,
 ) {
     let mut readers: HashMap<PeerId, mpsc::Sender<libp2p::Stream>> = HashMap::new();
     while let Some((peer, stream)) = incoming.next().await {
         if !allowed.allows(&peer) {
             // Dropping the stream resets it: nothing of it is read.
-            refuse(&metrics, "not_a_validator");
+            refuse(&penalties, peer, "not_a_validator");
             debug!(%peer, "direct stream from a peer that is not allowed refused");
             continue;
         }
@@ -151,7 +148,7 @@ pub(crate) async fn serve_inbound(
             Some(queue) => match queue.try_send(stream) {
                 Ok(()) => continue,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    refuse(&metrics, "too_many_streams");
+                    refuse(&penalties, peer, "too_many_streams");
                     debug!(%peer, "direct stream beyond the peer's queue refused");
                     continue;
                 }
@@ -167,7 +164,13 @@ pub(crate) async fn serve_inbound(
         // Cannot fail: the queue is new and empty.
         let _ = tx.try_send(stream);
         readers.insert(peer, tx);
-        tokio::spawn(read_from_peer(peer, rx, events.clone(), metrics.clone()));
+        tokio::spawn(read_from_peer(
+            peer,
+            rx,
+            events.clone(),
+            metrics.clone(),
+            penalties.clone(),
+        ));
     }
 }
 
@@ -178,6 +181,7 @@ async fn read_from_peer(
     mut queue: mpsc::Receiver<libp2p::Stream>,
     events: mpsc::Sender<NetEvent>,
     metrics: NetMetrics,
+    penalties: Penalties,
 ) {
     while let Ok(Some(mut stream)) = tokio::time::timeout(WRITER_IDLE, queue.recv()).await {
         let read = tokio::time::timeout(
@@ -193,12 +197,12 @@ async fn read_from_peer(
                 } else {
                     "stream_error"
                 };
-                refuse(&metrics, reason);
+                refuse(&penalties, peer, reason);
                 debug!(%peer, error = %e, "direct message not received");
                 continue;
             }
             Err(_) => {
-                refuse(&metrics, "timeout");
+                refuse(&penalties, peer, "timeout");
                 debug!(%peer, "direct message not received in time");
                 continue;
             }

@@ -23,6 +23,7 @@ mod direct;
 mod metrics;
 mod msg;
 mod pending;
+mod score;
 mod service;
 pub mod tor;
 mod transport;
@@ -42,6 +43,7 @@ pub use msg::{
     MAX_MSG_RESPONSE_BYTES, MSG_PROTOCOL,
 };
 pub use pending::MAX_PENDING_PER_SOURCE;
+pub use score::{BAN_DURATION, PENALTY_LIMIT, PENALTY_WINDOW};
 pub use service::{
     AppProtocol, MsgReply, NetEvent, NetHandle, NetSnapshot, NetworkService, PeerSnapshot,
     ReceivedGossip,

@@ -204,6 +204,7 @@ pub struct NetHandle {
     commands: mpsc::Sender<Command>,
     direct: crate::direct::DirectSender,
     direct_peers: crate::direct::DirectPeers,
+    penalties: crate::score::Penalties,
     snapshot: Arc<RwLock<NetSnapshot>>,
     local_peer_id: PeerId,
     tor: Option<crate::tor::TorState>,
@@ -272,6 +273,14 @@ impl NetHandle {
         }
         self.direct.send(peer, data);
         Ok(())
+    }
+
+    /// Charges `peer` for a message the node refused as malformed or not
+    /// allowed on `protocol` (a fixed name, e.g. "direct"), for `reason`
+    /// (a fixed name): counted in `openagi_p2p_inbound_refused_total`, and
+    /// a peer that keeps doing it is disconnected and refused for a while.
+    pub fn penalise(&self, peer: PeerId, protocol: &'static str, reason: &'static str) {
+        self.penalties.report(peer, protocol, reason);
     }
 
     /// Names the only peers whose direct streams are read (the
@@ -375,11 +384,17 @@ impl NetworkService {
             .accept(crate::direct::DIRECT_PROTOCOL)
             .map_err(|e| Error::Setup(format!("direct protocol: {e}")))?;
         let direct_peers = crate::direct::DirectPeers::default();
+        let (penalty_tx, penalty_rx) = mpsc::channel(crate::score::PENALTY_QUEUE);
+        let penalties = crate::score::Penalties {
+            tx: penalty_tx,
+            metrics: net_metrics.clone(),
+        };
         tokio::spawn(crate::direct::serve_inbound(
             incoming,
             direct_peers.clone(),
             event_tx.clone(),
             net_metrics.clone(),
+            penalties.clone(),
         ));
         let direct = crate::direct::DirectSender::new(control, net_metrics.clone());
         let topics = Topic::ALL
@@ -419,13 +434,15 @@ impl NetworkService {
             msg_replies: HashMap::new(),
             next_msg_reply: 0,
             msg_requests: HashMap::new(),
+            misbehaviour: crate::score::Misbehaviour::default(),
         };
-        let join = tokio::spawn(task.run(command_rx));
+        let join = tokio::spawn(task.run(command_rx, penalty_rx));
         Ok((
             NetHandle {
                 commands: command_tx,
                 direct,
                 direct_peers,
+                penalties,
                 snapshot,
                 local_peer_id,
                 tor,
@@ -460,6 +477,24 @@ struct NetTask {
     next_msg_reply: u64,
     /// Keyed by protocol too: each behaviour numbers its requests itself.
     msg_requests: HashMap<(AppProtocol, request_response::OutboundRequestId), AnswerSender>,
+    /// Penalties per peer identity; see [`crate::score`].
+    misbehaviour: crate::score::Misbehaviour,
+}
+
+/// The refusal reason of an inbound request-response failure that the
+/// peer caused (a request too large or malformed, or not sent in time);
+/// `None` for failures that are ours or nobody's (a closed connection,
+/// an answer we did not give).
+fn inbound_failure_reason(error: &request_response::InboundFailure) -> Option<&'static str> {
+    match error {
+        request_response::InboundFailure::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Some("malformed")
+        }
+        request_response::InboundFailure::Io(_) => Some("stream_error"),
+        request_response::InboundFailure::Timeout => Some("timeout"),
+        request_response::InboundFailure::UnsupportedProtocols => Some("unsupported_protocol"),
+        _ => None,
+    }
 }
 
 /// Where the answer to an outbound msg or learn request goes.
@@ -473,7 +508,11 @@ fn unix_now() -> u64 {
 }
 
 impl NetTask {
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut penalties: mpsc::Receiver<crate::score::Penalty>,
+    ) {
         let mut announce = tokio::time::interval(self.config.announce_interval);
         let mut redial = tokio::time::interval(Duration::from_millis(250));
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -487,6 +526,7 @@ impl NetTask {
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some(penalty) = penalties.recv() => self.score(penalty.peer, penalty.protocol, penalty.reason),
                 command = commands.recv() => match command {
                     Some(Command::Publish { topic, data, reply }) => {
                         let _ = reply.send(self.publish(topic, data));
@@ -633,6 +673,15 @@ impl NetTask {
                 num_established,
                 ..
             } => {
+                if self.misbehaviour.is_banned(&peer_id, Instant::now()) {
+                    debug!(%peer_id, "banned peer refused");
+                    self.net_metrics
+                        .peers_refused
+                        .get_or_create(&ReasonLabels { reason: "banned" })
+                        .inc();
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
                 let direction = if endpoint.is_dialer() {
                     Direction::Outbound
                 } else {
@@ -996,9 +1045,39 @@ impl NetTask {
                 debug!(%peer, %error, "rpc request failed")
             }
             Event::InboundFailure { peer, error, .. } => {
-                debug!(%peer, %error, "rpc inbound failure")
+                debug!(%peer, %error, "rpc inbound failure");
+                if let Some(reason) = inbound_failure_reason(&error) {
+                    self.penalise(peer, "rpc", reason);
+                }
             }
             Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// Counts a refused message from `peer` and charges it.
+    fn penalise(&mut self, peer: PeerId, protocol: &'static str, reason: &'static str) {
+        crate::score::count(&self.net_metrics, protocol, reason);
+        self.score(peer, protocol, reason);
+    }
+
+    /// Charges `peer` (already counted); disconnects and bans it at the
+    /// limit.
+    fn score(&mut self, peer: PeerId, protocol: &'static str, reason: &'static str) {
+        if self.misbehaviour.penalise(peer, Instant::now()) {
+            warn!(
+                %peer,
+                protocol,
+                last_reason = reason,
+                ban_secs = crate::score::BAN_DURATION.as_secs(),
+                "peer disconnected and banned for repeated refused messages"
+            );
+            self.net_metrics
+                .peers_refused
+                .get_or_create(&ReasonLabels {
+                    reason: "misbehaviour",
+                })
+                .inc();
+            let _ = self.swarm.disconnect_peer_id(peer);
         }
     }
 
@@ -1118,6 +1197,9 @@ impl NetTask {
             }
             Event::InboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "msg request not answered");
+                if let Some(reason) = inbound_failure_reason(&error) {
+                    self.penalise(peer, protocol.label(), reason);
+                }
             }
             Event::ResponseSent { .. } => {}
         }

@@ -71,9 +71,9 @@ async fn next_direct(events: &mut mpsc::Receiver<NetEvent>, limit: Duration) -> 
     .flatten()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_from_peers_not_allowed_are_refused_when_they_open() {
-    let mut a = start(vec![]);
+/// Starts A and B, B dialling A, and waits until they are connected.
+async fn connected_pair() -> (Node, Node) {
+    let a = start(vec![]);
     let listen = loop {
         let addrs = a.net.snapshot().listen_addrs;
         if let Some(addr) = addrs.first() {
@@ -92,6 +92,43 @@ async fn streams_from_peers_not_allowed_are_refused_when_they_open() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(!a.net.snapshot().peers.is_empty(), "connected");
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_flooding_refused_streams_is_disconnected_and_banned() {
+    let (a, b) = connected_pair().await;
+    for _ in 0..openagi_net::PENALTY_LIMIT + 10 {
+        b.net
+            .send_direct(a.net.local_peer_id(), vec![0; 64])
+            .await
+            .expect("queued");
+    }
+    let b_id = b.net.local_peer_id().to_string();
+    let mut banned = false;
+    for _ in 0..200 {
+        let text = metrics(&a.registry);
+        if text.contains(r#"openagi_peers_refused_total{reason="misbehaviour"} 1"#)
+            && !a.net.snapshot().peers.contains_key(&b_id)
+        {
+            banned = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(banned, "{}", metrics(&a.registry));
+    // B comes back (its writer redials to send the rest): refused.
+    b.net
+        .send_direct(a.net.local_peer_id(), vec![0; 64])
+        .await
+        .expect("queued");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!a.net.snapshot().peers.contains_key(&b_id), "stays out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_from_peers_not_allowed_are_refused_when_they_open() {
+    let (mut a, b) = connected_pair().await;
 
     // A allows nobody yet: B's message is refused unread.
     b.net

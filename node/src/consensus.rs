@@ -801,6 +801,7 @@ impl Driver {
                     Err(e) => {
                         debug!(%from, error = %e, "undecodable consensus bundle");
                         self.count_undecodable();
+                        self.net.penalise(from, "direct", "malformed");
                         return;
                     }
                 };
@@ -814,6 +815,7 @@ impl Driver {
                         Err(e) => {
                             debug!(%from, error = %e, "undecodable consensus message");
                             self.count_undecodable();
+                            self.net.penalise(from, "direct", "malformed");
                         }
                     }
                 }
