@@ -104,6 +104,12 @@ pub fn status(dir: &DataDir, args: &StatusArgs) -> Result<()> {
             j.epsilon.as_deref().unwrap_or("-"),
             j.stragglers,
         )?;
+        if let Some(waiting) = job["waiting_for"].as_str() {
+            outln!("    waiting for {waiting}")?;
+        }
+        if let Some(why) = job["not_joining"].as_str() {
+            outln!("    this node does not join: {why}")?;
+        }
     }
     Ok(())
 }

@@ -158,6 +158,12 @@ pub struct JobView {
     joiners: std::collections::HashSet<PublicKey>,
     /// `gathering`, `running`, `finished` or `interrupted`.
     pub state: String,
+    /// Joins the coordinator waits for before the first round.
+    pub min_clients: usize,
+    /// While the job is gathering: what it waits for, in words.
+    pub waiting_for: Option<String>,
+    /// Why this node did not join, when it did not.
+    pub not_joining: Option<String>,
     /// The latest round started.
     pub round: u64,
     /// The initial model (hex).
@@ -168,6 +174,30 @@ pub struct JobView {
     spec: JobSpec,
     #[serde(skip)]
     coordinator_key: PublicKey,
+}
+
+impl JobView {
+    /// What a gathering job waits for, in words.
+    fn waiting_for_text(&self) -> Option<String> {
+        if self.state != "gathering" {
+            return None;
+        }
+        Some(if self.joined < self.min_clients {
+            format!(
+                "{} more joins: {} of min_clients = {} nodes joined. A node joins when it is a validator \
+                 (it holds the ledger) with [learn] data that fits the job; `learn status` on a node says why it did not",
+                self.min_clients - self.joined,
+                self.joined,
+                self.min_clients
+            )
+        } else {
+            format!(
+                "enough joins ({} of min_clients = {}); the first round starts when the join window \
+                 ({} s after the job) has passed",
+                self.joined, self.min_clients, self.spec.join_window_secs
+            )
+        })
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -560,6 +590,9 @@ impl Learner {
                             "gathering"
                         }
                         .into(),
+                        min_clients: spec.min_clients,
+                        waiting_for: None,
+                        not_joining: self.join_refusal(&spec),
                         round: 0,
                         initial_model: initial,
                         history: Vec::new(),
@@ -584,8 +617,13 @@ impl Learner {
                             }
                         }
                     }
+                    if live {
+                        info!(%job, name = %spec.name, coordinator = %signer.fingerprint(), min_clients = spec.min_clients, "learning job on the ledger");
+                        if let Some(why) = &view.not_joining {
+                            info!(%job, reason = %why, "not joining this learning job");
+                        }
+                    }
                     s.jobs.insert(job, view);
-                    info!(%job, name = %spec.name, coordinator = %signer.fingerprint(), "learning job on the ledger");
                     if live && *signer == self.me {
                         match self.coordinator(job, &spec, now) {
                             Ok(c) => {
@@ -609,6 +647,14 @@ impl Learner {
                     {
                         view.joined = view.joiners.len();
                         view.joined_here |= *signer == me;
+                        if live && view.coordinator_key == me && view.state == "gathering" {
+                            info!(
+                                %job,
+                                joined = view.joined,
+                                min_clients = view.min_clients,
+                                "a node joined this node's learning job"
+                            );
+                        }
                     }
                 }
                 Record::RoundStart {
@@ -883,7 +929,26 @@ impl Learner {
 
     /// Every job on the ledger, newest last.
     pub fn jobs(&self) -> Result<Vec<JobView>> {
-        Ok(self.state()?.jobs.values().cloned().collect())
+        Ok(self
+            .state()?
+            .jobs
+            .values()
+            .cloned()
+            .map(|mut view| {
+                view.waiting_for = view.waiting_for_text();
+                view
+            })
+            .collect())
+    }
+
+    /// Why this node does not join `spec`, or `None` when its data fits.
+    fn join_refusal(&self, spec: &JobSpec) -> Option<String> {
+        match &self.local {
+            None => Some(
+                "this node has no learn.data: set [learn] data in openagi.toml to train".into(),
+            ),
+            Some(local) => spec.misfit(&local.train),
+        }
     }
 
     async fn participate(

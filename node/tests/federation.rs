@@ -210,3 +210,74 @@ fn a_job_trains_across_daemons_and_survives_a_silent_participant() {
     let since_restart = v1.log().get(earlier..).unwrap_or_default().to_string();
     assert!(!since_restart.contains("round closed"), "{since_restart}");
 }
+
+/// A job asking for more participants than can join says so, on every
+/// node: how many joins it still waits for, and on a node that does not
+/// join, why (here: it has no learning data).
+#[test]
+fn a_job_short_of_participants_says_what_it_waits_for_and_why_nodes_do_not_join() {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let dirs = init_validators(root.path(), 2).expect("validators");
+    let with_data = DaemonOptions {
+        env: vec![("OPENAGI_LEARN_DATA".into(), "digits".into())],
+        ..Default::default()
+    };
+    let v0 = Daemon::start(&dirs[0], &with_data).expect("v0 starts");
+    let without_data = DaemonOptions {
+        bootstrap: vec![v0.multiaddr().expect("addr")],
+        ..Default::default()
+    };
+    let v1 = Daemon::start(&dirs[1], &without_data).expect("v1 starts");
+    let nodes = [v0, v1];
+    wait_for("validators connect", Duration::from_secs(30), || {
+        nodes.iter().all(|d| d.connected_peers() == 1).then_some(())
+    })
+    .expect("connected");
+
+    let job_file = root.path().join("job.toml");
+    std::fs::write(&job_file, JOB.replace("min_clients = 2", "min_clients = 3")).expect("job file");
+    let v0_dir = dirs[0].to_str().expect("utf-8");
+    let (status, out, err) = openagi(&[
+        "learn",
+        "submit",
+        "--data-dir",
+        v0_dir,
+        job_file.to_str().expect("utf-8"),
+    ])
+    .expect("runs");
+    assert!(status.success(), "{out}{err}");
+    wait_for("v0's join seen everywhere", Duration::from_secs(30), || {
+        nodes
+            .iter()
+            .all(|d| jobs(d).first().is_some_and(|j| j["joined"] == 1))
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&nodes)));
+
+    for (i, dir) in dirs.iter().enumerate() {
+        let (status, out, err) = openagi(&[
+            "learn",
+            "status",
+            "--data-dir",
+            dir.to_str().expect("utf-8"),
+        ])
+        .expect("runs");
+        assert!(status.success(), "{out}{err}");
+        assert!(out.contains("gathering"), "{out}");
+        assert!(
+            out.contains("2 more joins: 1 of min_clients = 3"),
+            "v{i} says how many joins are missing:\n{out}"
+        );
+        let says_why = out.contains("this node does not join: this node has no learn.data");
+        assert_eq!(says_why, i == 1, "only v1 lacks data:\n{out}");
+    }
+    let job = jobs(&nodes[1]).remove(0);
+    assert_eq!(job["min_clients"], 3, "{job:#}");
+    assert!(job["not_joining"].is_string(), "{job:#}");
+    assert!(jobs(&nodes[0])[0]["not_joining"].is_null());
+    assert!(
+        nodes[1].log().contains("not joining this learning job"),
+        "the log says it too"
+    );
+}
