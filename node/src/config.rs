@@ -418,6 +418,10 @@ impl Config {
             let table: Table = toml::from_str(&text)
                 .map_err(|e| invalid(path.display().to_string(), e.to_string()))?;
             for (section, value) in table {
+                if section == VERSION_KEY {
+                    check_config_version(path, &value)?;
+                    continue;
+                }
                 let Some(known) = schema.get(&section).and_then(Value::as_table) else {
                     return Err(invalid(
                         path.display().to_string(),
@@ -845,6 +849,30 @@ fn parse_like(template: &Value, raw: &str) -> Result<Value, String> {
     }
 }
 
+/// The version of the `openagi.toml` format this build writes and reads;
+/// UPGRADING.md lists what changed in each. A file without the key is
+/// version 1.
+pub const CONFIG_VERSION: i64 = 1;
+
+/// The top-level key holding [`CONFIG_VERSION`].
+const VERSION_KEY: &str = "config_version";
+
+fn check_config_version(path: &Path, value: &Value) -> Result<(), ConfigError> {
+    match value.as_integer() {
+        Some(v) if (1..=CONFIG_VERSION).contains(&v) => Ok(()),
+        Some(v) if v > CONFIG_VERSION => Err(invalid(
+            path.display().to_string(),
+            format!(
+                "{VERSION_KEY} = {v} is for a newer openagi (this one reads up to {CONFIG_VERSION}); run that version or write the file again with `openagi init`"
+            ),
+        )),
+        _ => Err(invalid(
+            path.display().to_string(),
+            format!("{VERSION_KEY} must be a whole number from 1 to {CONFIG_VERSION}"),
+        )),
+    }
+}
+
 /// The transport chosen with `openagi init --transport`: a value of
 /// `network.transport`, or hybrid (embedded Tor with `tor.hybrid = true`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -1067,6 +1095,9 @@ pub fn template_for(network_id: &str, transport: InitTransport) -> String {
 # file > built-in defaults. Every setting is shown commented out with its
 # default; uncomment a line to change it. Unknown keys stop start-up.
 
+# The version of this file's format (UPGRADING.md); newer ones are refused.
+config_version = {config_version}
+
 [node]
 # Seconds a SIGTERM may take to drain (close connections, flush storage)
 # before the daemon exits anyway.
@@ -1201,6 +1232,7 @@ transport = "{transport}"
 # max_file_bytes = {max_file_bytes}
 # max_files = {max_files}
 "#,
+        config_version = CONFIG_VERSION,
         shutdown = d.node.shutdown_timeout_secs,
         otk_rotation = d.node.one_time_key_rotation_secs,
         transport_choice = transport.name(),
@@ -1286,6 +1318,18 @@ mod tests {
         )
         .expect("environment setting accepted");
         assert_eq!(c.consensus.view_change_timeout_ms, Some(7_000));
+    }
+
+    #[test]
+    fn the_config_version_is_read_and_a_newer_one_refused() {
+        let none = CliOverrides::default();
+        load_text("[node]\n", &[], &none).expect("no stamp reads as version 1");
+        load_text("config_version = 1\n[node]\n", &[], &none).expect("current version");
+        let newer = format!("config_version = {}\n", CONFIG_VERSION + 1);
+        let e = load_text(&newer, &[], &none).expect_err("newer refused");
+        assert!(e.to_string().contains("newer openagi"), "{e}");
+        let e = load_text("config_version = \"one\"\n", &[], &none).expect_err("not a number");
+        assert!(e.to_string().contains("config_version must be"), "{e}");
     }
 
     fn load_text(

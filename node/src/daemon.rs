@@ -66,6 +66,8 @@ pub struct RunOptions {
     /// Stop when this process is no longer our parent (used by `devnet`
     /// so that no node outlives it, even if it is killed).
     pub exit_with_parent: Option<u32>,
+    /// Upgrade an older database schema before starting (refused without).
+    pub migrate: bool,
 }
 
 /// Loads the configuration for `options` from all layers.
@@ -150,7 +152,20 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         );
     }
     let token = data_dir.token()?;
-    let store = Arc::new(Store::open(data_dir.path()).context("opening the database")?);
+    let store = if options.migrate {
+        let (store, steps) =
+            Store::open_migrating(data_dir.path()).context("migrating the database")?;
+        for step in &steps {
+            info!(step = %step, "database migrated");
+        }
+        if steps.is_empty() {
+            info!("--migrate: the database already has the current schema");
+        }
+        store
+    } else {
+        Store::open(data_dir.path()).context("opening the database")?
+    };
+    let store = Arc::new(store);
     let starts = store.record_start().context("recording start")?;
 
     let mut metrics = MetricsRegistry::new(&build_info());

@@ -297,6 +297,11 @@ struct RunArgs {
     /// Exit when the process with this id is no longer the parent.
     #[arg(long, hide = true)]
     exit_with_parent: Option<u32>,
+    /// Upgrade the database from an older schema first (back up the data
+    /// directory before; see UPGRADING.md). Without it an older database
+    /// is refused and left untouched.
+    #[arg(long)]
+    migrate: bool,
 }
 
 fn main() -> ExitCode {
@@ -404,6 +409,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                     mdns: args.mdns,
                 },
                 exit_with_parent: args.exit_with_parent,
+                migrate: args.migrate,
             };
             let config = daemon::load_config(&options)?;
             daemon::init_logging(&config.log)?;
@@ -553,6 +559,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                 config_file: None,
                 overrides: CliOverrides::default(),
                 exit_with_parent: None,
+                migrate: false,
             };
             let config = daemon::load_config(&options)?;
             openagi_node::tor::run(&DataDir::new(&data_dir), command, &config)
