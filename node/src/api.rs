@@ -313,7 +313,10 @@ async fn send_msg(
 ) -> Response {
     let Json(request) = match body {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+        Err(e) => {
+            let (status, text) = crate::http::json_rejection(&e);
+            return error(status, text);
+        }
     };
     let Ok(to) = request.to.parse::<openagi_net::PeerId>() else {
         return error(StatusCode::BAD_REQUEST, "`to` is not a peer id");
@@ -373,7 +376,10 @@ async fn submit_tx(
 ) -> Response {
     let Json(request) = match body {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+        Err(e) => {
+            let (status, text) = crate::http::json_rejection(&e);
+            return error(status, text);
+        }
     };
     let consensus = match consensus_of(&state) {
         Ok(c) => c,
@@ -704,7 +710,10 @@ async fn learn_submit(
 ) -> Response {
     let Json(spec) = match body {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+        Err(e) => {
+            let (status, text) = crate::http::json_rejection(&e);
+            return error(status, text);
+        }
     };
     if let Err(e) = spec.validate() {
         return error(StatusCode::BAD_REQUEST, format!("job spec: {e}"));

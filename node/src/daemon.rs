@@ -274,13 +274,13 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         listen_configured: !config.network.listen.is_empty(),
     });
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        axum::serve(listener, api::router(state.clone()))
-            .with_graceful_shutdown(async move {
-                let _ = api_stopped.await;
-            })
-            .into_future(),
-    );
+    let server = tokio::spawn(crate::http::serve(
+        listener,
+        api::router(state.clone()),
+        async move {
+            let _ = api_stopped.await;
+        },
+    ));
     keyfile::write_atomic(
         &data_dir.file(API_ADDR_FILE),
         format!("{api_addr}\n").as_bytes(),

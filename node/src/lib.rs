@@ -18,6 +18,7 @@ pub mod datadir;
 pub mod devnet;
 pub mod federation;
 pub mod genesis;
+pub mod http;
 pub mod keys;
 pub mod learn;
 pub mod ledger;

@@ -1,0 +1,130 @@
+//! The local API against clients that misbehave at the HTTP level: a
+//! slowloris client is cut off, an oversized body is answered 413 (at
+//! once when its length is declared), and the daemon keeps serving.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use openagi_tests::{Daemon, DaemonOptions, init, use_binary};
+
+fn daemon() -> (tempfile::TempDir, Daemon) {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("node");
+    init(&dir).expect("init");
+    let daemon = Daemon::start(&dir, &DaemonOptions::default()).expect("starts");
+    (root, daemon)
+}
+
+/// Sends `head` (request line and headers) and returns the status line.
+fn status_line(api: &str, head: &str) -> String {
+    let mut stream = TcpStream::connect(api).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.write_all(head.as_bytes()).expect("write");
+    let mut buf = [0u8; 256];
+    let n = stream.read(&mut buf).expect("answer");
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_client_trickling_its_headers_is_cut_off() {
+    let (_root, daemon) = daemon();
+    let mut stream = TcpStream::connect(daemon.api_addr()).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .expect("request line");
+    let started = Instant::now();
+    let mut closed = false;
+    // One header line every 2 s, as slowloris does, for up to 40 s.
+    while started.elapsed() < Duration::from_secs(40) {
+        let mut buf = [0u8; 512];
+        match stream.read(&mut buf) {
+            // Closed, or answered with an error status and then closed.
+            Ok(0) | Err(_) if !is_timeout(&stream) => {
+                closed = true;
+                break;
+            }
+            Ok(n) if n > 0 => {
+                let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                assert!(!text.contains("200 OK"), "never completed: {text}");
+                closed = true;
+                break;
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(1800));
+        if stream.write_all(b"X-Slow: 1\r\n").is_err() {
+            closed = true;
+            break;
+        }
+    }
+    assert!(
+        closed,
+        "a connection still sending headers after {:?} must be closed",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "closed after the header timeout, not much later: {:?}",
+        started.elapsed()
+    );
+    // The daemon still answers others.
+    let (code, _) = daemon.get("/health", None).expect("health");
+    assert_eq!(code, 200);
+}
+
+fn is_timeout(stream: &TcpStream) -> bool {
+    // A read that timed out leaves the socket open; peek tells them apart.
+    let mut one = [0u8; 1];
+    match stream.peek(&mut one) {
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        Ok(_) => false,
+    }
+}
+
+#[test]
+fn oversized_bodies_are_answered_413() {
+    let (_root, daemon) = daemon();
+    let token = daemon.token().to_string();
+    // Declared far over any limit: refused before a body byte is sent.
+    let line = status_line(
+        daemon.api_addr(),
+        &format!(
+            "POST /api/v1/tx HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n"
+        ),
+    );
+    assert!(line.contains("413"), "{line}");
+
+    // Over the route's own limit, sent in full: 413, not 400.
+    let body = format!("{{\"payload\":\"{}\"}}", "a".repeat(3 * 1024 * 1024));
+    let mut stream = TcpStream::connect(daemon.api_addr()).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let head = format!(
+        "POST /api/v1/tx HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("head");
+    let _ = stream.write_all(body.as_bytes());
+    let mut buf = [0u8; 256];
+    let n = stream.read(&mut buf).expect("answer");
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+
+    let (code, _) = daemon.get("/health", None).expect("health");
+    assert_eq!(code, 200);
+}
