@@ -151,7 +151,10 @@ pub fn ledger(dir: &DataDir, command: LedgerCommand, json_output: bool) -> Resul
             true,
         ),
         LedgerCommand::Verify => {
-            let v = client.get_json("/api/v1/ledger/verify")?;
+            let v = client
+                .clone()
+                .without_timeout()
+                .get_json("/api/v1/ledger/verify")?;
             let ok = v["ok"].as_bool().unwrap_or(false);
             (v, ok)
         }

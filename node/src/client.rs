@@ -7,12 +7,29 @@ use anyhow::{Context, Result};
 
 use crate::datadir::DataDir;
 
+/// How long connecting to the daemon may take: it is on this machine.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a whole request may take unless the caller says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Connection details of one daemon's API.
 #[derive(Debug, Clone)]
 pub struct ApiClient {
     base: String,
     token: String,
     agent: ureq::Agent,
+    /// The overall limit of one request; `None` for none.
+    timeout: Option<Duration>,
+}
+
+fn agent(timeout: Option<Duration>) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_connect(Some(CONNECT_TIMEOUT))
+        .timeout_global(timeout)
+        .http_status_as_error(false)
+        .build()
+        .into()
 }
 
 impl ApiClient {
@@ -23,27 +40,58 @@ impl ApiClient {
 
     /// A client for the API at `addr` (host:port) with `token`.
     pub fn new(addr: &str, token: String) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(5)))
-            .http_status_as_error(false)
-            .build()
-            .into();
         Self {
             base: format!("http://{addr}"),
             token,
-            agent,
+            agent: agent(Some(DEFAULT_TIMEOUT)),
+            timeout: Some(DEFAULT_TIMEOUT),
         }
     }
 
     /// The same client with another overall request timeout (for calls
     /// that wait on the daemon, like a submission waiting for its commit).
     pub fn with_timeout(self, timeout: Duration) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(timeout))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        Self { agent, ..self }
+        Self {
+            agent: agent(Some(timeout)),
+            timeout: Some(timeout),
+            ..self
+        }
+    }
+
+    /// The same client without an overall timeout, for work that grows
+    /// with the ledger (verifying every block); connecting still times out
+    /// after [`CONNECT_TIMEOUT`].
+    pub fn without_timeout(self) -> Self {
+        Self {
+            agent: agent(None),
+            timeout: None,
+            ..self
+        }
+    }
+
+    /// Says what failed when a request did not get an answer: a timeout
+    /// names what timed out and after how long, a refused connection asks
+    /// whether the daemon runs.
+    fn failed(&self, url: &str, error: ureq::Error) -> anyhow::Error {
+        match error {
+            ureq::Error::Timeout(what) => {
+                let limit = match what {
+                    ureq::Timeout::Connect => Some(CONNECT_TIMEOUT),
+                    _ => self.timeout,
+                };
+                let limit =
+                    limit.map_or_else(String::new, |l| format!(" within {} s", l.as_secs()));
+                anyhow::anyhow!(
+                    "the daemon at {url} did not answer{limit} (timed out: {what}); it may be busy or stuck, see its log"
+                )
+            }
+            ureq::Error::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                anyhow::anyhow!(
+                    "nothing answers at {url}: is `openagi run` running on this data directory?"
+                )
+            }
+            other => anyhow::anyhow!("connecting to the daemon at {url}: {other}"),
+        }
     }
 
     /// The base URL, e.g. `http://127.0.0.1:4611`.
@@ -59,7 +107,7 @@ impl ApiClient {
             .post(&url)
             .header("Authorization", &format!("Bearer {}", self.token))
             .send_json(body)
-            .with_context(|| format!("connecting to the daemon at {url}"))?;
+            .map_err(|e| self.failed(&url, e))?;
         json_answer(&url, response)
     }
 
@@ -72,7 +120,7 @@ impl ApiClient {
             .header("Authorization", &format!("Bearer {}", self.token))
             .content_type("application/octet-stream")
             .send(&body[..])
-            .with_context(|| format!("connecting to the daemon at {url}"))?;
+            .map_err(|e| self.failed(&url, e))?;
         json_answer(&url, response)
     }
 
@@ -83,7 +131,7 @@ impl ApiClient {
             .agent
             .get(&url)
             .call()
-            .with_context(|| format!("connecting to {url}"))?;
+            .map_err(|e| self.failed(&url, e))?;
         Ok(response.body_mut().read_to_string()?)
     }
 
@@ -95,7 +143,7 @@ impl ApiClient {
             .get(&url)
             .header("Authorization", &format!("Bearer {}", self.token))
             .call()
-            .with_context(|| format!("connecting to the daemon at {url}"))?;
+            .map_err(|e| self.failed(&url, e))?;
         if !response.status().is_success() {
             return Err(refusal(&url, response));
         }
@@ -121,7 +169,7 @@ impl ApiClient {
             .get(&url)
             .header("Authorization", &format!("Bearer {}", self.token))
             .call()
-            .with_context(|| format!("connecting to the daemon at {url}"))?;
+            .map_err(|e| self.failed(&url, e))?;
         json_answer(&url, response)
     }
 }
@@ -152,4 +200,43 @@ fn refusal(url: &str, mut response: ureq::http::Response<ureq::Body>) -> anyhow:
         Err(e) => format!("(unreadable answer: {e})"),
     };
     anyhow::anyhow!("{url} answered {status}: {reason}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_that_gets_no_answer_says_what_timed_out() {
+        // Accepts and then says nothing.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let _held = std::thread::spawn(move || {
+            let held: Vec<_> = listener.incoming().take(1).collect();
+            std::thread::sleep(Duration::from_secs(5));
+            drop(held);
+        });
+        let client =
+            ApiClient::new(&addr, "token".into()).with_timeout(Duration::from_millis(1500));
+        let e = client.get_json("/api/v1/status").expect_err("no answer");
+        let text = e.to_string();
+        assert!(
+            text.contains("did not answer within 1 s") && text.contains("timed out"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn nothing_listening_asks_whether_the_daemon_runs() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let client = ApiClient::new(&format!("127.0.0.1:{port}"), "token".into());
+        let text = client
+            .get_json("/api/v1/status")
+            .expect_err("refused")
+            .to_string();
+        assert!(text.contains("is `openagi run` running"), "{text}");
+    }
 }
