@@ -30,6 +30,7 @@ use libp2p::{PeerId, StreamProtocol};
 use tokio::sync::mpsc;
 use tracing::debug;
 
+use crate::budget::ByteBudgets;
 use crate::metrics::{Direction, NetMetrics, ProtocolLabels};
 use crate::score::Penalties;
 use crate::service::NetEvent;
@@ -135,6 +136,7 @@ pub(crate) async fn serve_inbound(
     events: mpsc::Sender<NetEvent>,
     metrics: NetMetrics,
     penalties: Penalties,
+    budgets: ByteBudgets,
 ) {
     let mut readers: HashMap<PeerId, mpsc::Sender<libp2p::Stream>> = HashMap::new();
     while let Some((peer, stream)) = incoming.next().await {
@@ -142,6 +144,11 @@ pub(crate) async fn serve_inbound(
             // Dropping the stream resets it: nothing of it is read.
             refuse(&penalties, peer, "not_a_validator");
             debug!(%peer, "direct stream from a peer that is not allowed refused");
+            continue;
+        }
+        if budgets.over(&peer, std::time::Instant::now()) {
+            refuse(&penalties, peer, "over_budget");
+            debug!(%peer, "direct stream from a peer over its byte budget refused");
             continue;
         }
         let stream = match readers.get(&peer) {
@@ -170,6 +177,7 @@ pub(crate) async fn serve_inbound(
             events.clone(),
             metrics.clone(),
             penalties.clone(),
+            budgets.clone(),
         ));
     }
 }
@@ -182,6 +190,7 @@ async fn read_from_peer(
     events: mpsc::Sender<NetEvent>,
     metrics: NetMetrics,
     penalties: Penalties,
+    budgets: ByteBudgets,
 ) {
     while let Ok(Some(mut stream)) = tokio::time::timeout(WRITER_IDLE, queue.recv()).await {
         let read = tokio::time::timeout(
@@ -214,6 +223,9 @@ async fn read_from_peer(
                 direction: Direction::Inbound,
             })
             .inc_by(data.len() as u64);
+        // Read already: delivered, but an overdrawn peer's next streams
+        // are refused until its budget refills.
+        budgets.charge(peer, data.len(), std::time::Instant::now());
         if events
             .try_send(NetEvent::Direct { from: peer, data })
             .is_err()

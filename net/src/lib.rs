@@ -18,6 +18,7 @@
 
 mod backoff;
 mod behaviour;
+mod budget;
 mod config;
 mod direct;
 mod metrics;
@@ -31,6 +32,7 @@ mod wire;
 
 pub use backoff::Backoff;
 pub use behaviour::{NodeBehaviour, NodeBehaviourEvent};
+pub use budget::{BUDGET_BURST_BYTES, BUDGET_BYTES_PER_SEC};
 pub use config::{ConnectionLimitsConfig, NetConfig, TransportMode};
 pub use direct::{
     DIRECT_PROTOCOL, DIRECT_READ_TIMEOUT, MAX_DIRECT_BYTES, MAX_QUEUED_STREAMS_PER_PEER,

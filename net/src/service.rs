@@ -384,6 +384,7 @@ impl NetworkService {
             .accept(crate::direct::DIRECT_PROTOCOL)
             .map_err(|e| Error::Setup(format!("direct protocol: {e}")))?;
         let direct_peers = crate::direct::DirectPeers::default();
+        let budgets = crate::budget::ByteBudgets::default();
         let (penalty_tx, penalty_rx) = mpsc::channel(crate::score::PENALTY_QUEUE);
         let penalties = crate::score::Penalties {
             tx: penalty_tx,
@@ -395,6 +396,7 @@ impl NetworkService {
             event_tx.clone(),
             net_metrics.clone(),
             penalties.clone(),
+            budgets.clone(),
         ));
         let direct = crate::direct::DirectSender::new(control, net_metrics.clone());
         let topics = Topic::ALL
@@ -435,6 +437,7 @@ impl NetworkService {
             next_msg_reply: 0,
             msg_requests: HashMap::new(),
             misbehaviour: crate::score::Misbehaviour::default(),
+            budgets,
         };
         let join = tokio::spawn(task.run(command_rx, penalty_rx));
         Ok((
@@ -479,6 +482,8 @@ struct NetTask {
     msg_requests: HashMap<(AppProtocol, request_response::OutboundRequestId), AnswerSender>,
     /// Penalties per peer identity; see [`crate::score`].
     misbehaviour: crate::score::Misbehaviour,
+    /// Inbound bytes per peer identity; see [`crate::budget`].
+    budgets: crate::budget::ByteBudgets,
 }
 
 /// The refusal reason of an inbound request-response failure that the
@@ -920,6 +925,22 @@ impl NetTask {
 
     fn on_gossip(&mut self, source: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
         self.count_payload("gossipsub", Direction::Inbound, message.data.len());
+        if !self
+            .budgets
+            .charge(source, message.data.len(), Instant::now())
+        {
+            crate::score::count(&self.net_metrics, "gossipsub", "over_budget");
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .gossipsub
+                .report_message_validation_result(
+                    &id,
+                    &source,
+                    gossipsub::MessageAcceptance::Ignore,
+                );
+            return;
+        }
         let Some(topic) = self.topics.get(&message.topic).copied() else {
             self.net_metrics
                 .gossip_messages
@@ -1139,6 +1160,13 @@ impl NetTask {
                 ..
             } => {
                 self.count_payload(protocol.label(), Direction::Inbound, request.len());
+                if !self.budgets.charge(peer, request.len(), Instant::now()) {
+                    // Dropping the channel answers nothing: the peer sees
+                    // a failure and its budget refills meanwhile.
+                    debug!(%peer, ?protocol, "request refused: the peer is over its byte budget");
+                    self.penalise(peer, protocol.label(), "over_budget");
+                    return;
+                }
                 self.msg_replies.retain(|_, (_, c)| c.is_open());
                 let waiting = self
                     .msg_replies
