@@ -67,6 +67,7 @@
 //!   a shared memo for simulation).
 //! - [`sim`]: the deterministic network simulator and its fault scenarios.
 
+pub mod bundle;
 pub mod ledger;
 pub mod messages;
 pub mod replica;

@@ -175,58 +175,6 @@ impl Outgoing {
     }
 }
 
-/// Version byte of a bundle on `/openagi/direct/2`.
-const BUNDLE_VERSION: u8 = 1;
-/// Bytes of framing per message in a bundle (a little-endian length).
-const BUNDLE_FRAME: usize = 4;
-
-/// Packs encoded messages into as few direct messages as fit
-/// [`openagi_net::MAX_DIRECT_BYTES`]: a version byte, then each message as
-/// a 4-byte little-endian length and its bytes. Every consensus message a
-/// processing round sends to one peer travels in one stream: over Tor,
-/// where a stream costs round trips, one stream per message piled up
-/// thousands of streams and hit the connection's stream limits.
-fn bundles(parts: &[Arc<Vec<u8>>]) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut current = vec![BUNDLE_VERSION];
-    for part in parts {
-        let framed = BUNDLE_FRAME + part.len();
-        if current.len() > 1 && current.len() + framed > openagi_net::MAX_DIRECT_BYTES {
-            out.push(std::mem::replace(&mut current, vec![BUNDLE_VERSION]));
-        }
-        current.extend_from_slice(&(part.len() as u32).to_le_bytes());
-        current.extend_from_slice(part);
-    }
-    if current.len() > 1 {
-        out.push(current);
-    }
-    out
-}
-
-/// Splits a bundle back into its messages, refusing bad framing.
-fn decode_bundle(data: &[u8]) -> Result<Vec<&[u8]>, String> {
-    let Some((&version, mut rest)) = data.split_first() else {
-        return Err("empty bundle".into());
-    };
-    if version != BUNDLE_VERSION {
-        return Err(format!("unknown bundle version {version}"));
-    }
-    let mut parts = Vec::new();
-    while !rest.is_empty() {
-        let (len, tail) = rest
-            .split_first_chunk::<BUNDLE_FRAME>()
-            .ok_or("truncated length")?;
-        let len = u32::from_le_bytes(*len) as usize;
-        if len > tail.len() {
-            return Err(format!("message of {len} bytes in {} left", tail.len()));
-        }
-        let (part, tail) = tail.split_at(len);
-        parts.push(part);
-        rest = tail;
-    }
-    Ok(parts)
-}
-
 /// A block that committed, for API waiters.
 #[derive(Debug, Clone)]
 pub struct CommitNotice {
@@ -796,7 +744,7 @@ impl Driver {
                 }
             }
             Input::Message { from, data } => {
-                let parts = match decode_bundle(&data) {
+                let parts = match openagi_consensus::bundle::decode(&data) {
                     Ok(parts) => parts,
                     Err(e) => {
                         debug!(%from, error = %e, "undecodable consensus bundle");
@@ -919,7 +867,7 @@ impl Driver {
             }
         }
         for (peer, parts) in outgoing.per_peer {
-            for bundle in bundles(&parts) {
+            for bundle in openagi_consensus::bundle::pack(&parts, openagi_net::MAX_DIRECT_BYTES) {
                 if self.net.send_direct(peer, bundle).await.is_err() {
                     break;
                 }
@@ -1105,47 +1053,6 @@ mod tests {
         assert_eq!(
             peer_id_of(&identity.public()),
             Some(keypair.public().to_peer_id())
-        );
-    }
-}
-
-#[cfg(test)]
-mod bundle_tests {
-    use super::*;
-
-    #[test]
-    fn bundles_round_trip_split_at_the_limit_and_refuse_bad_framing() {
-        let parts: Vec<Arc<Vec<u8>>> = vec![
-            Arc::new(b"prepare".to_vec()),
-            Arc::new(Vec::new()),
-            Arc::new(vec![7u8; 1000]),
-        ];
-        let packed = bundles(&parts);
-        assert_eq!(packed.len(), 1);
-        let back = decode_bundle(&packed[0]).expect("decodes");
-        assert_eq!(back, [&b"prepare"[..], &[][..], &[7u8; 1000][..]]);
-        assert!(bundles(&[]).is_empty());
-
-        // Two messages that do not fit one direct message go in two.
-        let half = openagi_net::MAX_DIRECT_BYTES / 2 + 1;
-        let big = vec![Arc::new(vec![1u8; half]), Arc::new(vec![2u8; half])];
-        let packed = bundles(&big);
-        assert_eq!(packed.len(), 2);
-        assert!(
-            packed
-                .iter()
-                .all(|b| b.len() <= openagi_net::MAX_DIRECT_BYTES)
-        );
-
-        assert!(decode_bundle(&[]).is_err());
-        assert!(decode_bundle(&[9, 0, 0, 0, 0]).is_err(), "unknown version");
-        assert!(
-            decode_bundle(&[BUNDLE_VERSION, 1, 0]).is_err(),
-            "short length"
-        );
-        assert!(
-            decode_bundle(&[BUNDLE_VERSION, 5, 0, 0, 0, 1]).is_err(),
-            "length past the end"
         );
     }
 }
