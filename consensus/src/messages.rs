@@ -5,6 +5,8 @@
 use openagi_crypto::{Signed, identity::SignedPayload};
 use serde::{Deserialize, Serialize};
 
+// A commit vote is what certificates are made of, so it lives with them.
+pub use crate::types::Commit;
 use crate::types::{Batch, Block, CommitCertificate, NetworkId, Transaction};
 use crate::{Error, Hash};
 
@@ -40,23 +42,6 @@ pub struct Prepare {
 
 impl SignedPayload for Prepare {
     const CONTEXT: &'static str = "openagi/pbft/prepare/v1";
-}
-
-/// A replica's statement that it has prepared `(view, seq, digest)`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Commit {
-    /// Network.
-    pub network: NetworkId,
-    /// View.
-    pub view: u64,
-    /// Sequence number.
-    pub seq: u64,
-    /// Batch digest.
-    pub digest: Hash,
-}
-
-impl SignedPayload for Commit {
-    const CONTEXT: &'static str = "openagi/pbft/commit/v1";
 }
 
 /// A replica's statement of the ledger head after executing `seq`.

@@ -5,10 +5,9 @@
 use std::collections::BTreeSet;
 use std::sync::LazyLock;
 
-use openagi_crypto::{PublicKey, Signed};
+use openagi_crypto::{PublicKey, Signed, identity::SignedPayload};
 use serde::{Deserialize, Serialize};
 
-use crate::messages::Commit;
 use crate::signing::{Crypto, StrictCrypto, hash_encoded, hash_encoded_with};
 use crate::{Error, Hash};
 
@@ -280,6 +279,23 @@ impl Block {
 /// The hash block 1 links to.
 pub fn genesis_hash(network: NetworkId) -> Hash {
     hash_encoded("openagi/consensus/genesis/v1", &network)
+}
+
+/// A replica's statement that it has prepared `(view, seq, digest)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    /// Network.
+    pub network: NetworkId,
+    /// View.
+    pub view: u64,
+    /// Sequence number.
+    pub seq: u64,
+    /// Batch digest.
+    pub digest: Hash,
+}
+
+impl SignedPayload for Commit {
+    const CONTEXT: &'static str = "openagi/pbft/commit/v1";
 }
 
 /// Proof that a batch committed: a quorum of signed commits for one view,
