@@ -30,6 +30,7 @@ use libp2p::{PeerId, StreamProtocol};
 use tokio::sync::mpsc;
 use tracing::debug;
 
+use crate::bounded::{read_bounded, write_and_close};
 use crate::budget::ByteBudgets;
 use crate::metrics::{Direction, NetMetrics, ProtocolLabels};
 use crate::score::Penalties;
@@ -68,34 +69,6 @@ pub const MAX_DESTINATIONS: usize = 256;
 
 /// How long an idle writer waits before it ends.
 pub const WRITER_IDLE: Duration = Duration::from_secs(60);
-
-/// Reads a whole stream of at most `limit` bytes.
-pub(crate) async fn read_bounded<T: AsyncRead + Unpin + Send>(
-    io: &mut T,
-    limit: usize,
-) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    // Read one byte past the limit so an oversized message is detected
-    // without buffering all of it.
-    io.take(limit as u64 + 1).read_to_end(&mut buf).await?;
-    if buf.len() > limit {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("message exceeds {limit} bytes"),
-        ));
-    }
-    Ok(buf)
-}
-
-/// Writes one message and closes the write side: the end of the stream
-/// delimits it, which [`read_bounded`] relies on.
-pub(crate) async fn write_and_close<T>(io: &mut T, bytes: &[u8]) -> io::Result<()>
-where
-    T: AsyncWrite + Unpin + Send,
-{
-    io.write_all(bytes).await?;
-    io.close().await
-}
 
 /// The peers allowed to open direct streams to this node.
 #[derive(Clone, Default)]
@@ -330,19 +303,6 @@ async fn write_to_peer(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn oversized_messages_are_errors_and_small_ones_pass() {
-        futures::executor::block_on(async {
-            let mut ok = futures::io::Cursor::new(vec![7u8; 10]);
-            assert_eq!(
-                read_bounded(&mut ok, 10).await.expect("fits"),
-                vec![7u8; 10]
-            );
-            let mut big = futures::io::Cursor::new(vec![7u8; 11]);
-            assert!(read_bounded(&mut big, 10).await.is_err());
-        });
-    }
 
     #[test]
     fn only_named_peers_are_allowed() {

@@ -18,6 +18,7 @@
 
 mod backoff;
 mod behaviour;
+mod bounded;
 mod budget;
 mod config;
 mod direct;

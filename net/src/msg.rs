@@ -14,7 +14,7 @@ use futures::prelude::*;
 use libp2p::StreamProtocol;
 use libp2p::request_response::Codec;
 
-use crate::direct::{read_bounded, write_and_close};
+use crate::bounded::{read_bounded, write_and_close};
 
 /// The messaging protocol's name.
 pub const MSG_PROTOCOL: StreamProtocol = StreamProtocol::new("/openagi/msg/1");
