@@ -1322,6 +1322,32 @@ enum Action {
 mod tests {
     use super::*;
 
+    /// The learn protocol's request limit must carry the largest update a
+    /// job may produce: a dense (uncompressed) delta of the most
+    /// parameters a networked job allows, inside its request envelope.
+    #[test]
+    fn the_learn_request_limit_covers_the_largest_update() {
+        let payload =
+            openagi_learning::compress::encode(&openagi_learning::compress::Payload::Dense(vec![
+                0.0;
+                federation::MAX_JOB_PARAMS
+            ]))
+            .expect("encodes");
+        let request = LearnRequest::Update {
+            job: JobId([0xff; 32]),
+            round: u64::MAX,
+            samples: u64::MAX,
+            payload,
+        };
+        let bytes = postcard::to_stdvec(&request).expect("encodes");
+        assert!(
+            bytes.len() <= openagi_net::MAX_LEARN_REQUEST_BYTES,
+            "{} bytes > {}",
+            bytes.len(),
+            openagi_net::MAX_LEARN_REQUEST_BYTES
+        );
+    }
+
     fn summary(job: u8, round: u64, epsilon: Option<f64>, finished: bool) -> RoundSummary {
         RoundSummary {
             job: JobId([job; 32]),
