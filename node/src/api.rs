@@ -398,33 +398,40 @@ async fn submit_tx(
             );
         }
     };
-    let client = match request.client {
-        Some(text) => match hex::decode(text.trim())
-            .ok()
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        {
-            Some(bytes) => ClientId(bytes),
-            None => return error(StatusCode::BAD_REQUEST, "client must be 64 hex digits"),
-        },
-        None => crate::consensus::node_client_id(&state.net.local_peer_id()),
-    };
-    let seq = match request.seq {
-        Some(0) => return error(StatusCode::BAD_REQUEST, "seq starts at 1"),
-        Some(seq) => seq,
-        None => {
-            let store = state.store.clone();
-            match tokio::task::spawn_blocking(move || store.next_client_seq()).await {
-                Ok(Ok(seq)) => seq,
-                Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    let tx = match (request.client, request.seq) {
+        (_, Some(0)) => return error(StatusCode::BAD_REQUEST, "seq starts at 1"),
+        (Some(text), seq) => {
+            let Some(client) = hex::decode(text.trim())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .map(ClientId)
+            else {
+                return error(StatusCode::BAD_REQUEST, "client must be 64 hex digits");
+            };
+            let Some(seq) = seq else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "a transaction under its own client needs its own seq (the node numbers only its own)",
+                );
+            };
+            Transaction {
+                client,
+                seq,
+                payload,
             }
         }
+        (None, Some(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "seq needs a client: the node numbers its own transactions itself",
+            );
+        }
+        (None, None) => match consensus.own_transaction(payload).await {
+            Ok(tx) => tx,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
     };
-    let tx = Transaction {
-        client,
-        seq,
-        payload,
-    };
+    let seq = tx.seq;
     // Subscribe before submitting so a fast commit cannot be missed.
     let mut commits = consensus.subscribe();
     let hash = match consensus.submit(tx).await {

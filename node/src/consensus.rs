@@ -316,6 +316,7 @@ const LATENCY_SAMPLES: usize = 1 << 18;
 /// The client id this node submits its own transactions under (API
 /// submissions without a client, learning records): one id, so the
 /// sequence numbers of [`crate::store::Store::next_client_seq`] stay unique.
+/// Use [`ConsensusHandle::own_transaction`], the one door for them.
 pub fn node_client_id(peer: &PeerId) -> openagi_consensus::ClientId {
     openagi_consensus::ClientId(*blake3::hash(peer.to_bytes().as_slice()).as_bytes())
 }
@@ -331,9 +332,30 @@ pub struct ConsensusHandle {
     commits: broadcast::Sender<CommitNotice>,
     validators: ValidatorSet,
     latencies: LatencyRing,
+    /// This node's own client id and where its sequence numbers come from.
+    own_client: openagi_consensus::ClientId,
+    store: Arc<Store>,
 }
 
 impl ConsensusHandle {
+    /// The node's own next transaction carrying `payload`: its client id
+    /// and a fresh sequence number, durable before it is handed out, so no
+    /// two of the node's transactions (API submissions, learning records)
+    /// ever share one. Submit it (and resubmit the same transaction on a
+    /// retry, so the ledger's exactly-once rule keeps a retry from
+    /// committing twice).
+    pub async fn own_transaction(&self, payload: Vec<u8>) -> Result<Transaction, ConsensusError> {
+        let store = self.store.clone();
+        let seq = tokio::task::spawn_blocking(move || store.next_client_seq())
+            .await
+            .map_err(|e| ConsensusError::Rejected(format!("sequence number: {e}")))??;
+        Ok(Transaction {
+            client: self.own_client,
+            seq,
+            payload,
+        })
+    }
+
     /// Queues many transactions at once (one queue slot for all) without
     /// waiting for the replica to take them in: a load generator must not
     /// be slowed by the replica's disk commits. It waits only while the
@@ -607,6 +629,8 @@ pub fn start(
         commits: commits.clone(),
         validators: validators.clone(),
         latencies: latencies.clone(),
+        own_client: node_client_id(&me_peer),
+        store: store.clone(),
     };
     let mut driver = Driver {
         replica,

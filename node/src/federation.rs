@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use openagi_consensus::{ClientId, Transaction};
 use openagi_crypto::{Identity, PublicKey, Signed};
 use openagi_learning::compress::ErrorFeedback;
 use openagi_learning::data::Dataset;
@@ -353,7 +352,6 @@ struct State {
 pub struct Learner {
     identity: Identity,
     me: PublicKey,
-    client: ClientId,
     store: Arc<Store>,
     net: NetHandle,
     consensus: Option<ConsensusHandle>,
@@ -425,11 +423,9 @@ impl Learner {
         std::fs::create_dir_all(&models_dir)
             .with_context(|| format!("creating {}", models_dir.display()))?;
         let me = identity.public();
-        let peer = net.local_peer_id();
         let learner = Arc::new(Self {
             identity: Identity::from_seed(&identity.seed()),
             me,
-            client: crate::consensus::node_client_id(&peer),
             store,
             net,
             consensus,
@@ -891,19 +887,13 @@ impl Learner {
         let signed = Signed::sign(&self.identity, &record)?;
         let payload = federation::encode_record(&signed)?;
         let job = federation::job_id(&payload);
-        // One sequence number for every attempt: the ledger's exactly-once
+        // One transaction for every attempt: the ledger's exactly-once
         // rule then keeps an attempt that was taken after all from
         // committing the record twice.
-        let store = self.store.clone();
-        let seq = tokio::task::spawn_blocking(move || store.next_client_seq()).await??;
+        let tx = consensus.own_transaction(payload).await?;
         let mut delay = Duration::from_millis(200);
         for attempt in 0..8 {
-            let tx = Transaction {
-                client: self.client,
-                seq,
-                payload: payload.clone(),
-            };
-            match consensus.submit(tx).await {
+            match consensus.submit(tx.clone()).await {
                 Ok(_) => return Ok(job),
                 Err(ConsensusError::Replica(openagi_consensus::Error::Duplicate))
                     if attempt > 0 =>
