@@ -926,7 +926,7 @@ impl InitTransport {
                 "TCP and QUIC over IP on network.listen: peers learn this node's IP address (LANs, development, validators whose addresses are known)"
             }
             InitTransport::Hybrid => {
-                "embedded Tor plus direct TCP and QUIC on network.listen ([tor] hybrid = true): peers can learn this node's IP address"
+                "embedded Tor plus direct TCP and QUIC on network.listen (tor.hybrid set to true): peers can learn this node's IP address"
             }
         }
     }
@@ -1049,6 +1049,187 @@ impl Config {
     }
 }
 
+/// One setting to write into an existing config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileEdit {
+    /// Its section, e.g. `network`.
+    pub section: &'static str,
+    /// Its key in the section, e.g. `network_id`.
+    pub key: &'static str,
+    /// The value to write.
+    pub value: Value,
+}
+
+/// The edits `openagi init` makes for the flags it was given: the network
+/// id and the transport (with `tor.hybrid`, which `hybrid` turns on and
+/// every other choice off).
+pub fn init_edits(network_id: Option<&str>, transport: Option<InitTransport>) -> Vec<FileEdit> {
+    let mut edits = Vec::new();
+    if let Some(id) = network_id {
+        edits.push(FileEdit {
+            section: "network",
+            key: "network_id",
+            value: Value::String(id.to_string()),
+        });
+    }
+    if let Some(t) = transport {
+        edits.push(FileEdit {
+            section: "network",
+            key: "transport",
+            value: Value::String(crate::tor::transport_name(t.mode()).into()),
+        });
+        edits.push(FileEdit {
+            section: "tor",
+            key: "hybrid",
+            value: Value::Boolean(t.hybrid()),
+        });
+    }
+    edits
+}
+
+/// Applies `edits` to `text`, the contents of an existing config file,
+/// keeping every comment and every other setting: a key's line is
+/// replaced (its trailing comment kept), or else its commented-out
+/// template line (`# key = ...`) is uncommented, or else the key is added
+/// under its section header. An edit whose value the file already has
+/// (or, for an absent key, the default) changes nothing.
+///
+/// Returns the new text and one line per change (`key: old -> new`). The
+/// result is parsed again and compared with the original, key by key; a
+/// file this cannot edit exactly (invalid TOML, a key written as a dotted
+/// key or in an inline table) is refused with the reason, unchanged.
+pub fn edit_config_text(text: &str, edits: &[FileEdit]) -> Result<(String, Vec<String>), String> {
+    let original: Table = toml::from_str(text).map_err(|e| format!("it is not valid TOML: {e}"))?;
+    let defaults = defaults_table();
+    let mut out = text.to_string();
+    let mut changes = Vec::new();
+    let mut expected = original.clone();
+    for edit in edits {
+        let current = original
+            .get(edit.section)
+            .and_then(|s| s.get(edit.key))
+            .map(|v| (v.clone(), ""))
+            .or_else(|| {
+                defaults
+                    .get(edit.section)
+                    .and_then(|s| s.get(edit.key))
+                    .map(|v| (v.clone(), " (the default)"))
+            });
+        if current.as_ref().map(|(v, _)| v) == Some(&edit.value) {
+            continue;
+        }
+        out = set_line(&out, edit.section, edit.key, &edit.value);
+        match expected.get_mut(edit.section) {
+            Some(Value::Table(section)) => {
+                section.insert(edit.key.to_string(), edit.value.clone());
+            }
+            _ => {
+                let mut section = Table::new();
+                section.insert(edit.key.to_string(), edit.value.clone());
+                expected.insert(edit.section.to_string(), Value::Table(section));
+            }
+        }
+        changes.push(match current {
+            Some((old, how)) => format!(
+                "{}.{}: {old}{how} -> {}",
+                edit.section, edit.key, edit.value
+            ),
+            None => format!("{}.{}: {}", edit.section, edit.key, edit.value),
+        });
+    }
+    let edited: Table = toml::from_str(&out).map_err(|e| {
+        format!("setting the keys line by line would make it invalid TOML ({e}); is a key written as a dotted key or in an inline table?")
+    })?;
+    if edited != expected {
+        return Err(
+            "setting the keys line by line would not give the values asked for; is a key written as a dotted key or in an inline table?".into(),
+        );
+    }
+    Ok((out, changes))
+}
+
+/// `text` with `key = value` set in `[section]`, line by line (see
+/// [`edit_config_text`], which checks the result).
+fn set_line(text: &str, section: &str, key: &str, value: &Value) -> String {
+    let new_line = format!("{key} = {value}");
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let mut current = String::new();
+    let mut header = None;
+    let mut commented = None;
+    let mut set = None;
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') && !trimmed.starts_with("[[") {
+            current = trimmed[1..]
+                .split(']')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            if current == section && header.is_none() {
+                header = Some(i);
+            }
+            continue;
+        }
+        if current != section {
+            continue;
+        }
+        if key_of(trimmed) == Some(key) {
+            set = Some(i);
+            break;
+        }
+        if commented.is_none()
+            && let Some(rest) = trimmed.strip_prefix('#')
+            && key_of(rest.trim_start()) == Some(key)
+        {
+            commented = Some(i);
+        }
+    }
+    match (set, commented, header) {
+        (Some(i), _, _) => {
+            let indent = &lines[i][..lines[i].len() - lines[i].trim_start().len()];
+            let comment = trailing_comment(&lines[i]).unwrap_or_default();
+            lines[i] = format!("{indent}{new_line}{comment}");
+        }
+        (None, Some(i), _) => lines[i] = new_line,
+        (None, None, Some(i)) => lines.insert(i + 1, new_line),
+        (None, None, None) => {
+            lines.push(String::new());
+            lines.push(format!("[{section}]"));
+            lines.push(new_line);
+        }
+    }
+    let mut out = lines.join("\n");
+    if text.ends_with('\n') || text.is_empty() {
+        out.push('\n');
+    }
+    out
+}
+
+/// The key a `key = value` line sets, if it is one.
+fn key_of(line: &str) -> Option<&str> {
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    (!key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+    .then_some(key)
+}
+
+/// The ` # comment` after the value of a `key = value` line: the first `#`
+/// before which the line still parses as TOML (a `#` inside a string does
+/// not end the value).
+fn trailing_comment(line: &str) -> Option<String> {
+    line.char_indices()
+        .filter(|(_, c)| *c == '#')
+        .find(|(i, _)| toml::from_str::<Table>(&line[..*i]).is_ok())
+        .map(|(i, _)| {
+            let start = line[..i].trim_end().len();
+            line[start..].to_string()
+        })
+}
+
 /// `text` as `# ` comment lines of at most 72 columns.
 fn comment_lines(text: &str) -> String {
     let mut lines: Vec<String> = Vec::new();
@@ -1115,8 +1296,8 @@ network_id = "{network_id}"
 # The choices: "tor" (Tor embedded in the node; peers reach it through its
 # onion service), "tor-system" (a tor you run, through its SOCKS and
 # ControlPort; see [tor]) or "direct" (TCP and QUIC over IP; peers learn
-# your IP address); [tor] hybrid = true adds direct TCP and QUIC beside
-# Tor. `openagi init --transport` changes it; see doc/tor.md.
+# your IP address); hybrid in [tor] adds direct TCP and QUIC beside Tor.
+# `openagi init --transport` changes it; see doc/tor.md.
 transport = "{transport}"
 
 # Multiaddrs to listen on (direct transport, or Tor in hybrid mode).
@@ -1622,6 +1803,70 @@ mod tests {
             why.contains("network.listen") && why.contains("tor.hybrid"),
             "{why}"
         );
+    }
+
+    #[test]
+    fn init_edits_an_existing_file_line_by_line_and_keeps_the_rest() {
+        let original = template("openagi-main");
+        let edits = init_edits(Some("mynet"), Some(InitTransport::Direct));
+        let (text, changes) = edit_config_text(&original, &edits).expect("editable");
+        assert_eq!(
+            changes,
+            [
+                "network.network_id: \"openagi-main\" -> \"mynet\"",
+                "network.transport: \"tor\" -> \"direct\"",
+            ]
+        );
+        let removed: Vec<&str> = original
+            .lines()
+            .filter(|l| !text.lines().any(|m| m == *l))
+            .collect();
+        assert_eq!(
+            removed,
+            ["network_id = \"openagi-main\"", "transport = \"tor\""]
+        );
+        assert_eq!(text.lines().count(), original.lines().count());
+        let c = load_text(&text, &[], &CliOverrides::default()).expect("loads");
+        assert_eq!(c.network.network_id, "mynet");
+        assert_eq!(c.network.transport, TransportMode::Direct);
+        // Again: nothing to change, nothing changed.
+        let (again, changes) = edit_config_text(&text, &edits).expect("editable");
+        assert!(changes.is_empty());
+        assert_eq!(again, text);
+
+        // A commented-out template line is uncommented; hybrid turns on.
+        let old = "[network]\nnetwork_id = \"a\"  # ours\n# transport = \"tor\"\n\n[tor]\n# hybrid = false\n";
+        // The transport is already "tor" (the default): its line stays.
+        let (text, changes) =
+            edit_config_text(old, &init_edits(Some("b"), Some(InitTransport::Hybrid)))
+                .expect("editable");
+        assert_eq!(
+            text,
+            "[network]\nnetwork_id = \"b\"  # ours\n# transport = \"tor\"\n\n[tor]\nhybrid = true\n"
+        );
+        assert_eq!(
+            changes,
+            [
+                "network.network_id: \"a\" -> \"b\"",
+                "tor.hybrid: false (the default) -> true"
+            ]
+        );
+        // A missing section is added.
+        let (text, _) =
+            edit_config_text("[api]\n", &init_edits(Some("b"), None)).expect("editable");
+        assert_eq!(text, "[api]\n\n[network]\nnetwork_id = \"b\"\n");
+    }
+
+    #[test]
+    fn a_file_init_cannot_edit_exactly_is_refused() {
+        let edits = init_edits(Some("mynet"), None);
+        let e = edit_config_text("network.network_id = \"x\"\n", &edits).expect_err("dotted key");
+        assert!(e.contains("dotted key"), "{e}");
+        let e = edit_config_text("network = { network_id = \"x\" }\n", &edits)
+            .expect_err("inline table");
+        assert!(e.contains("inline table"), "{e}");
+        let e = edit_config_text("[network\n", &edits).expect_err("not TOML");
+        assert!(e.contains("not valid TOML"), "{e}");
     }
 
     #[test]

@@ -197,11 +197,17 @@ impl DataDir {
         }
 
         let config_path = self.file(config::CONFIG_FILE);
+        if let Some(id) = &settings.network_id {
+            // Refused here rather than at the next `run`, before anything
+            // is written with it.
+            let mut check = config::Config::default();
+            check.network.network_id = id.clone();
+            check
+                .net_config("init")
+                .map_err(|e| anyhow::anyhow!("--network-id {id:?}: {e}"))?;
+        }
         if config_path.exists() {
-            report.lines.push(format!(
-                "found existing config {} (kept)",
-                config_path.display()
-            ));
+            report.lines.extend(update_config(&config_path, settings)?);
         } else {
             let defaults = config::Config::default();
             let network_id = settings
@@ -416,6 +422,56 @@ impl DataDir {
         })?;
         Ok(text.trim().to_string())
     }
+}
+
+/// Writes the settings `init` was given into the existing config at
+/// `path`, keeping its comments, other values and file mode; returns the
+/// lines that report it.
+fn update_config(path: &Path, settings: &InitSettings) -> Result<Vec<String>> {
+    let edits = config::init_edits(settings.network_id.as_deref(), settings.transport);
+    if edits.is_empty() {
+        return Ok(vec![format!(
+            "found existing config {} (kept)",
+            path.display()
+        )]);
+    }
+    let text =
+        fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    let (edited, changes) = config::edit_config_text(&text, &edits).map_err(|why| {
+        anyhow::anyhow!(
+            "cannot update the existing config {}: {why}; set {} there by hand, or move the file away and run `openagi init` again for a new one",
+            path.display(),
+            edits
+                .iter()
+                .map(|e| format!("{}.{} = {}", e.section, e.key, e.value))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    if changes.is_empty() {
+        return Ok(vec![format!(
+            "found existing config {} (kept: it already has {})",
+            path.display(),
+            edits
+                .iter()
+                .filter(|e| e.key != "hybrid" || e.value == toml::Value::Boolean(true))
+                .map(|e| format!("{}.{} = {}", e.section, e.key, e.value))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )]);
+    }
+    let mode = fs::metadata(path)
+        .with_context(|| format!("reading the mode of {}", path.display()))?
+        .permissions()
+        .mode()
+        & 0o777;
+    keyfile::write_atomic(path, edited.as_bytes(), mode)?;
+    let mut lines = vec![format!(
+        "updated existing config {} (comments and other settings kept; read at the next `openagi run`):",
+        path.display()
+    )];
+    lines.extend(changes.into_iter().map(|c| format!("  {c}")));
+    Ok(lines)
 }
 
 #[cfg(test)]

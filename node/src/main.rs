@@ -363,6 +363,28 @@ fn init_cli_logging() -> Result<()> {
     daemon::init_logging(&openagi_node::config::LogSection::default())
 }
 
+/// Says so at `init` when the installed genesis is for another network
+/// than the config's, which `run` would refuse.
+fn warn_on_genesis_mismatch(dir: &DataDir) {
+    let genesis =
+        openagi_node::genesis::Genesis::load(&dir.file(openagi_node::genesis::GENESIS_FILE));
+    // The config file alone: the environment of `init` is not the daemon's.
+    let config = openagi_node::config::Config::load(
+        dir.path(),
+        None,
+        std::iter::empty(),
+        &CliOverrides::default(),
+    );
+    if let (Ok(genesis), Ok(config)) = (genesis, config)
+        && genesis.network_id != config.network.network_id
+    {
+        eprintln!(
+            "warning: genesis.toml is for network {:?} but network.network_id is {:?}, which `run` refuses; add --network-id {} to this command",
+            genesis.network_id, config.network.network_id, genesis.network_id
+        );
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -390,6 +412,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             }
             if let Some(genesis) = genesis {
                 println!("{}", cli_ledger::install_genesis(&dir, &genesis)?);
+                warn_on_genesis_mismatch(&dir);
             }
             println!("peer id: {}", report.peer_id);
             Ok(())
