@@ -15,6 +15,7 @@ pub mod config;
 pub mod consensus;
 pub mod daemon;
 pub mod datadir;
+pub mod debug_bundle;
 pub mod devnet;
 pub mod federation;
 pub mod genesis;

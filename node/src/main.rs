@@ -12,7 +12,7 @@ use openagi_node::daemon::{self, RunOptions};
 use openagi_node::datadir::{DataDir, InitSettings};
 use openagi_node::output::OutputError;
 use openagi_node::passphrase::PassphraseSource;
-use openagi_node::{bench, cli_ledger, devnet, keys, status};
+use openagi_node::{bench, cli_ledger, debug_bundle, devnet, keys, status};
 use openagi_node::{out, outln};
 
 #[derive(Parser)]
@@ -131,6 +131,25 @@ enum Command {
     /// Federated learning: jobs on the network (submit, status, export),
     /// privacy planning, simulation, benchmark.
     Learn(openagi_node::learn::LearnArgs),
+    /// Material for bug reports.
+    Debug {
+        #[command(subcommand)]
+        command: DebugArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DebugArgs {
+    /// Write one tar.gz to attach to a bug report: versions, the config
+    /// (secrets redacted), the running daemon's status and metrics, recent
+    /// logs, the database schema version and the data directory's file
+    /// names and sizes. Never a key, token, passphrase or database
+    /// contents.
+    Bundle {
+        /// The archive to write [default: openagi-debug-<unix time>.tar.gz].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -588,5 +607,18 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             openagi_node::tor::run(&DataDir::new(&data_dir), command, &config)
         }
         Command::Learn(args) => openagi_node::learn::run(args, &DataDir::new(&data_dir)),
+        Command::Debug {
+            command: DebugArgs::Bundle { out },
+        } => {
+            let report = debug_bundle::write(&DataDir::new(&data_dir), out.as_deref())?;
+            for entry in &report.entries {
+                outln!("  {entry}")?;
+            }
+            if !report.daemon_running {
+                outln!("daemon not running: no status or metrics in the bundle")?;
+            }
+            outln!("wrote {}", report.path.display())?;
+            Ok(())
+        }
     }
 }

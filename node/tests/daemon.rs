@@ -510,6 +510,159 @@ fn metrics_are_valid_prometheus_text() {
     }
 }
 
+/// The files of a `debug bundle` archive, by path inside it.
+fn bundle_files(archive: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    use std::io::Read;
+    let file = std::fs::File::open(archive).expect("archive written");
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let mut files = Vec::new();
+    for entry in tar.entries().expect("a tar.gz") {
+        let mut entry = entry.expect("entry");
+        let path = entry.path().expect("path").to_string_lossy().into_owned();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).expect("contents");
+        files.push((path, bytes));
+    }
+    files
+}
+
+#[test]
+fn debug_bundle_has_what_a_bug_report_needs_and_no_secret() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = fresh_node(root.path(), "a");
+    let dir_text = dir.to_str().expect("utf-8");
+    let key_hex = std::fs::read_to_string(dir.join("node.key"))
+        .expect("plain hex key")
+        .trim()
+        .to_string();
+    let key_raw = hex_decode(&key_hex);
+    let token = std::fs::read_to_string(dir.join("api.token"))
+        .expect("token")
+        .trim()
+        .to_string();
+    let secrets: [(&str, Vec<u8>); 4] = [
+        ("key hex", key_hex.clone().into_bytes()),
+        (
+            "key hex upper case",
+            key_hex.to_ascii_uppercase().into_bytes(),
+        ),
+        ("raw key", key_raw),
+        ("token", token.into_bytes()),
+    ];
+    let check = |files: &[(String, Vec<u8>)]| {
+        for (path, bytes) in files {
+            for (what, secret) in &secrets {
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_slice()),
+                    "{path} contains the {what}"
+                );
+            }
+        }
+    };
+    let names = |files: &[(String, Vec<u8>)]| -> BTreeSet<String> {
+        files
+            .iter()
+            .filter_map(|(p, _)| p.split_once('/').map(|(_, rest)| rest.to_string()))
+            .collect()
+    };
+    let text = |files: &[(String, Vec<u8>)], name: &str| -> String {
+        files
+            .iter()
+            .find(|(p, _)| p.ends_with(&format!("/{name}")))
+            .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_else(|| panic!("no {name} in the bundle"))
+    };
+
+    // Stopped: the bundle says so.
+    let out = root.path().join("stopped.tar.gz");
+    let (status, stdout, err) = openagi(&[
+        "debug",
+        "bundle",
+        "--data-dir",
+        dir_text,
+        "--out",
+        out.to_str().expect("utf-8"),
+    ])
+    .expect("runs");
+    assert!(status.success(), "{stdout}{err}");
+    let files = bundle_files(&out);
+    check(&files);
+    assert!(text(&files, "daemon.txt").starts_with("daemon not running"));
+    assert!(!names(&files).contains("status.json"));
+
+    // Running, with a log file: status, metrics and logs come in.
+    let env = |k: &str, v: &str| (k.to_string(), v.to_string());
+    let options = DaemonOptions {
+        env: vec![env("OPENAGI_LOG_FILE", "node.log")],
+        ..Default::default()
+    };
+    let a = Daemon::start(&dir, &options).expect("starts");
+    let out = root.path().join("running.tar.gz");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_openagi"));
+    command
+        .args(["debug", "bundle", "--data-dir", dir_text, "--out"])
+        .arg(&out)
+        // The same settings the daemon got, so the bundle finds its log.
+        .env("OPENAGI_LOG_FILE", "node.log");
+    let output = command.output().expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let files = bundle_files(&out);
+    check(&files);
+    let listed = names(&files);
+    for name in [
+        "README.txt",
+        "versions.txt",
+        "config.toml",
+        "daemon.txt",
+        "status.json",
+        "metrics.txt",
+        "logs/node.log",
+        "store.txt",
+        "files.txt",
+    ] {
+        assert!(listed.contains(name), "{name} missing from {listed:?}");
+    }
+    assert_eq!(listed.len(), 9, "{listed:?}");
+    let versions = text(&files, "versions.txt");
+    assert!(
+        versions.contains(env!("CARGO_PKG_VERSION"))
+            && versions.contains("git commit ")
+            && versions.contains("rustc ")
+            && versions.contains("kernel Linux"),
+        "{versions}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&text(&files, "status.json")).expect("status json");
+    assert_eq!(status["node"]["peer_id"], a.peer_id().expect("peer id"));
+    assert!(text(&files, "metrics.txt").contains("openagi_build_info{"));
+    assert!(text(&files, "logs/node.log").contains("ready"));
+    assert!(text(&files, "store.txt").contains("schema version: "));
+    assert!(text(&files, "config.toml").contains("[network]"));
+    // Names and sizes of the data directory, never contents.
+    let listing = text(&files, "files.txt");
+    for name in ["node.key\t", "api.token\t", "node.redb\t", "openagi.toml\t"] {
+        assert!(listing.contains(name), "{name} not listed:\n{listing}");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&out)
+        .expect("archive")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+fn hex_decode(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
 #[test]
 fn devnet_connects_all_nodes_and_leaves_no_orphans() {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
