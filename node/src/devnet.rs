@@ -47,6 +47,72 @@ pub struct DevnetOptions {
     pub tx_rate: u32,
     /// Submit the digits training job once consensus runs.
     pub learning: bool,
+    /// Keep what an earlier devnet left in `dir` (keys, ledgers) instead
+    /// of starting a fresh network.
+    pub resume: bool,
+}
+
+/// Prepares `dir` for a devnet: a fresh network unless `resume`, in which
+/// case an earlier devnet's nodes keep their keys and ledgers. Only a
+/// directory that holds nothing but an earlier devnet's nodes is removed;
+/// anything else there is refused, so a mistyped `--dir` never costs data.
+/// Returns whether an earlier devnet is resumed.
+fn prepare_dir(dir: &Path, resume: bool) -> Result<bool> {
+    let entries: Vec<std::fs::DirEntry> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("reading {}", dir.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    if entries.is_empty() {
+        return Ok(false);
+    }
+    let mut nodes = 0;
+    for entry in &entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_node = name
+            .strip_prefix("node-")
+            .is_some_and(|n| n.parse::<usize>().is_ok())
+            && entry.path().join(crate::datadir::KEY_FILE).exists();
+        if is_node {
+            nodes += 1;
+        } else if name != "tornet" {
+            bail!(
+                "--dir {} is not empty and is not a devnet directory (it holds {name:?}); give another --dir, or empty it",
+                dir.display()
+            );
+        }
+    }
+    if resume {
+        println!(
+            "resuming the devnet in {} ({nodes} nodes from an earlier run): they keep their keys and ledgers; a training job already on the ledger is not submitted again",
+            dir.display()
+        );
+        return Ok(nodes > 0);
+    }
+    println!(
+        "{} holds an earlier devnet ({nodes} nodes); removing it to start a fresh network (--resume keeps it)",
+        dir.display()
+    );
+    for entry in entries {
+        std::fs::remove_dir_all(entry.path())
+            .with_context(|| format!("removing {}", entry.path().display()))?;
+    }
+    Ok(false)
+}
+
+/// What became of the devnet's training job.
+#[derive(Debug, Clone, PartialEq)]
+enum Learning {
+    /// `--no-learning`.
+    Off,
+    /// Not submitted yet: consensus has not committed a block.
+    Waiting,
+    /// Submitted in this run, or found on a resumed ledger.
+    Job(String),
+    /// The submission failed.
+    Failed(String),
 }
 
 /// The job a devnet trains.
@@ -246,6 +312,7 @@ pub(crate) async fn start_local_network(
 /// Runs the devnet until Ctrl-C (or `duration`), then stops every node.
 pub async fn run(options: DevnetOptions) -> Result<()> {
     let started = Instant::now();
+    let resumed = prepare_dir(&options.dir, options.resume)?;
     let (mut nodes, _tornet) =
         start_local_network(&options.dir, options.nodes, "", options.tor).await?;
     println!(
@@ -270,7 +337,15 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
         spawn_load(clients, options.tx_rate)
     });
 
-    let mut job_submitted = !options.learning;
+    let mut learning = if options.learning {
+        Learning::Waiting
+    } else {
+        Learning::Off
+    };
+    // A resumed ledger may already hold the job; the learning service
+    // reads it from the ledger after start, so give it a few ticks.
+    let mut ticks_with_consensus = 0u32;
+    let mut start_height = None;
     let interactive = std::io::stdout().is_terminal();
     let mut all_connected_after: Option<Duration> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -291,9 +366,18 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
             _ = &mut sleep_until_deadline => break,
             _ = tick.tick() => {
                 refresh(&mut nodes).await;
-                if !job_submitted && consensus_running(&nodes) {
-                    job_submitted = true;
-                    submit_job(&nodes).await;
+                if start_height.is_none() {
+                    start_height = nodes.first().and_then(|n| n.last_status.as_ref()).map(|s| s["ledger"]["height"].as_u64().unwrap_or(0));
+                }
+                if learning == Learning::Waiting && consensus_running(&nodes) {
+                    ticks_with_consensus += 1;
+                    let existing = resumed.then(|| devnet_job_on_ledger(&nodes)).flatten();
+                    if let Some(id) = existing {
+                        println!("the ledger already holds the digits training job {id}; not submitting it again");
+                        learning = Learning::Job(id);
+                    } else if !resumed || ticks_with_consensus >= 3 {
+                        learning = submit_job(&nodes).await;
+                    }
                 }
                 let expected = options.nodes.saturating_sub(1);
                 if all_connected_after.is_none()
@@ -320,6 +404,9 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = handle.join();
     }
+    // The last figures, read while the nodes still answer.
+    refresh(&mut nodes).await;
+    let summary = final_summary(&nodes, &learning, started.elapsed(), start_height);
     println!("stopping {} nodes...", nodes.len());
     let clean = stop_all(&mut nodes).await;
     if let Some(after) = all_connected_after {
@@ -329,11 +416,133 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
             after.as_secs_f64()
         );
     }
+    print!("{summary}");
     if !clean {
         bail!("some nodes did not stop cleanly; see their daemon.log files");
     }
-    println!("devnet stopped");
+    println!(
+        "devnet stopped; its data stays in {} (`openagi devnet --resume` continues it, a plain `openagi devnet` starts afresh)",
+        options.dir.display()
+    );
     Ok(())
+}
+
+/// The devnet job's id (shortened) when node 0's ledger holds it.
+fn devnet_job_on_ledger(nodes: &[Node]) -> Option<String> {
+    let name = toml::from_str::<openagi_learning::federation::JobSpec>(DEVNET_JOB)
+        .ok()?
+        .name;
+    nodes
+        .first()?
+        .last_jobs
+        .as_ref()?
+        .get("jobs")?
+        .as_array()?
+        .iter()
+        .map(|job| crate::cli_learn::JobSummary::of(job, 8))
+        .find(|job| job.name == name)
+        .map(|job| job.id)
+}
+
+/// What the devnet did, printed when it stops: blocks, transactions and
+/// the training job's outcome, from node 0's last status (another node's
+/// when node 0 is down).
+fn final_summary(
+    nodes: &[Node],
+    learning: &Learning,
+    elapsed: Duration,
+    start_height: Option<u64>,
+) -> String {
+    let status = nodes.iter().find_map(|n| n.last_status.as_ref());
+    let jobs = nodes
+        .first()
+        .and_then(|n| n.last_jobs.as_ref())
+        .and_then(|j| j["jobs"].as_array().cloned())
+        .unwrap_or_default();
+    summary_text(status, &jobs, learning, elapsed, start_height)
+}
+
+fn summary_text(
+    status: Option<&Value>,
+    jobs: &[Value],
+    learning: &Learning,
+    elapsed: Duration,
+    start_height: Option<u64>,
+) -> String {
+    let mut out = format!(
+        "devnet summary after {} s:
+",
+        elapsed.as_secs()
+    );
+    match status {
+        Some(s) => {
+            let height = s["ledger"]["height"].as_u64().unwrap_or(0);
+            let earlier = start_height
+                .filter(|h| *h > 0)
+                .map(|h| format!(" ({} in this run)", height.saturating_sub(h)))
+                .unwrap_or_default();
+            out.push_str(&format!("  blocks        {height}{earlier}\n"));
+            out.push_str(&format!(
+                "  transactions  {} committed in this run\n",
+                s["consensus"]["committed_txs"].as_u64().unwrap_or(0)
+            ));
+        }
+        None => out.push_str("  blocks        unknown: no node answered at the end\n"),
+    }
+    let outcome = match learning {
+        Learning::Off => "off (--no-learning)".to_string(),
+        Learning::Waiting => {
+            "not submitted: consensus committed no block before the devnet stopped".to_string()
+        }
+        Learning::Failed(why) => format!("not submitted: {why}"),
+        Learning::Job(id) => {
+            match jobs
+                .iter()
+                .map(|job| (job, crate::cli_learn::JobSummary::of(job, 8)))
+                .find(|(_, j)| j.id == *id)
+            {
+                None => format!("job {id}: not on node-0's ledger yet"),
+                Some((job, j)) => {
+                    let results = format!(
+                        "accuracy {}, ε {}",
+                        j.accuracy,
+                        j.epsilon.as_deref().unwrap_or("- (no DP)")
+                    );
+                    match j.state.as_str() {
+                        "finished" if j.round < j.rounds => format!(
+                            "{} ({id}) finished after {} of {} rounds (its privacy budget was spent): {results}",
+                            j.name, j.round, j.rounds
+                        ),
+                        "finished" => format!(
+                            "{} ({id}) finished all {} rounds: {results}",
+                            j.name, j.rounds
+                        ),
+                        "running" => format!(
+                            "{} ({id}) did not finish: the devnet stopped after round {} of {}: {results}",
+                            j.name, j.round, j.rounds
+                        ),
+                        "gathering" => format!(
+                            "{} ({id}) did not start: {}",
+                            j.name,
+                            job["waiting_for"]
+                                .as_str()
+                                .unwrap_or("it was waiting for joins")
+                        ),
+                        "interrupted" => format!(
+                            "{} ({id}) did not finish: its coordinator, node-0, was restarted (a resumed devnet does not continue a job; start without --resume for a new one); after round {}: {results}",
+                            j.name, j.round
+                        ),
+                        other => format!(
+                            "{} ({id}) {other} at round {} of {}: {results}",
+                            j.name, j.round, j.rounds
+                        ),
+                    }
+                }
+            }
+        }
+    };
+    out.push_str(&format!("  learning      {outcome}\n"));
+    out
 }
 
 /// Submits `rate` transactions a second, round-robin over `clients`, from
@@ -376,9 +585,9 @@ fn consensus_running(nodes: &[Node]) -> bool {
 }
 
 /// Submits the devnet's training job through node 0.
-async fn submit_job(nodes: &[Node]) {
+async fn submit_job(nodes: &[Node]) -> Learning {
     let Some(client) = nodes.first().and_then(|n| n.client.clone()) else {
-        return;
+        return Learning::Failed("node-0 has no API".into());
     };
     let answer = tokio::task::spawn_blocking(move || -> Result<Value> {
         let spec: openagi_learning::federation::JobSpec =
@@ -386,14 +595,17 @@ async fn submit_job(nodes: &[Node]) {
         client.post_json("/api/v1/learn/jobs", &serde_json::to_value(&spec)?)
     })
     .await;
-    match answer {
-        Ok(Ok(a)) => println!(
-            "submitted the digits training job {} through node-0",
-            a["job_id"].as_str().unwrap_or("?")
-        ),
-        Ok(Err(e)) => println!("the training job was not submitted: {e:#}"),
-        Err(e) => println!("the training job was not submitted: {e}"),
-    }
+    let why = match answer {
+        Ok(Ok(a)) => {
+            let id = a["job_id"].as_str().unwrap_or("?");
+            println!("submitted the digits training job {id} through node-0");
+            return Learning::Job(id.get(..8).unwrap_or(id).to_string());
+        }
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(e) => e.to_string(),
+    };
+    println!("the training job was not submitted: {why}");
+    Learning::Failed(why)
 }
 
 fn peer_count(node: &Node) -> usize {
@@ -611,4 +823,83 @@ pub(crate) async fn stop_all(nodes: &mut [Node]) -> bool {
         }
     }
     clean
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(state: &str, round: u64, rounds: u64) -> Value {
+        serde_json::json!({
+            "job_id": "0123456789abcdef",
+            "name": "digits-logreg",
+            "state": state,
+            "rounds": rounds,
+            "joined": 4,
+            "history": [{ "round": round, "accuracy": 0.9, "epsilon": 1.5 }],
+        })
+    }
+
+    #[test]
+    fn the_summary_says_what_the_devnet_did() {
+        let status = serde_json::json!({
+            "ledger": { "height": 40 },
+            "consensus": { "committed_txs": 300 },
+        });
+        let elapsed = Duration::from_secs(61);
+        let id = Learning::Job("01234567".into());
+        let text = summary_text(
+            Some(&status),
+            &[job("finished", 20, 20)],
+            &id,
+            elapsed,
+            Some(0),
+        );
+        assert!(text.contains("after 61 s"), "{text}");
+        assert!(text.contains("blocks        40\n"), "{text}");
+        assert!(text.contains("transactions  300 committed"), "{text}");
+        assert!(
+            text.contains("finished all 20 rounds: accuracy 90.0%, ε 1.5"),
+            "{text}"
+        );
+        let text = summary_text(
+            Some(&status),
+            &[job("running", 5, 20)],
+            &id,
+            elapsed,
+            Some(30),
+        );
+        assert!(text.contains("40 (10 in this run)"), "{text}");
+        assert!(
+            text.contains("did not finish: the devnet stopped after round 5 of 20"),
+            "{text}"
+        );
+        let text = summary_text(Some(&status), &[job("finished", 7, 20)], &id, elapsed, None);
+        assert!(text.contains("privacy budget"), "{text}");
+        let text = summary_text(Some(&status), &[], &Learning::Waiting, elapsed, None);
+        assert!(text.contains("consensus committed no block"), "{text}");
+        let text = summary_text(None, &[], &Learning::Off, elapsed, None);
+        assert!(
+            text.contains("no node answered") && text.contains("--no-learning"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn only_an_earlier_devnet_is_removed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("devnet");
+        assert!(!prepare_dir(&dir, false).expect("missing is fine"));
+        let node = dir.join("node-0");
+        std::fs::create_dir_all(&node).expect("mkdir");
+        std::fs::write(node.join(crate::datadir::KEY_FILE), "x").expect("write");
+        assert!(prepare_dir(&dir, true).expect("resume"));
+        assert!(node.exists(), "--resume keeps the nodes");
+        assert!(!prepare_dir(&dir, false).expect("fresh"));
+        assert!(!node.exists(), "a fresh devnet removes the old nodes");
+        std::fs::write(dir.join("notes.txt"), "mine").expect("write");
+        let e = prepare_dir(&dir, false).expect_err("not a devnet");
+        assert!(e.to_string().contains("notes.txt"), "{e}");
+        assert!(dir.join("notes.txt").exists());
+    }
 }

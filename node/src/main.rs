@@ -103,6 +103,13 @@ enum Command {
         json: bool,
     },
     /// Run a local multi-node network on loopback.
+    ///
+    /// Every run starts a fresh network: an earlier devnet in --dir is
+    /// removed first, after saying so (--resume keeps its keys and ledgers
+    /// instead). A --dir holding anything else is refused. When the devnet
+    /// stops (--duration elapsed or Ctrl-C) it prints a summary: blocks,
+    /// transactions committed, and the training job's outcome (rounds,
+    /// accuracy, ε, or why it did not finish).
     Devnet {
         /// Number of nodes.
         #[arg(long, default_value_t = 4)]
@@ -124,6 +131,11 @@ enum Command {
         /// (`configs/digits-job.toml`) once consensus runs.
         #[arg(long)]
         no_learning: bool,
+        /// Continue the devnet left in --dir (same keys and ledgers) instead
+        /// of starting a fresh one; a training job already on its ledger is
+        /// not submitted again.
+        #[arg(long)]
+        resume: bool,
     },
     /// Tor onion service commands.
     #[command(subcommand)]
@@ -586,6 +598,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             tor,
             tx_rate,
             no_learning,
+            resume,
         } => runtime()?.block_on(devnet::run(devnet::DevnetOptions {
             nodes,
             dir,
@@ -593,6 +606,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             tor,
             tx_rate,
             learning: !no_learning,
+            resume,
         })),
         Command::Tor(command) => {
             let options = RunOptions {
