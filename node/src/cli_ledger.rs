@@ -3,12 +3,14 @@
 //! served by the running daemon or the data directory.
 
 use anyhow::{Context, Result, bail};
+use openagi_consensus::types::genesis_hash;
 use serde_json::{Value, json};
 
 use crate::client::ApiClient;
 use crate::datadir::DataDir;
 use crate::genesis::{GENESIS_FILE, Genesis};
 use crate::outln;
+use crate::store::{LedgerReader, STORE_FILE};
 
 /// Prints the node's identity: peer id, public key and fingerprint.
 pub fn keys_show(
@@ -141,10 +143,37 @@ fn text(v: &Value) -> String {
         .unwrap_or_else(|| v.to_string())
 }
 
-/// `openagi ledger head|get|verify`.
+/// `openagi ledger head|get|verify`: through the daemon's API while one
+/// runs on `dir`, otherwise from its database, which is not changed.
 pub fn ledger(dir: &DataDir, command: LedgerCommand, json_output: bool) -> Result<()> {
+    if !dir.path().is_dir() {
+        bail!(
+            "no data directory at {} (`openagi init` creates one; --data-dir names another)",
+            dir.path().display()
+        );
+    }
+    let (answer, ok) = match dir.lock_shared() {
+        // Held while reading, so no daemon starts and writes meanwhile.
+        Ok(Some(_no_daemon)) => ledger_offline(dir, command)
+            .with_context(|| format!("no daemon runs on {}", dir.path().display()))?,
+        Ok(None) => ledger_online(dir, command).context(
+            "a daemon holds the data directory's lock (so its database cannot be read directly), \
+             but its API did not answer",
+        )?,
+        Err(lock_error) => ledger_online(dir, command).map_err(|api_error| {
+            anyhow::anyhow!(
+                "cannot read the ledger: whether a daemon runs is unknown ({lock_error:#}), \
+                 and no daemon answers ({api_error:#})"
+            )
+        })?,
+    };
+    show_ledger(command, &answer, ok, json_output)
+}
+
+/// The answer of the running daemon's API, and whether it is a success.
+fn ledger_online(dir: &DataDir, command: LedgerCommand) -> Result<(Value, bool)> {
     let client = ApiClient::from_data_dir(dir)?;
-    let (answer, ok) = match command {
+    Ok(match command {
         LedgerCommand::Head => (client.get_json("/api/v1/ledger/head")?, true),
         LedgerCommand::Get(height) => (
             client.get_json(&format!("/api/v1/ledger/blocks/{height}"))?,
@@ -158,7 +187,60 @@ pub fn ledger(dir: &DataDir, command: LedgerCommand, json_output: bool) -> Resul
             let ok = v["ok"].as_bool().unwrap_or(false);
             (v, ok)
         }
-    };
+    })
+}
+
+/// The same answer as the API's, from the database of a node whose daemon
+/// is not running (the caller holds the lock that says so).
+fn ledger_offline(dir: &DataDir, command: LedgerCommand) -> Result<(Value, bool)> {
+    let genesis_path = dir.file(GENESIS_FILE);
+    if !genesis_path.exists() {
+        bail!(
+            "{} is missing: this node runs no consensus and keeps no ledger",
+            genesis_path.display()
+        );
+    }
+    let validators = Genesis::load(&genesis_path)?.validator_set()?;
+    let reader = LedgerReader::open(dir.path())?;
+    // On stderr, so that --json output stays one document.
+    eprintln!(
+        "no daemon runs on {}: reading {}{}",
+        dir.path().display(),
+        dir.file(STORE_FILE).display(),
+        if reader.repaired() {
+            " (left open by a crash: read from a repaired copy; the file is not changed)"
+        } else {
+            ""
+        }
+    );
+    Ok(match command {
+        LedgerCommand::Head => {
+            let height = reader.head_height()?;
+            let hash = match reader.block(height)? {
+                Some((block, _)) => block.hash(),
+                None if height == 0 => genesis_hash(validators.network()),
+                None => bail!("the head block {height} is missing from the database"),
+            };
+            let head = json!({
+                "height": height,
+                "head_hash": hex::encode(hash),
+                "view": reader.view()?,
+            });
+            (head, true)
+        }
+        LedgerCommand::Get(height) => match reader.block(height)? {
+            Some((block, certificate)) => (crate::api::block_json(&block, &certificate), true),
+            None => bail!("no block at height {height}"),
+        },
+        LedgerCommand::Verify => match crate::ledger::verify_blocks(&reader, &validators) {
+            Ok(height) => (json!({ "ok": true, "height": height }), true),
+            Err(e) => (json!({ "ok": false, "error": format!("{e:#}") }), false),
+        },
+    })
+}
+
+/// Prints a ledger answer, failing after a verification that failed.
+fn show_ledger(command: LedgerCommand, answer: &Value, ok: bool, json_output: bool) -> Result<()> {
     if json_output {
         outln!("{}", serde_json::to_string_pretty(&answer)?)?;
     } else {

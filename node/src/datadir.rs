@@ -299,6 +299,31 @@ impl DataDir {
         }
     }
 
+    /// Takes the lock shared when no daemon holds it, for a command that
+    /// reads the database itself: while held, no daemon can start and
+    /// write. `None` while a daemon runs.
+    pub fn lock_shared(&self) -> Result<Option<DirLock>> {
+        let path = self.file(LOCK_FILE);
+        // Read access is enough for a lock, so an operator who may only
+        // read the directory can still read a stopped node's ledger.
+        let file = match fs::File::open(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path),
+            other => other,
+        }
+        .with_context(|| format!("opening lock file {}", path.display()))?;
+        match file.try_lock_shared() {
+            Ok(()) => Ok(Some(DirLock { _file: file })),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("locking {}", path.display()))
+            }
+        }
+    }
+
     /// Loads the identity, telling the operator to run `init` if missing.
     ///
     /// This is the one place the node reads its key. Both formats load: the
@@ -525,5 +550,18 @@ mod tests {
         assert!(err.to_string().contains("already running"), "{err}");
         drop(held);
         dir.lock().expect("free again");
+    }
+
+    #[test]
+    fn a_shared_lock_is_had_only_while_no_daemon_holds_the_lock() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = DataDir::new(tmp.path());
+        let reading = dir.lock_shared().expect("locks").expect("no daemon");
+        let also = dir.lock_shared().expect("locks").expect("readers share");
+        assert!(dir.lock().is_err(), "no daemon starts while one reads");
+        drop((reading, also));
+        let daemon = dir.lock().expect("daemon locks");
+        assert!(dir.lock_shared().expect("locks").is_none());
+        drop(daemon);
     }
 }

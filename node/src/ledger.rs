@@ -4,7 +4,7 @@ use anyhow::{Result, bail};
 use openagi_consensus::types::{ChainAnchor, verify_chain_from};
 use openagi_consensus::{StrictCrypto, ValidatorSet};
 
-use crate::store::Store;
+use crate::store::{BlockSource, Store};
 
 /// Blocks checked per read, so verifying a long chain needs bounded memory.
 const VERIFY_CHUNK: usize = 1024;
@@ -13,6 +13,12 @@ const VERIFY_CHUNK: usize = 1024;
 /// timestamps and commit certificates (strict Ed25519). Returns the
 /// verified height.
 pub fn verify_stored(store: &Store, validators: &ValidatorSet) -> Result<u64> {
+    verify_blocks(store, validators)
+}
+
+/// [`verify_stored`] over any block source, such as the database of a
+/// stopped node.
+pub fn verify_blocks(store: &impl BlockSource, validators: &ValidatorSet) -> Result<u64> {
     let mut anchor = ChainAnchor::genesis(validators.network());
     loop {
         let chunk = store.blocks_from(anchor.height + 1, VERIFY_CHUNK)?;

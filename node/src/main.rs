@@ -66,7 +66,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Read or verify the ledger of the running daemon.
+    /// Read or verify the ledger: through the running daemon, or, when
+    /// none runs, from the data directory's database (left unchanged).
     Ledger {
         #[command(subcommand)]
         command: LedgerArgs,

@@ -12,7 +12,7 @@
 //! The engine sits behind this module alone, so changing it is a one-file
 //! change.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use openagi_consensus::{Block, CommitCertificate, PersistRecord, PersistedState};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -80,6 +80,9 @@ pub enum StoreError {
         /// The newest version this build reads.
         supported: u32,
     },
+    /// There is no database: the node has not run yet.
+    #[error("no database at {}: this node has not run yet", .0.display())]
+    Missing(PathBuf),
     /// A stored record could not be decoded.
     #[error("corrupt record in table {table}, key {key}: {detail}")]
     Corrupt {
@@ -93,7 +96,7 @@ pub enum StoreError {
 }
 
 /// The stamped schema version; a database without one is version 1.
-fn read_schema_version(db: &Database) -> Result<u32, StoreError> {
+fn read_schema_version(db: &impl ReadableDatabase) -> Result<u32, StoreError> {
     let txn = db.begin_read().map_err(engine)?;
     let meta = match txn.open_table(META) {
         Ok(meta) => meta,
@@ -509,12 +512,7 @@ impl Store {
 
     /// The block at `height` with its certificate.
     pub fn block(&self, height: u64) -> Result<Option<(Block, CommitCertificate)>, StoreError> {
-        let txn = self.db.begin_read().map_err(engine)?;
-        let blocks = txn.open_table(BLOCKS).map_err(engine)?;
-        match blocks.get(height).map_err(engine)? {
-            Some(v) => Ok(Some(decode("blocks", &height.to_string(), v.value())?)),
-            None => Ok(None),
-        }
+        read_block(&self.db, height)
     }
 
     /// All blocks from `from` up, at most `limit`.
@@ -523,21 +521,12 @@ impl Store {
         from: u64,
         limit: usize,
     ) -> Result<Vec<(Block, CommitCertificate)>, StoreError> {
-        let txn = self.db.begin_read().map_err(engine)?;
-        let blocks = txn.open_table(BLOCKS).map_err(engine)?;
-        let mut out = Vec::new();
-        for row in blocks.range(from..).map_err(engine)?.take(limit) {
-            let (k, v) = row.map_err(engine)?;
-            out.push(decode("blocks", &k.value().to_string(), v.value())?);
-        }
-        Ok(out)
+        read_blocks_from(&self.db, from, limit)
     }
 
     /// The height of the last stored block (0: none yet).
     pub fn head_height(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(engine)?;
-        let blocks = txn.open_table(BLOCKS).map_err(engine)?;
-        Ok(blocks.last().map_err(engine)?.map_or(0, |(k, _)| k.value()))
+        read_head_height(&self.db)
     }
 
     /// Reserves the next sequence number for transactions this node
@@ -557,6 +546,204 @@ impl Store {
         };
         txn.commit().map_err(engine)?;
         Ok(next)
+    }
+}
+
+/// Somewhere stored blocks can be read from: the daemon's [`Store`] or a
+/// [`LedgerReader`] of a stopped node's database.
+pub trait BlockSource {
+    /// All blocks from `from` up, at most `limit`.
+    fn blocks_from(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(Block, CommitCertificate)>, StoreError>;
+}
+
+impl BlockSource for Store {
+    fn blocks_from(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(Block, CommitCertificate)>, StoreError> {
+        Store::blocks_from(self, from, limit)
+    }
+}
+
+fn read_block(
+    db: &impl ReadableDatabase,
+    height: u64,
+) -> Result<Option<(Block, CommitCertificate)>, StoreError> {
+    let txn = db.begin_read().map_err(engine)?;
+    let blocks = txn.open_table(BLOCKS).map_err(engine)?;
+    match blocks.get(height).map_err(engine)? {
+        Some(v) => Ok(Some(decode("blocks", &height.to_string(), v.value())?)),
+        None => Ok(None),
+    }
+}
+
+fn read_blocks_from(
+    db: &impl ReadableDatabase,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<(Block, CommitCertificate)>, StoreError> {
+    let txn = db.begin_read().map_err(engine)?;
+    let blocks = txn.open_table(BLOCKS).map_err(engine)?;
+    let mut out = Vec::new();
+    for row in blocks.range(from..).map_err(engine)?.take(limit) {
+        let (k, v) = row.map_err(engine)?;
+        out.push(decode("blocks", &k.value().to_string(), v.value())?);
+    }
+    Ok(out)
+}
+
+fn read_head_height(db: &impl ReadableDatabase) -> Result<u64, StoreError> {
+    let txn = db.begin_read().map_err(engine)?;
+    let blocks = txn.open_table(BLOCKS).map_err(engine)?;
+    Ok(blocks.last().map_err(engine)?.map_or(0, |(k, _)| k.value()))
+}
+
+/// The ledger in the database of a node whose daemon is not running, read
+/// without changing the file: `openagi ledger` on a stopped or crashed
+/// node.
+///
+/// A database closed cleanly opens read-only. One left by a crash cannot:
+/// redb first rebuilds its allocator state, which writes to the file, so
+/// the reader copies the file to the temporary directory, lets redb
+/// repair the copy, and removes the copy when dropped. The caller makes
+/// sure no daemon writes meanwhile (the data directory's lock).
+pub struct LedgerReader {
+    db: ReaderDb,
+    /// Dropped after `db`, so the copy is closed before it is removed.
+    copy: Option<TempCopy>,
+}
+
+enum ReaderDb {
+    ReadOnly(redb::ReadOnlyDatabase),
+    Repaired(Database),
+}
+
+/// A temporary file, removed when dropped.
+struct TempCopy(PathBuf);
+
+impl Drop for TempCopy {
+    fn drop(&mut self) {
+        // Best effort: a copy left behind in the temporary directory holds
+        // nothing the data directory does not.
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl LedgerReader {
+    /// Opens `node.redb` in `data_dir` for reading.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let path = data_dir.join(STORE_FILE);
+        if !path.exists() {
+            return Err(StoreError::Missing(path));
+        }
+        let reader = match redb::ReadOnlyDatabase::open(&path) {
+            Ok(db) => Self {
+                db: ReaderDb::ReadOnly(db),
+                copy: None,
+            },
+            Err(redb::DatabaseError::RepairAborted) => Self::open_repaired_copy(&path)?,
+            Err(e) => return Err(engine(e)),
+        };
+        let found = match &reader.db {
+            ReaderDb::ReadOnly(db) => read_schema_version(db)?,
+            ReaderDb::Repaired(db) => read_schema_version(db)?,
+        };
+        // Blocks have had one layout in every schema so far, so an older
+        // database reads as it is; a newer one may not.
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        Ok(reader)
+    }
+
+    fn open_repaired_copy(path: &Path) -> Result<Self, StoreError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let copy = TempCopy(std::env::temp_dir().join(format!(
+            "openagi-ledger-{}-{nanos}.redb",
+            std::process::id()
+        )));
+        let io = |what: &str, e: std::io::Error| {
+            StoreError::Engine(format!("{what} {}: {e}", copy.0.display()))
+        };
+        let mut target = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&copy.0)
+            .map_err(|e| io("creating the copy", e))?;
+        let mut source = std::fs::File::open(path)
+            .map_err(|e| StoreError::Engine(format!("{}: {e}", path.display())))?;
+        std::io::copy(&mut source, &mut target).map_err(|e| io("copying to", e))?;
+        drop(target);
+        let db = Database::create(&copy.0).map_err(engine)?;
+        Ok(Self {
+            db: ReaderDb::Repaired(db),
+            copy: Some(copy),
+        })
+    }
+
+    /// Whether the database was left by a crash, so what is read comes
+    /// from a repaired copy (the same committed data).
+    pub fn repaired(&self) -> bool {
+        self.copy.is_some()
+    }
+
+    /// The block at `height` with its certificate.
+    pub fn block(&self, height: u64) -> Result<Option<(Block, CommitCertificate)>, StoreError> {
+        match &self.db {
+            ReaderDb::ReadOnly(db) => read_block(db, height),
+            ReaderDb::Repaired(db) => read_block(db, height),
+        }
+    }
+
+    /// The height of the last stored block (0: none yet).
+    pub fn head_height(&self) -> Result<u64, StoreError> {
+        match &self.db {
+            ReaderDb::ReadOnly(db) => read_head_height(db),
+            ReaderDb::Repaired(db) => read_head_height(db),
+        }
+    }
+
+    /// The last consensus view the replica entered (0: none recorded).
+    pub fn view(&self) -> Result<u64, StoreError> {
+        let txn = match &self.db {
+            ReaderDb::ReadOnly(db) => db.begin_read(),
+            ReaderDb::Repaired(db) => db.begin_read(),
+        }
+        .map_err(engine)?;
+        let meta = match txn.open_table(PBFT_META) {
+            Ok(meta) => meta,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+            Err(e) => return Err(engine(e)),
+        };
+        match meta.get("view").map_err(engine)? {
+            Some(v) => Ok(decode::<(u64, bool)>("pbft_meta", "view", v.value())?.0),
+            None => Ok(0),
+        }
+    }
+}
+
+impl BlockSource for LedgerReader {
+    fn blocks_from(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(Block, CommitCertificate)>, StoreError> {
+        match &self.db {
+            ReaderDb::ReadOnly(db) => read_blocks_from(db, from, limit),
+            ReaderDb::Repaired(db) => read_blocks_from(db, from, limit),
+        }
     }
 }
 

@@ -713,3 +713,102 @@ fn a_taken_p2p_port_is_named_with_its_cause() {
     assert!(err.contains("Address already in use"), "{err}");
     drop(taken);
 }
+
+/// `openagi ledger …` on `dir` with `--json`: status, parsed answer, stderr.
+fn ledger_json(dir: &std::path::Path, args: &[&str]) -> (bool, serde_json::Value, String) {
+    let mut all = vec![
+        "ledger",
+        "--json",
+        "--data-dir",
+        dir.to_str().expect("utf-8"),
+    ];
+    all.extend_from_slice(args);
+    let (status, out, err) = openagi(&all).expect("runs");
+    let answer = serde_json::from_str(&out).unwrap_or(serde_json::Value::Null);
+    (status.success(), answer, err)
+}
+
+#[test]
+fn a_stopped_or_crashed_nodes_ledger_reads_and_verifies_offline() {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let dirs = openagi_tests::init_validators(root.path(), 1).expect("one validator");
+    let dir = &dirs[0];
+    let mut node = Daemon::start(dir, &DaemonOptions::default()).expect("starts");
+    for text in ["one", "two"] {
+        let (code, body) = node
+            .post(
+                "/api/v1/tx",
+                &serde_json::json!({ "payload": text, "wait": true }),
+            )
+            .expect("answers");
+        assert_eq!(code, 200, "{body}\n{}", node.log());
+        assert_eq!(body["status"], "committed", "{body}");
+    }
+    let (ok, online, err) = ledger_json(dir, &["head"]);
+    assert!(ok, "through the API: {err}");
+    let height = online["height"].as_u64().expect("height");
+    assert!(height >= 2, "{online}");
+
+    node.signal(Signal::SIGTERM).expect("signal");
+    assert!(
+        node.wait_exit(Duration::from_secs(12))
+            .expect("exits")
+            .success()
+    );
+    let store = dir.join("node.redb");
+    let before = std::fs::read(&store).expect("database");
+    let (ok, head, err) = ledger_json(dir, &["head"]);
+    assert!(ok, "{err}");
+    assert_eq!(head["height"], online["height"], "{err}");
+    assert_eq!(head["head_hash"], online["head_hash"], "{err}");
+    assert!(err.contains("no daemon runs"), "says where it read: {err}");
+    assert!(
+        !err.contains("crash"),
+        "a clean stop is read in place: {err}"
+    );
+    let (ok, block, err) = ledger_json(dir, &["get", "1"]);
+    assert!(ok && block["height"] == 1, "{block} {err}");
+    let (ok, verified, err) = ledger_json(dir, &["verify"]);
+    assert!(ok, "{verified} {err}");
+    assert_eq!(verified["ok"], true);
+    assert_eq!(verified["height"], online["height"]);
+    let (status, out, err) = openagi(&[
+        "ledger",
+        "verify",
+        "--data-dir",
+        dir.to_str().expect("utf-8"),
+    ])
+    .expect("runs");
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains(&format!("to height {height}")), "{out}");
+    assert_eq!(
+        std::fs::read(&store).expect("database"),
+        before,
+        "unchanged"
+    );
+
+    // A crash leaves the database open; reading it must not repair it in
+    // place either.
+    let mut node = Daemon::start(dir, &DaemonOptions::default()).expect("restarts");
+    node.kill_hard().expect("SIGKILL");
+    let before = std::fs::read(&store).expect("database");
+    let (ok, head, err) = ledger_json(dir, &["head"]);
+    assert!(ok, "{err}");
+    assert_eq!(head["head_hash"], online["head_hash"], "{err}");
+    assert!(err.contains("repaired copy"), "{err}");
+    let (ok, verified, err) = ledger_json(dir, &["verify"]);
+    assert!(ok && verified["height"] == height, "{verified} {err}");
+    assert_eq!(
+        std::fs::read(&store).expect("database"),
+        before,
+        "unchanged"
+    );
+
+    // A data directory without a database says so.
+    let empty = root.path().join("fresh");
+    init(&empty).expect("init");
+    std::fs::copy(root.path().join("genesis.toml"), empty.join("genesis.toml")).expect("genesis");
+    let (ok, _, err) = ledger_json(&empty, &["head"]);
+    assert!(!ok && err.contains("has not run yet"), "{err}");
+}
