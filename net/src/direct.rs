@@ -2,7 +2,9 @@
 //!
 //! Consensus traffic goes to the validators that need it, not flooded over
 //! gossip. A message is one stream: the sender writes it and closes, the
-//! end of the stream delimits it, nothing is answered. The payload is
+//! end of the stream delimits it, and the receiver closes its side once it
+//! has read it (the acknowledgement: a stream dropped unread ends in a
+//! reset, and the sender tries once more). The payload is
 //! whatever the caller encoded (the node puts bundles of PBFT messages
 //! here); this layer decides who may send, how much and how many at once.
 //!
@@ -15,10 +17,11 @@
 //! [`MAX_QUEUED_STREAMS_PER_PEER`] more waiting.
 //!
 //! Outbound, each destination has one writer task fed by a bounded queue,
-//! so messages to one peer are written one after another and a slow peer
+//! with [`SENDS_IN_FLIGHT_PER_PEER`] messages in flight, so a slow peer
 //! delays only its own queue; a full queue drops the message (consensus
-//! retransmits). The receiver reads a peer's streams in the order they
-//! were opened, so messages arrive in the order they were sent.
+//! retransmits). The receiver reads a peer's streams one at a time in the
+//! order they reach it; with two connections to a peer neighbours can
+//! swap, so order is not promised (PBFT does not need it).
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -34,7 +37,6 @@ use crate::bounded::{read_bounded, write_and_close};
 use crate::budget::ByteBudgets;
 use crate::metrics::{Direction, NetMetrics, ProtocolLabels};
 use crate::score::Penalties;
-use crate::service::NetEvent;
 
 /// The protocol name. Version 2: one-way streams, no acknowledgement.
 pub const DIRECT_PROTOCOL: StreamProtocol = StreamProtocol::new("/openagi/direct/2");
@@ -63,12 +65,32 @@ pub const DIRECT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// a few seconds, and beyond it retransmission is cheaper than memory.
 pub const OUTBOUND_QUEUE_PER_PEER: usize = 64;
 
+/// Messages to one peer in flight at once (written and not yet
+/// acknowledged); the receiver queues up to [`MAX_QUEUED_STREAMS_PER_PEER`].
+pub const SENDS_IN_FLIGHT_PER_PEER: usize = 8;
+
 /// Destinations with a writer at once; a writer idle for
 /// [`WRITER_IDLE`] ends, so this bounds tasks, not peers over time.
 pub const MAX_DESTINATIONS: usize = 256;
 
 /// How long an idle writer waits before it ends.
 pub const WRITER_IDLE: Duration = Duration::from_secs(60);
+
+/// Direct messages read and waiting for the node, which reads them
+/// straight from the network (the consensus task does), not through the
+/// general event channel. Sized for bursts of votes from every validator:
+/// separate from everything else, so nothing crowds votes out.
+pub const DIRECT_INBOX: usize = 8192;
+
+/// A direct message from a peer.
+#[derive(Debug, Clone)]
+pub struct DirectMessage {
+    /// The sending peer (authenticated by the connection, and one the
+    /// node allowed).
+    pub from: PeerId,
+    /// The message, at most [`MAX_DIRECT_BYTES`].
+    pub data: Vec<u8>,
+}
 
 /// The peers allowed to open direct streams to this node.
 #[derive(Clone, Default)]
@@ -102,11 +124,11 @@ fn refuse(penalties: &Penalties, peer: PeerId, reason: &'static str) {
 /// that peer's reader (at most [`MAX_QUEUED_STREAMS_PER_PEER`], beyond
 /// which they are reset), which reads them one at a time, in the order
 /// they were opened, within the size and time limits, and hands each
-/// message to the node as [`NetEvent::Direct`].
+/// message to the node's direct inbox ([`crate::NetHandle::take_direct_inbox`]).
 pub(crate) async fn serve_inbound(
     mut incoming: libp2p_stream::IncomingStreams,
     allowed: DirectPeers,
-    events: mpsc::Sender<NetEvent>,
+    inbox: mpsc::Sender<DirectMessage>,
     metrics: NetMetrics,
     penalties: Penalties,
     budgets: ByteBudgets,
@@ -147,7 +169,7 @@ pub(crate) async fn serve_inbound(
         tokio::spawn(read_from_peer(
             peer,
             rx,
-            events.clone(),
+            inbox.clone(),
             metrics.clone(),
             penalties.clone(),
             budgets.clone(),
@@ -160,7 +182,7 @@ pub(crate) async fn serve_inbound(
 async fn read_from_peer(
     peer: PeerId,
     mut queue: mpsc::Receiver<libp2p::Stream>,
-    events: mpsc::Sender<NetEvent>,
+    inbox: mpsc::Sender<DirectMessage>,
     metrics: NetMetrics,
     penalties: Penalties,
     budgets: ByteBudgets,
@@ -189,6 +211,8 @@ async fn read_from_peer(
                 continue;
             }
         };
+        // Closing our side tells the sender the message was read.
+        let _ = stream.close().await;
         metrics
             .payload_bytes
             .get_or_create(&ProtocolLabels {
@@ -199,10 +223,8 @@ async fn read_from_peer(
         // Read already: delivered, but an overdrawn peer's next streams
         // are refused until its budget refills.
         budgets.charge(peer, data.len(), std::time::Instant::now());
-        if events
-            .try_send(NetEvent::Direct { from: peer, data })
-            .is_err()
-        {
+        if inbox.try_send(DirectMessage { from: peer, data }).is_err() {
+            // The consensus task is far behind; PBFT retransmits.
             metrics.events_dropped.inc();
         }
     }
@@ -261,43 +283,77 @@ impl DirectSender {
     }
 }
 
-/// Writes `peer`'s messages in order, one stream each, until the queue
-/// has been idle for [`WRITER_IDLE`].
+/// Sends `peer`'s messages, up to [`SENDS_IN_FLIGHT_PER_PEER`] at once,
+/// until the queue has been idle for [`WRITER_IDLE`].
 async fn write_to_peer(
-    mut control: libp2p_stream::Control,
+    control: libp2p_stream::Control,
     peer: PeerId,
     mut queue: mpsc::Receiver<Vec<u8>>,
     metrics: NetMetrics,
 ) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(SENDS_IN_FLIGHT_PER_PEER));
     while let Ok(Some(data)) = tokio::time::timeout(WRITER_IDLE, queue.recv()).await {
-        let sent = tokio::time::timeout(DIRECT_WRITE_TIMEOUT, async {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut control = control.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let sent = tokio::time::timeout(
+                DIRECT_WRITE_TIMEOUT,
+                send_acknowledged(&mut control, peer, &data),
+            )
+            .await;
+            match sent {
+                Ok(Ok(())) => {
+                    metrics
+                        .payload_bytes
+                        .get_or_create(&ProtocolLabels {
+                            protocol: "direct",
+                            direction: Direction::Outbound,
+                        })
+                        .inc_by(data.len() as u64);
+                }
+                Ok(Err(e)) => {
+                    metrics.direct_failures.inc();
+                    debug!(%peer, error = %e, "direct message not delivered");
+                }
+                Err(_) => {
+                    metrics.direct_failures.inc();
+                    debug!(%peer, "direct message not delivered in time");
+                }
+            }
+        });
+    }
+}
+
+/// Sends one message and waits for the receiver to close its side, which
+/// it does once it has read the message. A stream the receiver dropped
+/// unread (its connection closed under it, or the stream layer shed it
+/// while the reader was busy) ends in a reset instead, and gets one more
+/// try on a fresh stream: a message delivered twice is harmless to PBFT.
+async fn send_acknowledged(
+    control: &mut libp2p_stream::Control,
+    peer: PeerId,
+    data: &[u8],
+) -> io::Result<()> {
+    let mut last = None;
+    for _ in 0..2 {
+        let attempt = async {
             let mut stream = control
                 .open_stream(peer, DIRECT_PROTOCOL)
                 .await
                 .map_err(|e| io::Error::other(e.to_string()))?;
-            write_and_close(&mut stream, &data).await
-        })
-        .await;
-        match sent {
-            Ok(Ok(())) => {
-                metrics
-                    .payload_bytes
-                    .get_or_create(&ProtocolLabels {
-                        protocol: "direct",
-                        direction: Direction::Outbound,
-                    })
-                    .inc_by(data.len() as u64);
-            }
-            Ok(Err(e)) => {
-                metrics.direct_failures.inc();
-                debug!(%peer, error = %e, "direct message not delivered");
-            }
-            Err(_) => {
-                metrics.direct_failures.inc();
-                debug!(%peer, "direct message not delivered in time");
-            }
+            write_and_close(&mut stream, data).await?;
+            read_bounded(&mut stream, 0).await.map(|_| ())
+        };
+        match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(e) => last = Some(e),
         }
     }
+    Err(last.unwrap_or_else(|| io::Error::other("not sent")))
 }
 
 #[cfg(test)]

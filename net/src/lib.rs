@@ -36,8 +36,8 @@ pub use behaviour::{NodeBehaviour, NodeBehaviourEvent};
 pub use budget::{BUDGET_BURST_BYTES, BUDGET_BYTES_PER_SEC};
 pub use config::{ConnectionLimitsConfig, NetConfig, TransportMode};
 pub use direct::{
-    DIRECT_PROTOCOL, DIRECT_READ_TIMEOUT, MAX_DIRECT_BYTES, MAX_QUEUED_STREAMS_PER_PEER,
-    OUTBOUND_QUEUE_PER_PEER,
+    DIRECT_INBOX, DIRECT_PROTOCOL, DIRECT_READ_TIMEOUT, DirectMessage, MAX_DIRECT_BYTES,
+    MAX_QUEUED_STREAMS_PER_PEER, OUTBOUND_QUEUE_PER_PEER,
 };
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
 pub use metrics::NetMetrics;

@@ -74,13 +74,6 @@ pub enum NetEvent {
     PeerConnected(PeerId),
     /// The last connection to a peer closed.
     PeerDisconnected(PeerId),
-    /// A peer sent a message on the direct protocol.
-    Direct {
-        /// The sending peer (authenticated by the connection).
-        from: PeerId,
-        /// The message bytes, at most [`crate::MAX_DIRECT_BYTES`].
-        data: Vec<u8>,
-    },
     /// A peer sent a request on the msg or learn protocol; answer it with
     /// [`NetHandle::respond_msg`] (dropping the reply answers nothing and
     /// the peer sees a failure).
@@ -205,6 +198,8 @@ pub struct NetHandle {
     direct: crate::direct::DirectSender,
     direct_peers: crate::direct::DirectPeers,
     penalties: crate::score::Penalties,
+    /// Direct messages, for whoever takes them first (the consensus task).
+    direct_inbox: Arc<std::sync::Mutex<Option<mpsc::Receiver<crate::direct::DirectMessage>>>>,
     snapshot: Arc<RwLock<NetSnapshot>>,
     local_peer_id: PeerId,
     tor: Option<crate::tor::TorState>,
@@ -281,6 +276,16 @@ impl NetHandle {
     /// a peer that keeps doing it is disconnected and refused for a while.
     pub fn penalise(&self, peer: PeerId, protocol: &'static str, reason: &'static str) {
         self.penalties.report(peer, protocol, reason);
+    }
+
+    /// The direct messages peers send, straight from the network: the
+    /// first caller gets the receiver, later ones `None`. Until it is
+    /// taken, messages wait (at most [`crate::direct::DIRECT_INBOX`]).
+    pub fn take_direct_inbox(&self) -> Option<mpsc::Receiver<crate::DirectMessage>> {
+        self.direct_inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Names the only peers whose direct streams are read (the
@@ -386,6 +391,7 @@ impl NetworkService {
         let direct_peers = crate::direct::DirectPeers::default();
         let budgets = crate::budget::ByteBudgets::default();
         let (penalty_tx, penalty_rx) = mpsc::channel(crate::score::PENALTY_QUEUE);
+        let (inbox_tx, inbox_rx) = mpsc::channel(crate::direct::DIRECT_INBOX);
         let penalties = crate::score::Penalties {
             tx: penalty_tx,
             metrics: net_metrics.clone(),
@@ -393,7 +399,7 @@ impl NetworkService {
         tokio::spawn(crate::direct::serve_inbound(
             incoming,
             direct_peers.clone(),
-            event_tx.clone(),
+            inbox_tx,
             net_metrics.clone(),
             penalties.clone(),
             budgets.clone(),
@@ -446,6 +452,7 @@ impl NetworkService {
                 direct,
                 direct_peers,
                 penalties,
+                direct_inbox: Arc::new(std::sync::Mutex::new(Some(inbox_rx))),
                 snapshot,
                 local_peer_id,
                 tor,

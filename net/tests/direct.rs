@@ -1,13 +1,12 @@
 //! The direct protocol between two real swarms on loopback: a peer that is
 //! not allowed is refused when its stream opens (counted, nothing
-//! delivered), an allowed peer's messages arrive in order, and an
+//! delivered), an allowed peer's messages all arrive, and an
 //! oversized message is refused by the sender.
 
 use std::time::Duration;
 
 use openagi_net::{
-    Backoff, ConnectionLimitsConfig, Keypair, NetConfig, NetEvent, NetHandle, NetworkService,
-    TransportMode,
+    Backoff, ConnectionLimitsConfig, Keypair, NetConfig, NetHandle, NetworkService, TransportMode,
 };
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
@@ -31,21 +30,25 @@ fn config(bootstrap: Vec<openagi_net::Multiaddr>) -> NetConfig {
 
 struct Node {
     net: NetHandle,
-    events: mpsc::Receiver<NetEvent>,
+    inbox: mpsc::Receiver<openagi_net::DirectMessage>,
     registry: Registry,
 }
 
 fn start(bootstrap: Vec<openagi_net::Multiaddr>) -> Node {
     let mut registry = Registry::with_prefix("openagi");
-    let (net, events, _task) = NetworkService::start(
+    let (net, mut events, _task) = NetworkService::start(
         Keypair::generate_ed25519(),
         config(bootstrap),
         &mut registry,
     )
     .expect("starts");
+    // Direct messages come through their own inbox; drain the rest.
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+    let inbox = net.take_direct_inbox().expect("first taker");
+    assert!(net.take_direct_inbox().is_none(), "taken once");
     Node {
         net,
-        events,
+        inbox,
         registry,
     }
 }
@@ -56,19 +59,16 @@ fn metrics(registry: &Registry) -> String {
     text
 }
 
-/// Waits for the next direct message, skipping other events.
-async fn next_direct(events: &mut mpsc::Receiver<NetEvent>, limit: Duration) -> Option<Vec<u8>> {
-    tokio::time::timeout(limit, async {
-        while let Some(event) = events.recv().await {
-            if let NetEvent::Direct { data, .. } = event {
-                return Some(data);
-            }
-        }
-        None
-    })
-    .await
-    .ok()
-    .flatten()
+/// Waits for the next direct message.
+async fn next_direct(
+    inbox: &mut mpsc::Receiver<openagi_net::DirectMessage>,
+    limit: Duration,
+) -> Option<Vec<u8>> {
+    tokio::time::timeout(limit, inbox.recv())
+        .await
+        .ok()
+        .flatten()
+        .map(|m| m.data)
 }
 
 /// Starts A and B, B dialling A, and waits until they are connected.
@@ -136,18 +136,24 @@ async fn streams_from_peers_not_allowed_are_refused_when_they_open() {
         .await
         .expect("queued");
     assert_eq!(
-        next_direct(&mut a.events, Duration::from_secs(2)).await,
+        next_direct(&mut a.inbox, Duration::from_secs(2)).await,
         None
     );
     let text = metrics(&a.registry);
-    assert!(
-        text.contains(
-            r#"openagi_p2p_inbound_refused_total{protocol="direct",reason="not_a_validator"} 1"#
-        ),
-        "{text}"
-    );
+    // Refused at once (the sender tries a second stream, refused too).
+    let refused: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"openagi_p2p_inbound_refused_total{protocol="direct",reason="not_a_validator"} "#,
+            )?
+            .parse()
+            .ok()
+        })
+        .unwrap_or(0.0);
+    assert!(refused >= 1.0, "{text}");
 
-    // Once B is allowed its messages arrive, in the order sent.
+    // Once B is allowed all its messages arrive.
     a.net.allow_direct_from([b.net.local_peer_id()]);
     for i in 0..20u8 {
         b.net
@@ -155,11 +161,24 @@ async fn streams_from_peers_not_allowed_are_refused_when_they_open() {
             .await
             .expect("queued");
     }
-    for i in 0..20u8 {
-        let data = next_direct(&mut a.events, Duration::from_secs(10))
-            .await
-            .expect("delivered");
-        assert_eq!(data, vec![i; 100 + i as usize], "message {i} in order");
+    let mut received = Vec::new();
+    for _ in 0..20u8 {
+        let Some(data) = next_direct(&mut a.inbox, Duration::from_secs(10)).await else {
+            panic!(
+                "after {} messages\nA:\n{}\nB:\n{}",
+                received.len(),
+                metrics(&a.registry),
+                metrics(&b.registry)
+            );
+        };
+        received.push(data);
+    }
+    // Each peer's streams are read in the order they reach this node; two
+    // connections between the same peers can swap neighbours, so compare
+    // as sets.
+    received.sort_by_key(Vec::len);
+    for (i, data) in received.iter().enumerate() {
+        assert_eq!(*data, vec![i as u8; 100 + i], "message {i}");
     }
 
     // Larger than the protocol allows: refused before anything is sent.
