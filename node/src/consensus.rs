@@ -31,11 +31,6 @@ use tracing::{debug, error, info, warn};
 
 use crate::store::Store;
 
-/// Peer messages queued for the replica task. Separate from client
-/// submissions, and served first, so a flood of transactions cannot crowd
-/// out the votes that commit them (dropped votes stall slots until the
-/// view-change timer fires).
-const PEER_QUEUE: usize = 8192;
 /// Client submissions (one transaction, or one batch) queued for the
 /// replica task; a full queue makes submitters wait.
 const CLIENT_QUEUE: usize = 256;
@@ -325,9 +320,6 @@ pub fn node_client_id(peer: &PeerId) -> openagi_consensus::ClientId {
 #[derive(Clone)]
 pub struct ConsensusHandle {
     inputs: mpsc::Sender<Input>,
-    messages: mpsc::Sender<Input>,
-    /// The validators' peer ids: only they may queue messages.
-    members: Arc<std::collections::HashSet<PeerId>>,
     status: Arc<RwLock<ConsensusStatus>>,
     commits: broadcast::Sender<CommitNotice>,
     validators: ValidatorSet,
@@ -409,19 +401,6 @@ impl ConsensusHandle {
             .await
             .map_err(|_| ConsensusError::Stopped)?;
         answer.await.map_err(|_| ConsensusError::Stopped)?
-    }
-
-    /// Hands a message from the network to the replica. Drops it when the
-    /// replica is far behind (PBFT retransmits what matters), and drops
-    /// anything from a peer that is not a validator before it takes a
-    /// queue slot, so non-validators cannot crowd out votes.
-    pub fn deliver(&self, from: PeerId, data: Vec<u8>) -> bool {
-        if !self.members.contains(&from) {
-            return false;
-        }
-        self.messages
-            .try_send(Input::Message { from, data })
-            .is_ok()
     }
 
     /// The current status.
@@ -619,12 +598,16 @@ pub fn start(
     let status = Arc::new(RwLock::new(ConsensusStatus::default()));
     let (commits, _) = broadcast::channel(COMMIT_NOTICES);
     let (input_tx, mut input_rx) = mpsc::channel(CLIENT_QUEUE);
-    let (message_tx, mut message_rx) = mpsc::channel(PEER_QUEUE);
+    // Peer messages come straight from the network task, in their own
+    // queue (`openagi_net::DIRECT_INBOX`), read before client submissions
+    // so a flood of transactions cannot crowd out the votes that commit
+    // them; only validators' streams are read at all.
+    let mut message_rx = net
+        .take_direct_inbox()
+        .ok_or_else(|| ConsensusError::Rejected("the direct inbox is taken".into()))?;
     let latencies: LatencyRing = Arc::default();
     let handle = ConsensusHandle {
         inputs: input_tx,
-        messages: message_tx,
-        members: Arc::new(peers.iter().flatten().copied().collect()),
         status: status.clone(),
         commits: commits.clone(),
         validators: validators.clone(),
@@ -663,7 +646,7 @@ pub fn start(
                 biased;
                 _ = shutdown.changed() => break,
                 message = message_rx.recv() => match message {
-                    Some(message) => driver.handle(message),
+                    Some(message) => driver.handle_peer(message),
                     None => break,
                 },
                 input = input_rx.recv() => match input {
@@ -677,7 +660,7 @@ pub fn start(
             // first, then a bounded share of submissions.
             for _ in 0..256 {
                 match message_rx.try_recv() {
-                    Ok(more) => driver.handle(more),
+                    Ok(more) => driver.handle_peer(more),
                     Err(_) => break,
                 }
             }
@@ -734,6 +717,18 @@ impl Driver {
         if self.submitted.len() < MAX_TRACKED_LATENCIES {
             self.submitted.insert(hash, at);
         }
+    }
+
+    /// A message from the network: only validators' are taken in (the
+    /// network reads no one else's; this keeps the rule if that changes).
+    fn handle_peer(&mut self, message: openagi_net::DirectMessage) {
+        if !self.peers.contains(&Some(message.from)) {
+            return;
+        }
+        self.handle(Input::Message {
+            from: message.from,
+            data: message.data,
+        });
     }
 
     fn handle(&mut self, input: Input) {

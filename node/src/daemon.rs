@@ -321,13 +321,6 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
                 });
             }
             event = events.recv() => match event {
-                Some(NetEvent::Direct { from, data }) => {
-                    if let Some(consensus) = &consensus
-                        && !consensus.deliver(from, data)
-                    {
-                        tracing::debug!(%from, "consensus input queue full; message dropped");
-                    }
-                }
                 Some(NetEvent::MsgRequest { protocol: AppProtocol::Msg, from, data, reply }) => {
                     // One task per request; the network task caps how many
                     // wait for an answer, so these are bounded too.
@@ -423,7 +416,6 @@ async fn handle_event(store: &Arc<Store>, event: NetEvent) {
         }
         NetEvent::PeerConnected(_)
         | NetEvent::PeerDisconnected(_)
-        | NetEvent::Direct { .. }
         | NetEvent::MsgRequest { .. } => {}
     }
 }
