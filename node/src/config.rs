@@ -1542,7 +1542,8 @@ mod tests {
             .collect();
         // Read as a file is read (the loader takes config_version, which
         // is not a setting).
-        let parsed = load_text(&uncommented, &[], &CliOverrides::default()).expect("template parses");
+        let parsed =
+            load_text(&uncommented, &[], &CliOverrides::default()).expect("template parses");
         assert_eq!(parsed, Config::default());
         // Every key of the defaults appears in the template.
         for (section, keys) in defaults_table() {
