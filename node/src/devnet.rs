@@ -187,7 +187,7 @@ pub(crate) async fn start_local_network(
     count: usize,
     extra: &str,
     tor: bool,
-) -> Result<(Vec<Node>, Option<openagi_tests::tornet::TorNet>)> {
+) -> Result<(Vec<Node>, Option<openagi_tornet::TorNet>)> {
     if count == 0 || count > 64 {
         bail!("--nodes must be between 1 and 64 (got {count})");
     }
@@ -241,10 +241,7 @@ pub(crate) async fn start_local_network(
             net_dir.display()
         );
         let net = tokio::task::spawn_blocking(move || {
-            openagi_tests::tornet::TorNet::start(
-                &net_dir,
-                &openagi_tests::tornet::TorNetOptions::default(),
-            )
+            openagi_tornet::TorNet::start(&net_dir, &openagi_tornet::TorNetOptions::default())
         })
         .await
         .context("starting the private Tor network")??;

@@ -13,8 +13,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use openagi_tests::tornet::{INSTALL_HINT, TorNet, TorNetOptions, tor_available};
 use openagi_tests::{Daemon, DaemonOptions, init, init_validators, logs, use_binary, wait_for};
+use openagi_tornet::{INSTALL_HINT, TorNet, TorNetOptions, tor_available};
 use serde_json::json;
 
 static NETWORK: OnceLock<Result<(TorNet, tempfile::TempDir), String>> = OnceLock::new();

@@ -17,8 +17,6 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-pub mod tornet;
-
 /// Network id used by test daemons.
 pub const TEST_NETWORK: &str = "openagi-test";
 

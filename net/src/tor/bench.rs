@@ -16,7 +16,7 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::Transport;
 use libp2p::core::Endpoint;
 use libp2p::core::transport::{DialOpts, ListenerId, PortUse, TransportEvent};
-use openagi_tests::tornet::{TorNet, TorNetOptions};
+use openagi_tornet::{TorNet, TorNetOptions};
 use prometheus_client::registry::Registry;
 
 use super::transport::{BoxedIo, OnionTransport, TorStream};

@@ -1,4 +1,6 @@
-//! A private Tor network on 127.0.0.1 for tests and `openagi devnet --tor`.
+//! A private Tor network on 127.0.0.1, for the tests and for
+//! `openagi devnet --tor`: development tooling the product links only for
+//! `devnet`, kept apart from both the daemon and the test harness.
 //!
 //! Debian's `tor` processes in `TestingTorNetwork` mode: directory
 //! authorities (non-exit relays), exit relays, and client tors with a
@@ -30,9 +32,82 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+
+/// The coarse class of a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// `tor` or `tor-gencert` is not installed ([`INSTALL_HINT`]).
+    Missing,
+    /// The options cannot make a network.
+    Options,
+    /// A file, a port or a process of the network failed.
+    Io,
+    /// The network did not become ready in time.
+    NotReady,
+}
+
+/// Why the network could not be built, started or queried.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl Error {
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The class of the failure.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+}
+
+impl From<std::fmt::Error> for Error {
+    fn from(_: std::fmt::Error) -> Self {
+        Self::new(ErrorKind::Io, "formatting a configuration file failed")
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Self::new(ErrorKind::Io, e.to_string())
+    }
+}
+
+/// This crate's results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Adds what was being done to a failure, as `kind`.
+trait Context<T> {
+    fn context(self, kind: ErrorKind, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
+    fn context(self, kind: ErrorKind, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::new(kind, format!("{}: {e}", what())))
+    }
+}
+
+impl<T> Context<T> for Option<T> {
+    fn context(self, kind: ErrorKind, what: impl FnOnce() -> String) -> Result<T> {
+        self.ok_or_else(|| Error::new(kind, what()))
+    }
+}
+
+/// Returns an [`Error`] of `kind` with a formatted message.
+macro_rules! fail {
+    ($kind:expr, $($arg:tt)*) => {
+        return Err(Error::new($kind, format!($($arg)*)))
+    };
+}
 
 /// How to install what the network needs, for error messages.
 pub const INSTALL_HINT: &str = "the private Tor network needs Debian's `tor` package (tor and tor-gencert): apt-get install tor";
@@ -118,7 +193,7 @@ pub fn tor_available() -> Result<()> {
             .unwrap_or(false)
             || Path::new("/usr/sbin").join(bin).is_file();
         if !found {
-            bail!("`{bin}` not found: {INSTALL_HINT}");
+            fail!(ErrorKind::Missing, "`{bin}` not found: {INSTALL_HINT}");
         }
     }
     Ok(())
@@ -152,16 +227,22 @@ fn free_block(count: u16) -> Result<u16> {
             return Ok(base);
         }
     }
-    bail!("no block of {count} free loopback ports found")
+    fail!(
+        ErrorKind::Io,
+        "no block of {count} free loopback ports found"
+    )
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("running {what}: {INSTALL_HINT}"))?;
+        .context(ErrorKind::Missing, || {
+            format!("running {what}: {INSTALL_HINT}")
+        })?;
     if !out.status.success() {
-        bail!(
+        fail!(
+            ErrorKind::Io,
             "{what} failed: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
@@ -171,23 +252,27 @@ fn run(cmd: &mut Command, what: &str) -> Result<String> {
 }
 
 fn first_word_after(path: &Path, prefix: &str) -> Result<String> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .context(ErrorKind::Io, || format!("reading {}", path.display()))?;
     text.lines()
         .find_map(|l| l.strip_prefix(prefix))
         .and_then(|rest| rest.split_whitespace().next())
         .map(str::to_string)
-        .with_context(|| format!("no `{prefix}` in {}", path.display()))
+        .context(ErrorKind::Io, || {
+            format!("no `{prefix}` in {}", path.display())
+        })
 }
 
 /// The second word of a `<nickname> <fingerprint>` file.
 fn second_word(path: &Path) -> Result<String> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .context(ErrorKind::Io, || format!("reading {}", path.display()))?;
     text.split_whitespace()
         .nth(1)
         .map(str::to_string)
-        .with_context(|| format!("no fingerprint in {}", path.display()))
+        .context(ErrorKind::Io, || {
+            format!("no fingerprint in {}", path.display())
+        })
 }
 
 impl TorNet {
@@ -198,7 +283,8 @@ impl TorNet {
         tor_available()?;
         let voting = options.voting_secs;
         if !(24 * voting).is_multiple_of(60) || 24 * voting / 60 < 5 {
-            bail!(
+            fail!(
+                ErrorKind::Options,
                 "voting interval {voting}s: 24 * voting must be a multiple of 60 and >= 300 (use 15 or 20)"
             );
         }
@@ -207,7 +293,7 @@ impl TorNet {
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let n = options.authorities + options.relays + options.clients;
-        let n16 = u16::try_from(n).context("too many nodes")?;
+        let n16 = u16::try_from(n).context(ErrorKind::Options, || "too many nodes".into())?;
         let base = free_block(4 * n16)?;
         let mut nodes = Vec::new();
         for i in 0..n {
@@ -263,12 +349,14 @@ impl TorNet {
                         .stdout(Stdio::null())
                         .stderr(Stdio::null())
                         .spawn()
-                        .with_context(|| format!("running tor-gencert: {INSTALL_HINT}"))?;
+                        .context(ErrorKind::Missing, || {
+                            format!("running tor-gencert: {INSTALL_HINT}")
+                        })?;
                     if let Some(mut stdin) = child.stdin.take() {
                         stdin.write_all(b"localnet\n")?;
                     }
                     if !child.wait()?.success() {
-                        bail!("tor-gencert failed for {}", d.display());
+                        fail!(ErrorKind::Io, "tor-gencert failed for {}", d.display());
                     }
                 }
                 run(
@@ -290,7 +378,7 @@ impl TorNet {
         }
         for job in jobs {
             job.join()
-                .map_err(|_| anyhow::anyhow!("key generation panicked"))??;
+                .map_err(|_| Error::new(ErrorKind::Io, "key generation panicked"))??;
         }
 
         // 2. DirAuthority lines and the arti configuration
@@ -471,7 +559,8 @@ impl TorNet {
                 if Instant::now() > deadline {
                     let tails = net.log_tails();
                     net.stop();
-                    bail!(
+                    fail!(
+                        ErrorKind::NotReady,
                         "private Tor network not ready after {}s ({last}); logs:\n{tails}",
                         options.timeout.as_secs()
                     );
@@ -537,7 +626,11 @@ impl TorNet {
 
     /// Stops client `index`'s tor, as if it crashed or was restarted.
     pub fn stop_client(&self, index: usize) -> Result<()> {
-        let torrc = &self.clients.get(index).context("no such client")?.torrc;
+        let torrc = &self
+            .clients
+            .get(index)
+            .context(ErrorKind::Options, || format!("no client {index}"))?
+            .torrc;
         let mut pids = self.pids_mut();
         let mine: Vec<_> = pids.iter().filter(|(_, t)| t == torrc).cloned().collect();
         pids.retain(|(_, t)| t != torrc);
@@ -551,7 +644,10 @@ impl TorNet {
     /// Starts client `index`'s tor again (same state and ports) and waits
     /// until it is bootstrapped.
     pub fn start_client(&self, index: usize) -> Result<()> {
-        let client = self.clients.get(index).context("no such client")?;
+        let client = self
+            .clients
+            .get(index)
+            .context(ErrorKind::Options, || format!("no client {index}"))?;
         self.launch(&tor_bin("tor"), &client.torrc, &format!("client {index}"))?;
         // The network's watchdog only knows the first PIDs; give the new
         // tor its own, so it too stops with this process.
@@ -568,7 +664,10 @@ impl TorNet {
                 return Ok(());
             }
             if Instant::now() > until {
-                bail!("client {index} did not bootstrap again within 60 s");
+                fail!(
+                    ErrorKind::NotReady,
+                    "client {index} did not bootstrap again within 60 s"
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -657,7 +756,10 @@ fn client_ready(client: &TorNetClient, relays: usize, exits: usize) -> Result<bo
         .filter(|l| l.starts_with("s ") && l.contains(" Exit"))
         .count();
     if !boot_done || n_relays < relays || n_exits < exits {
-        bail!("bootstrap done: {boot_done}, relays {n_relays}/{relays}, exits {n_exits}/{exits}");
+        fail!(
+            ErrorKind::NotReady,
+            "bootstrap done: {boot_done}, relays {n_relays}/{relays}, exits {n_exits}/{exits}"
+        );
     }
     Ok(true)
 }
@@ -665,7 +767,8 @@ fn client_ready(client: &TorNetClient, relays: usize, exits: usize) -> Result<bo
 /// Sends `commands` on the client's ControlPort (cookie auth) and returns
 /// the raw replies.
 pub fn control_query(client: &TorNetClient, commands: &[&str]) -> Result<String> {
-    let cookie = std::fs::read(&client.cookie).context("reading control cookie")?;
+    let cookie =
+        std::fs::read(&client.cookie).context(ErrorKind::Io, || "reading control cookie".into())?;
     let mut stream = TcpStream::connect_timeout(&client.control, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut text = format!("AUTHENTICATE {}\r\n", hex_encode(&cookie));
