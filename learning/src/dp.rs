@@ -677,6 +677,89 @@ impl Accountant {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Planning: how many rounds a budget allows, how much noise a target needs
+// ---------------------------------------------------------------------------
+
+/// Most rounds [`rounds_within_budget`] searches; beyond this the answer is
+/// "practically unlimited" and the search would only cost time.
+pub const MAX_PLANNED_ROUNDS: u64 = 1 << 40;
+
+/// ε after `rounds` rounds at sample rate `q` and noise multiplier `z`,
+/// from a fresh accountant.
+fn epsilon_after(q: f64, z: f64, delta: f64, rounds: u64) -> Result<f64> {
+    Ok(Accountant::new(delta)?.spent_after(q, z, rounds)?.epsilon)
+}
+
+/// The most rounds at sample rate `q` and noise multiplier `z` whose ε
+/// stays within `budget` (0 if not even one does), or `None` if more than
+/// [`MAX_PLANNED_ROUNDS`] fit.
+pub fn rounds_within_budget(q: f64, z: f64, delta: f64, budget: f64) -> Result<Option<u64>> {
+    if !(budget.is_finite() && budget > 0.0) {
+        return Err(Error::InvalidArgument {
+            what: "privacy budget",
+            detail: format!("{budget} is not a finite positive number"),
+        });
+    }
+    // ε grows monotonically with the number of rounds: double until the
+    // budget is exceeded, then bisect.
+    let fits = |r: u64| -> Result<bool> { Ok(epsilon_after(q, z, delta, r)? <= budget) };
+    if !fits(1)? {
+        return Ok(Some(0));
+    }
+    let mut lo = 1u64;
+    let mut hi = 2u64;
+    while fits(hi)? {
+        if hi >= MAX_PLANNED_ROUNDS {
+            return Ok(None);
+        }
+        lo = hi;
+        hi *= 2;
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(Some(lo))
+}
+
+/// The smallest noise multiplier (to a relative precision of 10^-3) for
+/// which `rounds` rounds at sample rate `q` stay within `epsilon`.
+pub fn noise_for_epsilon(q: f64, rounds: u64, delta: f64, epsilon: f64) -> Result<f64> {
+    if !(epsilon.is_finite() && epsilon > 0.0) {
+        return Err(Error::InvalidArgument {
+            what: "target epsilon",
+            detail: format!("{epsilon} is not a finite positive number"),
+        });
+    }
+    let eps = |z: f64| epsilon_after(q, z, delta, rounds);
+    let (mut lo, mut hi) = (0.05f64, 1.0f64);
+    while eps(hi)? > epsilon {
+        lo = hi;
+        hi *= 2.0;
+        if hi > 1e4 {
+            return Err(Error::InvalidArgument {
+                what: "target epsilon",
+                detail: format!("no noise multiplier up to 10^4 keeps ε within {epsilon}"),
+            });
+        }
+    }
+    // ε falls as z grows: bisect.
+    while (hi - lo) / hi > 1e-3 {
+        let mid = 0.5 * (lo + hi);
+        if eps(mid)? > epsilon {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(hi)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1068,5 +1151,23 @@ mod tests {
             counts.iter().all(|&c| (500..700).contains(&c)),
             "{counts:?}"
         );
+    }
+
+    #[test]
+    fn planning_finds_the_boundary() {
+        // Flower's anchor: q = 1, z = 1, δ = 1e-5 reaches ε = 39.83 after
+        // 30 rounds.
+        let n = rounds_within_budget(1.0, 1.0, 1e-5, 39.84)
+            .expect("search")
+            .expect("finite");
+        assert_eq!(n, 30);
+        let z = noise_for_epsilon(1.0, 30, 1e-5, 39.84).expect("z");
+        assert!((z - 1.0).abs() < 2e-3, "{z}");
+        assert_eq!(
+            rounds_within_budget(1.0, 0.1, 1e-5, 0.01).expect("search"),
+            Some(0)
+        );
+        assert!(rounds_within_budget(1.0, 1.0, 1e-5, f64::NAN).is_err());
+        assert!(noise_for_epsilon(1.0, 30, 1e-5, 0.0).is_err());
     }
 }

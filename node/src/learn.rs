@@ -23,7 +23,9 @@ use clap::{Args, Subcommand};
 use openagi_learning::Aggregator;
 use openagi_learning::compress;
 use openagi_learning::data::{self, CsvOptions, Dataset, IdxOptions};
-use openagi_learning::dp::{Accountant, DpConfig, PrivacySpent};
+use openagi_learning::dp::{
+    Accountant, DpConfig, MAX_PLANNED_ROUNDS, PrivacySpent, noise_for_epsilon, rounds_within_budget,
+};
 use openagi_learning::models::Architecture;
 use openagi_learning::simulate::{
     Compression, Participation, Partition, Privacy, RoundRecord, Simulation, SimulationConfig,
@@ -99,14 +101,9 @@ pub struct EpsilonArgs {
     pub budget: Option<f64>,
 }
 
-/// Most rounds `--budget` searches; beyond this the answer is "practically
-/// unlimited" and the search would only cost time.
-const MAX_PLANNED_ROUNDS: u64 = 1 << 40;
-
 /// Privacy spent after `rounds` rounds at (q, z), from a fresh accountant.
 fn spent(q: f64, z: f64, delta: f64, rounds: u64) -> Result<PrivacySpent> {
-    let acc = Accountant::new(delta)?;
-    Ok(acc.spent_after(q, z, rounds)?)
+    Ok(Accountant::new(delta)?.spent_after(q, z, rounds)?)
 }
 
 fn check_sample_rate(q: f64) -> Result<()> {
@@ -114,38 +111,6 @@ fn check_sample_rate(q: f64) -> Result<()> {
         bail!("--sample-rate {q} is not in (0, 1]");
     }
     Ok(())
-}
-
-/// The most rounds at (q, z) whose ε stays within `budget`, or `None` if
-/// more than [`MAX_PLANNED_ROUNDS`] fit.
-pub fn rounds_within_budget(q: f64, z: f64, delta: f64, budget: f64) -> Result<Option<u64>> {
-    if !(budget.is_finite() && budget > 0.0) {
-        bail!("--budget {budget} is not a finite positive number");
-    }
-    // ε grows monotonically with the number of rounds: double until the
-    // budget is exceeded, then bisect.
-    let fits = |r: u64| -> Result<bool> { Ok(spent(q, z, delta, r)?.epsilon <= budget) };
-    if !fits(1)? {
-        return Ok(Some(0));
-    }
-    let mut lo = 1u64;
-    let mut hi = 2u64;
-    while fits(hi)? {
-        if hi >= MAX_PLANNED_ROUNDS {
-            return Ok(None);
-        }
-        lo = hi;
-        hi *= 2;
-    }
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if fits(mid)? {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    Ok(Some(lo))
 }
 
 fn fmt_order(order: Option<f64>) -> String {
@@ -924,33 +889,6 @@ mod flower {
     pub const DP_ACCURACY: f64 = 0.929;
 }
 
-/// The smallest noise multiplier (to 3 significant digits) for which
-/// `rounds` rounds at sample rate `q` stay within `epsilon`.
-pub fn noise_for_epsilon(q: f64, rounds: u64, delta: f64, epsilon: f64) -> Result<f64> {
-    if !(epsilon.is_finite() && epsilon > 0.0) {
-        bail!("target ε {epsilon} is not a finite positive number");
-    }
-    let eps = |z: f64| -> Result<f64> { Ok(spent(q, z, delta, rounds)?.epsilon) };
-    let (mut lo, mut hi) = (0.05f64, 1.0f64);
-    while eps(hi)? > epsilon {
-        lo = hi;
-        hi *= 2.0;
-        if hi > 1e4 {
-            bail!("no noise multiplier up to 10^4 keeps ε within {epsilon}");
-        }
-    }
-    // ε falls as z grows: bisect to a relative precision of 1e-3.
-    while (hi - lo) / hi > 1e-3 {
-        let mid = 0.5 * (lo + hi);
-        if eps(mid)? > epsilon {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    Ok(hi)
-}
-
 fn mib(bytes: f64) -> f64 {
     bytes / (1024.0 * 1024.0)
 }
@@ -1249,16 +1187,6 @@ mod tests {
             })
         );
         assert!(parse_compression("topk:x").is_err());
-    }
-
-    #[test]
-    fn budget_search_is_the_boundary() {
-        let n = rounds_within_budget(1.0, 1.0, 1e-5, 39.84)
-            .expect("search")
-            .expect("finite");
-        assert_eq!(n, 30);
-        let z = noise_for_epsilon(1.0, 30, 1e-5, 39.84).expect("z");
-        assert!((z - 1.0).abs() < 2e-3, "{z}");
     }
 
     #[test]
