@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use openagi_crypto::bench as bench_crypto;
-use openagi_node::config::{CliOverrides, InitTransport, LogFormat};
+use openagi_node::cli::output::OutputError;
+use openagi_node::cli::{bench, debug_bundle, devnet, keys, ledger as cli_ledger, status};
+use openagi_node::common::config::{CliOverrides, InitTransport, LogFormat};
+use openagi_node::common::datadir::{DataDir, InitSettings};
+use openagi_node::common::passphrase::PassphraseSource;
 use openagi_node::daemon::{self, RunOptions};
-use openagi_node::datadir::{DataDir, InitSettings};
-use openagi_node::output::OutputError;
-use openagi_node::passphrase::PassphraseSource;
-use openagi_node::{bench, cli_ledger, debug_bundle, devnet, keys, status};
 use openagi_node::{out, outln};
 
 #[derive(Parser)]
@@ -140,10 +140,10 @@ enum Command {
     },
     /// Tor onion service commands.
     #[command(subcommand)]
-    Tor(openagi_node::tor::TorCommand),
+    Tor(openagi_node::cli::tor::TorCommand),
     /// Federated learning: jobs on the network (submit, status, export),
     /// privacy planning, simulation, benchmark.
-    Learn(openagi_node::learn::LearnArgs),
+    Learn(openagi_node::cli::learn::LearnArgs),
     /// Material for bug reports.
     Debug {
         #[command(subcommand)]
@@ -218,7 +218,7 @@ enum GenesisArgs {
 #[derive(Subcommand)]
 enum BenchArgs {
     /// Federated learning on MNIST against the FedAvg/Flower anchors.
-    Learning(openagi_node::learn::BenchLearningArgs),
+    Learning(openagi_node::cli::learn::BenchLearningArgs),
     /// The cryptographic primitives: AEAD, signatures, DH, sealed
     /// envelopes, puzzle verification, ratchet round trips.
     Crypto {
@@ -392,16 +392,17 @@ fn keys_verify(public_key: &str, signature: &str, file: &std::path::Path) -> Exi
 
 /// Logging for the key commands, so their audit lines reach stderr.
 fn init_cli_logging() -> Result<()> {
-    daemon::init_logging(&openagi_node::config::LogSection::default())
+    daemon::init_logging(&openagi_node::common::config::LogSection::default())
 }
 
 /// Says so at `init` when the installed genesis is for another network
 /// than the config's, which `run` would refuse.
 fn warn_on_genesis_mismatch(dir: &DataDir) {
-    let genesis =
-        openagi_node::genesis::Genesis::load(&dir.file(openagi_node::genesis::GENESIS_FILE));
+    let genesis = openagi_node::common::genesis::Genesis::load(
+        &dir.file(openagi_node::common::genesis::GENESIS_FILE),
+    );
     // The config file alone: the environment of `init` is not the daemon's.
-    let config = openagi_node::config::Config::load(
+    let config = openagi_node::common::config::Config::load(
         dir.path(),
         None,
         std::iter::empty(),
@@ -506,7 +507,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
         } => cli_ledger::genesis_create(&network_id, validators, &out),
         Command::Bench {
             command: BenchArgs::Learning(args),
-        } => openagi_node::learn::bench_learning(&args),
+        } => openagi_node::cli::learn::bench_learning(&args),
         Command::Bench {
             command:
                 BenchArgs::Crypto {
@@ -517,7 +518,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
         } => {
             let options = bench_crypto::CryptoBench { time, runs };
             let reference = if openssl {
-                openagi_node::bench_openssl::measure(time.as_secs().max(1))?
+                openagi_node::cli::bench_openssl::measure(time.as_secs().max(1))?
             } else {
                 bench_crypto::Reference::default()
             };
@@ -619,9 +620,9 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                 migrate: false,
             };
             let config = daemon::load_config(&options)?;
-            openagi_node::tor::run(&DataDir::new(&data_dir), command, &config)
+            openagi_node::cli::tor::run(&DataDir::new(&data_dir), command, &config)
         }
-        Command::Learn(args) => openagi_node::learn::run(args, &DataDir::new(&data_dir)),
+        Command::Learn(args) => openagi_node::cli::learn::run(args, &DataDir::new(&data_dir)),
         Command::Debug {
             command: DebugArgs::Bundle { out },
         } => {

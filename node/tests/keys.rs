@@ -256,7 +256,8 @@ fn encrypted_key_store_passphrase_change_and_rotation() {
         .map(|e| e.path())
         .collect();
     assert_eq!(statements.len(), 1);
-    let statement = openagi_node::keys::read_rotation(&statements[0]).expect("statement verifies");
+    let statement =
+        openagi_node::cli::keys::read_rotation(&statements[0]).expect("statement verifies");
     assert_eq!(statement.old_key.to_hex(), key);
     assert_eq!(statement.new_key.to_hex(), new_key);
 

@@ -1,10 +1,11 @@
-//! Re-checking the stored ledger against the validator set.
+//! The stored ledger read back: re-checking it against the validator set,
+//! and the JSON form of a block that the API and the offline CLI print.
 
 use anyhow::{Result, bail};
 use openagi_consensus::types::{ChainAnchor, verify_chain_from};
 use openagi_consensus::{StrictCrypto, ValidatorSet};
 
-use crate::store::{BlockSource, Store};
+use crate::common::store::{BlockSource, Store};
 
 /// Blocks checked per read, so verifying a long chain needs bounded memory.
 const VERIFY_CHUNK: usize = 1024;
@@ -39,4 +40,30 @@ pub fn verify_blocks(store: &impl BlockSource, validators: &ValidatorSet) -> Res
             };
         }
     }
+}
+
+/// The JSON form of a block.
+pub fn block_json(
+    block: &openagi_consensus::Block,
+    certificate: &openagi_consensus::CommitCertificate,
+) -> serde_json::Value {
+    serde_json::json!({
+        "height": block.height,
+        "hash": hex::encode(block.hash()),
+        "view": block.view,
+        "prev_hash": hex::encode(block.prev_hash),
+        "batch_root": hex::encode(block.batch_root),
+        "timestamp_ms": block.timestamp,
+        "transactions": block.txs.iter().map(|tx| serde_json::json!({
+            "hash": hex::encode(tx.hash()),
+            "client": hex::encode(tx.client.0),
+            "seq": tx.seq,
+            "payload_hex": hex::encode(&tx.payload),
+        })).collect::<Vec<_>>(),
+        "certificate": {
+            "view": certificate.view,
+            "seq": certificate.seq,
+            "signers": certificate.commits.iter().map(|c| c.signer().to_hex()).collect::<Vec<_>>(),
+        },
+    })
 }

@@ -323,11 +323,11 @@ pub struct LearnSection {
 
 impl LearnSection {
     /// The data source, if this node trains.
-    pub fn source(&self) -> Result<Option<crate::learn::DataSource>, String> {
+    pub fn source(&self) -> Result<Option<crate::common::learn_data::DataSource>, String> {
         if self.data.trim().is_empty() {
             return Ok(None);
         }
-        crate::learn::parse_data(self.data.trim()).map(Some)
+        crate::common::learn_data::parse_data(self.data.trim()).map(Some)
     }
 
     /// The shard as `(index from 0, count)`, if one is set.
@@ -747,10 +747,10 @@ const NON_CONFIG_ENV: &[&str] = &[
     "OPENAGI_DATA_DIR",
     "OPENAGI_CONFIG",
     "OPENAGI_BIN",
-    crate::passphrase::PASSPHRASE_ENV,
-    crate::passphrase::PASSPHRASE_FILE_ENV,
-    crate::passphrase::NEW_PASSPHRASE_ENV,
-    crate::passphrase::NEW_PASSPHRASE_FILE_ENV,
+    crate::common::passphrase::PASSPHRASE_ENV,
+    crate::common::passphrase::PASSPHRASE_FILE_ENV,
+    crate::common::passphrase::NEW_PASSPHRASE_ENV,
+    crate::common::passphrase::NEW_PASSPHRASE_FILE_ENV,
 ];
 
 /// Settings without a fixed default (absent from [`defaults_table`]), with
@@ -960,7 +960,7 @@ impl Config {
     pub fn ignored_settings(&self) -> Vec<IgnoredSetting> {
         let d = Config::default();
         let t = &self.tor;
-        let transport = crate::tor::transport_name(self.network.transport);
+        let transport = transport_name(self.network.transport);
         let mut ignored = Vec::new();
         let mut note = |changed: bool, key: &'static str, why: String| {
             if changed {
@@ -1076,7 +1076,7 @@ pub fn init_edits(network_id: Option<&str>, transport: Option<InitTransport>) ->
         edits.push(FileEdit {
             section: "network",
             key: "transport",
-            value: Value::String(crate::tor::transport_name(t.mode()).into()),
+            value: Value::String(transport_name(t.mode()).into()),
         });
         edits.push(FileEdit {
             section: "tor",
@@ -1418,7 +1418,7 @@ transport = "{transport}"
         otk_rotation = d.node.one_time_key_rotation_secs,
         transport_choice = transport.name(),
         transport_meaning = comment_lines(&format!("{}.", transport.meaning())),
-        transport = crate::tor::transport_name(transport.mode()),
+        transport = transport_name(transport.mode()),
         onion_port = d.tor.onion_port,
         hybrid = if transport.hybrid() {
             "hybrid = true".to_string()
@@ -1460,6 +1460,15 @@ transport = "{transport}"
         consensus_max_pending = d.consensus.max_pending,
         blocks_in_memory = d.consensus.blocks_in_memory,
     )
+}
+
+/// The config spelling of a transport mode.
+pub fn transport_name(mode: openagi_net::TransportMode) -> &'static str {
+    match mode {
+        openagi_net::TransportMode::Direct => "direct",
+        openagi_net::TransportMode::Tor => "tor",
+        openagi_net::TransportMode::TorSystem => "tor-system",
+    }
 }
 
 #[cfg(test)]
@@ -1894,7 +1903,7 @@ mod tests {
 mod example_file {
     #[test]
     fn configs_example_matches_the_generated_template() {
-        let shipped = include_str!("../../configs/openagi.toml");
+        let shipped = include_str!("../../../configs/openagi.toml");
         assert_eq!(
             shipped,
             super::template("openagi-main"),

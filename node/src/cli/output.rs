@@ -64,7 +64,7 @@ pub fn write_line(args: fmt::Arguments<'_>) -> Result<(), OutputError> {
 #[macro_export]
 macro_rules! out {
     ($($arg:tt)*) => {
-        $crate::output::write(::std::format_args!($($arg)*))
+        $crate::cli::output::write(::std::format_args!($($arg)*))
     };
 }
 
@@ -72,10 +72,10 @@ macro_rules! out {
 #[macro_export]
 macro_rules! outln {
     () => {
-        $crate::output::write(::std::format_args!("\n"))
+        $crate::cli::output::write(::std::format_args!("\n"))
     };
     ($($arg:tt)*) => {
-        $crate::output::write_line(::std::format_args!($($arg)*))
+        $crate::cli::output::write_line(::std::format_args!($($arg)*))
     };
 }
 

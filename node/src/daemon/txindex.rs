@@ -19,8 +19,8 @@ use openagi_consensus::Hash;
 use tokio::sync::{broadcast, watch};
 use tracing::{debug, info, warn};
 
-use crate::consensus::CommitNotice;
-use crate::store::{Store, StoreError, TxIndex, TxPosition};
+use crate::common::store::{Store, StoreError, TxIndex, TxPosition};
+use crate::daemon::consensus::CommitNotice;
 
 /// How often staged entries are written to the index.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
@@ -497,7 +497,7 @@ mod tests {
             blocks
         };
         // The ledger is replaced (another chain), the index file is not.
-        std::fs::remove_file(dir.path().join(crate::store::STORE_FILE)).expect("remove");
+        std::fs::remove_file(dir.path().join(crate::common::store::STORE_FILE)).expect("remove");
         let store = Arc::new(Store::open(dir.path()).expect("store"));
         let new = append(&store, 4, "new");
         let lookup = Arc::new(TxLookup::open(dir.path(), store).expect("index"));

@@ -6,16 +6,16 @@ use anyhow::{Context, Result, bail};
 use openagi_consensus::types::genesis_hash;
 use serde_json::{Value, json};
 
-use crate::client::ApiClient;
-use crate::datadir::DataDir;
-use crate::genesis::{GENESIS_FILE, Genesis};
+use crate::cli::client::ApiClient;
+use crate::common::datadir::DataDir;
+use crate::common::genesis::{GENESIS_FILE, Genesis};
+use crate::common::store::{LedgerReader, STORE_FILE};
 use crate::outln;
-use crate::store::{LedgerReader, STORE_FILE};
 
 /// Prints the node's identity: peer id, public key and fingerprint.
 pub fn keys_show(
     dir: &DataDir,
-    passphrase: &crate::passphrase::PassphraseSource,
+    passphrase: &crate::common::passphrase::PassphraseSource,
     json_output: bool,
 ) -> Result<()> {
     let identity = dir.identity(passphrase)?;
@@ -229,10 +229,13 @@ fn ledger_offline(dir: &DataDir, command: LedgerCommand) -> Result<(Value, bool)
             (head, true)
         }
         LedgerCommand::Get(height) => match reader.block(height)? {
-            Some((block, certificate)) => (crate::api::block_json(&block, &certificate), true),
+            Some((block, certificate)) => (
+                crate::common::ledger::block_json(&block, &certificate),
+                true,
+            ),
             None => bail!("no block at height {height}"),
         },
-        LedgerCommand::Verify => match crate::ledger::verify_blocks(&reader, &validators) {
+        LedgerCommand::Verify => match crate::common::ledger::verify_blocks(&reader, &validators) {
             Ok(height) => (json!({ "ok": true, "height": height }), true),
             Err(e) => (json!({ "ok": false, "error": format!("{e:#}") }), false),
         },

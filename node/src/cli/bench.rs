@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use openagi_consensus::{ClientId, Transaction};
 
-use crate::client::ApiClient;
-use crate::devnet;
+use crate::cli::client::ApiClient;
+use crate::cli::devnet;
 
 /// Options of `openagi bench consensus`.
 #[derive(Debug, Clone)]

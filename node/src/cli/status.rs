@@ -3,8 +3,8 @@
 use anyhow::Result;
 use serde_json::Value;
 
-use crate::client::ApiClient;
-use crate::datadir::DataDir;
+use crate::cli::client::ApiClient;
+use crate::common::datadir::DataDir;
 use crate::{out, outln};
 
 /// Prints the status of the daemon running on `dir`, as JSON or text.

@@ -29,7 +29,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use crate::store::Store;
+use crate::common::store::Store;
 
 /// Client submissions (one transaction, or one batch) queued for the
 /// replica task; a full queue makes submitters wait.
@@ -55,7 +55,7 @@ pub enum ConsensusError {
     Stopped,
     /// The store failed.
     #[error("storage: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::common::store::StoreError),
     /// The replica could not start.
     #[error("consensus: {0}")]
     Replica(#[from] openagi_consensus::Error),
@@ -310,7 +310,7 @@ const LATENCY_SAMPLES: usize = 1 << 18;
 
 /// The client id this node submits its own transactions under (API
 /// submissions without a client, learning records): one id, so the
-/// sequence numbers of [`crate::store::Store::next_client_seq`] stay unique.
+/// sequence numbers of [`crate::common::store::Store::next_client_seq`] stay unique.
 /// Use [`ConsensusHandle::own_transaction`], the one door for them.
 pub fn node_client_id(peer: &PeerId) -> openagi_consensus::ClientId {
     openagi_consensus::ClientId(*blake3::hash(peer.to_bytes().as_slice()).as_bytes())

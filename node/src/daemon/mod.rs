@@ -5,6 +5,17 @@
 //! daemons never share a database), the store, the network, and last the
 //! API, whose address file tells `openagi status` the daemon is ready.
 //! Shutdown runs the other way round within a bounded time.
+//!
+//! The services it starts are its submodules: the consensus driver, the
+//! learning service, the messenger, the transaction index and the HTTP
+//! API with the server under it.
+
+pub mod api;
+pub mod consensus;
+pub mod federation;
+pub mod http;
+pub mod msg;
+pub mod txindex;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,31 +29,14 @@ use openagi_net::{AppProtocol, NetEvent, NetworkService};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
-use crate::api::{self, ApiState};
-use crate::config::{CliOverrides, Config, LogFormat, LogSection};
-use crate::consensus;
-use crate::datadir::{API_ADDR_FILE, DataDir};
-use crate::genesis::{GENESIS_FILE, Genesis};
-use crate::passphrase::PassphraseSource;
-use crate::store::Store;
+use crate::common::config::{CliOverrides, Config, LogFormat, LogSection};
+use crate::common::datadir::{API_ADDR_FILE, DataDir};
+use crate::common::genesis::{GENESIS_FILE, Genesis};
+use crate::common::passphrase::PassphraseSource;
+use crate::common::store::Store;
+use crate::common::version::{VERSION, build_info};
+use api::ApiState;
 use openagi_crypto::Identity;
-
-/// The software version.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-/// The git commit the binary was built from (short hash), or "unknown"
-/// (see `build.rs`).
-pub const GIT_COMMIT: &str = env!("BUILD_GIT_COMMIT");
-/// The compiler that built the binary (`rustc --version`), or "unknown".
-pub const RUSTC_VERSION: &str = env!("BUILD_RUSTC_VERSION");
-
-/// What this binary was built from, as `openagi_build_info` labels it.
-pub fn build_info() -> openagi_dashboard::BuildInfo {
-    openagi_dashboard::BuildInfo {
-        version: VERSION.to_string(),
-        git_commit: GIT_COMMIT.to_string(),
-        rustc_version: RUSTC_VERSION.to_string(),
-    }
-}
 
 /// Kept in the data directory (beside the key, outside the database) once
 /// this node has run consensus, so that a lost or replaced database is
@@ -82,7 +76,7 @@ pub fn load_config(options: &RunOptions) -> Result<Config> {
 
 /// Installs the global `tracing` subscriber: stderr, and when `log.file`
 /// is set a second copy of each event for the log file, which
-/// [`crate::logfile::attach`] opens once the data directory is locked.
+/// [`crate::common::logfile::attach`] opens once the data directory is locked.
 pub fn init_logging(log: &LogSection) -> Result<()> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -103,7 +97,7 @@ pub fn init_logging(log: &LogSection) -> Result<()> {
             let file = to_file.then(|| {
                 tracing_subscriber::fmt::layer()
                     .with_ansi(false)
-                    .with_writer(crate::logfile::AttachedFile)
+                    .with_writer(crate::common::logfile::AttachedFile)
                     .json()
                     .flatten_event(true)
             });
@@ -116,7 +110,7 @@ pub fn init_logging(log: &LogSection) -> Result<()> {
             let file = to_file.then(|| {
                 tracing_subscriber::fmt::layer()
                     .with_ansi(false)
-                    .with_writer(crate::logfile::AttachedFile)
+                    .with_writer(crate::common::logfile::AttachedFile)
             });
             registry.with(stderr).with(file).try_init()
         }
@@ -135,7 +129,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     data_dir.check_private()?;
     let _lock = data_dir.lock()?;
     if let Some(path) = config.log.file_path(data_dir.path()) {
-        crate::logfile::attach(&path, config.log.max_file_bytes, config.log.max_files)
+        crate::common::logfile::attach(&path, config.log.max_file_bytes, config.log.max_files)
             .with_context(|| {
                 format!(
                     "log.file = {:?}: give a file the daemon can create and write (relative paths are inside {}), or \"\" for stderr only",
@@ -147,7 +141,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let identity = data_dir.identity(&options.passphrase)?;
     if !data_dir.key_format()?.encrypted() {
         warn!(
-            key = %data_dir.file(crate::datadir::KEY_FILE).display(),
+            key = %data_dir.file(crate::common::datadir::KEY_FILE).display(),
             "the identity key is unencrypted (protected by file mode 0600 only); encrypt it with `openagi keys passphrase`"
         );
     }
@@ -179,7 +173,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let (net, mut events, net_task) =
         NetworkService::start(keypair, net_config, metrics.registry_mut())?;
     info!(peer_id = %net.local_peer_id(), network_id = %config.network.network_id, starts, "node identity loaded");
-    let messenger = crate::msg::Messenger::start(&identity, store.clone(), net.clone())
+    let messenger = msg::Messenger::start(&identity, store.clone(), net.clone())
         .context("starting messaging")?;
 
     let (stop_consensus, consensus_stopping) = tokio::sync::watch::channel(false);
@@ -220,17 +214,17 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     };
 
     let tx_lookup = Arc::new(
-        crate::txindex::TxLookup::open(data_dir.path(), store.clone())
+        txindex::TxLookup::open(data_dir.path(), store.clone())
             .context("opening the transaction index")?,
     );
     let (stop_indexer, indexer_stopping) = tokio::sync::watch::channel(false);
-    let indexer_task = crate::txindex::start(
+    let indexer_task = txindex::start(
         tx_lookup.clone(),
         consensus.as_ref().map(|c| c.subscribe()),
         indexer_stopping,
     );
 
-    let (learner, learner_task) = crate::federation::Learner::start(
+    let (learner, learner_task) = federation::Learner::start(
         &identity,
         store.clone(),
         net.clone(),
@@ -267,14 +261,14 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         draining: AtomicBool::new(false),
         started,
         network_id: config.network.network_id.clone(),
-        transport: crate::tor::transport_name(config.network.transport).into(),
+        transport: crate::common::config::transport_name(config.network.transport).into(),
         api_addr: api_addr.to_string(),
         messenger: messenger.clone(),
         learner: learner.clone(),
         listen_configured: !config.network.listen.is_empty(),
     });
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::http::serve(
+    let server = tokio::spawn(http::serve(
         listener,
         api::router(state.clone()),
         async move {

@@ -24,9 +24,9 @@ use openagi_dashboard::MetricsRegistry;
 use openagi_net::NetHandle;
 use serde::{Deserialize, Serialize};
 
-use crate::consensus::{ConsensusHandle, ConsensusStatus};
-use crate::store::Store;
-use crate::txindex::TxLookupResult;
+use crate::common::store::Store;
+use crate::daemon::consensus::{ConsensusHandle, ConsensusStatus};
+use crate::daemon::txindex::TxLookupResult;
 
 /// Shared state of the HTTP handlers.
 pub struct ApiState {
@@ -37,7 +37,7 @@ pub struct ApiState {
     /// The node's database.
     pub store: Arc<Store>,
     /// Committed transactions by hash.
-    pub tx_lookup: Arc<crate::txindex::TxLookup>,
+    pub tx_lookup: Arc<crate::daemon::txindex::TxLookup>,
     /// The metrics registry.
     pub metrics: MetricsRegistry,
     /// The bearer token `/api/v1` requires.
@@ -54,9 +54,9 @@ pub struct ApiState {
     /// The bound API address.
     pub api_addr: String,
     /// End-to-end encrypted messaging.
-    pub messenger: Arc<crate::msg::Messenger>,
+    pub messenger: Arc<crate::daemon::msg::Messenger>,
     /// Federated learning.
-    pub learner: Arc<crate::federation::Learner>,
+    pub learner: Arc<crate::daemon::federation::Learner>,
     /// Whether `network.listen` names any address: a node configured to
     /// only dial out is not expected to listen.
     pub listen_configured: bool,
@@ -314,17 +314,20 @@ async fn send_msg(
     let Json(request) = match body {
         Ok(b) => b,
         Err(e) => {
-            let (status, text) = crate::http::json_rejection(&e);
+            let (status, text) = crate::daemon::http::json_rejection(&e);
             return error(status, text);
         }
     };
     let Ok(to) = request.to.parse::<openagi_net::PeerId>() else {
         return error(StatusCode::BAD_REQUEST, "`to` is not a peer id");
     };
-    if request.text.len() > crate::msg::MAX_TEXT_BYTES {
+    if request.text.len() > crate::daemon::msg::MAX_TEXT_BYTES {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("text is limited to {} bytes", crate::msg::MAX_TEXT_BYTES),
+            format!(
+                "text is limited to {} bytes",
+                crate::daemon::msg::MAX_TEXT_BYTES
+            ),
         );
     }
     match state.messenger.send(to, request.text).await {
@@ -346,7 +349,10 @@ async fn inbox(
     State(state): State<Arc<ApiState>>,
     axum::extract::Query(query): axum::extract::Query<InboxQuery>,
 ) -> Response {
-    let limit = query.limit.unwrap_or(100).min(crate::msg::MAX_INBOX_PAGE);
+    let limit = query
+        .limit
+        .unwrap_or(100)
+        .min(crate::daemon::msg::MAX_INBOX_PAGE);
     let messenger = state.messenger.clone();
     match tokio::task::spawn_blocking(move || messenger.inbox(limit)).await {
         Ok(Ok(messages)) => Json(serde_json::json!({ "messages": messages })).into_response(),
@@ -377,7 +383,7 @@ async fn submit_tx(
     let Json(request) = match body {
         Ok(b) => b,
         Err(e) => {
-            let (status, text) = crate::http::json_rejection(&e);
+            let (status, text) = crate::daemon::http::json_rejection(&e);
             return error(status, text);
         }
     };
@@ -593,35 +599,11 @@ async fn ledger_head(State(state): State<Arc<ApiState>>) -> Response {
     }
 }
 
-/// The JSON form of a block.
-pub fn block_json(
-    block: &openagi_consensus::Block,
-    certificate: &openagi_consensus::CommitCertificate,
-) -> serde_json::Value {
-    serde_json::json!({
-        "height": block.height,
-        "hash": hex::encode(block.hash()),
-        "view": block.view,
-        "prev_hash": hex::encode(block.prev_hash),
-        "batch_root": hex::encode(block.batch_root),
-        "timestamp_ms": block.timestamp,
-        "transactions": block.txs.iter().map(|tx| serde_json::json!({
-            "hash": hex::encode(tx.hash()),
-            "client": hex::encode(tx.client.0),
-            "seq": tx.seq,
-            "payload_hex": hex::encode(&tx.payload),
-        })).collect::<Vec<_>>(),
-        "certificate": {
-            "view": certificate.view,
-            "seq": certificate.seq,
-            "signers": certificate.commits.iter().map(|c| c.signer().to_hex()).collect::<Vec<_>>(),
-        },
-    })
-}
-
 async fn ledger_block(State(state): State<Arc<ApiState>>, Path(height): Path<u64>) -> Response {
     match state.store.block(height) {
-        Ok(Some((block, cert))) => Json(block_json(&block, &cert)).into_response(),
+        Ok(Some((block, cert))) => {
+            Json(crate::common::ledger::block_json(&block, &cert)).into_response()
+        }
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             format!("no block at height {height}"),
@@ -637,7 +619,7 @@ async fn ledger_verify(State(state): State<Arc<ApiState>>) -> Response {
     };
     let store = state.store.clone();
     let checked = tokio::task::spawn_blocking(move || {
-        crate::ledger::verify_stored(&store, consensus.validators())
+        crate::common::ledger::verify_stored(&store, consensus.validators())
     })
     .await;
     match checked {
@@ -718,7 +700,7 @@ async fn learn_submit(
     let Json(spec) = match body {
         Ok(b) => b,
         Err(e) => {
-            let (status, text) = crate::http::json_rejection(&e);
+            let (status, text) = crate::daemon::http::json_rejection(&e);
             return error(status, text);
         }
     };

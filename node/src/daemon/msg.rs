@@ -35,7 +35,7 @@ use openagi_net::{MsgReply, NetHandle, PeerId};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::store::Store;
+use crate::common::store::Store;
 
 /// Largest message text, in bytes (UTF-8).
 pub const MAX_TEXT_BYTES: usize = 16 * 1024;
@@ -518,7 +518,7 @@ mod tests {
     ) -> (Arc<Messenger>, PeerId, Arc<Store>, Identity) {
         let identity = Identity::from_seed(&[seed; 32]);
         let store = Arc::new(Store::open(dir).expect("store"));
-        let mut config = crate::config::Config::default();
+        let mut config = crate::common::config::Config::default();
         config.network.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
         // Loopback TCP: this test is about the messenger, not Tor.
         config.network.transport = openagi_net::TransportMode::Direct;
@@ -610,7 +610,7 @@ mod tests {
         // continues where it was.
         drop(a);
         let net = {
-            let mut config = crate::config::Config::default();
+            let mut config = crate::common::config::Config::default();
             config.network.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
             config.network.transport = openagi_net::TransportMode::Direct;
             let mut registry = prometheus_client::registry::Registry::default();

@@ -21,10 +21,10 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
-use crate::client::ApiClient;
-use crate::datadir::DataDir;
-use crate::genesis::{GENESIS_FILE, Genesis};
-use crate::passphrase::PassphraseSource;
+use crate::cli::client::ApiClient;
+use crate::common::datadir::DataDir;
+use crate::common::genesis::{GENESIS_FILE, Genesis};
+use crate::common::passphrase::PassphraseSource;
 
 /// Network id of every devnet.
 pub const DEVNET_NETWORK_ID: &str = "openagi-devnet";
@@ -74,7 +74,7 @@ fn prepare_dir(dir: &Path, resume: bool) -> Result<bool> {
         let is_node = name
             .strip_prefix("node-")
             .is_some_and(|n| n.parse::<usize>().is_ok())
-            && entry.path().join(crate::datadir::KEY_FILE).exists();
+            && entry.path().join(crate::common::datadir::KEY_FILE).exists();
         if is_node {
             nodes += 1;
         } else if name != "tornet" {
@@ -116,7 +116,7 @@ enum Learning {
 }
 
 /// The job a devnet trains.
-pub const DEVNET_JOB: &str = include_str!("../../configs/digits-job.toml");
+pub const DEVNET_JOB: &str = include_str!("../../../configs/digits-job.toml");
 
 /// One child daemon of a local network.
 pub(crate) struct Node {
@@ -203,12 +203,12 @@ pub(crate) async fn start_local_network(
     for d in &dirs {
         // Devnet keys are unencrypted: the nodes start unattended.
         let no_passphrase = PassphraseSource::current(None);
-        let settings = crate::datadir::InitSettings {
+        let settings = crate::common::datadir::InitSettings {
             network_id: Some(DEVNET_NETWORK_ID.into()),
             transport: Some(if tor {
-                crate::config::InitTransport::Tor
+                crate::common::config::InitTransport::Tor
             } else {
-                crate::config::InitTransport::Direct
+                crate::common::config::InitTransport::Direct
             }),
         };
         reports.push(d.init(&settings, &no_passphrase, false)?);
@@ -224,8 +224,8 @@ pub(crate) async fn start_local_network(
             // The validator set changed (another --nodes): the old ledger
             // belongs to another chain.
             println!("node-{index}: validator set changed; starting a fresh ledger");
-            std::fs::remove_file(d.file(crate::store::STORE_FILE)).ok();
-            std::fs::remove_file(d.file(crate::store::TX_INDEX_FILE)).ok();
+            std::fs::remove_file(d.file(crate::common::store::STORE_FILE)).ok();
+            std::fs::remove_file(d.file(crate::common::store::TX_INDEX_FILE)).ok();
         }
         std::fs::write(&path, genesis.to_toml()?)?;
     }
@@ -257,7 +257,7 @@ pub(crate) async fn start_local_network(
     let mut bootstrap = None;
     let mut nodes = Vec::with_capacity(count);
     for (index, (data_dir, report)) in dirs.into_iter().zip(reports).enumerate() {
-        let _ = std::fs::remove_file(data_dir.file(crate::datadir::API_ADDR_FILE));
+        let _ = std::fs::remove_file(data_dir.file(crate::common::datadir::API_ADDR_FILE));
         let port = if index == 0 { free_port()? } else { 0 };
         let config = data_dir.file("devnet.toml");
         write_node_config(
@@ -436,7 +436,7 @@ fn devnet_job_on_ledger(nodes: &[Node]) -> Option<String> {
         .get("jobs")?
         .as_array()?
         .iter()
-        .map(|job| crate::cli_learn::JobSummary::of(job, 8))
+        .map(|job| crate::cli::learn_jobs::JobSummary::of(job, 8))
         .find(|job| job.name == name)
         .map(|job| job.id)
 }
@@ -495,7 +495,7 @@ fn summary_text(
         Learning::Job(id) => {
             match jobs
                 .iter()
-                .map(|job| (job, crate::cli_learn::JobSummary::of(job, 8)))
+                .map(|job| (job, crate::cli::learn_jobs::JobSummary::of(job, 8)))
                 .find(|(_, j)| j.id == *id)
             {
                 None => format!("job {id}: not on node-0's ledger yet"),
@@ -755,7 +755,7 @@ fn render(nodes: &[Node], elapsed: Duration, connected_after: Option<Duration>) 
         .and_then(|j| j["jobs"].as_array().cloned())
         .unwrap_or_default();
     for job in jobs {
-        let j = crate::cli_learn::JobSummary::of(&job, 8);
+        let j = crate::cli::learn_jobs::JobSummary::of(&job, 8);
         out.push_str(&format!(
             "\nlearning: {} ({}) {} · round {}/{} · accuracy {} · ε {} · {} joined · stragglers {}",
             j.name,
@@ -889,7 +889,7 @@ mod tests {
         assert!(!prepare_dir(&dir, false).expect("missing is fine"));
         let node = dir.join("node-0");
         std::fs::create_dir_all(&node).expect("mkdir");
-        std::fs::write(node.join(crate::datadir::KEY_FILE), "x").expect("write");
+        std::fs::write(node.join(crate::common::datadir::KEY_FILE), "x").expect("write");
         assert!(prepare_dir(&dir, true).expect("resume"));
         assert!(node.exists(), "--resume keeps the nodes");
         assert!(!prepare_dir(&dir, false).expect("fresh"));

@@ -41,9 +41,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 use tracing::{debug, info, warn};
 
-use crate::config::LearnSection;
-use crate::consensus::{ConsensusError, ConsensusHandle, peer_id_of};
-use crate::store::Store;
+use crate::common::config::LearnSection;
+use crate::common::store::Store;
+use crate::daemon::consensus::{ConsensusError, ConsensusHandle, peer_id_of};
 
 /// Bytes of model per chunk on the wire.
 pub const MODEL_CHUNK_BYTES: usize = 512 * 1024;
@@ -383,7 +383,7 @@ fn load_local(config: &LearnSection) -> Result<Option<LocalData>> {
     let Some(source) = config.source().map_err(|e| anyhow!("learn.data: {e}"))? else {
         return Ok(None);
     };
-    let (train, eval) = crate::learn::load_data(&source, 0.25, false, 1)
+    let (train, eval) = crate::common::learn_data::load_data(&source, 0.25, false, 1)
         .with_context(|| format!("loading learn.data = {:?}", config.data))?;
     let train = match config.shard().map_err(|e| anyhow!("learn.shard: {e}"))? {
         Some((index, count)) => {

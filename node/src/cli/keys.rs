@@ -16,8 +16,8 @@ use openagi_crypto::{Identity, PublicKey, Signature, Signed, keyfile};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
-use crate::datadir::{DataDir, KEY_FILE};
-use crate::passphrase::PassphraseSource;
+use crate::common::datadir::{DataDir, KEY_FILE};
+use crate::common::passphrase::PassphraseSource;
 
 /// Domain-separation context of `openagi keys sign --file`.
 pub const SIGN_FILE_CONTEXT: &str = "openagi/keys/sign-file/v1";

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::datadir::DataDir;
+use crate::common::datadir::DataDir;
 
 /// How long connecting to the daemon may take: it is on this machine.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -21,8 +21,8 @@ use anyhow::{Context, Result, bail};
 use openagi_crypto::keystore::{self, KdfParams, Protection};
 use openagi_crypto::{Identity, keyfile};
 
-use crate::config;
-use crate::passphrase::PassphraseSource;
+use crate::common::config;
+use crate::common::passphrase::PassphraseSource;
 
 /// Identity key file name.
 pub const KEY_FILE: &str = "node.key";
@@ -351,8 +351,8 @@ impl DataDir {
                     .map_err(|e| match e {
                         openagi_crypto::Error::WrongPassphrase { .. } => anyhow::anyhow!(
                             "{e}; nothing was changed (the passphrase comes from --passphrase-file, {} or {}, or the prompt)",
-                            crate::passphrase::PASSPHRASE_FILE_ENV,
-                            crate::passphrase::PASSPHRASE_ENV
+                            crate::common::passphrase::PASSPHRASE_FILE_ENV,
+                            crate::common::passphrase::PASSPHRASE_ENV
                         ),
                         other => other.into(),
                     })?;

@@ -7,8 +7,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use openagi_learning::federation::JobSpec;
 
-use crate::client::ApiClient;
-use crate::datadir::DataDir;
+use crate::cli::client::ApiClient;
+use crate::common::datadir::DataDir;
 use crate::outln;
 
 /// Arguments of `openagi learn submit`.
@@ -306,7 +306,7 @@ mod tests {
         );
     }
 
-    const EXAMPLE: &str = include_str!("../../configs/digits-job.toml");
+    const EXAMPLE: &str = include_str!("../../../configs/digits-job.toml");
 
     #[test]
     fn the_example_job_parses_with_and_without_privacy() {
