@@ -1,6 +1,7 @@
 //! Byzantine fault tolerant ordering for Open-AGI: a sans-IO PBFT replica,
-//! the ledger blocks and commit certificates it produces, and a seeded
-//! simulator that checks it under faults.
+//! the ledger blocks and commit certificates it produces. The seeded
+//! simulator that checks it under faults is its harness crate,
+//! `openagi-consensus-sim`.
 //!
 //! The replica ([`Replica`]) is a pure state machine. The node feeds it
 //! client transactions ([`Replica::handle_request`]), messages from peers
@@ -8,7 +9,7 @@
 //! ([`Replica::handle_tick`], with milliseconds supplied by the caller), and
 //! drains what it wants done with [`Replica::poll_output`]: messages to
 //! send, records to persist, blocks that committed. It owns no socket,
-//! clock, thread, disk or randomness, which is what lets [`sim`] run many
+//! clock, thread, disk or randomness, which is what lets the simulator run many
 //! replicas through many adversarial schedules, each reproducible from its
 //! seed.
 //!
@@ -65,14 +66,12 @@
 //!   state and drop counters.
 //! - [`signing`]: the signing and checking seam (strict Ed25519 for nodes,
 //!   a shared memo for simulation).
-//! - [`sim`]: the deterministic network simulator and its fault scenarios.
 
 pub mod bundle;
 pub mod ledger;
 pub mod messages;
 pub mod replica;
 pub mod signing;
-pub mod sim;
 pub mod types;
 
 pub use ledger::Ledger;

@@ -5,19 +5,17 @@
 //! generated ([`Identity::generate`], key store salts and nonces, sealing
 //! ephemerals, ratchet keys); everything else is a deterministic function
 //! of its inputs, so consensus and learning can use it inside seeded
-//! simulations. The only file access is in [`keyfile`] and [`keystore`].
+//! simulations. It touches no files: [`keystore`] is a byte format, and
+//! the `openagi-keyfiles` crate reads and writes it on disk.
 //!
 //! What lives here:
 //! - [`identity`]: the node's Ed25519 identity, strict signature checks and
 //!   the domain-separated [`Signed`] envelope every signed message uses.
-//! - [`keyfile`]: reading and writing the identity secret on disk with
-//!   owner-only permissions, atomically (the unencrypted legacy format and
-//!   the atomic-write primitive the key store uses).
 //! - [`aead`]: ChaCha20-Poly1305 and XChaCha20-Poly1305 with keys that are
 //!   zeroed on drop and errors that never reveal why a tag failed.
 //! - [`keystore`]: secrets at rest, encrypted under an operator passphrase
-//!   (Argon2id, XChaCha20-Poly1305) in a versioned, self-describing file,
-//!   with passphrase rotation.
+//!   (Argon2id, XChaCha20-Poly1305) in a versioned, self-describing file
+//!   format, and the storage keys derived from the identity.
 //! - [`seal`]: X25519 keys (a node's static key is derived from its
 //!   identity seed) and sealed envelopes addressed to a peer's X25519 key.
 //! - [`poc`]: proof of computation: the memory-hard identity puzzle
@@ -34,7 +32,6 @@
 pub mod aead;
 pub mod bench;
 pub mod identity;
-pub mod keyfile;
 pub mod keystore;
 pub mod poc;
 pub mod ratchet;

@@ -116,7 +116,7 @@ impl SystemKey {
                 let mut seed = [0u8; 32];
                 getrandom::fill(&mut seed)
                     .map_err(|e| TorError::Io(std::io::Error::other(e.to_string())))?;
-                openagi_crypto::keyfile::write_atomic(path, hex::encode(seed).as_bytes(), 0o600)
+                openagi_keyfiles::keyfile::write_atomic(path, hex::encode(seed).as_bytes(), 0o600)
                     .map_err(|e| TorError::Io(std::io::Error::other(e.to_string())))?;
                 seed
             }

@@ -12,7 +12,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use openagi_crypto::identity::{SIGNATURE_LEN, SignedPayload};
-use openagi_crypto::{Identity, PublicKey, Signature, Signed, keyfile};
+use openagi_crypto::{Identity, PublicKey, Signature, Signed};
+use openagi_keyfiles::keyfile;
 use serde::{Deserialize, Serialize};
 use tracing::info;
 

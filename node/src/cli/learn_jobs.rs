@@ -251,7 +251,7 @@ pub fn export(dir: &DataDir, args: &ExportArgs) -> Result<()> {
     if bytes.is_empty() {
         bail!("the daemon sent an empty model");
     }
-    openagi_crypto::keyfile::write_atomic(&args.out, &bytes, 0o644)
+    openagi_keyfiles::keyfile::write_atomic(&args.out, &bytes, 0o644)
         .with_context(|| format!("writing {}", args.out.display()))?;
     outln!(
         "model {} ({} parameters) written to {}",

@@ -95,7 +95,7 @@ pub fn install_genesis(dir: &DataDir, source: &std::path::Path) -> Result<String
             source.display()
         );
     }
-    openagi_crypto::keyfile::write_atomic(&target, genesis.to_toml()?.as_bytes(), 0o644)?;
+    openagi_keyfiles::keyfile::write_atomic(&target, genesis.to_toml()?.as_bytes(), 0o644)?;
     Ok(format!(
         "installed genesis {} ({} validators)",
         target.display(),

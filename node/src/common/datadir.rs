@@ -18,8 +18,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use openagi_crypto::Identity;
 use openagi_crypto::keystore::{self, KdfParams, Protection};
-use openagi_crypto::{Identity, keyfile};
+use openagi_keyfiles::keyfile;
+use openagi_keyfiles::keystore as keystore_file;
 
 use crate::common::config;
 use crate::common::passphrase::PassphraseSource;
@@ -347,7 +349,7 @@ impl DataDir {
                 } else {
                     None
                 };
-                let (identity, _) = keystore::load_identity(&path, secret.as_ref().map(|s| s.as_slice()))
+                let (identity, _) = keystore_file::load_identity(&path, secret.as_ref().map(|s| s.as_slice()))
                     .map_err(|e| match e {
                         openagi_crypto::Error::WrongPassphrase { .. } => anyhow::anyhow!(
                             "{e}; nothing was changed (the passphrase comes from --passphrase-file, {} or {}, or the prompt)",
@@ -383,7 +385,7 @@ impl DataDir {
             n
         };
         if n == head.len() && &head == keystore::MAGIC {
-            let info = keystore::inspect(&path)?;
+            let info = keystore_file::inspect(&path)?;
             Ok(KeyFormat::KeyStore {
                 encrypted: info.encrypted,
             })
@@ -402,7 +404,7 @@ impl DataDir {
         passphrase: Option<&[u8]>,
     ) -> Result<()> {
         match passphrase {
-            Some(passphrase) => keystore::write(
+            Some(passphrase) => keystore_file::write(
                 path,
                 keystore::IDENTITY_LABEL,
                 identity.seed().as_ref(),

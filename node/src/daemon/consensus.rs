@@ -534,7 +534,7 @@ fn mark_started(marker: &std::path::Path, store: &Store, lost: bool) -> Result<(
     let text = format!("{MARKER_HEADER}\ninstance {}\n", hex::encode(id));
     // Atomic (temp file, fsync, rename): a crash leaves the old marker or
     // the new one, and the database already names the new id.
-    openagi_crypto::keyfile::write_atomic(marker, text.as_bytes(), 0o600)
+    openagi_keyfiles::keyfile::write_atomic(marker, text.as_bytes(), 0o600)
         .map_err(|e| ConsensusError::Rejected(format!("writing {}: {e}", marker.display())))
 }
 

@@ -1152,7 +1152,7 @@ impl Learner {
             let this = self.clone();
             tokio::task::spawn_blocking(move || {
                 let bytes = params_to_bytes(&params);
-                if let Err(e) = openagi_crypto::keyfile::write_atomic(&path, &bytes, 0o644) {
+                if let Err(e) = openagi_keyfiles::keyfile::write_atomic(&path, &bytes, 0o644) {
                     warn!(path = %path.display(), error = %e, "model not written");
                 }
                 if let Ok(mut s) = this.state() {

@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use openagi_crypto::keyfile;
 use openagi_dashboard::MetricsRegistry;
+use openagi_keyfiles::keyfile;
 use openagi_net::{AppProtocol, NetEvent, NetworkService};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};

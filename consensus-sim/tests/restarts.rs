@@ -6,9 +6,9 @@
 //! where the faults stay within `f`, that commits resume and every correct
 //! client's transaction reaches every correct replica.
 
-use openagi_consensus::sim::{Action, Sim, SimConfig};
+use openagi_consensus_sim::{Action, Sim, SimConfig};
 
-fn ok<T>(r: Result<T, openagi_consensus::sim::Violation>) -> T {
+fn ok<T>(r: Result<T, openagi_consensus_sim::Violation>) -> T {
     match r {
         Ok(v) => v,
         Err(v) => panic!("{v}"),

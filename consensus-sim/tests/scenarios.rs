@@ -6,7 +6,7 @@
 //! client's transaction reaches every correct replica.
 
 use openagi_consensus::DropReason;
-use openagi_consensus::sim::{Action, Fault, NetConfig, Sim, SimConfig};
+use openagi_consensus_sim::{Action, Fault, NetConfig, Sim, SimConfig};
 
 fn faults(n: usize, faulty: &[(usize, Fault)]) -> Vec<Fault> {
     let mut v = vec![Fault::Correct; n];
@@ -24,7 +24,7 @@ fn dropped(sim: &Sim, reason: DropReason) -> u64 {
         .sum()
 }
 
-fn ok<T>(r: Result<T, openagi_consensus::sim::Violation>) -> T {
+fn ok<T>(r: Result<T, openagi_consensus_sim::Violation>) -> T {
     match r {
         Ok(v) => v,
         Err(v) => panic!("{v}"),

@@ -5,7 +5,7 @@
 //! directory) with mode 0600, and refused on load if anyone but the owner
 //! can read it, the way OpenSSH treats private keys.
 //!
-//! Encryption at rest under an operator passphrase lives in
+//! Encryption at rest under an operator passphrase is
 //! [`crate::keystore`], which writes its files through [`write_atomic`].
 
 use std::fs;
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
-use crate::{Error, Identity};
+use openagi_crypto::{Error, Identity};
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {

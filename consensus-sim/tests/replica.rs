@@ -2,12 +2,12 @@
 //! ledger's verification, with hand-made messages.
 
 use openagi_consensus::messages::{PrePrepare, Prepare};
-use openagi_consensus::sim::{Sim, SimConfig};
 use openagi_consensus::types::batch_root;
 use openagi_consensus::{
     Batch, ClientId, Config, DropReason, IdentitySigner, Ledger, Message, NetworkId, Output,
     PersistRecord, PersistedState, Recipient, Replica, Transaction, ValidatorSet, verify_chain,
 };
+use openagi_consensus_sim::{Sim, SimConfig};
 use openagi_crypto::{Identity, Signed};
 
 fn identities(n: u8) -> Vec<Identity> {
@@ -420,7 +420,7 @@ fn default_config_fits_a_new_view_in_one_message_for_typical_networks() {
 #[test]
 fn simulation_is_deterministic_per_seed() {
     let run = || {
-        let mut sim = openagi_consensus::sim::random_sim(77, 2_000);
+        let mut sim = openagi_consensus_sim::random_sim(77, 2_000);
         let _ = sim.run_until(2_000);
         (sim.summary(), sim.committed_height())
     };

@@ -4,7 +4,7 @@
 //! network that must converge. Split in four so test threads share the
 //! work; `pbft-sim --seeds N` runs the same function for long sweeps.
 
-use openagi_consensus::sim::random_run;
+use openagi_consensus_sim::random_run;
 
 const SEEDS_PER_PART: u64 = 50;
 const DURATION_MS: u64 = 3_000;

@@ -25,9 +25,9 @@ fn main() -> ExitCode {
     }
     let began = std::time::Instant::now();
     for seed in start..start.saturating_add(seeds) {
-        if let Err(violation) = openagi_consensus::sim::random_run(seed, duration) {
+        if let Err(violation) = openagi_consensus_sim::random_run(seed, duration) {
             println!("FAILED {violation}");
-            let mut sim = openagi_consensus::sim::random_sim(seed, duration);
+            let mut sim = openagi_consensus_sim::random_sim(seed, duration);
             println!("{}", sim.describe());
             let _ = sim.run_until(duration);
             println!("after the faulty phase:\n{}", sim.summary());

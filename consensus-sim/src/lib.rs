@@ -21,13 +21,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::messages::{
+use openagi_consensus::messages::{
     Checkpoint, Commit, Message, NewView, PrePrepare, Prepare, Status, ViewChange,
 };
-use crate::replica::{Config, Output, PersistedState, Recipient, Replica};
-use crate::signing::{MemoSigner, Signer, VerifiedMemo};
-use crate::types::{Batch, ClientId, NetworkId, Transaction, ValidatorSet};
-use crate::{Hash, ledger::Ledger};
+use openagi_consensus::replica::{Config, Output, PersistedState, Recipient, Replica};
+use openagi_consensus::signing::{MemoSigner, Signer, VerifiedMemo};
+use openagi_consensus::types::{Batch, ClientId, NetworkId, Transaction, ValidatorSet};
+use openagi_consensus::{Hash, ledger::Ledger};
 
 /// How a simulated replica misbehaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -432,7 +432,13 @@ impl Sim {
 
     /// The blocks node `id` persisted, from height 1: its whole chain
     /// (the replica keeps only recent blocks in memory).
-    pub fn stored_blocks(&self, id: usize) -> &[(crate::Block, crate::CommitCertificate)] {
+    pub fn stored_blocks(
+        &self,
+        id: usize,
+    ) -> &[(
+        openagi_consensus::Block,
+        openagi_consensus::CommitCertificate,
+    )] {
         self.nodes
             .get(id)
             .map_or(&[], |n| n.persisted.blocks.as_slice())
@@ -799,9 +805,9 @@ impl Sim {
                 let vc = ViewChange {
                     network,
                     new_view: ahead,
-                    checkpoint: crate::messages::CheckpointProof {
+                    checkpoint: openagi_consensus::messages::CheckpointProof {
                         seq: 0,
-                        state: crate::types::genesis_hash(network),
+                        state: openagi_consensus::types::genesis_hash(network),
                         messages: Vec::new(),
                     },
                     prepared: Vec::new(),
@@ -833,7 +839,7 @@ impl Sim {
                         seq: block.height,
                         payload: b"forged".to_vec(),
                     });
-                    block.batch_root = crate::types::batch_root(&block.txs);
+                    block.batch_root = openagi_consensus::types::batch_root(&block.txs);
                 }
                 let Ok(lie) = signer.seal(&reply) else { return };
                 for to in targets {
@@ -990,7 +996,7 @@ impl Sim {
             .retain(|p| decode(&p.pre_prepare).is_some_and(|x| x.seq != seq));
         vc.prepared.insert(
             0,
-            crate::messages::PreparedProof {
+            openagi_consensus::messages::PreparedProof {
                 pre_prepare: pp,
                 batch,
                 prepares,
@@ -1352,7 +1358,12 @@ impl Sim {
     }
 }
 
-fn applied_keys(blocks: &[(crate::Block, crate::CommitCertificate)]) -> HashSet<(ClientId, u64)> {
+fn applied_keys(
+    blocks: &[(
+        openagi_consensus::Block,
+        openagi_consensus::CommitCertificate,
+    )],
+) -> HashSet<(ClientId, u64)> {
     let mut scratch = Ledger::keeping(NetworkId([0; 32]), 1);
     let mut keys = HashSet::new();
     for (block, cert) in blocks {
