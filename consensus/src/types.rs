@@ -467,23 +467,19 @@ mod tests {
     fn hashes_and_encodings_are_stable() {
         let txs = sample_txs();
         assert_eq!(
-            hex(&txs[3].hash()),
+            hex::encode(txs[3].hash()),
             "e4ebf51ba921be08ba42063a3ad7d488e702bd3aa9d80f0ffeaf5138cdb4f49a"
         );
         assert_eq!(
-            hex(&batch_root(&txs)),
+            hex::encode(batch_root(&txs)),
             "8047724439adb8b7286ff26331588af983dfd380fbcda050a656831863ad8f24"
         );
         let encoded = postcard::to_stdvec(&txs[2]).expect("encodes");
         assert_eq!(
-            hex(&blake3::hash(&encoded).into()),
+            hex::encode(blake3::hash(&encoded).as_bytes()),
             "326202a9ca10f79a55e31ce4b81e1754e60b4997b3c19361d24b6eab3d63fa41"
         );
         let decoded: Transaction = postcard::from_bytes(&encoded).expect("decodes");
         assert_eq!(decoded, txs[2]);
-    }
-
-    fn hex(bytes: &[u8; 32]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 }

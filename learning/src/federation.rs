@@ -66,20 +66,15 @@ pub struct JobId(pub [u8; 32]);
 impl JobId {
     /// Lower-case hex.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(self.0)
     }
 
     /// Parses 64 hex digits.
     pub fn from_hex(text: &str) -> Result<Self> {
         let text = text.trim();
         let invalid = || Error::invalid("job id", format!("{text:?} is not 64 hex digits"));
-        if text.len() != 64 || !text.is_ascii() {
-            return Err(invalid());
-        }
         let mut id = [0u8; 32];
-        for (i, byte) in id.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| invalid())?;
-        }
+        hex::decode_to_slice(text, &mut id).map_err(|_| invalid())?;
         Ok(JobId(id))
     }
 }

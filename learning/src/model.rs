@@ -261,7 +261,7 @@ impl ArchitectureDescriptor {
             self.layers.len(),
             self.param_count,
             self.dtype.name(),
-            hex(&fp[..4])
+            hex::encode(&fp[..4])
         )
     }
 
@@ -297,16 +297,6 @@ impl ArchitectureDescriptor {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    use fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        // Writing to a String cannot fail.
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
 /// Content address of a model: BLAKE3(descriptor canonical bytes ‖
 /// parameters as little-endian `f32`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -339,7 +329,7 @@ impl ModelId {
 
     /// Lowercase hex of all 32 bytes.
     pub fn to_hex(&self) -> String {
-        hex(&self.0)
+        hex::encode(self.0)
     }
 }
 
@@ -362,14 +352,8 @@ impl FromStr for ModelId {
     fn from_str(s: &str) -> Result<Self> {
         let s = s.trim();
         let bad = || Error::invalid("model id", format!("{s:?} is not 64 hex digits"));
-        if s.len() != 64 || !s.is_ascii() {
-            return Err(bad());
-        }
         let mut out = [0u8; 32];
-        for (o, pair) in out.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
-            let text = std::str::from_utf8(pair).map_err(|_| bad())?;
-            *o = u8::from_str_radix(text, 16).map_err(|_| bad())?;
-        }
+        hex::decode_to_slice(s, &mut out).map_err(|_| bad())?;
         Ok(ModelId(out))
     }
 }

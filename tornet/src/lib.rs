@@ -771,7 +771,7 @@ pub fn control_query(client: &TorNetClient, commands: &[&str]) -> Result<String>
         std::fs::read(&client.cookie).context(ErrorKind::Io, || "reading control cookie".into())?;
     let mut stream = TcpStream::connect_timeout(&client.control, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut text = format!("AUTHENTICATE {}\r\n", hex_encode(&cookie));
+    let mut text = format!("AUTHENTICATE {}\r\n", hex::encode(&cookie));
     for c in commands {
         text.push_str(c);
         text.push_str("\r\n");
@@ -787,8 +787,4 @@ pub fn control_query(client: &TorNetClient, commands: &[&str]) -> Result<String>
         line.clear();
     }
     Ok(out)
-}
-
-fn hex_encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -8,7 +8,6 @@
 //! statement, and vice versa.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use openagi_crypto::identity::{SIGNATURE_LEN, SignedPayload};
@@ -233,10 +232,7 @@ pub fn rotate(dir: &DataDir, passphrase: &PassphraseSource) -> Result<RotationRe
     };
     let old = dir.identity(&fixed)?;
     let new = Identity::generate()?;
-    let unix_time = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let unix_time = crate::unix_ms() / 1000;
     let record = RotationRecord::sign(&old, &new, unix_time)?;
     let statement = record.verify()?;
 
