@@ -50,10 +50,11 @@ fn dependencies(manifest: &Path) -> Vec<String> {
             in_deps = line == "[dependencies]";
             continue;
         }
-        if in_deps && !line.starts_with('#') {
-            if let Some((name, _)) = line.split_once('=') {
-                deps.push(name.trim().trim_end_matches(".workspace").to_string());
-            }
+        if in_deps
+            && !line.starts_with('#')
+            && let Some((name, _)) = line.split_once('=')
+        {
+            deps.push(name.trim().trim_end_matches(".workspace").to_string());
         }
     }
     deps

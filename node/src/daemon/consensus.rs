@@ -179,9 +179,9 @@ pub struct CommitNotice {
     pub block_hash: Hash,
     /// Hashes of its transactions, in order.
     pub tx_hashes: Arc<Vec<Hash>>,
-    /// Whether any transaction is a federated-learning record, so the
-    /// learning service reads only blocks that concern it.
-    pub has_learning_records: bool,
+    /// The block itself, shared by every receiver: services that follow
+    /// the ledger (learning) look at its transactions without a disk read.
+    pub block: Arc<Block>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -950,15 +950,11 @@ impl Driver {
         self.metrics.height.set(block.height as i64);
         self.committed_txs += applied as u64;
         self.last_commit = Some(crate::unix_ms());
-        let has_learning_records = block.txs.iter().any(|tx| {
-            tx.payload
-                .starts_with(openagi_learning::federation::RECORD_TAG)
-        });
         let _ = self.commits.send(CommitNotice {
             height: block.height,
             block_hash: block.hash(),
             tx_hashes: Arc::new(hashes),
-            has_learning_records,
+            block: Arc::new(block.clone()),
         });
     }
 

@@ -462,7 +462,10 @@ impl Learner {
                     Ok(n) => {
                         // The next block with nothing for us: no disk read.
                         let next = self.state().map(|s| s.cursor + 1).unwrap_or(0);
-                        if n.height == next && !n.has_learning_records {
+                        let has_records = n.block.txs.iter().any(|tx| {
+                            tx.payload.starts_with(openagi_learning::federation::RECORD_TAG)
+                        });
+                        if n.height == next && !has_records {
                             if let Ok(mut s) = self.state() {
                                 s.cursor = n.height;
                             }

@@ -466,7 +466,7 @@ mod tests {
                 height: 3,
                 block_hash: last.hash(),
                 tx_hashes: Arc::new(last.txs.iter().map(Transaction::hash).collect()),
-                has_learning_records: false,
+                block: Arc::new(last.clone()),
             })
             .expect("send");
         wait_indexed(&lookup, 3).await;
