@@ -33,6 +33,18 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// low enough that one-hot buffers stay small.
 pub const MAX_LABEL: u32 = 65_535;
 
+/// The shape of a data set (no samples): enough to tell whether it fits a
+/// model, and what a node tells a job it joins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataProfile {
+    /// Number of samples.
+    pub samples: usize,
+    /// Features per sample.
+    pub features: usize,
+    /// Classes the labels span (the largest label plus one).
+    pub classes: usize,
+}
+
 /// A labelled data set: `len` samples of `features` `f32` values each,
 /// stored row-major, and one label per sample.
 #[derive(Clone, Debug, PartialEq)]
@@ -109,6 +121,15 @@ impl Dataset {
     /// an empty set).
     pub fn classes(&self) -> usize {
         self.labels.iter().max().map_or(0, |&l| l as usize + 1)
+    }
+
+    /// The data set's shape: what decides whether it fits a model.
+    pub fn profile(&self) -> DataProfile {
+        DataProfile {
+            samples: self.len(),
+            features: self.n_features,
+            classes: self.classes(),
+        }
     }
 
     /// All features, row-major.

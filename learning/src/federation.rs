@@ -37,11 +37,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{Aggregator, ClientId, ClientUpdate};
 use crate::compress::{self, ErrorFeedback};
-use crate::data::Dataset;
+use crate::data::{DataProfile, Dataset};
 use crate::dp::{self, Accountant};
 use crate::model::ModelId;
 use crate::models::Architecture;
-use crate::simulate::{Compression, Participation, Privacy};
+use crate::round::{
+    Compression, Participation, Privacy, RoundOutcome, aggregate_round, apply_delta,
+    check_compression, check_participation, check_privacy, encode_update,
+};
 use crate::train::{TrainConfig, Trainer};
 use crate::{Error, Result, rng_from_seed};
 
@@ -179,13 +182,9 @@ impl JobSpec {
                 format!("at most {MAX_DEADLINE_SECS}"),
             ));
         }
-        crate::simulate::check_participation(
-            self.participation,
-            self.min_clients,
-            MAX_PARTICIPANTS,
-        )?;
-        crate::simulate::check_compression(self.compression)?;
-        crate::simulate::check_privacy(self.privacy.as_ref(), self.aggregator)?;
+        check_participation(self.participation, self.min_clients, MAX_PARTICIPANTS)?;
+        check_compression(self.compression)?;
+        check_privacy(self.privacy.as_ref(), self.aggregator)?;
         Ok(())
     }
 
@@ -198,20 +197,25 @@ impl JobSpec {
     /// Why a data set does not fit the job's schema, in words an operator
     /// can act on; `None` when it fits.
     pub fn misfit(&self, data: &Dataset) -> Option<String> {
-        if data.is_empty() {
+        self.misfit_profile(&data.profile())
+    }
+
+    /// [`JobSpec::misfit`] for a data set known by its shape.
+    pub fn misfit_profile(&self, data: &DataProfile) -> Option<String> {
+        if data.samples == 0 {
             return Some("the local data set is empty".into());
         }
-        if data.n_features() != self.architecture.inputs() {
+        if data.features != self.architecture.inputs() {
             return Some(format!(
                 "the local data has {} features per sample and the job's model takes {}",
-                data.n_features(),
+                data.features,
                 self.architecture.inputs()
             ));
         }
-        if data.classes() > self.architecture.classes() {
+        if data.classes > self.architecture.classes() {
             return Some(format!(
                 "the local data has {} classes and the job's model outputs {}",
-                data.classes(),
+                data.classes,
                 self.architecture.classes()
             ));
         }
@@ -255,7 +259,9 @@ pub enum Record {
     RoundEnd(RoundSummary),
 }
 
-/// How a round ended, as committed by the coordinator.
+/// How a round ended, as committed by the coordinator: a
+/// [`RoundOutcome`] with the job, the refused updates, the accuracy and
+/// whether the job is over. Its field order is the ledger encoding.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoundSummary {
     /// The job.
@@ -282,6 +288,46 @@ pub struct RoundSummary {
     pub accuracy: Option<f64>,
     /// Whether this was the job's last round.
     pub finished: bool,
+}
+
+impl RoundSummary {
+    /// The ledger record of a round's `outcome`.
+    pub fn new(
+        job: JobId,
+        outcome: &RoundOutcome,
+        rejected: u32,
+        accuracy: Option<f64>,
+        finished: bool,
+    ) -> Self {
+        Self {
+            job,
+            round: outcome.round,
+            model: outcome.model,
+            parent: outcome.parent,
+            aggregated: outcome.aggregated,
+            selected: outcome.selected,
+            responded: outcome.responded,
+            rejected,
+            samples: outcome.samples,
+            epsilon: outcome.epsilon,
+            accuracy,
+            finished,
+        }
+    }
+
+    /// What the round did to the model.
+    pub fn outcome(&self) -> RoundOutcome {
+        RoundOutcome {
+            round: self.round,
+            parent: self.parent,
+            model: self.model,
+            aggregated: self.aggregated,
+            selected: self.selected,
+            responded: self.responded,
+            samples: self.samples,
+            epsilon: self.epsilon,
+        }
+    }
 }
 
 impl Record {
@@ -381,12 +427,7 @@ pub fn select_participants(
     joined: &[PublicKey],
 ) -> Result<Vec<PublicKey>> {
     let mut rng = rng_from_seed(round_seed(job, spec.seed, round, "select"));
-    let n = joined.len();
-    let picked = match spec.participation {
-        Participation::All => (0..n).collect(),
-        Participation::Fixed { per_round } => dp::fixed_size_sample(n, per_round.min(n), &mut rng)?,
-        Participation::Poisson { rate } => dp::poisson_sample(n, rate, &mut rng)?,
-    };
+    let picked = spec.participation.select(joined.len(), &mut rng)?;
     Ok(picked.into_iter().map(|i| joined[i]).collect())
 }
 
@@ -420,8 +461,10 @@ pub fn client_update(
     if let Some(p) = &spec.privacy {
         dp::clip_update(&mut delta, p.dp.clip_norm)?;
     }
-    let payload = spec.compression.compress(delta, feedback)?;
-    Ok((compress::encode(&payload)?, local.samples))
+    Ok((
+        encode_update(spec.compression, delta, feedback)?,
+        local.samples,
+    ))
 }
 
 /// The sampling rate the accountant is given: 1. Privacy amplification
@@ -822,14 +865,8 @@ impl Coordinator {
         });
         let mut aggregated = false;
         if let Some(delta) = delta {
-            let next: Vec<f32> = self.params.iter().zip(&delta).map(|(p, d)| p + d).collect();
-            match self
-                .trainer
-                .descriptor()
-                .check_params(&next)
-                .and_then(|()| ModelId::compute(self.trainer.descriptor(), &next))
-            {
-                Ok(id) => {
+            match apply_delta(self.trainer.descriptor(), &self.params, &delta) {
+                Ok((next, id)) => {
                     self.params = next;
                     self.model = id;
                     aggregated = true;
@@ -863,22 +900,19 @@ impl Coordinator {
             _ => true,
         };
         let finished = round >= self.spec.rounds || !budget_left;
-        let summary = RoundSummary {
-            job: self.job,
+        let outcome = RoundOutcome {
             round,
-            model: self.model,
             parent,
+            model: self.model,
             aggregated,
             selected: participants.len() as u32,
             responded: updates.len() as u32,
-            rejected: self.rejected,
             samples: updates
                 .iter()
                 .fold(0u64, |sum, u| sum.saturating_add(u.samples)),
             epsilon,
-            accuracy,
-            finished,
         };
+        let summary = RoundSummary::new(self.job, &outcome, self.rejected, accuracy, finished);
         self.phase = Phase::Ending {
             round,
             finished,
@@ -904,7 +938,7 @@ impl Coordinator {
         if !dp && !enough {
             return Ok((None, None));
         }
-        let (avg, epsilon) = crate::simulate::aggregate_round(
+        let (avg, epsilon) = aggregate_round(
             updates,
             dim,
             &self.spec.aggregator,
@@ -920,14 +954,51 @@ impl Coordinator {
 
     /// DP-FedAvg's fixed denominator: the expected number of participants.
     fn expected_participants(&self) -> f64 {
-        let n = self.joined.len() as f64;
-        match self.spec.participation {
-            Participation::All => n,
-            Participation::Fixed { per_round } => (per_round as f64).min(n),
-            Participation::Poisson { rate } => rate * n,
-        }
-        .max(1.0)
+        self.spec.participation.expected(self.joined.len()).max(1.0)
     }
+}
+
+// ---------------------------------------------------------------------------
+// The learn protocol's messages (`/openagi/learn/1`, postcard)
+// ---------------------------------------------------------------------------
+
+/// A request on `/openagi/learn/1` (postcard).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LearnRequest {
+    /// Part of a model's parameters (little-endian `f32`) from `offset`.
+    Model {
+        /// The model.
+        model: ModelId,
+        /// Byte offset.
+        offset: u64,
+    },
+    /// A participant's update for a round.
+    Update {
+        /// The job.
+        job: JobId,
+        /// The round.
+        round: u64,
+        /// Samples trained on.
+        samples: u64,
+        /// The encoded (compressed) delta.
+        payload: Vec<u8>,
+    },
+}
+
+/// A response on `/openagi/learn/1` (postcard).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LearnResponse {
+    /// A model chunk.
+    Chunk {
+        /// Length of the whole encoding.
+        total: u64,
+        /// The bytes from the requested offset.
+        bytes: Vec<u8>,
+    },
+    /// The update was accepted.
+    Accepted,
+    /// Refused, with the reason.
+    Refused(String),
 }
 
 #[cfg(test)]

@@ -25,8 +25,11 @@
 //!   count, and evaluation (accuracy, loss).
 //! - [`data`]: in-memory labelled data sets, the embedded 8×8 digits set,
 //!   and validated CSV and MNIST IDX parsers.
+//! - [`round`]: one federated round as both the network and the simulator
+//!   run it: participation, update encoding, the server's aggregation step
+//!   and the round's outcome.
 //! - [`simulate`]: federated rounds with N simulated clients in one process,
-//!   through the same sampling, DP, compression and aggregation code.
+//!   built on [`round`].
 //! - [`dp`]: client-level differential privacy as in DP-FedAvg (clipping,
 //!   Gaussian noise, participant sampling) and a Rényi-DP accountant that
 //!   reports (ε, δ) per round and enforces a budget.
@@ -38,7 +41,8 @@
 //!   version lineage.
 //! - [`federation`]: training across nodes coordinated through the ledger:
 //!   job specs, signed ledger records, participant selection, a client's
-//!   update, and the round coordinator as a sans-IO state machine.
+//!   update, and the round coordinator as a sans-IO state machine, built
+//!   on [`round`]; its participant side is [`participant`].
 //! - [`split`]: deterministic IID and non-IID partitions of a labelled data
 //!   set across simulated clients.
 //!
@@ -86,6 +90,8 @@ mod error;
 pub mod federation;
 pub mod model;
 pub mod models;
+pub mod participant;
+pub mod round;
 pub mod simulate;
 pub mod split;
 pub mod train;

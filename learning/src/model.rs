@@ -358,6 +358,28 @@ impl FromStr for ModelId {
     }
 }
 
+/// A model's parameters as bytes: little-endian `f32`s in the flat
+/// parameter order, the form models are stored in and sent in (their id is
+/// over the same values, [`ModelId::compute`]).
+pub fn params_to_bytes(params: &[f32]) -> Vec<u8> {
+    params.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Reads [`params_to_bytes`]'s encoding; a length that is not whole `f32`
+/// values is refused.
+pub fn params_from_bytes(bytes: &[u8]) -> Result<Vec<f32>> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(Error::invalid(
+            "model encoding",
+            format!("{} bytes is not whole f32 values", bytes.len()),
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
 /// A model: its architecture and parameters, checked to agree.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Model {

@@ -46,7 +46,7 @@
 //! let mut sim = Simulation::new(config, Compute::Cpu, &train, &test)?;
 //! let summary = sim.run(|r| {
 //!     let e = r.evaluation.expect("evaluated every round");
-//!     println!("round {} accuracy {:.3} upload {} B", r.round, e.accuracy, r.upload_bytes);
+//!     println!("round {} accuracy {:.3} upload {} B", r.outcome.round, e.accuracy, r.upload_bytes);
 //!     ControlFlow::Continue(())
 //! })?;
 //! assert_eq!(summary.rounds, 2);
@@ -60,35 +60,20 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{Aggregator, ClientId, ClientUpdate};
-use crate::compress::{self, ErrorFeedback, Payload};
+use crate::compress::{self, ErrorFeedback};
 use crate::data::Dataset;
-use crate::dp::{self, Accountant, DpConfig};
+use crate::dp::Accountant;
 use crate::model::{ModelId, ModelVersion};
 use crate::models::Architecture;
+use crate::round::{
+    Compression, Participation, Privacy, RoundOutcome, aggregate_round, apply_delta,
+    check_compression, check_participation, check_privacy, encode_update,
+};
 use crate::train::{Compute, Evaluation, TrainConfig, Trainer};
-use crate::{Error, ErrorKind, Result, SeededRng, rng_from_seed};
+use crate::{Error, Result, SeededRng, rng_from_seed};
 
 /// Most simulated clients.
 pub const MAX_CLIENTS: usize = 1_000_000;
-
-/// Which clients take part in a round.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum Participation {
-    /// Every client, every round.
-    All,
-    /// Exactly `per_round` clients, uniformly without replacement.
-    Fixed {
-        /// Clients per round.
-        per_round: usize,
-    },
-    /// Each client independently with probability `rate` (what the DP
-    /// accountant's amplification bound assumes).
-    Poisson {
-        /// Sampling probability `q` in `(0, 1]`.
-        rate: f64,
-    },
-}
 
 /// How the training set is divided among clients.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -106,112 +91,6 @@ pub enum Partition {
         /// Distinct labels per client.
         labels: usize,
     },
-}
-
-/// Update compression.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum Compression {
-    /// Dense `f32` updates.
-    #[default]
-    None,
-    /// Top-k sparsification with per-client error feedback, sending
-    /// `ceil(fraction · dim)` coordinates, optionally 8-bit quantized.
-    TopK {
-        /// Share of coordinates sent, in `(0, 1]`.
-        fraction: f64,
-        /// Quantize the sent values to 8 bits (the quantization error is
-        /// fed back too).
-        quantize: bool,
-    },
-    /// Every coordinate, 8-bit quantized (round to nearest, no feedback).
-    Quantize,
-}
-
-impl Compression {
-    /// A client's wire payload for `delta` (top-k keeps its error feedback
-    /// in `feedback`, created or reset to the delta's size as needed).
-    pub fn compress(
-        self,
-        delta: Vec<f32>,
-        feedback: &mut Option<ErrorFeedback>,
-    ) -> Result<Payload> {
-        let dim = delta.len();
-        Ok(match self {
-            Compression::None => Payload::Dense(delta),
-            Compression::Quantize => {
-                Payload::Quantized(compress::quantize(&delta, compress::DEFAULT_QUANT_CHUNK)?)
-            }
-            Compression::TopK { fraction, quantize } => {
-                let k = ((fraction * dim as f64).ceil() as usize).clamp(1, dim.max(1));
-                let state = match feedback {
-                    Some(f) if f.residual().len() == dim => f,
-                    slot => slot.insert(ErrorFeedback::new(dim)?),
-                };
-                if quantize {
-                    Payload::SparseQuantized(state.compress_quantized(
-                        &delta,
-                        k,
-                        compress::DEFAULT_QUANT_CHUNK,
-                    )?)
-                } else {
-                    Payload::Sparse(state.compress(&delta, k)?)
-                }
-            }
-        })
-    }
-}
-
-/// A round's server step: the aggregate delta (`None`: the model stays)
-/// and, with DP, ε spent so far. Under DP the mechanism runs and is
-/// accounted every round whoever answered (noise over `expected`
-/// participants; an empty round still releases noise, skipping it would
-/// reveal the empty round); without, too few updates for the aggregator
-/// leave the model unchanged.
-pub(crate) fn aggregate_round(
-    updates: &[ClientUpdate],
-    dim: usize,
-    aggregator: &Aggregator,
-    dp_state: Option<(&Privacy, &mut Accountant)>,
-    expected: f64,
-    sample_rate: f64,
-    noise: &mut SeededRng,
-) -> Result<(Option<Vec<f32>>, Option<f64>)> {
-    match dp_state {
-        Some((p, accountant)) => {
-            let avg = if updates.is_empty() {
-                let mut zero_sum = vec![0.0f32; dim];
-                dp::add_gaussian_noise(&mut zero_sum, p.dp.noise_std(), noise)?;
-                zero_sum
-                    .iter()
-                    .map(|&v| (f64::from(v) / expected) as f32)
-                    .collect()
-            } else {
-                dp::dp_fedavg(updates, &p.dp, expected, noise)?
-            };
-            let spent = accountant.record_round(sample_rate, p.dp.noise_multiplier)?;
-            Ok((Some(avg), Some(spent.epsilon)))
-        }
-        None if updates.is_empty() => Ok((None, None)),
-        None => match aggregator.aggregate(updates) {
-            Ok(avg) => Ok((Some(avg), None)),
-            Err(e) if e.kind() == ErrorKind::NotEnoughClients => Ok((None, None)),
-            Err(e) => Err(e),
-        },
-    }
-}
-
-/// Client-level differential privacy for a simulation.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Privacy {
-    /// Clipping bound and noise multiplier.
-    pub dp: DpConfig,
-    /// The δ that ε is reported for.
-    pub delta: f64,
-    /// Stop before a round that would push ε past this.
-    #[serde(default)]
-    pub budget_epsilon: Option<f64>,
 }
 
 /// Everything a simulation run depends on.
@@ -295,81 +174,13 @@ impl SimulationConfig {
 
     /// The accountant's sample rate `q` for one round.
     fn sample_rate(&self) -> f64 {
-        match self.participation {
-            Participation::All => 1.0,
-            // Accounted as Poisson with the same rate: the approximation
-            // documented at `dp::fixed_size_sample`.
-            Participation::Fixed { per_round } => per_round as f64 / self.clients as f64,
-            Participation::Poisson { rate } => rate,
-        }
+        self.participation.sample_rate(self.clients)
     }
 
     /// DP-FedAvg's fixed denominator: the expected number of participants.
     fn expected_participants(&self) -> f64 {
-        match self.participation {
-            Participation::All => self.clients as f64,
-            Participation::Fixed { per_round } => per_round as f64,
-            Participation::Poisson { rate } => rate * self.clients as f64,
-        }
+        self.participation.expected(self.clients)
     }
-}
-
-/// Checks a participation rule: a fixed count must lie in `min..=max`, a
-/// Poisson rate in `(0, 1]`.
-pub(crate) fn check_participation(p: Participation, min: usize, max: usize) -> Result<()> {
-    match p {
-        Participation::All => Ok(()),
-        Participation::Fixed { per_round } if !(min..=max).contains(&per_round) => {
-            Err(Error::invalid(
-                "clients per round",
-                format!("{per_round} is not in {min}..={max}"),
-            ))
-        }
-        Participation::Poisson { rate } if !(rate > 0.0 && rate <= 1.0) => Err(Error::invalid(
-            "sample rate",
-            format!("{rate} is not in (0, 1]"),
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// Checks a compression setting: a top-k fraction lies in `(0, 1]`.
-pub(crate) fn check_compression(c: Compression) -> Result<()> {
-    match c {
-        Compression::TopK { fraction, .. } if !(fraction > 0.0 && fraction <= 1.0) => Err(
-            Error::invalid("top-k fraction", format!("{fraction} is not in (0, 1]")),
-        ),
-        _ => Ok(()),
-    }
-}
-
-/// Checks DP settings and that they are combined with FedAvg, whose
-/// clipped, noised average is DP-FedAvg's aggregation.
-pub(crate) fn check_privacy(privacy: Option<&Privacy>, aggregator: Aggregator) -> Result<()> {
-    let Some(p) = privacy else {
-        return Ok(());
-    };
-    p.dp.validate()?;
-    Accountant::new(p.delta)?;
-    if aggregator != Aggregator::FedAvg {
-        return Err(Error::invalid(
-            "aggregator",
-            format!(
-                "{} cannot be combined with DP: DP-FedAvg's clipped, noised \
-                 average is the aggregation; use fedavg",
-                aggregator.name()
-            ),
-        ));
-    }
-    if let Some(b) = p.budget_epsilon
-        && !(b.is_finite() && b > 0.0)
-    {
-        return Err(Error::invalid(
-            "epsilon budget",
-            format!("{b} is not a finite positive number"),
-        ));
-    }
-    Ok(())
 }
 
 /// CPU time a round took, as measured by the caller's clock.
@@ -388,29 +199,19 @@ pub struct RoundCpu {
 /// What happened in one round.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoundRecord {
-    /// Round number, from 1.
-    pub round: u64,
-    /// Clients selected.
-    pub participants: usize,
-    /// Training samples behind the aggregated updates.
-    pub samples: u64,
-    /// Whether the global model changed (false when no client sent an
-    /// update, or too few for the aggregator).
-    pub aggregated: bool,
+    /// What the round did to the global model (the model is unchanged
+    /// when no client sent an update, or too few for the aggregator).
+    pub outcome: RoundOutcome,
     /// Mean local training loss over the participants that trained.
     pub train_loss: Option<f64>,
     /// Test-set accuracy and loss, on evaluation rounds.
     pub evaluation: Option<Evaluation>,
-    /// ε spent so far (at the configured δ), with DP.
-    pub epsilon: Option<f64>,
     /// Bytes uploaded by all participants, in the wire encoding.
     pub upload_bytes: u64,
     /// What the same uploads would have cost as dense `f32` payloads.
     pub dense_upload_bytes: u64,
     /// Bytes of the global model sent to the participants (dense).
     pub download_bytes: u64,
-    /// The new global model's id.
-    pub model_id: ModelId,
     /// CPU time, when a clock was given.
     pub cpu: Option<RoundCpu>,
 }
@@ -622,14 +423,10 @@ impl<'a> Simulation<'a> {
             }
         }
 
-        let n = self.config.clients;
-        let selected = match self.config.participation {
-            Participation::All => (0..n).collect(),
-            Participation::Fixed { per_round } => {
-                dp::fixed_size_sample(n, per_round, &mut self.select_rng)?
-            }
-            Participation::Poisson { rate } => dp::poisson_sample(n, rate, &mut self.select_rng)?,
-        };
+        let selected = self
+            .config
+            .participation
+            .select(self.config.clients, &mut self.select_rng)?;
 
         let dim = self.params.len();
         let dense_len = compress::dense_encoded_len(dim) as u64;
@@ -658,11 +455,7 @@ impl<'a> Simulation<'a> {
                 loss_sum += local.mean_loss;
                 trained += 1;
             }
-            let payload = self
-                .config
-                .compression
-                .compress(local.delta, &mut self.feedback[c])?;
-            let bytes = compress::encode(&payload)?;
+            let bytes = encode_update(self.config.compression, local.delta, &mut self.feedback[c])?;
             upload_bytes += bytes.len() as u64;
             // What the server works with is what it decodes from the wire.
             let received = compress::decode(&bytes, dim)?.to_dense();
@@ -683,13 +476,16 @@ impl<'a> Simulation<'a> {
             q,
             &mut self.noise_rng,
         )?;
+        let parent = self.version.id;
         let aggregated = aggregate.is_some();
-        if let Some(delta) = aggregate {
-            let next: Vec<f32> = self.params.iter().zip(&delta).map(|(p, d)| p + d).collect();
-            self.trainer.descriptor().check_params(&next)?;
-            self.params = next;
-        }
-        let id = ModelId::compute(self.trainer.descriptor(), &self.params)?;
+        let id = match aggregate {
+            Some(delta) => {
+                let (next, id) = apply_delta(self.trainer.descriptor(), &self.params, &delta)?;
+                self.params = next;
+                id
+            }
+            None => ModelId::compute(self.trainer.descriptor(), &self.params)?,
+        };
         self.version = self.version.child(id);
 
         let last = round >= self.config.rounds;
@@ -709,17 +505,21 @@ impl<'a> Simulation<'a> {
             _ => None,
         };
         Ok(RoundRecord {
-            round,
-            participants: selected.len(),
-            samples,
-            aggregated,
+            outcome: RoundOutcome {
+                round,
+                parent,
+                model: id,
+                aggregated,
+                selected: u32::try_from(selected.len()).unwrap_or(u32::MAX),
+                responded: u32::try_from(updates.len()).unwrap_or(u32::MAX),
+                samples,
+                epsilon,
+            },
             train_loss: (trained > 0).then(|| loss_sum / trained as f64),
             evaluation,
-            epsilon,
             upload_bytes,
             dense_upload_bytes: dense_len * updates.len() as u64,
             download_bytes: dense_len * selected.len() as u64,
-            model_id: id,
             cpu,
         })
     }
@@ -762,7 +562,9 @@ impl<'a> Simulation<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ErrorKind;
     use crate::data::digits;
+    use crate::dp::DpConfig;
 
     fn digits_split() -> (Dataset, Dataset) {
         digits().expect("digits").split(0.25, 7).expect("split")
@@ -799,11 +601,11 @@ mod tests {
         assert!(acc >= 0.85, "accuracy {acc}");
         let dim = 650u64;
         for r in &records {
-            assert_eq!(r.participants, 5);
-            assert_eq!(r.samples, train.len() as u64);
+            assert_eq!(r.outcome.selected, 5);
+            assert_eq!(r.outcome.samples, train.len() as u64);
             assert_eq!(r.upload_bytes, 5 * (8 + 4 * dim));
             assert_eq!(r.upload_bytes, r.dense_upload_bytes);
-            assert!(r.cpu.is_none() && r.epsilon.is_none());
+            assert!(r.cpu.is_none() && r.outcome.epsilon.is_none());
         }
         assert!(records[2].evaluation.expect("e").loss < records[0].evaluation.expect("e").loss);
         assert_eq!(sim.version().round, 3);
@@ -824,7 +626,7 @@ mod tests {
             let mut sim = Simulation::new(config, Compute::Cpu, &train, &test).expect("sim");
             let mut ids = Vec::new();
             sim.run(|r| {
-                ids.push(r.model_id);
+                ids.push(r.outcome.model);
                 ControlFlow::Continue(())
             })
             .expect("run");
@@ -869,13 +671,16 @@ mod tests {
             })
             .expect("run");
         // ε grows every round and the budget stops the run before 8.
-        let eps: Vec<f64> = records.iter().map(|r| r.epsilon.expect("eps")).collect();
+        let eps: Vec<f64> = records
+            .iter()
+            .map(|r| r.outcome.epsilon.expect("eps"))
+            .collect();
         assert!(eps.windows(2).all(|w| w[1] > w[0]), "{eps:?}");
         assert!(eps.iter().all(|&e| e <= 8.0));
         assert_eq!(summary.rounds as usize, records.len());
         for r in &records {
             assert!(r.cpu.is_some());
-            if r.participants > 0 {
+            if r.outcome.selected > 0 {
                 assert!(r.upload_bytes * 5 < r.dense_upload_bytes, "{r:?}");
             }
         }

@@ -27,9 +27,9 @@ use openagi_learning::dp::{
     Accountant, DpConfig, MAX_PLANNED_ROUNDS, PrivacySpent, noise_for_epsilon, rounds_within_budget,
 };
 use openagi_learning::models::Architecture;
+use openagi_learning::round::{Compression, Participation, Privacy};
 use openagi_learning::simulate::{
-    Compression, Participation, Partition, Privacy, RoundRecord, Simulation, SimulationConfig,
-    StopReason, Summary,
+    Partition, RoundRecord, Simulation, SimulationConfig, StopReason, Summary,
 };
 use openagi_learning::train::{Compute, TrainConfig};
 
@@ -432,7 +432,7 @@ fn run_with_progress(
                 Ok((record, ack)) => {
                     clear(&mut drawn);
                     let flow = on_round(&record);
-                    next_round = record.round + 1;
+                    next_round = record.outcome.round + 1;
                     round_started = Instant::now();
                     // The worker may have finished; a failed ack is fine.
                     let _ = ack.send(flow.is_continue());
@@ -582,21 +582,21 @@ fn classes_of(train: &Dataset, test: &Dataset) -> usize {
 
 fn round_json(r: &RoundRecord) -> serde_json::Value {
     serde_json::json!({
-        "round": r.round,
-        "participants": r.participants,
-        "samples": r.samples,
-        "aggregated": r.aggregated,
+        "round": r.outcome.round,
+        "participants": r.outcome.selected,
+        "samples": r.outcome.samples,
+        "aggregated": r.outcome.aggregated,
         "accuracy": r.evaluation.map(|e| e.accuracy),
         "loss": r.evaluation.map(|e| e.loss),
         "train_loss": r.train_loss,
-        "epsilon": r.epsilon,
+        "epsilon": r.outcome.epsilon,
         "upload_bytes": r.upload_bytes,
         "dense_upload_bytes": r.dense_upload_bytes,
         "download_bytes": r.download_bytes,
         "cpu_ms": r.cpu.map(|c| ms(c.total)),
         "train_cpu_ms": r.cpu.map(|c| ms(c.training)),
         "eval_cpu_ms": r.cpu.map(|c| ms(c.evaluation)),
-        "model_id": r.model_id.to_hex(),
+        "model_id": r.outcome.model.to_hex(),
     })
 }
 
@@ -659,10 +659,10 @@ pub fn simulate(args: &SimulateArgs) -> Result<()> {
         } else {
             outln!(
                 "{:>5} {:>8} {:>8} {:>8} {:>12} {:>9.0}",
-                r.round,
+                r.outcome.round,
                 opt(r.evaluation.map(|e| e.accuracy), 4),
                 opt(r.evaluation.map(|e| e.loss), 4),
-                opt(r.epsilon, 2),
+                opt(r.outcome.epsilon, 2),
                 r.upload_bytes,
                 r.cpu.map_or(0.0, |c| ms(c.total)),
             )
@@ -887,13 +887,13 @@ pub fn bench_learning(args: &BenchLearningArgs) -> Result<()> {
             last_accuracy = Some(a);
             if reached.is_none() && a >= args.target {
                 reached = Some((
-                    r.round,
+                    r.outcome.round,
                     wall_start.elapsed(),
                     process_cpu_time().saturating_sub(cpu_start),
                 ));
             }
         }
-        let n = r.participants as u64;
+        let n = u64::from(r.outcome.selected);
         let cpu = r.cpu.unwrap_or(openagi_learning::simulate::RoundCpu {
             total: Duration::ZERO,
             training: Duration::ZERO,
@@ -914,10 +914,10 @@ pub fn bench_learning(args: &BenchLearningArgs) -> Result<()> {
         }
         println!(
             "{:>5} {:>8} {:>7} {:>7} {:>6} {:>12} {:>8.2} {:>8.2} {:>8.2} {:>11.2}",
-            r.round,
+            r.outcome.round,
             opt(acc, 4),
             opt(r.evaluation.map(|e| e.loss), 4),
-            opt(r.epsilon, 2),
+            opt(r.outcome.epsilon, 2),
             n,
             r.upload_bytes.checked_div(n).unwrap_or(0),
             wall.as_secs_f64(),

@@ -17,7 +17,7 @@
 //! it. A job whose coordinator restarted mid-way shows as `interrupted` on
 //! that node.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,9 +27,13 @@ use openagi_crypto::{Identity, PublicKey, Signed};
 use openagi_learning::compress::ErrorFeedback;
 use openagi_learning::data::Dataset;
 use openagi_learning::federation::{
-    self, Coordinator, CoordinatorOutput, JobId, JobSpec, Record, RoundSummary,
+    self, Coordinator, CoordinatorOutput, JobId, JobSpec, LearnRequest, LearnResponse, Record,
+    RoundSummary,
 };
-use openagi_learning::model::ModelId;
+use openagi_learning::model::{ModelId, params_from_bytes, params_to_bytes};
+use openagi_learning::participant::{
+    self, FollowedJob, LocalData as LocalProfile, Notice, Participant, ParticipantOutput,
+};
 use openagi_learning::train::{Compute, Trainer};
 use openagi_net::{MsgReply, NetHandle, PeerId};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -37,7 +41,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 use tracing::{debug, info, warn};
 
@@ -49,51 +53,8 @@ use crate::daemon::consensus::{ConsensusError, ConsensusHandle, peer_id_of};
 pub const MODEL_CHUNK_BYTES: usize = 512 * 1024;
 /// Models kept in memory (each job needs its current one).
 const MODEL_CACHE: usize = 64;
-/// Jobs tracked at once.
-const MAX_JOBS: usize = 256;
-/// Rounds of history kept per job for `learn status`.
-const HISTORY: usize = 1000;
 /// How often coordinators look at their deadlines.
 const TICK: Duration = Duration::from_millis(200);
-
-/// A request on `/openagi/learn/1` (postcard).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum LearnRequest {
-    /// Part of a model's parameters (little-endian `f32`) from `offset`.
-    Model {
-        /// The model.
-        model: ModelId,
-        /// Byte offset.
-        offset: u64,
-    },
-    /// A participant's update for a round.
-    Update {
-        /// The job.
-        job: JobId,
-        /// The round.
-        round: u64,
-        /// Samples trained on.
-        samples: u64,
-        /// The encoded (compressed) delta.
-        payload: Vec<u8>,
-    },
-}
-
-/// A response on `/openagi/learn/1` (postcard).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum LearnResponse {
-    /// A model chunk.
-    Chunk {
-        /// Length of the whole encoding.
-        total: u64,
-        /// The bytes from the requested offset.
-        bytes: Vec<u8>,
-    },
-    /// The update was accepted.
-    Accepted,
-    /// Refused, with the reason.
-    Refused(String),
-}
 
 /// One round of a job, as `learn status` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -152,9 +113,6 @@ pub struct JobView {
     pub joined: usize,
     /// Whether this node joined.
     pub joined_here: bool,
-    /// Who joined, behind `joined`.
-    #[serde(skip)]
-    joiners: std::collections::HashSet<PublicKey>,
     /// `gathering`, `running`, `finished` or `interrupted`.
     pub state: String,
     /// Joins the coordinator waits for before the first round.
@@ -170,12 +128,35 @@ pub struct JobView {
     /// Finished rounds, oldest first.
     pub history: Vec<RoundView>,
     #[serde(skip)]
-    spec: JobSpec,
-    #[serde(skip)]
-    coordinator_key: PublicKey,
+    join_window_secs: u64,
 }
 
 impl JobView {
+    /// The view of a job the participant follows.
+    fn of(job: &FollowedJob) -> Self {
+        let mut view = Self {
+            job_id: job.id.to_hex(),
+            name: job.spec.name.clone(),
+            coordinator: peer_id_of(&job.coordinator)
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            architecture: job.spec.architecture.name(),
+            rounds: job.spec.rounds,
+            joined: job.joined(),
+            joined_here: job.joined_here,
+            state: job.state.as_str().into(),
+            min_clients: job.spec.min_clients,
+            waiting_for: None,
+            not_joining: job.not_joining.clone(),
+            round: job.round,
+            initial_model: job.initial_model.to_hex(),
+            history: job.history().map(RoundView::from).collect(),
+            join_window_secs: job.spec.join_window_secs,
+        };
+        view.waiting_for = view.waiting_for_text();
+        view
+    }
+
     /// What a gathering job waits for, in words.
     fn waiting_for_text(&self) -> Option<String> {
         if self.state != "gathering" {
@@ -193,7 +174,7 @@ impl JobView {
             format!(
                 "enough joins ({} of min_clients = {}); the first round starts when the join window \
                  ({} s after the job) has passed",
-                self.joined, self.min_clients, self.spec.join_window_secs
+                self.joined, self.min_clients, self.join_window_secs
             )
         })
     }
@@ -330,18 +311,15 @@ struct LocalData {
     eval: Dataset,
 }
 
-#[derive(Default)]
 struct State {
-    jobs: BTreeMap<JobId, JobView>,
+    /// The protocol's participant side: what the ledger says of each job
+    /// and what this node does about it.
+    participant: Participant,
     coordinators: HashMap<JobId, Coordinator>,
     trainers: HashMap<JobId, Trainer>,
     feedback: HashMap<JobId, Option<ErrorFeedback>>,
     models: HashMap<ModelId, Arc<Vec<f32>>>,
     model_order: Vec<ModelId>,
-    /// (job, round) this node already trained for.
-    trained: HashSet<(JobId, u64)>,
-    /// Jobs this node is training for right now (one round at a time).
-    training: HashSet<JobId>,
     /// Models being written to disk.
     writing: HashSet<ModelId>,
     /// Ledger height processed.
@@ -359,23 +337,6 @@ pub struct Learner {
     models_dir: PathBuf,
     state: Mutex<State>,
     metrics: LearnMetrics,
-}
-
-fn params_to_bytes(params: &[f32]) -> Vec<u8> {
-    params.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-fn params_from_bytes(bytes: &[u8]) -> Result<Vec<f32>> {
-    if !bytes.len().is_multiple_of(4) {
-        bail!(
-            "model encoding of {} bytes is not whole f32 values",
-            bytes.len()
-        );
-    }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
 }
 
 /// Loads the local training and evaluation data `config` names.
@@ -423,6 +384,12 @@ impl Learner {
         std::fs::create_dir_all(&models_dir)
             .with_context(|| format!("creating {}", models_dir.display()))?;
         let me = identity.public();
+        let profile = match &local {
+            Some(l) => LocalProfile::Present(l.train.profile()),
+            None => LocalProfile::Absent(
+                "this node has no learn.data: set [learn] data in openagi.toml to train".into(),
+            ),
+        };
         let learner = Arc::new(Self {
             identity: Identity::from_seed(&identity.seed()),
             me,
@@ -431,7 +398,16 @@ impl Learner {
             consensus,
             local,
             models_dir,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                participant: Participant::new(me, profile),
+                coordinators: HashMap::new(),
+                trainers: HashMap::new(),
+                feedback: HashMap::new(),
+                models: HashMap::new(),
+                model_order: Vec::new(),
+                writing: HashSet::new(),
+                cursor: 0,
+            }),
             metrics: LearnMetrics::register(registry),
         });
         let task = tokio::spawn(learner.clone().run());
@@ -544,86 +520,19 @@ impl Learner {
         false
     }
 
+    /// Follows one committed learning record: the participant decides
+    /// what it means for this node, the coordinators of this node's jobs
+    /// see it too, and what they ask for is carried out.
     fn apply(self: &Arc<Self>, signer: &PublicKey, record: &Record, payload: &[u8], live: bool) {
         let now = crate::unix_ms();
-        let mut actions = Vec::new();
+        let mut outputs = Vec::new();
         {
             let Ok(mut s) = self.state() else { return };
-            match record {
-                Record::Job(_) => {
-                    let Ok(Some(spec)) = record.job_spec() else {
-                        return;
-                    };
-                    let job = federation::job_id(payload);
-                    if s.jobs.contains_key(&job) {
-                        return;
-                    }
-                    let initial = match spec
-                        .architecture
-                        .descriptor()
-                        .and_then(|d| ModelId::compute(&d, &spec.initial_params()?))
-                    {
-                        Ok(model) => model.to_hex(),
-                        Err(e) => {
-                            // Validated specs build; one that does not
-                            // cannot run here, so it is not followed.
-                            warn!(job = %job, error = %e, "job's initial model cannot be built; ignoring the job");
-                            return;
-                        }
-                    };
-                    let view = JobView {
-                        job_id: job.to_hex(),
-                        name: spec.name.clone(),
-                        coordinator: peer_id_of(signer)
-                            .map(|p| p.to_string())
-                            .unwrap_or_default(),
-                        architecture: spec.architecture.name(),
-                        rounds: spec.rounds,
-                        joined: 0,
-                        joined_here: false,
-                        joiners: Default::default(),
-                        // A coordinator's state does not survive a restart.
-                        state: if !live && *signer == self.me {
-                            "interrupted"
-                        } else {
-                            "gathering"
-                        }
-                        .into(),
-                        min_clients: spec.min_clients,
-                        waiting_for: None,
-                        not_joining: self.join_refusal(&spec),
-                        round: 0,
-                        initial_model: initial,
-                        history: Vec::new(),
-                        spec: spec.clone(),
-                        coordinator_key: *signer,
-                    };
-                    if s.jobs.len() >= MAX_JOBS {
-                        // Forget a finished job first; refuse to track more
-                        // unfinished ones than this.
-                        let finished = s
-                            .jobs
-                            .iter()
-                            .find(|(_, v)| v.state == "finished")
-                            .map(|(id, _)| *id);
-                        match finished {
-                            Some(id) => {
-                                s.jobs.remove(&id);
-                            }
-                            None => {
-                                warn!(%job, "too many unfinished learning jobs on the ledger; ignoring this one");
-                                return;
-                            }
-                        }
-                    }
-                    if live {
-                        info!(%job, name = %spec.name, coordinator = %signer.fingerprint(), min_clients = spec.min_clients, "learning job on the ledger");
-                        if let Some(why) = &view.not_joining {
-                            info!(%job, reason = %why, "not joining this learning job");
-                        }
-                    }
-                    s.jobs.insert(job, view);
-                    if live && *signer == self.me {
+            s.participant.handle_record(signer, record, payload, live);
+            while let Some(output) = s.participant.poll_output() {
+                match output {
+                    // Started at once, so it sees the job record below.
+                    ParticipantOutput::Coordinate { job, spec } => {
                         match self.coordinator(job, &spec, now) {
                             Ok(c) => {
                                 s.coordinators.insert(job, c);
@@ -633,115 +542,11 @@ impl Learner {
                             }
                         }
                     }
-                    if live && self.local.as_ref().is_some_and(|l| spec.accepts(&l.train)) {
-                        let samples = self.local.as_ref().map_or(0, |l| l.train.len() as u64);
-                        actions.push(Action::Submit(Record::Join { job, samples }));
-                    }
-                }
-                Record::Join { job, .. } => {
-                    let me = self.me;
-                    if let Some(view) = s.jobs.get_mut(job)
-                        && view.joiners.len() < federation::MAX_PARTICIPANTS
-                        && view.joiners.insert(*signer)
-                    {
-                        view.joined = view.joiners.len();
-                        view.joined_here |= *signer == me;
-                        if live && view.coordinator_key == me && view.state == "gathering" {
-                            info!(
-                                %job,
-                                joined = view.joined,
-                                min_clients = view.min_clients,
-                                "a node joined this node's learning job"
-                            );
-                        }
-                    }
-                }
-                Record::RoundStart {
-                    job,
-                    round,
-                    model,
-                    participants,
-                } => {
-                    let Some(view) = s.jobs.get_mut(job) else {
-                        return;
-                    };
-                    if *signer != view.coordinator_key {
-                        return;
-                    }
-                    // Only the next round of an unfinished job, from the
-                    // model its last round ended with: a coordinator cannot
-                    // make participants train on anything else.
-                    let last = view.history.last();
-                    let expected_model =
-                        last.map_or(view.initial_model.clone(), |h| h.model.clone());
-                    let next = last.map_or(1, |h| h.round + 1);
-                    if view.state == "finished"
-                        || *round != next
-                        || *round > view.spec.rounds
-                        || model.to_hex() != expected_model
-                    {
-                        debug!(%job, round, "round start out of sequence ignored");
-                        return;
-                    }
-                    view.round = view.round.max(*round);
-                    if view.state == "gathering" {
-                        view.state = "running".into();
-                    }
-                    let spec = view.spec.clone();
-                    let coordinator = view.coordinator_key;
-                    if live
-                        && participants.contains(&self.me)
-                        && !s.training.contains(job)
-                        && s.trained.insert((*job, *round))
-                    {
-                        s.training.insert(*job);
-                        actions.push(Action::Train {
-                            job: *job,
-                            round: *round,
-                            model: *model,
-                            spec: Box::new(spec),
-                            coordinator,
-                        });
-                    }
-                }
-                Record::RoundEnd(summary) => {
-                    let Some(view) = s.jobs.get_mut(&summary.job) else {
-                        return;
-                    };
-                    if *signer != view.coordinator_key {
-                        return;
-                    }
-                    // A resubmitted round end may commit twice.
-                    if view
-                        .history
-                        .last()
-                        .is_some_and(|h| h.round >= summary.round)
-                    {
-                        return;
-                    }
-                    if view.history.len() >= HISTORY {
-                        view.history.remove(0);
-                    }
-                    view.history.push(RoundView::from(summary));
-                    if summary.finished {
-                        view.state = "finished".into();
-                        let job = summary.job;
+                    ParticipantOutput::JobFinished(job) => {
                         s.trainers.remove(&job);
                         s.feedback.remove(&job);
-                        s.trained.retain(|(j, _)| *j != job);
                     }
-                    self.metrics.round_ended(summary);
-                    if live {
-                        info!(
-                            job = %summary.job,
-                            round = summary.round,
-                            accuracy = ?summary.accuracy,
-                            epsilon = ?summary.epsilon,
-                            responded = summary.responded,
-                            selected = summary.selected,
-                            "learning round committed"
-                        );
-                    }
+                    other => outputs.push(other),
                 }
             }
             let job = match record {
@@ -754,8 +559,39 @@ impl Learner {
             }
         }
         self.drain();
-        for action in actions {
-            self.act(action);
+        for output in outputs {
+            match output {
+                ParticipantOutput::Submit(record) => self.act(Action::Submit(record)),
+                ParticipantOutput::Train {
+                    job,
+                    round,
+                    model,
+                    spec,
+                    coordinator,
+                } => self.act(Action::Train {
+                    job,
+                    round,
+                    model,
+                    spec,
+                    coordinator,
+                }),
+                ParticipantOutput::RoundCommitted { summary, live } => {
+                    self.metrics.round_ended(&summary);
+                    if live {
+                        info!(
+                            job = %summary.job,
+                            round = summary.round,
+                            accuracy = ?summary.accuracy,
+                            epsilon = ?summary.epsilon,
+                            responded = summary.responded,
+                            selected = summary.selected,
+                            "learning round committed"
+                        );
+                    }
+                }
+                ParticipantOutput::Notice(notice) => log_notice(&notice),
+                ParticipantOutput::Coordinate { .. } | ParticipantOutput::JobFinished(_) => {}
+            }
         }
     }
 
@@ -864,7 +700,7 @@ impl Learner {
                         .participate(job, round, model, *spec, coordinator)
                         .await;
                     if let Ok(mut s) = this.state() {
-                        s.training.remove(&job);
+                        s.participant.handle_training_finished(&job);
                     }
                     match result {
                         Ok(()) => {
@@ -922,26 +758,7 @@ impl Learner {
 
     /// Every job on the ledger, newest last.
     pub fn jobs(&self) -> Result<Vec<JobView>> {
-        Ok(self
-            .state()?
-            .jobs
-            .values()
-            .cloned()
-            .map(|mut view| {
-                view.waiting_for = view.waiting_for_text();
-                view
-            })
-            .collect())
-    }
-
-    /// Why this node does not join `spec`, or `None` when its data fits.
-    fn join_refusal(&self, spec: &JobSpec) -> Option<String> {
-        match &self.local {
-            None => Some(
-                "this node has no learn.data: set [learn] data in openagi.toml to train".into(),
-            ),
-            Some(local) => spec.misfit(&local.train),
-        }
+        Ok(self.state()?.participant.jobs().map(JobView::of).collect())
     }
 
     async fn participate(
@@ -1172,30 +989,20 @@ impl Learner {
         job: &JobId,
         round: Option<u64>,
     ) -> Result<(ModelId, Vec<u8>)> {
-        let (spec, coordinator, model) = {
+        let (spec, coordinator, id) = {
             let s = self.state()?;
-            let view = s
-                .jobs
-                .get(job)
+            let followed = s
+                .participant
+                .job(job)
                 .with_context(|| format!("no job {job} on this node's ledger"))?;
-            let hex = match round {
-                Some(0) => view.initial_model.clone(),
-                Some(r) => view
-                    .history
-                    .iter()
-                    .find(|h| h.round == r)
-                    .map(|h| h.model.clone())
+            let model = match round {
+                Some(r) => followed
+                    .model_after(r)
                     .with_context(|| format!("round {r} of job {job} has not finished"))?,
-                None => view
-                    .history
-                    .last()
-                    .map_or_else(|| view.initial_model.clone(), |h| h.model.clone()),
+                None => followed.current_model(),
             };
-            (view.spec.clone(), view.coordinator_key, hex)
+            (followed.spec.clone(), followed.coordinator, model)
         };
-        let mut id = [0u8; 32];
-        hex::decode_to_slice(&model, &mut id).context("model id")?;
-        let id = ModelId(id);
         let trainer = Trainer::new(spec.architecture.clone(), Compute::Cpu)?;
         let from = if coordinator == self.me {
             None
@@ -1296,6 +1103,40 @@ impl Learner {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Writes a participant's notice to the log.
+fn log_notice(notice: &Notice) {
+    match notice {
+        Notice::NewJob {
+            job,
+            name,
+            coordinator,
+            min_clients,
+            not_joining,
+        } => {
+            info!(%job, %name, %coordinator, min_clients, "learning job on the ledger");
+            if let Some(why) = not_joining {
+                info!(%job, reason = %why, "not joining this learning job");
+            }
+        }
+        Notice::JoinedOwnJob {
+            job,
+            joined,
+            min_clients,
+        } => info!(%job, joined, min_clients, "a node joined this node's learning job"),
+        Notice::OutOfSequence { job, round } => {
+            debug!(%job, round, "round start out of sequence ignored")
+        }
+        Notice::TooManyJobs { job } => warn!(
+            %job,
+            max = participant::MAX_JOBS,
+            "too many unfinished learning jobs on the ledger; ignoring this one"
+        ),
+        Notice::Unbuildable { job, error } => {
+            warn!(job = %job, %error, "job's initial model cannot be built; ignoring the job")
         }
     }
 }

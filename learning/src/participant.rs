@@ -1,0 +1,817 @@
+//! A node's side of federated learning, as a sans-IO state machine.
+//!
+//! Every node follows the learning records on the ledger, in commit order:
+//! jobs, joins, round starts and ends. The [`Participant`] keeps what the
+//! ledger says about each job ([`FollowedJob`]) and decides, by the
+//! protocol's rules, what the node does: join a job its local data fits,
+//! coordinate a job it submitted, train when a round names it. It does no
+//! I/O: the node feeds it committed records
+//! ([`Participant::handle_record`]) and the end of local training
+//! ([`Participant::handle_training_finished`]), and carries out what
+//! [`Participant::poll_output`] asks for (submit a record, train, keep
+//! metrics). The coordinator's side is [`crate::federation::Coordinator`].
+//!
+//! The rules it keeps:
+//! - a round start counts only when it comes from the job's coordinator,
+//!   for the next round of an unfinished job, from the model its last round
+//!   ended with: a coordinator cannot make participants train on anything
+//!   else;
+//! - a node trains at most once per round and one round of a job at a time;
+//! - records replayed at start (`live == false`) rebuild the state but
+//!   start no join, training or coordination, and a job this node
+//!   coordinated before the restart is `Interrupted`;
+//! - at most [`MAX_JOBS`] jobs are followed (a finished one is forgotten
+//!   first) and [`HISTORY`] rounds of each are kept.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+
+use openagi_crypto::PublicKey;
+
+use crate::data::DataProfile;
+use crate::federation::{self, JobId, JobSpec, MAX_PARTICIPANTS, Record, RoundSummary};
+use crate::model::ModelId;
+
+/// Most jobs followed at once.
+pub const MAX_JOBS: usize = 256;
+/// Most finished rounds kept per job.
+pub const HISTORY: usize = 1000;
+
+/// Where a job stands, as this node's ledger shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobState {
+    /// Waiting for joins before its first round.
+    Gathering,
+    /// Rounds are running.
+    Running,
+    /// Its last round ended.
+    Finished,
+    /// This node coordinated it and restarted: a coordinator's state does
+    /// not survive a restart, so the job does not go on.
+    Interrupted,
+}
+
+impl JobState {
+    /// The state's name in the API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Gathering => "gathering",
+            JobState::Running => "running",
+            JobState::Finished => "finished",
+            JobState::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// A job as the ledger shows it to this node.
+#[derive(Clone, Debug)]
+pub struct FollowedJob {
+    /// The job.
+    pub id: JobId,
+    /// Its spec.
+    pub spec: JobSpec,
+    /// The node that submitted it and coordinates it.
+    pub coordinator: PublicKey,
+    /// The round-0 model.
+    pub initial_model: ModelId,
+    /// Where it stands.
+    pub state: JobState,
+    /// The latest round started.
+    pub round: u64,
+    /// Whether this node joined.
+    pub joined_here: bool,
+    /// Why this node does not join, when it does not.
+    pub not_joining: Option<String>,
+    joiners: HashSet<PublicKey>,
+    history: VecDeque<RoundSummary>,
+}
+
+impl FollowedJob {
+    /// Nodes that joined, each counted once, at most
+    /// [`MAX_PARTICIPANTS`] (as the coordinator counts them).
+    pub fn joined(&self) -> usize {
+        self.joiners.len()
+    }
+
+    /// Finished rounds, oldest first (the last [`HISTORY`]).
+    pub fn history(&self) -> impl Iterator<Item = &RoundSummary> {
+        self.history.iter()
+    }
+
+    /// The model the job stands at: the last round's, or the initial one.
+    pub fn current_model(&self) -> ModelId {
+        self.history.back().map_or(self.initial_model, |h| h.model)
+    }
+
+    /// The model after `round` (0: the initial model), if that round has
+    /// finished and is still in the history.
+    pub fn model_after(&self, round: u64) -> Option<ModelId> {
+        if round == 0 {
+            return Some(self.initial_model);
+        }
+        self.history
+            .iter()
+            .find(|h| h.round == round)
+            .map(|h| h.model)
+    }
+}
+
+/// What the local data is, for the join decision.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LocalData {
+    /// The shape of the data this node trains on.
+    Present(DataProfile),
+    /// The node has no training data, and why (in the operator's words).
+    Absent(String),
+}
+
+/// Something the operator should hear about.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Notice {
+    /// A new job committed (live only).
+    NewJob {
+        /// The job.
+        job: JobId,
+        /// Its name.
+        name: String,
+        /// Its coordinator's key fingerprint.
+        coordinator: String,
+        /// Joins it waits for.
+        min_clients: usize,
+        /// Why this node does not join it.
+        not_joining: Option<String>,
+    },
+    /// A node joined a job this node coordinates (live only).
+    JoinedOwnJob {
+        /// The job.
+        job: JobId,
+        /// Joins so far.
+        joined: usize,
+        /// Joins it waits for.
+        min_clients: usize,
+    },
+    /// A round start that breaks the sequence was ignored.
+    OutOfSequence {
+        /// The job.
+        job: JobId,
+        /// The round it named.
+        round: u64,
+    },
+    /// A job was not followed: too many unfinished jobs.
+    TooManyJobs {
+        /// The job.
+        job: JobId,
+    },
+    /// A job was not followed: its initial model cannot be built.
+    Unbuildable {
+        /// The job.
+        job: JobId,
+        /// Why.
+        error: String,
+    },
+}
+
+/// What the participant asks its node to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ParticipantOutput {
+    /// Sign and submit this record (a join) to the ledger.
+    Submit(Record),
+    /// This node submitted the job: start its coordinator.
+    Coordinate {
+        /// The job.
+        job: JobId,
+        /// Its spec.
+        spec: Box<JobSpec>,
+    },
+    /// Train for a round from `model` and send the update to the
+    /// coordinator; report the end with
+    /// [`Participant::handle_training_finished`].
+    Train {
+        /// The job.
+        job: JobId,
+        /// The round.
+        round: u64,
+        /// The model to train from.
+        model: ModelId,
+        /// The job's spec.
+        spec: Box<JobSpec>,
+        /// Where the update goes.
+        coordinator: PublicKey,
+    },
+    /// A round of a followed job committed.
+    RoundCommitted {
+        /// The round's ledger record.
+        summary: RoundSummary,
+        /// Whether it committed now (not replayed at start).
+        live: bool,
+    },
+    /// A job ended: its local training state (trainer, error feedback) can
+    /// go.
+    JobFinished(JobId),
+    /// Something for the log.
+    Notice(Notice),
+}
+
+/// A node's participant state machine (see the module documentation).
+#[derive(Debug)]
+pub struct Participant {
+    me: PublicKey,
+    local: LocalData,
+    jobs: BTreeMap<JobId, FollowedJob>,
+    /// (job, round) this node already trained for.
+    trained: HashSet<(JobId, u64)>,
+    /// Jobs this node is training for right now.
+    training: HashSet<JobId>,
+    outputs: VecDeque<ParticipantOutput>,
+}
+
+impl Participant {
+    /// A participant for the node with key `me` and local data `local`.
+    pub fn new(me: PublicKey, local: LocalData) -> Self {
+        Self {
+            me,
+            local,
+            jobs: BTreeMap::new(),
+            trained: HashSet::new(),
+            training: HashSet::new(),
+            outputs: VecDeque::new(),
+        }
+    }
+
+    /// Every followed job, by id.
+    pub fn jobs(&self) -> impl Iterator<Item = &FollowedJob> {
+        self.jobs.values()
+    }
+
+    /// One followed job.
+    pub fn job(&self, id: &JobId) -> Option<&FollowedJob> {
+        self.jobs.get(id)
+    }
+
+    /// Why this node does not join `spec`, or `None` when its data fits.
+    pub fn join_refusal(&self, spec: &JobSpec) -> Option<String> {
+        match &self.local {
+            LocalData::Absent(why) => Some(why.clone()),
+            LocalData::Present(profile) => spec.misfit_profile(profile),
+        }
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_output(&mut self) -> Option<ParticipantOutput> {
+        self.outputs.pop_front()
+    }
+
+    /// Local training for `job` ended (with or without an update sent).
+    pub fn handle_training_finished(&mut self, job: &JobId) {
+        self.training.remove(job);
+    }
+
+    /// A committed learning record signed by `signer`; `payload` is the
+    /// transaction it came in (a job's id is the hash of it). `live`: it
+    /// committed now, rather than being replayed from the ledger at start.
+    pub fn handle_record(
+        &mut self,
+        signer: &PublicKey,
+        record: &Record,
+        payload: &[u8],
+        live: bool,
+    ) {
+        match record {
+            Record::Job(_) => self.job_record(signer, record, payload, live),
+            Record::Join { job, .. } => self.join_record(signer, job, live),
+            Record::RoundStart {
+                job,
+                round,
+                model,
+                participants,
+            } => self.round_start(signer, job, *round, model, participants, live),
+            Record::RoundEnd(summary) => self.round_end(signer, summary, live),
+        }
+    }
+
+    fn notice(&mut self, notice: Notice) {
+        self.outputs.push_back(ParticipantOutput::Notice(notice));
+    }
+
+    fn job_record(&mut self, signer: &PublicKey, record: &Record, payload: &[u8], live: bool) {
+        let Ok(Some(spec)) = record.job_spec() else {
+            return;
+        };
+        let job = federation::job_id(payload);
+        if self.jobs.contains_key(&job) {
+            return;
+        }
+        let initial_model = match spec
+            .architecture
+            .descriptor()
+            .and_then(|d| ModelId::compute(&d, &spec.initial_params()?))
+        {
+            Ok(model) => model,
+            Err(e) => {
+                // Validated specs build; one that does not cannot run
+                // here, so it is not followed.
+                self.notice(Notice::Unbuildable {
+                    job,
+                    error: e.to_string(),
+                });
+                return;
+            }
+        };
+        if self.jobs.len() >= MAX_JOBS {
+            // Forget a finished job first; refuse to follow more
+            // unfinished ones than this.
+            let finished = self
+                .jobs
+                .iter()
+                .find(|(_, j)| j.state == JobState::Finished)
+                .map(|(id, _)| *id);
+            match finished {
+                Some(id) => {
+                    self.jobs.remove(&id);
+                }
+                None => {
+                    self.notice(Notice::TooManyJobs { job });
+                    return;
+                }
+            }
+        }
+        let mine = *signer == self.me;
+        let not_joining = self.join_refusal(&spec);
+        let followed = FollowedJob {
+            id: job,
+            spec: spec.clone(),
+            coordinator: *signer,
+            initial_model,
+            state: if !live && mine {
+                JobState::Interrupted
+            } else {
+                JobState::Gathering
+            },
+            round: 0,
+            joined_here: false,
+            not_joining: not_joining.clone(),
+            joiners: HashSet::new(),
+            history: VecDeque::new(),
+        };
+        self.jobs.insert(job, followed);
+        if !live {
+            return;
+        }
+        self.notice(Notice::NewJob {
+            job,
+            name: spec.name.clone(),
+            coordinator: signer.fingerprint(),
+            min_clients: spec.min_clients,
+            not_joining: not_joining.clone(),
+        });
+        if mine {
+            self.outputs.push_back(ParticipantOutput::Coordinate {
+                job,
+                spec: Box::new(spec),
+            });
+        }
+        if not_joining.is_none()
+            && let LocalData::Present(profile) = &self.local
+        {
+            let samples = profile.samples as u64;
+            self.outputs
+                .push_back(ParticipantOutput::Submit(Record::Join { job, samples }));
+        }
+    }
+
+    fn join_record(&mut self, signer: &PublicKey, job: &JobId, live: bool) {
+        let me = self.me;
+        let Some(followed) = self.jobs.get_mut(job) else {
+            return;
+        };
+        if followed.joiners.len() >= MAX_PARTICIPANTS || !followed.joiners.insert(*signer) {
+            return;
+        }
+        followed.joined_here |= *signer == me;
+        if live && followed.coordinator == me && followed.state == JobState::Gathering {
+            let notice = Notice::JoinedOwnJob {
+                job: *job,
+                joined: followed.joined(),
+                min_clients: followed.spec.min_clients,
+            };
+            self.notice(notice);
+        }
+    }
+
+    fn round_start(
+        &mut self,
+        signer: &PublicKey,
+        job: &JobId,
+        round: u64,
+        model: &ModelId,
+        participants: &[PublicKey],
+        live: bool,
+    ) {
+        let Some(followed) = self.jobs.get_mut(job) else {
+            return;
+        };
+        if *signer != followed.coordinator {
+            return;
+        }
+        let next = followed.history.back().map_or(1, |h| h.round + 1);
+        if followed.state == JobState::Finished
+            || round != next
+            || round > followed.spec.rounds
+            || *model != followed.current_model()
+        {
+            self.notice(Notice::OutOfSequence { job: *job, round });
+            return;
+        }
+        followed.round = followed.round.max(round);
+        if followed.state == JobState::Gathering {
+            followed.state = JobState::Running;
+        }
+        let spec = Box::new(followed.spec.clone());
+        let coordinator = followed.coordinator;
+        if live
+            && participants.contains(&self.me)
+            && !self.training.contains(job)
+            && self.trained.insert((*job, round))
+        {
+            self.training.insert(*job);
+            self.outputs.push_back(ParticipantOutput::Train {
+                job: *job,
+                round,
+                model: *model,
+                spec,
+                coordinator,
+            });
+        }
+    }
+
+    fn round_end(&mut self, signer: &PublicKey, summary: &RoundSummary, live: bool) {
+        let job = summary.job;
+        let Some(followed) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        if *signer != followed.coordinator {
+            return;
+        }
+        // A resubmitted round end may commit twice.
+        if followed
+            .history
+            .back()
+            .is_some_and(|h| h.round >= summary.round)
+        {
+            return;
+        }
+        if followed.history.len() >= HISTORY {
+            followed.history.pop_front();
+        }
+        followed.history.push_back(summary.clone());
+        if summary.finished {
+            followed.state = JobState::Finished;
+            self.trained.retain(|(j, _)| *j != job);
+            self.outputs.push_back(ParticipantOutput::JobFinished(job));
+        }
+        self.outputs.push_back(ParticipantOutput::RoundCommitted {
+            summary: summary.clone(),
+            live,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::Aggregator;
+    use crate::federation::encode_record;
+    use crate::models::Architecture;
+    use crate::round::{Compression, Participation};
+    use crate::train::TrainConfig;
+    use openagi_crypto::{Identity, Signed};
+
+    fn spec(rounds: u64) -> JobSpec {
+        JobSpec {
+            name: "digits".into(),
+            architecture: Architecture::logistic_regression(64, 10),
+            rounds,
+            min_clients: 2,
+            round_deadline_secs: 10,
+            join_window_secs: 1,
+            participation: Participation::All,
+            train: TrainConfig::sgd(0.5, 1, 16),
+            aggregator: Aggregator::FedAvg,
+            privacy: None,
+            compression: Compression::None,
+            seed: 7,
+        }
+    }
+
+    fn digits() -> LocalData {
+        LocalData::Present(DataProfile {
+            samples: 100,
+            features: 64,
+            classes: 10,
+        })
+    }
+
+    fn key(seed: u8) -> Identity {
+        Identity::from_seed(&[seed; 32])
+    }
+
+    /// A job record signed by `coordinator`: (record, payload, job id).
+    fn job(coordinator: &Identity, spec: &JobSpec) -> (Record, Vec<u8>, JobId) {
+        let record = Record::job(spec).expect("job record");
+        let payload =
+            encode_record(&Signed::sign(coordinator, &record).expect("signed")).expect("encoded");
+        let id = federation::job_id(&payload);
+        (record, payload, id)
+    }
+
+    fn drain(p: &mut Participant) -> Vec<ParticipantOutput> {
+        std::iter::from_fn(|| p.poll_output()).collect()
+    }
+
+    fn start(job: JobId, round: u64, model: ModelId, participants: Vec<PublicKey>) -> Record {
+        Record::RoundStart {
+            job,
+            round,
+            model,
+            participants,
+        }
+    }
+
+    fn end(job: JobId, round: u64, parent: ModelId, model: ModelId, finished: bool) -> Record {
+        Record::RoundEnd(RoundSummary {
+            job,
+            round,
+            model,
+            parent,
+            aggregated: true,
+            selected: 2,
+            responded: 2,
+            rejected: 0,
+            samples: 200,
+            epsilon: None,
+            accuracy: Some(0.5),
+            finished,
+        })
+    }
+
+    #[test]
+    fn a_job_that_fits_is_joined_and_one_that_does_not_says_why() {
+        let (coordinator, me) = (key(1), key(2));
+        let (record, payload, id) = job(&coordinator, &spec(2));
+        let mut p = Participant::new(me.public(), digits());
+        p.handle_record(&coordinator.public(), &record, &payload, true);
+        let outputs = drain(&mut p);
+        assert!(outputs.contains(&ParticipantOutput::Submit(Record::Join {
+            job: id,
+            samples: 100
+        })));
+        assert!(
+            !outputs
+                .iter()
+                .any(|o| matches!(o, ParticipantOutput::Coordinate { .. }))
+        );
+        let followed = p.job(&id).expect("followed");
+        assert_eq!(followed.state, JobState::Gathering);
+        assert_eq!(followed.not_joining, None);
+
+        let mut without = Participant::new(me.public(), LocalData::Absent("no data".into()));
+        without.handle_record(&coordinator.public(), &record, &payload, true);
+        assert!(
+            !drain(&mut without)
+                .iter()
+                .any(|o| matches!(o, ParticipantOutput::Submit(_)))
+        );
+        assert_eq!(
+            without.job(&id).expect("followed").not_joining.as_deref(),
+            Some("no data")
+        );
+
+        let mut misfit = Participant::new(
+            me.public(),
+            LocalData::Present(DataProfile {
+                samples: 100,
+                features: 10,
+                classes: 2,
+            }),
+        );
+        misfit.handle_record(&coordinator.public(), &record, &payload, true);
+        let why = misfit.job(&id).expect("followed").not_joining.clone();
+        assert!(why.is_some_and(|w| w.contains("10 features")));
+    }
+
+    #[test]
+    fn own_jobs_are_coordinated_live_and_interrupted_when_replayed() {
+        let me = key(1);
+        let (record, payload, id) = job(&me, &spec(2));
+        let mut live = Participant::new(me.public(), digits());
+        live.handle_record(&me.public(), &record, &payload, true);
+        assert!(
+            drain(&mut live)
+                .iter()
+                .any(|o| matches!(o, ParticipantOutput::Coordinate { job, .. } if *job == id))
+        );
+
+        let mut replayed = Participant::new(me.public(), digits());
+        replayed.handle_record(&me.public(), &record, &payload, false);
+        assert!(drain(&mut replayed).is_empty(), "a replay starts nothing");
+        assert_eq!(
+            replayed.job(&id).expect("followed").state,
+            JobState::Interrupted
+        );
+    }
+
+    #[test]
+    fn joins_count_each_node_once() {
+        let (coordinator, me, other) = (key(1), key(2), key(3));
+        let (record, payload, id) = job(&coordinator, &spec(2));
+        let mut p = Participant::new(me.public(), digits());
+        p.handle_record(&coordinator.public(), &record, &payload, true);
+        let join = Record::Join {
+            job: id,
+            samples: 5,
+        };
+        for signer in [&other, &other, &me] {
+            p.handle_record(&signer.public(), &join, &[], true);
+        }
+        let followed = p.job(&id).expect("followed");
+        assert_eq!(followed.joined(), 2);
+        assert!(followed.joined_here);
+    }
+
+    #[test]
+    fn only_the_coordinators_next_round_from_the_last_model_is_trained_once() {
+        let (coordinator, me, stranger) = (key(1), key(2), key(3));
+        let spec = spec(2);
+        let (record, payload, id) = job(&coordinator, &spec);
+        let mut p = Participant::new(me.public(), digits());
+        p.handle_record(&coordinator.public(), &record, &payload, true);
+        drain(&mut p);
+        let initial = p.job(&id).expect("followed").initial_model;
+        let everyone = vec![me.public()];
+
+        // Not the coordinator, the wrong round, the wrong model: ignored.
+        p.handle_record(
+            &stranger.public(),
+            &start(id, 1, initial, everyone.clone()),
+            &[],
+            true,
+        );
+        p.handle_record(
+            &coordinator.public(),
+            &start(id, 2, initial, everyone.clone()),
+            &[],
+            true,
+        );
+        p.handle_record(
+            &coordinator.public(),
+            &start(id, 1, ModelId([9; 32]), everyone.clone()),
+            &[],
+            true,
+        );
+        let outputs = drain(&mut p);
+        assert!(
+            !outputs
+                .iter()
+                .any(|o| matches!(o, ParticipantOutput::Train { .. }))
+        );
+        assert_eq!(
+            outputs
+                .iter()
+                .filter(|o| matches!(o, ParticipantOutput::Notice(Notice::OutOfSequence { .. })))
+                .count(),
+            2,
+            "the stranger's start is not even a notice"
+        );
+        assert_eq!(p.job(&id).expect("followed").state, JobState::Gathering);
+
+        // The right start trains once, even when it commits twice.
+        let first = start(id, 1, initial, everyone.clone());
+        p.handle_record(&coordinator.public(), &first, &[], true);
+        p.handle_record(&coordinator.public(), &first, &[], true);
+        let trains: Vec<_> = drain(&mut p)
+            .into_iter()
+            .filter(|o| matches!(o, ParticipantOutput::Train { .. }))
+            .collect();
+        assert_eq!(trains.len(), 1);
+        assert!(matches!(
+            &trains[0],
+            ParticipantOutput::Train { round: 1, model, .. } if *model == initial
+        ));
+        assert_eq!(p.job(&id).expect("followed").state, JobState::Running);
+
+        // Round 2 starts from round 1's model, and only once training for
+        // round 1 has finished here.
+        let after_one = ModelId([4; 32]);
+        p.handle_record(
+            &coordinator.public(),
+            &end(id, 1, initial, after_one, false),
+            &[],
+            true,
+        );
+        p.handle_record(
+            &coordinator.public(),
+            &start(id, 2, after_one, everyone.clone()),
+            &[],
+            true,
+        );
+        assert!(
+            !drain(&mut p)
+                .iter()
+                .any(|o| matches!(o, ParticipantOutput::Train { .. })),
+            "still training round 1"
+        );
+        p.handle_training_finished(&id);
+        assert_eq!(p.job(&id).expect("followed").current_model(), after_one);
+        assert_eq!(p.job(&id).expect("followed").model_after(0), Some(initial));
+        assert_eq!(
+            p.job(&id).expect("followed").model_after(1),
+            Some(after_one)
+        );
+    }
+
+    #[test]
+    fn round_ends_are_counted_once_and_the_last_finishes_the_job() {
+        let (coordinator, me) = (key(1), key(2));
+        let (record, payload, id) = job(&coordinator, &spec(1));
+        let mut p = Participant::new(me.public(), digits());
+        p.handle_record(&coordinator.public(), &record, &payload, true);
+        let initial = p.job(&id).expect("followed").initial_model;
+        p.handle_record(
+            &coordinator.public(),
+            &start(id, 1, initial, vec![]),
+            &[],
+            true,
+        );
+        drain(&mut p);
+        let last = end(id, 1, initial, ModelId([4; 32]), true);
+        p.handle_record(&coordinator.public(), &last, &[], false);
+        p.handle_record(&coordinator.public(), &last, &[], true);
+        let outputs = drain(&mut p);
+        assert_eq!(
+            outputs
+                .iter()
+                .filter(|o| matches!(o, ParticipantOutput::RoundCommitted { .. }))
+                .count(),
+            1
+        );
+        assert!(outputs.contains(&ParticipantOutput::JobFinished(id)));
+        assert_eq!(p.job(&id).expect("followed").state, JobState::Finished);
+        assert_eq!(p.job(&id).expect("followed").history().count(), 1);
+        // Nothing starts after the end.
+        p.handle_record(
+            &coordinator.public(),
+            &start(id, 2, ModelId([4; 32]), vec![me.public()]),
+            &[],
+            true,
+        );
+        assert!(
+            !drain(&mut p)
+                .iter()
+                .any(|o| matches!(o, ParticipantOutput::Train { .. }))
+        );
+    }
+
+    #[test]
+    fn the_job_table_is_bounded_and_forgets_finished_jobs_first() {
+        let (coordinator, me) = (key(1), key(2));
+        let mut p = Participant::new(me.public(), LocalData::Absent("none".into()));
+        let mut first = None;
+        for n in 0..MAX_JOBS as u64 {
+            let mut s = spec(1);
+            s.seed = n;
+            let (record, payload, id) = job(&coordinator, &s);
+            p.handle_record(&coordinator.public(), &record, &payload, false);
+            first.get_or_insert(id);
+        }
+        assert_eq!(p.jobs().count(), MAX_JOBS);
+        let mut s = spec(1);
+        s.seed = 1_000_000;
+        let (record, payload, extra) = job(&coordinator, &s);
+        p.handle_record(&coordinator.public(), &record, &payload, true);
+        assert!(p.job(&extra).is_none(), "no room: every job is unfinished");
+        assert!(
+            drain(&mut p)
+                .iter()
+                .any(|o| matches!(o, ParticipantOutput::Notice(Notice::TooManyJobs { .. })))
+        );
+
+        // Finish one: the next job takes its place.
+        let finished = first.expect("a job");
+        let initial = p.job(&finished).expect("followed").initial_model;
+        p.handle_record(
+            &coordinator.public(),
+            &start(finished, 1, initial, vec![]),
+            &[],
+            true,
+        );
+        p.handle_record(
+            &coordinator.public(),
+            &end(finished, 1, initial, initial, true),
+            &[],
+            true,
+        );
+        p.handle_record(&coordinator.public(), &record, &payload, true);
+        assert!(p.job(&extra).is_some());
+        assert!(p.job(&finished).is_none());
+        assert_eq!(p.jobs().count(), MAX_JOBS);
+    }
+}
