@@ -1002,7 +1002,7 @@ pub enum LearnResponse {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::compress::Payload;
     use crate::data;
@@ -1010,7 +1010,8 @@ mod tests {
     use crate::train::Compute;
     use openagi_crypto::Identity;
 
-    fn spec() -> JobSpec {
+    /// A small digits job, for this crate's tests.
+    pub(crate) fn spec() -> JobSpec {
         JobSpec {
             name: "digits".into(),
             architecture: Architecture::logistic_regression(64, 10),

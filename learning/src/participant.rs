@@ -170,6 +170,21 @@ pub enum Notice {
     },
 }
 
+/// A round this node is to train for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainingTask {
+    /// The job.
+    pub job: JobId,
+    /// The round.
+    pub round: u64,
+    /// The model to train from.
+    pub model: ModelId,
+    /// The job's spec.
+    pub spec: JobSpec,
+    /// Where the update goes.
+    pub coordinator: PublicKey,
+}
+
 /// What the participant asks its node to do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ParticipantOutput {
@@ -182,21 +197,9 @@ pub enum ParticipantOutput {
         /// Its spec.
         spec: Box<JobSpec>,
     },
-    /// Train for a round from `model` and send the update to the
-    /// coordinator; report the end with
-    /// [`Participant::handle_training_finished`].
-    Train {
-        /// The job.
-        job: JobId,
-        /// The round.
-        round: u64,
-        /// The model to train from.
-        model: ModelId,
-        /// The job's spec.
-        spec: Box<JobSpec>,
-        /// Where the update goes.
-        coordinator: PublicKey,
-    },
+    /// Train for a round and send the update to the coordinator; report
+    /// the end with [`Participant::handle_training_finished`].
+    Train(Box<TrainingTask>),
     /// A round of a followed job committed.
     RoundCommitted {
         /// The round's ledger record.
@@ -425,7 +428,7 @@ impl Participant {
         if followed.state == JobState::Gathering {
             followed.state = JobState::Running;
         }
-        let spec = Box::new(followed.spec.clone());
+        let spec = followed.spec.clone();
         let coordinator = followed.coordinator;
         if live
             && participants.contains(&self.me)
@@ -433,13 +436,14 @@ impl Participant {
             && self.trained.insert((*job, round))
         {
             self.training.insert(*job);
-            self.outputs.push_back(ParticipantOutput::Train {
-                job: *job,
-                round,
-                model: *model,
-                spec,
-                coordinator,
-            });
+            self.outputs
+                .push_back(ParticipantOutput::Train(Box::new(TrainingTask {
+                    job: *job,
+                    round,
+                    model: *model,
+                    spec,
+                    coordinator,
+                })));
         }
     }
 
@@ -478,27 +482,13 @@ impl Participant {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::Aggregator;
     use crate::federation::encode_record;
-    use crate::models::Architecture;
-    use crate::round::{Compression, Participation};
-    use crate::train::TrainConfig;
     use openagi_crypto::{Identity, Signed};
 
     fn spec(rounds: u64) -> JobSpec {
         JobSpec {
-            name: "digits".into(),
-            architecture: Architecture::logistic_regression(64, 10),
             rounds,
-            min_clients: 2,
-            round_deadline_secs: 10,
-            join_window_secs: 1,
-            participation: Participation::All,
-            train: TrainConfig::sgd(0.5, 1, 16),
-            aggregator: Aggregator::FedAvg,
-            privacy: None,
-            compression: Compression::None,
-            seed: 7,
+            ..crate::federation::tests::spec()
         }
     }
 
@@ -671,7 +661,7 @@ mod tests {
         assert!(
             !outputs
                 .iter()
-                .any(|o| matches!(o, ParticipantOutput::Train { .. }))
+                .any(|o| matches!(o, ParticipantOutput::Train(_)))
         );
         assert_eq!(
             outputs
@@ -689,12 +679,12 @@ mod tests {
         p.handle_record(&coordinator.public(), &first, &[], true);
         let trains: Vec<_> = drain(&mut p)
             .into_iter()
-            .filter(|o| matches!(o, ParticipantOutput::Train { .. }))
+            .filter(|o| matches!(o, ParticipantOutput::Train(_)))
             .collect();
         assert_eq!(trains.len(), 1);
         assert!(matches!(
             &trains[0],
-            ParticipantOutput::Train { round: 1, model, .. } if *model == initial
+            ParticipantOutput::Train(task) if task.round == 1 && task.model == initial
         ));
         assert_eq!(p.job(&id).expect("followed").state, JobState::Running);
 
@@ -716,7 +706,7 @@ mod tests {
         assert!(
             !drain(&mut p)
                 .iter()
-                .any(|o| matches!(o, ParticipantOutput::Train { .. })),
+                .any(|o| matches!(o, ParticipantOutput::Train(_))),
             "still training round 1"
         );
         p.handle_training_finished(&id);
@@ -766,7 +756,7 @@ mod tests {
         assert!(
             !drain(&mut p)
                 .iter()
-                .any(|o| matches!(o, ParticipantOutput::Train { .. }))
+                .any(|o| matches!(o, ParticipantOutput::Train(_)))
         );
     }
 

@@ -33,6 +33,7 @@ use openagi_learning::federation::{
 use openagi_learning::model::{ModelId, params_from_bytes, params_to_bytes};
 use openagi_learning::participant::{
     self, FollowedJob, LocalData as LocalProfile, Notice, Participant, ParticipantOutput,
+    TrainingTask,
 };
 use openagi_learning::train::{Compute, Trainer};
 use openagi_net::{MsgReply, NetHandle, PeerId};
@@ -562,19 +563,7 @@ impl Learner {
         for output in outputs {
             match output {
                 ParticipantOutput::Submit(record) => self.act(Action::Submit(record)),
-                ParticipantOutput::Train {
-                    job,
-                    round,
-                    model,
-                    spec,
-                    coordinator,
-                } => self.act(Action::Train {
-                    job,
-                    round,
-                    model,
-                    spec,
-                    coordinator,
-                }),
+                ParticipantOutput::Train(task) => self.act(Action::Train(task)),
                 ParticipantOutput::RoundCommitted { summary, live } => {
                     self.metrics.round_ended(&summary);
                     if live {
@@ -688,17 +677,10 @@ impl Learner {
                     }
                 });
             }
-            Action::Train {
-                job,
-                round,
-                model,
-                spec,
-                coordinator,
-            } => {
+            Action::Train(task) => {
+                let (job, round) = (task.job, task.round);
                 tokio::spawn(async move {
-                    let result = this
-                        .participate(job, round, model, *spec, coordinator)
-                        .await;
+                    let result = this.participate(*task).await;
                     if let Ok(mut s) = this.state() {
                         s.participant.handle_training_finished(&job);
                     }
@@ -761,14 +743,14 @@ impl Learner {
         Ok(self.state()?.participant.jobs().map(JobView::of).collect())
     }
 
-    async fn participate(
-        self: &Arc<Self>,
-        job: JobId,
-        round: u64,
-        model: ModelId,
-        spec: JobSpec,
-        coordinator: PublicKey,
-    ) -> Result<()> {
+    async fn participate(self: &Arc<Self>, task: TrainingTask) -> Result<()> {
+        let TrainingTask {
+            job,
+            round,
+            model,
+            spec,
+            coordinator,
+        } = task;
         let Some(local) = &self.local else {
             bail!("selected, but this node has no learn.data");
         };
@@ -1143,13 +1125,7 @@ fn log_notice(notice: &Notice) {
 
 enum Action {
     Submit(Record),
-    Train {
-        job: JobId,
-        round: u64,
-        model: ModelId,
-        spec: Box<JobSpec>,
-        coordinator: PublicKey,
-    },
+    Train(Box<TrainingTask>),
 }
 
 #[cfg(test)]
