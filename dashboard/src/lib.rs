@@ -9,6 +9,17 @@
 //! Conventions kept here: base units (seconds, bytes), counters end in
 //! `_total`, and no label ever carries a peer id or network address, so the
 //! number of series stays bounded.
+//!
+//! It also holds what the daemon's web dashboard is made of, apart from
+//! the HTTP serving (the node's job): [`sample`] reads values back out of
+//! the exposition, [`history`] keeps a fixed-memory history of the key
+//! series, [`alerts`] defines the alert rules once and evaluates them, and
+//! [`web`] is the embedded page.
+
+pub mod alerts;
+pub mod history;
+pub mod sample;
+pub mod web;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -43,6 +54,8 @@ pub struct MetricsRegistry {
     registry: Registry,
     /// Seconds since the process started, updated on every scrape.
     uptime: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Resident memory, read from /proc on every scrape.
+    resident_memory: Gauge,
     started: std::time::Instant,
 }
 
@@ -65,9 +78,17 @@ impl MetricsRegistry {
             Unit::Seconds,
             uptime.clone(),
         );
+        let resident_memory = Gauge::default();
+        registry.register_with_unit(
+            "process_resident_memory",
+            "Resident memory of the daemon process",
+            Unit::Bytes,
+            resident_memory.clone(),
+        );
         Self {
             registry,
             uptime,
+            resident_memory,
             started: std::time::Instant::now(),
         }
     }
@@ -81,6 +102,10 @@ impl MetricsRegistry {
     /// `# EOF`), for scrapers that accept it.
     pub fn encode(&self) -> Result<String, Error> {
         self.uptime.set(self.started.elapsed().as_secs_f64());
+        if let Some(bytes) = resident_memory_bytes() {
+            self.resident_memory
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
         let mut text = String::with_capacity(16 * 1024);
         encode(&mut text, &self.registry)?;
         Ok(text)
@@ -103,6 +128,20 @@ impl MetricsRegistry {
             Ok((self.encode_classic()?, CLASSIC_CONTENT_TYPE))
         }
     }
+}
+
+/// This process's resident memory (`VmRSS` in `/proc/self/status`), where
+/// the system has it.
+fn resident_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// Content type of the OpenMetrics text format.
