@@ -8,7 +8,9 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use openagi_crypto::bench as bench_crypto;
 use openagi_node::cli::output::OutputError;
-use openagi_node::cli::{bench, debug_bundle, devnet, keys, ledger as cli_ledger, status};
+use openagi_node::cli::{
+    bench, dashboard, debug_bundle, devnet, keys, ledger as cli_ledger, status,
+};
 use openagi_node::common::config::{CliOverrides, InitTransport, LogFormat};
 use openagi_node::common::datadir::{DataDir, InitSettings};
 use openagi_node::common::passphrase::PassphraseSource;
@@ -97,6 +99,9 @@ enum Command {
     },
     /// Run the daemon.
     Run(RunArgs),
+    /// Print a one-time link that logs a browser in to the web dashboard
+    /// of the daemon running on the data directory.
+    Dashboard,
     /// Show what the daemon running on the data directory reports.
     Status {
         /// Print the machine-readable JSON document.
@@ -483,6 +488,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             }
         }
         Command::Status { json } => status::print_status(&DataDir::new(&data_dir), json),
+        Command::Dashboard => dashboard::print_login(&DataDir::new(&data_dir)),
         Command::Submit {
             payload,
             hex,

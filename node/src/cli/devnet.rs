@@ -329,6 +329,15 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
         }
     }
     println!("  token for each node's API: <node dir>/api.token. Ctrl-C stops the devnet.");
+    match crate::cli::dashboard::login_link(&nodes[0].data_dir) {
+        Ok(link) => println!(
+            "  dashboard of node-0 (opens once, within {} minutes; `openagi dashboard --data-dir {}` makes another):\n    {}",
+            link.expires_in_secs / 60,
+            nodes[0].data_dir.path().display(),
+            link.url
+        ),
+        Err(e) => println!("  dashboard of node-0: no login link ({e:#})"),
+    }
     let load = (options.tx_rate > 0).then(|| {
         let clients: Vec<ApiClient> = nodes.iter().filter_map(|n| n.client.clone()).collect();
         spawn_load(clients, options.tx_rate)

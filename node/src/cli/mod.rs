@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod bench_openssl;
 pub mod client;
+pub mod dashboard;
 pub mod debug_bundle;
 pub mod devnet;
 pub mod keys;

@@ -60,6 +60,8 @@ pub struct ApiState {
     /// Whether `network.listen` names any address: a node configured to
     /// only dial out is not expected to listen.
     pub listen_configured: bool,
+    /// The web dashboard: sessions, metric history, alerts.
+    pub dashboard: Arc<crate::daemon::dashboard::Dashboard>,
 }
 
 /// The `/api/v1/status` document. Sections are stable: later parts add
@@ -221,12 +223,14 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/inbox", get(inbox))
         .route("/learn/jobs", get(learn_jobs).post(learn_submit))
         .route("/learn/jobs/{job}/model", get(learn_model))
+        .route("/dashboard/login", post(dashboard_login))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .nest("/api/v1", authenticated)
+        .merge(crate::daemon::dashboard::routes())
         .with_state(state)
 }
 
@@ -640,17 +644,34 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether `headers` carry the API token.
+pub fn bearer_ok(state: &ApiState, headers: &axum::http::HeaderMap) -> bool {
+    bearer(headers).is_some_and(|token| constant_time_eq(token.as_bytes(), state.token.as_bytes()))
+}
+
+fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// `/api/v1` needs the token; a dashboard session may also read (GET and
+/// HEAD only: a session never changes anything).
 async fn require_token(
     State(state): State<Arc<ApiState>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    let read_only = matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if read_only && state.dashboard.has_session(request.headers()) {
+        return next.run(request).await;
+    }
+    let presented = bearer(request.headers());
     match presented {
         Some(token) if constant_time_eq(token.as_bytes(), state.token.as_bytes()) => {
             next.run(request).await
@@ -680,6 +701,23 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}
+
+/// `POST /api/v1/dashboard/login`: a one-time login link for the web
+/// dashboard.
+async fn dashboard_login(State(state): State<Arc<ApiState>>) -> Response {
+    match state.dashboard.login_code() {
+        Ok(code) => Json(serde_json::json!({
+            "url": format!("http://{}/login?code={code}", state.api_addr),
+            "expires_in_secs": crate::daemon::dashboard::LOGIN_CODE_TTL.as_secs(),
+            "session_secs": crate::daemon::dashboard::SESSION_TTL.as_secs(),
+        }))
+        .into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("no login code: {e}"),
+        ),
     }
 }
 

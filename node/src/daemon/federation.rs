@@ -118,6 +118,8 @@ pub struct JobView {
     pub state: String,
     /// Joins the coordinator waits for before the first round.
     pub min_clients: usize,
+    /// The job's ε budget, with DP.
+    pub epsilon_budget: Option<f64>,
     /// While the job is gathering: what it waits for, in words.
     pub waiting_for: Option<String>,
     /// Why this node did not join, when it did not.
@@ -147,6 +149,7 @@ impl JobView {
             joined_here: job.joined_here,
             state: job.state.as_str().into(),
             min_clients: job.spec.min_clients,
+            epsilon_budget: job.spec.privacy.and_then(|p| p.budget_epsilon),
             waiting_for: None,
             not_joining: job.not_joining.clone(),
             round: job.round,

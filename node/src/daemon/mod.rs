@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod consensus;
+pub mod dashboard;
 pub mod federation;
 pub mod http;
 pub mod msg;
@@ -251,6 +252,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
             )
         })?;
     let api_addr = listener.local_addr()?;
+    let dashboard = dashboard::Dashboard::new(metrics.registry_mut());
     let state = Arc::new(ApiState {
         net: net.clone(),
         consensus: consensus.clone(),
@@ -266,7 +268,9 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         messenger: messenger.clone(),
         learner: learner.clone(),
         listen_configured: !config.network.listen.is_empty(),
+        dashboard,
     });
+    let sampler = dashboard::spawn_sampler(state.clone());
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(http::serve(
         listener,
@@ -358,6 +362,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         let _ = stop_api.send(());
         let _ = stop_consensus.send(true);
         learner_task.abort();
+        sampler.abort();
         if let Some(task) = consensus_task {
             let _ = task.await;
         }
