@@ -729,7 +729,7 @@ mod tests {
     #[test]
     fn the_shipped_rules_file_is_generated_from_these_rules() {
         let generated = prometheus_rules_yaml();
-        if std::env::var_os("OPENAGI_BLESS").is_some() {
+        if std::env::var_os("BLESS").is_some() {
             let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/openagi-alerts.yml");
             std::fs::write(path, &generated).expect("writing the rules file");
         }

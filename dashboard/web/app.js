@@ -48,14 +48,14 @@ function el(tag, attrs = {}, children = []) {
 // `limit`, when given, draws a dashed horizontal line (a budget, a
 // threshold); `xfmt` labels the x axis (times of day by default). The
 // svg's data-points says how many points were drawn.
-function drawChart(svg, lines, limit, xfmt = clock) {
+function drawChart(svg, lines, limit, xfmt = clock, empty = "no data yet") {
   const W = 400, H = 160, L = 44, R = 6, T = 8, B = 18;
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.replaceChildren();
   const all = lines.flatMap((l) => l.points);
   svg.dataset.points = String(all.length);
   if (all.length === 0) {
-    svg.append(el("text", { x: W / 2 - 30, y: H / 2 }, ["no data yet"]));
+    svg.append(el("text", { x: 12, y: H / 2 }, [empty]));
     return;
   }
   let t0 = Math.min(...all.map((p) => p.t)), t1 = Math.max(...all.map((p) => p.t));
@@ -178,7 +178,8 @@ function renderJobs(doc) {
     // Rounds on the x axis.
     const round = (t) => `round ${t}`;
     drawChart(accSvg, [{ points: acc }], 1, round);
-    drawChart(epsSvg, [{ points: eps, cls: "line2" }], job.epsilon_budget, round);
+    drawChart(epsSvg, [{ points: eps, cls: "line2" }], job.epsilon_budget, round,
+      job.epsilon_budget == null && !eps.length ? "no differential privacy in this job" : "no round has ended yet");
     drawChart(partSvg, [
       { points: job.history.map((r) => ({ t: r.round, v: r.selected })) },
       { points: job.history.map((r) => ({ t: r.round, v: r.responded })), cls: "line2" },

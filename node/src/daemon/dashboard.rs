@@ -295,6 +295,8 @@ pub fn routes() -> axum::Router<Arc<ApiState>> {
         .route("/login", get(login))
         .route("/dashboard/app.js", get(asset))
         .route("/dashboard/app.css", get(asset))
+        // Browsers ask for it on any page, the refusal included.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/dashboard/api/state", get(state_json))
         .route("/dashboard/api/events", get(events))
 }

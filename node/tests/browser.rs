@@ -1,0 +1,135 @@
+//! The web dashboard in a real browser: a four-node `openagi devnet` with
+//! its transaction load and training job, node 0's dashboard opened in
+//! Debian's headless Chromium by Playwright (`tests/browser/dashboard.mjs`):
+//! the login link works, the overview shows the node and a rising ledger
+//! height, charts draw, the explorer shows a block, a training job's
+//! accuracy appears, and a page without a login is refused. Screenshots of
+//! each page land in `$CARGO_TARGET_TMPDIR/dashboard-screenshots` (and in
+//! `doc/dashboard/` with `BLESS=1`).
+//!
+//! Needs `/usr/bin/chromium` and `npm ci` in `tests/browser` (`.ci/run`
+//! installs both). Without them the test says what is missing and passes,
+//! except under CI (`CI` set), where it fails.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use openagi_tests::{openagi, openagi_bin, use_binary};
+
+struct Devnet(Child);
+
+impl Drop for Devnet {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/browser")
+}
+
+/// What is missing to run the browser, if anything.
+fn missing() -> Option<String> {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !Path::new(&chromium).exists() {
+        return Some(format!("{chromium} (apt-get install chromium)"));
+    }
+    if !browser_dir().join("node_modules/playwright-core").exists() {
+        return Some("playwright-core (npm ci --prefix tests/browser)".into());
+    }
+    if Command::new("node").arg("--version").output().is_err() {
+        return Some("node (Node.js)".into());
+    }
+    None
+}
+
+#[test]
+fn the_dashboard_of_a_devnet_in_a_real_browser() {
+    if let Some(what) = missing() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the browser test cannot run under CI without {what}"
+        );
+        eprintln!("skipped: the browser test needs {what}");
+        return;
+    }
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("devnet");
+    let mut child = Command::new(openagi_bin())
+        .args(["devnet", "--nodes", "4", "--duration", "10m", "--dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("devnet starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let devnet = Devnet(child);
+    // The devnet prints node 0's login URL once its nodes answer.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("/login?code=") {
+                let _ = tx.send(line.trim().to_string());
+            }
+        }
+    });
+    let login = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("devnet printed a dashboard login URL");
+    let node0 = dir.join("node-0");
+    let (status, out, err) =
+        openagi(&["status", "--json", "--data-dir", &node0.to_string_lossy()]).expect("status");
+    assert!(status.success(), "{err}");
+    let doc: serde_json::Value = serde_json::from_str(&out).expect("status json");
+    let peer_id = doc["node"]["peer_id"]
+        .as_str()
+        .expect("peer id")
+        .to_string();
+
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-screenshots");
+    let output = Command::new("node")
+        .arg(browser_dir().join("dashboard.mjs"))
+        .env("DASHBOARD_LOGIN", &login)
+        .env("EXPECT_PEER_ID", &peer_id)
+        .env("SCREENSHOT_DIR", &shots)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "browser test failed:\n{stdout}\n{stderr}\n--- node-0 log ---\n{}",
+        std::fs::read_to_string(node0.join("daemon.log")).unwrap_or_default()
+    );
+    eprintln!("dashboard figures: {}", stdout.trim());
+    for page in ["overview", "network", "consensus", "learning", "alerts"] {
+        assert!(
+            shots.join(format!("{page}.png")).exists(),
+            "no screenshot of {page}"
+        );
+    }
+    if std::env::var_os("BLESS").is_some() {
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../doc/dashboard");
+        std::fs::create_dir_all(&docs).expect("doc/dashboard");
+        for page in ["overview", "network", "consensus", "learning", "alerts"] {
+            let name = format!("{page}.png");
+            std::fs::copy(shots.join(&name), docs.join(&name)).expect("copy screenshot");
+        }
+    }
+    drop(devnet);
+}
