@@ -190,6 +190,25 @@ impl NetMetrics {
             "Inbound streams and messages refused before use, by protocol and reason (not allowed, too many, too large, malformed, timeout)",
             m.inbound_refused.clone(),
         );
+        // Series that count rare events exist from the start at zero, so
+        // rates and alert rules over them have data before the first
+        // event (Prometheus cannot take the rate of a missing series).
+        for direction in [Direction::Inbound, Direction::Outbound] {
+            let _ = m
+                .connections_closed
+                .get_or_create(&DirectionLabels { direction });
+        }
+        for reason in ["wrong_network", "malformed_rpc", "misbehaviour", "banned"] {
+            let _ = m.peers_refused.get_or_create(&ReasonLabels { reason });
+        }
+        let _ = m.inbound_refused.get_or_create(&RefusalLabels {
+            protocol: "direct",
+            reason: "not_a_validator",
+        });
+        let _ = m.gossip_messages.get_or_create(&GossipLabels {
+            topic: crate::wire::Topic::Announce.name(),
+            outcome: GossipOutcome::Rejected,
+        });
         m
     }
 }

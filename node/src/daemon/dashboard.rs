@@ -127,6 +127,12 @@ impl Dashboard {
                     alert: rule.name.into(),
                 })
                 .set(0);
+            for event in ["fired", "resolved"] {
+                let _ = events.get_or_create(&AlertEventLabel {
+                    alert: rule.name.into(),
+                    event: event.into(),
+                });
+            }
         }
         Arc::new(Self {
             inner: Mutex::new(Inner {
