@@ -204,6 +204,34 @@ function renderAlerts(doc) {
   ])));
 }
 
+async function loadBench() {
+  const r = await fetch("/dashboard/api/bench", { credentials: "same-origin" });
+  if (!r.ok) return;
+  const { runs } = await r.json();
+  $("bench-table").tBodies[0].replaceChildren(...runs.slice().reverse().map((run) => el("tr", {}, [
+    el("td", {}, [new Date(run.unix_ms).toLocaleString()]),
+    el("td", {}, [run.benchmark]),
+    el("td", { class: "mono" }, [`${run.version} (${run.git_commit})`]),
+    el("td", { class: "mono" }, [JSON.stringify(run.settings)]),
+    el("td", {}, [run.figures.map((f) => `${f.name} ${fmt(f.value, 2)} ${f.unit}`).join(" · ")]),
+  ])));
+  // One chart per (benchmark, figure), over the runs.
+  const series = new Map();
+  for (const run of runs) {
+    for (const f of run.figures) {
+      const key = `${run.benchmark}: ${f.name} (${f.unit})`;
+      if (!series.has(key)) series.set(key, []);
+      series.get(key).push({ t: run.unix_ms, v: f.value });
+    }
+  }
+  const day = (t) => new Date(t).toLocaleDateString();
+  $("bench-charts").replaceChildren(...[...series.entries()].slice(0, 24).map(([key, points]) => {
+    const svg = el("svg", { class: "chart bench" });
+    drawChart(svg, [{ points }], undefined, day);
+    return el("figure", {}, [el("figcaption", {}, [key]), svg]);
+  }));
+}
+
 function render() {
   const doc = state.doc;
   if (!doc) return;
@@ -275,6 +303,7 @@ async function start() {
   state.doc = await r.json();
   for (const s of state.doc.history) state.series.set(s.name, s);
   render();
+  loadBench();
   const events = new EventSource("/dashboard/api/events");
   events.onopen = () => { $("live").className = "live on"; $("live").textContent = "live"; };
   events.onerror = () => { $("live").className = "live off"; $("live").textContent = "reconnecting"; };

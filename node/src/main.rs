@@ -11,6 +11,7 @@ use openagi_node::cli::output::OutputError;
 use openagi_node::cli::{
     bench, dashboard, debug_bundle, devnet, keys, ledger as cli_ledger, status,
 };
+use openagi_node::common::bench_log::{self, Figure};
 use openagi_node::common::config::{CliOverrides, InitTransport, LogFormat};
 use openagi_node::common::datadir::{DataDir, InitSettings};
 use openagi_node::common::passphrase::PassphraseSource;
@@ -341,6 +342,23 @@ struct RunArgs {
     migrate: bool,
 }
 
+/// Appends a bench run to the data directory's benchmark log (the
+/// dashboard plots it), when `data_dir` is an initialised data directory.
+fn record_bench(
+    data_dir: &std::path::Path,
+    benchmark: &str,
+    settings: serde_json::Value,
+    figures: &[Figure],
+) -> Result<()> {
+    if let Some(path) = bench_log::record(&DataDir::new(data_dir), benchmark, settings, figures)? {
+        eprintln!(
+            "recorded in {} (the dashboard's Benchmarks page)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
@@ -513,7 +531,18 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
         } => cli_ledger::genesis_create(&network_id, validators, &out),
         Command::Bench {
             command: BenchArgs::Learning(args),
-        } => openagi_node::cli::learn::bench_learning(&args),
+        } => {
+            let figures = openagi_node::cli::learn::bench_learning(&args)?;
+            let settings = serde_json::json!({
+                "rounds": args.rounds,
+                "clients": args.clients,
+                "participation": format!("{:?}", args.participation),
+                "compression": format!("{:?}", args.compress),
+                "dp": args.dp,
+                "seed": args.seed,
+            });
+            record_bench(&data_dir, "learning", settings, &figures)
+        }
         Command::Bench {
             command:
                 BenchArgs::Crypto {
@@ -530,7 +559,17 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             };
             let rows = bench_crypto::run(&options, &reference)?;
             out!("{}", bench_crypto::render(&rows, &options, &reference))?;
-            Ok(())
+            let figures: Vec<Figure> = rows
+                .iter()
+                .map(|row| match row.bytes_per_op {
+                    Some(bytes) => {
+                        Figure::new(&row.name, row.ops_per_sec * bytes as f64 / 1e6, "MB/s")
+                    }
+                    None => Figure::new(&row.name, row.ops_per_sec, "ops/s"),
+                })
+                .collect();
+            let settings = serde_json::json!({ "time_s": time.as_secs_f64(), "runs": runs });
+            record_bench(&data_dir, "crypto", settings, &figures)
         }
         Command::Bench {
             command:
@@ -543,15 +582,25 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                     batch_txs,
                     dir,
                 },
-        } => runtime()?.block_on(bench::consensus(bench::ConsensusBench {
-            nodes,
-            rate,
-            duration,
-            warmup,
-            payload_bytes: payload,
-            batch_txs,
-            dir,
-        })),
+        } => {
+            let figures = runtime()?.block_on(bench::consensus(bench::ConsensusBench {
+                nodes,
+                rate,
+                duration,
+                warmup,
+                payload_bytes: payload,
+                batch_txs,
+                dir,
+            }))?;
+            let settings = serde_json::json!({
+                "nodes": nodes,
+                "rate": rate,
+                "duration_s": duration.as_secs_f64(),
+                "payload_bytes": payload,
+                "batch_txs": batch_txs,
+            });
+            record_bench(&data_dir, "consensus", settings, &figures)
+        }
         Command::Keys { command } => {
             let dir = DataDir::new(&data_dir);
             match command {

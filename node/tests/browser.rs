@@ -3,7 +3,8 @@
 //! Debian's headless Chromium by Playwright (`tests/browser/dashboard.mjs`):
 //! the login link works, the overview shows the node and a rising ledger
 //! height, charts draw, the explorer shows a block, a training job's
-//! accuracy appears, and a page without a login is refused. Screenshots of
+//! accuracy appears, benchmark runs recorded with the node's data
+//! directory are listed, and a page without a login is refused. Screenshots of
 //! each page land in `$CARGO_TARGET_TMPDIR/dashboard-screenshots` (and in
 //! `doc/dashboard/` with `BLESS=1`).
 //!
@@ -18,6 +19,16 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use openagi_tests::{openagi, openagi_bin, use_binary};
+
+/// The dashboard's pages, each screenshotted.
+const PAGES: [&str; 6] = [
+    "overview",
+    "network",
+    "consensus",
+    "learning",
+    "alerts",
+    "benchmarks",
+];
 
 struct Devnet(Child);
 
@@ -101,6 +112,24 @@ fn the_dashboard_of_a_devnet_in_a_real_browser() {
         .expect("peer id")
         .to_string();
 
+    // Two short crypto benchmark runs with node 0's data directory, for the
+    // Benchmarks page.
+    for _ in 0..2 {
+        let (status, _, err) = openagi(&[
+            "bench",
+            "crypto",
+            "--time",
+            "50ms",
+            "--runs",
+            "1",
+            "--data-dir",
+            &node0.to_string_lossy(),
+        ])
+        .expect("bench runs");
+        assert!(status.success(), "{err}");
+        assert!(err.contains("recorded in"), "{err}");
+    }
+
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-screenshots");
     let output = Command::new("node")
         .arg(browser_dir().join("dashboard.mjs"))
@@ -117,7 +146,7 @@ fn the_dashboard_of_a_devnet_in_a_real_browser() {
         std::fs::read_to_string(node0.join("daemon.log")).unwrap_or_default()
     );
     eprintln!("dashboard figures: {}", stdout.trim());
-    for page in ["overview", "network", "consensus", "learning", "alerts"] {
+    for page in PAGES {
         assert!(
             shots.join(format!("{page}.png")).exists(),
             "no screenshot of {page}"
@@ -126,7 +155,7 @@ fn the_dashboard_of_a_devnet_in_a_real_browser() {
     if std::env::var_os("BLESS").is_some() {
         let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../doc/dashboard");
         std::fs::create_dir_all(&docs).expect("doc/dashboard");
-        for page in ["overview", "network", "consensus", "learning", "alerts"] {
+        for page in PAGES {
             let name = format!("{page}.png");
             std::fs::copy(shots.join(&name), docs.join(&name)).expect("copy screenshot");
         }

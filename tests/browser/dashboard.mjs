@@ -107,6 +107,12 @@ try {
   figures.accuracy_text = (await page.textContent("#jobs .job p:nth-of-type(2)")).trim();
   await page.screenshot({ path: `${shots}/learning.png`, fullPage: true });
 
+  // The benchmark runs recorded with this node's data directory.
+  await page.click('nav a[data-page="benchmarks"]');
+  await page.waitForFunction(() => document.querySelectorAll("#bench-table tbody tr").length >= 2, null, { timeout: 10000 });
+  check(await page.locator("#bench-charts svg.chart").count() >= 1, "no benchmark chart");
+  await page.screenshot({ path: `${shots}/benchmarks.png`, fullPage: true });
+
   check(consoleErrors.length === 0, `console errors: ${consoleErrors.join("; ")}`);
   console.log(JSON.stringify(figures));
 } finally {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::bench_log::Figure;
 use anyhow::{Context, Result, bail};
 use openagi_consensus::{ClientId, Transaction};
 
@@ -116,8 +117,9 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Runs the consensus benchmark and prints a table.
-pub async fn consensus(options: ConsensusBench) -> Result<()> {
+/// Runs the consensus benchmark, prints a table and returns its headline
+/// figures (for the data directory's benchmark log).
+pub async fn consensus(options: ConsensusBench) -> Result<Vec<Figure>> {
     if options.rate == 0 {
         bail!("--rate must be positive");
     }
@@ -168,7 +170,7 @@ pub async fn consensus(options: ConsensusBench) -> Result<()> {
     result
 }
 
-async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<()> {
+async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<Vec<Figure>> {
     let clients: Vec<ApiClient> = nodes.iter().filter_map(|n| n.client.clone()).collect();
     let first = clients.first().context("no node")?.clone();
     let expected = options.nodes - 1;
@@ -295,5 +297,18 @@ async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<()>
     for line in dropped {
         println!("| dropped | {line} |");
     }
-    Ok(())
+    Ok(vec![
+        Figure::new("committed throughput", committed_tps, "tx/s"),
+        Figure::new(
+            "commit latency p50",
+            latency["p50_ms"].as_f64().unwrap_or(0.0),
+            "ms",
+        ),
+        Figure::new(
+            "commit latency p99",
+            latency["p99_ms"].as_f64().unwrap_or(0.0),
+            "ms",
+        ),
+        Figure::new("blocks per second", blocks as f64 / elapsed, "blocks/s"),
+    ])
 }

@@ -33,6 +33,7 @@ use openagi_learning::simulate::{
 };
 use openagi_learning::train::{Compute, TrainConfig};
 
+use crate::common::bench_log::Figure;
 use crate::common::learn_data::{DataSource, has_mnist, load_data, load_mnist, parse_data};
 use crate::outln;
 
@@ -69,7 +70,7 @@ pub fn run(args: LearnArgs, dir: &crate::common::datadir::DataDir) -> Result<()>
     match args.command {
         LearnCommand::Epsilon(a) => epsilon(&a),
         LearnCommand::Simulate(a) => simulate(&a),
-        LearnCommand::Bench(a) => bench_learning(&a),
+        LearnCommand::Bench(a) => bench_learning(&a).map(|_| ()),
         LearnCommand::Submit(a) => crate::cli::learn_jobs::submit(dir, &a),
         LearnCommand::Status(a) => crate::cli::learn_jobs::status(dir, &a),
         LearnCommand::Export(a) => crate::cli::learn_jobs::export(dir, &a),
@@ -780,7 +781,7 @@ fn mib(bytes: f64) -> f64 {
 
 /// `openagi bench learning`: the MNIST FL anchor, one table row per round,
 /// then the figures the design brief compares with Flower.
-pub fn bench_learning(args: &BenchLearningArgs) -> Result<()> {
+pub fn bench_learning(args: &BenchLearningArgs) -> Result<Vec<Figure>> {
     if !has_mnist(&args.mnist) {
         eprintln!("MNIST not found in {}.", args.mnist.display());
         eprintln!(
@@ -1034,7 +1035,28 @@ pub fn bench_learning(args: &BenchLearningArgs) -> Result<()> {
             dense_model as f64 / up_per_client as f64
         );
     }
-    Ok(())
+    let mut figures = vec![
+        Figure::new("final test accuracy", last_accuracy.unwrap_or(0.0), "ratio"),
+        Figure::new("CPU s per round", cpu_per_round, "s"),
+        Figure::new("framework CPU per client round trip", overhead_ms, "ms"),
+        Figure::new("upload per client", up_per_client as f64, "B"),
+    ];
+    if let Some((round, wall, _)) = reached {
+        figures.push(Figure::new(
+            "round reaching the target",
+            round as f64,
+            "round",
+        ));
+        figures.push(Figure::new(
+            "wall time to the target",
+            wall.as_secs_f64(),
+            "s",
+        ));
+    }
+    if let Some(b) = peak {
+        figures.push(Figure::new("peak RSS", b as f64, "B"));
+    }
+    Ok(figures)
 }
 
 #[cfg(test)]

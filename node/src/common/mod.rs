@@ -4,6 +4,7 @@
 //! read too), the log file, the local training data and the build's
 //! identity. Nothing here starts a task or opens a socket.
 
+pub mod bench_log;
 pub mod config;
 pub mod datadir;
 pub mod genesis;

@@ -62,6 +62,8 @@ pub struct ApiState {
     pub listen_configured: bool,
     /// The web dashboard: sessions, metric history, alerts.
     pub dashboard: Arc<crate::daemon::dashboard::Dashboard>,
+    /// The data directory (the dashboard reads its benchmark log).
+    pub data_dir: crate::common::datadir::DataDir,
 }
 
 /// The `/api/v1/status` document. Sections are stable: later parts add

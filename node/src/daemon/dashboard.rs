@@ -305,6 +305,7 @@ pub fn routes() -> axum::Router<Arc<ApiState>> {
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/dashboard/api/state", get(state_json))
         .route("/dashboard/api/events", get(events))
+        .route("/dashboard/api/bench", get(bench_runs))
 }
 
 async fn page(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
@@ -427,6 +428,18 @@ async fn state_json(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> R
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     protect(response)
+}
+
+/// The benchmark runs recorded in this node's data directory.
+async fn bench_runs(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    if !may_read(&state, &headers) {
+        return not_logged_in();
+    }
+    let dir = state.data_dir.clone();
+    let runs = tokio::task::spawn_blocking(move || crate::common::bench_log::recent(&dir))
+        .await
+        .unwrap_or_default();
+    protect(Json(serde_json::json!({ "runs": runs })).into_response())
 }
 
 async fn events(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {

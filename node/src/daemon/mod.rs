@@ -269,6 +269,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         learner: learner.clone(),
         listen_configured: !config.network.listen.is_empty(),
         dashboard,
+        data_dir: data_dir.clone(),
     });
     let sampler = dashboard::spawn_sampler(state.clone());
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
