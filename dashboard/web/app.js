@@ -117,13 +117,30 @@ function renderOverview(doc) {
   text("alert-count", firing.length ? String(firing.length) : "");
 }
 
+function traffic(entries) {
+  const by = new Map();
+  for (const e of entries || []) {
+    const row = by.get(e.protocol) || { inbound: 0, outbound: 0 };
+    row[e.direction] = e.bytes;
+    by.set(e.protocol, row);
+  }
+  return [...by.entries()].map(([p, r]) => `${p} ${fmt(r.inbound)}B / ${fmt(r.outbound)}B`).join(" · ") || "–";
+}
+
 function renderPeers(doc) {
   const body = $("peer-table").tBodies[0];
   body.replaceChildren(...doc.peers.map((p) => el("tr", {}, [
     el("td", { class: "mono" }, [p.peer_id]),
     el("td", { class: "mono" }, [(p.addresses || []).join(" ")]),
     el("td", {}, [p.rtt_ms == null ? "–" : `${p.rtt_ms.toFixed(1)} ms`]),
+    el("td", {}, [traffic(p.traffic)]),
     el("td", {}, [p.agent_version || "–"]),
+  ])));
+  $("connection-events").tBodies[0].replaceChildren(...(doc.connection_events || []).slice().reverse().map((e) => el("tr", {}, [
+    el("td", {}, [new Date(e.at * 1000).toLocaleString()]),
+    el("td", {}, [`${e.event} (${e.outbound ? "dialled" : "inbound"})`]),
+    el("td", { class: "mono" }, [e.peer_id]),
+    el("td", { class: "mono" }, [e.address]),
   ])));
 }
 
@@ -144,6 +161,13 @@ function renderConsensus(doc) {
     ["recovering validators", c.recovering_validators],
   ];
   dl.replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, [k]), el("dd", { class: "mono" }, [String(v)])]));
+  const ago = (ms) => ms ? `${Math.max(0, Math.round((Date.now() - ms) / 1000))} s ago` : "–";
+  $("validator-table").tBodies[0].replaceChildren(...(c.activity || []).map((v) => el("tr", {}, [
+    el("td", {}, [String(v.index + 1) + (v.index === c.primary_index ? " (primary)" : "")]),
+    el("td", { class: "mono" }, [v.peer_id + (v.this_node ? " (this node)" : "")]),
+    el("td", {}, [v.this_node ? "–" : `${v.last_message || "nothing yet"} ${ago(v.last_message_unix_ms)}`]),
+    el("td", {}, [v.last_vote ? `${v.last_vote.kind} view ${v.last_vote.view} seq ${v.last_vote.seq}, ${ago(v.last_vote.unix_ms)}` : "–"]),
+  ])));
 }
 
 function renderJobs(doc) {
@@ -255,7 +279,10 @@ function applyEvent(ev) {
       if (s.fine.length > ev.fine_points) s.fine.shift();
     }
   }
-  Object.assign(doc, { status: ev.status, peers: ev.peers, jobs: ev.jobs, alerts: ev.alerts, latency: ev.latency });
+  Object.assign(doc, {
+    status: ev.status, peers: ev.peers, jobs: ev.jobs, alerts: ev.alerts,
+    latency: ev.latency, connection_events: ev.connection_events,
+  });
   render();
 }
 

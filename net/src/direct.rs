@@ -35,7 +35,7 @@ use tracing::debug;
 
 use crate::bounded::{read_bounded, write_and_close};
 use crate::budget::ByteBudgets;
-use crate::metrics::{Direction, NetMetrics, ProtocolLabels};
+use crate::metrics::{Direction, NetMetrics};
 use crate::score::Penalties;
 
 /// The protocol name. Version 2: one-way streams, no acknowledgement.
@@ -213,13 +213,7 @@ async fn read_from_peer(
         };
         // Closing our side tells the sender the message was read.
         let _ = stream.close().await;
-        metrics
-            .payload_bytes
-            .get_or_create(&ProtocolLabels {
-                protocol: "direct",
-                direction: Direction::Inbound,
-            })
-            .inc_by(data.len() as u64);
+        metrics.count_payload(Some(peer), "direct", Direction::Inbound, data.len());
         // Read already: delivered, but an overdrawn peer's next streams
         // are refused until its budget refills.
         budgets.charge(peer, data.len(), std::time::Instant::now());
@@ -307,13 +301,7 @@ async fn write_to_peer(
             .await;
             match sent {
                 Ok(Ok(())) => {
-                    metrics
-                        .payload_bytes
-                        .get_or_create(&ProtocolLabels {
-                            protocol: "direct",
-                            direction: Direction::Outbound,
-                        })
-                        .inc_by(data.len() as u64);
+                    metrics.count_payload(Some(peer), "direct", Direction::Outbound, data.len());
                 }
                 Ok(Err(e)) => {
                     metrics.direct_failures.inc();

@@ -28,6 +28,7 @@ mod pending;
 mod score;
 mod service;
 pub mod tor;
+mod traffic;
 mod transport;
 mod wire;
 

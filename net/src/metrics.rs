@@ -113,6 +113,8 @@ pub struct RefusalLabels {
 /// The network layer's own metrics.
 #[derive(Debug, Clone, Default)]
 pub struct NetMetrics {
+    /// Bytes per connected peer (not a metric: peer ids are no labels).
+    pub peer_traffic: crate::traffic::PeerTraffic,
     /// Peers with at least one established connection.
     pub connected_peers: Gauge,
     /// Connections established.
@@ -136,6 +138,26 @@ pub struct NetMetrics {
 }
 
 impl NetMetrics {
+    /// Counts application payload of `protocol`, and to or from `peer`
+    /// when the payload has one.
+    pub fn count_payload(
+        &self,
+        peer: Option<libp2p::PeerId>,
+        protocol: &'static str,
+        direction: Direction,
+        bytes: usize,
+    ) {
+        self.payload_bytes
+            .get_or_create(&ProtocolLabels {
+                protocol,
+                direction,
+            })
+            .inc_by(bytes as u64);
+        if let Some(peer) = peer {
+            self.peer_traffic.add(peer, protocol, direction, bytes);
+        }
+    }
+
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();

@@ -24,9 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::behaviour::{NodeBehaviour, NodeBehaviourEvent};
 use crate::config::peer_id_of;
-use crate::metrics::{
-    Direction, DirectionLabels, GossipLabels, GossipOutcome, ProtocolLabels, ReasonLabels,
-};
+use crate::metrics::{Direction, DirectionLabels, GossipLabels, GossipOutcome, ReasonLabels};
 use crate::wire::{Announce, NodeInfo, RpcRequest, RpcResponse, Topic};
 use crate::{Error, NetConfig, NetMetrics};
 
@@ -150,6 +148,8 @@ pub struct PeerSnapshot {
     pub last_announce: Option<Announce>,
     /// Unix seconds when that announcement arrived.
     pub last_announce_at: Option<u64>,
+    /// Application bytes to and from it since it connected, by protocol.
+    pub traffic: Vec<crate::traffic::ProtocolBytes>,
     #[serde(skip)]
     connections: usize,
 }
@@ -165,6 +165,27 @@ pub struct NetSnapshot {
     pub peers: BTreeMap<String, PeerSnapshot>,
     /// Gossip messages accepted since start.
     pub gossip_received: u64,
+    /// The last [`CONNECTION_EVENTS`] peers connecting and disconnecting,
+    /// oldest first.
+    pub connection_events: std::collections::VecDeque<ConnectionEvent>,
+}
+
+/// Connection events kept in [`NetSnapshot::connection_events`].
+pub const CONNECTION_EVENTS: usize = 100;
+
+/// A peer connecting or disconnecting.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionEvent {
+    /// Unix seconds.
+    pub at: u64,
+    /// The peer.
+    pub peer_id: String,
+    /// `connected` or `disconnected`.
+    pub event: &'static str,
+    /// Its address (the connection that opened first or closed last).
+    pub address: String,
+    /// Whether this node dialled.
+    pub outbound: bool,
 }
 
 enum Command {
@@ -203,6 +224,7 @@ pub struct NetHandle {
     snapshot: Arc<RwLock<NetSnapshot>>,
     local_peer_id: PeerId,
     tor: Option<crate::tor::TorState>,
+    traffic: crate::traffic::PeerTraffic,
 }
 
 impl NetHandle {
@@ -216,12 +238,18 @@ impl NetHandle {
         self.tor.as_ref().map(crate::tor::TorState::get)
     }
 
-    /// A copy of the current network state.
+    /// A copy of the current network state, with each peer's traffic.
     pub fn snapshot(&self) -> NetSnapshot {
-        match self.snapshot.read() {
+        let mut snapshot = match self.snapshot.read() {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        for (id, peer) in snapshot.peers.iter_mut() {
+            if let Ok(id) = id.parse::<PeerId>() {
+                peer.traffic = self.traffic.of(&id);
+            }
         }
+        snapshot
     }
 
     /// Queues `command` for the network task, waiting while the queue is
@@ -428,6 +456,7 @@ impl NetworkService {
                 })
             })
             .collect();
+        let traffic = net_metrics.peer_traffic.clone();
         let task = NetTask {
             swarm,
             config,
@@ -456,6 +485,7 @@ impl NetworkService {
                 snapshot,
                 local_peer_id,
                 tor,
+                traffic,
             },
             event_rx,
             join,
@@ -548,7 +578,7 @@ impl NetTask {
                     }
                     Some(Command::MsgRespond { reply, data }) => {
                         if let Some((protocol, channel)) = self.msg_replies.remove(&reply.0) {
-                            self.count_payload(protocol.label(), Direction::Outbound, data.len());
+                            self.count_payload(None, protocol.label(), Direction::Outbound, data.len());
                             // Fails only when the peer gave up waiting.
                             let _ = self.app_behaviour(protocol).send_response(channel, data);
                         }
@@ -603,7 +633,7 @@ impl NetTask {
                 outcome: GossipOutcome::Published,
             })
             .inc();
-        self.count_payload("gossipsub", Direction::Outbound, len);
+        self.count_payload(None, "gossipsub", Direction::Outbound, len);
         Ok(())
     }
 
@@ -716,7 +746,19 @@ impl NetTask {
                             ..Default::default()
                         });
                     peer.connections += 1;
-                    peer.addresses.push(remote);
+                    peer.addresses.push(remote.clone());
+                    if first {
+                        if s.connection_events.len() >= CONNECTION_EVENTS {
+                            s.connection_events.pop_front();
+                        }
+                        s.connection_events.push_back(ConnectionEvent {
+                            at: unix_now(),
+                            peer_id: peer_id.to_string(),
+                            event: "connected",
+                            address: remote,
+                            outbound: endpoint.is_dialer(),
+                        });
+                    }
                 });
                 for (i, entry) in self.redials.iter_mut().enumerate() {
                     if entry.peer == peer_id {
@@ -761,6 +803,16 @@ impl NetTask {
                 self.update_snapshot(|s| {
                     if num_established == 0 {
                         s.peers.remove(&key);
+                        if s.connection_events.len() >= CONNECTION_EVENTS {
+                            s.connection_events.pop_front();
+                        }
+                        s.connection_events.push_back(ConnectionEvent {
+                            at: unix_now(),
+                            peer_id: key.clone(),
+                            event: "disconnected",
+                            address: remote.clone(),
+                            outbound: endpoint.is_dialer(),
+                        });
                     } else if let Some(peer) = s.peers.get_mut(&key) {
                         peer.connections = peer.connections.saturating_sub(1);
                         if let Some(pos) = peer.addresses.iter().position(|a| *a == remote) {
@@ -769,6 +821,7 @@ impl NetTask {
                     }
                 });
                 if num_established == 0 {
+                    self.net_metrics.peer_traffic.forget(&peer_id);
                     info!(%peer_id, cause = ?cause, "peer disconnected");
                     self.set_connected_gauge();
                     for i in 0..self.redials.len() {
@@ -931,7 +984,12 @@ impl NetTask {
     }
 
     fn on_gossip(&mut self, source: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
-        self.count_payload("gossipsub", Direction::Inbound, message.data.len());
+        self.count_payload(
+            Some(source),
+            "gossipsub",
+            Direction::Inbound,
+            message.data.len(),
+        );
         if !self
             .budgets
             .charge(source, message.data.len(), Instant::now())
@@ -1109,14 +1167,15 @@ impl NetTask {
         }
     }
 
-    fn count_payload(&self, protocol: &'static str, direction: Direction, bytes: usize) {
+    fn count_payload(
+        &self,
+        peer: Option<PeerId>,
+        protocol: &'static str,
+        direction: Direction,
+        bytes: usize,
+    ) {
         self.net_metrics
-            .payload_bytes
-            .get_or_create(&ProtocolLabels {
-                protocol,
-                direction,
-            })
-            .inc_by(bytes as u64);
+            .count_payload(peer, protocol, direction, bytes);
     }
 
     fn app_behaviour(
@@ -1150,7 +1209,12 @@ impl NetTask {
             }));
             return;
         }
-        self.count_payload(protocol.label(), Direction::Outbound, data.len());
+        self.count_payload(
+            Some(peer),
+            protocol.label(),
+            Direction::Outbound,
+            data.len(),
+        );
         let id = self.app_behaviour(protocol).send_request(&peer, data);
         self.msg_requests.insert((protocol, id), reply);
     }
@@ -1166,7 +1230,12 @@ impl NetTask {
                     },
                 ..
             } => {
-                self.count_payload(protocol.label(), Direction::Inbound, request.len());
+                self.count_payload(
+                    Some(peer),
+                    protocol.label(),
+                    Direction::Inbound,
+                    request.len(),
+                );
                 if !self.budgets.charge(peer, request.len(), Instant::now()) {
                     // Dropping the channel answers nothing: the peer sees
                     // a failure and its budget refills meanwhile.
@@ -1210,7 +1279,12 @@ impl NetTask {
                     },
                 ..
             } => {
-                self.count_payload(protocol.label(), Direction::Inbound, response.len());
+                self.count_payload(
+                    Some(peer),
+                    protocol.label(),
+                    Direction::Inbound,
+                    response.len(),
+                );
                 if let Some(waiting) = self.msg_requests.remove(&(protocol, request_id)) {
                     let _ = waiting.send(Ok(response));
                 } else {

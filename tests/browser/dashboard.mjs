@@ -86,8 +86,13 @@ try {
     await page.waitForSelector(`#page-${name}:not([hidden])`);
     await page.screenshot({ path: `${shots}/${name}.png`, fullPage: true });
   }
-  // The network page lists the connected peers.
+  // The network page lists the connected peers with their traffic, and
+  // their connections.
   check(await page.locator("#peer-table tbody tr").count() >= 1, "no peers on the network page");
+  check(/direct \d/.test(await page.textContent("#peer-table tbody")), "no per-peer traffic");
+  check(await page.locator("#connection-events tbody tr").count() >= 1, "no connection events");
+  // The consensus page shows what each validator last sent.
+  check(/prepare|commit/.test(await page.textContent("#validator-table tbody")), "no validator votes");
   // The ledger explorer shows a block with its certificate.
   await page.click('nav a[data-page="consensus"]');
   await page.fill("#block-height", "1");

@@ -98,6 +98,8 @@ pub struct ConsensusStatus {
     pub recovering_validators: usize,
     /// Set while this validator recovers from lost consensus state.
     pub recovery: Option<RecoveryReport>,
+    /// What this node last heard from each validator, by index.
+    pub activity: Vec<ValidatorActivity>,
 }
 
 /// A validator's recovery from lost consensus state, for the status
@@ -168,6 +170,39 @@ impl Outgoing {
             None => self.per_peer.push((peer, vec![message])),
         }
     }
+}
+
+/// What this node last heard from one validator (the dashboard's
+/// validator table). Read from the message as it arrived from that
+/// validator's authenticated connection, before the replica checks it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ValidatorActivity {
+    /// The validator's index in the set.
+    pub index: usize,
+    /// Its libp2p peer id.
+    pub peer_id: String,
+    /// Whether it is this node.
+    pub this_node: bool,
+    /// When its last message arrived (ms since the Unix epoch).
+    pub last_message_unix_ms: Option<u64>,
+    /// The kind of that message (`prepare`, `commit`, `checkpoint`, ...).
+    pub last_message: Option<&'static str>,
+    /// Its last vote (pre-prepare, prepare or commit): kind, view, sequence
+    /// number and when it arrived.
+    pub last_vote: Option<VoteSeen>,
+}
+
+/// A vote as seen arriving.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct VoteSeen {
+    /// `pre-prepare`, `prepare` or `commit`.
+    pub kind: &'static str,
+    /// Its view.
+    pub view: u64,
+    /// Its sequence number.
+    pub seq: u64,
+    /// When it arrived (ms since the Unix epoch).
+    pub unix_ms: u64,
 }
 
 /// A block that committed, for API waiters.
@@ -630,7 +665,19 @@ pub fn start(
         dropped_seen: BTreeMap::new(),
         latencies,
         recovery_seen: (None, false),
+        activity: Vec::new(),
     };
+    driver.activity = driver
+        .peers
+        .iter()
+        .enumerate()
+        .map(|(index, peer)| ValidatorActivity {
+            index,
+            peer_id: peer.map(|p| p.to_string()).unwrap_or_default(),
+            this_node: index == driver.me,
+            ..ValidatorActivity::default()
+        })
+        .collect();
     driver.publish_status();
     let task = tokio::spawn(async move {
         loop {
@@ -701,6 +748,8 @@ struct Driver {
     /// Recovery state last logged: `(Some(bound) while recovering,
     /// network stalled)`.
     recovery_seen: (Option<Option<u64>>, bool),
+    /// What was last heard from each validator, by index.
+    activity: Vec<ValidatorActivity>,
 }
 
 impl Driver {
@@ -777,6 +826,7 @@ impl Driver {
                     match Message::decode(part, limit) {
                         Ok(message) => {
                             tracing::trace!(%from, kind = message.kind(), "consensus message in");
+                            self.note_activity(&from, &message, now);
                             self.replica.handle_message(message, now)
                         }
                         Err(e) => {
@@ -1009,6 +1059,46 @@ impl Driver {
         }
     }
 
+    /// Records what arrived from the validator behind `from`.
+    fn note_activity(&mut self, from: &PeerId, message: &Message, now: u64) {
+        let Some(index) = self.peers.iter().position(|p| p.as_ref() == Some(from)) else {
+            return;
+        };
+        let Some(entry) = self.activity.get_mut(index) else {
+            return;
+        };
+        entry.last_message_unix_ms = Some(now);
+        entry.last_message = Some(message.kind());
+        // View and sequence number as claimed; the replica checks the
+        // signature next.
+        let vote = match message {
+            Message::PrePrepare { pre_prepare, .. } => postcard::from_bytes::<
+                openagi_consensus::messages::PrePrepare,
+            >(pre_prepare.payload_bytes())
+            .ok()
+            .map(|p| (p.view, p.seq)),
+            Message::Prepare(p) => {
+                postcard::from_bytes::<openagi_consensus::messages::Prepare>(p.payload_bytes())
+                    .ok()
+                    .map(|p| (p.view, p.seq))
+            }
+            Message::Commit(c) => {
+                postcard::from_bytes::<openagi_consensus::types::Commit>(c.payload_bytes())
+                    .ok()
+                    .map(|c| (c.view, c.seq))
+            }
+            _ => None,
+        };
+        if let Some((view, seq)) = vote {
+            entry.last_vote = Some(VoteSeen {
+                kind: message.kind(),
+                view,
+                seq,
+                unix_ms: now,
+            });
+        }
+    }
+
     fn publish_status(&mut self) {
         let validators = self.replica.validators();
         let view = self.replica.view();
@@ -1042,6 +1132,7 @@ impl Driver {
                 .replica
                 .recovery_status()
                 .map(|r| RecoveryReport::from_status(&r, validators.n())),
+            activity: self.activity.clone(),
         };
         self.log_recovery_change(&status);
         match self.status.write() {

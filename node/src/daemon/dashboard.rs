@@ -403,6 +403,10 @@ fn live_fields(state: &ApiState) -> serde_json::Map<String, serde_json::Value> {
         serde_json::to_value(snapshot.peers.values().collect::<Vec<_>>()).unwrap_or_default(),
     );
     map.insert(
+        "connection_events".into(),
+        serde_json::to_value(&snapshot.connection_events).unwrap_or_default(),
+    );
+    map.insert(
         "jobs".into(),
         serde_json::to_value(jobs).unwrap_or_default(),
     );
