@@ -12,13 +12,11 @@
 //! installs both). Without them the test says what is missing and passes,
 //! except under CI (`CI` set), where it fails.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-use openagi_tests::{openagi, openagi_bin, use_binary};
+use openagi_tests::{DevnetProcess, openagi, use_binary};
 
 /// The dashboard's pages, each screenshotted.
 const PAGES: [&str; 6] = [
@@ -29,25 +27,6 @@ const PAGES: [&str; 6] = [
     "alerts",
     "benchmarks",
 ];
-
-struct Devnet(Child);
-
-impl Drop for Devnet {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn browser_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/browser")
@@ -81,26 +60,13 @@ fn the_dashboard_of_a_devnet_in_a_real_browser() {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
     let root = tempfile::tempdir().expect("tempdir");
     let dir = root.path().join("devnet");
-    let mut child = Command::new(openagi_bin())
-        .args(["devnet", "--nodes", "4", "--duration", "10m", "--dir"])
-        .arg(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("devnet starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let devnet = Devnet(child);
+    let devnet = DevnetProcess::start(&dir, 4).expect("devnet starts");
     // The devnet prints node 0's login URL once its nodes answer.
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains("/login?code=") {
-                let _ = tx.send(line.trim().to_string());
-            }
-        }
-    });
-    let login = rx
-        .recv_timeout(Duration::from_secs(120))
+    let login = devnet
+        .wait_line(Duration::from_secs(120), |line| {
+            line.contains("/login?code=")
+                .then(|| line.trim().to_string())
+        })
         .expect("devnet printed a dashboard login URL");
     let node0 = dir.join("node-0");
     let (status, out, err) =

@@ -10,34 +10,22 @@
 //!
 //! Without `prometheus` the test says so and passes, except under CI.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use openagi_tests::{openagi_bin, use_binary, wait_for};
+use openagi_tests::{DevnetProcess, use_binary, wait_for};
 use serde_json::Value;
 
 /// Series a devnet does not produce (see the module documentation).
 const ABSENT_IN_A_DEVNET: &[&str] = &["openagi_tor_", "openagi_learn_epsilon"];
 
+/// Stops the Prometheus server on drop.
 struct Killed(Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        openagi_tests::stop_child(&mut self.0);
     }
 }
 
@@ -134,30 +122,17 @@ fn every_dashboard_and_alert_query_returns_data_from_a_real_prometheus() {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
     let root = tempfile::tempdir().expect("tempdir");
     let devnet_dir = root.path().join("devnet");
-    let mut child = Command::new(openagi_bin())
-        .args(["devnet", "--nodes", "4", "--duration", "10m", "--dir"])
-        .arg(&devnet_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("devnet starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let _devnet = Killed(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let devnet = DevnetProcess::start(&devnet_dir, 4).expect("devnet starts");
     // "  node-N  api http://127.0.0.1:PORT/api/v1/status ..." for each node.
     let mut targets = Vec::new();
     while targets.len() < 4 {
-        let line = rx
-            .recv_timeout(Duration::from_secs(120))
+        let target = devnet
+            .wait_line(Duration::from_secs(120), |line| {
+                let rest = line.split("api http://").nth(1)?;
+                Some(rest.split('/').next()?.to_string())
+            })
             .expect("devnet prints its nodes");
-        if let Some(rest) = line.split("api http://").nth(1) {
-            targets.push(rest.split('/').next().expect("address").to_string());
-        }
+        targets.push(target);
     }
 
     let port = free_port();

@@ -381,3 +381,77 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// An `openagi devnet` child process: its standard output arrives line by
+/// line on [`DevnetProcess::lines`]; SIGTERM (then SIGKILL) on drop.
+pub struct DevnetProcess {
+    child: Child,
+    /// The devnet's standard output, one line at a time.
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl DevnetProcess {
+    /// Starts `openagi devnet --nodes N --duration 10m --dir DIR`.
+    pub fn start(dir: &Path, nodes: usize) -> Result<Self> {
+        use std::io::BufRead;
+        let mut child = Command::new(openagi_bin())
+            .args(["devnet", "--nodes", &nodes.to_string(), "--duration", "10m"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting openagi devnet")?;
+        let stdout = child.stdout.take().context("devnet stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self { child, lines })
+    }
+
+    /// The next line that satisfies `pick`, within `limit`.
+    pub fn wait_line<T>(
+        &self,
+        limit: Duration,
+        mut pick: impl FnMut(&str) -> Option<T>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .context("the devnet did not print what was waited for")?;
+            if let Some(found) = pick(&line) {
+                return Ok(found);
+            }
+        }
+    }
+}
+
+impl Drop for DevnetProcess {
+    fn drop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}
+
+/// Stops a child process: SIGTERM, up to 10 s to exit, then SIGKILL.
+pub fn stop_child(child: &mut Child) {
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    for _ in 0..100 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
