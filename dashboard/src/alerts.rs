@@ -47,6 +47,8 @@ pub enum Op {
     Above,
     /// Equal to.
     Equal,
+    /// Less than.
+    Below,
 }
 
 impl Op {
@@ -54,6 +56,7 @@ impl Op {
         match self {
             Op::Above => value > threshold,
             Op::Equal => value == threshold,
+            Op::Below => value < threshold,
         }
     }
 
@@ -61,6 +64,7 @@ impl Op {
         match self {
             Op::Above => ">",
             Op::Equal => "==",
+            Op::Below => "<",
         }
     }
 }
@@ -70,6 +74,16 @@ impl Op {
 pub enum Condition {
     /// A gauge (summed over its label values) compared with a threshold.
     Gauge {
+        /// The metric.
+        metric: &'static str,
+        /// The comparison.
+        op: Op,
+        /// The threshold.
+        threshold: f64,
+    },
+    /// The largest of a gauge's series (one per job, say) compared with a
+    /// threshold.
+    Max {
         /// The metric.
         metric: &'static str,
         /// The comparison.
@@ -220,6 +234,39 @@ pub const RULES: &[AlertRule] = &[
         },
     },
     AlertRule {
+        name: "OpenAgiValidatorSilent",
+        summary: "has heard nothing from at least one validator for 30 seconds",
+        severity: Severity::Warning,
+        for_secs: 120,
+        condition: Condition::Gauge {
+            metric: "openagi_consensus_validators_silent",
+            op: Op::Above,
+            threshold: 0.0,
+        },
+    },
+    AlertRule {
+        name: "OpenAgiDiskNearlyFull",
+        summary: "has less than 1 GiB free for its data directory",
+        severity: Severity::Critical,
+        for_secs: 300,
+        condition: Condition::Gauge {
+            metric: "openagi_data_dir_available_bytes",
+            op: Op::Below,
+            threshold: 1_073_741_824.0,
+        },
+    },
+    AlertRule {
+        name: "OpenAgiPrivacyBudgetNearlySpent",
+        summary: "runs a training job that has spent over 90% of its privacy budget",
+        severity: Severity::Warning,
+        for_secs: 0,
+        condition: Condition::Max {
+            metric: "openagi_learn_epsilon_budget_used_ratio",
+            op: Op::Above,
+            threshold: 0.9,
+        },
+    },
+    AlertRule {
         name: "OpenAgiHighMemory",
         summary: "uses more than 900 MiB of memory",
         severity: Severity::Warning,
@@ -241,6 +288,15 @@ impl AlertRule {
                 op,
                 threshold,
             } => format!("{metric} {} {}", op.promql(), fmt_number(threshold)),
+            Condition::Max {
+                metric,
+                op,
+                threshold,
+            } => format!(
+                "max by (instance) ({metric}) {} {}",
+                op.promql(),
+                fmt_number(threshold)
+            ),
             Condition::Rate {
                 metric,
                 labels,
@@ -490,6 +546,14 @@ fn evaluate(
             let v = snapshot.sum(metric, &[])?;
             Some((v, op.holds(v, threshold)))
         }
+        Condition::Max {
+            metric,
+            op,
+            threshold,
+        } => {
+            let v = snapshot.max(metric)?;
+            Some((v, op.holds(v, threshold)))
+        }
         Condition::Rate {
             metric,
             labels,
@@ -716,6 +780,28 @@ mod tests {
             "openagi_consensus_height 7\nopenagi_consensus_pending_transactions 12\n",
         );
         assert!(stuck.is_firing("OpenAgiLedgerStalled"));
+    }
+
+    #[test]
+    fn a_job_near_its_budget_fires_at_once_and_disk_fires_below() {
+        let mut e = AlertEngine::new();
+        let events = run(
+            &mut e,
+            0,
+            0,
+            "openagi_learn_epsilon_budget_used_ratio{job=\"a\"} 0.2\n\
+             openagi_learn_epsilon_budget_used_ratio{job=\"b\"} 0.95\n",
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| e.alert == "OpenAgiPrivacyBudgetNearlySpent" && e.firing)
+        );
+        run(&mut e, 5, 400, "openagi_data_dir_available_bytes 1000\n");
+        assert!(e.is_firing("OpenAgiDiskNearlyFull"));
+        let mut roomy = AlertEngine::new();
+        run(&mut roomy, 0, 400, "openagi_data_dir_available_bytes 5e9\n");
+        assert!(!roomy.is_firing("OpenAgiDiskNearlyFull"));
     }
 
     #[test]

@@ -51,6 +51,17 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// The largest value among `metric`'s samples, or `None` without any.
+    pub fn max(&self, metric: &str) -> Option<f64> {
+        self.samples
+            .iter()
+            .filter(|s| s.name == metric)
+            .map(|s| s.value)
+            .reduce(f64::max)
+    }
+}
+
 fn parse_line(line: &str) -> Option<Sample> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
@@ -147,6 +158,8 @@ mod tests {
             Some(7.0)
         );
         assert_eq!(s.sum("openagi_missing", &[]), None);
+        assert_eq!(s.max("openagi_x_total"), Some(5.0));
+        assert_eq!(s.max("openagi_missing"), None);
         assert_eq!(s.sum("openagi_x_total", &[("direction", "sideways")]), None);
     }
 }

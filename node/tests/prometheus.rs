@@ -19,6 +19,7 @@ use serde_json::Value;
 
 /// Series a devnet does not produce (see the module documentation).
 const ABSENT_IN_A_DEVNET: &[&str] = &["openagi_tor_", "openagi_learn_epsilon"];
+// (`openagi_learn_epsilon` also covers `openagi_learn_epsilon_budget_used_ratio`.)
 
 /// Stops the Prometheus server on drop.
 struct Killed(Child);

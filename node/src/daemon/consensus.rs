@@ -172,6 +172,11 @@ impl Outgoing {
     }
 }
 
+/// A validator this node has heard nothing from for this long counts as
+/// silent (validators exchange status messages every few seconds even
+/// when idle).
+const SILENT_AFTER_MS: u64 = 30_000;
+
 /// What this node last heard from one validator (the dashboard's
 /// validator table). Read from the message as it arrived from that
 /// validator's authenticated connection, before the replica checks it.
@@ -237,6 +242,7 @@ struct ConsensusMetrics {
     pending: Gauge,
     persist_latency: Histogram,
     refused: Counter,
+    silent: Gauge,
 }
 
 impl ConsensusMetrics {
@@ -251,6 +257,7 @@ impl ConsensusMetrics {
             commit_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             dropped: Family::default(),
             pending: Gauge::default(),
+            silent: Gauge::default(),
             persist_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             refused: Counter::default(),
         };
@@ -297,6 +304,11 @@ impl ConsensusMetrics {
             "pending_transactions",
             "Transactions waiting to be proposed",
             m.pending.clone(),
+        );
+        r.register(
+            "validators_silent",
+            "Other validators this node has heard nothing from for 30 seconds",
+            m.silent.clone(),
         );
         r.register_with_unit(
             "persist_duration",
@@ -1100,6 +1112,17 @@ impl Driver {
     }
 
     fn publish_status(&mut self) {
+        let now = crate::unix_ms();
+        let silent = self
+            .activity
+            .iter()
+            .filter(|a| !a.this_node)
+            .filter(|a| {
+                a.last_message_unix_ms
+                    .is_none_or(|at| now.saturating_sub(at) > SILENT_AFTER_MS)
+            })
+            .count();
+        self.metrics.silent.set(silent as i64);
         let validators = self.replica.validators();
         let view = self.replica.view();
         let primary_index = validators.primary(view);

@@ -77,6 +77,7 @@ pub struct Dashboard {
     streams: Arc<Semaphore>,
     firing: Family<AlertLabel, Gauge>,
     events: Family<AlertEventLabel, Counter>,
+    disk_available: Gauge,
 }
 
 fn random_secret() -> std::io::Result<String> {
@@ -118,6 +119,13 @@ impl Dashboard {
             "Alerts fired and resolved, by rule",
             events.clone(),
         );
+        let disk_available = Gauge::default();
+        registry.register_with_unit(
+            "data_dir_available",
+            "Space available to the daemon on the data directory's file system",
+            prometheus_client::registry::Unit::Bytes,
+            disk_available.clone(),
+        );
         for rule in openagi_dashboard::alerts::RULES
             .iter()
             .filter(|r| r.evaluated_by_node())
@@ -144,6 +152,7 @@ impl Dashboard {
             streams: Arc::new(Semaphore::new(MAX_EVENT_STREAMS)),
             firing,
             events,
+            disk_available,
         })
     }
 
@@ -251,6 +260,14 @@ pub fn spawn_sampler(state: Arc<ApiState>) -> tokio::task::JoinHandle<()> {
             tick.tick().await;
             if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
                 return;
+            }
+            // Free space first, so this sample's rules see it.
+            if let Ok(fs) = nix::sys::statvfs::statvfs(state.data_dir.path()) {
+                let bytes = fs.blocks_available().saturating_mul(fs.fragment_size());
+                state
+                    .dashboard
+                    .disk_available
+                    .set(i64::try_from(bytes).unwrap_or(i64::MAX));
             }
             match state.metrics.encode() {
                 Ok(text) => state.dashboard.sample(&text, crate::unix_ms()),

@@ -210,6 +210,7 @@ struct LearnMetrics {
     round: Family<JobLabel, Gauge>,
     accuracy: Family<JobLabel, FloatGauge>,
     epsilon: Family<JobLabel, FloatGauge>,
+    epsilon_budget_used: Family<JobLabel, FloatGauge>,
 }
 
 impl LearnMetrics {
@@ -224,6 +225,7 @@ impl LearnMetrics {
             round: Family::default(),
             accuracy: Family::default(),
             epsilon: Family::default(),
+            epsilon_budget_used: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("learn");
         r.register(
@@ -271,6 +273,11 @@ impl LearnMetrics {
             "Privacy loss epsilon spent so far by each unfinished job with differential privacy",
             m.epsilon.clone(),
         );
+        r.register(
+            "epsilon_budget_used_ratio",
+            "Share (0 to 1) of its epsilon budget each unfinished job with a DP budget has spent",
+            m.epsilon_budget_used.clone(),
+        );
         m
     }
 
@@ -278,7 +285,7 @@ impl LearnMetrics {
     /// finished job's series go away. Accuracy and epsilon exist only when
     /// the round has them: a job without DP has no epsilon series (0
     /// would claim perfect privacy).
-    fn round_ended(&self, summary: &RoundSummary) {
+    fn round_ended(&self, summary: &RoundSummary, budget: Option<f64>) {
         let label = JobLabel {
             job: summary.job.to_hex(),
         };
@@ -286,7 +293,16 @@ impl LearnMetrics {
             self.round.remove(&label);
             self.accuracy.remove(&label);
             self.epsilon.remove(&label);
+            self.epsilon_budget_used.remove(&label);
             return;
+        }
+        match (summary.epsilon, budget.filter(|b| *b > 0.0)) {
+            (Some(e), Some(b)) => {
+                self.epsilon_budget_used.get_or_create(&label).set(e / b);
+            }
+            _ => {
+                self.epsilon_budget_used.remove(&label);
+            }
         }
         self.round
             .get_or_create(&label)
@@ -568,7 +584,13 @@ impl Learner {
                 ParticipantOutput::Submit(record) => self.act(Action::Submit(record)),
                 ParticipantOutput::Train(task) => self.act(Action::Train(task)),
                 ParticipantOutput::RoundCommitted { summary, live } => {
-                    self.metrics.round_ended(&summary);
+                    let budget = self.state().ok().and_then(|s| {
+                        s.participant
+                            .job(&summary.job)
+                            .and_then(|j| j.spec.privacy)
+                            .and_then(|p| p.budget_epsilon)
+                    });
+                    self.metrics.round_ended(&summary, budget);
                     if live {
                         info!(
                             job = %summary.job,
@@ -1197,8 +1219,8 @@ mod tests {
         let metrics = LearnMetrics::register(&mut registry);
         let plain = JobId([7; 32]).to_hex();
         let private = JobId([8; 32]).to_hex();
-        metrics.round_ended(&summary(7, 1, None, false));
-        metrics.round_ended(&summary(8, 2, Some(1.5), false));
+        metrics.round_ended(&summary(7, 1, None, false), None);
+        metrics.round_ended(&summary(8, 2, Some(1.5), false), Some(2.0));
         assert_eq!(
             series(&registry, "openagi_learn_round{"),
             vec![
@@ -1212,14 +1234,22 @@ mod tests {
             vec![format!("openagi_learn_epsilon{{job=\"{private}\"}} 1.5")]
         );
         assert_eq!(series(&registry, "openagi_learn_accuracy_ratio{").len(), 2);
+        // The share of the budget spent, for the job that has one.
+        assert_eq!(
+            series(&registry, "openagi_learn_epsilon_budget_used_ratio{"),
+            vec![format!(
+                "openagi_learn_epsilon_budget_used_ratio{{job=\"{private}\"}} 0.75"
+            )]
+        );
 
         // A finished job's series go.
-        metrics.round_ended(&summary(8, 3, Some(2.0), true));
+        metrics.round_ended(&summary(8, 3, Some(2.0), true), Some(2.0));
         assert_eq!(
             series(&registry, "openagi_learn_round{"),
             vec![format!("openagi_learn_round{{job=\"{plain}\"}} 1")]
         );
         assert!(series(&registry, "openagi_learn_epsilon{").is_empty());
+        assert!(series(&registry, "openagi_learn_epsilon_budget_used_ratio{").is_empty());
         assert_eq!(series(&registry, "openagi_learn_accuracy_ratio{").len(), 1);
     }
 }
