@@ -197,7 +197,16 @@ function renderJobs(doc) {
         el("figure", {}, [el("figcaption", {}, ["ε by round (dashed: budget)"]), epsSvg]),
         el("figure", {}, [el("figcaption", {}, ["Participants: selected and responded"]), partSvg]),
       ]),
-      el("p", { class: "mono" }, ["models: ", job.initial_model.slice(0, 12), ...job.history.map((r) => ` → ${r.model.slice(0, 12)}`)]),
+      el("p", { class: "mono lineage" }, [
+        "models (download): ",
+        ...[{ round: 0, model: job.initial_model }, ...job.history].flatMap((r, i) => [
+          i ? " → " : "",
+          el("a", {
+            href: `/api/v1/learn/jobs/${job.job_id}/model?round=${r.round}`,
+            title: `round ${r.round}: ${r.model}`,
+          }, [r.model.slice(0, 12)]),
+        ]),
+      ]),
     ]);
     // Rounds on the x axis.
     const round = (t) => `round ${t}`;

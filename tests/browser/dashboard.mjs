@@ -111,6 +111,11 @@ try {
   );
   figures.accuracy_text = (await page.textContent("#jobs .job p:nth-of-type(2)")).trim();
   await page.screenshot({ path: `${shots}/learning.png`, fullPage: true });
+  // A model of the lineage downloads with the session.
+  const href = await page.getAttribute("#jobs .lineage a:last-child", "href");
+  const model = await page.request.get(`${base}${href}`);
+  check(model.status() === 200, `model download answered ${model.status()}`);
+  check((await model.body()).length >= 4 * 650, "the model file is too small");
 
   // The benchmark runs recorded with this node's data directory.
   await page.click('nav a[data-page="benchmarks"]');

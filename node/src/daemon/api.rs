@@ -788,6 +788,11 @@ async fn learn_model(
                     axum::http::header::HeaderName::from_static("x-openagi-model-id"),
                     id.to_hex(),
                 ),
+                // A browser (the dashboard's lineage links) saves it.
+                (
+                    axum::http::header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"model-{}.f32le\"", id.to_hex()),
+                ),
             ],
             bytes,
         )
