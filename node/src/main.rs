@@ -103,6 +103,14 @@ enum Command {
     /// Print a one-time link that logs a browser in to the web dashboard
     /// of the daemon running on the data directory.
     Dashboard,
+    /// Serve the Model Context Protocol on stdio for AI agents, over the
+    /// daemon running on the data directory.
+    Mcp {
+        /// Let the tools that change something (submit a transaction or a
+        /// job, send a message) run; without it they refuse.
+        #[arg(long)]
+        allow_writes: bool,
+    },
     /// Show what the daemon running on the data directory reports.
     Status {
         /// Print the machine-readable JSON document.
@@ -507,6 +515,9 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
         }
         Command::Status { json } => status::print_status(&DataDir::new(&data_dir), json),
         Command::Dashboard => dashboard::print_login(&DataDir::new(&data_dir)),
+        Command::Mcp { allow_writes } => {
+            openagi_node::cli::mcp::run(&DataDir::new(&data_dir), allow_writes)
+        }
         Command::Submit {
             payload,
             hex,

@@ -14,6 +14,7 @@ pub mod keys;
 pub mod learn;
 pub mod learn_jobs;
 pub mod ledger;
+pub mod mcp;
 pub mod output;
 pub mod status;
 pub mod tor;
