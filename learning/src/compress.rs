@@ -1033,6 +1033,80 @@ mod tests {
         );
     }
 
+    /// One small payload of each kind with its exact encoding, written down
+    /// once: any change to the wire format (header, field order, varint
+    /// scheme, byte order) fails here, and the old bytes must still decode to
+    /// the same payload. The values are exact in `f32`, so the bytes can be
+    /// checked by hand against the table in the module docs.
+    #[test]
+    fn wire_format_golden_bytes() {
+        let golden: [(Payload, &str); 4] = [
+            (
+                Payload::Dense(vec![1.0, -2.5, 0.0]),
+                concat!(
+                    "4f41", "01", "00", "03000000", // "OA", v1, dense, dim 3
+                    "0000803f", "000020c0", "00000000", // 1.0, -2.5, 0.0
+                ),
+            ),
+            (
+                Payload::Sparse(SparseUpdate {
+                    dim: 300,
+                    indices: vec![2, 200],
+                    values: vec![0.5, -1.0],
+                }),
+                concat!(
+                    "4f41", "01", "01", "2c010000", // "OA", v1, sparse, dim 300
+                    "02000000", // nnz 2
+                    "02", "c501", // index 2, then gap 200 - 2 - 1 = 197
+                    "0000003f", "000080bf", // 0.5, -1.0
+                ),
+            ),
+            (
+                Payload::Quantized(Quantized {
+                    chunk: 2,
+                    mins: vec![-1.0, 0.0],
+                    scales: vec![0.5, 0.25],
+                    codes: vec![0, 4, 255],
+                }),
+                concat!(
+                    "4f41", "01", "02", "03000000", // "OA", v1, quantized, dim 3
+                    "02000000", // chunk 2
+                    "000080bf", "0000003f", // chunk 0: min -1.0, scale 0.5
+                    "00000000", "0000803e", // chunk 1: min 0.0, scale 0.25
+                    "0004ff",   // codes 0, 4, 255
+                ),
+            ),
+            (
+                Payload::SparseQuantized(SparseQuantized {
+                    dim: 1000,
+                    indices: vec![0, 129, 999],
+                    values: Quantized {
+                        chunk: 2,
+                        mins: vec![1.0, -3.0],
+                        scales: vec![0.125, 0.0],
+                        codes: vec![8, 255, 0],
+                    },
+                }),
+                concat!(
+                    "4f41", "01", "03", "e8030000", // "OA", v1, sparse+quantized, dim 1000
+                    "03000000", "02000000", // nnz 3, chunk 2
+                    "00", "8001", "e506", // index 0, gaps 128 and 869
+                    "0000803f", "0000003e", // chunk 0: min 1.0, scale 0.125
+                    "000040c0", "00000000", // chunk 1: min -3.0, scale 0.0
+                    "08ff00",   // codes 8, 255, 0
+                ),
+            ),
+        ];
+        for (payload, expected_hex) in golden {
+            let expected = hex::decode(expected_hex).expect("golden hex");
+            let bytes = encode(&payload).expect("encode");
+            assert_eq!(hex::encode(&bytes), expected_hex, "{payload:?}");
+            assert_eq!(bytes.len(), payload.encoded_len(), "{payload:?}");
+            let back = decode(&expected, payload.dim()).expect("golden bytes decode");
+            assert_eq!(back, payload);
+        }
+    }
+
     #[test]
     fn top1_percent_8bit_is_over_10x_smaller() {
         let dim = 100_000;
