@@ -49,6 +49,8 @@ pub struct NodeBehaviour {
     pub msg: request_response::Behaviour<crate::msg::MsgCodec>,
     /// Federated learning: model chunks and client updates.
     pub learn: request_response::Behaviour<crate::msg::MsgCodec>,
+    /// Committed blocks for followers, forwarded transactions.
+    pub ledger: request_response::Behaviour<crate::msg::MsgCodec>,
 }
 
 impl NodeBehaviour {
@@ -131,6 +133,18 @@ impl NodeBehaviour {
                 .with_max_concurrent_streams(64),
         );
 
+        let ledger = request_response::Behaviour::with_codec(
+            crate::msg::MsgCodec::ledger(),
+            [(
+                crate::msg::LEDGER_PROTOCOL,
+                request_response::ProtocolSupport::Full,
+            )],
+            // Up to 8 MiB of blocks, over Tor too.
+            request_response::Config::default()
+                .with_request_timeout(Duration::from_secs(60))
+                .with_max_concurrent_streams(32),
+        );
+
         let msg = request_response::Behaviour::with_codec(
             crate::msg::MsgCodec::msg(),
             [(
@@ -147,6 +161,7 @@ impl NodeBehaviour {
             direct,
             msg,
             learn,
+            ledger,
             limits: connection_limits::Behaviour::new(limits),
             memory: memory_connection_limits::Behaviour::with_max_bytes(config.max_memory_bytes),
             identify,

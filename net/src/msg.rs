@@ -20,6 +20,9 @@ use crate::bounded::{read_bounded, write_and_close};
 pub const MSG_PROTOCOL: StreamProtocol = StreamProtocol::new("/openagi/msg/1");
 /// The learning protocol's name.
 pub const LEARN_PROTOCOL: StreamProtocol = StreamProtocol::new("/openagi/learn/1");
+/// Committed blocks for nodes following the ledger, and transactions a
+/// full node forwards to a validator.
+pub const LEDGER_PROTOCOL: StreamProtocol = StreamProtocol::new("/openagi/ledger/1");
 
 /// Largest request accepted: a ratchet message carrying the largest text a
 /// node sends, with room for framing and the sender's signed key.
@@ -35,6 +38,13 @@ pub const MAX_LEARN_REQUEST_BYTES: usize = 16 * 1024 * 1024 + 4096;
 
 /// Largest learning response: one model chunk with framing.
 pub const MAX_LEARN_RESPONSE_BYTES: usize = 1024 * 1024 + 4096;
+
+/// Largest ledger request: a forwarded transaction (64 KiB) and framing.
+pub const MAX_LEDGER_REQUEST_BYTES: usize = 64 * 1024 + 1024;
+
+/// Largest ledger answer: a run of blocks with their certificates; the
+/// node answering stops adding blocks before this.
+pub const MAX_LEDGER_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Reads and writes byte messages delimited by the end of the stream,
 /// refusing any longer than the protocol's limits.
@@ -54,6 +64,14 @@ impl MsgCodec {
     }
 
     /// The limits of `/openagi/learn/1`.
+    /// Limits of `/openagi/ledger/1`.
+    pub fn ledger() -> Self {
+        Self {
+            max_request: MAX_LEDGER_REQUEST_BYTES,
+            max_response: MAX_LEDGER_RESPONSE_BYTES,
+        }
+    }
+
     pub fn learn() -> Self {
         Self {
             max_request: MAX_LEARN_REQUEST_BYTES,

@@ -43,6 +43,9 @@ const MAX_PENDING_MSG_REQUESTS: usize = 256;
 /// an answer (in practice updates are far smaller; a per-peer share would
 /// bound it tighter).
 const MAX_PENDING_LEARN: usize = 32;
+/// Ledger requests waiting for an answer, each way: followers ask one
+/// peer at a time, so this is many followers' worth.
+const MAX_PENDING_LEDGER: usize = 64;
 /// How often a node with few peers asks the DHT for more.
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(3);
 /// Above this many connected peers, discovery relies on Kademlia's own
@@ -107,6 +110,8 @@ pub enum AppProtocol {
     Msg,
     /// `/openagi/learn/1`: model chunks and client updates.
     Learn,
+    /// `/openagi/ledger/1`: committed blocks and forwarded transactions.
+    Ledger,
 }
 
 impl AppProtocol {
@@ -115,6 +120,7 @@ impl AppProtocol {
         match self {
             AppProtocol::Msg => MAX_PENDING_MSG_REPLIES.min(MAX_PENDING_MSG_REQUESTS),
             AppProtocol::Learn => MAX_PENDING_LEARN,
+            AppProtocol::Ledger => MAX_PENDING_LEDGER,
         }
     }
 
@@ -123,6 +129,7 @@ impl AppProtocol {
         match self {
             AppProtocol::Msg => "msg",
             AppProtocol::Learn => "learn",
+            AppProtocol::Ledger => "ledger",
         }
     }
 }
@@ -340,6 +347,18 @@ impl NetHandle {
     pub async fn learn_request(&self, peer: PeerId, data: Vec<u8>) -> Result<Vec<u8>, Error> {
         self.ask(|reply| Command::MsgRequest {
             protocol: AppProtocol::Learn,
+            peer,
+            data,
+            reply,
+        })
+        .await
+    }
+
+    /// Sends a ledger-protocol request to `peer` (dialling it if needed)
+    /// and waits for its answer.
+    pub async fn ledger_request(&self, peer: PeerId, data: Vec<u8>) -> Result<Vec<u8>, Error> {
+        self.ask(|reply| Command::MsgRequest {
+            protocol: AppProtocol::Ledger,
             peer,
             data,
             reply,
@@ -977,6 +996,7 @@ impl NetTask {
             NodeBehaviourEvent::Direct(()) => {}
             NodeBehaviourEvent::Msg(event) => self.on_msg(AppProtocol::Msg, event),
             NodeBehaviourEvent::Learn(event) => self.on_msg(AppProtocol::Learn, event),
+            NodeBehaviourEvent::Ledger(event) => self.on_msg(AppProtocol::Ledger, event),
             NodeBehaviourEvent::Limits(never) => match never {},
             NodeBehaviourEvent::Memory(never) => match never {},
             NodeBehaviourEvent::Pending(never) => match never {},
@@ -1186,6 +1206,7 @@ impl NetTask {
         match protocol {
             AppProtocol::Msg => &mut behaviour.msg,
             AppProtocol::Learn => &mut behaviour.learn,
+            AppProtocol::Ledger => &mut behaviour.ledger,
         }
     }
 
