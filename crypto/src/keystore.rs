@@ -495,6 +495,54 @@ mod tests {
         Identity::from_seed(&[42; 32])
     }
 
+    /// The production cost is part of the security promise (the README
+    /// states Argon2id 64 MiB / 3 passes): lowering it must fail a test, not
+    /// slip through. A file written with it records exactly those numbers
+    /// at the offsets the format table gives, and its check value is the
+    /// one Argon2id yields with them, so the cost was really paid, not just
+    /// written.
+    #[test]
+    fn production_kdf_cost_is_pinned_and_recorded_in_the_header() {
+        assert_eq!(
+            KdfParams::PRODUCTION,
+            KdfParams {
+                memory_kib: 65_536,
+                passes: 3,
+                lanes: 1,
+            }
+        );
+        assert_eq!(KdfParams::default(), KdfParams::PRODUCTION);
+        assert!(KdfParams::PRODUCTION.validate().is_ok());
+
+        let protection = Protection::Passphrase {
+            passphrase: b"pw",
+            params: KdfParams::PRODUCTION,
+        };
+        let bytes = encode(IDENTITY_LABEL, &[7; 32], &protection).expect("encodes");
+        // magic 0..8, version 8, protection 9, label length 10, label
+        // "identity" 11..19, then memory, passes and lanes as big-endian u32.
+        assert_eq!(&bytes[..8], b"OAGIKEY\0");
+        assert_eq!(bytes[8], 1, "version");
+        assert_eq!(bytes[9], 1, "protection: Argon2id + XChaCha20-Poly1305");
+        assert_eq!(bytes[10], 8, "label length");
+        assert_eq!(&bytes[11..19], b"identity");
+        assert_eq!(hex::encode(&bytes[19..23]), "00010000", "memory 65536 KiB");
+        assert_eq!(hex::encode(&bytes[23..27]), "00000003", "3 passes");
+        assert_eq!(hex::encode(&bytes[27..31]), "00000001", "1 lane");
+        // salt 31..47, nonce 47..71, check 71..87, body length 87..91.
+        assert_eq!(
+            hex::encode(&bytes[87..91]),
+            "00000030",
+            "32-byte secret + tag"
+        );
+        assert_eq!(bytes.len(), 91 + 48 + CHECKSUM_LEN);
+
+        let info = inspect_bytes(&bytes, Path::new("mem")).expect("inspects");
+        assert_eq!(info.kdf, Some(KdfParams::PRODUCTION));
+        let (_, check) = derive(b"pw", &bytes[31..47], &KdfParams::PRODUCTION).expect("derives");
+        assert_eq!(&bytes[71..87], check.as_slice());
+    }
+
     #[test]
     fn tampering_that_fixes_the_checksum_is_still_caught() {
         let bytes = encode(IDENTITY_LABEL, &[7; 32], &protect(b"pw")).expect("encodes");
