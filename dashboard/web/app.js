@@ -97,7 +97,7 @@ function renderOverview(doc) {
   const node = doc.status.node, net = doc.status.network, c = doc.status.consensus;
   text("peer-id", node.peer_id);
   text("peer-short", node.peer_id.slice(-8));
-  text("role", c ? `validator ${c.validator_index + 1} of ${c.validators}` : "node (no consensus)");
+  text("role", !c ? "node (no ledger)" : c.role === "full" ? `full node (${c.validators} validators)` : `validator ${c.validator_index + 1} of ${c.validators}`);
   text("uptime", duration(node.uptime_secs));
   text("version", node.version);
   text("transport", `${net.transport} · ${net.network_id}`);
@@ -105,7 +105,7 @@ function renderOverview(doc) {
   text("tor", tor ? `${tor.bootstrapped ? "bootstrapped" : "bootstrapping"}${tor.onion_address ? " · " + tor.onion_address : ""}` : "not used");
   text("peers", String(net.connected_peers));
   text("height", c ? String(c.height) : "–");
-  text("view", c ? `${c.view}${c.changing_view ? " (changing)" : ""}` : "–");
+  text("view", c && c.role === "validator" ? `${c.view}${c.changing_view ? " (changing)" : ""}` : "–");
   const rate = state.series.get("committed_tx_rate");
   const last = rate && rate.fine.length ? rate.fine[rate.fine.length - 1].v : null;
   text("tx-rate", fmt(last));
@@ -148,7 +148,19 @@ function renderConsensus(doc) {
   const dl = $("consensus-facts");
   const c = doc.status.consensus;
   if (!c) {
-    dl.replaceChildren(el("dt", {}, ["role"]), el("dd", {}, ["this node does not take part in consensus"]));
+    dl.replaceChildren(el("dt", {}, ["role"]), el("dd", {}, ["this node holds no ledger (no genesis)"]));
+    return;
+  }
+  if (c.role === "full") {
+    const facts = [
+      ["role", "full node: follows and verifies the ledger, never votes"],
+      ["height", c.height], ["head", c.head_hash], ["epoch", c.epoch],
+      ["last block", c.last_block_unix_ms ? clock(c.last_block_unix_ms) : "–"],
+      ["from", c.last_source || "–"], ["answers refused", c.refused_answers],
+      ...c.validators_keys.map((k, i) => [`validator ${i + 1}`, k]),
+    ];
+    dl.replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, [k]), el("dd", { class: "mono" }, [String(v)])]));
+    $("validator-table").tBodies[0].replaceChildren();
     return;
   }
   const facts = [

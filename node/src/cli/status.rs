@@ -59,6 +59,16 @@ pub fn render(status: &Value) -> String {
         out.push_str(&format!("             {}\n", text(&peer)));
     }
     out.push_str(&format!("gossip rx    {}\n", text(&net["gossip_received"])));
+    let consensus = &status["consensus"];
+    if consensus.is_object() {
+        out.push_str(&format!(
+            "ledger       height {} ({}, {} validators, epoch {})\n",
+            text(&status["ledger"]["height"]),
+            text(&consensus["role"]),
+            text(&consensus["validators"]),
+            text(&consensus["epoch"])
+        ));
+    }
     let tor = &status["tor"];
     if tor.is_object() {
         let boot = if tor["bootstrapped"] == true {
@@ -93,6 +103,8 @@ mod tests {
             "node": {"peer_id": "12D3KooWabc", "version": "0.1.0", "uptime_secs": 5, "api_addr": "127.0.0.1:1"},
             "network": {"network_id": "devnet", "transport": "direct", "listen_addrs": ["/ip4/127.0.0.1/tcp/1"],
                         "connected_peers": 1, "peers": ["12D3KooWdef"], "gossip_received": 3},
+            "consensus": {"role": "full", "validators": 4, "epoch": 0},
+            "ledger": {"height": 12, "head_hash": "ab"},
             "tor": {"mode": "tor", "bootstrapped": false, "bootstrap_percent": 40, "bootstrap_summary": "loading",
                     "onion_address": "abc.onion", "onion_service": "bootstrapping", "last_error": null}
         });
@@ -103,6 +115,7 @@ mod tests {
             "/ip4/127.0.0.1/tcp/1",
             "12D3KooWdef",
             "gossip rx    3",
+            "ledger       height 12 (full, 4 validators, epoch 0)",
             "tor          tor bootstrapping 40% (loading)",
             "abc.onion (service bootstrapping)",
         ] {

@@ -34,6 +34,9 @@ pub struct ApiState {
     pub net: NetHandle,
     /// The consensus task, when this node is a validator.
     pub consensus: Option<ConsensusHandle>,
+    /// The ledger follower, when this node is a full node (a genesis that
+    /// does not list it).
+    pub follower: Option<crate::daemon::follower::FollowerHandle>,
     /// The node's database.
     pub store: Arc<Store>,
     /// Committed transactions by hash.
@@ -78,9 +81,20 @@ pub struct StatusDocument {
     /// transport.
     pub tor: Option<openagi_net::tor::TorStatus>,
     /// Consensus, when this node is a validator (else `null`).
-    pub consensus: Option<ConsensusStatus>,
-    /// The ledger head, when this node runs consensus (else `null`).
+    pub consensus: Option<ConsensusSection>,
+    /// The ledger head, when this node holds the ledger (else `null`).
     pub ledger: Option<LedgerStatus>,
+}
+
+/// The `consensus` section: a validator's replica, or a full node's
+/// follower; both carry `role`, `epoch` and the validator set.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum ConsensusSection {
+    /// This node votes.
+    Validator(ConsensusStatus),
+    /// This node follows the ledger without voting.
+    Full(crate::daemon::follower::FollowerStatus),
 }
 
 /// The `ledger` section of the status document.
@@ -126,10 +140,20 @@ impl ApiState {
     /// Builds the status document.
     pub fn status(&self) -> StatusDocument {
         let snapshot = self.net.snapshot();
-        let consensus = self.consensus.as_ref().map(ConsensusHandle::status);
-        let ledger = consensus.as_ref().map(|c| LedgerStatus {
-            height: c.height,
-            head_hash: c.head_hash.clone(),
+        let consensus = match (&self.consensus, &self.follower) {
+            (Some(c), _) => Some(ConsensusSection::Validator(c.status())),
+            (None, Some(f)) => Some(ConsensusSection::Full(f.status())),
+            (None, None) => None,
+        };
+        let ledger = consensus.as_ref().map(|c| match c {
+            ConsensusSection::Validator(c) => LedgerStatus {
+                height: c.height,
+                head_hash: c.head_hash.clone(),
+            },
+            ConsensusSection::Full(f) => LedgerStatus {
+                height: f.height,
+                head_hash: f.head_hash.clone(),
+            },
         });
         StatusDocument {
             consensus,
@@ -379,6 +403,14 @@ fn consensus_of(state: &ApiState) -> Result<&ConsensusHandle, Response> {
     })
 }
 
+/// Where a submitted transaction goes.
+enum Submitter<'a> {
+    /// This node's replica.
+    Validator(&'a ConsensusHandle),
+    /// A validator, through this full node's follower.
+    Full(&'a crate::daemon::follower::FollowerHandle),
+}
+
 /// How long `wait` waits for a commit.
 const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -393,9 +425,15 @@ async fn submit_tx(
             return error(status, text);
         }
     };
-    let consensus = match consensus_of(&state) {
-        Ok(c) => c,
-        Err(r) => return r,
+    // A validator submits to its replica; a full node forwards to one.
+    let ledger = match (&state.consensus, &state.follower) {
+        (Some(c), _) => Submitter::Validator(c),
+        (None, Some(f)) => Submitter::Full(f),
+        (None, None) => {
+            return consensus_of(&state).err().unwrap_or_else(|| {
+                error(StatusCode::SERVICE_UNAVAILABLE, "no ledger on this node")
+            });
+        }
     };
     let payload = match (request.payload, request.payload_hex) {
         (Some(text), None) => text.into_bytes(),
@@ -438,17 +476,31 @@ async fn submit_tx(
                 "seq needs a client: the node numbers its own transactions itself",
             );
         }
-        (None, None) => match consensus.own_transaction(payload).await {
-            Ok(tx) => tx,
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        },
+        (None, None) => {
+            let own = match ledger {
+                Submitter::Validator(c) => {
+                    c.own_transaction(payload).await.map_err(|e| e.to_string())
+                }
+                Submitter::Full(f) => f
+                    .own_transaction(payload)
+                    .await
+                    .map_err(|e| format!("{e:#}")),
+            };
+            match own {
+                Ok(tx) => tx,
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
+        }
     };
     let seq = tx.seq;
     // Subscribe before submitting so a fast commit cannot be missed.
-    let mut commits = consensus.subscribe();
-    let hash = match consensus.submit(tx).await {
+    let (mut commits, submitted) = match ledger {
+        Submitter::Validator(c) => (c.subscribe(), c.submit(tx).await.map_err(|e| e.to_string())),
+        Submitter::Full(f) => (f.subscribe(), f.forward(&state.net, tx).await),
+    };
+    let hash = match submitted {
         Ok(h) => h,
-        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
     };
     let tx_hash = hex::encode(hash);
     if !request.wait {
@@ -593,6 +645,13 @@ async fn tx_status(State(state): State<Arc<ApiState>>, Path(hash): Path<String>)
 }
 
 async fn ledger_head(State(state): State<Arc<ApiState>>) -> Response {
+    if state.consensus.is_none()
+        && let Some(f) = &state.follower
+    {
+        let s = f.status();
+        return Json(serde_json::json!({ "height": s.height, "head_hash": s.head_hash }))
+            .into_response();
+    }
     match consensus_of(&state) {
         Ok(c) => {
             let s = c.status();
@@ -619,13 +678,18 @@ async fn ledger_block(State(state): State<Arc<ApiState>>, Path(height): Path<u64
 }
 
 async fn ledger_verify(State(state): State<Arc<ApiState>>) -> Response {
-    let consensus = match consensus_of(&state) {
-        Ok(c) => c.clone(),
-        Err(r) => return r,
+    let validators = match (&state.consensus, &state.follower) {
+        (Some(c), _) => c.validators().clone(),
+        (None, Some(f)) => f.validators().clone(),
+        (None, None) => {
+            return consensus_of(&state).err().unwrap_or_else(|| {
+                error(StatusCode::SERVICE_UNAVAILABLE, "no ledger on this node")
+            });
+        }
     };
     let store = state.store.clone();
     let checked = tokio::task::spawn_blocking(move || {
-        crate::common::ledger::verify_stored(&store, consensus.validators())
+        crate::common::ledger::verify_stored(&store, &validators)
     })
     .await;
     match checked {

@@ -64,6 +64,12 @@ pub enum ConsensusError {
 /// What the status document shows about consensus.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ConsensusStatus {
+    /// `validator`: this node votes (a full node's section says `full`).
+    pub role: &'static str,
+    /// The validator-set epoch (0 until membership changes exist).
+    pub epoch: u64,
+    /// The validators' public keys, in order.
+    pub validators_keys: Vec<String>,
     /// Current view.
     pub view: u64,
     /// Whether a view change is in progress.
@@ -1130,6 +1136,9 @@ impl Driver {
         self.metrics.view.set(view as i64);
         self.metrics.pending.set(self.replica.pending_len() as i64);
         let status = ConsensusStatus {
+            role: "validator",
+            epoch: 0,
+            validators_keys: validators.members().iter().map(|k| k.to_hex()).collect(),
             view,
             changing_view: self.replica.is_changing_view(),
             primary_index,

@@ -14,6 +14,7 @@ pub mod api;
 pub mod consensus;
 pub mod dashboard;
 pub mod federation;
+pub mod follower;
 pub mod http;
 pub mod msg;
 pub mod txindex;
@@ -179,6 +180,8 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
 
     let (stop_consensus, consensus_stopping) = tokio::sync::watch::channel(false);
     let genesis_path = data_dir.file(GENESIS_FILE);
+    let mut follower = None;
+    let mut follower_task = None;
     let (consensus, mut consensus_task) = if genesis_path.exists() {
         let genesis = Genesis::load(&genesis_path)?;
         if genesis.network_id != config.network.network_id {
@@ -206,7 +209,13 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
             )?;
             (Some(handle), Some(task))
         } else {
-            warn!("this node's key is not among the genesis validators; running without consensus");
+            info!(
+                "this node's key is not among the genesis validators: it follows the ledger as a full node"
+            );
+            let (handle, task) =
+                follower::start(validators, store.clone(), net.clone(), consensus_stopping)?;
+            follower = Some(handle);
+            follower_task = Some(task);
             (None, None)
         }
     } else {
@@ -221,7 +230,10 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let (stop_indexer, indexer_stopping) = tokio::sync::watch::channel(false);
     let indexer_task = txindex::start(
         tx_lookup.clone(),
-        consensus.as_ref().map(|c| c.subscribe()),
+        consensus
+            .as_ref()
+            .map(|c| c.subscribe())
+            .or_else(|| follower.as_ref().map(|f| f.subscribe())),
         indexer_stopping,
     );
 
@@ -256,6 +268,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let state = Arc::new(ApiState {
         net: net.clone(),
         consensus: consensus.clone(),
+        follower: follower.clone(),
         store: store.clone(),
         tx_lookup,
         metrics,
@@ -330,6 +343,15 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
                     let learner = learner.clone();
                     tokio::spawn(async move { learner.handle(from, data, reply).await });
                 }
+                Some(NetEvent::MsgRequest { protocol: AppProtocol::Ledger, data, reply, .. }) => {
+                    let (store, consensus, net) = (store.clone(), consensus.clone(), net.clone());
+                    tokio::spawn(async move {
+                        let answer = follower::answer(&store, consensus.as_ref(), &data).await;
+                        if let Ok(bytes) = answer.encode() {
+                            let _ = net.respond_msg(reply, bytes).await;
+                        }
+                    });
+                }
                 Some(event) => handle_event(&store, event).await,
                 None => break "network task stopped",
             },
@@ -364,6 +386,9 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         let _ = stop_consensus.send(true);
         learner_task.abort();
         sampler.abort();
+        if let Some(task) = follower_task {
+            let _ = task.await;
+        }
         if let Some(task) = consensus_task {
             let _ = task.await;
         }

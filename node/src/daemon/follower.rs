@@ -1,0 +1,395 @@
+//! The full node's ledger: a node whose genesis does not list it as a
+//! validator follows the chain instead of voting.
+//!
+//! The driver feeds [`openagi_consensus::follow::Follower`] (which verifies
+//! every block against the chain and the validator set) with answers from
+//! peers over `/openagi/ledger/1`: every [`FOLLOW_INTERVAL`] it asks one
+//! connected peer, validators first, for the blocks after its head. What
+//! verifies is stored durably (one fsynced transaction per answer) before
+//! its commit notices go out, so the transaction index and the API see a
+//! full node's ledger exactly as a validator's. A peer whose answer does
+//! not verify is penalised and not asked again for a while.
+//!
+//! Every node with a store answers ledger requests from its disk
+//! ([`answer`]); a validator also takes forwarded transactions.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use openagi_consensus::follow::{Follower, LedgerRequest, LedgerResponse};
+use openagi_consensus::replica::PersistRecord;
+use openagi_consensus::types::ChainAnchor;
+use openagi_consensus::{StrictCrypto, Transaction, ValidatorSet};
+use openagi_net::{NetHandle, PeerId};
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
+use tracing::{debug, info, warn};
+
+use crate::common::store::Store;
+use crate::daemon::consensus::{CommitNotice, ConsensusHandle, peer_id_of};
+
+/// How often a full node asks for newer blocks.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a peer whose answer did not verify is not asked.
+pub const DISTRUST_FOR: Duration = Duration::from_secs(60);
+/// Commit notices buffered for slow subscribers (they catch up from disk).
+const COMMIT_NOTICES: usize = 1024;
+
+/// What a full node's status shows of its ledger.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FollowerStatus {
+    /// `full`: follows the chain, never votes.
+    pub role: &'static str,
+    /// The validator-set epoch (0 until membership changes exist).
+    pub epoch: u64,
+    /// How many validators there are.
+    pub validators: usize,
+    /// The validators' public keys, in order.
+    pub validators_keys: Vec<String>,
+    /// Verified and stored height.
+    pub height: u64,
+    /// Its block hash (hex).
+    pub head_hash: String,
+    /// When the last block arrived (ms since the Unix epoch).
+    pub last_block_unix_ms: Option<u64>,
+    /// The peer the last blocks came from.
+    pub last_source: Option<String>,
+    /// Answers that failed verification (each one penalised).
+    pub refused_answers: u64,
+}
+
+/// The running follower: its status and commit notices.
+#[derive(Clone)]
+pub struct FollowerHandle {
+    status: Arc<RwLock<FollowerStatus>>,
+    commits: broadcast::Sender<CommitNotice>,
+    validators: Arc<ValidatorSet>,
+    validator_peers: Arc<Vec<PeerId>>,
+    store: Arc<Store>,
+    own_client: openagi_consensus::ClientId,
+}
+
+impl FollowerHandle {
+    /// A transaction of this node's own (its client id, its next sequence
+    /// number), to forward with [`FollowerHandle::forward`].
+    pub async fn own_transaction(&self, payload: Vec<u8>) -> Result<Transaction> {
+        let store = self.store.clone();
+        let seq = tokio::task::spawn_blocking(move || store.next_client_seq()).await??;
+        Ok(Transaction {
+            client: self.own_client,
+            seq,
+            payload,
+        })
+    }
+
+    /// Forwards `tx` to a connected validator (each in turn until one
+    /// takes it); returns its hash. A validator's refusal is final (it
+    /// says why); an unreachable one is skipped.
+    pub async fn forward(
+        &self,
+        net: &NetHandle,
+        tx: Transaction,
+    ) -> Result<openagi_consensus::Hash, String> {
+        let request = LedgerRequest::Submit(tx)
+            .encode()
+            .map_err(|e| e.to_string())?;
+        let connected: Vec<PeerId> = net
+            .snapshot()
+            .peers
+            .keys()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        let mut unreachable = Vec::new();
+        for peer in self
+            .validator_peers
+            .iter()
+            .filter(|p| connected.contains(p))
+        {
+            match net.ledger_request(*peer, request.clone()).await {
+                Ok(bytes) => match LedgerResponse::decode(&bytes) {
+                    Ok(LedgerResponse::Submitted(hash)) => return Ok(hash),
+                    Ok(LedgerResponse::Refused(why)) => {
+                        return Err(format!("validator {peer} refused it: {why}"));
+                    }
+                    Ok(LedgerResponse::Blocks(_)) | Err(_) => {
+                        unreachable.push(format!("{peer}: answered out of turn"));
+                    }
+                },
+                Err(e) => unreachable.push(format!("{peer}: {e}")),
+            }
+        }
+        Err(if unreachable.is_empty() {
+            "no validator is connected to this full node to forward the transaction to".into()
+        } else {
+            format!(
+                "no validator took the transaction ({})",
+                unreachable.join("; ")
+            )
+        })
+    }
+
+    /// The validator set the ledger is verified against.
+    pub fn validators(&self) -> &ValidatorSet {
+        &self.validators
+    }
+
+    /// The current status.
+    pub fn status(&self) -> FollowerStatus {
+        match self.status.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Blocks as they are stored.
+    pub fn subscribe(&self) -> broadcast::Receiver<CommitNotice> {
+        self.commits.subscribe()
+    }
+}
+
+/// Starts following the ledger of `validators` from what `store` holds.
+pub fn start(
+    validators: ValidatorSet,
+    store: Arc<Store>,
+    net: NetHandle,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(FollowerHandle, tokio::task::JoinHandle<()>)> {
+    let own_client = crate::daemon::consensus::node_client_id(&net.local_peer_id());
+    let anchor = match store.head_height()? {
+        0 => ChainAnchor::genesis(validators.network()),
+        height => {
+            let (block, _) = store
+                .block(height)?
+                .with_context(|| format!("block {height} is missing from the store"))?;
+            ChainAnchor {
+                height,
+                hash: block.hash(),
+                timestamp: block.timestamp,
+            }
+        }
+    };
+    let validator_peers: Vec<PeerId> = validators.members().iter().filter_map(peer_id_of).collect();
+    let status = Arc::new(RwLock::new(FollowerStatus {
+        role: "full",
+        epoch: 0,
+        validators: validators.n(),
+        validators_keys: validators.members().iter().map(|k| k.to_hex()).collect(),
+        height: anchor.height,
+        head_hash: hex::encode(anchor.hash),
+        ..FollowerStatus::default()
+    }));
+    let (commits, _) = broadcast::channel(COMMIT_NOTICES);
+    let handle = FollowerHandle {
+        status: status.clone(),
+        commits: commits.clone(),
+        validators: Arc::new(validators.clone()),
+        validator_peers: Arc::new(validator_peers.clone()),
+        store: store.clone(),
+        own_client,
+    };
+    info!(
+        height = anchor.height,
+        validators = validators.n(),
+        "following the ledger as a full node"
+    );
+    let mut follower = Follower::new(validators, anchor);
+    let task = tokio::spawn(async move {
+        let mut distrusted: HashMap<PeerId, Instant> = HashMap::new();
+        let mut turn = 0usize;
+        let mut tick = tokio::time::interval(FOLLOW_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => {}
+            }
+            distrusted.retain(|_, since| since.elapsed() < DISTRUST_FOR);
+            let Some(peer) = pick_peer(&net, &validator_peers, &distrusted, &mut turn) else {
+                continue;
+            };
+            // Keep asking while a peer has more (catching up), one answer
+            // stored at a time.
+            loop {
+                match follow_once(&mut follower, &store, &net, peer, &commits, &status).await {
+                    Ok(0) => break,
+                    Ok(_) => continue,
+                    Err(Refusal::Forged(why)) => {
+                        warn!(%peer, reason = %why, "a peer's blocks did not verify; not asking it for a while");
+                        net.penalise(peer, "ledger", "forged");
+                        distrusted.insert(peer, Instant::now());
+                        if let Ok(mut s) = status.write() {
+                            s.refused_answers += 1;
+                        }
+                        break;
+                    }
+                    Err(Refusal::Unavailable(why)) => {
+                        debug!(%peer, reason = %why, "no blocks from this peer");
+                        break;
+                    }
+                    Err(Refusal::Local(e)) => {
+                        warn!(error = format!("{e:#}"), "could not store followed blocks");
+                        break;
+                    }
+                }
+            }
+        }
+        info!("ledger follower stopped");
+    });
+    Ok((handle, task))
+}
+
+/// The next peer to ask: a connected validator if any, round robin, else
+/// any connected peer (full nodes serve blocks too); never a distrusted one.
+fn pick_peer(
+    net: &NetHandle,
+    validators: &[PeerId],
+    distrusted: &HashMap<PeerId, Instant>,
+    turn: &mut usize,
+) -> Option<PeerId> {
+    let connected: Vec<PeerId> = net
+        .snapshot()
+        .peers
+        .keys()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p| !distrusted.contains_key(p))
+        .collect();
+    let preferred: Vec<PeerId> = connected
+        .iter()
+        .filter(|p| validators.contains(p))
+        .copied()
+        .collect();
+    let pool = if preferred.is_empty() {
+        connected
+    } else {
+        preferred
+    };
+    if pool.is_empty() {
+        return None;
+    }
+    *turn = turn.wrapping_add(1);
+    Some(pool[*turn % pool.len()])
+}
+
+enum Refusal {
+    /// The answer did not verify: the peer is at fault.
+    Forged(String),
+    /// The peer could not answer (unreachable, refused, malformed reply).
+    Unavailable(String),
+    /// Storing failed here.
+    Local(anyhow::Error),
+}
+
+/// Asks `peer` for the blocks after the head, verifies and stores them;
+/// returns how many were new.
+async fn follow_once(
+    follower: &mut Follower,
+    store: &Arc<Store>,
+    net: &NetHandle,
+    peer: PeerId,
+    commits: &broadcast::Sender<CommitNotice>,
+    status: &Arc<RwLock<FollowerStatus>>,
+) -> Result<usize, Refusal> {
+    let request = follower
+        .next_request()
+        .encode()
+        .map_err(|e| Refusal::Local(e.into()))?;
+    let answer = net
+        .ledger_request(peer, request)
+        .await
+        .map_err(|e| Refusal::Unavailable(e.to_string()))?;
+    let blocks = match LedgerResponse::decode(&answer) {
+        Ok(LedgerResponse::Blocks(blocks)) => blocks,
+        Ok(LedgerResponse::Refused(why)) => return Err(Refusal::Unavailable(why)),
+        Ok(LedgerResponse::Submitted(_)) => {
+            return Err(Refusal::Forged(
+                "answered a block request with a submission".into(),
+            ));
+        }
+        Err(e) => return Err(Refusal::Forged(format!("undecodable answer: {e}"))),
+    };
+    let fresh = follower
+        .handle_blocks(blocks, &StrictCrypto)
+        .map_err(|e| Refusal::Forged(e.to_string()))?;
+    if fresh.is_empty() {
+        return Ok(0);
+    }
+    let records: Vec<PersistRecord> = fresh
+        .iter()
+        .map(|(block, certificate)| PersistRecord::Block {
+            block: block.clone(),
+            certificate: certificate.clone(),
+        })
+        .collect();
+    let writer = store.clone();
+    tokio::task::spawn_blocking(move || writer.persist_consensus(&records))
+        .await
+        .map_err(|e| Refusal::Local(anyhow::anyhow!("store task failed: {e}")))?
+        .map_err(|e| Refusal::Local(e.into()))?;
+    let now = crate::unix_ms();
+    for (block, _) in &fresh {
+        let _ = commits.send(CommitNotice {
+            height: block.height,
+            block_hash: block.hash(),
+            tx_hashes: Arc::new(block.txs.iter().map(Transaction::hash).collect()),
+            block: Arc::new(block.clone()),
+        });
+    }
+    let head = follower.head();
+    if let Ok(mut s) = status.write() {
+        s.height = head.height;
+        s.head_hash = hex::encode(head.hash);
+        s.last_block_unix_ms = Some(now);
+        s.last_source = Some(peer.to_string());
+    }
+    debug!(%peer, blocks = fresh.len(), height = head.height, "followed blocks stored");
+    Ok(fresh.len())
+}
+
+/// Answers a `/openagi/ledger/1` request from this node's store (blocks,
+/// up to the protocol's answer size) or its consensus (a forwarded
+/// transaction, taken only by a validator).
+pub async fn answer(
+    store: &Arc<Store>,
+    consensus: Option<&ConsensusHandle>,
+    data: &[u8],
+) -> LedgerResponse {
+    let request = match LedgerRequest::decode(data) {
+        Ok(r) => r,
+        Err(e) => return LedgerResponse::Refused(format!("malformed request: {e}")),
+    };
+    match request {
+        LedgerRequest::Blocks { from, max } => {
+            let store = store.clone();
+            let max = max.min(openagi_consensus::follow::MAX_BLOCKS_PER_REQUEST) as usize;
+            let read =
+                tokio::task::spawn_blocking(move || store.blocks_from(from.max(1), max)).await;
+            match read {
+                Ok(Ok(blocks)) => {
+                    // Stay under the answer limit: stop before the block
+                    // that would cross it.
+                    let limit = openagi_net::MAX_LEDGER_RESPONSE_BYTES - 1024;
+                    let mut size = 0usize;
+                    let fitting = blocks
+                        .into_iter()
+                        .take_while(|b| {
+                            size += postcard::to_stdvec(b).map_or(usize::MAX / 2, |v| v.len());
+                            size <= limit
+                        })
+                        .collect();
+                    LedgerResponse::Blocks(fitting)
+                }
+                Ok(Err(e)) => LedgerResponse::Refused(format!("reading blocks: {e}")),
+                Err(e) => LedgerResponse::Refused(format!("reading blocks: {e}")),
+            }
+        }
+        LedgerRequest::Submit(tx) => match consensus {
+            Some(c) => match c.submit(tx).await {
+                Ok(hash) => LedgerResponse::Submitted(hash),
+                Err(e) => LedgerResponse::Refused(e.to_string()),
+            },
+            None => LedgerResponse::Refused("this node is not a validator".into()),
+        },
+    }
+}

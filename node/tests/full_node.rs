@@ -1,0 +1,160 @@
+//! A full node: a daemon whose genesis does not list it follows four real
+//! validators' ledger. It verifies and stores their blocks, serves the
+//! read API (head, blocks, verify, a transaction's position), forwards a
+//! transaction it is given to a validator, reports `consensus.role =
+//! "full"` with the validator set, and after being stopped catches up
+//! from its stored height.
+
+use std::time::Duration;
+
+use openagi_tests::{Daemon, DaemonOptions, init, init_validators, openagi, use_binary, wait_for};
+use serde_json::json;
+
+fn height_of(daemon: &Daemon) -> u64 {
+    daemon
+        .status()
+        .ok()
+        .and_then(|s| s["ledger"]["height"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_full_node_follows_verifies_serves_and_forwards() {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let dirs = init_validators(root.path(), 4).expect("validators");
+    let first = Daemon::start(&dirs[0], &DaemonOptions::default()).expect("v0 starts");
+    let boot = DaemonOptions {
+        bootstrap: vec![first.multiaddr().expect("addr")],
+        ..Default::default()
+    };
+    let mut validators = vec![first];
+    for dir in &dirs[1..] {
+        validators.push(Daemon::start(dir, &boot).expect("validator starts"));
+    }
+    // Some history before the full node exists.
+    for i in 0..5 {
+        let (code, answer) = validators[0]
+            .post(
+                "/api/v1/tx",
+                &json!({"payload": format!("before {i}"), "wait": true}),
+            )
+            .expect("submit");
+        assert_eq!(code, 200, "{answer}");
+    }
+
+    // The full node: initialised with the network's genesis, not in it.
+    let full_dir = root.path().join("full");
+    init(&full_dir).expect("init");
+    let genesis = root.path().join("genesis.toml");
+    let (status, _, err) = openagi(&[
+        "init",
+        "--data-dir",
+        &full_dir.to_string_lossy(),
+        "--network-id",
+        openagi_tests::TEST_NETWORK,
+        "--genesis",
+        &genesis.to_string_lossy(),
+    ])
+    .expect("init --genesis");
+    assert!(status.success(), "{err}");
+    let mut full = Daemon::start(&full_dir, &boot).expect("full node starts");
+
+    let target = height_of(&validators[0]);
+    wait_for("the full node catches up", Duration::from_secs(30), || {
+        (height_of(&full) >= target).then_some(())
+    })
+    .expect("caught up");
+    let status = full.status().expect("status");
+    assert_eq!(status["consensus"]["role"], "full", "{status}");
+    assert_eq!(status["consensus"]["epoch"], 0);
+    assert_eq!(status["consensus"]["validators"], 4, "{status}");
+    assert_eq!(
+        status["consensus"]["validators_keys"]
+            .as_array()
+            .map(Vec::len),
+        Some(4),
+        "{status}"
+    );
+
+    // New commits arrive within a couple of seconds.
+    let (code, committed) = validators[1]
+        .post(
+            "/api/v1/tx",
+            &json!({"payload": "while following", "wait": true}),
+        )
+        .expect("submit");
+    assert_eq!(code, 200, "{committed}");
+    let height = committed["height"].as_u64().expect("height");
+    wait_for("the new block", Duration::from_secs(5), || {
+        (height_of(&full) >= height).then_some(())
+    })
+    .expect("followed within seconds");
+
+    // The read API from its own disk.
+    let (code, block) = full
+        .get(
+            &format!("/api/v1/ledger/blocks/{height}"),
+            Some(full.token()),
+        )
+        .expect("block");
+    assert_eq!(code, 200, "{block}");
+    let (code, verified) = full
+        .get("/api/v1/ledger/verify", Some(full.token()))
+        .expect("verify");
+    assert_eq!(code, 200);
+    assert!(verified.contains("\"ok\":true"), "{verified}");
+    let hash = committed["tx_hash"].as_str().expect("hash").to_string();
+    let found = wait_for("the transaction index", Duration::from_secs(10), || {
+        let (code, body) = full
+            .get(&format!("/api/v1/tx/{hash}"), Some(full.token()))
+            .ok()?;
+        (code == 200).then_some(body)
+    })
+    .expect("indexed on the full node");
+    assert!(found.contains(&format!("\"height\":{height}")), "{found}");
+
+    // A transaction given to the full node is forwarded and commits.
+    let (code, forwarded) = full
+        .post(
+            "/api/v1/tx",
+            &json!({"payload": "through a full node", "wait": true}),
+        )
+        .expect("forward");
+    assert_eq!(code, 200, "{forwarded}");
+    assert_eq!(forwarded["status"], "committed", "{forwarded}");
+
+    // Stopped while the network goes on, it catches up after a restart.
+    full.signal(nix::sys::signal::Signal::SIGTERM)
+        .expect("stop");
+    full.wait_exit(Duration::from_secs(20)).expect("exits");
+    for i in 0..3 {
+        let (code, answer) = validators[2]
+            .post(
+                "/api/v1/tx",
+                &json!({"payload": format!("while away {i}"), "wait": true}),
+            )
+            .expect("submit");
+        assert_eq!(code, 200, "{answer}");
+    }
+    let target = height_of(&validators[2]);
+    let full = Daemon::start(&full_dir, &boot).expect("full node restarts");
+    wait_for("catch-up after a restart", Duration::from_secs(30), || {
+        (height_of(&full) >= target).then_some(())
+    })
+    .expect("caught up again");
+    // Its ledger is the validators' ledger.
+    let (_, mine) = full
+        .get(
+            &format!("/api/v1/ledger/blocks/{target}"),
+            Some(full.token()),
+        )
+        .expect("block");
+    let (_, theirs) = validators[0]
+        .get(
+            &format!("/api/v1/ledger/blocks/{target}"),
+            Some(validators[0].token()),
+        )
+        .expect("block");
+    assert_eq!(mine, theirs);
+}
