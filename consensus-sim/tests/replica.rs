@@ -53,6 +53,17 @@ fn drain(replica: &mut Replica) -> Vec<Output> {
     std::iter::from_fn(|| replica.poll_output()).collect()
 }
 
+/// Height and applied transactions of every block reported committed.
+fn committed(outputs: &[Output]) -> Vec<(u64, Vec<Transaction>)> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Committed { block, applied, .. } => Some((block.height, applied.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn non_members_bad_signatures_and_wrong_networks_are_dropped() {
     let ids = identities(5);
@@ -224,7 +235,8 @@ fn verify_chain_accepts_a_simulated_chain_and_rejects_tampering() {
     let vs = replica.validators().clone();
     let (mut blocks, mut certs): (Vec<_>, Vec<_>) =
         sim.stored_blocks(1).iter().take(4).cloned().unzip();
-    assert!(blocks.len() >= 3, "some blocks committed");
+    let heights: Vec<u64> = blocks.iter().map(|b| b.height).collect();
+    assert_eq!(heights, [1, 2, 3, 4], "the first four committed blocks");
     verify_chain(&blocks, &certs, &vs).expect("valid chain");
 
     let mut broken = blocks.clone();
@@ -276,11 +288,8 @@ fn single_replica_commits_on_its_own() {
         Replica::new(Config::default(), vs, IdentitySigner::new(id), 0).expect("member");
     replica.handle_request(tx(1), 0).expect("accepted");
     replica.handle_tick(100);
-    let committed = drain(&mut replica)
-        .iter()
-        .filter(|o| matches!(o, Output::Committed { .. }))
-        .count();
-    assert_eq!(committed, 1);
+    assert_eq!(committed(&drain(&mut replica)), [(1, vec![tx(1)])]);
+    assert_eq!(replica.height(), 1);
     assert!(
         replica.handle_request(tx(1), 200).is_err(),
         "already applied"
@@ -292,14 +301,13 @@ fn single_replica_commits_on_its_own() {
         replica.handle_tick(at + 100);
     }
     replica.handle_tick(1_000);
-    let committed: usize = drain(&mut replica)
-        .iter()
-        .map(|o| match o {
-            Output::Committed { applied, .. } => applied.len(),
-            _ => 0,
-        })
-        .sum();
-    assert_eq!(committed, 3, "every later transaction committed");
+    assert_eq!(
+        committed(&drain(&mut replica)),
+        [(2, vec![tx(2)]), (3, vec![tx(3)]), (4, vec![tx(4)])],
+        "every later transaction committed, one block each"
+    );
+    assert_eq!(replica.height(), 4);
+    assert_eq!(replica.stats().blocks_committed, 4);
 }
 
 #[test]
@@ -367,7 +375,8 @@ fn state_transfer_applies_certified_blocks_and_refuses_forged_ones() {
     assert_eq!(replica.height(), 3);
     assert_eq!(replica.ledger().hash_at(3), ledger.hash_at(3));
     let outputs = drain(&mut replica);
-    // Each block is persisted before it is reported.
+    // Each block is persisted before it is reported, and all three are
+    // reported, in order, each with its transaction applied.
     let mut persisted = 0;
     for o in &outputs {
         match o {
@@ -377,6 +386,11 @@ fn state_transfer_applies_certified_blocks_and_refuses_forged_ones() {
         }
     }
     assert_eq!(persisted, 3);
+    assert_eq!(
+        committed(&outputs),
+        [(1, vec![tx(1)]), (2, vec![tx(2)]), (3, vec![tx(3)])]
+    );
+    assert_eq!(replica.stats().blocks_fetched, 3);
 }
 
 #[test]
@@ -426,6 +440,8 @@ fn simulation_is_deterministic_per_seed() {
     };
     let (a, ha) = run();
     let (b, hb) = run();
+    // Two runs that commit nothing would agree trivially.
+    assert!(ha > 0, "the run commits blocks");
     assert_eq!(ha, hb);
     assert_eq!(a, b);
 }
