@@ -422,6 +422,10 @@ fn read_cookie(path: &Path) -> Result<Vec<u8>, TorError> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::Notify;
+
     use super::*;
 
     #[test]
@@ -460,6 +464,19 @@ mod tests {
         auth_line: String,
         expected_auth: String,
     ) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+        let release = Arc::new(Notify::new());
+        release.notify_one();
+        fake_tor_holding(auth_line, expected_auth, release).await
+    }
+
+    /// Like [`fake_tor`], but after `SETEVENTS HS_DESC` it sends only the
+    /// first half of our descriptor event and holds the rest back until
+    /// `release` is notified.
+    async fn fake_tor_holding(
+        auth_line: String,
+        expected_auth: String,
+        release: Arc<Notify>,
+    ) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -484,13 +501,13 @@ mod tests {
                     "250-ServiceID=abc\r\n250 OK\r\n".to_string()
                 } else if line == "SETEVENTS HS_DESC" {
                     // Another service's upload, then ours split across
-                    // two writes 300 ms apart.
+                    // two writes, the second once released.
                     w.write_all(
                         b"250 OK\r\n650 HS_DESC UPLOADED other NO_AUTH x\r\n650 HS_DESC UPLO",
                     )
                     .await
                     .expect("write");
-                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                    release.notified().await;
                     "ADED abc NO_AUTH x\r\n".to_string()
                 } else if line == "SETEVENTS" {
                     "250 OK\r\n".to_string()
@@ -505,9 +522,17 @@ mod tests {
         (addr, fake)
     }
 
+    /// The rest of the line is held back until the first wait has timed
+    /// out, so the outcome does not depend on how fast either side runs.
     #[tokio::test]
     async fn an_event_wait_that_times_out_mid_line_keeps_the_stream_in_step() {
-        let (addr, fake) = fake_tor("AUTH METHODS=NULL".into(), "AUTHENTICATE".into()).await;
+        let release = Arc::new(Notify::new());
+        let (addr, fake) = fake_tor_holding(
+            "AUTH METHODS=NULL".into(),
+            "AUTHENTICATE".into(),
+            release.clone(),
+        )
+        .await;
         let mut c = Control::connect(addr, None, None).await.expect("auth");
         c.set_events("HS_DESC").await.expect("subscribe");
         let ours = |e: &str| e == "HS_DESC UPLOADED abc NO_AUTH x";
@@ -516,8 +541,11 @@ mod tests {
             .await
             .expect("waits");
         assert_eq!(early, None, "our line is not complete yet");
+        release.notify_one();
+        // Returns as soon as the line is complete; the limit only guards
+        // against a hang.
         let late = c
-            .wait_event(ours, std::time::Duration::from_secs(5))
+            .wait_event(ours, std::time::Duration::from_secs(60))
             .await
             .expect("the half-read line is completed, not misparsed");
         assert_eq!(late.as_deref(), Some("HS_DESC UPLOADED abc NO_AUTH x"));

@@ -59,9 +59,16 @@ impl Isolation {
 
     /// The isolation key for `host` now.
     pub(crate) fn key(&mut self, host: &str) -> (String, u64) {
-        if !self.rotation.is_zero() && self.epoch_started.elapsed() >= self.rotation {
+        self.key_at(host, Instant::now())
+    }
+
+    /// The isolation key for `host` at `now`.
+    fn key_at(&mut self, host: &str, now: Instant) -> (String, u64) {
+        if !self.rotation.is_zero()
+            && now.saturating_duration_since(self.epoch_started) >= self.rotation
+        {
             self.epoch += 1;
-            self.epoch_started = Instant::now();
+            self.epoch_started = now;
         }
         (host.to_string(), self.epoch)
     }
@@ -318,18 +325,32 @@ impl AsyncWrite for TorStream {
 mod tests {
     use super::*;
 
+    /// Driven by explicit instants: the rotation depends on time passing,
+    /// not on how fast the test runs.
     #[test]
     fn isolation_is_per_host_and_rotates() {
-        let mut iso = Isolation::new(Duration::from_millis(20));
-        let a = iso.key("a.onion");
-        let b = iso.key("b.onion");
-        assert_ne!(a, b);
-        assert_eq!(a.1, b.1);
-        std::thread::sleep(Duration::from_millis(30));
-        assert_eq!(iso.key("a.onion"), ("a.onion".to_string(), a.1 + 1));
+        let rotation = Duration::from_secs(600);
+        let mut iso = Isolation::new(rotation);
+        let t0 = iso.epoch_started;
+        let key = |host: &str, epoch: u64| (host.to_string(), epoch);
+        assert_eq!(iso.key_at("a.onion", t0), key("a.onion", 0));
+        assert_eq!(iso.key_at("b.onion", t0), key("b.onion", 0));
+        let almost = t0 + rotation - Duration::from_millis(1);
+        assert_eq!(iso.key_at("a.onion", almost), key("a.onion", 0));
+        // The epoch turns once the rotation period has passed, and the
+        // next period counts from then.
+        let t1 = t0 + rotation;
+        assert_eq!(iso.key_at("a.onion", t1), key("a.onion", 1));
+        assert_eq!(iso.key_at("b.onion", t1), key("b.onion", 1));
+        assert_eq!(iso.key_at("a.onion", t1 + rotation / 2), key("a.onion", 1));
+        assert_eq!(iso.key_at("a.onion", t1 + rotation), key("a.onion", 2));
+        // A clock that reads earlier than the epoch start changes nothing.
+        assert_eq!(iso.key_at("a.onion", t0), key("a.onion", 2));
+
         let mut never = Isolation::new(Duration::ZERO);
-        let first = never.key("a.onion");
-        std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(never.key("a.onion"), first);
+        let start = never.epoch_started;
+        assert_eq!(never.key_at("a.onion", start), key("a.onion", 0));
+        let much_later = start + Duration::from_secs(1_000_000);
+        assert_eq!(never.key_at("a.onion", much_later), key("a.onion", 0));
     }
 }
