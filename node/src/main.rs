@@ -126,9 +126,13 @@ enum Command {
     /// transactions committed, and the training job's outcome (rounds,
     /// accuracy, ε, or why it did not finish).
     Devnet {
-        /// Number of nodes.
+        /// Number of validators.
         #[arg(long, default_value_t = 4)]
         nodes: usize,
+        /// Full nodes beside the validators: they follow and verify the
+        /// ledger without voting.
+        #[arg(long, default_value_t = 0)]
+        full_nodes: usize,
         /// Directory for the nodes' data directories.
         #[arg(long, default_value = "devnet-data")]
         dir: PathBuf,
@@ -661,6 +665,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
         }
         Command::Devnet {
             nodes,
+            full_nodes,
             dir,
             duration,
             tor,
@@ -669,6 +674,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             resume,
         } => runtime()?.block_on(devnet::run(devnet::DevnetOptions {
             nodes,
+            full_nodes,
             dir,
             duration,
             tor,

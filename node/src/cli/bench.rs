@@ -161,7 +161,7 @@ pub async fn consensus(options: ConsensusBench) -> Result<Vec<Figure>> {
         options.duration.as_secs()
     );
     let (mut nodes, _no_tor) =
-        devnet::start_local_network(&dir, options.nodes, &extra, false).await?;
+        devnet::start_local_network(&dir, options.nodes, 0, &extra, false).await?;
     let result = measure(&nodes, &options).await;
     devnet::stop_all(&mut nodes).await;
     if options.dir.is_none() {

@@ -34,8 +34,10 @@ const STOP_GRACE: Duration = Duration::from_secs(15);
 /// Options of `openagi devnet`.
 #[derive(Debug, Clone)]
 pub struct DevnetOptions {
-    /// Number of nodes.
+    /// Number of validators.
     pub nodes: usize,
+    /// Full nodes beside them: they follow the ledger without voting.
+    pub full_nodes: usize,
     /// Directory holding one data directory per node.
     pub dir: PathBuf,
     /// Stop by itself after this long.
@@ -139,9 +141,18 @@ fn write_node_config(
     p2p_port: u16,
     bootstrap: Option<&str>,
     arti_config: Option<&Path>,
-    shard: (usize, usize),
+    shard: Option<(usize, usize)>,
     extra: &str,
 ) -> Result<()> {
+    // Validators train on their shard of the digits; full nodes hold no
+    // training data (they take part in no job yet).
+    let learn = match shard {
+        Some((index, count)) => format!(
+            "[learn]\ndata = \"digits\"\nshard = \"{}/{count}\"\n",
+            index + 1
+        ),
+        None => String::new(),
+    };
     let bootstrap = bootstrap.map(|b| format!("{b:?}")).unwrap_or_default();
     let (transport, tor) = match arti_config {
         Some(arti) => (
@@ -166,13 +177,9 @@ fn write_node_config(
          listen = \"127.0.0.1:0\"\n\
          [log]\n\
          level = \"info\"\n\
-         [learn]\n\
-         data = \"digits\"\n\
-         shard = \"{}/{}\"\n\
+         {learn}\
          {tor}\
-         {extra}",
-        shard.0 + 1,
-        shard.1
+         {extra}"
     );
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
@@ -185,12 +192,18 @@ fn write_node_config(
 pub(crate) async fn start_local_network(
     dir: &Path,
     count: usize,
+    full_nodes: usize,
     extra: &str,
     tor: bool,
 ) -> Result<(Vec<Node>, Option<openagi_tornet::TorNet>)> {
     if count == 0 || count > 64 {
         bail!("--nodes must be between 1 and 64 (got {count})");
     }
+    if full_nodes > 64 {
+        bail!("--full-nodes must be at most 64 (got {full_nodes})");
+    }
+    let validator_count = count;
+    let count = count + full_nodes;
     let exe = std::env::current_exe().context("locating the openagi binary")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
 
@@ -212,7 +225,9 @@ pub(crate) async fn start_local_network(
             }),
         };
         reports.push(d.init(&settings, &no_passphrase, false)?);
-        validators.push(d.identity(&no_passphrase)?.public().to_hex());
+        if validators.len() < validator_count {
+            validators.push(d.identity(&no_passphrase)?.public().to_hex());
+        }
     }
     let genesis = Genesis {
         network_id: DEVNET_NETWORK_ID.into(),
@@ -265,7 +280,7 @@ pub(crate) async fn start_local_network(
             port,
             bootstrap.as_deref(),
             tornet.as_ref().map(|t| t.arti_toml.as_path()),
-            (index, count),
+            (index < validator_count).then_some((index, validator_count)),
             extra,
         )?;
         if index == 0 && tornet.is_none() {
@@ -310,8 +325,14 @@ pub(crate) async fn start_local_network(
 pub async fn run(options: DevnetOptions) -> Result<()> {
     let started = Instant::now();
     let resumed = prepare_dir(&options.dir, options.resume)?;
-    let (mut nodes, _tornet) =
-        start_local_network(&options.dir, options.nodes, "", options.tor).await?;
+    let (mut nodes, _tornet) = start_local_network(
+        &options.dir,
+        options.nodes,
+        options.full_nodes,
+        "",
+        options.tor,
+    )
+    .await?;
     println!(
         "Open-AGI devnet: {} nodes in {}",
         options.nodes,
@@ -418,7 +439,7 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
     if let Some(after) = all_connected_after {
         println!(
             "all {} nodes had connected to each other after {:.1} s",
-            options.nodes,
+            options.nodes + options.full_nodes,
             after.as_secs_f64()
         );
     }
@@ -742,17 +763,31 @@ fn render(nodes: &[Node], elapsed: Duration, connected_after: Option<Duration>) 
                 node.index,
                 node.data_dir.file("daemon.log").display()
             )),
-            (None, Some(s)) => out.push_str(&format!(
-                "node-{:<2} {:<18} {:>6} {:>8} {:>5} {:>9} {:>10} {:>7}s  {api}\n",
-                node.index,
-                short(s["node"]["peer_id"].as_str().unwrap_or("?")),
-                s["network"]["connected_peers"].as_u64().unwrap_or(0),
-                s["ledger"]["height"].as_u64().unwrap_or(0),
-                s["consensus"]["view"].as_u64().unwrap_or(0),
-                s["consensus"]["committed_txs"].as_u64().unwrap_or(0),
-                s["network"]["gossip_received"].as_u64().unwrap_or(0),
-                s["node"]["uptime_secs"].as_u64().unwrap_or(0),
-            )),
+            (None, Some(s)) => {
+                // A full node votes in no view and commits nothing itself.
+                let (view, txs) = if s["consensus"]["role"] == "full" {
+                    ("full".to_string(), "-".to_string())
+                } else {
+                    (
+                        s["consensus"]["view"].as_u64().unwrap_or(0).to_string(),
+                        s["consensus"]["committed_txs"]
+                            .as_u64()
+                            .unwrap_or(0)
+                            .to_string(),
+                    )
+                };
+                out.push_str(&format!(
+                    "node-{:<2} {:<18} {:>6} {:>8} {:>5} {:>9} {:>10} {:>7}s  {api}\n",
+                    node.index,
+                    short(s["node"]["peer_id"].as_str().unwrap_or("?")),
+                    s["network"]["connected_peers"].as_u64().unwrap_or(0),
+                    s["ledger"]["height"].as_u64().unwrap_or(0),
+                    view,
+                    txs,
+                    s["network"]["gossip_received"].as_u64().unwrap_or(0),
+                    s["node"]["uptime_secs"].as_u64().unwrap_or(0),
+                ))
+            }
             (None, None) => {
                 out.push_str(&format!("node-{:<2} (not answering)  {api}\n", node.index))
             }
