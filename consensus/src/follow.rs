@@ -46,6 +46,8 @@ pub enum LedgerResponse {
     Blocks(Vec<(Block, CommitCertificate)>),
     /// The transaction was taken (its hash); it is not committed yet.
     Submitted(Hash),
+    /// The transaction was taken before (a resubmission).
+    Duplicate,
     /// Refused, and why.
     Refused(String),
 }

@@ -156,5 +156,139 @@ fn a_full_node_follows_verifies_serves_and_forwards() {
             Some(validators[0].token()),
         )
         .expect("block");
-    assert_eq!(mine, theirs);
+    // The same block; certificates may differ (any 2f+1 commit
+    // signatures certify it, and each validator keeps the ones it saw).
+    let hash = |text: &str| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(text).expect("json")["hash"].clone()
+    };
+    assert_eq!(hash(&mine), hash(&theirs));
+    assert!(!hash(&mine).is_null());
+}
+
+const JOB: &str = r#"
+name = "digits-with-a-full-node"
+architecture = { kind = "logistic_regression", inputs = 64, classes = 10 }
+rounds = 3
+min_clients = 3
+round_deadline_secs = 6
+join_window_secs = 2
+participation = "all"
+train = { learning_rate = 0.2, epochs = 1, batch_size = 16 }
+aggregator = "fedavg"
+seed = 5
+"#;
+
+fn first_job(d: &Daemon) -> serde_json::Value {
+    d.get("/api/v1/learn/jobs", Some(d.token()))
+        .ok()
+        .and_then(|(code, body)| (code == 200).then_some(body))
+        .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .and_then(|v| v["jobs"].as_array().and_then(|j| j.first().cloned()))
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_full_node_joins_a_training_job_and_its_updates_count() {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    // Two validators train; the full node is the third participant the
+    // job needs.
+    let dirs = init_validators(root.path(), 4).expect("validators");
+    let learn = |shard: &str| {
+        vec![
+            ("OPENAGI_LEARN_DATA".to_string(), "digits".to_string()),
+            ("OPENAGI_LEARN_SHARD".to_string(), shard.to_string()),
+        ]
+    };
+    let first = Daemon::start(
+        &dirs[0],
+        &DaemonOptions {
+            env: learn("1/3"),
+            ..Default::default()
+        },
+    )
+    .expect("v0 starts");
+    let bootstrap = vec![first.multiaddr().expect("addr")];
+    let mut validators = vec![first];
+    for (i, dir) in dirs.iter().enumerate().skip(1) {
+        let env = if i == 1 { learn("2/3") } else { Vec::new() };
+        validators.push(
+            Daemon::start(
+                dir,
+                &DaemonOptions {
+                    bootstrap: bootstrap.clone(),
+                    env,
+                    ..Default::default()
+                },
+            )
+            .expect("validator starts"),
+        );
+    }
+    let full_dir = root.path().join("full");
+    init(&full_dir).expect("init");
+    let genesis = root.path().join("genesis.toml");
+    let (status, _, err) = openagi(&[
+        "init",
+        "--data-dir",
+        &full_dir.to_string_lossy(),
+        "--network-id",
+        openagi_tests::TEST_NETWORK,
+        "--genesis",
+        &genesis.to_string_lossy(),
+    ])
+    .expect("init --genesis");
+    assert!(status.success(), "{err}");
+    let full = Daemon::start(
+        &full_dir,
+        &DaemonOptions {
+            bootstrap,
+            env: learn("3/3"),
+            ..Default::default()
+        },
+    )
+    .expect("full node starts");
+    wait_for("the full node follows", Duration::from_secs(20), || {
+        (full.status().ok()?["consensus"]["role"] == "full").then_some(())
+    })
+    .expect("full node running");
+
+    let job_file = root.path().join("job.toml");
+    std::fs::write(&job_file, JOB).expect("job file");
+    let (status, out, err) = openagi(&[
+        "learn",
+        "submit",
+        "--data-dir",
+        &dirs[0].to_string_lossy(),
+        &job_file.to_string_lossy(),
+    ])
+    .expect("submit");
+    assert!(status.success(), "{out}{err}");
+
+    // The job needs three joins: the full node's is one of them, and every
+    // round has three updates.
+    let done = wait_for(
+        "three rounds with three updates",
+        Duration::from_secs(120),
+        || {
+            let job = first_job(&validators[0]);
+            let history = job["history"].as_array()?.clone();
+            (history.len() >= 3).then_some(history)
+        },
+    )
+    .expect("the job finishes");
+    for round in &done {
+        assert_eq!(round["selected"], 3, "{round}");
+        assert_eq!(round["responded"], 3, "{round}");
+    }
+    // The full node follows the job's end like the validators.
+    let seen_by_full = wait_for(
+        "the full node sees the end",
+        Duration::from_secs(10),
+        || {
+            let job = first_job(&full);
+            (job["state"] == "finished").then_some(job)
+        },
+    )
+    .expect("followed to the end");
+    assert_eq!(seen_by_full["joined_here"], true, "{seen_by_full}");
 }

@@ -496,7 +496,10 @@ async fn submit_tx(
     // Subscribe before submitting so a fast commit cannot be missed.
     let (mut commits, submitted) = match ledger {
         Submitter::Validator(c) => (c.subscribe(), c.submit(tx).await.map_err(|e| e.to_string())),
-        Submitter::Full(f) => (f.subscribe(), f.forward(&state.net, tx).await),
+        Submitter::Full(f) => (
+            f.subscribe(),
+            f.forward(&state.net, tx).await.map_err(|e| e.to_string()),
+        ),
     };
     let hash = match submitted {
         Ok(h) => h,

@@ -48,7 +48,8 @@ use tracing::{debug, info, warn};
 
 use crate::common::config::LearnSection;
 use crate::common::store::Store;
-use crate::daemon::consensus::{ConsensusError, ConsensusHandle, peer_id_of};
+use crate::daemon::consensus::peer_id_of;
+use crate::daemon::follower::{LedgerAccess, SubmitError};
 
 /// Bytes of model per chunk on the wire.
 pub const MODEL_CHUNK_BYTES: usize = 512 * 1024;
@@ -168,8 +169,8 @@ impl JobView {
         }
         Some(if self.joined < self.min_clients {
             format!(
-                "{} more joins: {} of min_clients = {} nodes joined. A node joins when it is a validator \
-                 (it holds the ledger) with [learn] data that fits the job; `learn status` on a node says why it did not",
+                "{} more joins: {} of min_clients = {} nodes joined. A node joins when it holds the ledger \
+                 (a validator or a full node) with [learn] data that fits the job; `learn status` on a node says why it did not",
                 self.min_clients - self.joined,
                 self.joined,
                 self.min_clients
@@ -352,7 +353,8 @@ pub struct Learner {
     me: PublicKey,
     store: Arc<Store>,
     net: NetHandle,
-    consensus: Option<ConsensusHandle>,
+    /// The ledger: this node's replica, or (a full node) its follower.
+    ledger: Option<LedgerAccess>,
     local: Option<LocalData>,
     models_dir: PathBuf,
     state: Mutex<State>,
@@ -386,7 +388,7 @@ impl Learner {
         identity: &Identity,
         store: Arc<Store>,
         net: NetHandle,
-        consensus: Option<ConsensusHandle>,
+        ledger: Option<LedgerAccess>,
         config: &LearnSection,
         data_dir: &std::path::Path,
         registry: &mut Registry,
@@ -415,7 +417,7 @@ impl Learner {
             me,
             store,
             net,
-            consensus,
+            ledger,
             local,
             models_dir,
             state: Mutex::new(State {
@@ -441,15 +443,15 @@ impl Learner {
     }
 
     async fn run(self: Arc<Self>) {
-        let Some(consensus) = self.consensus.clone() else {
+        let Some(ledger) = self.ledger.clone() else {
             return;
         };
         // Subscribe before replaying so no block falls between the two.
-        let mut commits = consensus.subscribe();
+        let mut commits = ledger.subscribe();
         // What committed before this start is history: replayed, not acted
         // on. (The height is the restored ledger's, published before the
         // consensus task runs; later blocks arrive as notices.)
-        let head = consensus.status().height;
+        let head = ledger.height();
         self.catch_up(head, false).await;
         let mut tick = tokio::time::interval(TICK);
         loop {
@@ -470,7 +472,7 @@ impl Learner {
                         }
                     }
                     Err(RecvError::Lagged(_)) => {
-                        let head = consensus.status().height;
+                        let head = ledger.height();
                         self.catch_up(head, true).await;
                     }
                     Err(RecvError::Closed) => return,
@@ -726,26 +728,21 @@ impl Learner {
     /// Signs `record` and submits it to the ledger (retrying while the
     /// replica refuses it, e.g. during a view change).
     async fn submit(&self, record: Record) -> Result<JobId> {
-        let consensus = self
-            .consensus
-            .as_ref()
-            .context("this node is not a validator; learning records go through the ledger")?;
+        let ledger = self.ledger.as_ref().context(
+            "this node holds no ledger (no genesis); learning records go through the ledger",
+        )?;
         let signed = Signed::sign(&self.identity, &record)?;
         let payload = federation::encode_record(&signed)?;
         let job = federation::job_id(&payload);
         // One transaction for every attempt: the ledger's exactly-once
         // rule then keeps an attempt that was taken after all from
         // committing the record twice.
-        let tx = consensus.own_transaction(payload).await?;
+        let tx = ledger.own_transaction(payload).await?;
         let mut delay = Duration::from_millis(200);
         for attempt in 0..8 {
-            match consensus.submit(tx.clone()).await {
+            match ledger.submit(tx.clone()).await {
                 Ok(_) => return Ok(job),
-                Err(ConsensusError::Replica(openagi_consensus::Error::Duplicate))
-                    if attempt > 0 =>
-                {
-                    return Ok(job);
-                }
+                Err(SubmitError::Duplicate) if attempt > 0 => return Ok(job),
                 Err(e) if attempt < 7 => {
                     debug!(error = %e, "learning record refused; retrying");
                     tokio::time::sleep(delay).await;

@@ -60,6 +60,17 @@ pub struct FollowerStatus {
     pub refused_answers: u64,
 }
 
+/// Why a forwarded transaction was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// A validator had taken it before.
+    #[error("the transaction was submitted before")]
+    Duplicate,
+    /// Refused, or no validator reachable: why.
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// The running follower: its status and commit notices.
 #[derive(Clone)]
 pub struct FollowerHandle {
@@ -91,10 +102,10 @@ impl FollowerHandle {
         &self,
         net: &NetHandle,
         tx: Transaction,
-    ) -> Result<openagi_consensus::Hash, String> {
+    ) -> Result<openagi_consensus::Hash, ForwardError> {
         let request = LedgerRequest::Submit(tx)
             .encode()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ForwardError::Refused(e.to_string()))?;
         let connected: Vec<PeerId> = net
             .snapshot()
             .peers
@@ -110,8 +121,11 @@ impl FollowerHandle {
             match net.ledger_request(*peer, request.clone()).await {
                 Ok(bytes) => match LedgerResponse::decode(&bytes) {
                     Ok(LedgerResponse::Submitted(hash)) => return Ok(hash),
+                    Ok(LedgerResponse::Duplicate) => return Err(ForwardError::Duplicate),
                     Ok(LedgerResponse::Refused(why)) => {
-                        return Err(format!("validator {peer} refused it: {why}"));
+                        return Err(ForwardError::Refused(format!(
+                            "validator {peer} refused it: {why}"
+                        )));
                     }
                     Ok(LedgerResponse::Blocks(_)) | Err(_) => {
                         unreachable.push(format!("{peer}: answered out of turn"));
@@ -120,14 +134,14 @@ impl FollowerHandle {
                 Err(e) => unreachable.push(format!("{peer}: {e}")),
             }
         }
-        Err(if unreachable.is_empty() {
+        Err(ForwardError::Refused(if unreachable.is_empty() {
             "no validator is connected to this full node to forward the transaction to".into()
         } else {
             format!(
                 "no validator took the transaction ({})",
                 unreachable.join("; ")
             )
-        })
+        }))
     }
 
     /// The validator set the ledger is verified against.
@@ -302,7 +316,7 @@ async fn follow_once(
     let blocks = match LedgerResponse::decode(&answer) {
         Ok(LedgerResponse::Blocks(blocks)) => blocks,
         Ok(LedgerResponse::Refused(why)) => return Err(Refusal::Unavailable(why)),
-        Ok(LedgerResponse::Submitted(_)) => {
+        Ok(LedgerResponse::Submitted(_) | LedgerResponse::Duplicate) => {
             return Err(Refusal::Forged(
                 "answered a block request with a submission".into(),
             ));
@@ -387,9 +401,77 @@ pub async fn answer(
         LedgerRequest::Submit(tx) => match consensus {
             Some(c) => match c.submit(tx).await {
                 Ok(hash) => LedgerResponse::Submitted(hash),
+                Err(crate::daemon::consensus::ConsensusError::Replica(
+                    openagi_consensus::Error::Duplicate,
+                )) => LedgerResponse::Duplicate,
                 Err(e) => LedgerResponse::Refused(e.to_string()),
             },
             None => LedgerResponse::Refused("this node is not a validator".into()),
         },
+    }
+}
+
+/// How a service reaches the ledger: through this node's replica (a
+/// validator) or through a validator (a full node). Both publish the same
+/// commit notices and take the node's own transactions.
+#[derive(Clone)]
+pub enum LedgerAccess {
+    /// This node votes.
+    Validator(ConsensusHandle),
+    /// This node follows and forwards (the follower and the network to
+    /// reach validators).
+    Full(Box<(FollowerHandle, NetHandle)>),
+}
+
+/// Why a transaction was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// It was taken before (a resubmission).
+    #[error("the transaction was submitted before")]
+    Duplicate,
+    /// Refused, and why.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl LedgerAccess {
+    /// Blocks as they commit (validator) or are stored (full node).
+    pub fn subscribe(&self) -> broadcast::Receiver<CommitNotice> {
+        match self {
+            LedgerAccess::Validator(c) => c.subscribe(),
+            LedgerAccess::Full(full) => full.0.subscribe(),
+        }
+    }
+
+    /// The ledger height this node holds.
+    pub fn height(&self) -> u64 {
+        match self {
+            LedgerAccess::Validator(c) => c.status().height,
+            LedgerAccess::Full(full) => full.0.status().height,
+        }
+    }
+
+    /// A transaction of this node's own (its client id and next number).
+    pub async fn own_transaction(&self, payload: Vec<u8>) -> Result<Transaction> {
+        match self {
+            LedgerAccess::Validator(c) => Ok(c.own_transaction(payload).await?),
+            LedgerAccess::Full(full) => full.0.own_transaction(payload).await,
+        }
+    }
+
+    /// Submits `tx` to this node's replica or forwards it to a validator.
+    pub async fn submit(&self, tx: Transaction) -> Result<openagi_consensus::Hash, SubmitError> {
+        match self {
+            LedgerAccess::Validator(c) => c.submit(tx).await.map_err(|e| match e {
+                crate::daemon::consensus::ConsensusError::Replica(
+                    openagi_consensus::Error::Duplicate,
+                ) => SubmitError::Duplicate,
+                other => SubmitError::Refused(other.to_string()),
+            }),
+            LedgerAccess::Full(full) => full.0.forward(&full.1, tx).await.map_err(|e| match e {
+                ForwardError::Duplicate => SubmitError::Duplicate,
+                ForwardError::Refused(why) => SubmitError::Refused(why),
+            }),
+        }
     }
 }

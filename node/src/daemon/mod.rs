@@ -237,11 +237,19 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         indexer_stopping,
     );
 
+    let ledger_access = match (&consensus, &follower) {
+        (Some(c), _) => Some(follower::LedgerAccess::Validator(c.clone())),
+        (None, Some(f)) => Some(follower::LedgerAccess::Full(Box::new((
+            f.clone(),
+            net.clone(),
+        )))),
+        (None, None) => None,
+    };
     let (learner, learner_task) = federation::Learner::start(
         &identity,
         store.clone(),
         net.clone(),
-        consensus.clone(),
+        ledger_access,
         &config.learn,
         data_dir.path(),
         metrics.registry_mut(),
