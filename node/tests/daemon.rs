@@ -380,6 +380,48 @@ fn api_refuses_missing_or_wrong_token() {
         );
     }
     assert_eq!(a.get("/health", None).expect("answers").0, 200);
+
+    // Every route of /api/v1, each method, refuses a request without the
+    // token before it looks at the request.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let hash = "00".repeat(32);
+    let gets = [
+        "/api/v1/status".to_string(),
+        "/api/v1/peers".into(),
+        format!("/api/v1/tx/{hash}"),
+        "/api/v1/consensus/latency".into(),
+        "/api/v1/ledger/head".into(),
+        "/api/v1/ledger/blocks/1".into(),
+        "/api/v1/ledger/verify".into(),
+        "/api/v1/inbox".into(),
+        "/api/v1/learn/jobs".into(),
+        format!("/api/v1/learn/jobs/{hash}/model"),
+    ];
+    for path in &gets {
+        let url = format!("http://{}{path}", a.api_addr());
+        let code = agent.get(&url).call().expect("answers").status().as_u16();
+        assert_eq!(code, 401, "GET {path} without token");
+    }
+    for path in [
+        "/api/v1/tx",
+        "/api/v1/tx/batch",
+        "/api/v1/msg",
+        "/api/v1/learn/jobs",
+        "/api/v1/dashboard/login",
+    ] {
+        let url = format!("http://{}{path}", a.api_addr());
+        let code = agent
+            .post(&url)
+            .send_json(serde_json::json!({"payload": "x"}))
+            .expect("answers")
+            .status()
+            .as_u16();
+        assert_eq!(code, 401, "POST {path} without token");
+    }
 }
 
 #[test]

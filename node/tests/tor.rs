@@ -22,6 +22,11 @@ static NETWORK: OnceLock<Result<(TorNet, tempfile::TempDir), String>> = OnceLock
 /// The shared private Tor network, or `None` when the tests are skipped.
 fn network() -> Option<&'static TorNet> {
     if std::env::var_os("OPENAGI_SKIP_TOR_TESTS").is_some() {
+        // CI installs tor: a skip there would pass silently.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "OPENAGI_SKIP_TOR_TESTS is set under CI, which runs the Tor tests"
+        );
         eprintln!("OPENAGI_SKIP_TOR_TESTS is set: skipping");
         return None;
     }

@@ -330,14 +330,14 @@ impl Daemon {
 
     /// A dialable multiaddr of this daemon, ending in `/p2p/<peer id>`.
     pub fn multiaddr(&self) -> Result<String> {
-        let status = self.status()?;
-        let addr = status["network"]["listen_addrs"][0]
-            .as_str()
-            .context("no listen address")?;
-        Ok(format!(
-            "{addr}/p2p/{}",
-            status["node"]["peer_id"].as_str().context("peer_id")?
-        ))
+        // The API can answer before the swarm reports its listen address
+        // (they start in parallel): wait for it rather than read once.
+        wait_for("a listen address", Duration::from_secs(10), || {
+            let status = self.status().ok()?;
+            let addr = status["network"]["listen_addrs"][0].as_str()?;
+            let peer = status["node"]["peer_id"].as_str()?;
+            Some(format!("{addr}/p2p/{peer}"))
+        })
     }
 
     /// Number of connected peers.
