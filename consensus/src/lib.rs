@@ -68,6 +68,7 @@
 //!   a shared memo for simulation).
 
 pub mod bundle;
+pub mod evidence;
 pub mod follow;
 pub mod ledger;
 pub mod messages;

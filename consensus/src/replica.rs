@@ -308,6 +308,9 @@ pub enum Output {
         /// Its primary.
         primary: PublicKey,
     },
+    /// A validator signed two conflicting votes: the proof, for the node
+    /// to record and put on the ledger.
+    Evidence(crate::evidence::Equivocation),
     /// A peer asked for blocks older than those kept in memory: read
     /// heights `from..=last` from storage (as many as there are, in order)
     /// and hand them to [`Replica::handle_stored_blocks`] for `peer`.
@@ -1600,7 +1603,14 @@ impl<S: Signer> Replica<S> {
             self.drop_input(DropReason::Malformed);
             return;
         }
-        if self.record_vote(p.seq, from, p.digest, signed, |slot| &mut slot.prepares) {
+        if self.record_vote(
+            p.seq,
+            from,
+            p.digest,
+            signed,
+            |slot| &mut slot.prepares,
+            crate::evidence::Equivocation::Prepares,
+        ) {
             self.check_prepared(p.seq);
         }
     }
@@ -1608,14 +1618,17 @@ impl<S: Signer> Replica<S> {
     /// Stores `from`'s vote for `digest` at `seq` in this view's slot (the
     /// map `votes` picks: prepares or commits). A repeated vote is a
     /// duplicate, a different one an equivocation; both are dropped and
-    /// counted. Returns whether the vote was new.
-    fn record_vote<T>(
+    /// counted, and an equivocation is reported with both signed votes as
+    /// [`Output::Evidence`] (built by `evidence`). Returns whether the vote
+    /// was new.
+    fn record_vote<T: Clone>(
         &mut self,
         seq: u64,
         from: usize,
         digest: Hash,
         signed: Signed<T>,
         votes: impl FnOnce(&mut Slot) -> &mut BTreeMap<usize, (Hash, Signed<T>)>,
+        evidence: impl FnOnce(Signed<T>, Signed<T>) -> crate::evidence::Equivocation,
     ) -> bool {
         let (view, now) = (self.view, self.now);
         let slot = self.log.entry(seq).or_default();
@@ -1631,7 +1644,12 @@ impl<S: Signer> Replica<S> {
             std::collections::btree_map::Entry::Occupied(e) if e.get().0 == digest => {
                 DropReason::Duplicate
             }
-            std::collections::btree_map::Entry::Occupied(_) => DropReason::Equivocation,
+            std::collections::btree_map::Entry::Occupied(e) => {
+                let first = e.get().1.clone();
+                self.outputs
+                    .push_back(Output::Evidence(evidence(first, signed)));
+                DropReason::Equivocation
+            }
         };
         self.drop_input(reason);
         false
@@ -1647,7 +1665,14 @@ impl<S: Signer> Replica<S> {
         if !self.admit_normal(from, c.view, c.seq, &Message::Commit(signed.clone())) {
             return;
         }
-        if self.record_vote(c.seq, from, c.digest, signed, |slot| &mut slot.commits) {
+        if self.record_vote(
+            c.seq,
+            from,
+            c.digest,
+            signed,
+            |slot| &mut slot.commits,
+            crate::evidence::Equivocation::Commits,
+        ) {
             self.check_committed(c.seq);
         }
     }

@@ -234,6 +234,19 @@ pub const RULES: &[AlertRule] = &[
         },
     },
     AlertRule {
+        name: "OpenAgiEquivocation",
+        summary: "saw a validator sign conflicting votes (equivocation evidence)",
+        severity: Severity::Critical,
+        for_secs: 0,
+        condition: Condition::Rate {
+            metric: "openagi_consensus_equivocations_total",
+            labels: &[],
+            window_secs: 600,
+            op: Op::Above,
+            threshold: 0.0,
+        },
+    },
+    AlertRule {
         name: "OpenAgiValidatorSilent",
         summary: "has heard nothing from at least one validator for 30 seconds",
         severity: Severity::Warning,

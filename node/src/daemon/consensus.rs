@@ -8,7 +8,7 @@
 //! a commit reported to a client) is acted on. If the store fails, the
 //! task stops rather than vote from state it could not save.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -106,6 +106,9 @@ pub struct ConsensusStatus {
     pub recovery: Option<RecoveryReport>,
     /// What this node last heard from each validator, by index.
     pub activity: Vec<ValidatorActivity>,
+    /// Equivocation evidence seen here, newest last (the last
+    /// [`EVIDENCE_KEPT`]).
+    pub evidence: Vec<EvidenceSeen>,
 }
 
 /// A validator's recovery from lost consensus state, for the status
@@ -203,6 +206,26 @@ pub struct ValidatorActivity {
     pub last_vote: Option<VoteSeen>,
 }
 
+/// Equivocation evidence kept in the status.
+pub const EVIDENCE_KEPT: usize = 16;
+
+/// Equivocation evidence as the status shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvidenceSeen {
+    /// The validator that signed conflicting votes (public key, hex).
+    pub validator: String,
+    /// `prepare` or `commit`.
+    pub kind: &'static str,
+    /// The view.
+    pub view: u64,
+    /// The sequence number.
+    pub seq: u64,
+    /// When it was seen (ms since the Unix epoch).
+    pub unix_ms: u64,
+    /// Whether this node put it on the ledger.
+    pub submitted: bool,
+}
+
 /// A vote as seen arriving.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct VoteSeen {
@@ -249,6 +272,7 @@ struct ConsensusMetrics {
     persist_latency: Histogram,
     refused: Counter,
     silent: Gauge,
+    equivocations: Counter,
 }
 
 impl ConsensusMetrics {
@@ -264,6 +288,7 @@ impl ConsensusMetrics {
             dropped: Family::default(),
             pending: Gauge::default(),
             silent: Gauge::default(),
+            equivocations: Counter::default(),
             persist_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             refused: Counter::default(),
         };
@@ -310,6 +335,11 @@ impl ConsensusMetrics {
             "pending_transactions",
             "Transactions waiting to be proposed",
             m.pending.clone(),
+        );
+        r.register(
+            "equivocations",
+            "Conflicting votes a validator signed for one view and sequence number, seen here",
+            m.equivocations.clone(),
         );
         r.register(
             "validators_silent",
@@ -684,6 +714,9 @@ pub fn start(
         latencies,
         recovery_seen: (None, false),
         activity: Vec::new(),
+        evidence: std::collections::VecDeque::new(),
+        reported: HashSet::new(),
+        own_client: node_client_id(&me_peer),
     };
     driver.activity = driver
         .peers
@@ -768,6 +801,13 @@ struct Driver {
     recovery_seen: (Option<Option<u64>>, bool),
     /// What was last heard from each validator, by index.
     activity: Vec<ValidatorActivity>,
+    /// Evidence seen, newest last.
+    evidence: std::collections::VecDeque<EvidenceSeen>,
+    /// Validators whose evidence this node already put on the ledger (one
+    /// record per offender is proof enough).
+    reported: HashSet<PublicKey>,
+    /// This node's client id, for its own transactions.
+    own_client: openagi_consensus::ClientId,
 }
 
 impl Driver {
@@ -950,6 +990,7 @@ impl Driver {
                     info!(view, primary = %primary.fingerprint(), "new view installed");
                 }
                 Output::Persist(_) => {}
+                Output::Evidence(evidence) => self.evidence(evidence),
                 Output::ReadBlocks { peer, from, last } => reads.push((peer, from, last)),
             }
         }
@@ -1077,6 +1118,60 @@ impl Driver {
         }
     }
 
+    /// A validator signed conflicting votes: count, log, keep for the
+    /// status, and put the proof on the ledger once per offender (as a
+    /// transaction of this node's own), so every node learns of it.
+    fn evidence(&mut self, evidence: openagi_consensus::evidence::Equivocation) {
+        let proven =
+            match evidence.verify(self.replica.validators(), &openagi_consensus::StrictCrypto) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "the replica reported evidence that does not verify");
+                    return;
+                }
+            };
+        self.metrics.equivocations.inc();
+        warn!(
+            validator = %proven.validator.fingerprint(),
+            kind = proven.kind,
+            view = proven.view,
+            seq = proven.seq,
+            "a validator signed conflicting votes (equivocation)"
+        );
+        let mut submitted = false;
+        if self.reported.insert(proven.validator) {
+            let now = crate::unix_ms();
+            let tx = evidence.to_payload().and_then(|payload| {
+                let seq = self
+                    .store
+                    .next_client_seq()
+                    .map_err(|e| openagi_consensus::Error::Malformed(e.to_string()))?;
+                Ok(Transaction {
+                    client: self.own_client,
+                    seq,
+                    payload,
+                })
+            });
+            match tx.and_then(|tx| self.replica.handle_request(tx, now)) {
+                Ok(()) => submitted = true,
+                Err(e) => {
+                    warn!(error = %e, "could not put the equivocation evidence on the ledger")
+                }
+            }
+        }
+        if self.evidence.len() >= EVIDENCE_KEPT {
+            self.evidence.pop_front();
+        }
+        self.evidence.push_back(EvidenceSeen {
+            validator: proven.validator.to_hex(),
+            kind: proven.kind,
+            view: proven.view,
+            seq: proven.seq,
+            unix_ms: crate::unix_ms(),
+            submitted,
+        });
+    }
+
     /// Records what arrived from the validator behind `from`.
     fn note_activity(&mut self, from: &PeerId, message: &Message, now: u64) {
         let Some(index) = self.peers.iter().position(|p| p.as_ref() == Some(from)) else {
@@ -1165,6 +1260,7 @@ impl Driver {
                 .recovery_status()
                 .map(|r| RecoveryReport::from_status(&r, validators.n())),
             activity: self.activity.clone(),
+            evidence: self.evidence.iter().cloned().collect(),
         };
         self.log_recovery_change(&status);
         match self.status.write() {
