@@ -124,6 +124,38 @@ pub enum LocalData {
     Absent(String),
 }
 
+/// Which jobs the operator lets this node join (among those its data
+/// fits).
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct JoinPolicy {
+    /// Join nothing at all.
+    pub never: bool,
+    /// When not empty, only jobs these keys coordinate.
+    pub coordinators: Vec<PublicKey>,
+    /// Only jobs with client-level differential privacy.
+    pub require_dp: bool,
+}
+
+impl JoinPolicy {
+    /// Why the policy keeps this node out of `spec` (coordinated by
+    /// `coordinator`), in the operator's terms; `None` when it allows it.
+    pub fn refusal(&self, spec: &JobSpec, coordinator: &PublicKey) -> Option<String> {
+        if self.never {
+            return Some("the operator's policy joins no job (learn.join = \"none\")".into());
+        }
+        if !self.coordinators.is_empty() && !self.coordinators.contains(coordinator) {
+            return Some(format!(
+                "its coordinator {} is not in learn.coordinators",
+                coordinator.fingerprint()
+            ));
+        }
+        if self.require_dp && spec.privacy.is_none() {
+            return Some("it runs without differential privacy and learn.require_dp is set".into());
+        }
+        None
+    }
+}
+
 /// Something the operator should hear about.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Notice {
@@ -219,6 +251,7 @@ pub enum ParticipantOutput {
 pub struct Participant {
     me: PublicKey,
     local: LocalData,
+    policy: JoinPolicy,
     jobs: BTreeMap<JobId, FollowedJob>,
     /// (job, round) this node already trained for.
     trained: HashSet<(JobId, u64)>,
@@ -228,11 +261,18 @@ pub struct Participant {
 }
 
 impl Participant {
-    /// A participant for the node with key `me` and local data `local`.
+    /// A participant for the node with key `me` and local data `local`
+    /// that joins every job its data fits (see [`Participant::with_policy`]).
     pub fn new(me: PublicKey, local: LocalData) -> Self {
+        Self::with_policy(me, local, JoinPolicy::default())
+    }
+
+    /// A participant that joins only the jobs `policy` allows.
+    pub fn with_policy(me: PublicKey, local: LocalData, policy: JoinPolicy) -> Self {
         Self {
             me,
             local,
+            policy,
             jobs: BTreeMap::new(),
             trained: HashSet::new(),
             training: HashSet::new(),
@@ -250,11 +290,14 @@ impl Participant {
         self.jobs.get(id)
     }
 
-    /// Why this node does not join `spec`, or `None` when its data fits.
-    pub fn join_refusal(&self, spec: &JobSpec) -> Option<String> {
+    /// Why this node does not join `spec` (coordinated by `coordinator`),
+    /// or `None` when its data fits and the operator's policy allows it.
+    pub fn join_refusal(&self, spec: &JobSpec, coordinator: &PublicKey) -> Option<String> {
         match &self.local {
             LocalData::Absent(why) => Some(why.clone()),
-            LocalData::Present(profile) => spec.misfit_profile(profile),
+            LocalData::Present(profile) => spec
+                .misfit_profile(profile)
+                .or_else(|| self.policy.refusal(spec, coordinator)),
         }
     }
 
@@ -338,7 +381,7 @@ impl Participant {
             }
         }
         let mine = *signer == self.me;
-        let not_joining = self.join_refusal(&spec);
+        let not_joining = self.join_refusal(&spec, signer);
         let followed = FollowedJob {
             id: job,
             spec: spec.clone(),
@@ -607,6 +650,44 @@ mod tests {
             replayed.job(&id).expect("followed").state,
             JobState::Interrupted
         );
+    }
+
+    #[test]
+    fn the_operators_policy_decides_among_the_jobs_the_data_fits() {
+        let (coordinator, other, me) = (key(1), key(4), key(2));
+        let (record, payload, id) = job(&coordinator, &spec(2));
+        let joins = |policy: JoinPolicy| {
+            let mut p = Participant::with_policy(me.public(), digits(), policy);
+            p.handle_record(&coordinator.public(), &record, &payload, true);
+            let joined = drain(&mut p)
+                .iter()
+                .any(|o| matches!(o, ParticipantOutput::Submit(Record::Join { .. })));
+            (joined, p.job(&id).expect("followed").not_joining.clone())
+        };
+        assert_eq!(joins(JoinPolicy::default()), (true, None));
+        let (joined, why) = joins(JoinPolicy {
+            never: true,
+            ..JoinPolicy::default()
+        });
+        assert!(!joined && why.is_some_and(|w| w.contains("learn.join")));
+        let (joined, why) = joins(JoinPolicy {
+            coordinators: vec![other.public()],
+            ..JoinPolicy::default()
+        });
+        assert!(!joined && why.is_some_and(|w| w.contains("learn.coordinators")));
+        assert_eq!(
+            joins(JoinPolicy {
+                coordinators: vec![other.public(), coordinator.public()],
+                ..JoinPolicy::default()
+            }),
+            (true, None)
+        );
+        // The job has no DP: a node that requires it stays out.
+        let (joined, why) = joins(JoinPolicy {
+            require_dp: true,
+            ..JoinPolicy::default()
+        });
+        assert!(!joined && why.is_some_and(|w| w.contains("require_dp")));
     }
 
     #[test]

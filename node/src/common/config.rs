@@ -319,9 +319,54 @@ pub struct LearnSection {
     /// Use only shard `K/N` of the training part (an IID split), e.g. to
     /// give each node of a test network its own slice; empty: all of it.
     pub shard: String,
+    /// Which jobs to join: `fitting` (every job the data fits) or `none`.
+    pub join: JoinMode,
+    /// When not empty, join only jobs these coordinators submitted
+    /// (libp2p peer ids or Ed25519 public keys in hex).
+    pub coordinators: Vec<String>,
+    /// Join only jobs with client-level differential privacy.
+    pub require_dp: bool,
+}
+
+/// `learn.join`: whether this node joins jobs at all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JoinMode {
+    /// Every job the local data fits (and the other settings allow).
+    #[default]
+    Fitting,
+    /// None: this node follows jobs but never trains.
+    None,
 }
 
 impl LearnSection {
+    /// The operator's join policy: `learn.join`, `learn.coordinators`
+    /// (each a peer id or a public key) and `learn.require_dp`.
+    pub fn join_policy(&self) -> Result<openagi_learning::participant::JoinPolicy, String> {
+        let mut coordinators = Vec::with_capacity(self.coordinators.len());
+        for entry in &self.coordinators {
+            let entry = entry.trim();
+            let key = match openagi_crypto::PublicKey::from_hex(entry) {
+                Ok(key) => key,
+                Err(_) => entry
+                    .parse::<libp2p::PeerId>()
+                    .ok()
+                    .and_then(|peer| openagi_net::public_key_of(&peer))
+                    .ok_or_else(|| {
+                        format!(
+                            "{entry:?} is neither a peer id (12D3KooW...) nor a 64-digit public key"
+                        )
+                    })?,
+            };
+            coordinators.push(key);
+        }
+        Ok(openagi_learning::participant::JoinPolicy {
+            never: self.join == JoinMode::None,
+            coordinators,
+            require_dp: self.require_dp,
+        })
+    }
+
     /// The data source, if this node trains.
     pub fn source(&self) -> Result<Option<crate::common::learn_data::DataSource>, String> {
         if self.data.trim().is_empty() {
@@ -636,6 +681,12 @@ impl Config {
         self.learn
             .shard()
             .map_err(|e| invalid(origin("learn.shard"), format!("learn.shard: {e}")))?;
+        self.learn.join_policy().map_err(|e| {
+            invalid(
+                origin("learn.coordinators"),
+                format!("learn.coordinators: {e}"),
+            )
+        })?;
         self.consensus
             .replica_config(self.network.transport)
             .validate()
@@ -1391,6 +1442,14 @@ transport = "{transport}"
 # data = ""
 # Train on shard K of N of it (an IID split), e.g. "2/4".
 # shard = ""
+# Which jobs to join among those the data fits: "fitting" (all of them)
+# or "none" (follow jobs, never train).
+# join = "fitting"
+# Join only jobs these coordinators submitted (peer ids or Ed25519 public
+# keys in hex); empty: any coordinator.
+# coordinators = []
+# Join only jobs with client-level differential privacy.
+# require_dp = false
 
 [api]
 # Local HTTP server: /health, /ready and /metrics (no token) and /api/v1
@@ -1896,6 +1955,28 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(c, Config::default());
+    }
+    #[test]
+    fn the_join_policy_is_read_and_a_bad_coordinator_is_named() {
+        let key = openagi_crypto::Identity::from_seed(&[5; 32]).public();
+        let text = format!(
+            "[learn]\njoin = \"none\"\ncoordinators = [\"{}\"]\nrequire_dp = true\n",
+            key.to_hex()
+        );
+        let config = load_text(&text, &[], &CliOverrides::default()).expect("loads");
+        let policy = config.learn.join_policy().expect("policy");
+        assert!(policy.never && policy.require_dp);
+        assert_eq!(policy.coordinators, vec![key]);
+        let err = load_text(
+            "[learn]\ncoordinators = [\"nonsense\"]\n",
+            &[],
+            &CliOverrides::default(),
+        )
+        .expect_err("refused");
+        let text = err.to_string();
+        assert!(text.contains("learn.coordinators"), "{text}");
+        assert!(text.contains("peer id"), "{text}");
+        assert!(load_text("[learn]\njoin = \"some\"\n", &[], &CliOverrides::default()).is_err());
     }
 }
 

@@ -412,6 +412,9 @@ impl Learner {
                 "this node has no learn.data: set [learn] data in openagi.toml to train".into(),
             ),
         };
+        let policy = config
+            .join_policy()
+            .map_err(|e| anyhow!("learn.coordinators: {e}"))?;
         let learner = Arc::new(Self {
             identity: Identity::from_seed(&identity.seed()),
             me,
@@ -421,7 +424,7 @@ impl Learner {
             local,
             models_dir,
             state: Mutex::new(State {
-                participant: Participant::new(me, profile),
+                participant: Participant::with_policy(me, profile, policy),
                 coordinators: HashMap::new(),
                 trainers: HashMap::new(),
                 feedback: HashMap::new(),
