@@ -43,6 +43,9 @@
 //!         Output::Send { to: _, message } => drop(message.encode()?),
 //!         Output::Committed { block, .. } => committed = block.height,
 //!         Output::ViewInstalled { .. } => {}
+//!         // A validator signed conflicting votes: keep the proof, put it
+//!         // on the ledger.
+//!         Output::Evidence(_proof) => {}
 //!         // A peer wants blocks older than the replica keeps in memory:
 //!         // read them from disk and hand them back.
 //!         Output::ReadBlocks { peer, from, last } => {
@@ -61,6 +64,10 @@
 //!   certificates and [`verify_chain`].
 //! - [`ledger`]: the head of the chain, its most recent blocks and the
 //!   exactly-once table.
+//! - [`follow`]: a full node's follower (verifying committed blocks without
+//!   voting) and the `/openagi/ledger/1` messages.
+//! - [`evidence`]: equivocation evidence anyone with the validator set can
+//!   verify.
 //! - [`messages`]: the signed wire messages.
 //! - [`replica`]: the state machine, its configuration, outputs, persisted
 //!   state and drop counters.
