@@ -62,6 +62,12 @@ fn a_follower_takes_a_committed_chain_and_refuses_forgeries() {
     let mut short = rest.clone();
     short[0].1.commits.truncate(1);
     assert!(follower.handle_blocks(short, &StrictCrypto).is_err());
+    // A certificate padded with one commit repeated: refused before any
+    // signature is checked.
+    let mut padded = rest.clone();
+    let one = padded[0].1.commits[0].clone();
+    padded[0].1.commits.push(one);
+    assert!(follower.handle_blocks(padded, &StrictCrypto).is_err());
     // A gap.
     assert!(
         follower

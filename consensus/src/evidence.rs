@@ -6,8 +6,9 @@
 //!
 //! A replica that receives the second vote emits
 //! [`crate::Output::Evidence`]; the node records it and puts it on the
-//! ledger as a transaction tagged [`EVIDENCE_TAG`], so every node, full
-//! nodes included, learns of it from the chain.
+//! ledger as a transaction tagged [`EVIDENCE_TAG`], where it stays for
+//! anyone to check (acting on it, such as excluding the validator at the
+//! next epoch, needs validator-set changes, which do not exist yet).
 
 use openagi_crypto::{PublicKey, Signed};
 use serde::{Deserialize, Serialize};

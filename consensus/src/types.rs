@@ -313,15 +313,32 @@ pub struct CommitCertificate {
 }
 
 impl CommitCertificate {
-    /// Checks every commit strictly: members only, each counted once, all
-    /// for this network, view, sequence number and header digest.
+    /// Checks every commit strictly: members only, each member at most
+    /// once, all for this network, view, sequence number and header
+    /// digest. The shape (no more commits than members, no repeated
+    /// signer) is checked before any signature, so a padded certificate
+    /// costs no verification work.
     pub fn verify<C: Crypto>(&self, validators: &ValidatorSet, crypto: &C) -> Result<(), Error> {
-        let digest = self.header.digest();
+        if self.commits.len() > validators.n() {
+            return Err(Error::InvalidCertificate(format!(
+                "{} commits for {} validators",
+                self.commits.len(),
+                validators.n()
+            )));
+        }
         let mut seen = BTreeSet::new();
         for signed in &self.commits {
             let index = validators
                 .index_of(signed.signer())
                 .ok_or_else(|| Error::InvalidCertificate("commit from a non-member".into()))?;
+            if !seen.insert(index) {
+                return Err(Error::InvalidCertificate(
+                    "a validator's commit appears twice".into(),
+                ));
+            }
+        }
+        let digest = self.header.digest();
+        for signed in &self.commits {
             let commit = crypto.open(signed)?;
             if commit.network != validators.network()
                 || commit.view != self.view
@@ -332,7 +349,6 @@ impl CommitCertificate {
                     "commit does not match certificate".into(),
                 ));
             }
-            seen.insert(index);
         }
         if seen.len() < validators.quorum() {
             return Err(Error::InvalidCertificate(format!(

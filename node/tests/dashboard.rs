@@ -162,6 +162,11 @@ fn the_dashboard_needs_a_login_and_a_session_only_reads() {
         200
     );
     assert_eq!(
+        request(&daemon, "GET", "/api/v1/inbox", Some(&cookie)).code,
+        401,
+        "decrypted private messages need the token"
+    );
+    assert_eq!(
         request(&daemon, "POST", "/api/v1/tx", Some(&cookie)).code,
         401
     );

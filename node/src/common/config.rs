@@ -687,6 +687,17 @@ impl Config {
                 format!("learn.coordinators: {e}"),
             )
         })?;
+        // Full nodes fetch blocks in ledger answers of at most 8 MiB: a
+        // block with its certificate must fit one with room to spare.
+        if self.consensus.max_batch_bytes > MAX_BATCH_BYTES_LIMIT {
+            return Err(invalid(
+                origin("consensus.max_batch_bytes"),
+                format!(
+                    "consensus.max_batch_bytes is {}; at most {MAX_BATCH_BYTES_LIMIT} (a block must fit the answers full nodes fetch it in)",
+                    self.consensus.max_batch_bytes
+                ),
+            ));
+        }
         self.consensus
             .replica_config(self.network.transport)
             .validate()
@@ -899,6 +910,9 @@ fn parse_like(template: &Value, raw: &str) -> Result<Value, String> {
         _ => Err("this setting cannot be set from the environment".into()),
     }
 }
+
+/// Largest `consensus.max_batch_bytes`: half a ledger answer.
+pub const MAX_BATCH_BYTES_LIMIT: usize = openagi_net::MAX_LEDGER_RESPONSE_BYTES / 2;
 
 /// The version of the `openagi.toml` format this build writes and reads;
 /// UPGRADING.md lists what changed in each. A file without the key is

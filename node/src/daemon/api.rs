@@ -448,6 +448,12 @@ async fn submit_tx(
             );
         }
     };
+    if matches!(ledger, Submitter::Full(_)) && request.client.is_some() {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "a full node forwards only its own transactions (validators take them from its peer id alone); submit transactions under your own client id to a validator",
+        );
+    }
     let tx = match (request.client, request.seq) {
         (_, Some(0)) => return error(StatusCode::BAD_REQUEST, "seq starts at 1"),
         (Some(text), seq) => {
@@ -737,7 +743,9 @@ async fn require_token(
         *request.method(),
         axum::http::Method::GET | axum::http::Method::HEAD
     );
-    if read_only && state.dashboard.has_session(request.headers()) {
+    // The inbox holds decrypted private messages: the token only.
+    let private = request.uri().path().ends_with("/inbox");
+    if read_only && !private && state.dashboard.has_session(request.headers()) {
         return next.run(request).await;
     }
     let presented = bearer(request.headers());

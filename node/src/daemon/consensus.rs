@@ -1139,7 +1139,7 @@ impl Driver {
             "a validator signed conflicting votes (equivocation)"
         );
         let mut submitted = false;
-        if self.reported.insert(proven.validator) {
+        if !self.reported.contains(&proven.validator) {
             let now = crate::unix_ms();
             let tx = evidence.to_payload().and_then(|payload| {
                 let seq = self
@@ -1153,7 +1153,10 @@ impl Driver {
                 })
             });
             match tx.and_then(|tx| self.replica.handle_request(tx, now)) {
-                Ok(()) => submitted = true,
+                Ok(()) => {
+                    submitted = true;
+                    self.reported.insert(proven.validator);
+                }
                 Err(e) => {
                     warn!(error = %e, "could not put the equivocation evidence on the ledger")
                 }

@@ -38,8 +38,16 @@ use tracing::{info, warn};
 
 use crate::daemon::api::ApiState;
 
-/// Name of the session cookie.
+/// Prefix of the session cookie's name; the API port follows, because
+/// browsers share cookies across the ports of one host (two nodes on one
+/// machine must not overwrite or read each other's sessions).
 pub const SESSION_COOKIE: &str = "openagi_session";
+
+/// The session cookie's name for the API listening on `api_addr`.
+pub fn session_cookie_name(api_addr: &str) -> String {
+    let port = api_addr.rsplit(':').next().unwrap_or_default();
+    format!("{SESSION_COOKIE}_{port}")
+}
 /// How long a login code may wait to be used.
 pub const LOGIN_CODE_TTL: Duration = Duration::from_secs(300);
 /// Login codes alive at once (the oldest goes first).
@@ -74,6 +82,7 @@ struct Inner {
 /// The dashboard's state in the daemon.
 pub struct Dashboard {
     inner: Mutex<Inner>,
+    cookie_name: String,
     streams: Arc<Semaphore>,
     firing: Family<AlertLabel, Gauge>,
     events: Family<AlertEventLabel, Counter>,
@@ -106,7 +115,7 @@ impl Dashboard {
     /// A dashboard with an empty history; registers
     /// `openagi_alerts_firing{alert}` and
     /// `openagi_alert_events_total{alert,event}`.
-    pub fn new(registry: &mut Registry) -> Arc<Self> {
+    pub fn new(registry: &mut Registry, api_addr: &str) -> Arc<Self> {
         let firing = Family::<AlertLabel, Gauge>::default();
         let events = Family::<AlertEventLabel, Counter>::default();
         registry.register(
@@ -143,6 +152,7 @@ impl Dashboard {
             }
         }
         Arc::new(Self {
+            cookie_name: session_cookie_name(api_addr),
             inner: Mutex::new(Inner {
                 history: History::new(),
                 alerts: AlertEngine::new(),
@@ -187,7 +197,7 @@ impl Dashboard {
 
     /// Whether the request's cookies carry a live session.
     pub fn has_session(&self, headers: &HeaderMap) -> bool {
-        let Some(id) = session_cookie(headers) else {
+        let Some(id) = session_cookie(headers, &self.cookie_name) else {
             return false;
         };
         let inner = self.inner();
@@ -239,14 +249,14 @@ impl Dashboard {
     }
 }
 
-fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+fn session_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
+        .find(|(n, _)| *n == name)
         .map(|(_, value)| value)
 }
 
@@ -381,7 +391,8 @@ async fn login(
         );
     };
     let cookie = format!(
-        "{SESSION_COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        "{}={session}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        state.dashboard.cookie_name,
         SESSION_TTL.as_secs()
     );
     let mut response = (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
@@ -511,7 +522,7 @@ mod tests {
     #[test]
     fn login_codes_work_once_and_sessions_are_bounded() {
         let mut registry = Registry::default();
-        let d = Dashboard::new(&mut registry);
+        let d = Dashboard::new(&mut registry, "127.0.0.1:4611");
         let code = d.login_code().expect("code");
         let session = d.redeem(&code).expect("session");
         assert!(d.redeem(&code).is_none(), "a code works once");
@@ -519,7 +530,8 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(
             header::COOKIE,
-            HeaderValue::from_str(&format!("other=1; {SESSION_COOKIE}={session}")).expect("header"),
+            HeaderValue::from_str(&format!("other=1; {SESSION_COOKIE}_4611={session}"))
+                .expect("header"),
         );
         assert!(d.has_session(&headers));
         for _ in 0..MAX_SESSIONS {

@@ -103,9 +103,11 @@ impl FollowerHandle {
         net: &NetHandle,
         tx: Transaction,
     ) -> Result<openagi_consensus::Hash, ForwardError> {
+        let expected = tx.hash();
         let request = LedgerRequest::Submit(tx)
             .encode()
             .map_err(|e| ForwardError::Refused(e.to_string()))?;
+        let mut duplicates = 0usize;
         let connected: Vec<PeerId> = net
             .snapshot()
             .peers
@@ -119,13 +121,16 @@ impl FollowerHandle {
             .filter(|p| connected.contains(p))
         {
             match net.ledger_request(*peer, request.clone()).await {
+                // One validator's word is not final (it may be faulty):
+                // a refusal or "duplicate" moves on to the next.
                 Ok(bytes) => match LedgerResponse::decode(&bytes) {
-                    Ok(LedgerResponse::Submitted(hash)) => return Ok(hash),
-                    Ok(LedgerResponse::Duplicate) => return Err(ForwardError::Duplicate),
+                    Ok(LedgerResponse::Submitted(hash)) if hash == expected => return Ok(hash),
+                    Ok(LedgerResponse::Submitted(_)) => {
+                        unreachable.push(format!("{peer}: answered with another hash"));
+                    }
+                    Ok(LedgerResponse::Duplicate) => duplicates += 1,
                     Ok(LedgerResponse::Refused(why)) => {
-                        return Err(ForwardError::Refused(format!(
-                            "validator {peer} refused it: {why}"
-                        )));
+                        unreachable.push(format!("{peer} refused it: {why}"));
                     }
                     Ok(LedgerResponse::Blocks(_)) | Err(_) => {
                         unreachable.push(format!("{peer}: answered out of turn"));
@@ -133,6 +138,9 @@ impl FollowerHandle {
                 },
                 Err(e) => unreachable.push(format!("{peer}: {e}")),
             }
+        }
+        if duplicates > 0 && unreachable.is_empty() {
+            return Err(ForwardError::Duplicate);
         }
         Err(ForwardError::Refused(if unreachable.is_empty() {
             "no validator is connected to this full node to forward the transaction to".into()
@@ -226,6 +234,9 @@ pub fn start(
             // Keep asking while a peer has more (catching up), one answer
             // stored at a time.
             loop {
+                if *shutdown.borrow() {
+                    break;
+                }
                 match follow_once(&mut follower, &store, &net, peer, &commits, &status).await {
                     Ok(0) => break,
                     Ok(_) => continue,
@@ -323,9 +334,16 @@ async fn follow_once(
         }
         Err(e) => return Err(Refusal::Forged(format!("undecodable answer: {e}"))),
     };
-    let fresh = follower
-        .handle_blocks(blocks, &StrictCrypto)
-        .map_err(|e| Refusal::Forged(e.to_string()))?;
+    // Checking up to 64 certificates is CPU work: off the async workers.
+    let mut checker = follower.clone();
+    let (checker, verified) = tokio::task::spawn_blocking(move || {
+        let verified = checker.handle_blocks(blocks, &StrictCrypto);
+        (checker, verified)
+    })
+    .await
+    .map_err(|e| Refusal::Local(anyhow::anyhow!("verification task failed: {e}")))?;
+    let fresh = verified.map_err(|e| Refusal::Forged(e.to_string()))?;
+    *follower = checker;
     if fresh.is_empty() {
         return Ok(0);
     }
@@ -367,6 +385,7 @@ async fn follow_once(
 pub async fn answer(
     store: &Arc<Store>,
     consensus: Option<&ConsensusHandle>,
+    from: PeerId,
     data: &[u8],
 ) -> LedgerResponse {
     let request = match LedgerRequest::decode(data) {
@@ -374,29 +393,48 @@ pub async fn answer(
         Err(e) => return LedgerResponse::Refused(format!("malformed request: {e}")),
     };
     match request {
-        LedgerRequest::Blocks { from, max } => {
+        LedgerRequest::Blocks { from: first, max } => {
             let store = store.clone();
             let max = max.min(openagi_consensus::follow::MAX_BLOCKS_PER_REQUEST) as usize;
-            let read =
-                tokio::task::spawn_blocking(move || store.blocks_from(from.max(1), max)).await;
-            match read {
-                Ok(Ok(blocks)) => {
-                    // Stay under the answer limit: stop before the block
-                    // that would cross it.
-                    let limit = openagi_net::MAX_LEDGER_RESPONSE_BYTES - 1024;
-                    let mut size = 0usize;
-                    let fitting = blocks
-                        .into_iter()
-                        .take_while(|b| {
-                            size += postcard::to_stdvec(b).map_or(usize::MAX / 2, |v| v.len());
-                            size <= limit
-                        })
-                        .collect();
-                    LedgerResponse::Blocks(fitting)
+            // Read a few blocks at a time and stop before the answer limit,
+            // so one request never holds more than about one answer.
+            let read = tokio::task::spawn_blocking(move || {
+                let limit = openagi_net::MAX_LEDGER_RESPONSE_BYTES - 1024;
+                let mut answer = Vec::new();
+                let mut size = 0usize;
+                let mut next = first.max(1);
+                while answer.len() < max {
+                    let chunk = store.blocks_from(next, 8.min(max - answer.len()))?;
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    for block in chunk {
+                        size += postcard::to_stdvec(&block).map_or(usize::MAX / 2, |v| v.len());
+                        if size > limit {
+                            return Ok(answer);
+                        }
+                        next = block.0.height + 1;
+                        answer.push(block);
+                    }
                 }
+                Ok::<_, crate::common::store::StoreError>(answer)
+            })
+            .await;
+            match read {
+                Ok(Ok(blocks)) => LedgerResponse::Blocks(blocks),
                 Ok(Err(e)) => LedgerResponse::Refused(format!("reading blocks: {e}")),
                 Err(e) => LedgerResponse::Refused(format!("reading blocks: {e}")),
             }
+        }
+        // A peer may forward only its own transactions (its client id is
+        // its peer id's hash): nobody can spend another node's sequence
+        // numbers through this door.
+        LedgerRequest::Submit(tx)
+            if tx.client != crate::daemon::consensus::node_client_id(&from) =>
+        {
+            LedgerResponse::Refused(
+                "a forwarded transaction must be under the sending node's own client id".into(),
+            )
         }
         LedgerRequest::Submit(tx) => match consensus {
             Some(c) => match c.submit(tx).await {
@@ -473,5 +511,96 @@ impl LedgerAccess {
                 ForwardError::Refused(why) => SubmitError::Refused(why),
             }),
         }
+    }
+}
+
+/// Ledger requests one peer may have answered at once (the network task
+/// allows 64 in all).
+pub const LEDGER_ANSWERS_PER_PEER: usize = 4;
+
+/// Counts each peer's ledger requests being answered.
+#[derive(Clone, Default)]
+pub struct LedgerSlots {
+    busy: Arc<std::sync::Mutex<HashMap<PeerId, usize>>>,
+}
+
+/// One request's slot, given back when dropped.
+pub struct LedgerSlot {
+    slots: LedgerSlots,
+    peer: PeerId,
+}
+
+impl LedgerSlots {
+    /// A slot for `peer`, unless it has [`LEDGER_ANSWERS_PER_PEER`] already.
+    pub fn take(&self, peer: PeerId) -> Option<LedgerSlot> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let count = busy.entry(peer).or_default();
+        if *count >= LEDGER_ANSWERS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(LedgerSlot {
+            slots: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for LedgerSlot {
+    fn drop(&mut self) {
+        let mut busy = self.slots.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = busy.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                busy.remove(&self.peer);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tx_of(peer: &PeerId) -> Transaction {
+        Transaction {
+            client: crate::daemon::consensus::node_client_id(peer),
+            seq: 1,
+            payload: b"x".to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_forwards_only_its_own_transactions_and_slots_are_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path()).expect("store"));
+        let (me, other) = (PeerId::random(), PeerId::random());
+        let request = |tx: Transaction| LedgerRequest::Submit(tx).encode().expect("encodes");
+        match answer(&store, None, me, &request(tx_of(&other))).await {
+            LedgerResponse::Refused(why) => assert!(why.contains("own client id"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // Its own transaction reaches the (absent) replica.
+        match answer(&store, None, me, &request(tx_of(&me))).await {
+            LedgerResponse::Refused(why) => assert!(why.contains("not a validator"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // Blocks from an empty store: an empty answer, not an error.
+        let blocks = LedgerRequest::Blocks { from: 1, max: 64 }
+            .encode()
+            .expect("encodes");
+        assert_eq!(
+            answer(&store, None, me, &blocks).await,
+            LedgerResponse::Blocks(Vec::new())
+        );
+
+        let slots = LedgerSlots::default();
+        let held: Vec<_> = (0..LEDGER_ANSWERS_PER_PEER)
+            .map(|_| slots.take(me).expect("a slot"))
+            .collect();
+        assert!(slots.take(me).is_none(), "a peer's slots are bounded");
+        assert!(slots.take(other).is_some(), "other peers are not affected");
+        drop(held);
+        assert!(slots.take(me).is_some(), "slots come back");
     }
 }

@@ -272,7 +272,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
             )
         })?;
     let api_addr = listener.local_addr()?;
-    let dashboard = dashboard::Dashboard::new(metrics.registry_mut());
+    let dashboard = dashboard::Dashboard::new(metrics.registry_mut(), &api_addr.to_string());
     let state = Arc::new(ApiState {
         net: net.clone(),
         consensus: consensus.clone(),
@@ -321,6 +321,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let otk_rotation = Duration::from_secs(config.node.one_time_key_rotation_secs);
     let mut otk_check = tokio::time::interval(otk_rotation.min(Duration::from_secs(60)));
     let mut failure: Option<anyhow::Error> = None;
+    let ledger_slots = follower::LedgerSlots::default();
     let reason = loop {
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
@@ -351,13 +352,25 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
                     let learner = learner.clone();
                     tokio::spawn(async move { learner.handle(from, data, reply).await });
                 }
-                Some(NetEvent::MsgRequest { protocol: AppProtocol::Ledger, data, reply, .. }) => {
+                Some(NetEvent::MsgRequest { protocol: AppProtocol::Ledger, from, data, reply }) => {
+                    // A few answers per peer at a time: one peer cannot
+                    // take every slot the network task allows.
+                    let Some(slot) = ledger_slots.take(from) else {
+                        let busy = openagi_consensus::follow::LedgerResponse::Refused(
+                            "too many requests from this peer at once".into(),
+                        );
+                        if let Ok(bytes) = busy.encode() {
+                            let _ = net.respond_msg(reply, bytes).await;
+                        }
+                        continue;
+                    };
                     let (store, consensus, net) = (store.clone(), consensus.clone(), net.clone());
                     tokio::spawn(async move {
-                        let answer = follower::answer(&store, consensus.as_ref(), &data).await;
+                        let answer = follower::answer(&store, consensus.as_ref(), from, &data).await;
                         if let Ok(bytes) = answer.encode() {
                             let _ = net.respond_msg(reply, bytes).await;
                         }
+                        drop(slot);
                     });
                 }
                 Some(event) => handle_event(&store, event).await,
