@@ -1131,13 +1131,25 @@ impl Driver {
                 }
             };
         self.metrics.equivocations.inc();
-        warn!(
-            validator = %proven.validator.fingerprint(),
-            kind = proven.kind,
-            view = proven.view,
-            seq = proven.seq,
-            "a validator signed conflicting votes (equivocation)"
-        );
+        // Loud once per offender; a validator that keeps equivocating
+        // must not flood the log.
+        if self.reported.contains(&proven.validator) {
+            debug!(
+                validator = %proven.validator.fingerprint(),
+                kind = proven.kind,
+                view = proven.view,
+                seq = proven.seq,
+                "more conflicting votes from an equivocating validator"
+            );
+        } else {
+            warn!(
+                validator = %proven.validator.fingerprint(),
+                kind = proven.kind,
+                view = proven.view,
+                seq = proven.seq,
+                "a validator signed conflicting votes (equivocation)"
+            );
+        }
         let mut submitted = false;
         if !self.reported.contains(&proven.validator) {
             let now = crate::unix_ms();
