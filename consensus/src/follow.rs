@@ -36,6 +36,11 @@ pub enum LedgerRequest {
     },
     /// A transaction a full node forwards to a validator.
     Submit(Transaction),
+    /// A new node redeems an invite code for the network's genesis.
+    Redeem {
+        /// The code as the inviter printed it.
+        code: String,
+    },
 }
 
 /// An answer on `/openagi/ledger/1`.
@@ -50,6 +55,13 @@ pub enum LedgerResponse {
     Duplicate,
     /// Refused, and why.
     Refused(String),
+    /// A redeemed invitation: what a new node needs to join.
+    Invitation {
+        /// The network id.
+        network_id: String,
+        /// The network's `genesis.toml`.
+        genesis_toml: String,
+    },
 }
 
 impl LedgerRequest {

@@ -54,6 +54,24 @@ enum Command {
         /// XChaCha20-Poly1305); see --passphrase-file.
         #[arg(long)]
         encrypt: bool,
+        /// Join a network with an invite code (`openagi invite` on a node
+        /// of it prints one): fetches its genesis from --bootstrap.
+        #[arg(long, requires = "bootstrap")]
+        join: Option<String>,
+        /// The inviting node's address, ending in /p2p/<peer id>.
+        #[arg(long)]
+        bootstrap: Option<String>,
+    },
+    /// Invite codes into this node's network (through the running daemon).
+    Invite {
+        #[command(subcommand)]
+        command: Option<InviteArgs>,
+        /// How long a new code works (e.g. 7d, 12h).
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        expires: Duration,
+        /// How many nodes may join with a new code.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
     },
     /// Submit a transaction to the ledger through the running daemon.
     Submit {
@@ -230,6 +248,22 @@ enum GenesisArgs {
         /// Output file.
         #[arg(long, default_value = "genesis.toml")]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum InviteArgs {
+    /// The codes this node made (never the codes themselves: their
+    /// first group, state and uses left).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a code from working.
+    Revoke {
+        /// The code.
+        code: String,
     },
 }
 
@@ -468,6 +502,8 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             transport,
             genesis,
             encrypt,
+            join,
+            bootstrap,
         } => {
             let dir = DataDir::new(&data_dir);
             let settings = InitSettings {
@@ -482,8 +518,25 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                 println!("{}", cli_ledger::install_genesis(&dir, &genesis)?);
                 warn_on_genesis_mismatch(&dir);
             }
+            if let (Some(code), Some(bootstrap)) = (join, bootstrap) {
+                for line in openagi_node::cli::invite::join(&dir, &passphrase, &code, &bootstrap)? {
+                    println!("{line}");
+                }
+            }
             println!("peer id: {}", report.peer_id);
             Ok(())
+        }
+        Command::Invite {
+            command,
+            expires,
+            uses,
+        } => {
+            let dir = DataDir::new(&data_dir);
+            match command {
+                None => openagi_node::cli::invite::create(&dir, expires, uses),
+                Some(InviteArgs::List { json }) => openagi_node::cli::invite::list(&dir, json),
+                Some(InviteArgs::Revoke { code }) => openagi_node::cli::invite::revoke(&dir, &code),
+            }
         }
         Command::Run(args) => {
             let options = RunOptions {

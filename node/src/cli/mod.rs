@@ -10,6 +10,7 @@ pub mod client;
 pub mod dashboard;
 pub mod debug_bundle;
 pub mod devnet;
+pub mod invite;
 pub mod keys;
 pub mod learn;
 pub mod learn_jobs;

@@ -8,6 +8,7 @@ pub mod bench_log;
 pub mod config;
 pub mod datadir;
 pub mod genesis;
+pub mod invite;
 pub mod learn_data;
 pub mod ledger;
 pub mod logfile;

@@ -45,6 +45,8 @@ const TX_INDEX_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("tx
 const MSG_STATE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("msg_state");
 /// Received messages by arrival number, each encrypted at rest.
 const INBOX: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("inbox");
+/// Invite codes by hash (the codes themselves are never stored).
+const INVITES: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("invites");
 
 /// Most messages kept in the inbox; the oldest go first.
 pub const MAX_INBOX: u64 = 10_000;
@@ -157,6 +159,38 @@ pub const SCHEMA_VERSION: u32 = 2;
 /// Key of the schema version in the `meta` table (4 bytes, little endian).
 const SCHEMA_KEY: &str = "schema_version";
 
+/// An invite as the inviter keeps it (under its code's hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Invite {
+    /// The code's first group, to recognise it in a list (`OAGI-7K2M`).
+    pub label: String,
+    /// When it was made (ms since the Unix epoch).
+    pub created_ms: u64,
+    /// When it stops working.
+    pub expires_ms: u64,
+    /// Redemptions left.
+    pub uses_left: u32,
+    /// Revoked by the operator.
+    pub revoked: bool,
+}
+
+/// Why an invite code was not redeemed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InviteRefusal {
+    /// No invite has this code.
+    #[error("no such invite code on this node (check the code, or ask for a new one)")]
+    Unknown,
+    /// The operator revoked it.
+    #[error("this invite code was revoked by the node that made it")]
+    Revoked,
+    /// Its time ran out.
+    #[error("this invite code has expired; ask for a new one")]
+    Expired,
+    /// All its uses are spent.
+    #[error("this invite code was already used; ask for a new one")]
+    Spent,
+}
+
 impl Store {
     /// Opens or creates the database in `data_dir`. A database of an older
     /// schema is refused ([`StoreError::NeedsMigration`]) and so is one
@@ -225,6 +259,7 @@ impl Store {
         txn.open_table(BLOCKS).map_err(engine)?;
         txn.open_table(MSG_STATE).map_err(engine)?;
         txn.open_table(INBOX).map_err(engine)?;
+        txn.open_table(INVITES).map_err(engine)?;
         if created {
             stamp_schema(&txn, SCHEMA_VERSION)?;
         }
@@ -336,6 +371,93 @@ impl Store {
         }
         entries.reverse();
         Ok(entries)
+    }
+
+    /// Keeps a new invite under its code's hash.
+    pub fn add_invite(&self, hash: &[u8; 32], invite: &Invite) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(engine)?;
+        {
+            let mut table = txn.open_table(INVITES).map_err(engine)?;
+            table
+                .insert(hash, encode(invite)?.as_slice())
+                .map_err(engine)?;
+        }
+        txn.commit().map_err(engine)
+    }
+
+    /// Every invite, with its code's hash.
+    pub fn invites(&self) -> Result<Vec<([u8; 32], Invite)>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(INVITES).map_err(engine)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(engine)? {
+            let (k, v) = item.map_err(engine)?;
+            out.push((*k.value(), decode("invites", "invite", v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Revokes the invite whose code hashes to `hash`; whether there was one.
+    pub fn revoke_invite(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
+        self.update_invite(hash, |invite| {
+            invite.revoked = true;
+            Ok(())
+        })
+        .map(|found| found.is_some())
+    }
+
+    /// Redeems one use of the invite whose code hashes to `hash` at
+    /// `now_ms`, in one durable transaction: refused (and unchanged) when
+    /// unknown, revoked, expired or spent.
+    pub fn redeem_invite(
+        &self,
+        hash: &[u8; 32],
+        now_ms: u64,
+    ) -> Result<Result<(), InviteRefusal>, StoreError> {
+        let outcome = self.update_invite(hash, |invite| {
+            if invite.revoked {
+                Err(InviteRefusal::Revoked)
+            } else if now_ms >= invite.expires_ms {
+                Err(InviteRefusal::Expired)
+            } else if invite.uses_left == 0 {
+                Err(InviteRefusal::Spent)
+            } else {
+                invite.uses_left -= 1;
+                Ok(())
+            }
+        })?;
+        Ok(outcome.unwrap_or(Err(InviteRefusal::Unknown)))
+    }
+
+    /// Applies `change` to one invite and writes it back if it succeeds;
+    /// `None` when there is no such invite.
+    fn update_invite(
+        &self,
+        hash: &[u8; 32],
+        change: impl FnOnce(&mut Invite) -> Result<(), InviteRefusal>,
+    ) -> Result<Option<Result<(), InviteRefusal>>, StoreError> {
+        let txn = self.db.begin_write().map_err(engine)?;
+        let outcome = {
+            let mut table = txn.open_table(INVITES).map_err(engine)?;
+            let current: Option<Invite> = match table.get(hash).map_err(engine)? {
+                Some(v) => Some(decode("invites", "invite", v.value())?),
+                None => None,
+            };
+            match current {
+                None => None,
+                Some(mut invite) => {
+                    let result = change(&mut invite);
+                    if result.is_ok() {
+                        table
+                            .insert(hash, encode(&invite)?.as_slice())
+                            .map_err(engine)?;
+                    }
+                    Some(result)
+                }
+            }
+        };
+        txn.commit().map_err(engine)?;
+        Ok(outcome)
     }
 
     /// Counts one more start of the daemon and returns the new count.

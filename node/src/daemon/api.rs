@@ -249,6 +249,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/inbox", get(inbox))
         .route("/learn/jobs", get(learn_jobs).post(learn_submit))
         .route("/learn/jobs/{job}/model", get(learn_model))
+        .route("/invites", get(list_invites).post(create_invite))
+        .route("/invites/revoke", post(revoke_invite))
         .route("/dashboard/login", post(dashboard_login))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -778,6 +780,158 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}
+
+/// Body of `POST /api/v1/invites`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InviteRequest {
+    /// Seconds the code works (default 7 days, at most 90 days).
+    pub expires_secs: Option<u64>,
+    /// Redemptions it allows (default 1, at most 1000).
+    pub uses: Option<u32>,
+}
+
+/// Most invites kept (revoked and spent ones included).
+const MAX_INVITES: usize = 1000;
+
+/// `POST /api/v1/invites`: a new invite code into this node's network.
+async fn create_invite(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Json<InviteRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(request) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            let (status, text) = crate::daemon::http::json_rejection(&e);
+            return error(status, text);
+        }
+    };
+    if state.consensus.is_none() && state.follower.is_none() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node holds no ledger (no genesis.toml): there is no network to invite into",
+        );
+    }
+    let expires_secs = request.expires_secs.unwrap_or(7 * 24 * 3600);
+    let uses = request.uses.unwrap_or(1);
+    if !(1..=90 * 24 * 3600).contains(&expires_secs) || !(1..=1000).contains(&uses) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "expires_secs must be 1 s to 90 days and uses 1 to 1000",
+        );
+    }
+    let code = match crate::common::invite::generate() {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let now = crate::unix_ms();
+    let invite = crate::common::store::Invite {
+        label: code[..9].to_string(),
+        created_ms: now,
+        expires_ms: now + expires_secs * 1000,
+        uses_left: uses,
+        revoked: false,
+    };
+    let hash = crate::common::invite::code_hash(&code);
+    let store = state.store.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        if store.invites()?.len() >= MAX_INVITES {
+            return Ok(false);
+        }
+        store.add_invite(&hash, &invite).map(|()| true)
+    })
+    .await;
+    match stored {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            return error(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("{MAX_INVITES} invites exist; revoke some first"),
+            );
+        }
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+    let snapshot = state.net.snapshot();
+    let bootstrap: Vec<String> = snapshot
+        .listen_addrs
+        .iter()
+        .map(|a| format!("{a}/p2p/{}", snapshot.local_peer_id))
+        .collect();
+    Json(serde_json::json!({
+        "code": code,
+        "network_id": state.network_id,
+        "expires_unix_ms": now + expires_secs * 1000,
+        "uses": uses,
+        "bootstrap": bootstrap,
+    }))
+    .into_response()
+}
+
+/// `GET /api/v1/invites`: the invites this node made (never the codes).
+async fn list_invites(State(state): State<Arc<ApiState>>) -> Response {
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || store.invites()).await {
+        Ok(Ok(invites)) => {
+            let now = crate::unix_ms();
+            let list: Vec<serde_json::Value> = invites
+                .into_iter()
+                .map(|(_, i)| {
+                    let state = if i.revoked {
+                        "revoked"
+                    } else if now >= i.expires_ms {
+                        "expired"
+                    } else if i.uses_left == 0 {
+                        "spent"
+                    } else {
+                        "open"
+                    };
+                    serde_json::json!({
+                        "label": i.label, "created_unix_ms": i.created_ms,
+                        "expires_unix_ms": i.expires_ms, "uses_left": i.uses_left, "state": state,
+                    })
+                })
+                .collect();
+            Json(serde_json::json!({ "invites": list })).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Body of `POST /api/v1/invites/revoke`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// The code to revoke.
+    pub code: String,
+}
+
+/// `POST /api/v1/invites/revoke`: the code stops working.
+async fn revoke_invite(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Json<RevokeRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(request) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            let (status, text) = crate::daemon::http::json_rejection(&e);
+            return error(status, text);
+        }
+    };
+    let code = match crate::common::invite::normalize(&request.code) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let hash = crate::common::invite::code_hash(&code);
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || store.revoke_invite(&hash)).await {
+        Ok(Ok(true)) => Json(serde_json::json!({ "revoked": true })).into_response(),
+        Ok(Ok(false)) => error(StatusCode::NOT_FOUND, "no such invite on this node"),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

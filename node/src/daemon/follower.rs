@@ -132,7 +132,7 @@ impl FollowerHandle {
                     Ok(LedgerResponse::Refused(why)) => {
                         unreachable.push(format!("{peer} refused it: {why}"));
                     }
-                    Ok(LedgerResponse::Blocks(_)) | Err(_) => {
+                    Ok(LedgerResponse::Blocks(_) | LedgerResponse::Invitation { .. }) | Err(_) => {
                         unreachable.push(format!("{peer}: answered out of turn"));
                     }
                 },
@@ -327,7 +327,11 @@ async fn follow_once(
     let blocks = match LedgerResponse::decode(&answer) {
         Ok(LedgerResponse::Blocks(blocks)) => blocks,
         Ok(LedgerResponse::Refused(why)) => return Err(Refusal::Unavailable(why)),
-        Ok(LedgerResponse::Submitted(_) | LedgerResponse::Duplicate) => {
+        Ok(
+            LedgerResponse::Submitted(_)
+            | LedgerResponse::Duplicate
+            | LedgerResponse::Invitation { .. },
+        ) => {
             return Err(Refusal::Forged(
                 "answered a block request with a submission".into(),
             ));
@@ -379,15 +383,65 @@ async fn follow_once(
     Ok(fresh.len())
 }
 
+/// What answers `/openagi/ledger/1` on this node: blocks from its store,
+/// forwarded transactions (a validator), invite redemptions (a node with
+/// a genesis).
+#[derive(Clone)]
+pub struct LedgerServer {
+    /// The node's database.
+    pub store: Arc<Store>,
+    /// Its replica, when it is a validator.
+    pub consensus: Option<ConsensusHandle>,
+    /// Its network id and `genesis.toml`, handed to redeemed invites.
+    pub genesis: Option<(String, String)>,
+    /// When the last redemptions were tried (all peers together).
+    redemptions: Arc<std::sync::Mutex<std::collections::VecDeque<Instant>>>,
+}
+
+impl LedgerServer {
+    /// A server for this node.
+    pub fn new(
+        store: Arc<Store>,
+        consensus: Option<ConsensusHandle>,
+        genesis: Option<(String, String)>,
+    ) -> Self {
+        Self {
+            store,
+            consensus,
+            genesis,
+            redemptions: Arc::default(),
+        }
+    }
+
+    /// Whether another redemption may be tried now (at most
+    /// [`crate::common::invite::REDEEM_ATTEMPTS_PER_MINUTE`] a minute).
+    fn redemption_allowed(&self) -> bool {
+        let mut recent = self.redemptions.lock().unwrap_or_else(|p| p.into_inner());
+        while recent
+            .front()
+            .is_some_and(|at| at.elapsed() > Duration::from_secs(60))
+        {
+            recent.pop_front();
+        }
+        if recent.len() >= crate::common::invite::REDEEM_ATTEMPTS_PER_MINUTE {
+            return false;
+        }
+        recent.push_back(Instant::now());
+        true
+    }
+
+    /// Answers one request from `from`.
+    pub async fn answer(&self, from: PeerId, data: &[u8]) -> LedgerResponse {
+        answer(self, from, data).await
+    }
+}
+
 /// Answers a `/openagi/ledger/1` request from this node's store (blocks,
-/// up to the protocol's answer size) or its consensus (a forwarded
-/// transaction, taken only by a validator).
-pub async fn answer(
-    store: &Arc<Store>,
-    consensus: Option<&ConsensusHandle>,
-    from: PeerId,
-    data: &[u8],
-) -> LedgerResponse {
+/// up to the protocol's answer size), its consensus (a forwarded
+/// transaction, taken only by a validator) or its invites.
+async fn answer(server: &LedgerServer, from: PeerId, data: &[u8]) -> LedgerResponse {
+    let store = &server.store;
+    let consensus = server.consensus.as_ref();
     let request = match LedgerRequest::decode(data) {
         Ok(r) => r,
         Err(e) => return LedgerResponse::Refused(format!("malformed request: {e}")),
@@ -435,6 +489,35 @@ pub async fn answer(
             LedgerResponse::Refused(
                 "a forwarded transaction must be under the sending node's own client id".into(),
             )
+        }
+        LedgerRequest::Redeem { code } => {
+            let Some((network_id, genesis_toml)) = server.genesis.clone() else {
+                return LedgerResponse::Refused("this node has no genesis to invite into".into());
+            };
+            if !server.redemption_allowed() {
+                return LedgerResponse::Refused(
+                    "too many invite redemptions here this minute; try again in a minute".into(),
+                );
+            }
+            let canonical = match crate::common::invite::normalize(&code) {
+                Ok(c) => c,
+                Err(e) => return LedgerResponse::Refused(e.to_string()),
+            };
+            let hash = crate::common::invite::code_hash(&canonical);
+            let store = store.clone();
+            let now = crate::unix_ms();
+            match tokio::task::spawn_blocking(move || store.redeem_invite(&hash, now)).await {
+                Ok(Ok(Ok(()))) => {
+                    info!(peer = %from, "an invite was redeemed");
+                    LedgerResponse::Invitation {
+                        network_id,
+                        genesis_toml,
+                    }
+                }
+                Ok(Ok(Err(refusal))) => LedgerResponse::Refused(refusal.to_string()),
+                Ok(Err(e)) => LedgerResponse::Refused(format!("reading invites: {e}")),
+                Err(e) => LedgerResponse::Refused(format!("reading invites: {e}")),
+            }
         }
         LedgerRequest::Submit(tx) => match consensus {
             Some(c) => match c.submit(tx).await {
@@ -574,14 +657,15 @@ mod tests {
     async fn a_peer_forwards_only_its_own_transactions_and_slots_are_bounded() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(Store::open(dir.path()).expect("store"));
+        let server = LedgerServer::new(store, None, None);
         let (me, other) = (PeerId::random(), PeerId::random());
         let request = |tx: Transaction| LedgerRequest::Submit(tx).encode().expect("encodes");
-        match answer(&store, None, me, &request(tx_of(&other))).await {
+        match server.answer(me, &request(tx_of(&other))).await {
             LedgerResponse::Refused(why) => assert!(why.contains("own client id"), "{why}"),
             other => panic!("{other:?}"),
         }
         // Its own transaction reaches the (absent) replica.
-        match answer(&store, None, me, &request(tx_of(&me))).await {
+        match server.answer(me, &request(tx_of(&me))).await {
             LedgerResponse::Refused(why) => assert!(why.contains("not a validator"), "{why}"),
             other => panic!("{other:?}"),
         }
@@ -590,7 +674,7 @@ mod tests {
             .encode()
             .expect("encodes");
         assert_eq!(
-            answer(&store, None, me, &blocks).await,
+            server.answer(me, &blocks).await,
             LedgerResponse::Blocks(Vec::new())
         );
 

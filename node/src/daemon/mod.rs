@@ -322,6 +322,13 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let mut otk_check = tokio::time::interval(otk_rotation.min(Duration::from_secs(60)));
     let mut failure: Option<anyhow::Error> = None;
     let ledger_slots = follower::LedgerSlots::default();
+    let ledger_server = follower::LedgerServer::new(
+        store.clone(),
+        consensus.clone(),
+        std::fs::read_to_string(data_dir.file(GENESIS_FILE))
+            .ok()
+            .map(|toml| (config.network.network_id.clone(), toml)),
+    );
     let reason = loop {
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
@@ -364,9 +371,9 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
                         }
                         continue;
                     };
-                    let (store, consensus, net) = (store.clone(), consensus.clone(), net.clone());
+                    let (server, net) = (ledger_server.clone(), net.clone());
                     tokio::spawn(async move {
-                        let answer = follower::answer(&store, consensus.as_ref(), from, &data).await;
+                        let answer = server.answer(from, &data).await;
                         if let Ok(bytes) = answer.encode() {
                             let _ = net.respond_msg(reply, bytes).await;
                         }
