@@ -400,6 +400,7 @@ fn api_refuses_missing_or_wrong_token() {
         "/api/v1/inbox".into(),
         "/api/v1/learn/jobs".into(),
         format!("/api/v1/learn/jobs/{hash}/model"),
+        "/api/v1/invites".into(),
     ];
     for path in &gets {
         let url = format!("http://{}{path}", a.api_addr());
@@ -412,6 +413,8 @@ fn api_refuses_missing_or_wrong_token() {
         "/api/v1/msg",
         "/api/v1/learn/jobs",
         "/api/v1/dashboard/login",
+        "/api/v1/invites",
+        "/api/v1/invites/revoke",
     ] {
         let url = format!("http://{}{path}", a.api_addr());
         let code = agent
