@@ -54,12 +54,13 @@ enum Command {
         /// XChaCha20-Poly1305); see --passphrase-file.
         #[arg(long)]
         encrypt: bool,
-        /// Join a network with an invite code (`openagi invite` on a node
-        /// of it prints one): fetches its genesis from --bootstrap.
-        #[arg(long, requires = "bootstrap")]
+        /// Join a network with an invite (`openagi invite` on a node of it
+        /// prints one): a short code with --bootstrap, or the long form
+        /// (OAGI1:...) alone. Fetches and installs the network's genesis.
+        #[arg(long)]
         join: Option<String>,
         /// The inviting node's address, ending in /p2p/<peer id>.
-        #[arg(long)]
+        #[arg(long, requires = "join")]
         bootstrap: Option<String>,
     },
     /// Invite codes into this node's network (through the running daemon).
@@ -518,8 +519,10 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                 println!("{}", cli_ledger::install_genesis(&dir, &genesis)?);
                 warn_on_genesis_mismatch(&dir);
             }
-            if let (Some(code), Some(bootstrap)) = (join, bootstrap) {
-                for line in openagi_node::cli::invite::join(&dir, &passphrase, &code, &bootstrap)? {
+            if let Some(code) = join {
+                for line in
+                    openagi_node::cli::invite::join(&dir, &passphrase, &code, bootstrap.as_deref())?
+                {
                     println!("{line}");
                 }
             }

@@ -1,5 +1,6 @@
 //! Joining by invite code: a validator's operator makes a code, a new node
-//! initialises from the code and one bootstrap address alone, starts as a
+//! initialises from the code and one bootstrap address (or the long form
+//! alone), starts as a
 //! full node that follows the ledger and shows up among the inviter's
 //! peers; a spent, expired, revoked, mistyped and never-issued code are
 //! each refused with their own message.
@@ -99,6 +100,29 @@ fn a_new_node_joins_by_invite_code_and_bad_codes_are_refused_each_for_its_reason
             .then_some(())
     })
     .expect("among the inviter's peers");
+
+    // The long form alone: no --network-id, no --bootstrap.
+    let (http, answer) = inviter
+        .post("/api/v1/invites", &json!({"expires_secs": 3600, "uses": 1}))
+        .expect("invite");
+    assert_eq!(http, 200, "{answer}");
+    let long = answer["long"].as_str().expect("long form").to_string();
+    assert!(long.starts_with("OAGI1:"), "{long}");
+    let long_dir = root.path().join("long");
+    let (status, out, err) = openagi(&[
+        "init",
+        "--data-dir",
+        &long_dir.to_string_lossy(),
+        "--transport",
+        "direct",
+        "--join",
+        &long,
+    ])
+    .expect("runs");
+    assert!(status.success(), "{out}{err}");
+    let config = std::fs::read_to_string(long_dir.join("openagi.toml")).expect("config");
+    assert!(config.contains(openagi_tests::TEST_NETWORK), "{config}");
+    assert!(long_dir.join("genesis.toml").exists());
 
     // Spent: the code allowed one use.
     let (ok, text) = join(&root.path().join("second"), &code, &bootstrap);

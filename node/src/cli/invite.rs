@@ -38,9 +38,10 @@ pub fn create(dir: &DataDir, expires: Duration, uses: u32) -> Result<()> {
         .and_then(|a| a.as_str())
         .unwrap_or("<this node's address>/p2p/<its peer id>");
     eprintln!(
-        "Works {uses} time(s) for {}. The new operator runs:\n  openagi init --data-dir DIR --transport direct --network-id {network} --join {code} --bootstrap {bootstrap}\n(with this node's reachable address in place of a loopback one).",
+        "Works {uses} time(s) for {}. The new operator runs:\n  openagi init --data-dir DIR --transport direct --network-id {network} --join {code} --bootstrap {bootstrap}\n(with this node's reachable address in place of a loopback one), or, with everything in one token:\n  openagi init --data-dir DIR --transport direct --join {long}",
         humantime::format_duration(expires),
-        network = answer["network_id"].as_str().unwrap_or("?")
+        network = answer["network_id"].as_str().unwrap_or("?"),
+        long = answer["long"].as_str().unwrap_or("?")
     );
     Ok(())
 }
@@ -83,9 +84,37 @@ pub fn join(
     dir: &DataDir,
     passphrase: &PassphraseSource,
     code: &str,
-    bootstrap: &str,
+    bootstrap: Option<&str>,
 ) -> Result<Vec<String>> {
-    let code = crate::common::invite::normalize(code)?;
+    // The long form carries the network id, the genesis hash and the
+    // inviter's addresses; the short one needs --bootstrap (and the
+    // network id in the config, from `init --network-id`).
+    let (code, bootstrap, expected_genesis) =
+        if code.trim().starts_with(crate::common::invite::LONG_PREFIX) {
+            let long = crate::common::invite::LongInvite::decode(code)?;
+            let bootstrap = match bootstrap {
+                Some(b) => b.to_string(),
+                None => long
+                    .bootstrap
+                    .first()
+                    .cloned()
+                    .context("the invite names no address; give --bootstrap")?,
+            };
+            let edits = crate::common::config::init_edits(Some(&long.network_id), None);
+            let config_path = dir.file(crate::common::config::CONFIG_FILE);
+            let text = std::fs::read_to_string(&config_path)
+                .with_context(|| format!("reading {}", config_path.display()))?;
+            let (edited, _) = edit_config_text(&text, &edits)
+                .map_err(|e| anyhow::anyhow!("editing the config: {e}"))?;
+            openagi_keyfiles::keyfile::write_atomic(&config_path, edited.as_bytes(), 0o600)?;
+            (long.code, bootstrap, Some(long.genesis_hash))
+        } else {
+            let bootstrap = bootstrap
+                .context("a short invite code needs --bootstrap <the inviter's address>")?
+                .to_string();
+            (crate::common::invite::normalize(code)?, bootstrap, None)
+        };
+    let bootstrap = bootstrap.as_str();
     let addr: Multiaddr = bootstrap
         .parse()
         .with_context(|| format!("--bootstrap {bootstrap:?} is not a multiaddr"))?;
@@ -134,6 +163,11 @@ pub fn join(
         LedgerResponse::Refused(why) => bail!("the invitation was refused: {why}"),
         _ => bail!("{peer} answered out of turn"),
     };
+    if let Some(expected) = expected_genesis
+        && crate::common::invite::genesis_hash(&genesis_toml) != expected
+    {
+        bail!("the genesis the inviter sent does not match the hash in the invite; refusing it");
+    }
     let genesis: crate::common::genesis::Genesis =
         toml::from_str(&genesis_toml).context("the genesis the inviter sent does not parse")?;
     if genesis.network_id != network_id {

@@ -93,6 +93,57 @@ pub fn normalize(typed: &str) -> Result<String, CodeError> {
     Ok(format_code(number))
 }
 
+/// The prefix of an invite's long form.
+pub const LONG_PREFIX: &str = "OAGI1:";
+
+/// Everything a joiner needs in one token: the code, the network id, the
+/// hash of the network's genesis (checked against what the inviter
+/// sends) and where to reach the inviter.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LongInvite {
+    /// The short code.
+    pub code: String,
+    /// The network id.
+    pub network_id: String,
+    /// BLAKE3 of the network's `genesis.toml` (hex).
+    pub genesis_hash: String,
+    /// The inviter's addresses, each ending in `/p2p/<peer id>`.
+    pub bootstrap: Vec<String>,
+}
+
+impl LongInvite {
+    /// `OAGI1:` and the URL-safe base 64 of its JSON.
+    pub fn encode(&self) -> String {
+        use base64::Engine;
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        format!(
+            "{LONG_PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+        )
+    }
+
+    /// Reads a long form back (its code checked too).
+    pub fn decode(text: &str) -> Result<Self, CodeError> {
+        use base64::Engine;
+        let body = text
+            .trim()
+            .strip_prefix(LONG_PREFIX)
+            .ok_or(CodeError::Malformed)?;
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| CodeError::Malformed)?;
+        let mut invite: LongInvite =
+            serde_json::from_slice(&json).map_err(|_| CodeError::Malformed)?;
+        invite.code = normalize(&invite.code)?;
+        Ok(invite)
+    }
+}
+
+/// The hash of a `genesis.toml` a long invite carries.
+pub fn genesis_hash(genesis_toml: &str) -> String {
+    blake3::hash(genesis_toml.as_bytes()).to_hex().to_string()
+}
+
 /// What the inviter stores of a code: its hash (the code itself is never
 /// kept).
 pub fn code_hash(canonical: &str) -> [u8; 32] {
@@ -136,6 +187,30 @@ mod tests {
         }
         assert_eq!(normalize("OAGI-1234"), Err(CodeError::Malformed));
         assert_eq!(normalize("OAGI-!!!!-!!!!-!!!!"), Err(CodeError::Malformed));
+    }
+
+    #[test]
+    fn the_long_form_round_trips_and_checks_its_code() {
+        let invite = LongInvite {
+            code: generate().expect("code"),
+            network_id: "mynet".into(),
+            genesis_hash: genesis_hash("network_id = \"mynet\""),
+            bootstrap: vec!["/ip4/192.0.2.1/tcp/4610/p2p/12D3KooWabc".into()],
+        };
+        let text = invite.encode();
+        assert!(text.starts_with(LONG_PREFIX));
+        assert_eq!(LongInvite::decode(&text), Ok(invite.clone()));
+        assert_eq!(LongInvite::decode("OAGI1:!!"), Err(CodeError::Malformed));
+        let mut typo = invite;
+        typo.code.replace_range(
+            5..6,
+            if typo.code.as_bytes()[5] == b'X' {
+                "Y"
+            } else {
+                "X"
+            },
+        );
+        assert_eq!(LongInvite::decode(&typo.encode()), Err(CodeError::Mistyped));
     }
 
     #[test]

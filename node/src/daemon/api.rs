@@ -860,8 +860,19 @@ async fn create_invite(
         .iter()
         .map(|a| format!("{a}/p2p/{}", snapshot.local_peer_id))
         .collect();
+    let genesis =
+        std::fs::read_to_string(state.data_dir.file(crate::common::genesis::GENESIS_FILE))
+            .unwrap_or_default();
+    let long = crate::common::invite::LongInvite {
+        code: code.clone(),
+        network_id: state.network_id.clone(),
+        genesis_hash: crate::common::invite::genesis_hash(&genesis),
+        bootstrap: bootstrap.clone(),
+    }
+    .encode();
     Json(serde_json::json!({
         "code": code,
+        "long": long,
         "network_id": state.network_id,
         "expires_unix_ms": now + expires_secs * 1000,
         "uses": uses,
