@@ -343,12 +343,9 @@ async fn send_msg(
     State(state): State<Arc<ApiState>>,
     body: Result<Json<SendMsgRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Json(request) = match body {
-        Ok(b) => b,
-        Err(e) => {
-            let (status, text) = crate::daemon::http::json_rejection(&e);
-            return error(status, text);
-        }
+    let request = match json_body(body) {
+        Ok(value) => value,
+        Err(response) => return response,
     };
     let Ok(to) = request.to.parse::<openagi_net::PeerId>() else {
         return error(StatusCode::BAD_REQUEST, "`to` is not a peer id");
@@ -405,6 +402,18 @@ fn consensus_of(state: &ApiState) -> Result<&ConsensusHandle, Response> {
     })
 }
 
+/// A JSON body, or the response that says why it was refused.
+// The error is the response itself, as in `consensus_of`.
+#[allow(clippy::result_large_err)]
+fn json_body<T>(
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, Response> {
+    body.map(|Json(value)| value).map_err(|e| {
+        let (status, text) = crate::daemon::http::json_rejection(&e);
+        error(status, text)
+    })
+}
+
 /// Where a submitted transaction goes.
 enum Submitter<'a> {
     /// This node's replica.
@@ -420,12 +429,9 @@ async fn submit_tx(
     State(state): State<Arc<ApiState>>,
     body: Result<Json<SubmitRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Json(request) = match body {
-        Ok(b) => b,
-        Err(e) => {
-            let (status, text) = crate::daemon::http::json_rejection(&e);
-            return error(status, text);
-        }
+    let request = match json_body(body) {
+        Ok(value) => value,
+        Err(response) => return response,
     };
     // A validator submits to its replica; a full node forwards to one.
     let ledger = match (&state.consensus, &state.follower) {
@@ -801,12 +807,9 @@ async fn create_invite(
     State(state): State<Arc<ApiState>>,
     body: Result<Json<InviteRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Json(request) = match body {
-        Ok(b) => b,
-        Err(e) => {
-            let (status, text) = crate::daemon::http::json_rejection(&e);
-            return error(status, text);
-        }
+    let request = match json_body(body) {
+        Ok(value) => value,
+        Err(response) => return response,
     };
     if state.consensus.is_none() && state.follower.is_none() {
         return error(
@@ -925,12 +928,9 @@ async fn revoke_invite(
     State(state): State<Arc<ApiState>>,
     body: Result<Json<RevokeRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Json(request) = match body {
-        Ok(b) => b,
-        Err(e) => {
-            let (status, text) = crate::daemon::http::json_rejection(&e);
-            return error(status, text);
-        }
+    let request = match json_body(body) {
+        Ok(value) => value,
+        Err(response) => return response,
     };
     let code = match crate::common::invite::normalize(&request.code) {
         Ok(c) => c,
@@ -977,12 +977,9 @@ async fn learn_submit(
         axum::extract::rejection::JsonRejection,
     >,
 ) -> Response {
-    let Json(spec) = match body {
-        Ok(b) => b,
-        Err(e) => {
-            let (status, text) = crate::daemon::http::json_rejection(&e);
-            return error(status, text);
-        }
+    let spec = match json_body(body) {
+        Ok(value) => value,
+        Err(response) => return response,
     };
     if let Err(e) = spec.validate() {
         return error(StatusCode::BAD_REQUEST, format!("job spec: {e}"));
