@@ -248,12 +248,19 @@ fn show_ledger(command: LedgerCommand, answer: &Value, ok: bool, json_output: bo
         outln!("{}", serde_json::to_string_pretty(&answer)?)?;
     } else {
         match command {
-            LedgerCommand::Head => outln!(
-                "height {}  head {}  view {}",
-                answer["height"],
-                text(&answer["head_hash"]),
-                answer["view"]
-            )?,
+            // A full node votes in no view: it has none to show.
+            LedgerCommand::Head => match answer.get("view").filter(|v| !v.is_null()) {
+                Some(view) => outln!(
+                    "height {}  head {}  view {view}",
+                    answer["height"],
+                    text(&answer["head_hash"])
+                )?,
+                None => outln!(
+                    "height {}  head {}",
+                    answer["height"],
+                    text(&answer["head_hash"])
+                )?,
+            },
             LedgerCommand::Get(_) => {
                 outln!("height     {}", answer["height"])?;
                 outln!("hash       {}", text(&answer["hash"]))?;
