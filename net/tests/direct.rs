@@ -3,28 +3,18 @@
 //! delivered), an allowed peer's messages all arrive, and an
 //! oversized message is refused by the sender.
 
+mod common;
+
 use std::time::Duration;
 
-use openagi_net::{
-    Backoff, ConnectionLimitsConfig, Keypair, NetConfig, NetHandle, NetworkService, TransportMode,
-};
+use openagi_net::{Keypair, NetConfig, NetHandle, NetworkService};
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
 fn config(bootstrap: Vec<openagi_net::Multiaddr>) -> NetConfig {
     NetConfig {
-        network_id: "direct-test".into(),
-        transport: TransportMode::Direct,
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
         bootstrap,
-        mdns: false,
-        limits: ConnectionLimitsConfig::default(),
-        max_memory_bytes: usize::MAX,
-        idle_timeout: Duration::from_secs(60),
-        announce_interval: Duration::from_secs(1),
-        redial: Backoff::default(),
-        agent_version: "test".into(),
-        tor: None,
+        ..common::loopback_config("direct-test")
     }
 }
 

@@ -3,33 +3,24 @@
 //! soon as the node drops it. A legitimate peer from another address must
 //! still connect.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use openagi_net::{
-    Backoff, ConnectionLimitsConfig, Keypair, NetConfig, NetHandle, NetworkService, TransportMode,
-};
+use openagi_net::{Backoff, Keypair, NetConfig, NetHandle, NetworkService};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn config(bootstrap: Vec<openagi_net::Multiaddr>) -> NetConfig {
     NetConfig {
-        network_id: "half-open-test".into(),
-        transport: TransportMode::Direct,
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
         bootstrap,
-        mdns: false,
-        limits: ConnectionLimitsConfig::default(),
-        max_memory_bytes: usize::MAX,
-        idle_timeout: Duration::from_secs(60),
-        announce_interval: Duration::from_secs(1),
         redial: Backoff {
             initial: Duration::from_millis(200),
             max: Duration::from_secs(1),
         },
-        agent_version: "test".into(),
-        tor: None,
+        ..common::loopback_config("half-open-test")
     }
 }
 

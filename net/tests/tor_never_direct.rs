@@ -4,13 +4,13 @@
 //! DNS transport unless `tor.hybrid` is set. The system-tor backend is
 //! used here with no tor running, so nothing can leave through Tor either.
 
+mod common;
+
 use std::net::TcpListener;
 use std::time::Duration;
 
 use openagi_net::tor::TorSettings;
-use openagi_net::{
-    Backoff, ConnectionLimitsConfig, Keypair, NetConfig, NetworkService, TransportMode,
-};
+use openagi_net::{Keypair, NetConfig, NetworkService, TransportMode};
 use prometheus_client::registry::Registry;
 
 fn unused_port() -> u16 {
@@ -36,15 +36,8 @@ async fn tor_mode_opens_no_connection_to_an_ip_or_a_dns_name() {
         network_id: "tor-only-test".into(),
         transport: TransportMode::TorSystem,
         listen: Vec::new(),
-        bootstrap: Vec::new(),
-        mdns: false,
-        limits: ConnectionLimitsConfig::default(),
-        max_memory_bytes: usize::MAX,
-        idle_timeout: Duration::from_secs(60),
-        announce_interval: Duration::from_secs(1),
-        redial: Backoff::default(),
-        agent_version: "test".into(),
         tor: Some(tor),
+        ..common::loopback_config("tor-only-test")
     };
     let mut registry = Registry::default();
     let (net, mut events, _task) =
