@@ -168,8 +168,9 @@ pub fn join(
     {
         bail!("the genesis the inviter sent does not match the hash in the invite; refusing it");
     }
-    let genesis: crate::common::genesis::Genesis =
-        toml::from_str(&genesis_toml).context("the genesis the inviter sent does not parse")?;
+    // Parsed and its validator set checked, as the daemon will at start.
+    let genesis = crate::common::genesis::Genesis::parse(&genesis_toml)
+        .context("the genesis the inviter sent is not valid")?;
     if genesis.network_id != network_id {
         bail!(
             "the inviter's genesis is for network {:?}, not {network_id:?}",

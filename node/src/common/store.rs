@@ -174,6 +174,21 @@ pub struct Invite {
     pub revoked: bool,
 }
 
+impl Invite {
+    /// Why the invite cannot be redeemed at `now_ms`, or `None` when it can.
+    pub fn refusal(&self, now_ms: u64) -> Option<InviteRefusal> {
+        if self.revoked {
+            Some(InviteRefusal::Revoked)
+        } else if now_ms >= self.expires_ms {
+            Some(InviteRefusal::Expired)
+        } else if self.uses_left == 0 {
+            Some(InviteRefusal::Spent)
+        } else {
+            None
+        }
+    }
+}
+
 /// Why an invite code was not redeemed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum InviteRefusal {
@@ -373,16 +388,26 @@ impl Store {
         Ok(entries)
     }
 
-    /// Keeps a new invite under its code's hash.
-    pub fn add_invite(&self, hash: &[u8; 32], invite: &Invite) -> Result<(), StoreError> {
+    /// Keeps a new invite under its code's hash, unless `max` invites
+    /// exist already (checked in the same transaction); whether it was kept.
+    pub fn add_invite(
+        &self,
+        hash: &[u8; 32],
+        invite: &Invite,
+        max: u64,
+    ) -> Result<bool, StoreError> {
         let txn = self.db.begin_write().map_err(engine)?;
         {
             let mut table = txn.open_table(INVITES).map_err(engine)?;
+            if table.len().map_err(engine)? >= max {
+                return Ok(false);
+            }
             table
                 .insert(hash, encode(invite)?.as_slice())
                 .map_err(engine)?;
         }
-        txn.commit().map_err(engine)
+        txn.commit().map_err(engine)?;
+        Ok(true)
     }
 
     /// Every invite, with its code's hash.
@@ -414,14 +439,9 @@ impl Store {
         hash: &[u8; 32],
         now_ms: u64,
     ) -> Result<Result<(), InviteRefusal>, StoreError> {
-        let outcome = self.update_invite(hash, |invite| {
-            if invite.revoked {
-                Err(InviteRefusal::Revoked)
-            } else if now_ms >= invite.expires_ms {
-                Err(InviteRefusal::Expired)
-            } else if invite.uses_left == 0 {
-                Err(InviteRefusal::Spent)
-            } else {
+        let outcome = self.update_invite(hash, |invite| match invite.refusal(now_ms) {
+            Some(refusal) => Err(refusal),
+            None => {
                 invite.uses_left -= 1;
                 Ok(())
             }

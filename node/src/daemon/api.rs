@@ -465,11 +465,7 @@ async fn submit_tx(
     let tx = match (request.client, request.seq) {
         (_, Some(0)) => return error(StatusCode::BAD_REQUEST, "seq starts at 1"),
         (Some(text), seq) => {
-            let Some(client) = hex::decode(text.trim())
-                .ok()
-                .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                .map(ClientId)
-            else {
+            let Some(client) = parse_hash(text.trim()).map(ClientId) else {
                 return error(StatusCode::BAD_REQUEST, "client must be 64 hex digits");
             };
             let Some(seq) = seq else {
@@ -756,11 +752,10 @@ async fn require_token(
     if read_only && !private && state.dashboard.has_session(request.headers()) {
         return next.run(request).await;
     }
-    let presented = bearer(request.headers());
-    match presented {
-        Some(token) if constant_time_eq(token.as_bytes(), state.token.as_bytes()) => {
-            next.run(request).await
-        }
+    if bearer_ok(&state, request.headers()) {
+        return next.run(request).await;
+    }
+    match bearer(request.headers()) {
         Some(_) => unauthorized("wrong token"),
         None => unauthorized(
             "missing `Authorization: Bearer <token>` header (the token is in the data directory's api.token)",
@@ -800,7 +795,7 @@ pub struct InviteRequest {
 }
 
 /// Most invites kept (revoked and spent ones included).
-const MAX_INVITES: usize = 1000;
+const MAX_INVITES: u64 = 1000;
 
 /// `POST /api/v1/invites`: a new invite code into this node's network.
 async fn create_invite(
@@ -839,13 +834,8 @@ async fn create_invite(
     };
     let hash = crate::common::invite::code_hash(&code);
     let store = state.store.clone();
-    let stored = tokio::task::spawn_blocking(move || {
-        if store.invites()?.len() >= MAX_INVITES {
-            return Ok(false);
-        }
-        store.add_invite(&hash, &invite).map(|()| true)
-    })
-    .await;
+    let stored =
+        tokio::task::spawn_blocking(move || store.add_invite(&hash, &invite, MAX_INVITES)).await;
     match stored {
         Ok(Ok(true)) => {}
         Ok(Ok(false)) => {
@@ -893,14 +883,12 @@ async fn list_invites(State(state): State<Arc<ApiState>>) -> Response {
             let list: Vec<serde_json::Value> = invites
                 .into_iter()
                 .map(|(_, i)| {
-                    let state = if i.revoked {
-                        "revoked"
-                    } else if now >= i.expires_ms {
-                        "expired"
-                    } else if i.uses_left == 0 {
-                        "spent"
-                    } else {
-                        "open"
+                    use crate::common::store::InviteRefusal;
+                    let state = match i.refusal(now) {
+                        Some(InviteRefusal::Revoked) => "revoked",
+                        Some(InviteRefusal::Expired) => "expired",
+                        Some(InviteRefusal::Spent) => "spent",
+                        Some(InviteRefusal::Unknown) | None => "open",
                     };
                     serde_json::json!({
                         "label": i.label, "created_unix_ms": i.created_ms,
