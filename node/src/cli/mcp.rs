@@ -207,22 +207,18 @@ impl NodeTools {
             Ok(Err(e)) => return tool_error(format!("{e:#}")),
             Err(e) => return tool_error(format!("the request failed: {e}")),
         };
-        let prefix = job.trim().to_ascii_lowercase();
-        let matching: Vec<_> = jobs
-            .into_iter()
-            .filter(|j| {
-                !prefix.is_empty()
-                    && j["job_id"]
-                        .as_str()
-                        .is_some_and(|id| id.starts_with(&prefix))
-            })
+        // The CLI's own prefix rules (hex only, ambiguity named).
+        let ids: Vec<String> = jobs
+            .iter()
+            .filter_map(|j| j["job_id"].as_str().map(str::to_string))
             .collect();
-        match matching.len() {
-            1 => ok_json(matching.into_iter().next().unwrap_or_default()),
-            0 => tool_error(format!("no job with an id starting with {prefix:?}")),
-            n => tool_error(format!(
-                "{n} jobs have ids starting with {prefix:?}; give more digits"
-            )),
+        match crate::cli::learn_jobs::resolve_job_prefix(&job, ids.iter().map(String::as_str)) {
+            Ok(id) => ok_json(
+                jobs.into_iter()
+                    .find(|j| j["job_id"].as_str() == Some(id))
+                    .unwrap_or_default(),
+            ),
+            Err(e) => tool_error(e.to_string()),
         }
     }
 

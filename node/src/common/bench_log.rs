@@ -82,12 +82,15 @@ pub fn recent(dir: &DataDir) -> Vec<serde_json::Value> {
     if file.seek(SeekFrom::Start(start)).is_err() {
         return Vec::new();
     }
-    let mut text = String::new();
-    if file.take(MAX_READ_BYTES).read_to_string(&mut text).is_err() {
+    // Bytes, not a string: a read from the middle may start inside a
+    // multi-byte character, which only the skipped first line may hold.
+    let mut bytes = Vec::new();
+    if file.take(MAX_READ_BYTES).read_to_end(&mut bytes).is_err() {
         return Vec::new();
     }
+    let text = String::from_utf8_lossy(&bytes);
     // A read from the middle starts inside a line: skip to the next.
-    let text = if start > 0 {
+    let text: &str = if start > 0 {
         text.split_once('\n').map_or("", |(_, rest)| rest)
     } else {
         &text
