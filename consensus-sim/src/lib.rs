@@ -178,9 +178,6 @@ impl SimConfig {
     }
 }
 
-/// Evidence kept by a simulation (a twin equivocates on every vote).
-pub const MAX_EVIDENCE: usize = 1024;
-
 /// Replica settings sized for simulation: small checkpoint interval and
 /// window so garbage collection and window stalls happen often, batch delay
 /// long enough to batch, short timeouts.
@@ -269,9 +266,6 @@ pub struct Sim {
     byzantine_client: Option<ClientId>,
     next_client_round: u64,
     committed: BTreeMap<u64, Hash>,
-    /// Equivocation evidence replicas reported (reporter, evidence), the
-    /// first [`MAX_EVIDENCE`].
-    evidence: Vec<(usize, openagi_consensus::evidence::Equivocation)>,
     violation: Option<Violation>,
 }
 
@@ -385,7 +379,6 @@ impl Sim {
             byzantine_client: cfg.byzantine_client.then_some(ClientId([0xbb; 32])),
             next_client_round: 0,
             committed: BTreeMap::new(),
-            evidence: Vec::new(),
             violation: None,
             cfg,
         };
@@ -449,11 +442,6 @@ impl Sim {
         self.nodes
             .get(id)
             .map_or(&[], |n| n.persisted.blocks.as_slice())
-    }
-
-    /// Equivocation evidence replicas reported: (reporting node, evidence).
-    pub fn evidence(&self) -> &[(usize, openagi_consensus::evidence::Equivocation)] {
-        &self.evidence
     }
 
     /// Ledger height of node `id` (0 if down).
@@ -634,11 +622,9 @@ impl Sim {
                     self.on_committed(id, block.height, block.hash(), applied)
                 }
                 Output::ViewInstalled { .. } => {}
-                Output::Evidence(evidence) => {
-                    if self.evidence.len() < MAX_EVIDENCE {
-                        self.evidence.push((id, evidence));
-                    }
-                }
+                // Evidence is the node's to gossip; the simulation checks
+                // safety and liveness, which evidence does not change.
+                Output::Evidence(_) => {}
                 Output::ReadBlocks { peer, from, last } => {
                     // The node's disk: what this replica persisted.
                     let first = usize::try_from(from.saturating_sub(1)).unwrap_or(usize::MAX);

@@ -341,6 +341,15 @@ mod tests {
         move |s| (s.name == name).then_some(v)
     }
 
+    /// The sizes the module documentation and the README state.
+    #[test]
+    fn documented_sizes_hold() {
+        let per_series = (FINE_POINTS + COARSE_POINTS) * std::mem::size_of::<Point>();
+        assert_eq!(per_series, 34_560);
+        assert_eq!(SERIES.len(), 13);
+        assert_eq!(SERIES.len() * per_series, 449_280);
+    }
+
     #[test]
     fn rings_never_grow_past_their_capacity() {
         let mut h = History::new();

@@ -63,8 +63,7 @@ impl MsgCodec {
         }
     }
 
-    /// The limits of `/openagi/learn/1`.
-    /// Limits of `/openagi/ledger/1`.
+    /// The limits of `/openagi/ledger/1`.
     pub fn ledger() -> Self {
         Self {
             max_request: MAX_LEDGER_REQUEST_BYTES,
@@ -72,6 +71,7 @@ impl MsgCodec {
         }
     }
 
+    /// The limits of `/openagi/learn/1`.
     pub fn learn() -> Self {
         Self {
             max_request: MAX_LEARN_REQUEST_BYTES,
