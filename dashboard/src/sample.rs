@@ -28,11 +28,6 @@ impl Snapshot {
         }
     }
 
-    /// Every sample.
-    pub fn samples(&self) -> &[Sample] {
-        &self.samples
-    }
-
     /// The sum of `metric` over its samples whose labels include every pair
     /// of `labels`, or `None` when no sample matches.
     pub fn sum(&self, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {

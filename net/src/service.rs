@@ -180,6 +180,16 @@ pub struct NetSnapshot {
 /// Connection events kept in [`NetSnapshot::connection_events`].
 pub const CONNECTION_EVENTS: usize = 100;
 
+impl NetSnapshot {
+    /// Keeps `event`, dropping the oldest past [`CONNECTION_EVENTS`].
+    fn record_connection_event(&mut self, event: ConnectionEvent) {
+        if self.connection_events.len() >= CONNECTION_EVENTS {
+            self.connection_events.pop_front();
+        }
+        self.connection_events.push_back(event);
+    }
+}
+
 /// A peer connecting or disconnecting.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnectionEvent {
@@ -767,10 +777,7 @@ impl NetTask {
                     peer.connections += 1;
                     peer.addresses.push(remote.clone());
                     if first {
-                        if s.connection_events.len() >= CONNECTION_EVENTS {
-                            s.connection_events.pop_front();
-                        }
-                        s.connection_events.push_back(ConnectionEvent {
+                        s.record_connection_event(ConnectionEvent {
                             at: unix_now(),
                             peer_id: peer_id.to_string(),
                             event: "connected",
@@ -822,10 +829,7 @@ impl NetTask {
                 self.update_snapshot(|s| {
                     if num_established == 0 {
                         s.peers.remove(&key);
-                        if s.connection_events.len() >= CONNECTION_EVENTS {
-                            s.connection_events.pop_front();
-                        }
-                        s.connection_events.push_back(ConnectionEvent {
+                        s.record_connection_event(ConnectionEvent {
                             at: unix_now(),
                             peer_id: key.clone(),
                             event: "disconnected",
