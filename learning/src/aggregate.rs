@@ -328,19 +328,74 @@ fn finish_mean(acc: &[f64], denom: f64) -> Vec<f32> {
 /// and dominate. Cap counts before calling, or use a robust rule.
 pub fn fedavg(updates: &[ClientUpdate]) -> Result<Vec<f32>> {
     let len = validate(updates)?;
-    // Summed in f64: 2^53 samples is far beyond any federation.
-    let total: f64 = updates.iter().map(|u| u.samples as f64).sum();
-    if total <= 0.0 {
-        return Err(Error::invalid(
-            "sample counts",
-            "all updates report zero samples",
-        ));
-    }
-    let mut acc = vec![0f64; len];
+    let mut sum = FedAvgSum::new(len);
     for u in updates {
-        add_into(&mut acc, &u.params, u.samples as f64);
+        sum.add(u)?;
     }
-    Ok(finish_mean(&acc, total))
+    sum.finish()
+}
+
+/// FedAvg folded one update at a time, so a server holds one `f64` vector
+/// instead of every update of the round. Folding the same updates in the
+/// same order gives bit-identical results to [`fedavg`], which is built on
+/// it; callers that train in parallel fold in a fixed order (the
+/// simulator folds in selection order) so the thread count cannot change
+/// the model.
+#[derive(Clone, Debug)]
+pub struct FedAvgSum {
+    acc: Vec<f64>,
+    // Summed in f64: 2^53 samples is far beyond any federation.
+    total_samples: f64,
+    clients: HashSet<ClientId>,
+}
+
+impl FedAvgSum {
+    /// An empty sum for updates of `len` parameters.
+    pub fn new(len: usize) -> Self {
+        FedAvgSum {
+            acc: vec![0f64; len],
+            total_samples: 0.0,
+            clients: HashSet::new(),
+        }
+    }
+
+    /// Adds one update, weighted by its sample count. Refuses a wrong
+    /// length, a non-finite value or a client already added, leaving the
+    /// sum unchanged.
+    pub fn add(&mut self, update: &ClientUpdate) -> Result<()> {
+        check_update(update, self.acc.len())?;
+        if self.clients.contains(&update.client) {
+            return Err(Error::DuplicateClient {
+                client: update.client,
+            });
+        }
+        self.clients.insert(update.client);
+        add_into(&mut self.acc, &update.params, update.samples as f64);
+        self.total_samples += update.samples as f64;
+        Ok(())
+    }
+
+    /// Updates added so far.
+    pub fn count(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// The weighted mean. Refuses an empty sum and one whose sample counts
+    /// are all zero.
+    pub fn finish(self) -> Result<Vec<f32>> {
+        if self.clients.is_empty() {
+            return Err(Error::Empty {
+                what: "client updates",
+            });
+        }
+        if self.total_samples <= 0.0 {
+            return Err(Error::invalid(
+                "sample counts",
+                "all updates report zero samples",
+            ));
+        }
+        Ok(finish_mean(&self.acc, self.total_samples))
+    }
 }
 
 /// Coordinate-wise median; for an even count, the mean of the two middle

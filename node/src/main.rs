@@ -270,7 +270,7 @@ enum InviteArgs {
 
 #[derive(Subcommand)]
 enum BenchArgs {
-    /// Federated learning on MNIST against the FedAvg/Flower anchors.
+    /// Federated learning on MNIST in the FedAvg anchor setting (time and CPU to a target accuracy).
     Learning(openagi_node::cli::learn::BenchLearningArgs),
     /// The cryptographic primitives: AEAD, signatures, DH, sealed
     /// envelopes, puzzle verification, ratchet round trips.
