@@ -1,12 +1,15 @@
 //! The local API against clients that misbehave at the HTTP level: a
 //! slowloris client is cut off, an oversized body is answered 413 (at
-//! once when its length is declared), and the daemon keeps serving.
+//! once when its length is declared), and the daemon keeps serving; and
+//! against more transactions than a validator may hold: "busy" (503 with
+//! `Retry-After`) at the door, before anything is queued.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use openagi_tests::{Daemon, DaemonOptions, init, use_binary};
+use openagi_consensus::{ClientId, Transaction};
+use openagi_tests::{Daemon, DaemonOptions, init, init_validators, use_binary};
 
 fn daemon() -> (tempfile::TempDir, Daemon) {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
@@ -15,6 +18,101 @@ fn daemon() -> (tempfile::TempDir, Daemon) {
     init(&dir).expect("init");
     let daemon = Daemon::start(&dir, &DaemonOptions::default()).expect("starts");
     (root, daemon)
+}
+
+/// A one-validator network whose validator runs with `env`.
+fn validator_with(env: &[(&str, &str)]) -> (tempfile::TempDir, Daemon) {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let dirs = init_validators(root.path(), 1).expect("validator");
+    let options = DaemonOptions {
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..DaemonOptions::default()
+    };
+    let daemon = Daemon::start(&dirs[0], &options).expect("starts");
+    (root, daemon)
+}
+
+/// POSTs a postcard batch of `count` transactions (sequence numbers from
+/// `first_seq`) to `/api/v1/tx/batch`: status, `Retry-After`, answer.
+fn post_batch(
+    daemon: &Daemon,
+    client: [u8; 32],
+    first_seq: u64,
+    count: u64,
+) -> (u16, Option<String>, serde_json::Value) {
+    let txs: Vec<Transaction> = (first_seq..first_seq + count)
+        .map(|seq| Transaction {
+            client: ClientId(client),
+            seq,
+            payload: seq.to_le_bytes().to_vec(),
+        })
+        .collect();
+    let body = postcard::to_stdvec(&txs).expect("encode");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(20)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent
+        .post(&format!("http://{}/api/v1/tx/batch", daemon.api_addr()))
+        .header("Authorization", &format!("Bearer {}", daemon.token()))
+        .content_type("application/octet-stream")
+        .send(&body[..])
+        .expect("post");
+    let retry = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let code = response.status().as_u16();
+    (code, retry, response.body_mut().read_json().expect("json"))
+}
+
+/// A batch larger than the room left is refused whole with 503 and
+/// `Retry-After`, saying how full the node is; one that fits is queued and
+/// the answer counts what was queued and what was a duplicate.
+#[test]
+fn a_validator_offered_more_than_it_may_hold_answers_busy() {
+    let (_root, daemon) = validator_with(&[("OPENAGI_CONSENSUS_MAX_PENDING", "64")]);
+    let client = [7u8; 32];
+
+    let (code, retry, answer) = post_batch(&daemon, client, 1, 65);
+    assert_eq!(code, 503, "{answer}");
+    assert_eq!(retry.as_deref(), Some("1"), "{answer}");
+    let text = answer["error"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("busy") && text.contains("at most 64"),
+        "{text}"
+    );
+
+    let (code, _, answer) = post_batch(&daemon, client, 1, 10);
+    assert_eq!(code, 202, "{answer}");
+    assert_eq!(answer["queued"], 10, "{answer}");
+    assert_eq!(answer["duplicates"], 0, "{answer}");
+    // The same ten again: pending or already committed, never twice.
+    let (code, _, answer) = post_batch(&daemon, client, 1, 10);
+    assert_eq!(code, 202, "{answer}");
+    assert_eq!(answer["queued"], 0, "{answer}");
+    assert_eq!(answer["duplicates"], 10, "{answer}");
+
+    // The refused batch left nothing behind: all ten commit and the node
+    // takes a full batch again.
+    openagi_tests::wait_for(
+        "ten transactions committed",
+        Duration::from_secs(30),
+        || {
+            let status = daemon.status().ok()?;
+            (status["consensus"]["committed_txs"].as_u64()? >= 10).then_some(())
+        },
+    )
+    .expect("commits");
+    let (code, _, answer) = post_batch(&daemon, client, 11, 64);
+    assert_eq!(code, 202, "{answer}");
+    assert_eq!(answer["queued"], 64, "{answer}");
 }
 
 /// Sends `head` (request line and headers) and returns the status line.

@@ -189,6 +189,29 @@ fn json_answer(
         .with_context(|| format!("reading the answer of {url}"))
 }
 
+/// A non-success answer from the daemon, with its stated reason; callers
+/// that treat some answers specially (503 "busy") find it with
+/// `anyhow::Error::downcast_ref`.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The URL asked.
+    pub url: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// The daemon's `error` text, or the whole answer.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let status = ureq::http::StatusCode::from_u16(self.status)
+            .map_or_else(|_| self.status.to_string(), |s| s.to_string());
+        write!(f, "{} answered {status}: {}", self.url, self.reason)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
 /// The error for a non-success answer, with the daemon's stated reason.
 fn refusal(url: &str, mut response: ureq::http::Response<ureq::Body>) -> anyhow::Error {
     let status = response.status();
@@ -199,7 +222,11 @@ fn refusal(url: &str, mut response: ureq::http::Response<ureq::Body>) -> anyhow:
             .unwrap_or_else(|| answer.to_string()),
         Err(e) => format!("(unreadable answer: {e})"),
     };
-    anyhow::anyhow!("{url} answered {status}: {reason}")
+    anyhow::Error::new(Refusal {
+        url: url.to_string(),
+        status: status.as_u16(),
+        reason,
+    })
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use openagi_net::NetHandle;
 use serde::{Deserialize, Serialize};
 
 use crate::common::store::Store;
-use crate::daemon::consensus::{ConsensusHandle, ConsensusStatus};
+use crate::daemon::consensus::{ConsensusError, ConsensusHandle, ConsensusStatus};
 use crate::daemon::txindex::TxLookupResult;
 
 /// Shared state of the HTTP handlers.
@@ -505,15 +505,17 @@ async fn submit_tx(
     let seq = tx.seq;
     // Subscribe before submitting so a fast commit cannot be missed.
     let (mut commits, submitted) = match ledger {
-        Submitter::Validator(c) => (c.subscribe(), c.submit(tx).await.map_err(|e| e.to_string())),
+        Submitter::Validator(c) => (c.subscribe(), c.submit(tx).await.map_err(consensus_refusal)),
         Submitter::Full(f) => (
             f.subscribe(),
-            f.forward(&state.net, tx).await.map_err(|e| e.to_string()),
+            f.forward(&state.net, tx)
+                .await
+                .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())),
         ),
     };
     let hash = match submitted {
         Ok(h) => h,
-        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
+        Err(refusal) => return refusal,
     };
     let tx_hash = hex::encode(hash);
     if !request.wait {
@@ -583,14 +585,26 @@ async fn submit_batch(State(state): State<Arc<ApiState>>, body: axum::body::Byte
             format!("at most {MAX_BATCH_TXS} transactions per batch"),
         );
     }
-    let queued = txs.len();
     match consensus.submit_batch(txs).await {
-        Ok(()) => (
-            StatusCode::ACCEPTED,
-            Json(serde_json::json!({ "queued": queued })),
-        )
-            .into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Ok(admission) => (StatusCode::ACCEPTED, Json(admission)).into_response(),
+        Err(e) => consensus_refusal(e),
+    }
+}
+
+/// The answer for a submission consensus refused: 503 with `Retry-After`
+/// when the validator is busy or stopped (try again later), 422 for a
+/// transaction it will not take.
+fn consensus_refusal(e: ConsensusError) -> Response {
+    match e {
+        ConsensusError::Busy { .. } | ConsensusError::Stopped => {
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+            response
+        }
+        other => error(StatusCode::UNPROCESSABLE_ENTITY, other.to_string()),
     }
 }
 

@@ -9,6 +9,7 @@
 //! task stops rather than vote from state it could not save.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -53,6 +54,18 @@ pub enum ConsensusError {
     /// The consensus task has stopped.
     #[error("consensus has stopped")]
     Stopped,
+    /// This validator already holds as many client transactions as it
+    /// may; the client should retry later (HTTP 503 with `Retry-After`).
+    #[error(
+        "busy: {held} client transactions are waiting to be ordered here (at most {capacity}); \
+         retry later or submit at a lower rate"
+    )]
+    Busy {
+        /// Transactions held (waiting in the replica or queued for it).
+        held: usize,
+        /// `[consensus] max_pending`.
+        capacity: usize,
+    },
     /// The store failed.
     #[error("storage: {0}")]
     Store(#[from] crate::common::store::StoreError),
@@ -364,11 +377,68 @@ enum Input {
     SubmitBatch {
         txs: Vec<Transaction>,
         received: Instant,
+        reply: oneshot::Sender<BatchAdmission>,
     },
     Message {
         from: PeerId,
         data: Vec<u8>,
     },
+}
+
+/// What became of a batch submission.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BatchAdmission {
+    /// Transactions now waiting to be ordered.
+    pub queued: usize,
+    /// Already pending or already on the ledger.
+    pub duplicates: usize,
+    /// Refused for any other reason (counted in
+    /// `openagi_consensus_submissions_refused_total`).
+    pub refused: usize,
+}
+
+/// Client transactions a validator holds: waiting in the replica's pending
+/// buffer, plus handed to the consensus task and not yet read by it.
+/// Submissions that would take the total past `capacity` are refused at
+/// once, before they are queued, so a node offered more than it can order
+/// keeps committing at its ceiling with bounded memory and its clients
+/// learn to slow down (the refusal happens at the door, not seconds later
+/// inside the replica).
+#[derive(Debug)]
+struct Backlog {
+    /// The replica's pending count, published by the consensus task after
+    /// every processing round.
+    replica_pending: AtomicUsize,
+    /// Transactions sent to the consensus task and not yet handled.
+    in_queue: AtomicUsize,
+    /// `[consensus] max_pending`.
+    capacity: usize,
+}
+
+impl Backlog {
+    /// Reserves room for `n` transactions, or says how full it is.
+    fn reserve(&self, n: usize) -> Result<(), ConsensusError> {
+        let pending = self.replica_pending.load(Ordering::Relaxed);
+        self.in_queue
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                (pending.saturating_add(queued).saturating_add(n) <= self.capacity)
+                    .then_some(queued + n)
+            })
+            .map(|_| ())
+            .map_err(|queued| ConsensusError::Busy {
+                held: pending.saturating_add(queued),
+                capacity: self.capacity,
+            })
+    }
+
+    /// Gives back `n` reserved transactions (handled, or never sent).
+    fn release(&self, n: usize) {
+        let _ = self
+            .in_queue
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                Some(queued.saturating_sub(n))
+            });
+    }
 }
 
 /// Percentiles of submission-to-commit latency at this node.
@@ -410,6 +480,7 @@ pub struct ConsensusHandle {
     /// This node's own client id and where its sequence numbers come from.
     own_client: openagi_consensus::ClientId,
     store: Arc<Store>,
+    backlog: Arc<Backlog>,
 }
 
 impl ConsensusHandle {
@@ -436,14 +507,29 @@ impl ConsensusHandle {
     /// be slowed by the replica's disk commits. It waits only while the
     /// submission queue is full. Refusals are counted in
     /// `openagi_consensus_submissions_refused_total`.
-    pub async fn submit_batch(&self, txs: Vec<Transaction>) -> Result<(), ConsensusError> {
-        self.inputs
+    ///
+    /// Refused as a whole with [`ConsensusError::Busy`] when this
+    /// validator cannot hold it (see `Backlog`).
+    pub async fn submit_batch(
+        &self,
+        txs: Vec<Transaction>,
+    ) -> Result<BatchAdmission, ConsensusError> {
+        let count = txs.len();
+        self.backlog.reserve(count)?;
+        let (reply, answer) = oneshot::channel();
+        let sent = self
+            .inputs
             .send(Input::SubmitBatch {
                 txs,
                 received: Instant::now(),
+                reply,
             })
-            .await
-            .map_err(|_| ConsensusError::Stopped)
+            .await;
+        if sent.is_err() {
+            self.backlog.release(count);
+            return Err(ConsensusError::Stopped);
+        }
+        answer.await.map_err(|_| ConsensusError::Stopped)
     }
 
     /// Latency percentiles of transactions submitted here that committed
@@ -689,6 +775,11 @@ pub fn start(
         .take_direct_inbox()
         .ok_or_else(|| ConsensusError::Rejected("the direct inbox is taken".into()))?;
     let latencies: LatencyRing = Arc::default();
+    let backlog = Arc::new(Backlog {
+        replica_pending: AtomicUsize::new(replica.pending_len()),
+        in_queue: AtomicUsize::new(0),
+        capacity: replica.config().max_pending_requests,
+    });
     let handle = ConsensusHandle {
         inputs: input_tx,
         status: status.clone(),
@@ -697,6 +788,7 @@ pub fn start(
         latencies: latencies.clone(),
         own_client: node_client_id(&me_peer),
         store: store.clone(),
+        backlog: backlog.clone(),
     };
     let mut driver = Driver {
         replica,
@@ -717,6 +809,7 @@ pub fn start(
         evidence: std::collections::VecDeque::new(),
         reported: HashSet::new(),
         own_client: node_client_id(&me_peer),
+        backlog,
     };
     driver.activity = driver
         .peers
@@ -775,6 +868,10 @@ pub fn start(
                 driver.replica.handle_tick(now);
             }
             driver.drain().await?;
+            driver
+                .backlog
+                .replica_pending
+                .store(driver.replica.pending_len(), Ordering::Relaxed);
         }
         info!("consensus stopped");
         Ok(())
@@ -808,6 +905,8 @@ struct Driver {
     reported: HashSet<PublicKey>,
     /// This node's client id, for its own transactions.
     own_client: openagi_consensus::ClientId,
+    /// Admission control's view of what this validator holds.
+    backlog: Arc<Backlog>,
 }
 
 impl Driver {
@@ -850,6 +949,10 @@ impl Driver {
                         .map_err(|e| match e {
                             // Kept typed: a resubmission learns it was taken.
                             openagi_consensus::Error::Duplicate => ConsensusError::Replica(e),
+                            openagi_consensus::Error::Full(_) => ConsensusError::Busy {
+                                held: self.replica.pending_len(),
+                                capacity: self.replica.config().max_pending_requests,
+                            },
                             other => ConsensusError::Rejected(other.to_string()),
                         });
                 if result.is_ok() {
@@ -857,17 +960,33 @@ impl Driver {
                 }
                 let _ = reply.send(result);
             }
-            Input::SubmitBatch { txs, received } => {
+            Input::SubmitBatch {
+                txs,
+                received,
+                reply,
+            } => {
+                let count = txs.len();
+                let mut admission = BatchAdmission::default();
                 for tx in txs {
                     let hash = tx.hash();
                     match self.replica.handle_request(tx, now) {
-                        Ok(()) => self.track_submission(hash, received),
+                        Ok(()) => {
+                            admission.queued += 1;
+                            self.track_submission(hash, received);
+                        }
+                        Err(openagi_consensus::Error::Duplicate) => admission.duplicates += 1,
                         Err(e) => {
+                            admission.refused += 1;
                             self.metrics.refused.inc();
                             debug!(error = %e, "queued transaction refused");
                         }
                     }
                 }
+                self.backlog.release(count);
+                self.backlog
+                    .replica_pending
+                    .store(self.replica.pending_len(), Ordering::Relaxed);
+                let _ = reply.send(admission);
             }
             Input::Message { from, data } => {
                 let parts = match openagi_consensus::bundle::decode(&data) {
