@@ -41,6 +41,10 @@ pub struct ConsensusBench {
 struct LoadCounters {
     offered: AtomicU64,
     accepted: AtomicU64,
+    /// Transactions in posts the node answered "busy" (503) to.
+    busy: AtomicU64,
+    /// Transactions the node took but did not queue (duplicates, refusals).
+    not_queued: AtomicU64,
     failed_posts: AtomicU64,
     first_failure: std::sync::Mutex<Option<String>>,
 }
@@ -97,9 +101,19 @@ fn run_load(
         };
         match client.post_bytes("/api/v1/tx/batch", body) {
             Ok(answer) => {
+                let queued = answer["queued"].as_u64().unwrap_or(0);
+                counters.accepted.fetch_add(queued, Ordering::Relaxed);
                 counters
-                    .accepted
-                    .fetch_add(answer["queued"].as_u64().unwrap_or(0), Ordering::Relaxed);
+                    .not_queued
+                    .fetch_add((count as u64).saturating_sub(queued), Ordering::Relaxed);
+            }
+            Err(e)
+                if e.downcast_ref::<crate::cli::client::Refusal>()
+                    .is_some_and(|r| r.status == 503) =>
+            {
+                // Pushed back: an open-loop client drops these and goes on
+                // at its rate, as a real overload would.
+                counters.busy.fetch_add(count as u64, Ordering::Relaxed);
             }
             Err(e) => {
                 counters.failed_posts.fetch_add(1, Ordering::Relaxed);
@@ -123,38 +137,39 @@ pub async fn consensus(options: ConsensusBench) -> Result<Vec<Figure>> {
     if options.rate == 0 {
         bail!("--rate must be positive");
     }
-    let temp;
-    let dir = match &options.dir {
-        Some(d) => d.clone(),
-        None => {
-            temp = std::env::temp_dir().join(format!("openagi-bench-{}", std::process::id()));
-            temp.clone()
-        }
+    let consensus = bench_replica_config(&options)?;
+    // A temporary directory is removed however the run ends, failed
+    // start-ups included; a `--dir` is the operator's and is kept.
+    let temp = match &options.dir {
+        Some(_) => None,
+        None => Some(
+            tempfile::Builder::new()
+                .prefix(&format!("openagi-bench-{}-", std::process::id()))
+                .tempdir()
+                .context("creating the benchmark's temporary directory")?,
+        ),
     };
-    // Large batches make a new view (which carries every prepared batch
-    // in the window) large; the window is halved until one fits a message.
-    let mut consensus = openagi_consensus::Config {
-        max_batch_txs: options.batch_txs,
-        max_batch_bytes: options.batch_txs * (options.payload_bytes + 64),
-        ..openagi_consensus::Config::default()
+    let dir = match (&options.dir, &temp) {
+        (Some(d), _) => d.clone(),
+        (None, Some(t)) => t.path().to_path_buf(),
+        (None, None) => bail!("no directory for the benchmark's nodes"),
     };
-    while consensus.max_new_view_bytes(options.nodes) > consensus.max_message_bytes as u64
-        && consensus.window > 2 * consensus.checkpoint_interval
-    {
-        consensus.window /= 2;
-    }
     let extra = format!(
-        "[consensus]\nmax_batch_txs = {}\nmax_batch_bytes = {}\nmax_pending = {}\nwindow = {}\n",
+        "[consensus]\nmax_batch_txs = {}\nmax_batch_bytes = {}\nmax_pending = {}\n\
+         checkpoint_interval = {}\nwindow = {}\n",
         consensus.max_batch_txs,
         consensus.max_batch_bytes,
-        (options.rate * 4).max(10_000),
+        pending_capacity(&consensus),
+        consensus.checkpoint_interval,
         consensus.window
     );
     println!(
-        "bench consensus: {} validators on loopback, {} B transactions, batches of up to {} (window {}), offered {} tx/s open-loop, warm-up {} s, measuring {} s",
+        "bench consensus: {} validators on loopback, {} B transactions, batches of up to {} \
+         (checkpoint every {}, window {}), offered {} tx/s open-loop, warm-up {} s, measuring {} s",
         options.nodes,
         options.payload_bytes,
         consensus.max_batch_txs,
+        consensus.checkpoint_interval,
         consensus.window,
         options.rate,
         options.warmup.as_secs(),
@@ -164,10 +179,64 @@ pub async fn consensus(options: ConsensusBench) -> Result<Vec<Figure>> {
         devnet::start_local_network(&dir, options.nodes, 0, &extra, false).await?;
     let result = measure(&nodes, &options).await;
     devnet::stop_all(&mut nodes).await;
-    if options.dir.is_none() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+    drop(temp);
     result
+}
+
+/// Client transactions the primary holds before it answers "busy": two
+/// full batches beyond the node's default, so a burst never waits on an
+/// empty pipeline, while an overload is pushed back at the door instead of
+/// queueing seconds of latency (and memory) inside the node.
+fn pending_capacity(consensus: &openagi_consensus::Config) -> usize {
+    openagi_consensus::Config::default()
+        .max_pending_requests
+        .max(2 * consensus.max_batch_txs)
+}
+
+/// The replica settings of a benchmark run: the requested batch size,
+/// with the checkpoint window shrunk until the largest possible new view
+/// (a quorum of view changes, each carrying every prepared batch of the
+/// window) fits one message, as the replica requires at start-up.
+/// Refused before any node starts when even the smallest window
+/// (checkpoint interval 1, window 2) cannot fit.
+fn bench_replica_config(options: &ConsensusBench) -> Result<openagi_consensus::Config> {
+    if options.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    if options.batch_txs == 0 {
+        bail!("--batch-txs must be at least 1");
+    }
+    let mut consensus = openagi_consensus::Config {
+        max_batch_txs: options.batch_txs,
+        max_batch_bytes: options.batch_txs * (options.payload_bytes + 64),
+        ..openagi_consensus::Config::default()
+    };
+    let fits = |c: &openagi_consensus::Config| {
+        c.max_new_view_bytes(options.nodes) <= c.max_message_bytes as u64
+    };
+    while !fits(&consensus) {
+        if consensus.window > 2 * consensus.checkpoint_interval {
+            consensus.window /= 2;
+        } else if consensus.checkpoint_interval > 1 {
+            consensus.checkpoint_interval /= 2;
+            consensus.window = 2 * consensus.checkpoint_interval;
+        } else {
+            bail!(
+                "--batch-txs {} with {} B payloads is too large for {} validators: even a \
+                 window of 2 blocks makes a new view of up to {} bytes, above the {}-byte \
+                 message limit; lower --batch-txs or --payload",
+                options.batch_txs,
+                options.payload_bytes,
+                options.nodes,
+                consensus.max_new_view_bytes(options.nodes),
+                consensus.max_message_bytes
+            );
+        }
+    }
+    consensus
+        .validate()
+        .map_err(|e| anyhow::anyhow!("benchmark settings: {e}"))?;
+    Ok(consensus)
 }
 
 async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<Vec<Figure>> {
@@ -223,6 +292,8 @@ async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<Vec
     let elapsed = started.elapsed().as_secs_f64();
     let (tx1, h1) = committed(&primary)?;
     let offered1 = counters.offered.load(Ordering::Relaxed);
+    let busy = counters.busy.load(Ordering::Relaxed);
+    let not_queued = counters.not_queued.load(Ordering::Relaxed);
     let latency = primary.get_json(&format!("/api/v1/consensus/latency?since_ms={t0}"))?;
     let metrics_after = primary.get_text("/metrics")?;
     stop.store(true, Ordering::Relaxed);
@@ -281,6 +352,8 @@ async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<Vec
         },
         fsync_seconds / elapsed * 100.0
     );
+    println!("| pushed back (503 busy, whole run) | {busy} tx |");
+    println!("| taken but not queued (whole run) | {not_queued} tx |");
     println!(
         "| refused by the primary | {:.0} (batch posts failed: {}) |",
         metric(
@@ -311,4 +384,58 @@ async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<Vec
         ),
         Figure::new("blocks per second", blocks as f64 / elapsed, "blocks/s"),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(batch_txs: usize, nodes: usize) -> ConsensusBench {
+        ConsensusBench {
+            nodes,
+            rate: 10_000,
+            duration: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            payload_bytes: 512,
+            batch_txs,
+            dir: None,
+        }
+    }
+
+    /// The default `--batch-txs` and larger ones start: the window (and
+    /// then the checkpoint interval) shrinks until a new view fits.
+    #[test]
+    fn large_batches_get_a_window_that_fits() {
+        for (batch, nodes) in [
+            (256, 4),
+            (1024, 4),
+            (2048, 4),
+            (4096, 4),
+            (8192, 4),
+            (4096, 7),
+        ] {
+            let c = bench_replica_config(&options(batch, nodes)).expect("fits");
+            assert!(
+                c.max_new_view_bytes(nodes) <= c.max_message_bytes as u64,
+                "batch {batch}, {nodes} nodes: {c:?}"
+            );
+            c.validate().expect("valid");
+        }
+        let default = bench_replica_config(&options(256, 4)).expect("fits");
+        assert_eq!(default.window, openagi_consensus::Config::default().window);
+    }
+
+    /// A batch no window can carry is refused before any node starts,
+    /// naming the flags to change.
+    #[test]
+    fn impossible_batches_are_refused_up_front() {
+        let err = bench_replica_config(&options(1 << 20, 4)).expect_err("too large");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("--batch-txs") && text.contains("--payload"),
+            "{text}"
+        );
+        assert!(bench_replica_config(&options(0, 4)).is_err());
+        assert!(bench_replica_config(&options(256, 0)).is_err());
+    }
 }
