@@ -723,7 +723,7 @@ impl Sim {
                 other.txs.push(Transaction {
                     client: ClientId([0xee; 32]),
                     seq: pp.seq,
-                    payload: self.rng.random::<[u8; 8]>().to_vec(),
+                    payload: self.rng.random::<[u8; 8]>().to_vec().into(),
                 });
                 let alt = PrePrepare {
                     digest: other.digest(),
@@ -840,7 +840,7 @@ impl Sim {
                     block.txs.push(Transaction {
                         client: ClientId([0xfb; 32]),
                         seq: block.height,
-                        payload: b"forged".to_vec(),
+                        payload: b"forged".to_vec().into(),
                     });
                     block.batch_root = openagi_consensus::types::batch_root(&block.txs);
                 }
@@ -970,7 +970,7 @@ impl Sim {
             txs: vec![Transaction {
                 client: ClientId([0xfa; 32]),
                 seq: 1,
-                payload: b"forged".to_vec(),
+                payload: b"forged".to_vec().into(),
             }],
         };
         let digest = batch.digest();
@@ -1056,9 +1056,9 @@ impl Sim {
                 let tx = Transaction {
                     client: client.id,
                     seq,
-                    payload,
+                    payload: payload.into(),
                 };
-                self.client_payloads.insert(tx.key(), tx.payload.clone());
+                self.client_payloads.insert(tx.key(), tx.payload.to_vec());
                 client.outstanding.insert(seq, (tx.clone(), now));
                 submissions.push(tx);
             }
@@ -1078,7 +1078,7 @@ impl Sim {
                 let tx = Transaction {
                     client: id,
                     seq,
-                    payload,
+                    payload: payload.into(),
                 };
                 self.enqueue(Event::Request { to: *to, tx }, self.net.min_delay_ms);
             }
@@ -1256,13 +1256,13 @@ impl Sim {
             let tx = Transaction {
                 client: client.id,
                 seq,
-                payload: format!("probe{c}-{seq}").into_bytes(),
+                payload: format!("probe{c}-{seq}").into_bytes().into(),
             };
             client.outstanding.insert(seq, (tx.clone(), now));
             probes.push(tx);
         }
         for tx in probes {
-            self.client_payloads.insert(tx.key(), tx.payload.clone());
+            self.client_payloads.insert(tx.key(), tx.payload.to_vec());
             for to in 0..self.nodes.len() {
                 self.enqueue(Event::Request { to, tx: tx.clone() }, self.net.min_delay_ms);
             }

@@ -53,7 +53,9 @@ fn a_follower_takes_a_committed_chain_and_refuses_forgeries() {
     // A transaction changed after the fact.
     let mut tampered = rest.clone();
     if let Some(tx) = tampered[0].0.txs.first_mut() {
-        tx.payload.push(b'!');
+        let mut changed = tx.payload.to_vec();
+        changed.push(b'!');
+        tx.payload = changed.into();
     } else {
         tampered[0].0.timestamp += 1;
     }

@@ -26,7 +26,7 @@ fn tx(seq: u64) -> Transaction {
     Transaction {
         client: ClientId([9; 32]),
         seq,
-        payload: vec![seq as u8],
+        payload: vec![seq as u8].into(),
     }
 }
 
@@ -353,7 +353,7 @@ fn state_transfer_applies_certified_blocks_and_refuses_forged_ones() {
         chain.push((block, cert));
     }
     let mut forged = chain.clone();
-    forged[1].0.txs[0].payload = b"forged".to_vec();
+    forged[1].0.txs[0].payload = b"forged".to_vec().into();
     let reply = BlocksReply {
         network: vs.network(),
         blocks: forged,

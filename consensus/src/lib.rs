@@ -32,7 +32,7 @@
 //! let validators = ValidatorSet::new(NetworkId::from_name("devnet"), vec![identity.public()])?;
 //! let mut replica = Replica::new(Config::default(), validators, IdentitySigner::new(identity), 0)?;
 //! let mut durable = PersistedState::default();
-//! let tx = Transaction { client: ClientId([1; 32]), seq: 1, payload: b"hello".to_vec() };
+//! let tx = Transaction { client: ClientId([1; 32]), seq: 1, payload: b"hello".to_vec().into() };
 //! replica.handle_request(tx, 0)?;
 //! replica.handle_tick(10); // call again at `replica.poll_timeout()`
 //! let mut committed = 0;

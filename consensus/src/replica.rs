@@ -41,8 +41,8 @@ use crate::messages::{
 };
 use crate::signing::{IdentitySigner, Signer};
 use crate::types::{
-    Batch, Block, ClientId, CommitCertificate, NetworkId, Transaction, ValidatorSet, genesis_hash,
-    verify_block,
+    Batch, BatchHeader, Block, ClientId, CommitCertificate, NetworkId, Transaction, ValidatorSet,
+    genesis_hash, verify_block,
 };
 use crate::{Error, Hash};
 
@@ -472,6 +472,9 @@ struct Slot {
     digest: Option<Hash>,
     pre_prepare: Option<Signed<PrePrepare>>,
     batch: Option<Batch>,
+    /// The batch's header (its Merkle root over every transaction hash),
+    /// computed once when the batch arrived and reused at execution.
+    header: Option<BatchHeader>,
     prepares: BTreeMap<usize, (Hash, Signed<Prepare>)>,
     commits: BTreeMap<usize, (Hash, Signed<Commit>)>,
     prepared: bool,
@@ -1378,7 +1381,8 @@ impl<S: Signer> Replica<S> {
                 timestamp,
                 txs,
             };
-            let digest = batch.digest();
+            let header = batch.header();
+            let digest = header.digest();
             let pp = PrePrepare {
                 network: self.network,
                 view: self.view,
@@ -1404,7 +1408,7 @@ impl<S: Signer> Replica<S> {
             // single validator, or votes that arrived first), and the
             // commit's bookkeeping adjusts this index.
             self.proposable_from = scanned;
-            self.accept_pre_prepare(seq, signed, batch, digest);
+            self.accept_pre_prepare(seq, signed, batch, header);
         }
     }
 
@@ -1415,9 +1419,10 @@ impl<S: Signer> Replica<S> {
         seq: u64,
         signed: Signed<PrePrepare>,
         batch: Batch,
-        digest: Hash,
+        header: BatchHeader,
     ) {
         let view = self.view;
+        let digest = header.digest();
         for tx in &batch.txs {
             self.in_flight.insert(tx.key());
         }
@@ -1429,6 +1434,7 @@ impl<S: Signer> Replica<S> {
         slot.digest = Some(digest);
         slot.pre_prepare = Some(signed);
         slot.batch = Some(batch);
+        slot.header = Some(header);
         slot.touched = now;
         if self.primary_of(view) != self.me && self.may_vote(view, seq) {
             if self.votes.get(&seq) != Some(&(view, digest)) {
@@ -1542,7 +1548,8 @@ impl<S: Signer> Replica<S> {
             self.drop_input(reason);
             return;
         }
-        if batch.digest() != pp.digest {
+        let header = batch.header();
+        if header.digest() != pp.digest {
             self.drop_input(DropReason::DigestMismatch);
             return;
         }
@@ -1586,7 +1593,7 @@ impl<S: Signer> Replica<S> {
             self.drop_input(DropReason::BadTimestamp);
             return;
         }
-        self.accept_pre_prepare(pp.seq, signed, batch, pp.digest);
+        self.accept_pre_prepare(pp.seq, signed, batch, header);
     }
 
     fn on_prepare(&mut self, signed: Signed<Prepare>) {
@@ -1767,7 +1774,9 @@ impl<S: Signer> Replica<S> {
             if !slot.committed {
                 return;
             }
-            let (Some(batch), Some(digest)) = (slot.batch.clone(), slot.digest) else {
+            let (Some(batch), Some(digest), Some(header)) =
+                (slot.batch.clone(), slot.digest, slot.header)
+            else {
                 return;
             };
             let commits: Vec<Signed<Commit>> = slot
@@ -1776,7 +1785,6 @@ impl<S: Signer> Replica<S> {
                 .filter(|(d, _)| *d == digest)
                 .map(|(_, s)| s.clone())
                 .collect();
-            let header = batch.header();
             let batch_root = header.batch_root;
             let cert = CommitCertificate {
                 view: slot.view,
@@ -2427,7 +2435,8 @@ impl<S: Signer> Replica<S> {
             if seq <= self.stable.seq {
                 continue;
             }
-            let digest = batch.digest();
+            let header = batch.header();
+            let digest = header.digest();
             if let Some((v, d)) = self.votes.get(&seq)
                 && *v == view
                 && *d != digest
@@ -2435,7 +2444,7 @@ impl<S: Signer> Replica<S> {
                 self.drop_input(DropReason::ConflictsWithOwnVote);
                 continue;
             }
-            self.accept_pre_prepare(seq, pp, batch, digest);
+            self.accept_pre_prepare(seq, pp, batch, header);
         }
         self.next_seq = self
             .next_seq

@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::sync::LazyLock;
 
+use bytes::Bytes;
 use openagi_crypto::{PublicKey, Signed, identity::SignedPayload};
 use serde::{Deserialize, Serialize};
 
@@ -104,9 +105,11 @@ pub struct Transaction {
     pub client: ClientId,
     /// The client's sequence number (or timestamp); starts at 1.
     pub seq: u64,
-    /// Application data, never interpreted by consensus.
-    #[serde(with = "serde_bytes")]
-    pub payload: Vec<u8>,
+    /// Application data, never interpreted by consensus. Shared, not
+    /// copied, when the transaction is cloned (a batch is held by the log,
+    /// the block, the persisted record and the commit notice); encoded as
+    /// one length-prefixed byte string.
+    pub payload: Bytes,
 }
 
 impl Transaction {

@@ -140,7 +140,7 @@ fn random_bytes_and_bit_flips_are_all_refused_and_honest_progress_follows() {
         txs: vec![Transaction {
             client: ClientId([1; 32]),
             seq: 1,
-            payload: vec![1, 2, 3],
+            payload: vec![1, 2, 3].into(),
         }],
     };
     let digest = batch.digest();
@@ -349,7 +349,7 @@ fn extreme_values_from_a_member_are_refused_and_honest_progress_follows() {
     let huge = Transaction {
         client: ClientId([2; 32]),
         seq: max,
-        payload: vec![0; 100_000],
+        payload: vec![0; 100_000].into(),
     };
     if let Ok(f) = attacker.seal(&Forward {
         network: net,

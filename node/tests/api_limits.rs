@@ -48,7 +48,7 @@ fn post_batch(
         .map(|seq| Transaction {
             client: ClientId(client),
             seq,
-            payload: seq.to_le_bytes().to_vec(),
+            payload: seq.to_le_bytes().to_vec().into(),
         })
         .collect();
     let body = postcard::to_stdvec(&txs).expect("encode");

@@ -92,7 +92,7 @@ fn run_load(
             txs.push(Transaction {
                 client: client_id,
                 seq,
-                payload,
+                payload: payload.into(),
             });
         }
         counters.offered.fetch_add(count as u64, Ordering::Relaxed);

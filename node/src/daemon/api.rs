@@ -477,7 +477,7 @@ async fn submit_tx(
             Transaction {
                 client,
                 seq,
-                payload,
+                payload: payload.into(),
             }
         }
         (None, Some(_)) => {

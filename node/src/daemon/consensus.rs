@@ -498,7 +498,7 @@ impl ConsensusHandle {
         Ok(Transaction {
             client: self.own_client,
             seq,
-            payload,
+            payload: payload.into(),
         })
     }
 
@@ -1280,7 +1280,7 @@ impl Driver {
                 Ok(Transaction {
                     client: self.own_client,
                     seq,
-                    payload,
+                    payload: payload.into(),
                 })
             });
             match tx.and_then(|tx| self.replica.handle_request(tx, now)) {

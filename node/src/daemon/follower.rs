@@ -91,7 +91,7 @@ impl FollowerHandle {
         Ok(Transaction {
             client: self.own_client,
             seq,
-            payload,
+            payload: payload.into(),
         })
     }
 
@@ -649,7 +649,7 @@ mod tests {
         Transaction {
             client: crate::daemon::consensus::node_client_id(peer),
             seq: 1,
-            payload: b"x".to_vec(),
+            payload: b"x".to_vec().into(),
         }
     }
 

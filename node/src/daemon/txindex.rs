@@ -357,7 +357,7 @@ mod tests {
             .map(|i| Transaction {
                 client: ClientId([7; 32]),
                 seq: height * 10 + i,
-                payload: format!("{label} {height}/{i}").into_bytes(),
+                payload: format!("{label} {height}/{i}").into_bytes().into(),
             })
             .collect();
         let root = batch_root(&txs);
