@@ -3,8 +3,10 @@
 //! `bench consensus` starts real validator daemons on loopback (the same
 //! binary, as child processes), offers an open-loop load of opaque
 //! transactions to the primary through the binary batch endpoint, and
-//! reports committed throughput and submission-to-commit latency measured
-//! inside the primary.
+//! reports committed throughput, submission-to-commit latency measured
+//! inside the primary, and the latency a client sees: probes posted to a
+//! backup with `"wait": true`, timed from the request to the answer that
+//! says the transaction committed.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -123,6 +125,57 @@ fn run_load(
             }
         }
     }
+}
+
+/// How often a latency probe is sent.
+const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A probe's send time and its client-side latency to the commit answer
+/// (`None`: the node answered before it committed, or refused).
+type ProbeSamples = Arc<std::sync::Mutex<Vec<(Instant, Option<Duration>)>>>;
+
+/// End-to-end probes as a user sees them: every [`PROBE_INTERVAL`] one
+/// transaction is posted with `"wait": true` to `client` (a backup, so the
+/// path includes the relay to the primary), and the time from sending the
+/// request to the answer that says it committed is recorded. Probes use
+/// their own client id, so they wait in no other client's queue.
+fn run_probes(
+    client: ApiClient,
+    payload_bytes: usize,
+    stop: Arc<AtomicBool>,
+    samples: ProbeSamples,
+) {
+    let mut identity = [0u8; 32];
+    let _ = openagi_crypto::os_random(&mut identity);
+    let client_hex = hex::encode(identity);
+    let payload = "ab".repeat(payload_bytes);
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        seq += 1;
+        let body = serde_json::json!({
+            "payload_hex": payload,
+            "client": client_hex,
+            "seq": seq,
+            "wait": true,
+        });
+        let sent = Instant::now();
+        let latency = match client.post_json("/api/v1/tx", &body) {
+            Ok(answer) if answer["status"] == "committed" => Some(sent.elapsed()),
+            _ => None,
+        };
+        if let Ok(mut all) = samples.lock() {
+            all.push((sent, latency));
+        }
+        std::thread::sleep(PROBE_INTERVAL.saturating_sub(sent.elapsed()));
+    }
+}
+
+/// The `q` quantile of sorted `values` (nearest rank).
+fn quantile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values[((values.len() - 1) as f64 * q).round() as usize]
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -274,6 +327,16 @@ async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<Vec
         let (rate, payload) = (options.rate, options.payload_bytes);
         std::thread::spawn(move || run_load(primary, rate, payload, stop, counters))
     };
+    let probe_samples: ProbeSamples = Arc::default();
+    let probe_node = clients
+        .get((primary_index + 1) % clients.len())
+        .context("no node for probes")?
+        .clone();
+    let probes = {
+        let (stop, samples) = (stop.clone(), probe_samples.clone());
+        let payload = options.payload_bytes;
+        std::thread::spawn(move || run_probes(probe_node, payload, stop, samples))
+    };
     tokio::time::sleep(options.warmup).await;
 
     let committed = |c: &ApiClient| -> Result<(u64, u64)> {
@@ -296,8 +359,26 @@ async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<Vec
     let not_queued = counters.not_queued.load(Ordering::Relaxed);
     let latency = primary.get_json(&format!("/api/v1/consensus/latency?since_ms={t0}"))?;
     let metrics_after = primary.get_text("/metrics")?;
+    let measured_until = Instant::now();
     stop.store(true, Ordering::Relaxed);
-    let _ = tokio::task::spawn_blocking(move || load.join()).await;
+    let _ = tokio::task::spawn_blocking(move || (load.join(), probes.join())).await;
+    let (probe_latencies, probes_not_committed) = {
+        let all = match probe_samples.lock() {
+            Ok(all) => all.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let in_window: Vec<_> = all
+            .into_iter()
+            .filter(|(sent, _)| *sent >= started && *sent < measured_until)
+            .collect();
+        let mut ms: Vec<f64> = in_window
+            .iter()
+            .filter_map(|(_, l)| l.map(|d| d.as_secs_f64() * 1000.0))
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        let missed = in_window.len() - ms.len();
+        (ms, missed)
+    };
 
     let committed_tps = (tx1 - tx0) as f64 / elapsed;
     let blocks = h1 - h0;
@@ -343,6 +424,15 @@ async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<Vec
         latency["samples"].as_u64().unwrap_or(0)
     );
     println!(
+        "| latency client→commit answer at a backup (HTTP, `wait`) | p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} probes ({} not committed in the wait) |",
+        quantile(&probe_latencies, 0.5),
+        quantile(&probe_latencies, 0.9),
+        quantile(&probe_latencies, 0.99),
+        quantile(&probe_latencies, 1.0),
+        probe_latencies.len(),
+        probes_not_committed
+    );
+    println!(
         "| disk commits (fsync) at the primary | {:.0}/s, mean {:.2} ms, {:.0}% of wall time |",
         fsyncs / elapsed,
         if fsyncs > 0.0 {
@@ -383,6 +473,16 @@ async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<Vec
             "ms",
         ),
         Figure::new("blocks per second", blocks as f64 / elapsed, "blocks/s"),
+        Figure::new(
+            "client latency at a backup p50",
+            quantile(&probe_latencies, 0.5),
+            "ms",
+        ),
+        Figure::new(
+            "client latency at a backup p99",
+            quantile(&probe_latencies, 0.99),
+            "ms",
+        ),
     ])
 }
 
