@@ -73,8 +73,8 @@ fn post_batch(
 }
 
 /// A batch larger than the room left is refused whole with 503 and
-/// `Retry-After`, saying how full the node is; one that fits is queued and
-/// the answer counts what was queued and what was a duplicate.
+/// `Retry-After`, saying how full the node is; one that fits is queued,
+/// and a repeated one never commits twice.
 #[test]
 fn a_validator_offered_more_than_it_may_hold_answers_busy() {
     let (_root, daemon) = validator_with(&[("OPENAGI_CONSENSUS_MAX_PENDING", "64")]);
@@ -92,15 +92,13 @@ fn a_validator_offered_more_than_it_may_hold_answers_busy() {
     let (code, _, answer) = post_batch(&daemon, client, 1, 10);
     assert_eq!(code, 202, "{answer}");
     assert_eq!(answer["queued"], 10, "{answer}");
-    assert_eq!(answer["duplicates"], 0, "{answer}");
-    // The same ten again: pending or already committed, never twice.
+    // The same ten again: taken at the door, dropped as duplicates inside,
+    // never committed twice.
     let (code, _, answer) = post_batch(&daemon, client, 1, 10);
     assert_eq!(code, 202, "{answer}");
-    assert_eq!(answer["queued"], 0, "{answer}");
-    assert_eq!(answer["duplicates"], 10, "{answer}");
 
-    // The refused batch left nothing behind: all ten commit and the node
-    // takes a full batch again.
+    // The refused batch left nothing behind: exactly ten commit and the
+    // node takes a full batch again.
     openagi_tests::wait_for(
         "ten transactions committed",
         Duration::from_secs(30),
@@ -110,6 +108,9 @@ fn a_validator_offered_more_than_it_may_hold_answers_busy() {
         },
     )
     .expect("commits");
+    std::thread::sleep(Duration::from_millis(500));
+    let status = daemon.status().expect("status");
+    assert_eq!(status["consensus"]["committed_txs"], 10, "{status}");
     let (code, _, answer) = post_batch(&daemon, client, 11, 64);
     assert_eq!(code, 202, "{answer}");
     assert_eq!(answer["queued"], 64, "{answer}");

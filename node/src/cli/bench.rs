@@ -45,8 +45,6 @@ struct LoadCounters {
     accepted: AtomicU64,
     /// Transactions in posts the node answered "busy" (503) to.
     busy: AtomicU64,
-    /// Transactions the node took but did not queue (duplicates, refusals).
-    not_queued: AtomicU64,
     failed_posts: AtomicU64,
     first_failure: std::sync::Mutex<Option<String>>,
 }
@@ -105,9 +103,6 @@ fn run_load(
             Ok(answer) => {
                 let queued = answer["queued"].as_u64().unwrap_or(0);
                 counters.accepted.fetch_add(queued, Ordering::Relaxed);
-                counters
-                    .not_queued
-                    .fetch_add((count as u64).saturating_sub(queued), Ordering::Relaxed);
             }
             Err(e)
                 if e.downcast_ref::<crate::cli::client::Refusal>()
@@ -356,7 +351,6 @@ async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<Vec
     let (tx1, h1) = committed(&primary)?;
     let offered1 = counters.offered.load(Ordering::Relaxed);
     let busy = counters.busy.load(Ordering::Relaxed);
-    let not_queued = counters.not_queued.load(Ordering::Relaxed);
     let latency = primary.get_json(&format!("/api/v1/consensus/latency?since_ms={t0}"))?;
     let metrics_after = primary.get_text("/metrics")?;
     let measured_until = Instant::now();
@@ -443,7 +437,6 @@ async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<Vec
         fsync_seconds / elapsed * 100.0
     );
     println!("| pushed back (503 busy, whole run) | {busy} tx |");
-    println!("| taken but not queued (whole run) | {not_queued} tx |");
     println!(
         "| refused by the primary | {:.0} (batch posts failed: {}) |",
         metric(

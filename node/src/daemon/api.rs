@@ -564,7 +564,8 @@ const MAX_BATCH_TXS: usize = 100_000;
 
 /// `POST /api/v1/tx/batch`: a postcard-encoded `Vec<Transaction>` (binary,
 /// for load generators). Answers 202 once the batch is queued for the
-/// replica; refusals are counted in metrics.
+/// replica, 503 "busy" with `Retry-After` when the validator already holds
+/// all it may; duplicates and later refusals are counted in metrics.
 async fn submit_batch(State(state): State<Arc<ApiState>>, body: axum::body::Bytes) -> Response {
     let consensus = match consensus_of(&state) {
         Ok(c) => c,
@@ -585,8 +586,13 @@ async fn submit_batch(State(state): State<Arc<ApiState>>, body: axum::body::Byte
             format!("at most {MAX_BATCH_TXS} transactions per batch"),
         );
     }
-    match consensus.submit_batch(txs).await {
-        Ok(admission) => (StatusCode::ACCEPTED, Json(admission)).into_response(),
+    let queued = txs.len();
+    match consensus.submit_batch(txs) {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "queued": queued })),
+        )
+            .into_response(),
         Err(e) => consensus_refusal(e),
     }
 }

@@ -377,24 +377,11 @@ enum Input {
     SubmitBatch {
         txs: Vec<Transaction>,
         received: Instant,
-        reply: oneshot::Sender<BatchAdmission>,
     },
     Message {
         from: PeerId,
         data: Vec<u8>,
     },
-}
-
-/// What became of a batch submission.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct BatchAdmission {
-    /// Transactions now waiting to be ordered.
-    pub queued: usize,
-    /// Already pending or already on the ledger.
-    pub duplicates: usize,
-    /// Refused for any other reason (counted in
-    /// `openagi_consensus_submissions_refused_total`).
-    pub refused: usize,
 }
 
 /// Client transactions a validator holds: waiting in the replica's pending
@@ -429,6 +416,13 @@ impl Backlog {
                 held: pending.saturating_add(queued),
                 capacity: self.capacity,
             })
+    }
+
+    /// Transactions held now.
+    fn held(&self) -> usize {
+        self.replica_pending
+            .load(Ordering::Relaxed)
+            .saturating_add(self.in_queue.load(Ordering::Relaxed))
     }
 
     /// Gives back `n` reserved transactions (handled, or never sent).
@@ -508,28 +502,31 @@ impl ConsensusHandle {
     /// submission queue is full. Refusals are counted in
     /// `openagi_consensus_submissions_refused_total`.
     ///
-    /// Refused as a whole with [`ConsensusError::Busy`] when this
-    /// validator cannot hold it (see `Backlog`).
-    pub async fn submit_batch(
-        &self,
-        txs: Vec<Transaction>,
-    ) -> Result<BatchAdmission, ConsensusError> {
+    /// Answers at once, never waiting on the consensus task (a disk stall
+    /// there must not stall clients): the batch is refused as a whole with
+    /// [`ConsensusError::Busy`] when this validator cannot hold it (see
+    /// `Backlog`) or its input queue is full. Duplicates and other
+    /// refusals inside the replica are counted in metrics.
+    pub fn submit_batch(&self, txs: Vec<Transaction>) -> Result<(), ConsensusError> {
         let count = txs.len();
         self.backlog.reserve(count)?;
-        let (reply, answer) = oneshot::channel();
-        let sent = self
-            .inputs
-            .send(Input::SubmitBatch {
-                txs,
-                received: Instant::now(),
-                reply,
-            })
-            .await;
-        if sent.is_err() {
-            self.backlog.release(count);
-            return Err(ConsensusError::Stopped);
+        let sent = self.inputs.try_send(Input::SubmitBatch {
+            txs,
+            received: Instant::now(),
+        });
+        match sent {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.backlog.release(count);
+                match e {
+                    mpsc::error::TrySendError::Full(_) => Err(ConsensusError::Busy {
+                        held: self.backlog.held(),
+                        capacity: self.backlog.capacity,
+                    }),
+                    mpsc::error::TrySendError::Closed(_) => Err(ConsensusError::Stopped),
+                }
+            }
         }
-        answer.await.map_err(|_| ConsensusError::Stopped)
     }
 
     /// Latency percentiles of transactions submitted here that committed
@@ -960,23 +957,15 @@ impl Driver {
                 }
                 let _ = reply.send(result);
             }
-            Input::SubmitBatch {
-                txs,
-                received,
-                reply,
-            } => {
+            Input::SubmitBatch { txs, received } => {
                 let count = txs.len();
-                let mut admission = BatchAdmission::default();
                 for tx in txs {
                     let hash = tx.hash();
                     match self.replica.handle_request(tx, now) {
-                        Ok(()) => {
-                            admission.queued += 1;
-                            self.track_submission(hash, received);
-                        }
-                        Err(openagi_consensus::Error::Duplicate) => admission.duplicates += 1,
+                        Ok(()) => self.track_submission(hash, received),
+                        // Counted by the replica's drop reasons.
+                        Err(openagi_consensus::Error::Duplicate) => {}
                         Err(e) => {
-                            admission.refused += 1;
                             self.metrics.refused.inc();
                             debug!(error = %e, "queued transaction refused");
                         }
@@ -986,7 +975,6 @@ impl Driver {
                 self.backlog
                     .replica_pending
                     .store(self.replica.pending_len(), Ordering::Relaxed);
-                let _ = reply.send(admission);
             }
             Input::Message { from, data } => {
                 let parts = match openagi_consensus::bundle::decode(&data) {
