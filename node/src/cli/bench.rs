@@ -225,7 +225,11 @@ pub async fn consensus(options: ConsensusBench) -> Result<Vec<Figure>> {
     );
     let (mut nodes, _no_tor) =
         devnet::start_local_network(&dir, options.nodes, 0, &extra, false).await?;
-    let result = measure(&nodes, &options).await;
+    // Ctrl-C stops the nodes and removes the temporary directory too.
+    let result = tokio::select! {
+        result = measure(&nodes, &options) => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
     devnet::stop_all(&mut nodes).await;
     drop(temp);
     result
@@ -259,6 +263,17 @@ fn bench_replica_config(options: &ConsensusBench) -> Result<openagi_consensus::C
         max_batch_bytes: options.batch_txs * (options.payload_bytes + 64),
         ..openagi_consensus::Config::default()
     };
+    if consensus.max_batch_bytes > crate::common::config::MAX_BATCH_BYTES_LIMIT {
+        bail!(
+            "--batch-txs {} with {} B payloads makes batches of up to {} bytes; a node takes at \
+             most {} (a block must fit the answers full nodes fetch it in); lower --batch-txs \
+             or --payload",
+            options.batch_txs,
+            options.payload_bytes,
+            consensus.max_batch_bytes,
+            crate::common::config::MAX_BATCH_BYTES_LIMIT
+        );
+    }
     let fits = |c: &openagi_consensus::Config| {
         c.max_new_view_bytes(options.nodes) <= c.max_message_bytes as u64
     };
@@ -504,7 +519,7 @@ mod tests {
             (1024, 4),
             (2048, 4),
             (4096, 4),
-            (8192, 4),
+            (4096, 16),
             (4096, 7),
         ] {
             let c = bench_replica_config(&options(batch, nodes)).expect("fits");
@@ -518,16 +533,21 @@ mod tests {
         assert_eq!(default.window, openagi_consensus::Config::default().window);
     }
 
-    /// A batch no window can carry is refused before any node starts,
-    /// naming the flags to change.
+    /// A batch a node would refuse, or that no window can carry, is
+    /// refused before any node starts, naming the flags to change.
     #[test]
     fn impossible_batches_are_refused_up_front() {
-        let err = bench_replica_config(&options(1 << 20, 4)).expect_err("too large");
-        let text = format!("{err:#}");
-        assert!(
-            text.contains("--batch-txs") && text.contains("--payload"),
-            "{text}"
-        );
+        // Over the node's batch byte limit; then within it, but with so
+        // many validators that even a two-block window's new view is too
+        // large.
+        for (batch, nodes) in [(8192, 4), (1 << 20, 4), (4096, 100)] {
+            let err = bench_replica_config(&options(batch, nodes)).expect_err("too large");
+            let text = format!("{err:#}");
+            assert!(
+                text.contains("--batch-txs") && text.contains("--payload"),
+                "{text}"
+            );
+        }
         assert!(bench_replica_config(&options(0, 4)).is_err());
         assert!(bench_replica_config(&options(256, 0)).is_err());
     }
