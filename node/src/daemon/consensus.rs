@@ -496,17 +496,13 @@ impl ConsensusHandle {
         })
     }
 
-    /// Queues many transactions at once (one queue slot for all) without
-    /// waiting for the replica to take them in: a load generator must not
-    /// be slowed by the replica's disk commits. It waits only while the
-    /// submission queue is full. Refusals are counted in
-    /// `openagi_consensus_submissions_refused_total`.
-    ///
-    /// Answers at once, never waiting on the consensus task (a disk stall
-    /// there must not stall clients): the batch is refused as a whole with
+    /// Queues many transactions at once (one queue slot for all). Answers
+    /// at once, never waiting on the consensus task (a disk stall there
+    /// must not stall clients): the batch is refused as a whole with
     /// [`ConsensusError::Busy`] when this validator cannot hold it (see
-    /// `Backlog`) or its input queue is full. Duplicates and other
-    /// refusals inside the replica are counted in metrics.
+    /// `Backlog`) or its input queue is full. Duplicates are counted among
+    /// the replica's drop reasons, other refusals in
+    /// `openagi_consensus_submissions_refused_total`.
     pub fn submit_batch(&self, txs: Vec<Transaction>) -> Result<(), ConsensusError> {
         let count = txs.len();
         self.backlog.reserve(count)?;
