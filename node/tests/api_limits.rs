@@ -52,24 +52,7 @@ fn post_batch(
         })
         .collect();
     let body = postcard::to_stdvec(&txs).expect("encode");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(20)))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut response = agent
-        .post(&format!("http://{}/api/v1/tx/batch", daemon.api_addr()))
-        .header("Authorization", &format!("Bearer {}", daemon.token()))
-        .content_type("application/octet-stream")
-        .send(&body[..])
-        .expect("post");
-    let retry = response
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
-    let code = response.status().as_u16();
-    (code, retry, response.body_mut().read_json().expect("json"))
+    daemon.post_bytes("/api/v1/tx/batch", &body).expect("post")
 }
 
 /// A batch larger than the room left is refused whole with 503 and

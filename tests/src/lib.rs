@@ -263,12 +263,8 @@ impl Daemon {
     /// GETs `path`, with `Authorization: Bearer token` when given; returns
     /// the status code and body.
     pub fn get(&self, path: &str, token: Option<&str>) -> Result<(u16, String)> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(5)))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut request = agent.get(&format!("http://{}{path}", self.api));
+        let mut request =
+            http_agent(Duration::from_secs(5)).get(&format!("http://{}{path}", self.api));
         if let Some(token) = token {
             request = request.header("Authorization", &format!("Bearer {token}"));
         }
@@ -288,17 +284,30 @@ impl Daemon {
 
     /// POSTs JSON to `path` with the token; returns status and body.
     pub fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(40)))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut response = agent
+        let mut response = http_agent(Duration::from_secs(40))
             .post(&format!("http://{}{path}", self.api))
             .header("Authorization", &format!("Bearer {}", self.token))
             .send_json(body)?;
         let code = response.status().as_u16();
         Ok((code, response.body_mut().read_json()?))
+    }
+
+    /// POSTs bytes (`application/octet-stream`) to `path` with the token;
+    /// returns the status, the `Retry-After` header if any, and the JSON
+    /// answer.
+    pub fn post_bytes(&self, path: &str, body: &[u8]) -> Result<(u16, Option<String>, Value)> {
+        let mut response = http_agent(Duration::from_secs(40))
+            .post(&format!("http://{}{path}", self.api))
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .content_type("application/octet-stream")
+            .send(body)?;
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let code = response.status().as_u16();
+        Ok((code, retry_after, response.body_mut().read_json()?))
     }
 
     /// Committed ledger height, or 0 when unknown.
@@ -441,6 +450,16 @@ impl Drop for DevnetProcess {
     fn drop(&mut self) {
         stop_child(&mut self.child);
     }
+}
+
+/// An HTTP client that returns error statuses as answers, with a global
+/// timeout.
+fn http_agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .build()
+        .into()
 }
 
 /// Stops a child process: SIGTERM, up to 10 s to exit, then SIGKILL.
