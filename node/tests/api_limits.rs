@@ -55,33 +55,60 @@ fn post_batch(
     daemon.post_bytes("/api/v1/tx/batch", &body).expect("post")
 }
 
-/// A batch larger than the room left is refused whole with 503 and
-/// `Retry-After`, saying how full the node is; one that fits is queued,
-/// and a repeated one never commits twice.
+/// Admission at the door, on a validator of four started alone (nothing
+/// commits, so what it holds stays put): a batch larger than the cap is
+/// refused for good (413), one that would overflow what is held is "busy"
+/// (503 with `Retry-After`, saying how full it is), and one that exactly
+/// fills the room is taken.
 #[test]
 fn a_validator_offered_more_than_it_may_hold_answers_busy() {
-    let (_root, daemon) = validator_with(&[("OPENAGI_CONSENSUS_MAX_PENDING", "64")]);
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let dirs = init_validators(root.path(), 4).expect("validators");
+    let options = DaemonOptions {
+        env: vec![("OPENAGI_CONSENSUS_MAX_PENDING".into(), "64".into())],
+        ..DaemonOptions::default()
+    };
+    let daemon = Daemon::start(&dirs[0], &options).expect("starts");
     let client = [7u8; 32];
 
     let (code, retry, answer) = post_batch(&daemon, client, 1, 65);
-    assert_eq!(code, 503, "{answer}");
-    assert_eq!(retry.as_deref(), Some("1"), "{answer}");
-    let text = answer["error"].as_str().unwrap_or_default();
-    assert!(
-        text.contains("busy") && text.contains("at most 64"),
-        "{text}"
-    );
+    assert_eq!(code, 413, "{answer}");
+    assert_eq!(retry, None, "{answer}");
 
+    let (code, _, answer) = post_batch(&daemon, client, 1, 40);
+    assert_eq!(code, 202, "{answer}");
+    assert_eq!(answer["queued"], 40, "{answer}");
+    // Admission sees the forty once the replica has taken them in.
+    openagi_tests::wait_for("forty held", Duration::from_secs(10), || {
+        let (code, retry, answer) = post_batch(&daemon, client, 41, 30);
+        (code == 503).then_some((retry, answer))
+    })
+    .map(|(retry, answer)| {
+        assert_eq!(retry.as_deref(), Some("1"), "{answer}");
+        let text = answer["error"].as_str().unwrap_or_default().to_string();
+        assert!(
+            text.contains("busy") && text.contains("at most 64"),
+            "{text}"
+        );
+    })
+    .expect("busy");
+    let (code, _, answer) = post_batch(&daemon, client, 41, 24);
+    assert_eq!(code, 202, "{answer}");
+    assert_eq!(answer["queued"], 24, "{answer}");
+}
+
+/// A batch that fits is queued and commits, and the same batch again is
+/// dropped as duplicates inside: never committed twice.
+#[test]
+fn a_repeated_batch_commits_once() {
+    let (_root, daemon) = validator_with(&[("OPENAGI_CONSENSUS_MAX_PENDING", "64")]);
+    let client = [7u8; 32];
     let (code, _, answer) = post_batch(&daemon, client, 1, 10);
     assert_eq!(code, 202, "{answer}");
     assert_eq!(answer["queued"], 10, "{answer}");
-    // The same ten again: taken at the door, dropped as duplicates inside,
-    // never committed twice.
     let (code, _, answer) = post_batch(&daemon, client, 1, 10);
     assert_eq!(code, 202, "{answer}");
-
-    // The refused batch left nothing behind: exactly ten commit and the
-    // node takes a full batch again.
     openagi_tests::wait_for(
         "ten transactions committed",
         Duration::from_secs(30),
@@ -94,9 +121,6 @@ fn a_validator_offered_more_than_it_may_hold_answers_busy() {
     std::thread::sleep(Duration::from_millis(500));
     let status = daemon.status().expect("status");
     assert_eq!(status["consensus"]["committed_txs"], 10, "{status}");
-    let (code, _, answer) = post_batch(&daemon, client, 11, 64);
-    assert_eq!(code, 202, "{answer}");
-    assert_eq!(answer["queued"], 64, "{answer}");
 }
 
 /// Sends `head` (request line and headers) and returns the status line.

@@ -235,10 +235,11 @@ pub async fn consensus(options: ConsensusBench) -> Result<Vec<Figure>> {
     result
 }
 
-/// Client transactions the primary holds before it answers "busy": two
-/// full batches beyond the node's default, so a burst never waits on an
-/// empty pipeline, while an overload is pushed back at the door instead of
-/// queueing seconds of latency (and memory) inside the node.
+/// Client transactions the primary holds before it answers "busy": the
+/// node's default, or two full batches if that is more, so an overload is
+/// pushed back at the door instead of queueing seconds of latency (and
+/// memory) inside the node. (Pending transactions are held until they
+/// commit, so this also bounds what is in flight.)
 fn pending_capacity(consensus: &openagi_consensus::Config) -> usize {
     openagi_consensus::Config::default()
         .max_pending_requests

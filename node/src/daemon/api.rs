@@ -598,8 +598,9 @@ async fn submit_batch(State(state): State<Arc<ApiState>>, body: axum::body::Byte
 }
 
 /// The answer for a submission consensus refused: 503 with `Retry-After`
-/// when the validator is busy or stopped (try again later), 422 for a
-/// transaction it will not take.
+/// when the validator is busy or stopped (try again later), 413 for a
+/// batch larger than it ever holds, 422 for a transaction it will not
+/// take.
 fn consensus_refusal(e: ConsensusError) -> Response {
     match e {
         ConsensusError::Busy { .. } | ConsensusError::Stopped => {
@@ -610,6 +611,7 @@ fn consensus_refusal(e: ConsensusError) -> Response {
             );
             response
         }
+        ConsensusError::BatchTooLarge { .. } => error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
         other => error(StatusCode::UNPROCESSABLE_ENTITY, other.to_string()),
     }
 }

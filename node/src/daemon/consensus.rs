@@ -66,6 +66,18 @@ pub enum ConsensusError {
         /// `[consensus] max_pending`.
         capacity: usize,
     },
+    /// A batch larger than this validator ever holds; retrying cannot
+    /// help (HTTP 413).
+    #[error(
+        "a batch of {count} transactions is more than this validator holds at once \
+         ({capacity}, consensus.max_pending); split it"
+    )]
+    BatchTooLarge {
+        /// Transactions in the batch.
+        count: usize,
+        /// `[consensus] max_pending`.
+        capacity: usize,
+    },
     /// The store failed.
     #[error("storage: {0}")]
     Store(#[from] crate::common::store::StoreError),
@@ -505,6 +517,12 @@ impl ConsensusHandle {
     /// `openagi_consensus_submissions_refused_total`.
     pub fn submit_batch(&self, txs: Vec<Transaction>) -> Result<(), ConsensusError> {
         let count = txs.len();
+        if count > self.backlog.capacity {
+            return Err(ConsensusError::BatchTooLarge {
+                count,
+                capacity: self.backlog.capacity,
+            });
+        }
         self.backlog.reserve(count)?;
         let sent = self.inputs.try_send(Input::SubmitBatch {
             txs,
@@ -967,10 +985,13 @@ impl Driver {
                         }
                     }
                 }
-                self.backlog.release(count);
+                // Pending first, then the queue: in between a submission
+                // sees the batch twice (refused too early), never zero times
+                // (admitted past the cap).
                 self.backlog
                     .replica_pending
                     .store(self.replica.pending_len(), Ordering::Relaxed);
+                self.backlog.release(count);
             }
             Input::Message { from, data } => {
                 let parts = match openagi_consensus::bundle::decode(&data) {
