@@ -618,7 +618,31 @@ impl Sim {
                     let targets = self.targets(id, &to);
                     self.send_from(id, targets, message);
                 }
-                Output::Committed { block, applied, .. } => {
+                Output::Committed {
+                    block,
+                    applied,
+                    tx_hashes,
+                    ..
+                } => {
+                    // The hashes reported with a block are what the node's
+                    // transaction index and API rely on.
+                    let reported_right = tx_hashes.len() == block.txs.len()
+                        && block
+                            .txs
+                            .iter()
+                            .zip(tx_hashes.iter())
+                            .all(|(t, h)| t.hash() == *h);
+                    if !reported_right {
+                        let what = format!(
+                            "replica {} reported wrong transaction hashes at height {}",
+                            node.index, block.height
+                        );
+                        self.violation.get_or_insert(Violation {
+                            seed: self.cfg.seed,
+                            at_ms: self.now,
+                            what,
+                        });
+                    }
                     self.on_committed(id, block.height, block.hash(), applied)
                 }
                 Output::ViewInstalled { .. } => {}

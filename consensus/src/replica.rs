@@ -30,6 +30,7 @@
 //!   a view change) takes effect once on every replica alike.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::sync::Arc;
 
 use openagi_crypto::{PublicKey, Signed, identity::SignedPayload};
 use serde::{Deserialize, Serialize};
@@ -300,6 +301,9 @@ pub enum Output {
         certificate: CommitCertificate,
         /// The transactions in it that took effect, in order.
         applied: Vec<Transaction>,
+        /// [`Transaction::hash`] of every transaction of the block, in
+        /// order (computed once, for the batch root).
+        tx_hashes: Arc<[Hash]>,
     },
     /// A new view was installed.
     ViewInstalled {
@@ -472,9 +476,10 @@ struct Slot {
     digest: Option<Hash>,
     pre_prepare: Option<Signed<PrePrepare>>,
     batch: Option<Batch>,
-    /// The batch's header (its Merkle root over every transaction hash),
-    /// computed once when the batch arrived and reused at execution.
-    header: Option<BatchHeader>,
+    /// The batch's header (its Merkle root over every transaction hash)
+    /// and those hashes, computed once when the batch arrived and reused
+    /// at execution and in the commit output.
+    header: Option<(BatchHeader, Arc<[Hash]>)>,
     prepares: BTreeMap<usize, (Hash, Signed<Prepare>)>,
     commits: BTreeMap<usize, (Hash, Signed<Commit>)>,
     prepared: bool,
@@ -1381,8 +1386,8 @@ impl<S: Signer> Replica<S> {
                 timestamp,
                 txs,
             };
-            let header = batch.header();
-            let digest = header.digest();
+            let header = batch.header_and_tx_hashes();
+            let digest = header.0.digest();
             let pp = PrePrepare {
                 network: self.network,
                 view: self.view,
@@ -1419,7 +1424,7 @@ impl<S: Signer> Replica<S> {
         seq: u64,
         signed: Signed<PrePrepare>,
         batch: Batch,
-        header: BatchHeader,
+        (header, tx_hashes): (BatchHeader, Vec<Hash>),
     ) {
         let view = self.view;
         let digest = header.digest();
@@ -1434,7 +1439,7 @@ impl<S: Signer> Replica<S> {
         slot.digest = Some(digest);
         slot.pre_prepare = Some(signed);
         slot.batch = Some(batch);
-        slot.header = Some(header);
+        slot.header = Some((header, tx_hashes.into()));
         slot.touched = now;
         if self.primary_of(view) != self.me && self.may_vote(view, seq) {
             if self.votes.get(&seq) != Some(&(view, digest)) {
@@ -1548,8 +1553,8 @@ impl<S: Signer> Replica<S> {
             self.drop_input(reason);
             return;
         }
-        let header = batch.header();
-        if header.digest() != pp.digest {
+        let header = batch.header_and_tx_hashes();
+        if header.0.digest() != pp.digest {
             self.drop_input(DropReason::DigestMismatch);
             return;
         }
@@ -1774,8 +1779,8 @@ impl<S: Signer> Replica<S> {
             if !slot.committed {
                 return;
             }
-            let (Some(batch), Some(digest), Some(header)) =
-                (slot.batch.clone(), slot.digest, slot.header)
+            let (Some(batch), Some(digest), Some((header, tx_hashes))) =
+                (slot.batch.clone(), slot.digest, slot.header.clone())
             else {
                 return;
             };
@@ -1793,13 +1798,23 @@ impl<S: Signer> Replica<S> {
                 commits,
             };
             let block = self.ledger.block_from(batch, batch_root);
-            self.commit_block(block, cert, false);
+            self.commit_block(block, cert, Some(tx_hashes));
         }
     }
 
     /// Appends a verified block, persists it first, then reports it and
     /// takes a checkpoint when due.
-    fn commit_block(&mut self, block: Block, cert: CommitCertificate, fetched: bool) {
+    /// `tx_hashes` are the block's transaction hashes when this replica
+    /// executed the batch itself; a fetched block's are computed here.
+    fn commit_block(
+        &mut self,
+        block: Block,
+        cert: CommitCertificate,
+        tx_hashes: Option<Arc<[Hash]>>,
+    ) {
+        let fetched = tx_hashes.is_none();
+        let tx_hashes =
+            tx_hashes.unwrap_or_else(|| block.txs.iter().map(Transaction::hash).collect());
         self.persist(PersistRecord::Block {
             block: block.clone(),
             certificate: cert.clone(),
@@ -1818,6 +1833,7 @@ impl<S: Signer> Replica<S> {
             block,
             certificate: cert,
             applied,
+            tx_hashes,
         });
         self.vc_attempt = 0;
         self.last_progress = self.now;
@@ -2435,8 +2451,8 @@ impl<S: Signer> Replica<S> {
             if seq <= self.stable.seq {
                 continue;
             }
-            let header = batch.header();
-            let digest = header.digest();
+            let header = batch.header_and_tx_hashes();
+            let digest = header.0.digest();
             if let Some((v, d)) = self.votes.get(&seq)
                 && *v == view
                 && *d != digest
@@ -2670,7 +2686,7 @@ impl<S: Signer> Replica<S> {
                 self.drop_input(DropReason::InvalidBlock);
                 break;
             }
-            self.commit_block(block, cert, true);
+            self.commit_block(block, cert, None);
             applied_any = true;
         }
         if let Some(fetch) = self.fetch {

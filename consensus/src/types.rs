@@ -164,6 +164,19 @@ impl Batch {
         }
     }
 
+    /// The header and the hash of every transaction, in order: the hashes
+    /// are computed once, for the Merkle root, and kept for whoever needs
+    /// them next (the commit notice, the transaction index).
+    pub fn header_and_tx_hashes(&self) -> (BatchHeader, Vec<Hash>) {
+        let tx_hashes: Vec<Hash> = self.txs.iter().map(Transaction::hash).collect();
+        let header = BatchHeader {
+            proposed_view: self.proposed_view,
+            timestamp: self.timestamp,
+            batch_root: batch_root_of_hashes(&tx_hashes),
+        };
+        (header, tx_hashes)
+    }
+
     /// The digest votes refer to.
     pub fn digest(&self) -> Hash {
         self.header().digest()
@@ -198,7 +211,14 @@ impl BatchHeader {
 /// leaves, inner nodes and the empty list so no two shapes collide; an odd
 /// node is carried up unchanged.
 pub fn batch_root(txs: &[Transaction]) -> Hash {
-    if txs.is_empty() {
+    let tx_hashes: Vec<Hash> = txs.iter().map(Transaction::hash).collect();
+    batch_root_of_hashes(&tx_hashes)
+}
+
+/// [`batch_root`] from the transactions' hashes ([`Transaction::hash`]),
+/// for callers that already have them.
+pub fn batch_root_of_hashes(tx_hashes: &[Hash]) -> Hash {
+    if tx_hashes.is_empty() {
         return *blake3::Hasher::new_derive_key("openagi/consensus/merkle-empty/v1")
             .finalize()
             .as_bytes();
@@ -208,11 +228,11 @@ pub fn batch_root(txs: &[Transaction]) -> Hash {
         LazyLock::new(|| blake3::Hasher::new_derive_key("openagi/consensus/merkle-leaf/v1"));
     static NODE: LazyLock<blake3::Hasher> =
         LazyLock::new(|| blake3::Hasher::new_derive_key("openagi/consensus/merkle-node/v1"));
-    let mut level: Vec<Hash> = txs
+    let mut level: Vec<Hash> = tx_hashes
         .iter()
-        .map(|tx| {
+        .map(|tx_hash| {
             let mut h = LEAF.clone();
-            h.update(&tx.hash());
+            h.update(tx_hash);
             *h.finalize().as_bytes()
         })
         .collect();
@@ -478,6 +498,26 @@ mod tests {
                 payload: (0..(i * 200) as usize).map(|b| b as u8).collect(),
             })
             .collect()
+    }
+
+    /// The header computed with the hashes kept is the header, and the
+    /// hashes are the transactions'.
+    #[test]
+    fn header_with_tx_hashes_matches_the_header() {
+        let batch = Batch {
+            proposed_view: 3,
+            timestamp: 99,
+            txs: sample_txs(),
+        };
+        let (header, tx_hashes) = batch.header_and_tx_hashes();
+        assert_eq!(header, batch.header());
+        let expected: Vec<Hash> = batch.txs.iter().map(Transaction::hash).collect();
+        assert_eq!(tx_hashes, expected);
+        assert_eq!(batch_root_of_hashes(&tx_hashes), batch_root(&batch.txs));
+        assert_eq!(
+            Batch::null(1).header_and_tx_hashes().0,
+            Batch::null(1).header()
+        );
     }
 
     /// Transaction hashes, batch roots and the wire encoding are part of

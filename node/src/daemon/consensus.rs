@@ -14,8 +14,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use openagi_consensus::{
-    Block, CommitCertificate, Config, DropReason, Hash, IdentitySigner, Message, Output, Recipient,
-    Replica, Transaction, ValidatorSet,
+    Block, Config, DropReason, Hash, IdentitySigner, Message, Output, Recipient, Replica,
+    Transaction, ValidatorSet,
 };
 use openagi_crypto::{Identity, PublicKey};
 use openagi_net::{NetHandle, PeerId};
@@ -272,7 +272,7 @@ pub struct CommitNotice {
     /// Its hash.
     pub block_hash: Hash,
     /// Hashes of its transactions, in order.
-    pub tx_hashes: Arc<Vec<Hash>>,
+    pub tx_hashes: Arc<[Hash]>,
     /// The block itself, shared by every receiver: services that follow
     /// the ledger (learning) look at its transactions without a disk read.
     pub block: Arc<Block>,
@@ -899,7 +899,9 @@ struct Driver {
     metrics: ConsensusMetrics,
     status: Arc<RwLock<ConsensusStatus>>,
     commits: broadcast::Sender<CommitNotice>,
-    submitted: HashMap<Hash, Instant>,
+    /// Submission times by exactly-once key (no hash needed to find them
+    /// again at commit).
+    submitted: HashMap<(openagi_consensus::ClientId, u64), Instant>,
     last_commit: Option<u64>,
     committed_txs: u64,
     dropped_seen: BTreeMap<DropReason, u64>,
@@ -926,13 +928,13 @@ impl Driver {
     /// a later refusal) would otherwise fill the table and silently end
     /// all measurement, so entries older than any sane latency are
     /// forgotten when it is full.
-    fn track_submission(&mut self, hash: Hash, at: Instant) {
+    fn track_submission(&mut self, key: (openagi_consensus::ClientId, u64), at: Instant) {
         if self.submitted.len() >= MAX_TRACKED_LATENCIES {
             self.submitted
                 .retain(|_, submitted| submitted.elapsed() < STALE_SUBMISSION);
         }
         if self.submitted.len() < MAX_TRACKED_LATENCIES {
-            self.submitted.insert(hash, at);
+            self.submitted.insert(key, at);
         }
     }
 
@@ -953,6 +955,7 @@ impl Driver {
         match input {
             Input::Submit { tx, reply } => {
                 let hash = tx.hash();
+                let key = tx.key();
                 let result =
                     self.replica
                         .handle_request(tx, now)
@@ -967,16 +970,16 @@ impl Driver {
                             other => ConsensusError::Rejected(other.to_string()),
                         });
                 if result.is_ok() {
-                    self.track_submission(hash, Instant::now());
+                    self.track_submission(key, Instant::now());
                 }
                 let _ = reply.send(result);
             }
             Input::SubmitBatch { txs, received } => {
                 let count = txs.len();
                 for tx in txs {
-                    let hash = tx.hash();
+                    let key = tx.key();
                     match self.replica.handle_request(tx, now) {
-                        Ok(()) => self.track_submission(hash, received),
+                        Ok(()) => self.track_submission(key, received),
                         // Counted by the replica's drop reasons.
                         Err(openagi_consensus::Error::Duplicate) => {}
                         Err(e) => {
@@ -1106,9 +1109,10 @@ impl Driver {
                 Output::Send { to, message } => self.queue(&mut outgoing, to, &message),
                 Output::Committed {
                     block,
-                    certificate,
+                    certificate: _,
                     applied,
-                } => self.committed(&block, &certificate, applied.len()),
+                    tx_hashes,
+                } => self.committed(block, tx_hashes, applied.len()),
                 Output::ViewInstalled { view, primary } => {
                     self.metrics.view_changes.inc();
                     info!(view, primary = %primary.fingerprint(), "new view installed");
@@ -1159,16 +1163,15 @@ impl Driver {
         }
     }
 
-    fn committed(&mut self, block: &Block, _certificate: &CommitCertificate, applied: usize) {
+    fn committed(&mut self, block: Block, tx_hashes: Arc<[Hash]>, applied: usize) {
         let now = Instant::now();
-        let hashes: Vec<Hash> = block.txs.iter().map(Transaction::hash).collect();
         let commit_ms = crate::unix_ms();
         let mut ring = match self.latencies.lock() {
             Ok(r) => r,
             Err(p) => p.into_inner(),
         };
-        for hash in &hashes {
-            if let Some(at) = self.submitted.remove(hash) {
+        for tx in &block.txs {
+            if let Some(at) = self.submitted.remove(&tx.key()) {
                 let latency = now.duration_since(at);
                 self.metrics.commit_latency.observe(latency.as_secs_f64());
                 if ring.len() >= LATENCY_SAMPLES {
@@ -1186,8 +1189,8 @@ impl Driver {
         let _ = self.commits.send(CommitNotice {
             height: block.height,
             block_hash: block.hash(),
-            tx_hashes: Arc::new(hashes),
-            block: Arc::new(block.clone()),
+            tx_hashes,
+            block: Arc::new(block),
         });
     }
 

@@ -368,7 +368,7 @@ async fn follow_once(
         let _ = commits.send(CommitNotice {
             height: block.height,
             block_hash: block.hash(),
-            tx_hashes: Arc::new(block.txs.iter().map(Transaction::hash).collect()),
+            tx_hashes: block.txs.iter().map(Transaction::hash).collect(),
             block: Arc::new(block.clone()),
         });
     }

@@ -465,7 +465,7 @@ mod tests {
             .send(CommitNotice {
                 height: 3,
                 block_hash: last.hash(),
-                tx_hashes: Arc::new(last.txs.iter().map(Transaction::hash).collect()),
+                tx_hashes: last.txs.iter().map(Transaction::hash).collect(),
                 block: Arc::new(last.clone()),
             })
             .expect("send");
