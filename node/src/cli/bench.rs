@@ -225,11 +225,14 @@ pub async fn consensus(options: ConsensusBench) -> Result<Vec<Figure>> {
     );
     let (mut nodes, _no_tor) =
         devnet::start_local_network(&dir, options.nodes, 0, &extra, false).await?;
-    // Ctrl-C stops the nodes and removes the temporary directory too.
+    // Ctrl-C stops the load, the nodes and removes the temporary
+    // directory too.
+    let stop = Arc::new(AtomicBool::new(false));
     let result = tokio::select! {
-        result = measure(&nodes, &options) => result,
+        result = measure(&nodes, &options, stop.clone()) => result,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
+    stop.store(true, Ordering::Relaxed);
     devnet::stop_all(&mut nodes).await;
     drop(temp);
     result
@@ -303,7 +306,13 @@ fn bench_replica_config(options: &ConsensusBench) -> Result<openagi_consensus::C
     Ok(consensus)
 }
 
-async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<Vec<Figure>> {
+/// Offers the load until `stop` is set (by the end of the measurement, or
+/// by the caller on Ctrl-C) and reports what the nodes did.
+async fn measure(
+    nodes: &[devnet::Node],
+    options: &ConsensusBench,
+    stop: Arc<AtomicBool>,
+) -> Result<Vec<Figure>> {
     let clients: Vec<ApiClient> = nodes.iter().filter_map(|n| n.client.clone()).collect();
     let first = clients.first().context("no node")?.clone();
     let expected = options.nodes - 1;
@@ -331,7 +340,6 @@ async fn measure(nodes: &[devnet::Node], options: &ConsensusBench) -> Result<Vec
         .context("primary out of range")?
         .clone();
 
-    let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(LoadCounters::default());
     let load = {
         let (primary, stop, counters) = (primary.clone(), stop.clone(), counters.clone());
