@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use openagi_consensus::{ClientId, Transaction};
-use openagi_tests::{Daemon, DaemonOptions, init, init_validators, use_binary};
+use openagi_tests::{Daemon, DaemonOptions, env_vars, init, init_validators, use_binary};
 
 fn daemon() -> (tempfile::TempDir, Daemon) {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
@@ -20,16 +20,14 @@ fn daemon() -> (tempfile::TempDir, Daemon) {
     (root, daemon)
 }
 
-/// A one-validator network whose validator runs with `env`.
-fn validator_with(env: &[(&str, &str)]) -> (tempfile::TempDir, Daemon) {
+/// A network of `validators`, of which only the first is started, with
+/// `env`.
+fn first_validator_of(validators: usize, env: &[(&str, &str)]) -> (tempfile::TempDir, Daemon) {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
     let root = tempfile::tempdir().expect("tempdir");
-    let dirs = init_validators(root.path(), 1).expect("validator");
+    let dirs = init_validators(root.path(), validators).expect("validators");
     let options = DaemonOptions {
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        env: env_vars(env),
         ..DaemonOptions::default()
     };
     let daemon = Daemon::start(&dirs[0], &options).expect("starts");
@@ -62,14 +60,7 @@ fn post_batch(
 /// fills the room is taken.
 #[test]
 fn a_validator_offered_more_than_it_may_hold_answers_busy() {
-    use_binary(env!("CARGO_BIN_EXE_openagi"));
-    let root = tempfile::tempdir().expect("tempdir");
-    let dirs = init_validators(root.path(), 4).expect("validators");
-    let options = DaemonOptions {
-        env: vec![("OPENAGI_CONSENSUS_MAX_PENDING".into(), "64".into())],
-        ..DaemonOptions::default()
-    };
-    let daemon = Daemon::start(&dirs[0], &options).expect("starts");
+    let (_root, daemon) = first_validator_of(4, &[("OPENAGI_CONSENSUS_MAX_PENDING", "64")]);
     let client = [7u8; 32];
 
     let (code, retry, answer) = post_batch(&daemon, client, 1, 65);
@@ -102,7 +93,7 @@ fn a_validator_offered_more_than_it_may_hold_answers_busy() {
 /// dropped as duplicates inside: never committed twice.
 #[test]
 fn a_repeated_batch_commits_once() {
-    let (_root, daemon) = validator_with(&[("OPENAGI_CONSENSUS_MAX_PENDING", "64")]);
+    let (_root, daemon) = first_validator_of(1, &[("OPENAGI_CONSENSUS_MAX_PENDING", "64")]);
     let client = [7u8; 32];
     let (code, _, answer) = post_batch(&daemon, client, 1, 10);
     assert_eq!(code, 202, "{answer}");

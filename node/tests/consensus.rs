@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use openagi_tests::{Daemon, DaemonOptions, init_validators, openagi, use_binary, wait_for};
+use openagi_tests::{
+    Daemon, DaemonOptions, env_vars, init_validators, openagi, use_binary, wait_for,
+};
 use serde_json::json;
 
 struct Network {
@@ -23,10 +25,7 @@ fn start_network_with(n: usize, env: &[(&str, &str)]) -> Network {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
     let root = tempfile::tempdir().expect("tempdir");
     let dirs = init_validators(root.path(), n).expect("validators");
-    let env: Vec<(String, String)> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let env = env_vars(env);
     let solo = DaemonOptions {
         env: env.clone(),
         ..Default::default()
@@ -234,10 +233,7 @@ fn a_validator_that_lost_its_database_recovers_and_catches_up() {
     std::fs::remove_file(net.dirs[victim].join("node.redb")).expect("database removed");
     let boot = DaemonOptions {
         bootstrap: vec![net.node(primary).multiaddr().expect("addr")],
-        env: ENV
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        env: env_vars(&ENV),
         ..Default::default()
     };
     net.nodes[victim] = Some(Daemon::start(&net.dirs[victim], &boot).expect("restarts"));

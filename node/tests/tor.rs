@@ -13,7 +13,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use openagi_tests::{Daemon, DaemonOptions, init, init_validators, logs, use_binary, wait_for};
+use openagi_tests::{
+    Daemon, DaemonOptions, env_vars, init, init_validators, logs, use_binary, wait_for,
+};
 use openagi_tornet::{INSTALL_HINT, TorNet, TorNetOptions, tor_available};
 use serde_json::json;
 
@@ -62,15 +64,8 @@ fn fresh_node(root: &std::path::Path, name: &str) -> std::path::PathBuf {
     dir
 }
 
-fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 fn embedded_env(net: &TorNet) -> Vec<(String, String)> {
-    env(&[
+    env_vars(&[
         ("OPENAGI_NETWORK_TRANSPORT", "tor"),
         (
             "OPENAGI_TOR_ARTI_CONFIG",
@@ -83,7 +78,7 @@ fn embedded_env(net: &TorNet) -> Vec<(String, String)> {
 
 fn system_env(net: &TorNet, client: usize) -> Vec<(String, String)> {
     let c = &net.clients[client];
-    env(&[
+    env_vars(&[
         ("OPENAGI_NETWORK_TRANSPORT", "tor-system"),
         ("OPENAGI_TOR_SOCKS_ADDR", &c.socks.to_string()),
         ("OPENAGI_TOR_CONTROL_ADDR", &c.control.to_string()),
@@ -450,7 +445,7 @@ fn a_hybrid_node_bridges_direct_and_onion_peers() {
     )
     .expect("direct node starts");
     let mut hybrid_env = embedded_env(net);
-    hybrid_env.extend(env(&[
+    hybrid_env.extend(env_vars(&[
         ("OPENAGI_TOR_HYBRID", "true"),
         ("OPENAGI_NETWORK_LISTEN", "/ip4/127.0.0.1/tcp/0"),
     ]));
@@ -578,7 +573,7 @@ fn without_tor_the_daemon_says_so_and_retries_instead_of_going_direct() {
     let d = Daemon::start(
         &fresh_node(root.path(), "no-tor"),
         &DaemonOptions {
-            env: env(&[
+            env: env_vars(&[
                 ("OPENAGI_NETWORK_TRANSPORT", "tor-system"),
                 ("OPENAGI_TOR_SOCKS_ADDR", &closed),
                 ("OPENAGI_TOR_CONTROL_ADDR", &closed),
@@ -626,7 +621,7 @@ fn without_tor_the_daemon_says_so_and_retries_instead_of_going_direct() {
     let e = Daemon::start(
         &fresh_node(root.path(), "no-arti"),
         &DaemonOptions {
-            env: env(&[
+            env: env_vars(&[
                 ("OPENAGI_NETWORK_TRANSPORT", "tor"),
                 ("OPENAGI_TOR_ARTI_CONFIG", &arti.display().to_string()),
                 ("OPENAGI_TOR_BOOTSTRAP_WARN_SECS", "1"),

@@ -452,6 +452,14 @@ impl Drop for DevnetProcess {
     }
 }
 
+/// Environment variables for [`DaemonOptions::env`] from string pairs.
+pub fn env_vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// An HTTP client that returns error statuses as answers, with a global
 /// timeout.
 fn http_agent(timeout: Duration) -> ureq::Agent {
