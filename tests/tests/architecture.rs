@@ -1,6 +1,6 @@
 //! The invariants ARCHITECTURE.md states about the tree, checked on the
 //! sources so a change that breaks one fails here, not in review:
-//! - the pure crates (`crypto`, `consensus`, `learning`) do no I/O: no
+//! - the pure crates (`crypto`, `consensus`, `learning`, `mesh`) do no I/O: no
 //!   async runtime, network, disk or clock in their dependencies or code;
 //! - `node` is split by audience: `common/` imports neither `daemon/` nor
 //!   `cli/`, and those two do not import each other;
@@ -88,7 +88,7 @@ fn pure_crates_do_no_io() {
     // modules (ARCHITECTURE.md, crypto).
     let allowed = [root().join("crypto/src/bench.rs")];
     let mut found = Vec::new();
-    for krate in ["crypto", "consensus", "learning"] {
+    for krate in ["crypto", "consensus", "learning", "mesh"] {
         let dir = root().join(krate);
         for dep in dependencies(&dir.join("Cargo.toml")) {
             if IO_CRATES.contains(&dep.as_str()) {
@@ -157,6 +157,7 @@ fn the_product_does_not_link_the_test_harness() {
         "learning",
         "dashboard",
         "keyfiles",
+        "mesh",
     ] {
         let deps = dependencies(&root().join(krate).join("Cargo.toml"));
         assert!(
