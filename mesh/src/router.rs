@@ -117,8 +117,9 @@ pub enum Output {
         peer: PublicKey,
         /// The envelope's id.
         id: EnvelopeId,
-        /// The envelope with the hop budget it travels with.
-        envelope: Envelope,
+        /// The envelope with the hop budget it travels with (boxed: it is
+        /// much larger than the other outputs).
+        envelope: Box<Envelope>,
     },
     /// An envelope this node sent was taken by a next hop for the first
     /// time (the sender's `relayed`).
@@ -610,8 +611,11 @@ impl Router {
             if peer != envelope.to {
                 envelope.hops_left = envelope.hops_left.saturating_sub(1);
             }
-            self.outputs
-                .push_back(Output::Forward { peer, id, envelope });
+            self.outputs.push_back(Output::Forward {
+                peer,
+                id,
+                envelope: Box::new(envelope),
+            });
         }
     }
 }

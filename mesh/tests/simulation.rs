@@ -206,7 +206,7 @@ impl Sim {
                             from: i,
                             to,
                             id,
-                            envelope,
+                            envelope: *envelope,
                             at: self.now + delay,
                             answer_lost,
                         });
