@@ -9,8 +9,8 @@ use std::time::Duration;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, connection_limits, gossipsub, identify, identity::Keypair, kad, mdns,
-    memory_connection_limits, ping, request_response,
+    StreamProtocol, allow_block_list, connection_limits, gossipsub, identify, identity::Keypair,
+    kad, mdns, memory_connection_limits, ping, request_response,
 };
 
 use crate::wire::{self, RpcRequest, RpcResponse};
@@ -22,6 +22,9 @@ pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/openagi/rpc/1");
 /// Everything the node speaks, composed into one behaviour.
 #[derive(NetworkBehaviour)]
 pub struct NodeBehaviour {
+    /// Refuses every connection to or from the peers the operator blocked
+    /// (`network.blocked_peers`), before any other behaviour sees it.
+    pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     /// Refuses a new inbound connection from an address that already has
     /// a few in negotiation, so one host cannot hold every pending slot.
     pub pending: crate::pending::PendingPerSource,
@@ -156,7 +159,12 @@ impl NodeBehaviour {
                 .with_max_concurrent_streams(64),
         );
 
+        let mut blocked = allow_block_list::Behaviour::default();
+        for peer in &config.blocked_peers {
+            blocked.block_peer(*peer);
+        }
         Ok(Self {
+            blocked,
             pending: crate::pending::PendingPerSource::default(),
             direct,
             msg,

@@ -66,6 +66,8 @@ pub struct NetConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Local-network discovery by multicast DNS.
     pub mdns: bool,
+    /// Peers this node never connects to or accepts connections from.
+    pub blocked_peers: Vec<libp2p::PeerId>,
     /// Connection limits.
     pub limits: ConnectionLimitsConfig,
     /// Refuse new connections once the process uses this many bytes.

@@ -140,6 +140,17 @@ pub fn public_key_of(peer: &PeerId) -> Option<openagi_crypto::PublicKey> {
     openagi_crypto::PublicKey::from_bytes(&ed.to_bytes()).ok()
 }
 
+/// The peer id of the node whose identity is `key` (the inverse of
+/// [`public_key_of`]).
+pub fn peer_id_of_key(key: &openagi_crypto::PublicKey) -> PeerId {
+    match libp2p::identity::ed25519::PublicKey::try_from_bytes(&key.to_bytes()) {
+        Ok(ed) => libp2p::identity::PublicKey::from(ed).to_peer_id(),
+        // A PublicKey is a valid Ed25519 point by construction; libp2p
+        // accepts every such encoding.
+        Err(_) => unreachable!("an Ed25519 public key libp2p refuses"),
+    }
+}
+
 /// Converts a node identity seed into the libp2p keypair, so the libp2p
 /// peer id is derived from the same Ed25519 key the node signs with.
 pub fn keypair_from_identity(identity: &openagi_crypto::Identity) -> Result<Keypair, Error> {
@@ -151,6 +162,17 @@ pub fn keypair_from_identity(identity: &openagi_crypto::Identity) -> Result<Keyp
 mod tests {
     use super::*;
     use libp2p::core::transport::TransportError;
+
+    #[test]
+    fn peer_ids_and_node_keys_convert_both_ways() {
+        let identity = openagi_crypto::Identity::from_seed(&[4; 32]);
+        let peer = keypair_from_identity(&identity)
+            .expect("keypair")
+            .public()
+            .to_peer_id();
+        assert_eq!(peer_id_of_key(&identity.public()), peer);
+        assert_eq!(public_key_of(&peer), Some(identity.public()));
+    }
 
     #[test]
     fn error_chain_reaches_the_cause_under_an_empty_transport_error() {

@@ -1001,6 +1001,7 @@ impl NetTask {
             NodeBehaviourEvent::Msg(event) => self.on_msg(AppProtocol::Msg, event),
             NodeBehaviourEvent::Learn(event) => self.on_msg(AppProtocol::Learn, event),
             NodeBehaviourEvent::Ledger(event) => self.on_msg(AppProtocol::Ledger, event),
+            NodeBehaviourEvent::Blocked(never) => match never {},
             NodeBehaviourEvent::Limits(never) => match never {},
             NodeBehaviourEvent::Memory(never) => match never {},
             NodeBehaviourEvent::Pending(never) => match never {},

@@ -13,6 +13,7 @@ pub fn loopback_config(network_id: &str) -> NetConfig {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
         bootstrap: Vec::new(),
         mdns: false,
+        blocked_peers: Vec::new(),
         limits: ConnectionLimitsConfig::default(),
         max_memory_bytes: usize::MAX,
         idle_timeout: Duration::from_secs(60),

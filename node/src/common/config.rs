@@ -88,6 +88,8 @@ pub struct NetworkSection {
     pub announce_interval_secs: u64,
     /// Longest wait between redials of a bootstrap peer, in seconds.
     pub redial_max_secs: u64,
+    /// Peer ids this node never connects to nor accepts.
+    pub blocked_peers: Vec<String>,
 }
 
 impl Default for NetworkSection {
@@ -110,6 +112,7 @@ impl Default for NetworkSection {
             idle_timeout_secs: 60,
             announce_interval_secs: 10,
             redial_max_secs: 60,
+            blocked_peers: Vec::new(),
         }
     }
 }
@@ -618,6 +621,16 @@ impl Config {
                 ));
             }
         }
+        for (i, peer) in self.network.blocked_peers.iter().enumerate() {
+            peer.parse::<openagi_net::PeerId>().map_err(|e| {
+                invalid(
+                    origin("network.blocked_peers"),
+                    format!(
+                        "network.blocked_peers[{i}] = {peer:?} is not a peer id ({e}); write the id `openagi status` shows, e.g. \"12D3KooW...\""
+                    ),
+                )
+            })?;
+        }
         if self.network.transport.is_tor() && self.network.mdns {
             return Err(invalid(
                 origin("network.mdns"),
@@ -778,6 +791,12 @@ impl Config {
             listen: parse(&self.network.listen)?,
             bootstrap: parse(&self.network.bootstrap)?,
             mdns: self.network.mdns,
+            blocked_peers: self
+                .network
+                .blocked_peers
+                .iter()
+                .filter_map(|p| p.parse().ok())
+                .collect(),
             limits: ConnectionLimitsConfig {
                 max_incoming: self.network.max_incoming,
                 max_outgoing: self.network.max_outgoing,
@@ -1393,6 +1412,11 @@ transport = "{transport}"
 # Longest wait between redials of an unreachable bootstrap peer (seconds).
 # redial_max_secs = {redial}
 
+# Peer ids this node never connects to nor accepts connections from, e.g.
+# ["12D3KooW..."]; messages to and from them can still cross the mesh
+# through other nodes.
+# blocked_peers = {blocked}
+
 [tor]
 # Virtual port of this node's onion service (its address is in
 # `openagi status`; `openagi tor rotate-address` makes a new one).
@@ -1517,6 +1541,7 @@ transport = "{transport}"
         idle = d.network.idle_timeout_secs,
         announce = d.network.announce_interval_secs,
         redial = d.network.redial_max_secs,
+        blocked = list(&d.network.blocked_peers),
         api = d.api.listen,
         level = d.log.level,
         log_file = d.log.file,
