@@ -221,6 +221,16 @@ enum MsgArgs {
         #[arg(long)]
         json: bool,
     },
+    /// Show the newest sent messages and where each is: queued, relayed,
+    /// delivered (signed receipt from the recipient) or expired.
+    Outbox {
+        /// Most messages shown.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -571,6 +581,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             match command {
                 MsgArgs::Send { to, text } => cli_ledger::msg_send(&dir, &to, &text),
                 MsgArgs::Inbox { limit, json } => cli_ledger::msg_inbox(&dir, limit, json),
+                MsgArgs::Outbox { limit, json } => cli_ledger::msg_outbox(&dir, limit, json),
             }
         }
         Command::Status { json } => status::print_status(&DataDir::new(&data_dir), json),

@@ -131,3 +131,214 @@ fn two_daemons_exchange_messages_across_a_restart() {
         }
     }
 }
+
+fn peer_id_of(dir: &std::path::Path) -> String {
+    let (status, out, err) = openagi(&[
+        "keys",
+        "show",
+        "--data-dir",
+        dir.to_str().expect("utf-8"),
+        "--json",
+    ])
+    .expect("keys show runs");
+    assert!(status.success(), "{err}");
+    let v: Value = serde_json::from_str(&out).expect("json");
+    v["peer_id"].as_str().expect("peer id").to_string()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn outbox_states(d: &Daemon) -> Vec<(String, String)> {
+    let (code, body) = d
+        .get("/api/v1/outbox?limit=50", Some(d.token()))
+        .expect("outbox answers");
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    v["messages"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|m| {
+            (
+                m["text"].as_str().unwrap_or_default().to_string(),
+                m["state"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn state_of(d: &Daemon, text: &str) -> Option<String> {
+    outbox_states(d)
+        .into_iter()
+        .find(|(t, _)| t == text)
+        .map(|(_, s)| s)
+}
+
+fn wait_state(d: &Daemon, text: &str, state: &str, others: &[&Daemon]) {
+    wait_for(
+        &format!("{text:?} {state}"),
+        Duration::from_secs(60),
+        || (state_of(d, text).as_deref() == Some(state)).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}: outbox {:?}\n{}", outbox_states(d), logs_of(others)));
+}
+
+fn logs_of(nodes: &[&Daemon]) -> String {
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, d)| format!("--- node {i} ---\n{}", d.log()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn metric(d: &Daemon, line_start: &str) -> f64 {
+    d.metrics()
+        .expect("metrics")
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Three daemons in a line, A - B - C, where A and C refuse each other
+/// (`network.blocked_peers`): A's messages reach C through B, B holds only
+/// ciphertext, a message to C while C is offline waits at B and arrives
+/// once C is back, and B killed with a message in its queue still delivers
+/// it after a restart, exactly once each time.
+#[test]
+fn messages_cross_the_mesh_and_wait_for_an_offline_peer() {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let (dir_a, dir_b, dir_c) = (
+        root.path().join("a"),
+        root.path().join("b"),
+        root.path().join("c"),
+    );
+    for dir in [&dir_a, &dir_b, &dir_c] {
+        init(dir).expect("init");
+    }
+    let (id_a, id_c) = (peer_id_of(&dir_a), peer_id_of(&dir_c));
+    // B keeps one fixed port across its restart so A and C can redial it.
+    let b_port = free_port();
+    let b_options = DaemonOptions {
+        args: vec!["--listen".into(), format!("/ip4/127.0.0.1/tcp/{b_port}")],
+        ..Default::default()
+    };
+    let mut b = Daemon::start(&dir_b, &b_options).expect("b starts");
+    let b_addr = format!(
+        "/ip4/127.0.0.1/tcp/{b_port}/p2p/{}",
+        b.peer_id().expect("b id")
+    );
+    let beside_b = |blocked: &str| DaemonOptions {
+        bootstrap: vec![b_addr.clone()],
+        env: vec![("OPENAGI_NETWORK_BLOCKED_PEERS".into(), blocked.to_string())],
+        ..Default::default()
+    };
+    let (a_options, c_options) = (beside_b(&id_c), beside_b(&id_a));
+    let a = Daemon::start(&dir_a, &a_options).expect("a starts");
+    let mut c = Daemon::start(&dir_c, &c_options).expect("c starts");
+    wait_for("the line", Duration::from_secs(30), || {
+        (a.connected_peers() == 1 && c.connected_peers() == 1 && b.connected_peers() == 2)
+            .then_some(())
+    })
+    .expect("A and C connect to B");
+
+    // 1. Through B.
+    let (code, answer) = a
+        .post(
+            "/api/v1/msg",
+            &json!({ "to": id_c, "text": "hello through b" }),
+        )
+        .expect("post");
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["status"], "queued", "{answer}");
+    assert_eq!(answer["route"], "mesh", "{answer}");
+    wait_state(&a, "hello through b", "delivered", &[&a, &b, &c]);
+    assert_eq!(texts(&c), ["hello through b"]);
+    assert!(inbox(&b).is_empty(), "the relay's inbox stays empty");
+    assert!(
+        metric(&b, "openagi_mesh_envelopes_received_total{result=\"held\"}") >= 1.0,
+        "B relayed"
+    );
+    assert_eq!(
+        a.connected_peers(),
+        1,
+        "A never connected to C: {}",
+        a.log()
+    );
+
+    // 2. C offline: the message waits at B and arrives when C is back.
+    c.signal(Signal::SIGTERM).expect("sigterm");
+    c.wait_exit(Duration::from_secs(15)).expect("c exits");
+    drop(c);
+    let (code, answer) = a
+        .post(
+            "/api/v1/msg",
+            &json!({ "to": id_c, "text": "while you were away" }),
+        )
+        .expect("post");
+    assert_eq!(code, 200, "{answer}");
+    wait_state(&a, "while you were away", "relayed", &[&a, &b]);
+    let c = Daemon::start(&dir_c, &c_options).expect("c restarts");
+    wait_state(&a, "while you were away", "delivered", &[&a, &b, &c]);
+    assert_eq!(texts(&c), ["hello through b", "while you were away"]);
+
+    // 3. B killed with the message in its queue, then restarted.
+    let mut c = c;
+    c.signal(Signal::SIGTERM).expect("sigterm");
+    c.wait_exit(Duration::from_secs(15)).expect("c exits");
+    drop(c);
+    let (code, answer) = a
+        .post(
+            "/api/v1/msg",
+            &json!({ "to": id_c, "text": "survives a crash" }),
+        )
+        .expect("post");
+    assert_eq!(code, 200, "{answer}");
+    wait_state(&a, "survives a crash", "relayed", &[&a, &b]);
+    b.kill_hard().expect("SIGKILL b");
+    drop(b);
+    // A lets go of its own copy only on the receipt, so stop A too: the
+    // message must come from B's disk alone.
+    let mut a = a;
+    a.signal(Signal::SIGTERM).expect("sigterm");
+    a.wait_exit(Duration::from_secs(15)).expect("a exits");
+    drop(a);
+    let b = Daemon::start(&dir_b, &b_options).expect("b restarts");
+    let c = Daemon::start(&dir_c, &c_options).expect("c restarts");
+    wait_for("survives a crash arrives", Duration::from_secs(60), || {
+        texts(&c)
+            .contains(&"survives a crash".to_string())
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs_of(&[&b, &c])));
+    assert_eq!(
+        texts(&c),
+        ["hello through b", "while you were away", "survives a crash"],
+        "each exactly once"
+    );
+    // A comes back and learns of the delivery from C's receipt, which
+    // waited at B.
+    let a = Daemon::start(&dir_a, &a_options).expect("a restarts");
+    wait_state(&a, "survives a crash", "delivered", &[&a, &b, &c]);
+    assert_eq!(texts(&c).len(), 3, "A's own copy did not arrive twice");
+
+    // B's database holds envelopes, never the texts.
+    drop((a, b, c));
+    let db = std::fs::read(dir_b.join("node.redb")).expect("db");
+    for text in ["hello through b", "while you were away", "survives a crash"] {
+        assert!(
+            !db.windows(text.len()).any(|w| w == text.as_bytes()),
+            "{text} stored in the clear at the relay"
+        );
+    }
+}

@@ -310,12 +310,45 @@ pub enum LedgerCommand {
     Verify,
 }
 
-/// `openagi msg send`: sends through the running daemon and waits for the
-/// recipient's acknowledgement.
+/// `openagi msg send`: sends through the running daemon. A connected
+/// recipient acknowledges at once (`delivered`); any other is reached
+/// through the mesh (`queued`, followed by `openagi msg outbox`).
 pub fn msg_send(dir: &DataDir, to: &str, message: &str) -> Result<()> {
     let client = ApiClient::from_data_dir(dir)?.with_timeout(std::time::Duration::from_secs(60));
     let answer = client.post_json("/api/v1/msg", &json!({ "to": to, "text": message }))?;
-    outln!("delivered to {}", text(&answer["to"]))?;
+    match answer["status"].as_str() {
+        Some("delivered") => outln!("delivered to {}", text(&answer["to"]))?,
+        _ => outln!(
+            "{} for {} through the mesh (outbox #{}); `openagi msg outbox` shows when it is relayed and delivered",
+            text(&answer["status"]),
+            text(&answer["to"]),
+            answer["number"]
+        )?,
+    }
+    Ok(())
+}
+
+/// `openagi msg outbox`: the newest sent messages and where they are.
+pub fn msg_outbox(dir: &DataDir, limit: usize, json_output: bool) -> Result<()> {
+    let client = ApiClient::from_data_dir(dir)?;
+    let answer = client.get_json(&format!("/api/v1/outbox?limit={limit}"))?;
+    if json_output {
+        outln!("{}", serde_json::to_string_pretty(&answer)?)?;
+        return Ok(());
+    }
+    for m in answer["messages"].as_array().cloned().unwrap_or_default() {
+        let updated = m["updated_unix_ms"]
+            .as_u64()
+            .map_or_else(|| text(&m["updated_unix_ms"]), local_time);
+        outln!(
+            "#{} to {} {} ({}, {updated}): {}",
+            m["number"],
+            text(&m["to_peer"]),
+            text(&m["state"]),
+            text(&m["route"]),
+            text(&m["text"])
+        )?;
+    }
     Ok(())
 }
 

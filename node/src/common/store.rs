@@ -56,9 +56,64 @@ const MSG_STATE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("msg_st
 const INBOX: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("inbox");
 /// Invite codes by hash (the codes themselves are never stored).
 const INVITES: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("invites");
+/// Envelopes this node holds for the mesh, by envelope id: postcard
+/// `(upstream peer key or none for our own, envelope)`. Bodies are sealed
+/// to their recipients.
+const MESH_HELD: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("mesh_held");
+/// Ids of envelopes addressed to this node that it has taken, with their
+/// expiry (Unix ms): a copy arriving later by another path is a duplicate.
+const MESH_SEEN: TableDefinition<'_, &[u8; 32], u64> = TableDefinition::new("mesh_seen");
+/// Messages this node sent, by number, each encrypted at rest.
+const OUTBOX: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("outbox");
+/// Which outbox entry an envelope this node sent belongs to.
+const OUTBOX_BY_ENVELOPE: TableDefinition<'_, &[u8; 32], u64> =
+    TableDefinition::new("outbox_by_envelope");
+/// Peers' signed mesh contact statements (their sealing and ratchet keys)
+/// by node key.
+const MESH_CONTACTS: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("mesh_contacts");
 
 /// Most messages kept in the inbox; the oldest go first.
 pub const MAX_INBOX: u64 = 10_000;
+/// Most messages kept in the outbox; the oldest go first (whatever their
+/// state: an entry this old has long expired).
+pub const MAX_OUTBOX: u64 = 10_000;
+/// Most peers whose mesh contact statement is kept.
+pub const MAX_MESH_CONTACTS: u64 = 4096;
+
+/// Every messaging change one event makes, written in one fsynced
+/// transaction so that a crash leaves all of it or none: the ratchet state
+/// never runs ahead of the inbox, the outbox or the envelopes that carry
+/// its messages.
+#[derive(Debug, Default)]
+pub struct MsgWrite<'a> {
+    /// The new ratchet pickle.
+    pub ratchet: Option<&'a [u8]>,
+    /// A received message (encrypted entry) for the inbox.
+    pub inbox: Option<&'a [u8]>,
+    /// An envelope addressed to this node that is now taken: id, expiry.
+    pub seen: Option<([u8; 32], u64)>,
+    /// Envelopes to hold: id and encoded `(upstream, envelope)`.
+    pub hold: Vec<HeldEnvelope>,
+    /// Envelopes to let go of.
+    pub release: Vec<[u8; 32]>,
+    /// Outbox entries to write: number (0 for a new one) and encrypted
+    /// entry; with the envelope that carries it, when there is one.
+    pub outbox: Vec<(u64, Vec<u8>, Option<[u8; 32]>)>,
+    /// A peer's contact statement: its node key and the statement.
+    pub contact: Option<([u8; 32], Vec<u8>)>,
+}
+
+/// A held envelope as stored: its id and encoded `(upstream, envelope)`.
+pub type HeldEnvelope = ([u8; 32], Vec<u8>);
+
+/// What a [`MsgWrite`] assigned.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MsgWritten {
+    /// The inbox entry's number.
+    pub inbox: Option<u64>,
+    /// The outbox entries' numbers, in the order written.
+    pub outbox: Vec<u64>,
+}
 
 /// Most peers kept in the address book; the least recently seen go first.
 pub const MAX_KNOWN_PEERS: usize = 1024;
@@ -287,6 +342,11 @@ impl Store {
         txn.open_table(MSG_STATE).map_err(engine)?;
         txn.open_table(INBOX).map_err(engine)?;
         txn.open_table(INVITES).map_err(engine)?;
+        txn.open_table(MESH_HELD).map_err(engine)?;
+        txn.open_table(MESH_SEEN).map_err(engine)?;
+        txn.open_table(OUTBOX).map_err(engine)?;
+        txn.open_table(OUTBOX_BY_ENVELOPE).map_err(engine)?;
+        txn.open_table(MESH_CONTACTS).map_err(engine)?;
         if created {
             stamp_schema(&txn, SCHEMA_VERSION)?;
         }
@@ -361,29 +421,157 @@ impl Store {
         pickle: &[u8],
         received: Option<&[u8]>,
     ) -> Result<Option<u64>, StoreError> {
+        self.write_msg(MsgWrite {
+            ratchet: Some(pickle),
+            inbox: received,
+            ..MsgWrite::default()
+        })
+        .map(|written| written.inbox)
+    }
+
+    /// Writes every part of `write` in one fsynced transaction.
+    pub fn write_msg(&self, write: MsgWrite<'_>) -> Result<MsgWritten, StoreError> {
         let txn = self.db.begin_write().map_err(engine)?;
-        let number = {
-            let mut state = txn.open_table(MSG_STATE).map_err(engine)?;
-            state.insert("ratchet", pickle).map_err(engine)?;
-            match received {
-                Some(entry) => {
-                    let mut inbox = txn.open_table(INBOX).map_err(engine)?;
-                    let next = inbox
+        let mut written = MsgWritten::default();
+        {
+            if let Some(pickle) = write.ratchet {
+                let mut state = txn.open_table(MSG_STATE).map_err(engine)?;
+                state.insert("ratchet", pickle).map_err(engine)?;
+            }
+            if let Some(entry) = write.inbox {
+                let mut inbox = txn.open_table(INBOX).map_err(engine)?;
+                let next = inbox
+                    .last()
+                    .map_err(engine)?
+                    .map_or(1, |(k, _)| k.value() + 1);
+                inbox.insert(next, entry).map_err(engine)?;
+                if next > MAX_INBOX {
+                    let cutoff = next - MAX_INBOX;
+                    inbox.retain_in(..=cutoff, |_, _| false).map_err(engine)?;
+                }
+                written.inbox = Some(next);
+            }
+            if let Some((id, expires)) = write.seen {
+                let mut seen = txn.open_table(MESH_SEEN).map_err(engine)?;
+                seen.insert(&id, expires).map_err(engine)?;
+            }
+            let mut held = txn.open_table(MESH_HELD).map_err(engine)?;
+            for (id, bytes) in &write.hold {
+                held.insert(id, bytes.as_slice()).map_err(engine)?;
+            }
+            for id in &write.release {
+                held.remove(id).map_err(engine)?;
+            }
+            let mut outbox = txn.open_table(OUTBOX).map_err(engine)?;
+            let mut by_envelope = txn.open_table(OUTBOX_BY_ENVELOPE).map_err(engine)?;
+            for (number, entry, envelope) in &write.outbox {
+                let number = if *number == 0 {
+                    outbox
                         .last()
                         .map_err(engine)?
-                        .map_or(1, |(k, _)| k.value() + 1);
-                    inbox.insert(next, entry).map_err(engine)?;
-                    if next > MAX_INBOX {
-                        let cutoff = next - MAX_INBOX;
-                        inbox.retain_in(..=cutoff, |_, _| false).map_err(engine)?;
-                    }
-                    Some(next)
+                        .map_or(1, |(k, _)| k.value() + 1)
+                } else {
+                    *number
+                };
+                outbox.insert(number, entry.as_slice()).map_err(engine)?;
+                if let Some(id) = envelope {
+                    by_envelope.insert(id, number).map_err(engine)?;
                 }
-                None => None,
+                if number > MAX_OUTBOX {
+                    let cutoff = number - MAX_OUTBOX;
+                    outbox.retain_in(..=cutoff, |_, _| false).map_err(engine)?;
+                    by_envelope.retain(|_, n| n > cutoff).map_err(engine)?;
+                }
+                written.outbox.push(number);
             }
-        };
+            if let Some((key, statement)) = &write.contact {
+                let mut contacts = txn.open_table(MESH_CONTACTS).map_err(engine)?;
+                if contacts.get(key).map_err(engine)?.is_some()
+                    || contacts.len().map_err(engine)? < MAX_MESH_CONTACTS
+                {
+                    contacts.insert(key, statement.as_slice()).map_err(engine)?;
+                }
+            }
+        }
         txn.commit().map_err(engine)?;
-        Ok(number)
+        Ok(written)
+    }
+
+    /// Every envelope held for the mesh: id and encoded
+    /// `(upstream, envelope)`.
+    pub fn mesh_held(&self) -> Result<Vec<HeldEnvelope>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(MESH_HELD).map_err(engine)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(engine)? {
+            let (k, v) = item.map_err(engine)?;
+            out.push((*k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Forgets the ids of envelopes taken here that expired before
+    /// `now_ms`, then returns the rest with their expiry.
+    pub fn mesh_seen(&self, now_ms: u64) -> Result<Vec<([u8; 32], u64)>, StoreError> {
+        let txn = self.db.begin_write().map_err(engine)?;
+        let mut out = Vec::new();
+        {
+            let mut table = txn.open_table(MESH_SEEN).map_err(engine)?;
+            table
+                .retain(|_, expires| expires > now_ms)
+                .map_err(engine)?;
+            for item in table.iter().map_err(engine)? {
+                let (k, v) = item.map_err(engine)?;
+                out.push((*k.value(), v.value()));
+            }
+        }
+        txn.commit().map_err(engine)?;
+        Ok(out)
+    }
+
+    /// Whether the envelope `id` addressed to this node was taken already.
+    pub fn mesh_was_seen(&self, id: &[u8; 32]) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(MESH_SEEN).map_err(engine)?;
+        Ok(table.get(id).map_err(engine)?.is_some())
+    }
+
+    /// The newest `limit` outbox entries (number, encrypted entry), oldest
+    /// first.
+    pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(OUTBOX).map_err(engine)?;
+        let mut entries = Vec::with_capacity(limit.min(1024));
+        for item in table.iter().map_err(engine)?.rev().take(limit) {
+            let (k, v) = item.map_err(engine)?;
+            entries.push((k.value(), v.value().to_vec()));
+        }
+        entries.reverse();
+        Ok(entries)
+    }
+
+    /// One outbox entry (encrypted) by number.
+    pub fn outbox_entry(&self, number: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(OUTBOX).map_err(engine)?;
+        Ok(table
+            .get(number)
+            .map_err(engine)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// The outbox entry an envelope this node sent belongs to.
+    pub fn outbox_for_envelope(&self, id: &[u8; 32]) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(OUTBOX_BY_ENVELOPE).map_err(engine)?;
+        Ok(table.get(id).map_err(engine)?.map(|v| v.value()))
+    }
+
+    /// A peer's stored contact statement.
+    pub fn mesh_contact(&self, key: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(MESH_CONTACTS).map_err(engine)?;
+        Ok(table.get(key).map_err(engine)?.map(|v| v.value().to_vec()))
     }
 
     /// The newest `limit` inbox entries (number, encrypted entry), oldest

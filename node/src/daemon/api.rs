@@ -247,6 +247,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/ledger/verify", get(ledger_verify))
         .route("/msg", post(send_msg))
         .route("/inbox", get(inbox))
+        .route("/outbox", get(outbox))
         .route("/learn/jobs", get(learn_jobs).post(learn_submit))
         .route("/learn/jobs/{job}/model", get(learn_model))
         .route("/invites", get(list_invites).post(create_invite))
@@ -360,10 +361,31 @@ async fn send_msg(
         );
     }
     match state.messenger.send(to, request.text).await {
-        Ok(()) => {
-            Json(serde_json::json!({ "status": "delivered", "to": to.to_string() })).into_response()
-        }
+        Ok(outcome) => Json(serde_json::json!({
+            "status": outcome.state,
+            "route": outcome.route,
+            "number": outcome.number,
+            "to": to.to_string(),
+        }))
+        .into_response(),
         Err(e) => error(StatusCode::BAD_GATEWAY, format!("{e:#}")),
+    }
+}
+
+/// `GET /api/v1/outbox`: the newest sent messages with their state.
+async fn outbox(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Query(query): axum::extract::Query<InboxQuery>,
+) -> Response {
+    let limit = query
+        .limit
+        .unwrap_or(100)
+        .min(crate::daemon::mesh::MAX_OUTBOX_PAGE);
+    let messenger = state.messenger.clone();
+    match tokio::task::spawn_blocking(move || messenger.outbox(limit)).await {
+        Ok(Ok(messages)) => Json(serde_json::json!({ "messages": messages })).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
@@ -769,8 +791,10 @@ async fn require_token(
         *request.method(),
         axum::http::Method::GET | axum::http::Method::HEAD
     );
-    // The inbox holds decrypted private messages: the token only.
-    let private = request.uri().path().ends_with("/inbox");
+    // The inbox and outbox hold private messages in the clear: the token
+    // only.
+    let private =
+        request.uri().path().ends_with("/inbox") || request.uri().path().ends_with("/outbox");
     if read_only && !private && state.dashboard.has_session(request.headers()) {
         return next.run(request).await;
     }

@@ -16,6 +16,7 @@ pub mod dashboard;
 pub mod federation;
 pub mod follower;
 pub mod http;
+pub mod mesh;
 pub mod msg;
 pub mod txindex;
 
@@ -175,8 +176,14 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let (net, mut events, net_task) =
         NetworkService::start(keypair, net_config, metrics.registry_mut())?;
     info!(peer_id = %net.local_peer_id(), network_id = %config.network.network_id, starts, "node identity loaded");
-    let messenger = msg::Messenger::start(&identity, store.clone(), net.clone())
-        .context("starting messaging")?;
+    let messenger = msg::Messenger::start(
+        &identity,
+        store.clone(),
+        net.clone(),
+        metrics.registry_mut(),
+    )
+    .context("starting messaging")?;
+    let mesh_clock = mesh::spawn_mesh_clock(messenger.clone());
 
     let (stop_consensus, consensus_stopping) = tokio::sync::watch::channel(false);
     let genesis_path = data_dir.file(GENESIS_FILE);
@@ -380,6 +387,8 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
                         drop(slot);
                     });
                 }
+                Some(NetEvent::PeerConnected(peer)) => messenger.mesh_peer_up(peer),
+                Some(NetEvent::PeerDisconnected(peer)) => messenger.mesh_peer_down(peer),
                 Some(event) => handle_event(&store, event).await,
                 None => break "network task stopped",
             },
@@ -414,6 +423,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         let _ = stop_consensus.send(true);
         learner_task.abort();
         sampler.abort();
+        mesh_clock.abort();
         if let Some(task) = follower_task {
             let _ = task.await;
         }

@@ -17,6 +17,10 @@
 //! (`node.one_time_key_rotation_secs`): the ratchet account is rotated, the
 //! previous one answers for one more period, and each rotation is written
 //! to the audit trail.
+//!
+//! A peer this node is not connected to is reached through the mesh
+//! instead (`mesh.rs`): the message waits in the outbox and travels in
+//! sealed envelopes from relay to relay.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,12 +33,13 @@ use openagi_crypto::keystore::storage_key;
 use openagi_crypto::ratchet::{
     DEFAULT_MAX_SESSIONS_PER_PEER, PreKeyBundle, Ratchet, RatchetMessage,
 };
-use openagi_crypto::seal::X25519Public;
+use openagi_crypto::seal::{X25519Public, X25519Secret};
 use openagi_crypto::{Identity, PublicKey, Signed};
 use openagi_net::{MsgReply, NetHandle, PeerId};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
+use super::mesh::{MeshMetrics, MeshState, OUTBOX_PURPOSE, RelayAnswer, SendOutcome};
 use crate::common::store::Store;
 
 /// Largest message text, in bytes (UTF-8).
@@ -99,6 +104,8 @@ pub enum MsgRequest {
         /// The message.
         message: RatchetMessage,
     },
+    /// Hands over an envelope to relay or take (`mesh.rs`).
+    Relay(Box<openagi_mesh::Envelope>),
 }
 
 /// A response on `/openagi/msg/1` (postcard).
@@ -110,6 +117,8 @@ pub enum MsgResponse {
     Delivered,
     /// Refused, with the reason (no session, replay, tampering, size).
     Refused(String),
+    /// The answer to [`MsgRequest::Relay`].
+    Relay(RelayAnswer),
 }
 
 /// A received message, as the API shows it.
@@ -160,12 +169,15 @@ impl FetchLimiter {
 /// The node's messaging service.
 pub struct Messenger {
     fetches: Mutex<FetchLimiter>,
-    identity: Identity,
-    ratchet: Mutex<Ratchet>,
-    pickle_key: AeadKey,
+    pub(super) identity: Identity,
+    pub(super) ratchet: Mutex<Ratchet>,
+    pub(super) pickle_key: AeadKey,
     inbox_key: AeadKey,
-    store: Arc<Store>,
-    net: NetHandle,
+    pub(super) store: Arc<Store>,
+    pub(super) net: NetHandle,
+    /// The node's static X25519 key: mesh bodies are sealed to it.
+    pub(super) seal_secret: X25519Secret,
+    pub(super) mesh: MeshState,
 }
 
 fn peer_key(peer: &PeerId) -> Result<PublicKey> {
@@ -174,9 +186,14 @@ fn peer_key(peer: &PeerId) -> Result<PublicKey> {
 }
 
 impl Messenger {
-    /// Loads the ratchet state from the store, or creates (and stores) a
-    /// new account.
-    pub fn start(identity: &Identity, store: Arc<Store>, net: NetHandle) -> Result<Arc<Self>> {
+    /// Loads the ratchet state and the mesh's envelopes from the store, or
+    /// creates (and stores) a new account. Call inside the runtime.
+    pub fn start(
+        identity: &Identity,
+        store: Arc<Store>,
+        net: NetHandle,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Result<Arc<Self>> {
         let pickle_key = storage_key(identity, PICKLE_PURPOSE);
         let inbox_key = storage_key(identity, INBOX_PURPOSE);
         let ratchet = match store.ratchet_pickle()? {
@@ -199,7 +216,12 @@ impl Messenger {
         if fresh {
             store.save_ratchet(&ratchet.pickle(&pickle_key)?, None)?;
         }
-        Ok(Arc::new(Self {
+        let mesh = MeshState::new(
+            openagi_mesh::Router::new(identity.public(), openagi_mesh::Limits::default()),
+            storage_key(identity, OUTBOX_PURPOSE),
+            MeshMetrics::register(registry),
+        )?;
+        let messenger = Arc::new(Self {
             fetches: Mutex::new(FetchLimiter::default()),
             identity: Identity::from_seed(&identity.seed()),
             ratchet: Mutex::new(ratchet),
@@ -207,7 +229,30 @@ impl Messenger {
             inbox_key,
             store,
             net,
-        }))
+            seal_secret: X25519Secret::derive_from_identity(identity),
+            mesh,
+        });
+        messenger
+            .restore_mesh()
+            .context("restoring the mesh queue")?;
+        Ok(messenger)
+    }
+
+    /// Whether `peer` may have another one-time key bundle now (direct
+    /// fetches and mesh hellos share the limit).
+    pub(super) fn allow_bundle(&self, peer: PublicKey) -> bool {
+        self.fetches
+            .lock()
+            .is_ok_and(|mut limiter| limiter.allow(peer, Instant::now()))
+    }
+
+    /// An inbox entry encrypted for the store.
+    pub(super) fn seal_inbox(&self, entry: &InboxEntry) -> Result<Vec<u8>> {
+        Ok(aead::seal_random(
+            &self.inbox_key,
+            INBOX_AAD,
+            &postcard::to_stdvec(entry)?,
+        )?)
     }
 
     /// The statement vouching for `ratchet`'s identity keys.
@@ -281,7 +326,7 @@ impl Messenger {
 
     async fn blocking<T: Send + 'static>(
         self: &Arc<Self>,
-        f: impl FnOnce(&Self) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&Arc<Self>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || f(&this))
@@ -289,7 +334,7 @@ impl Messenger {
             .context("messaging task panicked")?
     }
 
-    async fn request(&self, to: PeerId, request: &MsgRequest) -> Result<MsgResponse> {
+    pub(super) async fn request(&self, to: PeerId, request: &MsgRequest) -> Result<MsgResponse> {
         let answer = self
             .net
             .msg_request(to, postcard::to_stdvec(request)?)
@@ -297,8 +342,10 @@ impl Messenger {
         postcard::from_bytes(&answer).context("malformed answer from the peer")
     }
 
-    /// Sends `text` to `to`, opening a session first if there is none.
-    pub async fn send(self: &Arc<Self>, to: PeerId, text: String) -> Result<()> {
+    /// Sends `text` to `to`: straight to it when it is connected (the
+    /// answer says `delivered`), otherwise through the mesh (`queued`; the
+    /// outbox follows it to `relayed` and `delivered`).
+    pub async fn send(self: &Arc<Self>, to: PeerId, text: String) -> Result<SendOutcome> {
         if text.len() > MAX_TEXT_BYTES {
             bail!(
                 "message is {} bytes; the limit is {MAX_TEXT_BYTES}",
@@ -309,6 +356,25 @@ impl Messenger {
         if peer == self.identity.public() {
             bail!("that is this node's own id");
         }
+        let connected = self.net.snapshot().peers.contains_key(&to.to_string());
+        if !connected {
+            return self
+                .blocking(move |this| this.queue_for_mesh(peer, text))
+                .await;
+        }
+        self.send_direct(to, peer, text.clone()).await?;
+        self.blocking(move |this| this.record_direct(peer, text))
+            .await
+    }
+
+    /// Sends `text` straight to the connected peer `to`, opening a session
+    /// first if there is none.
+    async fn send_direct(
+        self: &Arc<Self>,
+        to: PeerId,
+        peer: PublicKey,
+        text: String,
+    ) -> Result<()> {
         // One retry with a fresh session: the peer may have lost ours
         // (restored from backup, rotated its key).
         for attempt in 0..2 {
@@ -328,7 +394,9 @@ impl Messenger {
                         signed.verify().context("bundle signature")?.bundle
                     }
                     MsgResponse::Refused(why) => bail!("{to} refused a key bundle: {why}"),
-                    MsgResponse::Delivered => bail!("{to} answered out of turn"),
+                    MsgResponse::Delivered | MsgResponse::Relay(_) => {
+                        bail!("{to} answered out of turn")
+                    }
                 };
                 self.blocking(move |this| {
                     this.with_ratchet(|r| Ok(r.start_session(&peer, &bundle)?), |_| Ok(None))
@@ -375,7 +443,9 @@ impl Messenger {
                     .await?;
                 }
                 MsgResponse::Refused(why) => bail!("{to} refused the message: {why}"),
-                MsgResponse::Bundle(_) => bail!("{to} answered out of turn"),
+                MsgResponse::Bundle(_) | MsgResponse::Relay(_) => {
+                    bail!("{to} answered out of turn")
+                }
             }
         }
         bail!("{to} refused the message twice")
@@ -425,6 +495,14 @@ impl Messenger {
                 .receive(from, sender_key, message)
                 .await
                 .map(|()| MsgResponse::Delivered),
+            MsgRequest::Relay(envelope) => {
+                let this = self.clone();
+                let answer =
+                    tokio::task::spawn_blocking(move || this.take_envelope(from, *envelope))
+                        .await
+                        .unwrap_or_else(|e| RelayAnswer::Busy(format!("relay task failed: {e}")));
+                Ok(MsgResponse::Relay(answer))
+            }
         };
         result.unwrap_or_else(|e| {
             debug!(%from, error = format!("{e:#}"), "msg request refused");
@@ -528,7 +606,7 @@ mod tests {
         let (net, _events, _task) =
             openagi_net::NetworkService::start(keypair, net_config, &mut registry).expect("net");
         let peer = net.local_peer_id();
-        let m = Messenger::start(&identity, store.clone(), net).expect("messenger");
+        let m = Messenger::start(&identity, store.clone(), net, &mut registry).expect("messenger");
         (m, peer, store, identity)
     }
 
@@ -622,7 +700,13 @@ mod tests {
             .expect("net")
             .0
         };
-        let a = Messenger::start(&a_id, a_store, net).expect("restarted");
+        let a = Messenger::start(
+            &a_id,
+            a_store,
+            net,
+            &mut prometheus_client::registry::Registry::default(),
+        )
+        .expect("restarted");
         assert!(delivered(&a.answer(b_peer, deliver(&b, third)).await));
         assert_eq!(texts(&a), ["first", "second", "third"]);
     }
@@ -669,7 +753,7 @@ mod tests {
                 assert_eq!(*sender_key.signer(), identity.public());
                 sender_key.verify().expect("still verifies");
             }
-            MsgRequest::FetchBundle => panic!("wrong variant"),
+            MsgRequest::FetchBundle | MsgRequest::Relay(_) => panic!("wrong variant"),
         }
     }
 }
