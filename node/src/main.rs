@@ -320,6 +320,26 @@ enum BenchArgs {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Messages relayed along a line of daemons: latency one way and to
+    /// the signed receipt, bytes per hop, a full relay queue's memory.
+    Mesh {
+        /// Relays between sender and recipient.
+        #[arg(long, default_value_t = 1)]
+        relays: usize,
+        /// Messages timed after the first (which opens the session).
+        #[arg(long, default_value_t = 50)]
+        messages: usize,
+        /// Bytes of text per message.
+        #[arg(long, default_value_t = 100)]
+        text_bytes: usize,
+        /// Run the line over onion services of a private Tor network
+        /// (needs Debian's `tor`).
+        #[arg(long)]
+        tor: bool,
+        /// Keep the nodes' data here instead of a temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -682,6 +702,33 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                 "batch_txs": batch_txs,
             });
             record_bench(&data_dir, "consensus", settings, &figures)
+        }
+        Command::Bench {
+            command:
+                BenchArgs::Mesh {
+                    relays,
+                    messages,
+                    text_bytes,
+                    tor,
+                    dir,
+                },
+        } => {
+            let figures = runtime()?.block_on(openagi_node::cli::bench_mesh::mesh(
+                openagi_node::cli::bench_mesh::MeshBench {
+                    relays,
+                    messages,
+                    text_bytes,
+                    tor,
+                    dir,
+                },
+            ))?;
+            let settings = serde_json::json!({
+                "relays": relays,
+                "messages": messages,
+                "text_bytes": text_bytes,
+                "tor": tor,
+            });
+            record_bench(&data_dir, "mesh", settings, &figures)
         }
         Command::Keys { command } => {
             let dir = DataDir::new(&data_dir);

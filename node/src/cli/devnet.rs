@@ -131,12 +131,12 @@ pub(crate) struct Node {
     last_jobs: Option<Value>,
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(listener.local_addr()?.port())
 }
 
-fn write_node_config(
+pub(crate) fn write_node_config(
     path: &Path,
     p2p_port: u16,
     bootstrap: Option<&str>,

@@ -5,6 +5,7 @@
 //! through [`output`] (`outln!`), so a closed pipe ends them quietly.
 
 pub mod bench;
+pub mod bench_mesh;
 pub mod bench_openssl;
 pub mod client;
 pub mod dashboard;
