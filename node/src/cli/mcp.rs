@@ -234,6 +234,17 @@ impl NodeTools {
     }
 
     #[tool(
+        description = "The newest private messages this node sent and where each is: queued (waiting in this node's store for a next hop or the recipient's key), relayed (a relay stored it), delivered (the recipient signed a receipt) or expired; with the route (direct or mesh) and text. Read-only."
+    )]
+    async fn outbox(
+        &self,
+        Parameters(InboxParams { limit }): Parameters<InboxParams>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let limit = limit.unwrap_or(20).clamp(1, 1000);
+        self.get(format!("/api/v1/outbox?limit={limit}")).await
+    }
+
+    #[tool(
         description = "Submits a transaction with a text payload to the ledger (this node numbers it); with wait, returns once it committed. Changes the ledger: refused unless the server runs with --allow-writes."
     )]
     async fn submit_transaction(
@@ -256,7 +267,7 @@ impl NodeTools {
     }
 
     #[tool(
-        description = "Sends an end-to-end encrypted private message (Double Ratchet) to a peer. Sends on the operator's behalf: refused unless the server runs with --allow-writes."
+        description = "Sends an end-to-end encrypted private message (Double Ratchet) to a peer: status delivered when the peer is connected and stored it, queued when it goes through the mesh (follow it with outbox). Sends on the operator's behalf: refused unless the server runs with --allow-writes."
     )]
     async fn send_message(
         &self,

@@ -1165,3 +1165,217 @@ pub fn spawn_mesh_clock(messenger: Arc<Messenger>) -> tokio::task::JoinHandle<()
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::store::Store;
+    use openagi_crypto::Identity;
+
+    /// A messenger on its own store and an idle loopback network: the test
+    /// carries envelopes between messengers by hand.
+    fn messenger(seed: u8, dir: &std::path::Path) -> (Arc<Messenger>, PeerId, Arc<Store>) {
+        let identity = Identity::from_seed(&[seed; 32]);
+        std::fs::create_dir_all(dir).expect("dir");
+        let store = Arc::new(Store::open(dir).expect("store"));
+        let mut config = crate::common::config::Config::default();
+        config.network.listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+        config.network.transport = openagi_net::TransportMode::Direct;
+        let keypair = openagi_net::keypair_from_identity(&identity).expect("keypair");
+        let mut registry = Registry::default();
+        let (net, _events, _task) = openagi_net::NetworkService::start(
+            keypair,
+            config.net_config("test").expect("net config"),
+            &mut registry,
+        )
+        .expect("net");
+        let peer = net.local_peer_id();
+        let m = Messenger::start(&identity, store.clone(), net, &mut registry).expect("messenger");
+        (m, peer, store)
+    }
+
+    /// The envelopes `store` holds, decoded.
+    fn held(store: &Store) -> Vec<(EnvelopeId, HeldRecord)> {
+        store
+            .mesh_held()
+            .expect("held")
+            .into_iter()
+            .map(|(id, bytes)| {
+                (
+                    EnvelopeId(id),
+                    postcard::from_bytes(&bytes).expect("record"),
+                )
+            })
+            .collect()
+    }
+
+    /// The one envelope `store` holds that is not in `before`.
+    fn new_envelope(store: &Store, before: &[EnvelopeId]) -> Envelope {
+        let mut fresh: Vec<Envelope> = held(store)
+            .into_iter()
+            .filter(|(id, _)| !before.contains(id))
+            .map(|(_, r)| r.envelope)
+            .collect();
+        assert_eq!(fresh.len(), 1, "exactly one new envelope");
+        fresh.remove(0)
+    }
+
+    fn ids(store: &Store) -> Vec<EnvelopeId> {
+        held(store).into_iter().map(|(id, _)| id).collect()
+    }
+
+    async fn hand(to: &Arc<Messenger>, from: PeerId, envelope: Envelope) -> RelayAnswer {
+        let to = to.clone();
+        tokio::task::spawn_blocking(move || to.take_envelope(from, envelope))
+            .await
+            .expect("task")
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn first_contact_message_and_receipt_by_hand() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (a, a_peer, a_store) = messenger(1, &tmp.path().join("a"));
+        let (c, c_peer, c_store) = messenger(3, &tmp.path().join("c"));
+        let c_key = Identity::from_seed(&[3; 32]).public();
+        let a_key = Identity::from_seed(&[1; 32]).public();
+
+        // No session: a hello goes out and the message waits.
+        let outcome = {
+            let a = a.clone();
+            tokio::task::spawn_blocking(move || a.queue_for_mesh(c_key, "over the mesh".into()))
+                .await
+                .expect("task")
+                .expect("queued")
+        };
+        assert_eq!(outcome.state, OutboxState::Queued);
+        let hello = new_envelope(&a_store, &[]);
+        assert!(matches!(
+            postcard::from_bytes::<MeshBody>(&hello.body),
+            Ok(MeshBody::Hello(_))
+        ));
+
+        // A hello addressed to C cannot be taken by another node.
+        let (b, _b_peer, _) = messenger(2, &tmp.path().join("b"));
+        let mut misdirected = hello.clone();
+        misdirected.to = Identity::from_seed(&[2; 32]).public();
+        assert!(matches!(
+            hand(&b, a_peer, misdirected).await,
+            RelayAnswer::Refused(_)
+        ));
+
+        // C answers with a bundle sealed to A.
+        let c_before = ids(&c_store);
+        assert_eq!(hand(&c, a_peer, hello.clone()).await, RelayAnswer::Accepted);
+        assert_eq!(
+            hand(&c, a_peer, hello).await,
+            RelayAnswer::Duplicate,
+            "the same hello again"
+        );
+        let bundle = new_envelope(&c_store, &c_before);
+        assert_eq!(bundle.to, a_key);
+
+        // A opens the session and sends the waiting message, sealed: a
+        // relay sees neither the text nor who sent it.
+        let a_before = ids(&a_store);
+        assert_eq!(hand(&a, c_peer, bundle).await, RelayAnswer::Accepted);
+        let message = new_envelope(&a_store, &a_before);
+        let message_id = message.id();
+        let bytes = message.encode();
+        assert!(!bytes.windows(13).any(|w| w == b"over the mesh"));
+        assert!(!bytes.windows(32).any(|w| w == a_key.to_bytes()));
+
+        // A tampered copy is refused; the real one taken once.
+        let mut tampered = message.clone();
+        if let Some(byte) = tampered.body.last_mut() {
+            *byte ^= 1;
+        }
+        assert!(matches!(
+            hand(&c, a_peer, tampered).await,
+            RelayAnswer::Refused(_)
+        ));
+        let c_before = ids(&c_store);
+        assert_eq!(
+            hand(&c, a_peer, message.clone()).await,
+            RelayAnswer::Accepted
+        );
+        assert_eq!(hand(&c, a_peer, message).await, RelayAnswer::Duplicate);
+        let texts: Vec<String> = c
+            .inbox(10)
+            .expect("inbox")
+            .into_iter()
+            .map(|e| e.text)
+            .collect();
+        assert_eq!(texts, ["over the mesh"]);
+
+        // A receipt signed by a node the message was not for is refused.
+        let forged = Signed::sign(
+            &Identity::from_seed(&[2; 32]),
+            &DeliveryReceipt {
+                envelope: message_id,
+                sender: a_key,
+            },
+        )
+        .expect("signed");
+        let forged = a
+            .sealed_envelope(
+                a_key,
+                &a.seal_secret.public(),
+                &SealedBody::Receipt(Box::new(forged)),
+                crate::unix_ms(),
+            )
+            .expect("sealed");
+        assert!(matches!(
+            hand(&a, c_peer, forged).await,
+            RelayAnswer::Refused(_)
+        ));
+
+        // The receipt turns A's entry delivered and A lets go of its copy.
+        let receipt = new_envelope(&c_store, &c_before);
+        assert_eq!(a.outbox(10).expect("outbox")[0].state, OutboxState::Queued);
+        assert_eq!(
+            hand(&a, c_peer, receipt.clone()).await,
+            RelayAnswer::Accepted
+        );
+        let entry = &a.outbox(10).expect("outbox")[0];
+        assert_eq!(entry.state, OutboxState::Delivered);
+        assert_eq!(entry.route, Route::Mesh);
+        assert!(
+            held(&a_store)
+                .iter()
+                .all(|(id, _)| Some(id.to_hex()) != entry.envelope),
+            "the delivered message is no longer held"
+        );
+    }
+
+    #[test]
+    fn a_queued_message_expires_after_the_longest_lifetime() {
+        let entry = OutboxEntry {
+            number: 1,
+            to_peer: String::new(),
+            to_key: String::new(),
+            created_unix_ms: 1_000,
+            updated_unix_ms: 1_000,
+            state: OutboxState::Relayed,
+            route: Route::Mesh,
+            envelope: None,
+            text: String::new(),
+        };
+        assert_eq!(
+            entry.state_at(1_000 + MAX_LIFETIME_MS - 1),
+            OutboxState::Relayed
+        );
+        assert_eq!(
+            entry.state_at(1_000 + MAX_LIFETIME_MS),
+            OutboxState::Expired
+        );
+        let delivered = OutboxEntry {
+            state: OutboxState::Delivered,
+            ..entry
+        };
+        assert_eq!(
+            delivered.state_at(u64::MAX),
+            OutboxState::Delivered,
+            "delivered stays delivered"
+        );
+    }
+}
