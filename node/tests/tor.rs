@@ -330,6 +330,64 @@ fn system_tor_daemons_connect_through_the_networks_c_tor_clients() {
     wait_connected_and_gossiping(&a, &b, Duration::from_secs(150));
 }
 
+/// A new node joins by invite code over Tor alone: `init --join` with the
+/// embedded Tor client redeems the short code at the inviter's onion
+/// address and installs its genesis.
+fn redeem_an_invite_over_tor(
+    net: &TorNet,
+    inviter: &Daemon,
+    inviter_dir: &std::path::Path,
+    root: &std::path::Path,
+) {
+    let (status, code, err) = openagi_tests::openagi(&[
+        "invite",
+        "--data-dir",
+        &inviter_dir.to_string_lossy(),
+        "--uses",
+        "1",
+    ])
+    .expect("invite runs");
+    assert!(status.success(), "{err}");
+    let code = code.trim().to_string();
+    let bootstrap = onion_bootstrap(inviter);
+    let joined = root.join("joined-over-tor");
+    let started = Instant::now();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_openagi"))
+        .args([
+            "init",
+            "--data-dir",
+            &joined.to_string_lossy(),
+            "--transport",
+            "tor",
+            "--network-id",
+            openagi_tests::TEST_NETWORK,
+            "--join",
+            &code,
+            "--bootstrap",
+            &bootstrap,
+        ])
+        .envs(embedded_env(net))
+        .output()
+        .expect("init runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}\n{}", inviter.log());
+    assert!(text.contains("joined network"), "{text}");
+    assert!(joined.join("genesis.toml").exists());
+    let config = std::fs::read_to_string(joined.join("openagi.toml")).expect("config");
+    assert!(
+        config.contains(&bootstrap),
+        "bootstrap is the onion address: {config}"
+    );
+    eprintln!(
+        "tor invite: redeemed over onion services in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
 #[test]
 fn validators_on_onion_services_commit_blocks_in_both_tor_modes() {
     let Some(net) = network() else { return };
@@ -420,6 +478,7 @@ fn validators_on_onion_services_commit_blocks_in_both_tor_modes() {
     for d in &nodes {
         assert_onion_only(d);
     }
+    redeem_an_invite_over_tor(net, &nodes[0], &dirs[0], root.path());
     for (i, d) in nodes.iter().enumerate() {
         let rtts: Vec<f64> = d
             .peers()

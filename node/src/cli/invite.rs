@@ -22,6 +22,10 @@ use crate::outln;
 
 /// How long a redemption may take, dialling included.
 const REDEEM_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same over Tor, where the endpoint first bootstraps its Tor client
+/// and then builds a circuit to the inviter's onion service (each can take
+/// tens of seconds on the public network).
+const REDEEM_TIMEOUT_TOR: Duration = Duration::from_secs(150);
 
 /// `openagi invite`: a new code from the daemon on `dir`.
 pub fn create(dir: &DataDir, expires: Duration, uses: u32) -> Result<()> {
@@ -126,12 +130,14 @@ pub fn join(
         })
         .context("--bootstrap must end in /p2p/<peer id> of the inviting node")?;
     let identity = dir.identity(passphrase)?;
-    let mut config = Config::load(
-        dir.path(),
-        None,
-        std::iter::empty(),
-        &CliOverrides::default(),
-    )?;
+    // The environment counts as it does for `run` (OPENAGI_TOR_ARTI_CONFIG,
+    // for one, says which Tor network to use).
+    let mut config = Config::load(dir.path(), None, std::env::vars(), &CliOverrides::default())?;
+    let timeout = if config.network.transport.is_tor() {
+        REDEEM_TIMEOUT_TOR
+    } else {
+        REDEEM_TIMEOUT
+    };
     // Only dial out: this endpoint lives for one request.
     config.network.listen.clear();
     config.network.bootstrap.clear();
@@ -145,12 +151,12 @@ pub fn join(
     let answer = runtime.block_on(async move {
         let mut registry = prometheus_client::registry::Registry::default();
         let (net, _events, task) = NetworkService::start(keypair, net_config, &mut registry)?;
-        let outcome = tokio::time::timeout(REDEEM_TIMEOUT, redeem(&net, addr, peer, &code)).await;
+        let outcome = tokio::time::timeout(timeout, redeem(&net, addr, peer, &code)).await;
         task.abort();
         outcome.unwrap_or_else(|_| {
             bail!(
                 "no answer from {peer} within {} s: is it reachable, and is --network-id {:?} the inviting network's id (`openagi invite` prints the whole command)?",
-                REDEEM_TIMEOUT.as_secs(),
+                timeout.as_secs(),
                 network_id
             )
         })
