@@ -16,8 +16,10 @@
 //! offline (no route exists until it returns, and then it may reappear
 //! next to any node), behind Tor every peer looks alike to the address
 //! book, and a mesh of operators' nodes is small enough that sending each
-//! envelope once over each link is cheap; the hop budget and the
-//! per-upstream quotas bound what one sender can make the mesh carry.
+//! envelope once over each link is cheap; the hop budget bounds how far a
+//! flood goes, and the per-upstream quotas what one neighbour can make a
+//! relay hold (not what many identities together can: see ARCHITECTURE
+//! "Known limits").
 //!
 //! The router is sans-IO like the PBFT replica: peers coming and going,
 //! envelopes from peers, the answers to its forwards and the time are

@@ -20,9 +20,9 @@ pub struct Limits {
     /// Most envelopes held that one upstream peer handed over, so one
     /// sender cannot fill a relay's queue.
     pub max_held_per_upstream: usize,
-    /// Most envelopes this node originated and still holds (its own
-    /// outbox), apart from what it holds for others, so relaying never
-    /// crowds out the operator's own messages.
+    /// Most envelopes this node originated and still holds (its messages,
+    /// hellos, and the bundles and receipts it answers with), apart from
+    /// what it holds for others, so relaying never crowds them out.
     pub max_local: usize,
     /// Most envelope ids remembered after they were handled, for dedup.
     /// Past it the ids closest to expiry are forgotten first.
@@ -71,7 +71,9 @@ pub enum Incoming {
         /// Its id.
         id: EnvelopeId,
     },
-    /// Taken for relaying: the node persists it, then acknowledges.
+    /// Taken for relaying: the node persists it, calls
+    /// [`Router::commit`] (or [`Router::abort`] when it could not), then
+    /// acknowledges.
     Held {
         /// Its id.
         id: EnvelopeId,
@@ -178,11 +180,16 @@ struct Held {
     origin: Origin,
     offers: BTreeMap<PublicKey, Offer>,
     relayed: bool,
+    /// The node has it on disk ([`Router::commit`]); nothing is sent
+    /// before, so no peer holds what a crash could take back.
+    committed: bool,
 }
 
 #[derive(Debug, Default)]
 struct PeerState {
-    in_flight: usize,
+    /// Forwards sent over this connection and not answered yet: answers to
+    /// forwards sent over an earlier connection free none of its slots.
+    in_flight: BTreeSet<EnvelopeId>,
     queue: VecDeque<EnvelopeId>,
 }
 
@@ -303,14 +310,13 @@ impl Router {
         if self.relaying_bytes + envelope.body.len() > self.limits.max_held_bytes {
             return Err(Error::Full { what: "bytes held" });
         }
-        self.insert(id, envelope, Origin::Peer(from));
-        self.schedule(id);
-        self.pump_all();
+        self.insert(id, envelope, Origin::Peer(from), false);
         Ok(Incoming::Held { id })
     }
 
-    /// An envelope this node sends: held (the node persists it) and
-    /// offered to the recipient or the mesh.
+    /// An envelope this node sends: held, and offered to the recipient or
+    /// the mesh once the node has persisted it and called
+    /// [`Router::commit`] ([`Router::abort`] when it could not).
     pub fn originate(&mut self, envelope: Envelope, now_unix_ms: u64) -> Result<EnvelopeId, Error> {
         envelope.validate(now_unix_ms)?;
         if envelope.to == self.me {
@@ -325,9 +331,7 @@ impl Router {
                 what: "this node's own queued envelopes",
             });
         }
-        self.insert(id, envelope, Origin::Local);
-        self.schedule(id);
-        self.pump_all();
+        self.insert(id, envelope, Origin::Local, false);
         Ok(id)
     }
 
@@ -343,9 +347,30 @@ impl Router {
         if self.held.contains_key(&id) {
             return true;
         }
-        self.insert(id, envelope, origin);
+        self.insert(id, envelope, origin, true);
         self.schedule(id);
         true
+    }
+
+    /// The node has persisted the envelope `id`: it may now be offered.
+    pub fn commit(&mut self, id: &EnvelopeId) {
+        if let Some(held) = self.held.get_mut(id)
+            && !held.committed
+        {
+            held.committed = true;
+            self.schedule(*id);
+            self.pump_all();
+        }
+    }
+
+    /// The node could not persist the envelope `id`: it is let go and its
+    /// id forgotten, so the peer that offered it may offer it again.
+    pub fn abort(&mut self, id: &EnvelopeId) {
+        if self.remove(id).is_some()
+            && let Some(expiry) = self.seen.remove(id)
+        {
+            self.seen_by_expiry.remove(&(expiry, *id));
+        }
     }
 
     /// Remembers that the envelope `id` was handled here until
@@ -386,7 +411,7 @@ impl Router {
         now_unix_ms: u64,
     ) {
         if let Some(state) = self.peers.get_mut(&peer) {
-            state.in_flight = state.in_flight.saturating_sub(1);
+            state.in_flight.remove(&id);
         }
         let retry_initial = self.limits.retry_initial_ms;
         let retry_max = self.limits.retry_max_ms;
@@ -494,11 +519,11 @@ impl Router {
             relaying_bytes: self.relaying_bytes,
             seen: self.seen.len(),
             peers: self.peers.len(),
-            in_flight: self.peers.values().map(|p| p.in_flight).sum(),
+            in_flight: self.peers.values().map(|p| p.in_flight.len()).sum(),
         }
     }
 
-    fn insert(&mut self, id: EnvelopeId, envelope: Envelope, origin: Origin) {
+    fn insert(&mut self, id: EnvelopeId, envelope: Envelope, origin: Origin, committed: bool) {
         let mut offers = BTreeMap::new();
         match origin {
             Origin::Local => self.local += 1,
@@ -524,6 +549,7 @@ impl Router {
                 origin,
                 offers,
                 relayed: false,
+                committed,
             },
         );
         self.mark_seen(id, expires);
@@ -554,6 +580,9 @@ impl Router {
         let Some(held) = self.held.get_mut(&id) else {
             return;
         };
+        if !held.committed {
+            return;
+        }
         let to = held.envelope.to;
         let targets: Vec<PublicKey> = if self.peers.contains_key(&to) {
             vec![to]
@@ -592,7 +621,7 @@ impl Router {
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
-        while state.in_flight < cap {
+        while state.in_flight.len() < cap {
             let Some(id) = state.queue.pop_front() else {
                 break;
             };
@@ -606,7 +635,7 @@ impl Router {
                 continue;
             }
             offer.state = OfferState::InFlight;
-            state.in_flight += 1;
+            state.in_flight.insert(id);
             let mut envelope = held.envelope.clone();
             if peer != envelope.to {
                 envelope.hops_left = envelope.hops_left.saturating_sub(1);
@@ -645,6 +674,23 @@ mod tests {
         }
     }
 
+    /// Originates and commits, as the node does once the envelope is on
+    /// disk.
+    fn originate(r: &mut Router, e: Envelope, now: u64) -> Result<EnvelopeId, Error> {
+        let id = r.originate(e, now)?;
+        r.commit(&id);
+        Ok(id)
+    }
+
+    /// Takes an envelope from a peer and commits it when held.
+    fn relay(r: &mut Router, from: PublicKey, e: Envelope, now: u64) -> Result<Incoming, Error> {
+        let verdict = r.handle_incoming(from, e, now);
+        if let Ok(Incoming::Held { id }) = verdict {
+            r.commit(&id);
+        }
+        verdict
+    }
+
     fn drain(r: &mut Router) -> Vec<Output> {
         std::iter::from_fn(|| r.poll_output()).collect()
     }
@@ -665,7 +711,7 @@ mod tests {
         let mut r = Router::new(me, Limits::default());
         r.handle_peer_up(b, 0);
         r.handle_peer_up(c, 0);
-        let id = r.originate(envelope(d, 1), 0).expect("taken");
+        let id = originate(&mut r, envelope(d, 1), 0).expect("taken");
         let out = drain(&mut r);
         assert_eq!(
             forwards(&out),
@@ -695,19 +741,19 @@ mod tests {
         r.handle_peer_up(a, 0);
         r.handle_peer_up(b, 0);
         let e = envelope(c, 2);
-        let id = match r.handle_incoming(a, e.clone(), 0) {
+        let id = match relay(&mut r, a, e.clone(), 0) {
             Ok(Incoming::Held { id }) => id,
             other => panic!("{other:?}"),
         };
         assert_eq!(forwards(&drain(&mut r)), [(b, DEFAULT_HOPS - 1)]);
         assert_eq!(
-            r.handle_incoming(b, e.clone(), 0),
+            relay(&mut r, b, e.clone(), 0),
             Ok(Incoming::Duplicate { id })
         );
         let mut fewer = e.clone();
         fewer.hops_left = 0;
         assert_eq!(
-            r.handle_incoming(b, fewer, 0),
+            relay(&mut r, b, fewer, 0),
             Ok(Incoming::Duplicate { id }),
             "the hop budget is not part of the id"
         );
@@ -720,11 +766,11 @@ mod tests {
         r.handle_peer_up(b, 0);
         let mut long_way = envelope(c, 9);
         long_way.hops_left = 0;
-        r.handle_incoming(a, long_way, 0).expect("held");
+        relay(&mut r, a, long_way, 0).expect("held");
         assert!(forwards(&drain(&mut r)).is_empty(), "no hops left");
         let short_way = envelope(c, 9);
         assert!(matches!(
-            r.handle_incoming(d, short_way, 1),
+            relay(&mut r, d, short_way, 1),
             Ok(Incoming::Duplicate { .. })
         ));
         assert_eq!(forwards(&drain(&mut r)), [(b, DEFAULT_HOPS - 1)]);
@@ -737,7 +783,7 @@ mod tests {
         r.handle_peer_up(b, 0);
         let mut e = envelope(c, 3);
         e.hops_left = 0;
-        r.handle_incoming(a, e, 0).expect("held");
+        relay(&mut r, a, e, 0).expect("held");
         assert!(forwards(&drain(&mut r)).is_empty());
         r.handle_peer_up(c, 1);
         assert_eq!(forwards(&drain(&mut r)), [(c, 0)]);
@@ -754,24 +800,22 @@ mod tests {
         };
         let mut r = Router::new(me, limits);
         let (a, b, c) = (key(2), key(3), key(4));
-        r.handle_incoming(a, envelope(c, 1), 0).expect("1");
-        r.handle_incoming(a, envelope(c, 2), 0).expect("2");
-        let full = r
-            .handle_incoming(a, envelope(c, 3), 0)
-            .expect_err("per peer");
+        relay(&mut r, a, envelope(c, 1), 0).expect("1");
+        relay(&mut r, a, envelope(c, 2), 0).expect("2");
+        let full = relay(&mut r, a, envelope(c, 3), 0).expect_err("per peer");
         assert_eq!(full.kind(), crate::ErrorKind::Busy);
-        r.handle_incoming(b, envelope(c, 4), 0).expect("other peer");
+        relay(&mut r, b, envelope(c, 4), 0).expect("other peer");
         assert!(matches!(
-            r.handle_incoming(b, envelope(c, 5), 0),
+            relay(&mut r, b, envelope(c, 5), 0),
             Err(Error::Full { .. })
         ));
         // Local sends have their own budget.
-        r.originate(envelope(c, 6), 0).expect("own message");
+        originate(&mut r, envelope(c, 6), 0).expect("own message");
         let mut big = envelope(c, 7);
         big.body = vec![0; 1_001];
         let mut r = Router::new(me, limits);
         assert!(matches!(
-            r.handle_incoming(a, big, 0),
+            relay(&mut r, a, big, 0),
             Err(Error::Full { what: "bytes held" })
         ));
         assert_eq!(r.stats().relaying, 0);
@@ -782,14 +826,14 @@ mod tests {
         let (me, a) = (key(1), key(2));
         let mut r = Router::new(me, Limits::default());
         let expired = envelope(key(3), 1);
-        let e = r.handle_incoming(a, expired, 100_000).expect_err("expired");
+        let e = relay(&mut r, a, expired, 100_000).expect_err("expired");
         assert_eq!(e.kind(), crate::ErrorKind::Invalid);
         assert_eq!(
-            r.handle_incoming(a, envelope(a, 1), 0),
+            relay(&mut r, a, envelope(a, 1), 0),
             Err(Error::Misaddressed)
         );
         assert!(matches!(
-            r.handle_incoming(a, envelope(me, 1), 0),
+            relay(&mut r, a, envelope(me, 1), 0),
             Ok(Incoming::ForMe { .. })
         ));
         assert_eq!(r.stats().relaying, 0, "mail for me is the node's to store");
@@ -805,7 +849,7 @@ mod tests {
         };
         let mut r = Router::new(me, limits);
         r.handle_peer_up(b, 0);
-        let id = r.originate(envelope(c, 1), 0).expect("taken");
+        let id = originate(&mut r, envelope(c, 1), 0).expect("taken");
         drain(&mut r);
         r.handle_forward_result(b, id, ForwardResult::Failed, 0);
         r.handle_tick(99);
@@ -836,7 +880,7 @@ mod tests {
         let mut r = Router::new(me, limits);
         r.handle_peer_up(b, 0);
         let ids: Vec<EnvelopeId> = (0..5)
-            .map(|n| r.originate(envelope(c, n), 0).expect("taken"))
+            .map(|n| originate(&mut r, envelope(c, n), 0).expect("taken"))
             .collect();
         assert_eq!(forwards(&drain(&mut r)).len(), 2);
         r.handle_forward_result(b, ids[0], ForwardResult::Accepted, 1);
@@ -851,7 +895,7 @@ mod tests {
         let mut r = Router::new(me, Limits::default());
         let e = envelope(c, 1);
         let expires = e.expires_unix_ms;
-        let id = match r.handle_incoming(a, e, 0) {
+        let id = match relay(&mut r, a, e, 0) {
             Ok(Incoming::Held { id }) => id,
             other => panic!("{other:?}"),
         };
@@ -865,6 +909,61 @@ mod tests {
         );
         assert!(!r.has_seen(&id));
         assert_eq!(r.stats(), RouterStats::default());
+    }
+
+    #[test]
+    fn nothing_leaves_before_it_is_committed_and_an_abort_forgets_it() {
+        let (me, a, b, c) = (key(1), key(2), key(3), key(4));
+        let mut r = Router::new(me, Limits::default());
+        r.handle_peer_up(b, 0);
+        let e = envelope(c, 1);
+        let Ok(Incoming::Held { id }) = r.handle_incoming(a, e.clone(), 0) else {
+            panic!("held");
+        };
+        r.handle_tick(1);
+        r.handle_peer_up(key(5), 1);
+        assert!(forwards(&drain(&mut r)).is_empty(), "not on disk yet");
+        r.abort(&id);
+        assert!(!r.has_seen(&id));
+        assert!(
+            matches!(r.handle_incoming(a, e, 2), Ok(Incoming::Held { .. })),
+            "offered again after an abort, it is taken again"
+        );
+        r.commit(&id);
+        assert_eq!(forwards(&drain(&mut r)).len(), 2);
+        let own = r.originate(envelope(c, 2), 3).expect("taken");
+        assert!(forwards(&drain(&mut r)).is_empty());
+        r.commit(&own);
+        assert_eq!(forwards(&drain(&mut r)).len(), 2);
+    }
+
+    #[test]
+    fn answers_over_an_old_connection_do_not_free_the_new_ones_slots() {
+        let (me, b, c) = (key(1), key(2), key(3));
+        let limits = Limits {
+            max_in_flight_per_peer: 1,
+            ..Limits::default()
+        };
+        let mut r = Router::new(me, limits);
+        r.handle_peer_up(b, 0);
+        let first = originate(&mut r, envelope(c, 1), 0).expect("taken");
+        let second = originate(&mut r, envelope(c, 2), 0).expect("taken");
+        assert_eq!(forwards(&drain(&mut r)).len(), 1);
+        r.handle_peer_down(b);
+        r.handle_peer_up(b, 1);
+        assert_eq!(
+            forwards(&drain(&mut r)).len(),
+            1,
+            "the second, on the new connection"
+        );
+        // The first's answer comes back from the old connection.
+        r.handle_forward_result(b, first, ForwardResult::Failed, 2);
+        assert_eq!(
+            r.stats().in_flight,
+            1,
+            "the new connection's forward is still out"
+        );
+        let _ = second;
     }
 
     #[test]

@@ -186,6 +186,7 @@ impl Sim {
             .disk
             .held
             .insert(id, (envelope, Origin::Local));
+        self.router(from).commit(&id);
         self.sent.insert(id, to);
     }
 
@@ -273,6 +274,7 @@ impl Sim {
                     .disk
                     .held
                     .insert(id, (envelope, Origin::Peer(from_key)));
+                self.router(at).commit(&id);
                 ForwardResult::Accepted
             }
             Ok(Incoming::Duplicate { .. }) => ForwardResult::Duplicate,

@@ -19,16 +19,22 @@
 //! the recipient) and keeps the messages as `queued` until the `Bundle`
 //! comes back. The `Hello` is the one body that cannot be sealed (the
 //! sender does not know the recipient's key yet): relays learn that this
-//! sender asked this recipient for a key, once per pair of nodes.
+//! sender asked this recipient for a key (again only if the answer never
+//! came). A recipient answers a given asker's hello once; a relay that
+//! re-wraps it in a new envelope gets nothing.
 //!
-//! Order of effects, for durability: an envelope is on disk before this
-//! node acknowledges it to the peer that handed it over; a message taken
-//! from an envelope is in the inbox, with the envelope id as seen and the
-//! new ratchet state, in one fsynced transaction before the acknowledgement
-//! and before the receipt leaves; a queued message and the envelope that
-//! carries it are written with the ratchet state that encrypted it.
+//! Order of effects, for durability: the router sends nothing it holds
+//! until the node has written it and called `Router::commit`, so an
+//! envelope is on disk before it leaves and before this node acknowledges
+//! it to the peer that handed it over; a message taken from an envelope is
+//! in the inbox, with the envelope id as seen, the new ratchet state and
+//! its receipt, in one fsynced transaction before the acknowledgement; a
+//! queued message and the envelope that carries it are written with the
+//! ratchet state that encrypted it. A failure that is this node's (the
+//! disk, a rate limit) answers "busy", so the peer offers it again; the
+//! ratchet then goes back to what is on disk.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,7 +83,8 @@ const OUTBOX_AAD: &[u8] = b"openagi/msg/outbox-entry/v1";
 /// Most outbox entries one API call returns.
 pub const MAX_OUTBOX_PAGE: usize = 1000;
 /// How many of the newest outbox entries are searched for messages
-/// waiting on a key when a bundle arrives: more than the router lets wait.
+/// waiting on a key when a bundle arrives (older ones, rare with 1,024
+/// envelopes of a node's own in flight at most, wait until they expire).
 const WAITING_SCAN: usize = 2048;
 
 /// A node's keys for mesh mail, signed by its node key.
@@ -151,11 +158,27 @@ pub enum SealedBody {
     Receipt(Box<Signed<DeliveryReceipt>>),
 }
 
+/// What a held envelope carries, as far as this node knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum HeldKind {
+    /// Another node's envelope, held to relay.
+    Relay,
+    /// This node's message (kept until its receipt).
+    Message,
+    /// This node's hello (kept until the bundle comes back).
+    Hello,
+    /// This node's key bundle for an asker.
+    Bundle,
+    /// This node's receipt (let go once a relay has it).
+    Receipt,
+}
+
 /// How a held envelope is stored: who handed it over (none for this
-/// node's own) and the envelope.
+/// node's own), what it is and the envelope.
 #[derive(Debug, Serialize, Deserialize)]
 struct HeldRecord {
     upstream: Option<PublicKey>,
+    kind: HeldKind,
     envelope: Envelope,
 }
 
@@ -181,8 +204,8 @@ pub enum OutboxState {
     Queued,
     /// A next hop has stored it.
     Relayed,
-    /// The recipient acknowledged it with a signed receipt (or took it
-    /// directly).
+    /// The recipient acknowledged it with a signed receipt (on the mesh)
+    /// or stored it while connected (direct).
     Delivered,
     /// Its lifetime passed without a receipt.
     Expired,
@@ -222,8 +245,9 @@ pub struct OutboxEntry {
 }
 
 impl OutboxEntry {
-    /// The state as of `now_ms`: a queued or relayed message past its
-    /// lifetime is expired (no relay keeps it longer).
+    /// The state as of `now_ms`: a queued or relayed message a week after
+    /// it was queued is shown expired (its envelope, made when the key came,
+    /// may live a little longer at relays).
     fn state_at(&self, now_ms: u64) -> OutboxState {
         match self.state {
             OutboxState::Queued | OutboxState::Relayed
@@ -316,11 +340,27 @@ impl MeshMetrics {
     }
 }
 
+/// Most hellos remembered as answered, by asker: a relay that re-wraps a
+/// signed hello in a new envelope gets no second key for it.
+const MAX_ANSWERED_HELLOS: usize = 4096;
+/// How often (in clock ticks) the ids of expired envelopes taken here are
+/// pruned from the store.
+const SEEN_PRUNE_TICKS: u64 = 600;
+
 /// The mesh half of the messenger: router, keys and metrics.
 pub struct MeshState {
     pub(super) router: std::sync::Mutex<Router>,
     /// Hellos this node has out, by the peer asked.
     hellos: std::sync::Mutex<BTreeMap<PublicKey, EnvelopeId>>,
+    /// Peers whose key queued messages wait for (so a bundle nobody asked
+    /// for costs no scan of the outbox).
+    waiting: std::sync::Mutex<BTreeSet<PublicKey>>,
+    /// Receipts this node sent and still holds: let go once a relay has
+    /// them (nobody acknowledges a receipt).
+    receipts: std::sync::Mutex<BTreeSet<EnvelopeId>>,
+    /// The newest hello answered per asker (its creation time).
+    answered: std::sync::Mutex<BTreeMap<PublicKey, u64>>,
+    ticks: std::sync::atomic::AtomicU64,
     outbox_key: AeadKey,
     metrics: MeshMetrics,
     runtime: tokio::runtime::Handle,
@@ -333,6 +373,10 @@ impl MeshState {
         Ok(Self {
             router: std::sync::Mutex::new(router),
             hellos: std::sync::Mutex::new(BTreeMap::new()),
+            waiting: std::sync::Mutex::new(BTreeSet::new()),
+            receipts: std::sync::Mutex::new(BTreeSet::new()),
+            answered: std::sync::Mutex::new(BTreeMap::new()),
+            ticks: std::sync::atomic::AtomicU64::new(0),
             outbox_key,
             metrics,
             runtime: tokio::runtime::Handle::try_current()
@@ -347,12 +391,58 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> 
         .map_err(|_| anyhow!("messaging state lock poisoned"))
 }
 
-fn held_record(upstream: Option<PublicKey>, envelope: &Envelope) -> Result<Vec<u8>> {
+fn held_record(
+    upstream: Option<PublicKey>,
+    kind: HeldKind,
+    envelope: &Envelope,
+) -> Result<Vec<u8>> {
     postcard::to_stdvec(&HeldRecord {
         upstream,
+        kind,
         envelope: envelope.clone(),
     })
     .context("encoding a held envelope")
+}
+
+/// A failure that is this node's, not the envelope's (the disk, a lock, a
+/// rate limit): the peer is told "busy" and offers it again later.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Transient(String);
+
+fn transient(e: impl std::fmt::Display) -> anyhow::Error {
+    Transient(e.to_string()).into()
+}
+
+fn is_transient(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| c.is::<Transient>() || c.is::<crate::common::store::StoreError>())
+}
+
+/// A sealed body opened and its signatures checked, before any state is
+/// touched.
+enum Opened {
+    Hello {
+        asker: PublicKey,
+        hello: MeshHello,
+        contact: MeshContact,
+    },
+    Bundle {
+        peer: PublicKey,
+        contact: Box<Signed<MeshContact>>,
+        statement: MeshContact,
+        bundle: openagi_crypto::ratchet::PreKeyBundle,
+    },
+    Message {
+        sender: PublicKey,
+        contact: Box<Signed<MeshContact>>,
+        statement: MeshContact,
+        message: RatchetMessage,
+    },
+    Receipt {
+        signer: PublicKey,
+        receipt: DeliveryReceipt,
+    },
 }
 
 impl Messenger {
@@ -360,8 +450,10 @@ impl Messenger {
     /// (after a restart), dropping what expired meanwhile.
     pub(super) fn restore_mesh(&self) -> Result<()> {
         let now = crate::unix_ms();
-        // Lock order everywhere: ratchet, hellos, router.
+        // Lock order everywhere: ratchet, then the mesh's sets, then the
+        // router.
         let mut hellos = lock(&self.mesh.hellos)?;
+        let mut receipts = lock(&self.mesh.receipts)?;
         let mut router = lock(&self.mesh.router)?;
         let mut expired = Vec::new();
         for (id, bytes) in self.store.mesh_held()? {
@@ -375,14 +467,15 @@ impl Messenger {
             };
             let origin = record.upstream.map_or(Origin::Local, Origin::Peer);
             let to = record.envelope.to;
-            let is_hello = origin == Origin::Local
-                && matches!(
-                    postcard::from_bytes::<MeshBody>(&record.envelope.body),
-                    Ok(MeshBody::Hello(_))
-                );
             if router.restore(record.envelope, origin, now) {
-                if is_hello {
-                    hellos.insert(to, EnvelopeId(id));
+                match record.kind {
+                    HeldKind::Hello => {
+                        hellos.insert(to, EnvelopeId(id));
+                    }
+                    HeldKind::Receipt => {
+                        receipts.insert(EnvelopeId(id));
+                    }
+                    _ => {}
                 }
             } else {
                 expired.push(id);
@@ -392,7 +485,17 @@ impl Messenger {
             router.mark_seen(EnvelopeId(id), expires);
         }
         let stats = router.stats();
-        drop((hellos, router));
+        drop((hellos, receipts, router));
+        let mut waiting = BTreeSet::new();
+        for (number, sealed) in self.store.outbox(WAITING_SCAN)? {
+            let entry = self.open_outbox(number, &sealed)?;
+            if entry.waits_for_key(now)
+                && let Ok(key) = PublicKey::from_hex(&entry.to_key)
+            {
+                waiting.insert(key);
+            }
+        }
+        *lock(&self.mesh.waiting)? = waiting;
         if !expired.is_empty() {
             self.store.write_msg(MsgWrite {
                 release: expired,
@@ -431,10 +534,21 @@ impl Messenger {
         }
     }
 
-    /// Advances the router's clock: expiries and due retries.
+    /// Advances the router's clock: expiries and due retries; now and then
+    /// the store forgets the ids of envelopes that expired.
     pub fn mesh_tick(self: &Arc<Self>) {
+        let now = crate::unix_ms();
         if let Ok(mut router) = lock(&self.mesh.router) {
-            router.handle_tick(crate::unix_ms());
+            router.handle_tick(now);
+        }
+        let ticks = self
+            .mesh
+            .ticks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if ticks % SEEN_PRUNE_TICKS == SEEN_PRUNE_TICKS - 1
+            && let Err(e) = self.store.mesh_seen(now)
+        {
+            warn!(error = %e, "pruning expired envelope ids failed");
         }
         self.drain_mesh();
     }
@@ -471,33 +585,35 @@ impl Messenger {
     }
 
     fn apply_mesh_outputs(&self, outputs: Vec<Output>) -> Result<()> {
+        // The ratchet lock orders every change of an outbox entry, so a
+        // `relayed` read before a receipt's `delivered` never overwrites it.
+        let _ratchet = lock(&self.ratchet)?;
         let now = crate::unix_ms();
         let mut write = MsgWrite::default();
         for output in outputs {
             match output {
-                Output::Relayed { id } => match self.outbox_entry_for(&id)? {
-                    Some(mut entry) => {
-                        if entry.state == OutboxState::Queued {
-                            entry.state = OutboxState::Relayed;
-                            entry.updated_unix_ms = now;
-                            info!(number = entry.number, to = %entry.to_peer, "message relayed");
-                            write
-                                .outbox
-                                .push((entry.number, self.seal_outbox(&entry)?, None));
-                        }
-                    }
-                    None => {
-                        // A hello, bundle or receipt: nobody waits for a
-                        // receipt of it, so once a relay holds it this node
-                        // lets go (a message is kept until its receipt).
+                Output::Relayed { id } => {
+                    if lock(&self.mesh.receipts)?.remove(&id) {
+                        // Nobody acknowledges a receipt: once a relay has
+                        // it on disk, this node lets go.
                         self.forget_envelopes(&[id]);
                         write.release.push(id.0);
+                    } else if let Some(mut entry) = self.outbox_entry_for(&id)?
+                        && entry.state == OutboxState::Queued
+                    {
+                        entry.state = OutboxState::Relayed;
+                        entry.updated_unix_ms = now;
+                        info!(number = entry.number, to = %entry.to_peer, "message relayed");
+                        write
+                            .outbox
+                            .push((entry.number, self.seal_outbox(&entry)?, None));
                     }
-                },
+                }
                 Output::Dropped { id, reason } => {
                     if reason == DropReason::Expired {
                         debug!(envelope = %id, "mesh envelope expired");
                     }
+                    lock(&self.mesh.receipts)?.remove(&id);
                     write.release.push(id.0);
                 }
                 Output::Forward { .. } => {}
@@ -584,16 +700,18 @@ impl Messenger {
                 RelayAnswer::Duplicate
             }
             Ok(Incoming::Held { id }) => {
-                let written = held_record(Some(from_key), &envelope).and_then(|record| {
-                    self.store
-                        .write_msg(MsgWrite {
-                            hold: vec![(id.0, record)],
-                            ..MsgWrite::default()
-                        })
-                        .map_err(Into::into)
-                });
+                let written =
+                    held_record(Some(from_key), HeldKind::Relay, &envelope).and_then(|record| {
+                        self.store
+                            .write_msg(MsgWrite {
+                                hold: vec![(id.0, record)],
+                                ..MsgWrite::default()
+                            })
+                            .map_err(Into::into)
+                    });
                 match written {
                     Ok(_) => {
+                        self.commit_envelopes(&[id]);
                         self.mesh.metrics.received("held");
                         RelayAnswer::Accepted
                     }
@@ -602,9 +720,7 @@ impl Messenger {
                             error = format!("{e:#}"),
                             "could not store an envelope to relay"
                         );
-                        if let Ok(mut router) = lock(&self.mesh.router) {
-                            router.forget(&id);
-                        }
+                        self.abort_envelopes(&[id]);
                         RelayAnswer::Busy("this relay could not store it".into())
                     }
                 }
@@ -616,7 +732,17 @@ impl Messenger {
                     }
                     answer
                 }
+                Err(e) if is_transient(&e) => {
+                    self.mesh.metrics.received("busy");
+                    debug!(%from, error = format!("{e:#}"), "envelope for this node deferred");
+                    RelayAnswer::Busy(format!("{e:#}"))
+                }
                 Err(e) => {
+                    // Remembered (in memory, bounded) so the same bytes
+                    // offered again cost nothing.
+                    if let Ok(mut router) = lock(&self.mesh.router) {
+                        router.mark_seen(id, envelope.expires_unix_ms);
+                    }
                     self.mesh.metrics.received("refused");
                     debug!(%from, error = format!("{e:#}"), "envelope for this node refused");
                     RelayAnswer::Refused(format!("{e:#}"))
@@ -627,6 +753,80 @@ impl Messenger {
         answer
     }
 
+    /// Opens a body and checks its signatures: no state is read or
+    /// changed, so an invalid envelope costs no lock.
+    fn open_body(&self, envelope: &Envelope, now: u64) -> Result<Opened> {
+        let body: MeshBody = postcard::from_bytes(&envelope.body).context("malformed body")?;
+        let sealed = match body {
+            MeshBody::Hello(hello) => {
+                let asker = *hello.signer();
+                let statement = hello.verify().context("hello signature")?;
+                if statement.to != self.identity.public() {
+                    bail!("hello addressed to another node");
+                }
+                if statement.created_unix_ms.saturating_add(MAX_LIFETIME_MS) < now
+                    || statement.created_unix_ms
+                        > now.saturating_add(openagi_mesh::MAX_CLOCK_SKEW_MS)
+                {
+                    bail!("hello outside its lifetime");
+                }
+                if *statement.contact.signer() != asker {
+                    bail!("hello carries another node's contact statement");
+                }
+                let contact = statement.contact.verify().context("contact signature")?;
+                return Ok(Opened::Hello {
+                    asker,
+                    hello: statement,
+                    contact,
+                });
+            }
+            MeshBody::Sealed(sealed) => sealed,
+        };
+        let opened = seal::open(
+            &self.seal_secret,
+            &self.identity.public(),
+            SEAL_PURPOSE,
+            &sealed,
+        )
+        .context("sealed body does not open")?;
+        Ok(
+            match postcard::from_bytes::<SealedBody>(&opened).context("malformed sealed body")? {
+                SealedBody::Bundle { contact, bundle } => {
+                    let peer = *contact.signer();
+                    if *bundle.signer() != peer {
+                        bail!("bundle and contact signed by different nodes");
+                    }
+                    let statement = contact.verify().context("contact signature")?;
+                    let bundle = bundle.verify().context("bundle signature")?.bundle;
+                    Opened::Bundle {
+                        peer,
+                        contact,
+                        statement,
+                        bundle,
+                    }
+                }
+                SealedBody::Message { contact, message } => {
+                    let sender = *contact.signer();
+                    let statement = contact.verify().context("contact signature")?;
+                    Opened::Message {
+                        sender,
+                        contact,
+                        statement,
+                        message,
+                    }
+                }
+                SealedBody::Receipt(receipt) => {
+                    let signer = *receipt.signer();
+                    let receipt = receipt.verify().context("receipt signature")?;
+                    if receipt.sender != self.identity.public() {
+                        bail!("receipt for another sender");
+                    }
+                    Opened::Receipt { signer, receipt }
+                }
+            },
+        )
+    }
+
     /// Opens an envelope addressed to this node and acts on it.
     fn open_envelope(
         self: &Arc<Self>,
@@ -634,47 +834,74 @@ impl Messenger {
         envelope: &Envelope,
         now: u64,
     ) -> Result<RelayAnswer> {
-        let body: MeshBody = postcard::from_bytes(&envelope.body).context("malformed body")?;
+        let opened = self.open_body(envelope, now)?;
+        if let Opened::Bundle { peer, .. } = &opened
+            && !lock(&self.mesh.waiting).map_err(transient)?.contains(peer)
+        {
+            bail!("a key bundle nobody asked for");
+        }
         // The ratchet lock orders everything below against other
         // deliveries, so one envelope arriving by two paths at once is
-        // taken once.
-        let mut ratchet = lock(&self.ratchet)?;
+        // taken once, and every outbox change against the others.
+        let mut ratchet = lock(&self.ratchet).map_err(transient)?;
         if self.store.mesh_was_seen(&id.0)? {
             return Ok(RelayAnswer::Duplicate);
         }
         let seen = Some((id.0, envelope.expires_unix_ms));
-        match body {
-            MeshBody::Hello(hello) => {
-                self.answer_hello(&mut ratchet, &hello, seen, now)?;
+        let result = match opened {
+            Opened::Hello {
+                asker,
+                hello,
+                contact,
+            } => self.answer_hello(&mut ratchet, asker, &hello, &contact, seen, now),
+            Opened::Bundle {
+                peer,
+                contact,
+                statement,
+                bundle,
+            } => self.take_bundle(&mut ratchet, peer, &contact, &statement, &bundle, seen, now),
+            Opened::Message {
+                sender,
+                contact,
+                statement,
+                message,
+            } => self.take_message(
+                &mut ratchet,
+                id,
+                sender,
+                &contact,
+                &statement,
+                &message,
+                seen,
+                now,
+            ),
+            Opened::Receipt { signer, receipt } => self.take_receipt(signer, &receipt, seen),
+        };
+        if let Err(e) = result {
+            if is_transient(&e) {
+                // What the ratchet did in memory never reached the disk:
+                // go back to what did.
+                self.reload_ratchet(&mut ratchet);
             }
-            MeshBody::Sealed(sealed) => {
-                let opened = seal::open(
-                    &self.seal_secret,
-                    &self.identity.public(),
-                    SEAL_PURPOSE,
-                    &sealed,
-                )
-                .context("sealed body does not open")?;
-                match postcard::from_bytes::<SealedBody>(&opened)
-                    .context("malformed sealed body")?
-                {
-                    SealedBody::Message { contact, message } => {
-                        self.take_message(&mut ratchet, id, &contact, &message, seen, now)?;
-                    }
-                    SealedBody::Bundle { contact, bundle } => {
-                        self.take_bundle(&mut ratchet, &contact, &bundle, seen, now)?;
-                    }
-                    SealedBody::Receipt(receipt) => {
-                        drop(ratchet);
-                        self.take_receipt(&receipt, seen)?;
-                    }
-                }
-            }
+            return Err(e);
         }
+        drop(ratchet);
         if let Ok(mut router) = lock(&self.mesh.router) {
             router.mark_seen(id, envelope.expires_unix_ms);
         }
         Ok(RelayAnswer::Accepted)
+    }
+
+    /// Replaces the in-memory ratchet with the one on disk.
+    fn reload_ratchet(&self, ratchet: &mut Ratchet) {
+        match self.store.ratchet_pickle() {
+            Ok(Some(bytes)) => match Ratchet::from_pickle(&bytes, &self.pickle_key) {
+                Ok(stored) => *ratchet = stored,
+                Err(e) => warn!(error = %e, "stored messaging state unreadable"),
+            },
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "could not reread the messaging state"),
+        }
     }
 
     /// This node's signed contact statement.
@@ -710,14 +937,36 @@ impl Messenger {
         })
     }
 
-    /// Hands `envelope` to the router as this node's own; the caller
-    /// writes it to the store (with `hold`) before anything else can
-    /// depend on it.
-    fn originate(&self, envelope: &Envelope, now: u64) -> Result<(EnvelopeId, Vec<u8>)> {
+    /// Hands `envelope` to the router as this node's own; nothing is sent
+    /// until the caller has written it (`hold`) and called
+    /// [`Messenger::commit_envelopes`] ([`Messenger::abort_envelopes`] if
+    /// the write failed).
+    fn originate(
+        &self,
+        kind: HeldKind,
+        envelope: &Envelope,
+        now: u64,
+    ) -> Result<(EnvelopeId, Vec<u8>)> {
         let id = lock(&self.mesh.router)?
             .originate(envelope.clone(), now)
-            .map_err(|e| anyhow!("{e}"))?;
-        Ok((id, held_record(None, envelope)?))
+            .map_err(transient)?;
+        Ok((id, held_record(None, kind, envelope)?))
+    }
+
+    fn commit_envelopes(&self, ids: &[EnvelopeId]) {
+        if let Ok(mut router) = lock(&self.mesh.router) {
+            for id in ids {
+                router.commit(id);
+            }
+        }
+    }
+
+    fn abort_envelopes(&self, ids: &[EnvelopeId]) {
+        if let Ok(mut router) = lock(&self.mesh.router) {
+            for id in ids {
+                router.abort(id);
+            }
+        }
     }
 
     fn forget_envelopes(&self, ids: &[EnvelopeId]) {
@@ -731,26 +980,23 @@ impl Messenger {
     fn answer_hello(
         &self,
         ratchet: &mut Ratchet,
-        hello: &Signed<MeshHello>,
+        asker: PublicKey,
+        hello: &MeshHello,
+        contact: &MeshContact,
         seen: Option<([u8; 32], u64)>,
         now: u64,
     ) -> Result<()> {
-        let asker = *hello.signer();
-        let statement = hello.verify().context("hello signature")?;
-        if statement.to != self.identity.public() {
-            bail!("hello addressed to another node");
-        }
-        if statement.created_unix_ms + MAX_LIFETIME_MS < now
-            || statement.created_unix_ms > now + openagi_mesh::MAX_CLOCK_SKEW_MS
         {
-            bail!("hello outside its lifetime");
+            let answered = lock(&self.mesh.answered).map_err(transient)?;
+            if answered
+                .get(&asker)
+                .is_some_and(|&created| created >= hello.created_unix_ms)
+            {
+                bail!("this hello (or a newer one) was answered already");
+            }
         }
-        if *statement.contact.signer() != asker {
-            bail!("hello carries another node's contact statement");
-        }
-        let contact = statement.contact.verify().context("contact signature")?;
         if !self.allow_bundle(asker) {
-            bail!("too many key requests from {asker}");
+            return Err(transient(format!("too many key requests from {asker}")));
         }
         let bundle = ratchet
             .publish_bundles(1)
@@ -762,46 +1008,46 @@ impl Messenger {
             bundle: Box::new(Signed::sign(&self.identity, &BundleStatement { bundle })?),
         };
         let envelope = self.sealed_envelope(asker, &contact.seal_key, &body, now)?;
-        let (answer_id, record) = self.originate(&envelope, now)?;
+        let (answer_id, record) = self.originate(HeldKind::Bundle, &envelope, now)?;
         let written = self.store.write_msg(MsgWrite {
             ratchet: Some(&ratchet.pickle(&self.pickle_key)?),
             seen,
             hold: vec![(answer_id.0, record)],
-            contact: Some((asker.to_bytes(), postcard::to_stdvec(&statement.contact)?)),
+            contact: Some((asker.to_bytes(), postcard::to_stdvec(&hello.contact)?)),
             ..MsgWrite::default()
         });
         if let Err(e) = written {
-            self.forget_envelopes(&[answer_id]);
+            self.abort_envelopes(&[answer_id]);
             return Err(e.into());
         }
+        self.commit_envelopes(&[answer_id]);
+        let mut answered = lock(&self.mesh.answered).map_err(transient)?;
+        if answered.len() >= MAX_ANSWERED_HELLOS && !answered.contains_key(&asker) {
+            answered.pop_first();
+        }
+        answered.insert(asker, hello.created_unix_ms);
         info!(to = %openagi_net::peer_id_of_key(&asker), "key bundle sent through the mesh");
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn take_bundle(
         &self,
         ratchet: &mut Ratchet,
+        peer: PublicKey,
         contact: &Signed<MeshContact>,
-        bundle: &Signed<BundleStatement>,
+        statement: &MeshContact,
+        bundle: &openagi_crypto::ratchet::PreKeyBundle,
         seen: Option<([u8; 32], u64)>,
         now: u64,
     ) -> Result<()> {
-        let peer = *contact.signer();
-        if *bundle.signer() != peer {
-            bail!("bundle and contact signed by different nodes");
-        }
-        // Asked for by a hello, which this node may have let go of (once a
-        // relay took it) or lost track of in a restart: what counts is that
-        // messages wait for this peer's key.
-        let hello = lock(&self.mesh.hellos)?.get(&peer).copied();
-        let contact_statement = contact.verify().context("contact signature")?;
-        let bundle = bundle.verify().context("bundle signature")?.bundle;
-        if self.waiting_for(peer, now)? == 0 {
-            bail!("a key bundle nobody asked for");
-        }
-        ratchet.start_session(&peer, &bundle)?;
+        let hello = lock(&self.mesh.hellos)
+            .map_err(transient)?
+            .get(&peer)
+            .copied();
+        ratchet.start_session(&peer, bundle)?;
         let Encrypted { ids, holds, outbox } =
-            self.encrypt_waiting(ratchet, peer, &contact_statement, now)?;
+            self.encrypt_waiting(ratchet, peer, statement, now)?;
         let written = self.store.write_msg(MsgWrite {
             ratchet: Some(&ratchet.pickle(&self.pickle_key)?),
             seen,
@@ -812,30 +1058,20 @@ impl Messenger {
             ..MsgWrite::default()
         });
         if let Err(e) = written {
-            self.forget_envelopes(&ids);
+            self.abort_envelopes(&ids);
             return Err(e.into());
         }
-        lock(&self.mesh.hellos)?.remove(&peer);
+        self.commit_envelopes(&ids);
+        lock(&self.mesh.hellos).map_err(transient)?.remove(&peer);
+        lock(&self.mesh.waiting).map_err(transient)?.remove(&peer);
         self.forget_envelopes(&hello.into_iter().collect::<Vec<_>>());
         info!(peer = %openagi_net::peer_id_of_key(&peer), messages = ids.len(), "session opened through the mesh; queued messages sent");
         Ok(())
     }
 
-    /// How many outbox entries wait for `peer`'s key.
-    fn waiting_for(&self, peer: PublicKey, now: u64) -> Result<usize> {
-        let peer_hex = peer.to_hex();
-        let mut count = 0;
-        for (number, sealed) in self.store.outbox(WAITING_SCAN)? {
-            let entry = self.open_outbox(number, &sealed)?;
-            if entry.to_key == peer_hex && entry.waits_for_key(now) {
-                count += 1;
-            }
-        }
-        Ok(count)
-    }
-
-    /// Encrypts every outbox entry waiting for `peer`'s key into an
-    /// envelope. Returns the envelope ids and what to write.
+    /// Encrypts the outbox entries waiting for `peer`'s key into envelopes,
+    /// as many as this node's own queue takes (the rest wait for the next
+    /// message to `peer`). The caller writes the result.
     fn encrypt_waiting(
         &self,
         ratchet: &mut Ratchet,
@@ -853,16 +1089,22 @@ impl Messenger {
             if entry.to_key != peer_hex || !entry.waits_for_key(now) {
                 continue;
             }
+            let full = lock(&self.mesh.router)
+                .map(|r| r.stats().local >= r.limits().max_local)
+                .unwrap_or(true);
+            if full {
+                break;
+            }
             let message = ratchet.encrypt(&peer, entry.text.as_bytes())?;
             let body = SealedBody::Message {
                 contact: Box::new(my_contact.clone()),
                 message,
             };
             let envelope = self.sealed_envelope(peer, &contact.seal_key, &body, now)?;
-            let (id, record) = match self.originate(&envelope, now) {
+            let (id, record) = match self.originate(HeldKind::Message, &envelope, now) {
                 Ok(done) => done,
                 Err(e) => {
-                    self.forget_envelopes(&ids);
+                    self.abort_envelopes(&ids);
                     return Err(e);
                 }
             };
@@ -875,19 +1117,24 @@ impl Messenger {
         Ok(Encrypted { ids, holds, outbox })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn take_message(
         &self,
         ratchet: &mut Ratchet,
         id: EnvelopeId,
+        sender: PublicKey,
         contact: &Signed<MeshContact>,
+        statement: &MeshContact,
         message: &RatchetMessage,
         seen: Option<([u8; 32], u64)>,
         now: u64,
     ) -> Result<()> {
-        let sender = *contact.signer();
-        let statement = contact.verify().context("contact signature")?;
         let plaintext = ratchet.decrypt(&sender, &statement.ratchet.keys(), message)?;
         if plaintext.len() > MAX_TEXT_BYTES {
+            // Decrypted, so the session moved on: refuse without keeping
+            // the text, but keep the session where it is now.
+            self.store
+                .save_ratchet(&ratchet.pickle(&self.pickle_key)?, None)?;
             bail!("message longer than {MAX_TEXT_BYTES} bytes");
         }
         let sender_peer = openagi_net::peer_id_of_key(&sender);
@@ -914,13 +1161,14 @@ impl Messenger {
         // The message is taken even when the receipt cannot be queued
         // (this node's own queue is full): the sender then sees `relayed`
         // and never `delivered`, which is true of what it knows.
-        let receipt = match self.originate(&receipt_envelope, now) {
+        let receipt = match self.originate(HeldKind::Receipt, &receipt_envelope, now) {
             Ok(receipt) => Some(receipt),
             Err(e) => {
                 warn!(error = format!("{e:#}"), "no delivery receipt sent");
                 None
             }
         };
+        let receipt_ids: Vec<EnvelopeId> = receipt.iter().map(|(id, _)| *id).collect();
         let inbox = self.seal_inbox(&entry)?;
         let written = self.store.write_msg(MsgWrite {
             ratchet: Some(&ratchet.pickle(&self.pickle_key)?),
@@ -936,11 +1184,14 @@ impl Messenger {
         let number = match written {
             Ok(written) => written.inbox,
             Err(e) => {
-                let ids: Vec<EnvelopeId> = receipt.iter().map(|(id, _)| *id).collect();
-                self.forget_envelopes(&ids);
+                self.abort_envelopes(&receipt_ids);
                 return Err(e.into());
             }
         };
+        if let Ok(mut receipts) = lock(&self.mesh.receipts) {
+            receipts.extend(receipt_ids.iter().copied());
+        }
+        self.commit_envelopes(&receipt_ids);
         self.mesh.metrics.delivered.inc();
         info!(from = %sender_peer, bytes = entry.text.len(), number = ?number, "message received through the mesh");
         Ok(())
@@ -948,34 +1199,30 @@ impl Messenger {
 
     fn take_receipt(
         &self,
-        receipt: &Signed<DeliveryReceipt>,
+        signer: PublicKey,
+        receipt: &DeliveryReceipt,
         seen: Option<([u8; 32], u64)>,
     ) -> Result<()> {
-        let signer = *receipt.signer();
-        let statement = receipt.verify().context("receipt signature")?;
-        if statement.sender != self.identity.public() {
-            bail!("receipt for another sender");
-        }
-        let Some(mut entry) = self.outbox_entry_for(&statement.envelope)? else {
-            // Already gone from the outbox (rotated out): nothing to mark.
-            self.store.write_msg(MsgWrite {
-                seen,
-                ..MsgWrite::default()
-            })?;
-            return Ok(());
+        let Some(mut entry) = self.outbox_entry_for(&receipt.envelope)? else {
+            // Not a message of ours, or rotated out of the outbox: nothing
+            // to mark, and nothing written (a receipt costs no disk).
+            bail!("a receipt for no message in the outbox");
         };
         if entry.to_key != signer.to_hex() {
             bail!("receipt signed by a node the message was not for");
+        }
+        if entry.state == OutboxState::Delivered {
+            return Ok(());
         }
         entry.state = OutboxState::Delivered;
         entry.updated_unix_ms = crate::unix_ms();
         self.store.write_msg(MsgWrite {
             seen,
-            release: vec![statement.envelope.0],
+            release: vec![receipt.envelope.0],
             outbox: vec![(entry.number, self.seal_outbox(&entry)?, None)],
             ..MsgWrite::default()
         })?;
-        self.forget_envelopes(&[statement.envelope]);
+        self.forget_envelopes(&[receipt.envelope]);
         self.mesh.metrics.receipts.inc();
         info!(number = entry.number, to = %entry.to_peer, "message delivered (signed receipt)");
         Ok(())
@@ -1000,7 +1247,7 @@ impl Messenger {
             }
             None => None,
         };
-        let mut entry = OutboxEntry {
+        let entry = OutboxEntry {
             number: 0,
             to_peer: openagi_net::peer_id_of_key(&peer).to_string(),
             to_key: peer.to_hex(),
@@ -1012,28 +1259,46 @@ impl Messenger {
             text,
         };
         let mut ratchet = lock(&self.ratchet)?;
-        let mut write = MsgWrite::default();
-        let mut originated = Vec::new();
-        let pickle;
+        // The entry is written first, waiting for a key; with a session it
+        // is encrypted at once, with any that waited before it.
+        let number = *self
+            .store
+            .write_msg(MsgWrite {
+                outbox: vec![(0, self.seal_outbox(&entry)?, None)],
+                ..MsgWrite::default()
+            })?
+            .outbox
+            .first()
+            .context("no outbox number assigned")?;
         match contact {
             Some(contact) if ratchet.has_session(&peer) => {
-                let message = ratchet.encrypt(&peer, entry.text.as_bytes())?;
-                let body = SealedBody::Message {
-                    contact: Box::new(self.contact_statement(&ratchet)?),
-                    message,
-                };
-                let envelope = self.sealed_envelope(peer, &contact.seal_key, &body, now)?;
-                let (id, record) = self.originate(&envelope, now)?;
-                originated.push(id);
-                entry.envelope = Some(id.to_hex());
-                write.hold.push((id.0, record));
-                pickle = ratchet.pickle(&self.pickle_key)?;
-                write.ratchet = Some(&pickle);
-                write
-                    .outbox
-                    .push((0, self.seal_outbox(&entry)?, Some(id.0)));
+                let sent = self
+                    .encrypt_waiting(&mut ratchet, peer, &contact, now)
+                    .and_then(|Encrypted { ids, holds, outbox }| {
+                        let written = self.store.write_msg(MsgWrite {
+                            ratchet: Some(&ratchet.pickle(&self.pickle_key)?),
+                            hold: holds,
+                            outbox,
+                            ..MsgWrite::default()
+                        });
+                        match written {
+                            Ok(_) => {
+                                self.commit_envelopes(&ids);
+                                Ok(())
+                            }
+                            Err(e) => {
+                                self.abort_envelopes(&ids);
+                                Err(e.into())
+                            }
+                        }
+                    });
+                if let Err(e) = sent {
+                    self.reload_ratchet(&mut ratchet);
+                    return Err(e);
+                }
             }
             _ => {
+                lock(&self.mesh.waiting)?.insert(peer);
                 let mut hellos = lock(&self.mesh.hellos)?;
                 let pending = hellos
                     .get(&peer)
@@ -1053,24 +1318,22 @@ impl Messenger {
                         hops_left: DEFAULT_HOPS,
                         body: postcard::to_stdvec(&MeshBody::Hello(Box::new(hello)))?,
                     };
-                    let (id, record) = self.originate(&envelope, now)?;
-                    originated.push(id);
+                    let (id, record) = self.originate(HeldKind::Hello, &envelope, now)?;
+                    if let Err(e) = self.store.write_msg(MsgWrite {
+                        hold: vec![(id.0, record)],
+                        ..MsgWrite::default()
+                    }) {
+                        self.abort_envelopes(&[id]);
+                        return Err(e.into());
+                    }
                     hellos.insert(peer, id);
-                    write.hold.push((id.0, record));
+                    drop(hellos);
+                    self.commit_envelopes(&[id]);
                 }
-                write.outbox.push((0, self.seal_outbox(&entry)?, None));
             }
         }
-        let written = match self.store.write_msg(write) {
-            Ok(written) => written,
-            Err(e) => {
-                self.forget_envelopes(&originated);
-                return Err(e.into());
-            }
-        };
         drop(ratchet);
-        let number = written.outbox.first().copied().unwrap_or(0);
-        info!(number, to = %entry.to_peer, waiting_for_key = entry.envelope.is_none(), "message queued for the mesh");
+        info!(number, to = %entry.to_peer, "message queued for the mesh");
         self.drain_mesh();
         Ok(SendOutcome {
             number,
@@ -1267,10 +1530,20 @@ mod tests {
         let c_before = ids(&c_store);
         assert_eq!(hand(&c, a_peer, hello.clone()).await, RelayAnswer::Accepted);
         assert_eq!(
-            hand(&c, a_peer, hello).await,
+            hand(&c, a_peer, hello.clone()).await,
             RelayAnswer::Duplicate,
             "the same hello again"
         );
+        // A relay re-wrapping the signed hello in a new envelope gets no
+        // second key for it.
+        let rewrapped = Envelope {
+            expires_unix_ms: hello.expires_unix_ms - 1,
+            ..hello
+        };
+        assert!(matches!(
+            hand(&c, a_peer, rewrapped).await,
+            RelayAnswer::Refused(why) if why.contains("answered already")
+        ));
         let bundle = new_envelope(&c_store, &c_before);
         assert_eq!(bundle.to, a_key);
 
