@@ -190,6 +190,21 @@ fn wait_state(d: &Daemon, text: &str, state: &str, others: &[&Daemon]) {
     .unwrap_or_else(|e| panic!("{e}: outbox {:?}\n{}", outbox_states(d), logs_of(others)));
 }
 
+/// SIGTERM, and wait until it exits.
+fn stop(mut d: Daemon) {
+    d.signal(Signal::SIGTERM).expect("sigterm");
+    d.wait_exit(Duration::from_secs(15)).expect("exits");
+}
+
+/// Sends through the API; the mesh answers `queued`.
+fn send(from: &Daemon, to: &str, text: &str) {
+    let (code, answer) = from
+        .post("/api/v1/msg", &json!({ "to": to, "text": text }))
+        .expect("post");
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["status"], "queued", "{answer}");
+}
+
 fn logs_of(nodes: &[&Daemon]) -> String {
     nodes
         .iter()
@@ -245,7 +260,7 @@ fn messages_cross_the_mesh_and_wait_for_an_offline_peer() {
     };
     let (a_options, c_options) = (beside_b(&id_c), beside_b(&id_a));
     let a = Daemon::start(&dir_a, &a_options).expect("a starts");
-    let mut c = Daemon::start(&dir_c, &c_options).expect("c starts");
+    let c = Daemon::start(&dir_c, &c_options).expect("c starts");
     wait_for("the line", Duration::from_secs(30), || {
         (a.connected_peers() == 1 && c.connected_peers() == 1 && b.connected_peers() == 2)
             .then_some(())
@@ -277,42 +292,22 @@ fn messages_cross_the_mesh_and_wait_for_an_offline_peer() {
     );
 
     // 2. C offline: the message waits at B and arrives when C is back.
-    c.signal(Signal::SIGTERM).expect("sigterm");
-    c.wait_exit(Duration::from_secs(15)).expect("c exits");
-    drop(c);
-    let (code, answer) = a
-        .post(
-            "/api/v1/msg",
-            &json!({ "to": id_c, "text": "while you were away" }),
-        )
-        .expect("post");
-    assert_eq!(code, 200, "{answer}");
+    stop(c);
+    send(&a, &id_c, "while you were away");
     wait_state(&a, "while you were away", "relayed", &[&a, &b]);
     let c = Daemon::start(&dir_c, &c_options).expect("c restarts");
     wait_state(&a, "while you were away", "delivered", &[&a, &b, &c]);
     assert_eq!(texts(&c), ["hello through b", "while you were away"]);
 
     // 3. B killed with the message in its queue, then restarted.
-    let mut c = c;
-    c.signal(Signal::SIGTERM).expect("sigterm");
-    c.wait_exit(Duration::from_secs(15)).expect("c exits");
-    drop(c);
-    let (code, answer) = a
-        .post(
-            "/api/v1/msg",
-            &json!({ "to": id_c, "text": "survives a crash" }),
-        )
-        .expect("post");
-    assert_eq!(code, 200, "{answer}");
+    stop(c);
+    send(&a, &id_c, "survives a crash");
     wait_state(&a, "survives a crash", "relayed", &[&a, &b]);
     b.kill_hard().expect("SIGKILL b");
     drop(b);
     // A lets go of its own copy only on the receipt, so stop A too: the
     // message must come from B's disk alone.
-    let mut a = a;
-    a.signal(Signal::SIGTERM).expect("sigterm");
-    a.wait_exit(Duration::from_secs(15)).expect("a exits");
-    drop(a);
+    stop(a);
     let b = Daemon::start(&dir_b, &b_options).expect("b restarts");
     let c = Daemon::start(&dir_c, &c_options).expect("c restarts");
     wait_for("survives a crash arrives", Duration::from_secs(60), || {

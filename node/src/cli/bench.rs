@@ -179,6 +179,26 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Where a benchmark's nodes keep their data: `dir` when given (the
+/// operator's, kept), otherwise a temporary directory that is removed
+/// however the run ends, failed start-ups included (drop the second value
+/// last).
+pub(crate) fn bench_dir(
+    dir: Option<&std::path::Path>,
+    name: &str,
+) -> Result<(std::path::PathBuf, Option<tempfile::TempDir>)> {
+    match dir {
+        Some(d) => Ok((d.to_path_buf(), None)),
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix(&format!("openagi-bench-{name}-{}-", std::process::id()))
+                .tempdir()
+                .context("creating the benchmark's temporary directory")?;
+            Ok((temp.path().to_path_buf(), Some(temp)))
+        }
+    }
+}
+
 /// Runs the consensus benchmark, prints a table and returns its headline
 /// figures (for the data directory's benchmark log).
 pub async fn consensus(options: ConsensusBench) -> Result<Vec<Figure>> {
@@ -186,22 +206,7 @@ pub async fn consensus(options: ConsensusBench) -> Result<Vec<Figure>> {
         bail!("--rate must be positive");
     }
     let consensus = bench_replica_config(&options)?;
-    // A temporary directory is removed however the run ends, failed
-    // start-ups included; a `--dir` is the operator's and is kept.
-    let temp = match &options.dir {
-        Some(_) => None,
-        None => Some(
-            tempfile::Builder::new()
-                .prefix(&format!("openagi-bench-{}-", std::process::id()))
-                .tempdir()
-                .context("creating the benchmark's temporary directory")?,
-        ),
-    };
-    let dir = match (&options.dir, &temp) {
-        (Some(d), _) => d.clone(),
-        (None, Some(t)) => t.path().to_path_buf(),
-        (None, None) => bail!("no directory for the benchmark's nodes"),
-    };
+    let (dir, temp) = bench_dir(options.dir.as_deref(), "consensus")?;
     let extra = format!(
         "[consensus]\nmax_batch_txs = {}\nmax_batch_bytes = {}\nmax_pending = {}\n\
          checkpoint_interval = {}\nwindow = {}\n",

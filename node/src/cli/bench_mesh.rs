@@ -13,13 +13,12 @@
 //! services of a private Tor network.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use openagi_mesh::{Envelope, Limits, MAX_BODY_BYTES, MAX_LIFETIME_MS, Router};
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use crate::cli::client::ApiClient;
 use crate::cli::devnet;
@@ -56,19 +55,9 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
-fn rss_of(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+/// Resident memory in MiB of the process whose `status` file is `path`.
+fn vm_rss_mib(path: &str) -> f64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
             s.lines()
@@ -111,20 +100,7 @@ pub async fn mesh(options: MeshBench) -> Result<Vec<Figure>> {
     if options.text_bytes == 0 {
         bail!("--text-bytes must be positive");
     }
-    let temp = match &options.dir {
-        Some(_) => None,
-        None => Some(
-            tempfile::Builder::new()
-                .prefix(&format!("openagi-bench-mesh-{}-", std::process::id()))
-                .tempdir()
-                .context("creating the benchmark's temporary directory")?,
-        ),
-    };
-    let dir = match (&options.dir, &temp) {
-        (Some(d), _) => d.clone(),
-        (None, Some(t)) => t.path().to_path_buf(),
-        (None, None) => bail!("no directory for the benchmark's nodes"),
-    };
+    let (dir, temp) = crate::cli::bench::bench_dir(options.dir.as_deref(), "mesh")?;
     println!(
         "bench mesh: sender, {} relay(s) and recipient in a line{}, {} B messages, {} timed",
         options.relays,
@@ -200,22 +176,13 @@ async fn run_line(dir: &Path, options: &MeshBench) -> Result<Vec<Figure>> {
             .map(|(_, id)| id.as_str())
             .collect();
         let _ = std::fs::remove_file(data_dir.file(crate::common::datadir::API_ADDR_FILE));
-        let log = std::fs::File::create(data_dir.file("daemon.log"))?;
-        let child = Command::new(&exe)
-            .arg("run")
-            .arg("--data-dir")
-            .arg(data_dir.path())
-            .arg("--config")
-            .arg(&config)
-            .arg("--exit-with-parent")
-            .arg(std::process::id().to_string())
-            .env("OPENAGI_NETWORK_BLOCKED_PEERS", blocked.join(","))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting node {i}"))?;
+        let child = devnet::spawn_daemon(
+            &exe,
+            &data_dir,
+            &config,
+            &[("OPENAGI_NETWORK_BLOCKED_PEERS", blocked.join(","))],
+        )
+        .with_context(|| format!("starting node {i}"))?;
         let mut node = LineNode {
             data_dir,
             child,
@@ -411,7 +378,7 @@ async fn measure(nodes: &[LineNode], options: &MeshBench) -> Result<Vec<Figure>>
     let relay_rss = nodes[1..nodes.len() - 1]
         .iter()
         .filter_map(|n| n.child.id())
-        .map(rss_of)
+        .map(|pid| vm_rss_mib(&format!("/proc/{pid}/status")))
         .fold(0.0f64, f64::max);
     one_way.sort_by(f64::total_cmp);
     round_trip.sort_by(f64::total_cmp);
@@ -474,7 +441,7 @@ fn full_relay_memory() -> Result<Vec<Figure>> {
     let me = openagi_crypto::Identity::from_seed(&[1; 32]).public();
     let to = openagi_crypto::Identity::from_seed(&[2; 32]).public();
     let mut router = Router::new(me, limits);
-    let before = rss_mib();
+    let before = vm_rss_mib("/proc/self/status");
     let now = crate::unix_ms();
     let mut n: u64 = 0;
     'fill: for upstream_seed in 3u8..=255 {
@@ -496,7 +463,7 @@ fn full_relay_memory() -> Result<Vec<Figure>> {
         }
     }
     let stats = router.stats();
-    let held = rss_mib() - before;
+    let held = vm_rss_mib("/proc/self/status") - before;
     println!(
         "a full relay queue: {} envelopes, {:.1} MiB of bodies (limit {} MiB), {held:.1} MiB resident in the router",
         stats.relaying,

@@ -184,6 +184,35 @@ pub(crate) fn write_node_config(
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Starts `openagi run` on `data_dir` with `config` and extra environment
+/// variables, its output in the data directory's `daemon.log`; the child
+/// exits with this process and is killed when dropped.
+pub(crate) fn spawn_daemon(
+    exe: &Path,
+    data_dir: &DataDir,
+    config: &Path,
+    env: &[(&str, String)],
+) -> Result<Child> {
+    let log = std::fs::File::create(data_dir.file("daemon.log"))?;
+    let mut command = Command::new(exe);
+    command
+        .arg("run")
+        .arg("--data-dir")
+        .arg(data_dir.path())
+        .arg("--config")
+        .arg(config)
+        .arg("--exit-with-parent")
+        .arg(std::process::id().to_string())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    Ok(command.spawn()?)
+}
+
 /// Initialises `count` validator data directories under `dir` sharing one
 /// genesis, starts each as an `openagi run` child process with `extra`
 /// appended to its config, and waits until every API answers. With `tor`,
@@ -286,20 +315,7 @@ pub(crate) async fn start_local_network(
         if index == 0 && tornet.is_none() {
             bootstrap = Some(format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", report.peer_id));
         }
-        let log = std::fs::File::create(data_dir.file("daemon.log"))?;
-        let child = Command::new(&exe)
-            .arg("run")
-            .arg("--data-dir")
-            .arg(data_dir.path())
-            .arg("--config")
-            .arg(&config)
-            .arg("--exit-with-parent")
-            .arg(std::process::id().to_string())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
+        let child = spawn_daemon(&exe, &data_dir, &config, &[])
             .with_context(|| format!("starting node {index}"))?;
         nodes.push(Node {
             index,

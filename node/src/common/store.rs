@@ -543,15 +543,7 @@ impl Store {
     /// The newest `limit` outbox entries (number, encrypted entry), oldest
     /// first.
     pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(engine)?;
-        let table = txn.open_table(OUTBOX).map_err(engine)?;
-        let mut entries = Vec::with_capacity(limit.min(1024));
-        for item in table.iter().map_err(engine)?.rev().take(limit) {
-            let (k, v) = item.map_err(engine)?;
-            entries.push((k.value(), v.value().to_vec()));
-        }
-        entries.reverse();
-        Ok(entries)
+        self.newest(OUTBOX, limit)
     }
 
     /// One outbox entry (encrypted) by number.
@@ -581,8 +573,17 @@ impl Store {
     /// The newest `limit` inbox entries (number, encrypted entry), oldest
     /// first.
     pub fn inbox(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.newest(INBOX, limit)
+    }
+
+    /// The newest `limit` entries of a numbered table, oldest first.
+    fn newest(
+        &self,
+        table: TableDefinition<'_, u64, &[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let txn = self.db.begin_read().map_err(engine)?;
-        let table = txn.open_table(INBOX).map_err(engine)?;
+        let table = txn.open_table(table).map_err(engine)?;
         let mut entries = Vec::with_capacity(limit.min(1024));
         for item in table.iter().map_err(engine)?.rev().take(limit) {
             let (k, v) = item.map_err(engine)?;

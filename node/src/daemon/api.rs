@@ -372,44 +372,46 @@ async fn send_msg(
     }
 }
 
-/// `GET /api/v1/outbox`: the newest sent messages with their state.
-async fn outbox(
-    State(state): State<Arc<ApiState>>,
-    axum::extract::Query(query): axum::extract::Query<InboxQuery>,
-) -> Response {
-    let limit = query
-        .limit
-        .unwrap_or(100)
-        .min(crate::daemon::mesh::MAX_OUTBOX_PAGE);
-    let messenger = state.messenger.clone();
-    match tokio::task::spawn_blocking(move || messenger.outbox(limit)).await {
-        Ok(Ok(messages)) => Json(serde_json::json!({ "messages": messages })).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
-}
-
-/// Query of `GET /api/v1/inbox`.
+/// Query of `GET /api/v1/inbox` and `/outbox`.
 #[derive(Debug, Deserialize)]
 pub struct InboxQuery {
     /// Most messages returned (newest ones; default 100, at most 1000).
     pub limit: Option<usize>,
 }
 
-async fn inbox(
-    State(state): State<Arc<ApiState>>,
-    axum::extract::Query(query): axum::extract::Query<InboxQuery>,
+/// Answers with `{"messages": ...}` from `read` run on the blocking pool
+/// (both read and decrypt the store).
+async fn messages<T: Serialize + Send + 'static>(
+    state: &ApiState,
+    query: InboxQuery,
+    read: fn(&crate::daemon::msg::Messenger, usize) -> anyhow::Result<Vec<T>>,
 ) -> Response {
     let limit = query
         .limit
         .unwrap_or(100)
         .min(crate::daemon::msg::MAX_INBOX_PAGE);
     let messenger = state.messenger.clone();
-    match tokio::task::spawn_blocking(move || messenger.inbox(limit)).await {
+    match tokio::task::spawn_blocking(move || read(&messenger, limit)).await {
         Ok(Ok(messages)) => Json(serde_json::json!({ "messages": messages })).into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// `GET /api/v1/inbox`: the newest received messages.
+async fn inbox(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Query(query): axum::extract::Query<InboxQuery>,
+) -> Response {
+    messages(&state, query, crate::daemon::msg::Messenger::inbox).await
+}
+
+/// `GET /api/v1/outbox`: the newest sent messages with their state.
+async fn outbox(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Query(query): axum::extract::Query<InboxQuery>,
+) -> Response {
+    messages(&state, query, crate::daemon::msg::Messenger::outbox).await
 }
 
 // The error is the HTTP response itself, built only when a request is
