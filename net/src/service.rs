@@ -1175,6 +1175,15 @@ impl NetTask {
     /// limit.
     fn score(&mut self, peer: PeerId, protocol: &'static str, reason: &'static str) {
         if self.misbehaviour.penalise(peer, Instant::now()) {
+            tracing::info!(
+                target: "audit",
+                event = "peer_banned",
+                %peer,
+                protocol,
+                last_reason = reason,
+                ban_secs = crate::score::BAN_DURATION.as_secs(),
+                "peer banned"
+            );
             warn!(
                 %peer,
                 protocol,

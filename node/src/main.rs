@@ -122,6 +122,11 @@ enum Command {
     /// Print a one-time link that logs a browser in to the web dashboard
     /// of the daemon running on the data directory.
     Dashboard,
+    /// The tamper-evident audit log: verify it, or show its newest entries.
+    Audit {
+        #[command(subcommand)]
+        command: AuditArgs,
+    },
     /// Serve the Model Context Protocol on stdio for AI agents, over the
     /// daemon running on the data directory.
     Mcp {
@@ -275,6 +280,27 @@ enum InviteArgs {
     Revoke {
         /// The code.
         code: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditArgs {
+    /// Check every entry's hash, signature, sequence number and link to
+    /// the one before; names the first that fails.
+    Verify {
+        /// The key the entries must be signed by (hex); by default the
+        /// node's own when its key file is not encrypted.
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+    /// The newest entries, oldest first.
+    Tail {
+        /// How many.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -729,6 +755,17 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                 "tor": tor,
             });
             record_bench(&data_dir, "mesh", settings, &figures)
+        }
+        Command::Audit { command } => {
+            let dir = DataDir::new(&data_dir);
+            match command {
+                AuditArgs::Verify { public_key } => {
+                    openagi_node::cli::audit::verify(&dir, &passphrase, public_key.as_deref())
+                }
+                AuditArgs::Tail { lines, json } => {
+                    openagi_node::cli::audit::tail(&dir, lines, json)
+                }
+            }
         }
         Command::Keys { command } => {
             let dir = DataDir::new(&data_dir);

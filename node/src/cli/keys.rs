@@ -93,6 +93,7 @@ pub fn change_passphrase(
     let path = dir.file(KEY_FILE);
     let was_encrypted = dir.key_format()?.encrypted();
     let identity = dir.identity(current)?;
+    crate::common::audit::attach(dir.path(), &identity)?;
     let secret = new.map(PassphraseSource::read).transpose()?;
     dir.write_identity(&path, &identity, secret.as_ref().map(|s| s.as_slice()))?;
     let action = match (was_encrypted, secret.is_some()) {
@@ -109,6 +110,7 @@ pub fn change_passphrase(
         file = %path.display(),
         "key store passphrase {action}"
     );
+    crate::common::audit::flush(std::time::Duration::from_secs(5));
     Ok(if secret.is_some() {
         format!(
             "passphrase {action}: {} is encrypted (Argon2id + XChaCha20-Poly1305)",
@@ -231,6 +233,8 @@ pub fn rotate(dir: &DataDir, passphrase: &PassphraseSource) -> Result<RotationRe
         None => passphrase.clone(),
     };
     let old = dir.identity(&fixed)?;
+    // The old key signs the entry that names the new one.
+    crate::common::audit::attach(dir.path(), &old)?;
     let new = Identity::generate()?;
     let unix_time = crate::unix_ms() / 1000;
     let record = RotationRecord::sign(&old, &new, unix_time)?;
@@ -276,6 +280,17 @@ pub fn rotate(dir: &DataDir, passphrase: &PassphraseSource) -> Result<RotationRe
         old_key_file = %old_key_path.display(),
         "identity key rotated"
     );
+    crate::common::audit::flush(std::time::Duration::from_secs(5));
+    // The new key takes over the log with an entry of its own, so the
+    // chain ends signed by the key the node now has.
+    crate::common::audit::attach(dir.path(), &new)?;
+    info!(
+        target: "audit",
+        event = "identity_in_use",
+        public_key = %new.public(),
+        "the new identity key signs the audit log from here"
+    );
+    crate::common::audit::flush(std::time::Duration::from_secs(5));
     Ok(RotationReport {
         statement,
         record_path,

@@ -4,6 +4,7 @@
 //! daemons (`devnet`, `bench consensus`). Their standard output goes
 //! through [`output`] (`outln!`), so a closed pipe ends them quietly.
 
+pub mod audit;
 pub mod bench;
 pub mod bench_mesh;
 pub mod bench_openssl;

@@ -803,12 +803,52 @@ async fn require_token(
     if bearer_ok(&state, request.headers()) {
         return next.run(request).await;
     }
+    audit_auth_failure(
+        request.uri().path(),
+        if bearer(request.headers()).is_some() {
+            "wrong token"
+        } else {
+            "no token"
+        },
+    );
     match bearer(request.headers()) {
         Some(_) => unauthorized("wrong token"),
         None => unauthorized(
             "missing `Authorization: Bearer <token>` header (the token is in the data directory's api.token)",
         ),
     }
+}
+
+/// Most API authentication failures written to the audit log per second;
+/// past it they are counted into the next entry, so a local flood costs the
+/// log a few lines a second.
+const AUDITED_AUTH_FAILURES_PER_SEC: u32 = 10;
+
+fn audit_auth_failure(path: &str, reason: &'static str) {
+    static WINDOW: std::sync::Mutex<(u64, u32, u64)> = std::sync::Mutex::new((0, 0, 0));
+    let now = crate::unix_ms() / 1000;
+    let Ok(mut window) = WINDOW.lock() else {
+        return;
+    };
+    let (second, count, suppressed) = &mut *window;
+    if *second != now {
+        *second = now;
+        *count = 0;
+    }
+    if *count >= AUDITED_AUTH_FAILURES_PER_SEC {
+        *suppressed += 1;
+        return;
+    }
+    *count += 1;
+    let earlier = std::mem::take(suppressed);
+    tracing::info!(
+        target: "audit",
+        event = "api_auth_failed",
+        path = %path.chars().take(128).collect::<String>(),
+        reason,
+        suppressed_before = earlier,
+        "API request without a valid token"
+    );
 }
 
 fn unauthorized(why: &str) -> Response {

@@ -1276,6 +1276,15 @@ impl Driver {
                 seq = proven.seq,
                 "a validator signed conflicting votes (equivocation)"
             );
+            tracing::info!(
+                target: "audit",
+                event = "equivocation_seen",
+                validator = %proven.validator,
+                kind = proven.kind,
+                view = proven.view,
+                seq = proven.seq,
+                "equivocation evidence"
+            );
         }
         let mut submitted = false;
         if !self.reported.contains(&proven.validator) {

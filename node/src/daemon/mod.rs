@@ -83,11 +83,20 @@ pub fn load_config(options: &RunOptions) -> Result<Config> {
 pub fn init_logging(log: &LogSection) -> Result<()> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
+    // Audit events are always kept, whatever the level asked for: they
+    // also go to the audit log (`common::audit`).
     let filter = tracing_subscriber::EnvFilter::try_new(&log.level)
-        .with_context(|| format!("log.level = {:?}", log.level))?;
+        .with_context(|| format!("log.level = {:?}", log.level))?
+        .add_directive(
+            "audit=info"
+                .parse()
+                .context("the audit log's filter directive")?,
+        );
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let to_file = !log.file.trim().is_empty();
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(crate::common::audit::AuditLayer);
     // Each format builds its own layers: their types depend on the format.
     // No colour codes in the file, whatever stderr is.
     let installed = match log.format {
@@ -121,6 +130,15 @@ pub fn init_logging(log: &LogSection) -> Result<()> {
     installed.map_err(|e| anyhow::anyhow!("installing logger: {e}"))
 }
 
+/// BLAKE3 of the effective configuration, so the audit log shows when it
+/// changed between two starts.
+fn config_fingerprint(config: &Config) -> String {
+    match toml::to_string(config) {
+        Ok(text) => blake3::hash(text.as_bytes()).to_hex().to_string(),
+        Err(e) => format!("unavailable: {e}"),
+    }
+}
+
 fn unix_now() -> u64 {
     crate::unix_ms() / 1000
 }
@@ -142,6 +160,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
             })?;
     }
     let identity = data_dir.identity(&options.passphrase)?;
+    crate::common::audit::attach(data_dir.path(), &identity)?;
     if !data_dir.key_format()?.encrypted() {
         warn!(
             key = %data_dir.file(crate::common::datadir::KEY_FILE).display(),
@@ -164,6 +183,17 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     };
     let store = Arc::new(store);
     let starts = store.record_start().context("recording start")?;
+    info!(
+        target: "audit",
+        event = "daemon_started",
+        version = crate::common::version::VERSION,
+        start = starts,
+        network_id = %config.network.network_id,
+        transport = ?config.network.transport,
+        api_listen = %config.api.listen,
+        config_blake3 = %config_fingerprint(&config),
+        "daemon started; its configuration is in the audit log"
+    );
 
     let mut metrics = MetricsRegistry::new(&build_info());
     // A setting the transport does not use would otherwise be dropped
@@ -447,6 +477,8 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         );
     }
     let _ = std::fs::remove_file(data_dir.file(API_ADDR_FILE));
+    info!(target: "audit", event = "daemon_stopped", reason = %reason, "daemon stopped");
+    crate::common::audit::flush(Duration::from_secs(5));
     info!("stopped");
     match failure {
         Some(e) => Err(e),
