@@ -223,6 +223,33 @@ pub const RULES: &[AlertRule] = &[
         },
     },
     AlertRule {
+        name: "OpenAgiApiAuthFailures",
+        summary: "refuses more than one API request a second for a missing or wrong token (the audit log has them)",
+        severity: Severity::Warning,
+        for_secs: 60,
+        condition: Condition::Rate {
+            metric: "openagi_api_auth_failures_total",
+            labels: &[],
+            window_secs: 300,
+            op: Op::Above,
+            threshold: 1.0,
+        },
+    },
+    AlertRule {
+        name: "OpenAgiPeersBanned",
+        summary: "banned a peer for misbehaviour in the last 10 minutes (the audit log names it)",
+        severity: Severity::Warning,
+        for_secs: 60,
+        condition: Condition::Rate {
+            metric: "openagi_peers_refused_total",
+            labels: &[("reason", "misbehaviour")],
+            window_secs: 600,
+            op: Op::Above,
+            // Any ban in the window: one is 1/600 a second.
+            threshold: 0.001,
+        },
+    },
+    AlertRule {
         name: "OpenAgiTorNotBootstrapped",
         summary: "has not bootstrapped Tor for 5 minutes",
         severity: Severity::Critical,

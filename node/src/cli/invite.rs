@@ -151,7 +151,7 @@ pub fn join(
     let answer = runtime.block_on(async move {
         let mut registry = prometheus_client::registry::Registry::default();
         let (net, _events, task) = NetworkService::start(keypair, net_config, &mut registry)?;
-        let outcome = tokio::time::timeout(timeout, redeem(&net, addr, peer, &code)).await;
+        let outcome = tokio::time::timeout(timeout, redeem(&net, addr, peer, &code, timeout)).await;
         task.abort();
         outcome.unwrap_or_else(|_| {
             bail!(
@@ -223,12 +223,27 @@ async fn redeem(
     addr: Multiaddr,
     peer: PeerId,
     code: &str,
+    limit: Duration,
 ) -> Result<LedgerResponse> {
-    net.dial(addr).await?;
+    // Dialled again every few seconds until connected: over Tor the first
+    // dials fail while the client is still bootstrapping or the inviter's
+    // onion service descriptor is not yet reachable.
+    const REDIAL: Duration = Duration::from_secs(5);
     let started = Instant::now();
+    let mut next_dial = started;
+    let mut last_error = String::new();
     while !net.snapshot().peers.contains_key(&peer.to_string()) {
-        if started.elapsed() > REDEEM_TIMEOUT {
-            bail!("could not connect to {peer}");
+        if Instant::now() >= next_dial {
+            if let Err(e) = net.dial(addr.clone()).await {
+                last_error = format!(" (last dial: {e})");
+            }
+            next_dial = Instant::now() + REDIAL;
+        }
+        if started.elapsed() > limit {
+            bail!(
+                "could not connect to {peer} within {} s{last_error}",
+                limit.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -27,7 +27,7 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use openagi_crypto::{Identity, PublicKey, Signature};
 use serde::{Deserialize, Serialize};
 
@@ -148,7 +148,9 @@ pub fn files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The last complete entry of `file`, if any.
+/// The last complete entry of `file`, if any. Bytes after the last line
+/// end are a torn write (a crash before its fsync: never acknowledged) and
+/// are cut off.
 fn last_entry(file: &mut File) -> Result<Option<AuditEntry>> {
     let len = file.seek(SeekFrom::End(0))?;
     if len == 0 {
@@ -157,16 +159,27 @@ fn last_entry(file: &mut File) -> Result<Option<AuditEntry>> {
     // Entries are far shorter than this; the last full line is in it.
     let start = len.saturating_sub(64 * 1024);
     file.seek(SeekFrom::Start(start))?;
-    let mut tail = String::new();
-    file.read_to_string(&mut tail)?;
-    let line = tail
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .context("no entry")?;
-    Ok(Some(
-        serde_json::from_str(line).context("the last audit entry is unreadable")?,
-    ))
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail)?;
+    let complete = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let keep = start + complete as u64;
+    if keep < len {
+        eprintln!(
+            "audit log: cutting {} bytes of a torn last line",
+            len - keep
+        );
+        file.set_len(keep)?;
+    }
+    let mut lines = tail[..complete]
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace));
+    match lines.next_back() {
+        Some(line) => Ok(Some(
+            serde_json::from_slice(line).context("the last audit entry is unreadable")?,
+        )),
+        None if start == 0 => Ok(None),
+        None => bail!("no line end in the last 64 KiB of the audit log"),
+    }
 }
 
 /// Appends one event to the log in `dir`, signed by `identity`, rotating
@@ -632,6 +645,21 @@ mod tests {
                 .is_some_and(|f| f.contains("line 5") && f.contains("no rotation")),
             "{bad:?}"
         );
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_the_chain_goes_on() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let identity = Identity::from_seed(&[5; 32]);
+        write(tmp.path(), &identity, 2);
+        let path = tmp.path().join(AUDIT_FILE);
+        let mut text = std::fs::read_to_string(&path).expect("log");
+        text.push_str("{\"seq\":3,\"unix_ms\":12");
+        std::fs::write(&path, text).expect("torn");
+        write(tmp.path(), &identity, 1);
+        let ok = verify(tmp.path(), Some(&identity.public())).expect("verify");
+        assert_eq!(ok.failure, None, "{ok:?}");
+        assert_eq!(ok.seqs, Some((1, 3)));
     }
 
     #[test]

@@ -30,6 +30,9 @@ use crate::daemon::txindex::TxLookupResult;
 
 /// Shared state of the HTTP handlers.
 pub struct ApiState {
+    /// Requests refused for a missing or wrong token
+    /// (`openagi_api_auth_failures_total`).
+    pub auth_failures: prometheus_client::metrics::counter::Counter,
     /// The network task.
     pub net: NetHandle,
     /// The consensus task, when this node is a validator.
@@ -803,6 +806,7 @@ async fn require_token(
     if bearer_ok(&state, request.headers()) {
         return next.run(request).await;
     }
+    state.auth_failures.inc();
     audit_auth_failure(
         request.uri().path(),
         if bearer(request.headers()).is_some() {

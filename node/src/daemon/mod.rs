@@ -310,7 +310,14 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         })?;
     let api_addr = listener.local_addr()?;
     let dashboard = dashboard::Dashboard::new(metrics.registry_mut(), &api_addr.to_string());
+    let auth_failures = prometheus_client::metrics::counter::Counter::default();
+    metrics.registry_mut().register(
+        "api_auth_failures",
+        "API requests refused for a missing or wrong token",
+        auth_failures.clone(),
+    );
     let state = Arc::new(ApiState {
+        auth_failures,
         net: net.clone(),
         consensus: consensus.clone(),
         follower: follower.clone(),
