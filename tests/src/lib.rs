@@ -284,12 +284,7 @@ impl Daemon {
 
     /// POSTs JSON to `path` with the token; returns status and body.
     pub fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
-        let mut response = http_agent(Duration::from_secs(40))
-            .post(&format!("http://{}{path}", self.api))
-            .header("Authorization", &format!("Bearer {}", self.token))
-            .send_json(body)?;
-        let code = response.status().as_u16();
-        Ok((code, response.body_mut().read_json()?))
+        post_json(&self.api, &self.token, path, body)
     }
 
     /// POSTs bytes (`application/octet-stream`) to `path` with the token;
@@ -462,6 +457,18 @@ pub fn env_vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 
 /// An HTTP client that returns error statuses as answers, with a global
 /// timeout.
+/// POSTs JSON to `path` of the API at `api` (host:port) with `token`, for
+/// callers that hold only the address (a load thread); returns status and
+/// body.
+pub fn post_json(api: &str, token: &str, path: &str, body: &Value) -> Result<(u16, Value)> {
+    let mut response = http_agent(Duration::from_secs(40))
+        .post(&format!("http://{api}{path}"))
+        .header("Authorization", &format!("Bearer {token}"))
+        .send_json(body)?;
+    let code = response.status().as_u16();
+    Ok((code, response.body_mut().read_json()?))
+}
+
 fn http_agent(timeout: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
