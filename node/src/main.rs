@@ -322,11 +322,13 @@ enum BenchArgs {
         #[arg(long)]
         openssl: bool,
     },
-    /// Validators on loopback under an open-loop transaction load.
+    /// Validators on loopback (or over Tor) under an open-loop transaction
+    /// load.
     Consensus {
-        /// Validators.
-        #[arg(long, default_value_t = 4)]
-        nodes: usize,
+        /// Validators; several, comma-separated (e.g. 4,7,10), run one
+        /// after the other and are printed side by side.
+        #[arg(long, default_value = "4", value_delimiter = ',')]
+        nodes: Vec<usize>,
         /// Offered transactions per second.
         #[arg(long, default_value_t = 30_000)]
         rate: u64,
@@ -345,6 +347,10 @@ enum BenchArgs {
         /// Keep the nodes' data here instead of a temporary directory.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Run the validators over onion services of a private Tor network
+        /// (needs Debian's `tor`), as the network is meant to run.
+        #[arg(long)]
+        tor: bool,
     },
     /// Messages relayed along a line of daemons: latency one way and to
     /// the signed receipt, bytes per hop, a full relay queue's memory.
@@ -709,19 +715,25 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                     payload,
                     batch_txs,
                     dir,
+                    tor,
                 },
         } => {
-            let figures = runtime()?.block_on(bench::consensus(bench::ConsensusBench {
-                nodes,
-                rate,
-                duration,
-                warmup,
-                payload_bytes: payload,
-                batch_txs,
-                dir,
-            }))?;
+            let figures = runtime()?.block_on(bench::consensus_sweep(
+                &nodes,
+                bench::ConsensusBench {
+                    nodes: nodes.first().copied().unwrap_or(4),
+                    rate,
+                    duration,
+                    warmup,
+                    payload_bytes: payload,
+                    batch_txs,
+                    dir,
+                    tor,
+                },
+            ))?;
             let settings = serde_json::json!({
                 "nodes": nodes,
+                "tor": tor,
                 "rate": rate,
                 "duration_s": duration.as_secs_f64(),
                 "payload_bytes": payload,

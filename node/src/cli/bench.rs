@@ -37,6 +37,8 @@ pub struct ConsensusBench {
     pub batch_txs: usize,
     /// Where the nodes' data directories go (default: a temporary one).
     pub dir: Option<PathBuf>,
+    /// Run the validators over onion services of a private Tor network.
+    pub tor: bool,
 }
 
 #[derive(Default)]
@@ -217,9 +219,14 @@ pub async fn consensus(options: ConsensusBench) -> Result<Vec<Figure>> {
         consensus.window
     );
     println!(
-        "bench consensus: {} validators on loopback, {} B transactions, batches of up to {} \
+        "bench consensus: {} validators {}, {} B transactions, batches of up to {} \
          (checkpoint every {}, window {}), offered {} tx/s open-loop, warm-up {} s, measuring {} s",
         options.nodes,
+        if options.tor {
+            "over onion services of a private Tor network"
+        } else {
+            "on loopback"
+        },
         options.payload_bytes,
         consensus.max_batch_txs,
         consensus.checkpoint_interval,
@@ -228,8 +235,9 @@ pub async fn consensus(options: ConsensusBench) -> Result<Vec<Figure>> {
         options.warmup.as_secs(),
         options.duration.as_secs()
     );
-    let (mut nodes, _no_tor) =
-        devnet::start_local_network(&dir, options.nodes, 0, &extra, false).await?;
+    // The private Tor network lives as long as `_tornet`.
+    let (mut nodes, _tornet) =
+        devnet::start_local_network(&dir, options.nodes, 0, &extra, options.tor).await?;
     // Ctrl-C stops the load, the nodes and removes the temporary
     // directory too.
     let stop = Arc::new(AtomicBool::new(false));
@@ -241,6 +249,53 @@ pub async fn consensus(options: ConsensusBench) -> Result<Vec<Figure>> {
     devnet::stop_all(&mut nodes).await;
     drop(temp);
     result
+}
+
+/// Runs the consensus benchmark once per validator count in `counts` and,
+/// for more than one, prints the sweep side by side; figures are named
+/// with their count.
+pub async fn consensus_sweep(counts: &[usize], options: ConsensusBench) -> Result<Vec<Figure>> {
+    if counts.is_empty() {
+        bail!("--nodes needs at least one count");
+    }
+    let mut all = Vec::new();
+    let mut rows = Vec::new();
+    for &nodes in counts {
+        let figures = consensus(ConsensusBench {
+            nodes,
+            ..options.clone()
+        })
+        .await?;
+        let value = |name: &str| {
+            figures
+                .iter()
+                .find(|f| f.name == name)
+                .map_or(0.0, |f| f.value)
+        };
+        rows.push((
+            nodes,
+            value("committed throughput"),
+            value("commit latency p50"),
+            value("commit latency p99"),
+            value("client latency at a backup p50"),
+        ));
+        if counts.len() == 1 {
+            return Ok(figures);
+        }
+        all.extend(figures.into_iter().map(|f| Figure {
+            name: format!("{nodes} validators: {}", f.name),
+            ..f
+        }));
+    }
+    println!();
+    println!(
+        "| validators | committed tx/s | commit p50 ms | commit p99 ms | client p50 at a backup ms |"
+    );
+    println!("|---|---|---|---|---|");
+    for (nodes, tps, p50, p99, client) in rows {
+        println!("| {nodes} | {tps:.0} | {p50:.0} | {p99:.0} | {client:.0} |");
+    }
+    Ok(all)
 }
 
 /// Client transactions the primary holds before it answers "busy": the
@@ -321,7 +376,10 @@ async fn measure(
     let clients: Vec<ApiClient> = nodes.iter().filter_map(|n| n.client.clone()).collect();
     let first = clients.first().context("no node")?.clone();
     let expected = options.nodes - 1;
-    let until = Instant::now() + Duration::from_secs(30);
+    // Over Tor, peers find each other's onion addresses through the DHT
+    // and build circuits first.
+    let connect_limit = Duration::from_secs(if options.tor { 240 } else { 30 });
+    let until = Instant::now() + connect_limit;
     loop {
         let connected = clients
             .iter()
@@ -332,7 +390,10 @@ async fn measure(
             break;
         }
         if Instant::now() > until {
-            bail!("validators did not connect within 30 s");
+            bail!(
+                "validators did not connect within {} s",
+                connect_limit.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -521,6 +582,7 @@ mod tests {
             payload_bytes: 512,
             batch_txs,
             dir: None,
+            tor: false,
         }
     }
 
