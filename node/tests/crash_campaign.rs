@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openagi_tests::{Daemon, DaemonOptions, init_validators, post_json, use_binary, wait_for};
+use openagi_tests::{
+    Daemon, DaemonOptions, free_port, init_validators, post_json, use_binary, wait_for,
+};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
@@ -21,14 +23,6 @@ const VALIDATORS: usize = 4;
 
 /// What the load thread needs to reach a live validator.
 type Targets = Arc<Mutex<Vec<Option<(String, String)>>>>;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 fn target(d: &Daemon) -> Option<(String, String)> {
     Some((d.api_addr().to_string(), d.token().to_string()))

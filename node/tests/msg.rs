@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use openagi_tests::{Daemon, DaemonOptions, init, openagi, use_binary, wait_for};
+use openagi_tests::{Daemon, DaemonOptions, free_port, init, openagi, use_binary, wait_for};
 use serde_json::{Value, json};
 
 fn inbox(d: &Daemon) -> Vec<Value> {
@@ -144,14 +144,6 @@ fn peer_id_of(dir: &std::path::Path) -> String {
     assert!(status.success(), "{err}");
     let v: Value = serde_json::from_str(&out).expect("json");
     v["peer_id"].as_str().expect("peer id").to_string()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 fn outbox_states(d: &Daemon) -> Vec<(String, String)> {

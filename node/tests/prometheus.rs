@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use openagi_tests::{DevnetProcess, use_binary, wait_for};
+use openagi_tests::{DevnetProcess, free_port, use_binary, wait_for};
 use serde_json::Value;
 
 /// Series a devnet does not produce (see the module documentation).
@@ -32,13 +32,6 @@ impl Drop for Killed {
 
 fn configs() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 fn try_query(prometheus: &str, path: &str, expr: Option<&str>) -> Option<Value> {

@@ -457,6 +457,15 @@ pub fn env_vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 
 /// An HTTP client that returns error statuses as answers, with a global
 /// timeout.
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a daemon that
+/// must listen on the same port across restarts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
 /// POSTs JSON to `path` of the API at `api` (host:port) with `token`, for
 /// callers that hold only the address (a load thread); returns status and
 /// body.

@@ -245,6 +245,22 @@ pub struct OutboxEntry {
 }
 
 impl OutboxEntry {
+    /// A new entry for `peer` at `now` (its number is assigned when it is
+    /// written).
+    fn new(peer: PublicKey, now: u64, state: OutboxState, route: Route, text: String) -> Self {
+        Self {
+            number: 0,
+            to_peer: openagi_net::peer_id_of_key(&peer).to_string(),
+            to_key: peer.to_hex(),
+            created_unix_ms: now,
+            updated_unix_ms: now,
+            state,
+            route,
+            envelope: None,
+            text,
+        }
+    }
+
     /// The state as of `now_ms`: a queued or relayed message a week after
     /// it was queued is shown expired (its envelope, made when the key came,
     /// may live a little longer at relays).
@@ -1247,17 +1263,7 @@ impl Messenger {
             }
             None => None,
         };
-        let entry = OutboxEntry {
-            number: 0,
-            to_peer: openagi_net::peer_id_of_key(&peer).to_string(),
-            to_key: peer.to_hex(),
-            created_unix_ms: now,
-            updated_unix_ms: now,
-            state: OutboxState::Queued,
-            route: Route::Mesh,
-            envelope: None,
-            text,
-        };
+        let entry = OutboxEntry::new(peer, now, OutboxState::Queued, Route::Mesh, text);
         let mut ratchet = lock(&self.ratchet)?;
         // The entry is written first, waiting for a key; with a session it
         // is encrypted at once, with any that waited before it.
@@ -1345,17 +1351,7 @@ impl Messenger {
     /// Records a message delivered straight to a connected peer.
     pub(super) fn record_direct(&self, peer: PublicKey, text: String) -> Result<SendOutcome> {
         let now = crate::unix_ms();
-        let entry = OutboxEntry {
-            number: 0,
-            to_peer: openagi_net::peer_id_of_key(&peer).to_string(),
-            to_key: peer.to_hex(),
-            created_unix_ms: now,
-            updated_unix_ms: now,
-            state: OutboxState::Delivered,
-            route: Route::Direct,
-            envelope: None,
-            text,
-        };
+        let entry = OutboxEntry::new(peer, now, OutboxState::Delivered, Route::Direct, text);
         let written = self.store.write_msg(MsgWrite {
             outbox: vec![(0, self.seal_outbox(&entry)?, None)],
             ..MsgWrite::default()
