@@ -43,6 +43,10 @@
 //!   job specs, signed ledger records, participant selection, a client's
 //!   update, and the round coordinator as a sans-IO state machine, built
 //!   on [`round`]; its participant side is [`participant`].
+//! - [`secagg`]: secure aggregation (SecAgg+): the coordinator learns only
+//!   the sum of a round's updates, with dropouts tolerated up to a stated
+//!   threshold and the DP noise optionally split across participants; its
+//!   participant and coordinator are sans-IO state machines.
 //! - [`split`]: deterministic IID and non-IID partitions of a labelled data
 //!   set across simulated clients.
 //!
@@ -92,6 +96,7 @@ pub mod model;
 pub mod models;
 pub mod participant;
 pub mod round;
+pub mod secagg;
 pub mod simulate;
 pub mod split;
 pub mod train;
