@@ -25,6 +25,13 @@
 //! Rounds never hang: the deadline closes a round whoever is missing, and
 //! a privacy budget ends the job before a round that would exceed it.
 //!
+//! A job with `secure_aggregation` replaces steps 4 and 5's plain updates
+//! with a SecAgg+ round ([`crate::secagg`]): participants exchange keys and
+//! encrypted shares through the coordinator ([`LearnRequest::SecAgg`],
+//! polled), send masked, quantised updates, and the coordinator learns only
+//! their sum. With `[privacy]` too, each participant adds its share of the
+//! Gaussian noise (distributed DP) and the coordinator adds none.
+//!
 //! Records travel signed by the node that made them ([`SignedRecord`]), so
 //! a join names its node and only the coordinator can start or end rounds.
 //! This module is pure: time comes in as milliseconds, randomness as seeds.
@@ -44,6 +51,10 @@ use crate::models::Architecture;
 use crate::round::{
     Compression, Participation, Privacy, RoundOutcome, aggregate_round, apply_delta,
     check_compression, check_participation, check_privacy, encode_update,
+};
+use crate::secagg::{
+    self, DistributedNoise, FromParticipant, Index, SecAggCoordinator, SecAggResult, SecAggSpec,
+    Session, ToParticipant,
 };
 use crate::train::{TrainConfig, Trainer};
 use crate::{Error, Result, rng_from_seed};
@@ -124,6 +135,10 @@ pub struct JobSpec {
     /// Update compression.
     #[serde(default)]
     pub compression: Compression,
+    /// Secure aggregation: the coordinator learns only each round's sum.
+    /// Absent from the encoding when off, so older jobs keep their ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<SecAggSpec>,
     /// Seed of the initial model, participant selection and local shuffles
     /// (public; DP noise is drawn from the coordinator's OS instead).
     pub seed: u64,
@@ -185,7 +200,50 @@ impl JobSpec {
         check_participation(self.participation, self.min_clients, MAX_PARTICIPANTS)?;
         check_compression(self.compression)?;
         check_privacy(self.privacy.as_ref(), self.aggregator)?;
+        if let Some(secure) = &self.secure_aggregation {
+            if self.aggregator != Aggregator::FedAvg {
+                return Err(Error::invalid(
+                    "aggregator",
+                    format!(
+                        "{} cannot be combined with secure aggregation: the coordinator \
+                         sees only the sum, so the rule must be fedavg",
+                        self.aggregator.name()
+                    ),
+                ));
+            }
+            if self.compression != Compression::None {
+                return Err(Error::invalid(
+                    "compression",
+                    "secure aggregation masks every coordinate; set compression = \"none\"",
+                ));
+            }
+            secure.validate(self.distributed_noise())?;
+        }
         Ok(())
+    }
+
+    /// The noise each participant adds under secure aggregation with DP.
+    pub fn distributed_noise(&self) -> Option<DistributedNoise> {
+        match (&self.secure_aggregation, &self.privacy) {
+            (Some(_), Some(p)) => Some(DistributedNoise {
+                clip_norm: p.dp.clip_norm,
+                noise_multiplier: p.dp.noise_multiplier,
+            }),
+            _ => None,
+        }
+    }
+
+    /// How the job protects updates: `"none"`, `"central"` (the
+    /// coordinator clips, sums and adds noise) or `"distributed"` (secure
+    /// aggregation, participants add the noise), with `"+secagg"` when the
+    /// coordinator sees only sums.
+    pub fn privacy_mode(&self) -> &'static str {
+        match (&self.secure_aggregation, &self.privacy) {
+            (None, None) => "none",
+            (None, Some(_)) => "central",
+            (Some(_), None) => "none+secagg",
+            (Some(_), Some(_)) => "distributed+secagg",
+        }
     }
 
     /// Whether a data set fits the job's schema (feature count, labels
@@ -441,6 +499,54 @@ pub fn training_seed(job: &JobId, spec: &JobSpec, round: u64, node: &PublicKey) 
     u64::from_le_bytes(first)
 }
 
+/// The secure-aggregation session of `round` of `job`, for its
+/// `participants` in their committed order; `None` when the job does not
+/// use secure aggregation. Coordinator and participants build the same one.
+pub fn secure_session(
+    job: &JobId,
+    spec: &JobSpec,
+    round: u64,
+    participants: &[PublicKey],
+    dimension: usize,
+) -> Result<Option<Session>> {
+    let Some(secure) = &spec.secure_aggregation else {
+        return Ok(None);
+    };
+    let config = secure.round_config(
+        participants.len(),
+        spec.min_clients,
+        spec.round_deadline_secs.saturating_mul(1000),
+        spec.distributed_noise(),
+    );
+    let mut h = blake3::Hasher::new_derive_key("openagi secagg 2026 round context v1");
+    h.update(&job.0);
+    h.update(&round.to_le_bytes());
+    Session::new(
+        config,
+        *h.finalize().as_bytes(),
+        participants.to_vec(),
+        dimension,
+    )
+    .map(Some)
+}
+
+/// A participant's training for a round: the local delta from `params` on
+/// `data` and the samples behind it, unclipped and uncompressed (secure
+/// aggregation quantises it; [`client_update`] encodes it).
+pub fn client_delta(
+    spec: &JobSpec,
+    trainer: &Trainer,
+    params: &[f32],
+    data: &Dataset,
+    seed: u64,
+    progress: impl FnMut(crate::train::Progress),
+) -> Result<(Vec<f32>, u64)> {
+    trainer.descriptor().check_params(params)?;
+    let indices = data.all_indices();
+    let local = trainer.train_with_progress(params, data, &indices, &spec.train, seed, progress)?;
+    Ok((local.delta, local.samples))
+}
+
 /// A participant's side of a round: trains from `params` on `data`,
 /// clips the delta to the job's DP bound (if any), compresses it as the
 /// job says (carrying the error-feedback state in `feedback`) and returns
@@ -454,17 +560,11 @@ pub fn client_update(
     feedback: &mut Option<ErrorFeedback>,
     progress: impl FnMut(crate::train::Progress),
 ) -> Result<(Vec<u8>, u64)> {
-    trainer.descriptor().check_params(params)?;
-    let indices = data.all_indices();
-    let local = trainer.train_with_progress(params, data, &indices, &spec.train, seed, progress)?;
-    let mut delta = local.delta;
+    let (mut delta, samples) = client_delta(spec, trainer, params, data, seed, progress)?;
     if let Some(p) = &spec.privacy {
         dp::clip_update(&mut delta, p.dp.clip_norm)?;
     }
-    Ok((
-        encode_update(spec.compression, delta, feedback)?,
-        local.samples,
-    ))
+    Ok((encode_update(spec.compression, delta, feedback)?, samples))
 }
 
 /// The sampling rate the accountant is given: 1. Privacy amplification
@@ -541,6 +641,27 @@ pub struct Coordinator {
     /// it has not committed after [`Coordinator::resubmit_after_ms`] (a
     /// transaction can be lost with a primary that fails).
     awaiting: Option<Record>,
+    /// The open round's secure aggregation, for jobs that use it.
+    secure: Option<SecureRound>,
+}
+
+/// A secure-aggregation round in progress at the coordinator.
+struct SecureRound {
+    round: u64,
+    secagg: SecAggCoordinator,
+    /// What each participant has yet to fetch: at most one message per
+    /// stage, four in all.
+    mailbox: BTreeMap<Index, VecDeque<ToParticipant>>,
+    /// How it ended, once it has (possibly before its start committed
+    /// here, in which case the round closes when it does).
+    ended: Option<SecureEnd>,
+}
+
+struct SecureEnd {
+    /// The unmasked sum; `None` when the round failed.
+    result: Option<SecAggResult>,
+    /// Samples the survivors declared when joining.
+    samples: u64,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -603,6 +724,7 @@ impl Coordinator {
             outputs,
             now_ms,
             awaiting: None,
+            secure: None,
         })
     }
 
@@ -647,7 +769,8 @@ impl Coordinator {
                 // Updates that arrived before this commit are kept.
                 let participants: BTreeSet<[u8; 32]> =
                     participants.iter().map(PublicKey::to_bytes).collect();
-                let everyone = self.updates.len() == participants.len();
+                let everyone = self.updates.len() == participants.len()
+                    || self.secure.as_ref().is_some_and(|s| s.ended.is_some());
                 self.phase = Phase::Collecting {
                     round: *round,
                     participants,
@@ -690,6 +813,13 @@ impl Coordinator {
         samples: u64,
         now_ms: u64,
     ) -> Result<()> {
+        if self.spec.secure_aggregation.is_some() {
+            return Err(Error::invalid(
+                "update",
+                "this job uses secure aggregation: updates arrive masked, through the \
+                 secure-aggregation exchange",
+            ));
+        }
         // An update that arrives after the deadline closes the round
         // instead of joining it, even if no tick came in between.
         self.handle_tick(now_ms);
@@ -756,10 +886,96 @@ impl Coordinator {
         }
     }
 
+    /// A participant's secure-aggregation exchange for `round`: takes its
+    /// `message` (if any) and returns what the coordinator has for it next.
+    /// Errors say why the message was refused; the node may penalise the
+    /// sender.
+    pub fn handle_secagg(
+        &mut self,
+        from: &PublicKey,
+        round: u64,
+        message: Option<FromParticipant>,
+        now_ms: u64,
+    ) -> Result<Option<ToParticipant>> {
+        self.now_ms = self.now_ms.max(now_ms);
+        let Some(secure) = self.secure.as_mut().filter(|s| s.round == round) else {
+            return Err(Error::invalid(
+                "secure aggregation",
+                format!("round {round} has no secure aggregation open"),
+            ));
+        };
+        let index = secure.secagg.session().index_of(from).ok_or_else(|| {
+            Error::invalid(
+                "secure aggregation",
+                "sender is not a participant of this round",
+            )
+        })?;
+        if let Some(message) = message {
+            secure.secagg.handle_message(index, message, now_ms)?;
+        }
+        let reply = secure.mailbox.get_mut(&index).and_then(VecDeque::pop_front);
+        self.pump_secure();
+        Ok(reply)
+    }
+
+    /// Moves what the secure round produced into the mailboxes, and closes
+    /// the round once it has ended (and its start has committed).
+    fn pump_secure(&mut self) {
+        let mut problems = Vec::new();
+        let mut ended = false;
+        if let Some(secure) = &mut self.secure {
+            while let Some(output) = secure.secagg.poll_output() {
+                let end = match output {
+                    secagg::CoordinatorOutput::Send { to, message } => {
+                        secure.mailbox.entry(to).or_default().push_back(message);
+                        continue;
+                    }
+                    secagg::CoordinatorOutput::Finished(result) => {
+                        let participants = secure.secagg.session().participants();
+                        let samples = result
+                            .survivors
+                            .iter()
+                            .filter_map(|&i| participants.get(usize::from(i)))
+                            .filter_map(|k| self.joined.iter().find(|(j, _)| j == k))
+                            .fold(0u64, |sum, (_, n)| sum.saturating_add(*n));
+                        SecureEnd {
+                            result: Some(result),
+                            samples,
+                        }
+                    }
+                    secagg::CoordinatorOutput::Failed { stage, reason } => {
+                        problems.push(format!(
+                            "round {}: secure aggregation failed at {}: {reason}",
+                            secure.round,
+                            stage.as_str()
+                        ));
+                        SecureEnd {
+                            result: None,
+                            samples: 0,
+                        }
+                    }
+                };
+                secure.mailbox.clear();
+                secure.ended = Some(end);
+                ended = true;
+            }
+        }
+        for problem in problems {
+            self.problem(problem);
+        }
+        if ended && matches!(self.phase, Phase::Collecting { .. }) {
+            self.close_round();
+        }
+    }
+
     /// Time passed: opens a round once enough nodes joined, closes one at
-    /// its deadline.
+    /// its deadline (a secure round at the deadline of its last stage).
     pub fn handle_tick(&mut self, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
+        if let Some(secure) = &mut self.secure {
+            secure.secagg.handle_tick(now_ms);
+        }
+        self.pump_secure();
         match self.phase.clone() {
             Phase::Gathering { next, since_ms } => {
                 let window = self.spec.join_window_secs.saturating_mul(1000);
@@ -769,7 +985,11 @@ impl Coordinator {
                     self.open_round(next);
                 }
             }
-            Phase::Collecting { deadline_ms, .. } if now_ms >= deadline_ms => self.close_round(),
+            Phase::Collecting { deadline_ms, .. }
+                if now_ms >= deadline_ms && self.secure.is_none() =>
+            {
+                self.close_round()
+            }
             Phase::Starting { since_ms, .. } | Phase::Ending { since_ms, .. }
                 if now_ms >= since_ms.saturating_add(self.resubmit_after_ms()) =>
             {
@@ -803,15 +1023,25 @@ impl Coordinator {
 
     /// When [`Coordinator::handle_tick`] next has something to do.
     pub fn poll_timeout(&self) -> Option<u64> {
-        match &self.phase {
+        let secure = self
+            .secure
+            .as_ref()
+            .filter(|s| s.ended.is_none())
+            .and_then(|s| s.secagg.poll_timeout());
+        let phase = match &self.phase {
             Phase::Gathering { since_ms, .. } => {
                 Some(since_ms.saturating_add(self.spec.join_window_secs.saturating_mul(1000)))
             }
+            Phase::Collecting { .. } if secure.is_some() => secure,
             Phase::Collecting { deadline_ms, .. } => Some(*deadline_ms),
             Phase::Starting { since_ms, .. } | Phase::Ending { since_ms, .. } => {
                 Some(since_ms.saturating_add(self.resubmit_after_ms()))
             }
             Phase::Finished => None,
+        };
+        match (phase, secure) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -826,6 +1056,29 @@ impl Coordinator {
             Ok(participants) => {
                 self.updates.clear();
                 self.rejected = 0;
+                self.secure = None;
+                match secure_session(
+                    &self.job,
+                    &self.spec,
+                    round,
+                    &participants,
+                    self.params.len(),
+                ) {
+                    Ok(Some(session)) => {
+                        self.secure = Some(SecureRound {
+                            round,
+                            secagg: SecAggCoordinator::new(session, self.now_ms),
+                            mailbox: BTreeMap::new(),
+                            ended: None,
+                        });
+                    }
+                    Ok(None) => {}
+                    // The round closes at its deadline without a change.
+                    Err(e) => self.problem(format!(
+                        "round {round}: secure aggregation cannot run with {} participants: {e}",
+                        participants.len()
+                    )),
+                }
                 self.phase = Phase::Starting {
                     round,
                     since_ms: self.now_ms,
@@ -859,10 +1112,19 @@ impl Coordinator {
         };
         let updates: Vec<ClientUpdate> = std::mem::take(&mut self.updates).into_values().collect();
         let parent = self.model;
-        let (delta, epsilon) = self.aggregate(&updates).unwrap_or_else(|e| {
-            self.problem(format!("round {round}: aggregation failed: {e}"));
-            (None, None)
-        });
+        let (delta, epsilon, responded, samples) = if self.spec.secure_aggregation.is_some() {
+            let ended = self.secure.take().and_then(|s| s.ended);
+            self.secure_delta(round, ended)
+        } else {
+            let (delta, epsilon) = self.aggregate(&updates).unwrap_or_else(|e| {
+                self.problem(format!("round {round}: aggregation failed: {e}"));
+                (None, None)
+            });
+            let samples = updates
+                .iter()
+                .fold(0u64, |sum, u| sum.saturating_add(u.samples));
+            (delta, epsilon, updates.len() as u32, samples)
+        };
         let mut aggregated = false;
         if let Some(delta) = delta {
             match apply_delta(self.trainer.descriptor(), &self.params, &delta) {
@@ -894,7 +1156,7 @@ impl Coordinator {
         let q = ACCOUNTED_SAMPLE_RATE;
         let budget_left = match (&self.spec.privacy, &self.accountant) {
             (Some(p), Some(acc)) => match p.budget_epsilon {
-                Some(budget) => acc.can_run_round(budget, q, p.dp.noise_multiplier),
+                Some(budget) => acc.can_run_round(budget, q, self.charged_noise_at_least(p)),
                 None => true,
             },
             _ => true,
@@ -906,10 +1168,8 @@ impl Coordinator {
             model: self.model,
             aggregated,
             selected: participants.len() as u32,
-            responded: updates.len() as u32,
-            samples: updates
-                .iter()
-                .fold(0u64, |sum, u| sum.saturating_add(u.samples)),
+            responded,
+            samples,
             epsilon,
         };
         let summary = RoundSummary::new(self.job, &outcome, self.rejected, accuracy, finished);
@@ -952,6 +1212,65 @@ impl Coordinator {
         Ok((avg.filter(|_| enough), epsilon))
     }
 
+    /// A secure round's change to the model, ε so far, survivors and their
+    /// samples. Under DP a round is charged only if its sum was unmasked:
+    /// a failed round released nothing.
+    fn secure_delta(
+        &mut self,
+        round: u64,
+        ended: Option<SecureEnd>,
+    ) -> (Option<Vec<f32>>, Option<f64>, u32, u64) {
+        let spent_so_far =
+            |acc: &Option<Accountant>| acc.as_ref().and_then(|a| a.spent().ok()).map(|s| s.epsilon);
+        let Some(SecureEnd {
+            result: Some(result),
+            samples,
+        }) = ended
+        else {
+            return (None, spent_so_far(&self.accountant), 0, 0);
+        };
+        let responded = result.survivors.len() as u32;
+        let enough = result.survivors.len() >= self.spec.min_clients;
+        match (&mut self.accountant, result.charged_noise_multiplier) {
+            (Some(accountant), Some(z)) => {
+                let epsilon = match accountant.record_round(ACCOUNTED_SAMPLE_RATE, z) {
+                    Ok(spent) => Some(spent.epsilon),
+                    Err(e) => {
+                        self.problem(format!("round {round}: accounting failed: {e}"));
+                        spent_so_far(&self.accountant)
+                    }
+                };
+                // DP-FedAvg's fixed denominator, as under central DP.
+                let expected = self.expected_participants();
+                let avg: Vec<f32> = result
+                    .sum
+                    .iter()
+                    .map(|&v| (f64::from(v) / expected) as f32)
+                    .collect();
+                (enough.then_some(avg), epsilon, responded, samples)
+            }
+            _ => (enough.then(|| result.mean()), None, responded, samples),
+        }
+    }
+
+    /// The noise multiplier a round will at least be charged: the job's
+    /// under central DP; under distributed DP what the fewest survivors'
+    /// noise gives over the quantised sensitivity.
+    fn charged_noise_at_least(&self, privacy: &Privacy) -> f64 {
+        self.spec
+            .secure_aggregation
+            .and_then(|s| {
+                s.round_config(
+                    self.spec.min_clients.max(2),
+                    self.spec.min_clients,
+                    1,
+                    self.spec.distributed_noise(),
+                )
+                .minimum_charged_noise_multiplier(self.params.len())
+            })
+            .unwrap_or(privacy.dp.noise_multiplier)
+    }
+
     /// DP-FedAvg's fixed denominator: the expected number of participants.
     fn expected_participants(&self) -> f64 {
         self.spec.participation.expected(self.joined.len()).max(1.0)
@@ -983,6 +1302,18 @@ pub enum LearnRequest {
         /// The encoded (compressed) delta.
         payload: Vec<u8>,
     },
+    /// A secure-aggregation exchange: the participant's message for the
+    /// current stage, if it has one, and a request for what the
+    /// coordinator has for it next (answered with
+    /// [`LearnResponse::SecAgg`]).
+    SecAgg {
+        /// The job.
+        job: JobId,
+        /// The round.
+        round: u64,
+        /// The participant's message, or `None` to only ask.
+        message: Option<FromParticipant>,
+    },
 }
 
 /// A response on `/openagi/learn/1` (postcard).
@@ -999,6 +1330,9 @@ pub enum LearnResponse {
     Accepted,
     /// Refused, with the reason.
     Refused(String),
+    /// The coordinator's next secure-aggregation message for the asking
+    /// participant (`None`: nothing yet; ask again).
+    SecAgg(Option<ToParticipant>),
 }
 
 #[cfg(test)]
@@ -1024,6 +1358,7 @@ pub(crate) mod tests {
             aggregator: Aggregator::FedAvg,
             privacy: None,
             compression: Compression::None,
+            secure_aggregation: None,
             seed: 7,
         }
     }
@@ -1110,6 +1445,8 @@ pub(crate) mod tests {
                         self.params.insert(id, params);
                     }
                     CoordinatorOutput::RoundClosed(_) => {}
+                    // A secure round short of participants fails by design.
+                    CoordinatorOutput::Problem(p) if p.contains("secure aggregation failed") => {}
                     CoordinatorOutput::Problem(p) => panic!("coordinator problem: {p}"),
                 }
             }
@@ -1176,6 +1513,220 @@ pub(crate) mod tests {
                 other => panic!("round did not end: {other:?}"),
             }
         }
+    }
+
+    impl Net {
+        /// Runs one secure round in which the nodes in `answering` take
+        /// part; the others never answer.
+        fn secure_round(&mut self, answering: &[usize]) -> RoundSummary {
+            self.now += 1_000;
+            self.coordinator.handle_tick(self.now);
+            let start = self.drain();
+            let Some(Record::RoundStart {
+                round,
+                model,
+                participants,
+                ..
+            }) = start
+                .into_iter()
+                .find(|r| matches!(r, Record::RoundStart { .. }))
+            else {
+                panic!("no round started");
+            };
+            let params = self.params[&model].clone();
+            let spec = self.coordinator.spec.clone();
+            let job = self.coordinator.job();
+            let session = secure_session(&job, &spec, round, &participants, params.len())
+                .expect("session")
+                .expect("a secure job");
+            let mut rng = rng_from_seed([round as u8; 32]);
+            let mut parts = Vec::new();
+            for &i in answering {
+                let (part, advert) =
+                    secagg::SecAggParticipant::new(session.clone(), &self.nodes[i], &mut rng)
+                        .expect("participant");
+                parts.push((i, part, Some(advert)));
+            }
+            for _ in 0..100 {
+                let mut progressed = false;
+                for (i, part, outgoing) in parts.iter_mut() {
+                    let node = self.nodes[*i].public();
+                    let sent = outgoing.take();
+                    progressed |= sent.is_some();
+                    let Ok(Some(message)) =
+                        self.coordinator.handle_secagg(&node, round, sent, self.now)
+                    else {
+                        continue;
+                    };
+                    progressed = true;
+                    *outgoing = match message {
+                        ToParticipant::Shares(shares) => {
+                            part.handle_shares(&shares).expect("shares");
+                            let seed = training_seed(&job, &spec, round, &node);
+                            let (delta, _) = client_delta(
+                                &spec,
+                                &self.trainer,
+                                &params,
+                                &self.shards[*i],
+                                seed,
+                                |_| {},
+                            )
+                            .expect("trains");
+                            Some(part.masked_input(&delta, &mut rng).expect("masked"))
+                        }
+                        other => part
+                            .handle_message(other, &self.nodes[*i], &mut rng)
+                            .expect("answers"),
+                    };
+                }
+                if let Some(summary) = self.drain().into_iter().find_map(|r| match r {
+                    Record::RoundEnd(s) => Some(s),
+                    _ => None,
+                }) {
+                    return summary;
+                }
+                if !progressed {
+                    self.now += spec.round_deadline_secs * 1000;
+                    self.coordinator.handle_tick(self.now);
+                }
+            }
+            panic!("the secure round never ended");
+        }
+    }
+
+    fn secure_spec() -> JobSpec {
+        JobSpec {
+            min_clients: 3,
+            secure_aggregation: Some(SecAggSpec {
+                neighbours: 4,
+                threshold: None,
+                clip_range: 4.0,
+                quant_bits: secagg::DEFAULT_QUANT_BITS,
+            }),
+            ..spec()
+        }
+    }
+
+    #[test]
+    fn secure_rounds_train_a_model_and_tolerate_a_silent_participant() {
+        let mut net = net(secure_spec(), 4);
+        net.drain();
+        net.join_all();
+        let s = net.secure_round(&[0, 1, 2, 3]);
+        assert!(s.aggregated, "{s:?}");
+        assert_eq!((s.selected, s.responded), (4, 4));
+        // One participant never answers: the round closes at the first
+        // stage's deadline without it.
+        let s = net.secure_round(&[0, 1, 3]);
+        assert!(s.aggregated, "{s:?}");
+        assert_eq!((s.selected, s.responded), (4, 3));
+        let s = net.secure_round(&[0, 1, 2, 3]);
+        assert!(s.finished);
+        let accuracy = s.accuracy.expect("evaluated");
+        assert!(accuracy > 0.8, "accuracy after 3 secure rounds: {accuracy}");
+        // Too few for min_clients: the round fails cleanly, the model stays.
+        let mut net = net_with(secure_spec(), 4);
+        let s = net.secure_round(&[0, 1]);
+        assert!(!s.aggregated);
+        assert_eq!(s.model, s.parent);
+        assert_eq!(s.responded, 0);
+    }
+
+    fn net_with(spec: JobSpec, nodes: usize) -> Net {
+        let mut net = net(spec, nodes);
+        net.drain();
+        net.join_all();
+        net
+    }
+
+    #[test]
+    fn a_secure_job_refuses_plain_updates_and_secure_settings_are_checked() {
+        let mut net = net_with(secure_spec(), 4);
+        net.now = 2_000;
+        net.coordinator.handle_tick(net.now);
+        net.drain();
+        let dim = net.params.values().next().expect("model").len();
+        let good = compress::encode(&Payload::Dense(vec![0.01; dim])).expect("encodes");
+        let member = net.nodes[0].public();
+        let err = net
+            .coordinator
+            .handle_update(&member, 1, &good, 10, 2_000)
+            .expect_err("plain update");
+        assert!(err.to_string().contains("secure aggregation"), "{err}");
+        let stranger = Identity::from_seed(&[77; 32]).public();
+        assert!(
+            net.coordinator
+                .handle_secagg(&stranger, 1, None, 2_000)
+                .is_err()
+        );
+        assert!(
+            net.coordinator
+                .handle_secagg(&member, 2, None, 2_000)
+                .is_err()
+        );
+        assert_eq!(
+            net.coordinator
+                .handle_secagg(&member, 1, None, 2_000)
+                .expect("asks"),
+            None
+        );
+
+        let mut median = secure_spec();
+        median.aggregator = Aggregator::Median;
+        median.min_clients = 5;
+        assert!(
+            median
+                .validate()
+                .expect_err("median")
+                .to_string()
+                .contains("fedavg")
+        );
+        let mut compressed = secure_spec();
+        compressed.compression = Compression::Quantize;
+        assert!(compressed.validate().is_err());
+        let mut odd = secure_spec();
+        if let Some(s) = &mut odd.secure_aggregation {
+            s.neighbours = 5;
+        }
+        assert!(
+            odd.validate()
+                .expect_err("odd k")
+                .to_string()
+                .contains("neighbours")
+        );
+        // Off, the field leaves the job's encoding (and id) as it was.
+        let json = serde_json::to_string(&spec()).expect("json");
+        assert!(!json.contains("secure_aggregation"), "{json}");
+        assert_eq!(spec().privacy_mode(), "none");
+        assert_eq!(secure_spec().privacy_mode(), "none+secagg");
+    }
+
+    #[test]
+    fn distributed_dp_under_secure_aggregation_is_accounted() {
+        let mut spec = secure_spec();
+        spec.rounds = 3;
+        spec.privacy = Some(Privacy {
+            dp: DpConfig {
+                clip_norm: 1.0,
+                noise_multiplier: 1.0,
+            },
+            delta: 1e-5,
+            budget_epsilon: None,
+        });
+        assert_eq!(spec.privacy_mode(), "distributed+secagg");
+        let mut net = net_with(spec.clone(), 4);
+        let mut epsilons = Vec::new();
+        for _ in 0..3 {
+            let s = net.secure_round(&[0, 1, 2, 3]);
+            assert!(s.aggregated);
+            epsilons.push(s.epsilon.expect("epsilon"));
+        }
+        assert!(epsilons.windows(2).all(|w| w[1] > w[0]), "{epsilons:?}");
+        // Four survivors, noise split across min_clients = 3: the sum
+        // carries more than z, so ε grows slower than central DP's at z.
+        let mut central = Accountant::new(1e-5).expect("accountant");
+        let central_eps = central.record_rounds(1.0, 1.0, 3).expect("spent").epsilon;
+        assert!(epsilons[2] < central_eps, "{epsilons:?} vs {central_eps}");
     }
 
     #[test]

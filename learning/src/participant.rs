@@ -215,6 +215,9 @@ pub struct TrainingTask {
     pub spec: JobSpec,
     /// Where the update goes.
     pub coordinator: PublicKey,
+    /// The round's participants in their committed order (a secure round
+    /// builds its session from them).
+    pub participants: Vec<PublicKey>,
 }
 
 /// What the participant asks its node to do.
@@ -486,6 +489,7 @@ impl Participant {
                     model: *model,
                     spec,
                     coordinator,
+                    participants: participants.to_vec(),
                 })));
         }
     }

@@ -197,8 +197,32 @@ impl SecAggConfig {
         }
     }
 
-    fn validate(&self, participants: usize) -> Result<()> {
-        if self.neighbours < 2 || !self.neighbours.is_multiple_of(2) || self.neighbours > MAX_NEIGHBOURS {
+    /// The smallest noise multiplier a round that closes can be charged:
+    /// with exactly `min_survivors` survivors, over the sensitivity of a
+    /// quantised update of `dimension` coordinates. A budget check before a
+    /// round uses this; the round itself reports what it carried.
+    pub fn minimum_charged_noise_multiplier(&self, dimension: usize) -> Option<f64> {
+        self.noise.map(|noise| {
+            self.charged_noise_multiplier(noise, usize::from(self.min_survivors), dimension)
+        })
+    }
+
+    fn charged_noise_multiplier(
+        &self,
+        noise: DistributedNoise,
+        survivors: usize,
+        dimension: usize,
+    ) -> f64 {
+        let summed_std = self.participant_noise_std() * (survivors as f64).sqrt();
+        let sensitivity = noise.clip_norm * self.scale() + (dimension as f64).sqrt();
+        summed_std / sensitivity
+    }
+
+    pub(crate) fn validate(&self, participants: usize) -> Result<()> {
+        if self.neighbours < 2
+            || !self.neighbours.is_multiple_of(2)
+            || self.neighbours > MAX_NEIGHBOURS
+        {
             return Err(Error::invalid(
                 "secure aggregation neighbours",
                 format!(
@@ -275,6 +299,83 @@ impl SecAggConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The secure-aggregation settings a job spec names
+/// (`secure_aggregation = { ... }` in the job's TOML). Each round turns them
+/// into a [`SecAggConfig`] for its participants: the fewest survivors is the
+/// job's `min_clients`, each stage waits the job's round deadline, and the
+/// noise comes from the job's `[privacy]` (distributed DP).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecAggSpec {
+    /// `k`: neighbours per participant (even); rounds with fewer than
+    /// `k + 1` participants use the complete graph.
+    #[serde(default = "default_neighbours")]
+    pub neighbours: u16,
+    /// `t`: shares that reconstruct a participant's secrets. Default: two
+    /// thirds of the neighbours a round's participants have (a third may
+    /// drop). Capped at that count in small rounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<u16>,
+    /// `c`: each coordinate of an update is clipped to `[−c, c]`.
+    pub clip_range: f32,
+    /// `q`: bits per quantised coordinate.
+    #[serde(default = "default_quant_bits")]
+    pub quant_bits: u8,
+}
+
+fn default_neighbours() -> u16 {
+    DEFAULT_NEIGHBOURS
+}
+
+/// The default `k`: SecAgg+ needs O(log n) neighbours; 16 covers rounds of
+/// hundreds with a third of each neighbourhood allowed to drop.
+pub const DEFAULT_NEIGHBOURS: u16 = 16;
+
+impl SecAggSpec {
+    /// The round's settings for `participants` participants.
+    pub fn round_config(
+        &self,
+        participants: usize,
+        min_clients: usize,
+        stage_timeout_ms: u64,
+        noise: Option<DistributedNoise>,
+    ) -> SecAggConfig {
+        let degree = effective_degree(participants, self.neighbours);
+        let threshold = self
+            .threshold
+            .map_or_else(|| (degree * 2).div_ceil(3), usize::from)
+            .min(degree)
+            .max(degree / 2 + 1);
+        SecAggConfig {
+            neighbours: self.neighbours,
+            threshold: threshold as u16,
+            min_survivors: min_clients.clamp(2, participants.max(2)) as u16,
+            clip_range: self.clip_range,
+            quant_bits: self.quant_bits,
+            stage_timeout_ms,
+            noise,
+        }
+    }
+
+    /// Checks the settings for the largest round a job may have; errors
+    /// name the setting.
+    pub fn validate(&self, noise: Option<DistributedNoise>) -> Result<()> {
+        if let Some(t) = self.threshold
+            && (t > self.neighbours || 2 * t <= self.neighbours)
+        {
+            return Err(Error::invalid(
+                "secure aggregation threshold",
+                format!(
+                    "{t} must be more than half of and at most the {} neighbours",
+                    self.neighbours
+                ),
+            ));
+        }
+        let config = self.round_config(MAX_PARTICIPANTS, 2, 1, noise);
+        config.validate(MAX_PARTICIPANTS)
     }
 }
 
@@ -511,6 +612,58 @@ pub enum ToParticipant {
     Unmask(UnmaskRequest),
 }
 
+/// A masked, quantised update: one ring element per coordinate. On the
+/// wire it is little-endian bytes, four per coordinate (a varint encoding
+/// of uniform 32-bit values would take five), so the largest update a job
+/// may have fits the learn protocol's request limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaskedInput(pub Vec<u32>);
+
+impl Serialize for MaskedInput {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        let mut bytes = Vec::with_capacity(self.0.len() * 4);
+        for v in &self.0 {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        serializer.serialize_bytes(&bytes)
+    }
+}
+
+impl<'de> Deserialize<'de> for MaskedInput {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = MaskedInput;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("little-endian 32-bit ring elements")
+            }
+            fn visit_bytes<E: serde::de::Error>(
+                self,
+                bytes: &[u8],
+            ) -> std::result::Result<MaskedInput, E> {
+                if !bytes.len().is_multiple_of(4) {
+                    return Err(E::custom(format!(
+                        "{} bytes is not a whole number of 32-bit values",
+                        bytes.len()
+                    )));
+                }
+                Ok(MaskedInput(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                ))
+            }
+        }
+        deserializer.deserialize_bytes(Visitor)
+    }
+}
+
 /// What a participant sends the coordinator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FromParticipant {
@@ -519,7 +672,7 @@ pub enum FromParticipant {
     /// Stage 2: one encrypted share per neighbour.
     Shares(Vec<EncryptedShare>),
     /// Stage 3: the masked, quantised update.
-    Masked(Vec<u32>),
+    Masked(MaskedInput),
     /// Stage 4: the signature over the survivor list.
     Consistency(Signature),
     /// Stage 5.
@@ -982,7 +1135,7 @@ impl SecAggParticipant {
             apply_mask(&mut values, &seed, self.me > neighbour);
         }
         self.stage = ParticipantStage::AwaitingSurvivors;
-        Ok(FromParticipant::Masked(values))
+        Ok(FromParticipant::Masked(MaskedInput(values)))
     }
 
     /// Stage 4: signs the survivor list, once.
@@ -1217,7 +1370,7 @@ impl SecAggCoordinator {
         let complete = match message {
             FromParticipant::Advertise(advert) => self.handle_advert(from, advert)?,
             FromParticipant::Shares(shares) => self.handle_shares(from, shares)?,
-            FromParticipant::Masked(values) => self.handle_masked(from, &values)?,
+            FromParticipant::Masked(values) => self.handle_masked(from, &values.0)?,
             FromParticipant::Consistency(signature) => self.handle_consistency(from, signature)?,
             FromParticipant::Unmask(unmasking) => self.handle_unmasking(from, unmasking)?,
         };
@@ -1558,10 +1711,7 @@ impl SecAggCoordinator {
         }
         let config = self.session.config;
         let charged_noise_multiplier = config.noise.map(|noise| {
-            let summed_std = config.participant_noise_std() * (self.survivors.len() as f64).sqrt();
-            let sensitivity =
-                noise.clip_norm * config.scale() + (self.session.dimension as f64).sqrt();
-            summed_std / sensitivity
+            config.charged_noise_multiplier(noise, survivors.len(), self.session.dimension)
         });
         let result = SecAggResult {
             survivors,
@@ -1669,7 +1819,7 @@ mod tests {
                 return;
             }
             if let FromParticipant::Masked(values) = &message {
-                self.masked_seen.insert(i, values.clone());
+                self.masked_seen.insert(i, values.0.clone());
             }
             self.coord
                 .handle_message(i, message, self.now)
@@ -2014,7 +2164,7 @@ mod tests {
         assert!(coord.handle_message(1, advert, 0).is_err());
         assert!(
             coord
-                .handle_message(9, FromParticipant::Masked(vec![0; 16]), 0)
+                .handle_message(9, FromParticipant::Masked(MaskedInput(vec![0; 16])), 0)
                 .is_err()
         );
     }
