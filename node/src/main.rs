@@ -352,6 +352,26 @@ enum BenchArgs {
         #[arg(long)]
         tor: bool,
     },
+    /// Secure aggregation in one process: the coordinator's and a
+    /// participant's time per round and the bytes each participant moves.
+    Secagg {
+        /// Participants per round; several, comma-separated.
+        #[arg(long, default_value = "10,50,100", value_delimiter = ',')]
+        participants: Vec<usize>,
+        /// Coordinates per update (199,210: MNIST 2NN).
+        #[arg(long, default_value_t = 199_210)]
+        dimension: usize,
+        /// Neighbours each participant masks with and shares among (even).
+        #[arg(long, default_value_t = 16)]
+        neighbours: u16,
+        /// Fraction of participants that drop after sharing their keys, in
+        /// a second row per count.
+        #[arg(long, default_value_t = 0.1)]
+        dropout: f64,
+        /// Rounds per row; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Messages relayed along a line of daemons: latency one way and to
     /// the signed receipt, bytes per hop, a full relay queue's memory.
     Mesh {
@@ -767,6 +787,33 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                 "tor": tor,
             });
             record_bench(&data_dir, "mesh", settings, &figures)
+        }
+        Command::Bench {
+            command:
+                BenchArgs::Secagg {
+                    participants,
+                    dimension,
+                    neighbours,
+                    dropout,
+                    rounds,
+                },
+        } => {
+            let bench = openagi_node::cli::bench_secagg::SecAggBench {
+                participants: participants.clone(),
+                dimension,
+                neighbours,
+                dropout,
+                rounds,
+            };
+            let figures = openagi_node::cli::bench_secagg::run(&bench)?;
+            let settings = serde_json::json!({
+                "participants": participants,
+                "dimension": dimension,
+                "neighbours": neighbours,
+                "dropout": dropout,
+                "rounds": rounds,
+            });
+            record_bench(&data_dir, "secagg", settings, &figures)
         }
         Command::Audit { command } => {
             let dir = DataDir::new(&data_dir);

@@ -88,7 +88,7 @@ pub fn status(dir: &DataDir, args: &StatusArgs) -> Result<()> {
     for job in jobs {
         let j = JobSummary::of(&job, 12);
         outln!(
-            "{} {:<16} {:<11} round {}/{}  joined {}{}  accuracy {}  ε {}  stragglers {}",
+            "{} {:<16} {:<11} round {}/{}  joined {}{}  accuracy {}  ε {}{}  stragglers {}",
             j.id,
             j.name,
             j.state,
@@ -102,6 +102,10 @@ pub fn status(dir: &DataDir, args: &StatusArgs) -> Result<()> {
             },
             j.accuracy,
             j.epsilon.as_deref().unwrap_or("-"),
+            match job["privacy_mode"].as_str() {
+                Some(mode) if mode != "none" => format!(" ({mode})"),
+                _ => String::new(),
+            },
             j.stragglers,
         )?;
         if let Some(waiting) = job["waiting_for"].as_str() {
@@ -321,6 +325,10 @@ mod tests {
         let spec: JobSpec = toml::from_str(&private).expect("private example parses");
         spec.validate().expect("valid");
         assert!(spec.privacy.is_some());
+        let secure = private.replace("# secure_aggregation = ", "secure_aggregation = ");
+        let spec: JobSpec = toml::from_str(&secure).expect("secure example parses");
+        spec.validate().expect("valid");
+        assert_eq!(spec.privacy_mode(), "distributed+secagg");
         let wrong = EXAMPLE.replace("min_clients = 2", "min_clients = 0");
         let spec: JobSpec = toml::from_str(&wrong).expect("parses");
         assert!(spec.validate().is_err());

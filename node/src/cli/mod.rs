@@ -8,6 +8,7 @@ pub mod audit;
 pub mod bench;
 pub mod bench_mesh;
 pub mod bench_openssl;
+pub mod bench_secagg;
 pub mod client;
 pub mod dashboard;
 pub mod debug_bundle;

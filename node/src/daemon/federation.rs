@@ -35,6 +35,7 @@ use openagi_learning::participant::{
     self, FollowedJob, LocalData as LocalProfile, Notice, Participant, ParticipantOutput,
     TrainingTask,
 };
+use openagi_learning::secagg::{FromParticipant, SecAggParticipant, ToParticipant};
 use openagi_learning::train::{Compute, Trainer};
 use openagi_net::{MsgReply, NetHandle, PeerId};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -57,6 +58,10 @@ pub const MODEL_CHUNK_BYTES: usize = 512 * 1024;
 const MODEL_CACHE: usize = 64;
 /// How often coordinators look at their deadlines.
 const TICK: Duration = Duration::from_millis(200);
+/// How often a secure-aggregation participant asks the coordinator for its
+/// next message while it has none: a stage closes when its last reply
+/// arrives, so this bounds the wait per stage on a healthy round.
+const SECAGG_POLL: Duration = Duration::from_millis(100);
 
 /// One round of a job, as `learn status` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -121,6 +126,10 @@ pub struct JobView {
     pub min_clients: usize,
     /// The job's ε budget, with DP.
     pub epsilon_budget: Option<f64>,
+    /// How updates are protected: `none`, `central` (the coordinator adds
+    /// the DP noise), `none+secagg` or `distributed+secagg` (secure
+    /// aggregation; with DP the participants add the noise).
+    pub privacy_mode: String,
     /// While the job is gathering: what it waits for, in words.
     pub waiting_for: Option<String>,
     /// Why this node did not join, when it did not.
@@ -151,6 +160,7 @@ impl JobView {
             state: job.state.as_str().into(),
             min_clients: job.spec.min_clients,
             epsilon_budget: job.spec.privacy.and_then(|p| p.budget_epsilon),
+            privacy_mode: job.spec.privacy_mode().into(),
             waiting_for: None,
             not_joining: job.not_joining.clone(),
             round: job.round,
@@ -775,6 +785,7 @@ impl Learner {
             model,
             spec,
             coordinator,
+            participants,
         } = task;
         let Some(local) = &self.local else {
             bail!("selected, but this node has no learn.data");
@@ -799,6 +810,19 @@ impl Learner {
             .model_params(&model, &trainer, Some(coordinator_peer))
             .await?;
         let seed = federation::training_seed(&job, &spec, round, &self.me);
+        if spec.secure_aggregation.is_some() {
+            let round = SecureTask {
+                job,
+                round,
+                spec,
+                coordinator,
+                participants,
+                trainer,
+                params,
+                seed,
+            };
+            return self.participate_secure(round).await;
+        }
         let mut feedback = self.state()?.feedback.remove(&job).flatten();
         let this = self.clone();
         let started = std::time::Instant::now();
@@ -854,7 +878,128 @@ impl Learner {
                 Ok(())
             }
             LearnResponse::Refused(why) => bail!("coordinator refused the update: {why}"),
-            LearnResponse::Chunk { .. } => bail!("coordinator answered out of turn"),
+            LearnResponse::Chunk { .. } | LearnResponse::SecAgg(_) => {
+                bail!("coordinator answered out of turn")
+            }
+        }
+    }
+
+    /// A secure round from this participant's side: the SecAgg+ state
+    /// machine, fed by polling the coordinator, with local training between
+    /// receiving the neighbours' shares and sending the masked update.
+    async fn participate_secure(self: &Arc<Self>, task: SecureTask) -> Result<()> {
+        let SecureTask {
+            job,
+            round,
+            spec,
+            coordinator,
+            participants,
+            trainer,
+            params,
+            seed,
+        } = task;
+        let session = federation::secure_session(&job, &spec, round, &participants, params.len())?
+            .context("the job names no secure aggregation")?;
+        // The masks and shares must be unpredictable: seeded from the OS.
+        let mut rng_seed = [0u8; 32];
+        openagi_crypto::os_random(&mut rng_seed)?;
+        let mut rng = openagi_learning::rng_from_seed(rng_seed);
+        let (mut part, advert) = SecAggParticipant::new(session, &self.identity, &mut rng)?;
+        let started = std::time::Instant::now();
+        // Five stages of at most a round deadline each, and time for the
+        // round's start to commit at the coordinator.
+        let give_up = started
+            + Duration::from_secs(
+                spec.round_deadline_secs
+                    .saturating_mul(6)
+                    .saturating_add(10),
+            );
+        let mut outgoing = Some(advert);
+        let mut train_ms = 0;
+        loop {
+            if std::time::Instant::now() > give_up {
+                bail!("secure round {round} did not end in time");
+            }
+            let reply = self
+                .secagg_exchange(job, round, coordinator, outgoing.take())
+                .await?;
+            let Some(message) = reply else {
+                tokio::time::sleep(SECAGG_POLL).await;
+                continue;
+            };
+            outgoing = match message {
+                ToParticipant::Shares(shares) => {
+                    part.handle_shares(&shares)?;
+                    let (trainer, params, spec) = (trainer.clone(), params.clone(), spec.clone());
+                    let this = self.clone();
+                    let training = std::time::Instant::now();
+                    let (delta, _samples) = tokio::task::spawn_blocking(move || {
+                        let Some(local) = &this.local else {
+                            return Err(anyhow!("no local data"));
+                        };
+                        Ok(federation::client_delta(
+                            &spec,
+                            &trainer,
+                            &params,
+                            &local.train,
+                            seed,
+                            |_| {},
+                        )?)
+                    })
+                    .await??;
+                    train_ms = training.elapsed().as_millis() as u64;
+                    Some(part.masked_input(&delta, &mut rng)?)
+                }
+                other => part.handle_message(other, &self.identity, &mut rng)?,
+            };
+            if part.is_done() {
+                self.secagg_exchange(job, round, coordinator, outgoing.take())
+                    .await?;
+                info!(%job, round, train_ms, total_ms = started.elapsed().as_millis() as u64, "masked update delivered and unmasking shares revealed");
+                return Ok(());
+            }
+        }
+    }
+
+    /// One secure-aggregation exchange with the coordinator (this node's
+    /// own coordinator without a network hop).
+    async fn secagg_exchange(
+        self: &Arc<Self>,
+        job: JobId,
+        round: u64,
+        coordinator: PublicKey,
+        message: Option<FromParticipant>,
+    ) -> Result<Option<ToParticipant>> {
+        if coordinator == self.me {
+            let this = self.clone();
+            return tokio::task::spawn_blocking(move || {
+                let reply = match this.state()?.coordinators.get_mut(&job) {
+                    Some(c) => c
+                        .handle_secagg(&this.me, round, message, crate::unix_ms())
+                        .map_err(|e| anyhow!("own coordinator refused: {e}")),
+                    None => Err(anyhow!("this node no longer coordinates the job")),
+                };
+                this.drain();
+                reply
+            })
+            .await?;
+        }
+        let peer = peer_id_of(&coordinator).context("coordinator key is not a peer id")?;
+        let request = LearnRequest::SecAgg {
+            job,
+            round,
+            message,
+        };
+        let answer = self
+            .net
+            .learn_request(peer, postcard::to_stdvec(&request)?)
+            .await?;
+        match postcard::from_bytes::<LearnResponse>(&answer)? {
+            LearnResponse::SecAgg(reply) => Ok(reply),
+            LearnResponse::Refused(why) => bail!("coordinator refused: {why}"),
+            LearnResponse::Accepted | LearnResponse::Chunk { .. } => {
+                bail!("coordinator answered out of turn")
+            }
         }
     }
 
@@ -943,7 +1088,9 @@ impl Learner {
                     bytes.extend_from_slice(&chunk);
                 }
                 LearnResponse::Refused(why) => bail!("{peer} refused the model: {why}"),
-                LearnResponse::Accepted => bail!("{peer} answered out of turn"),
+                LearnResponse::Accepted | LearnResponse::SecAgg(_) => {
+                    bail!("{peer} answered out of turn")
+                }
             }
         }
         if bytes.len() as u64 != expected {
@@ -1110,6 +1257,33 @@ impl Learner {
                     }
                 }
             }
+            LearnRequest::SecAgg {
+                job,
+                round,
+                message,
+            } => {
+                let Some(sender) = openagi_net::public_key_of(&from) else {
+                    return LearnResponse::Refused("sender is not an Open-AGI node".into());
+                };
+                let result = match self.state() {
+                    Ok(mut s) => match s.coordinators.get_mut(&job) {
+                        Some(c) => c
+                            .handle_secagg(&sender, round, message, crate::unix_ms())
+                            .map_err(|e| e.to_string()),
+                        None => Err("this node does not coordinate that job".into()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                self.drain();
+                match result {
+                    Ok(reply) => LearnResponse::SecAgg(reply),
+                    Err(why) => {
+                        self.metrics.updates_refused.inc();
+                        debug!(%from, %job, round, %why, "secure-aggregation message refused");
+                        LearnResponse::Refused(why)
+                    }
+                }
+            }
         }
     }
 }
@@ -1153,6 +1327,18 @@ enum Action {
     Train(Box<TrainingTask>),
 }
 
+/// What a participant's secure round needs once it has the model.
+struct SecureTask {
+    job: JobId,
+    round: u64,
+    spec: JobSpec,
+    coordinator: PublicKey,
+    participants: Vec<PublicKey>,
+    trainer: Trainer,
+    params: Arc<Vec<f32>>,
+    seed: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1181,6 +1367,34 @@ mod tests {
             bytes.len(),
             openagi_net::MAX_LEARN_REQUEST_BYTES
         );
+    }
+
+    /// The same limit carries the largest masked update of a secure round.
+    #[test]
+    fn the_learn_request_limit_covers_the_largest_masked_update() {
+        let request = LearnRequest::SecAgg {
+            job: JobId([0xff; 32]),
+            round: u64::MAX,
+            message: Some(FromParticipant::Masked(
+                openagi_learning::secagg::MaskedInput(vec![u32::MAX; federation::MAX_JOB_PARAMS]),
+            )),
+        };
+        let bytes = postcard::to_stdvec(&request).expect("encodes");
+        assert!(
+            bytes.len() <= openagi_net::MAX_LEARN_REQUEST_BYTES,
+            "{} bytes > {}",
+            bytes.len(),
+            openagi_net::MAX_LEARN_REQUEST_BYTES
+        );
+        let back: LearnRequest = postcard::from_bytes(&bytes).expect("decodes");
+        let LearnRequest::SecAgg {
+            message: Some(FromParticipant::Masked(values)),
+            ..
+        } = back
+        else {
+            panic!("round trip");
+        };
+        assert_eq!(values.0.len(), federation::MAX_JOB_PARAMS);
     }
 
     fn summary(job: u8, round: u64, epsilon: Option<f64>, finished: bool) -> RoundSummary {
