@@ -649,9 +649,13 @@ pub struct Coordinator {
 struct SecureRound {
     round: u64,
     secagg: SecAggCoordinator,
-    /// What each participant has yet to fetch: at most one message per
-    /// stage, four in all.
-    mailbox: BTreeMap<Index, VecDeque<ToParticipant>>,
+    /// What the coordinator sent each participant, in order: at most one
+    /// message per stage, four in all. Kept for the round so that a
+    /// participant whose answer was lost can ask again (by how many it has).
+    mailbox: BTreeMap<Index, Vec<ToParticipant>>,
+    /// A digest of each participant's last accepted message, so that the
+    /// same message sent again (its answer was lost) is not an error.
+    last_accepted: BTreeMap<Index, [u8; 32]>,
     /// How it ended, once it has (possibly before its start committed
     /// here, in which case the round closes when it does).
     ended: Option<SecureEnd>,
@@ -769,6 +773,9 @@ impl Coordinator {
                 // Updates that arrived before this commit are kept.
                 let participants: BTreeSet<[u8; 32]> =
                     participants.iter().map(PublicKey::to_bytes).collect();
+                if let Some(secure) = &mut self.secure {
+                    secure.secagg.restart_first_stage(now_ms);
+                }
                 let everyone = self.updates.len() == participants.len()
                     || self.secure.as_ref().is_some_and(|s| s.ended.is_some());
                 self.phase = Phase::Collecting {
@@ -887,13 +894,16 @@ impl Coordinator {
     }
 
     /// A participant's secure-aggregation exchange for `round`: takes its
-    /// `message` (if any) and returns what the coordinator has for it next.
+    /// `message` (if any; the same message again is accepted once more
+    /// without effect) and returns the coordinator's message number
+    /// `received` to it (`None`: not yet).
     /// Errors say why the message was refused; the node may penalise the
     /// sender.
     pub fn handle_secagg(
         &mut self,
         from: &PublicKey,
         round: u64,
+        received: u32,
         message: Option<FromParticipant>,
         now_ms: u64,
     ) -> Result<Option<ToParticipant>> {
@@ -911,10 +921,21 @@ impl Coordinator {
             )
         })?;
         if let Some(message) = message {
-            secure.secagg.handle_message(index, message, now_ms)?;
+            let encoded = postcard::to_allocvec(&message)
+                .map_err(|e| Error::malformed(format!("secure aggregation message: {e}")))?;
+            let digest = *blake3::hash(&encoded).as_bytes();
+            if secure.last_accepted.get(&index) != Some(&digest) {
+                secure.secagg.handle_message(index, message, now_ms)?;
+                secure.last_accepted.insert(index, digest);
+            }
         }
-        let reply = secure.mailbox.get_mut(&index).and_then(VecDeque::pop_front);
         self.pump_secure();
+        let reply = self
+            .secure
+            .as_ref()
+            .and_then(|s| s.mailbox.get(&index))
+            .and_then(|sent| sent.get(received as usize))
+            .cloned();
         Ok(reply)
     }
 
@@ -927,7 +948,7 @@ impl Coordinator {
             while let Some(output) = secure.secagg.poll_output() {
                 let end = match output {
                     secagg::CoordinatorOutput::Send { to, message } => {
-                        secure.mailbox.entry(to).or_default().push_back(message);
+                        secure.mailbox.entry(to).or_default().push(message);
                         continue;
                     }
                     secagg::CoordinatorOutput::Finished(result) => {
@@ -979,7 +1000,7 @@ impl Coordinator {
         match self.phase.clone() {
             Phase::Gathering { next, since_ms } => {
                 let window = self.spec.join_window_secs.saturating_mul(1000);
-                if self.joined.len() >= self.spec.min_clients
+                if self.eligible().len() >= self.spec.min_clients
                     && now_ms >= since_ms.saturating_add(window)
                 {
                     self.open_round(next);
@@ -1051,7 +1072,7 @@ impl Coordinator {
     }
 
     fn open_round(&mut self, round: u64) {
-        let joined: Vec<PublicKey> = self.joined.iter().map(|(k, _)| *k).collect();
+        let joined = self.eligible();
         match select_participants(&self.job, &self.spec, round, &joined) {
             Ok(participants) => {
                 self.updates.clear();
@@ -1069,6 +1090,7 @@ impl Coordinator {
                             round,
                             secagg: SecAggCoordinator::new(session, self.now_ms),
                             mailbox: BTreeMap::new(),
+                            last_accepted: BTreeMap::new(),
                             ended: None,
                         });
                     }
@@ -1271,6 +1293,19 @@ impl Coordinator {
             .unwrap_or(privacy.dp.noise_multiplier)
     }
 
+    /// The joined nodes a round may select: all of them, except that the
+    /// coordinator never takes part in its own secure rounds (holding
+    /// shares of its neighbours' secrets, it would be a participant
+    /// colluding with the coordinator, which SecAgg+ does not cover).
+    fn eligible(&self) -> Vec<PublicKey> {
+        let secure = self.spec.secure_aggregation.is_some();
+        self.joined
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| !secure || *k != self.me)
+            .collect()
+    }
+
     /// DP-FedAvg's fixed denominator: the expected number of participants.
     fn expected_participants(&self) -> f64 {
         self.spec.participation.expected(self.joined.len()).max(1.0)
@@ -1311,6 +1346,9 @@ pub enum LearnRequest {
         job: JobId,
         /// The round.
         round: u64,
+        /// How many of the coordinator's messages the participant has: the
+        /// answer is the next one, so a lost answer is asked for again.
+        received: u32,
         /// The participant's message, or `None` to only ask.
         message: Option<FromParticipant>,
     },
@@ -1547,18 +1585,22 @@ pub(crate) mod tests {
                         .expect("participant");
                 parts.push((i, part, Some(advert)));
             }
+            let mut counts: BTreeMap<usize, u32> = BTreeMap::new();
             for _ in 0..100 {
                 let mut progressed = false;
                 for (i, part, outgoing) in parts.iter_mut() {
                     let node = self.nodes[*i].public();
                     let sent = outgoing.take();
                     progressed |= sent.is_some();
-                    let Ok(Some(message)) =
-                        self.coordinator.handle_secagg(&node, round, sent, self.now)
+                    let received = *counts.entry(*i).or_insert(0u32);
+                    let Ok(Some(message)) = self
+                        .coordinator
+                        .handle_secagg(&node, round, received, sent, self.now)
                     else {
                         continue;
                     };
                     progressed = true;
+                    *counts.entry(*i).or_insert(0) += 1;
                     *outgoing = match message {
                         ToParticipant::Shares(shares) => {
                             part.handle_shares(&shares).expect("shares");
@@ -1644,7 +1686,14 @@ pub(crate) mod tests {
         let mut net = net_with(secure_spec(), 4);
         net.now = 2_000;
         net.coordinator.handle_tick(net.now);
-        net.drain();
+        let participants = net
+            .drain()
+            .into_iter()
+            .find_map(|r| match r {
+                Record::RoundStart { participants, .. } => Some(participants),
+                _ => None,
+            })
+            .expect("a round started");
         let dim = net.params.values().next().expect("model").len();
         let good = compress::encode(&Payload::Dense(vec![0.01; dim])).expect("encodes");
         let member = net.nodes[0].public();
@@ -1656,20 +1705,56 @@ pub(crate) mod tests {
         let stranger = Identity::from_seed(&[77; 32]).public();
         assert!(
             net.coordinator
-                .handle_secagg(&stranger, 1, None, 2_000)
+                .handle_secagg(&stranger, 1, 0, None, 2_000)
                 .is_err()
         );
         assert!(
             net.coordinator
-                .handle_secagg(&member, 2, None, 2_000)
+                .handle_secagg(&member, 2, 0, None, 2_000)
                 .is_err()
         );
         assert_eq!(
             net.coordinator
-                .handle_secagg(&member, 1, None, 2_000)
+                .handle_secagg(&member, 1, 0, None, 2_000)
                 .expect("asks"),
             None
         );
+        // Every participant advertises; the last one's answer is lost and
+        // it sends the same advert again: accepted, and it gets its keys by
+        // asking for message 0 as often as it needs.
+        let job = net.coordinator.job();
+        let session = secure_session(&job, &secure_spec(), 1, &participants, dim)
+            .expect("session")
+            .expect("secure");
+        let mut rng = rng_from_seed([3; 32]);
+        let mut last = None;
+        for node in &net.nodes {
+            let (_, advert) =
+                secagg::SecAggParticipant::new(session.clone(), node, &mut rng).expect("advert");
+            net.coordinator
+                .handle_secagg(&node.public(), 1, 0, Some(advert.clone()), 2_000)
+                .expect("accepted");
+            last = Some((node.public(), advert));
+        }
+        let (key, advert) = last.expect("adverts");
+        let first = net
+            .coordinator
+            .handle_secagg(&key, 1, 0, Some(advert), 2_000)
+            .expect("the same advert again");
+        assert!(matches!(first, Some(ToParticipant::Keys(_))), "{first:?}");
+        let again = net
+            .coordinator
+            .handle_secagg(&key, 1, 0, None, 2_000)
+            .expect("asks again");
+        assert_eq!(again, first);
+        assert_eq!(
+            net.coordinator
+                .handle_secagg(&key, 1, 1, None, 2_000)
+                .expect("next"),
+            None
+        );
+        // The coordinator is never a participant of its own secure rounds.
+        assert!(!participants.contains(&net.coordinator_id.public()));
 
         let mut median = secure_spec();
         median.aggregator = Aggregator::Median;

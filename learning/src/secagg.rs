@@ -36,9 +36,10 @@
 //!    masks between survivors cancel in that sum.
 //! 4. **Consistency check**: the coordinator announces who sent a masked
 //!    input; each survivor signs that list. A participant reveals shares
-//!    only for a list that a majority of the survivors (and at least `t`)
-//!    signed, so a coordinator cannot tell one half of the neighbours that
-//!    `u` survived and the other half that it dropped.
+//!    only for a list signed by more than half of the round's participants
+//!    (and at least `t`). Each signs one list, so only one list can ever
+//!    gather that many signatures: a coordinator cannot tell some of `u`'s
+//!    neighbours that `u` survived and others that it dropped.
 //! 5. **Unmask**: for each neighbour, a survivor reveals its share of the
 //!    self-mask seed if that neighbour survived, or of its mask secret key
 //!    if it dropped after sharing; never both for one neighbour. With `t`
@@ -47,7 +48,8 @@
 //!    and is left with the sum of the survivors' quantised updates.
 //!
 //! A round ends in [`CoordinatorOutput::Finished`] or, when too few
-//! participants answered at some stage (fewer than `min_survivors`, or a
+//! participants answered at some stage (fewer than `min_survivors`, fewer
+//! than half of the participants signing the survivor list, or a
 //! participant with fewer than `t` neighbours left to reveal its shares), in
 //! [`CoordinatorOutput::Failed`] at that stage's deadline at the latest: it
 //! never waits forever.
@@ -57,11 +59,15 @@
 //! Against a coordinator that follows the protocol, any set of fewer than
 //! `t` colluding participants among a participant's neighbours learns
 //! nothing about that participant's update beyond the sum. Against a
-//! coordinator that lies (substitutes keys, drops or replays messages, or
-//! announces different survivor lists to different participants) and does
-//! not collude with participants, signed keys, authenticated encryption and
-//! the consistency check keep every update hidden. A coordinator that
-//! colludes with participants is outside this model, as in SecAgg+. The
+//! coordinator that lies (substitutes keys, drops, withholds or replays
+//! messages, or announces different survivor lists to different
+//! participants) and does not collude with participants, signed keys,
+//! authenticated encryption, the consistency check and a participant's
+//! refusal to mask with fewer than `k − t + 1` neighbours (else the
+//! neighbours left out could reveal its seed while its few pairwise masks
+//! were stripped) keep every update hidden. A coordinator that colludes
+//! with participants is outside this model, as in SecAgg+; so the node
+//! never makes a job's coordinator a participant of its secure rounds. The
 //! coordinator can always make a round fail; it cannot make a participant
 //! reveal both secrets of one neighbour.
 //!
@@ -82,13 +88,15 @@
 //! # Distributed differential privacy
 //!
 //! With [`DistributedNoise`], each participant clips its update to L2 norm
-//! `C` and adds Gaussian noise of standard deviation `z · C / √m` to each
-//! quantised coordinate (in the integer domain, rounded), where `m` is the
-//! round's `min_survivors`. A round closes only with at least `m`
-//! survivors, so the sum carries noise of at least `z · C`, the central
-//! DP-FedAvg noise, although no party ever sees an update with less than
-//! its own share of it. [`SecAggResult::charged_noise_multiplier`] is what
-//! the accountant should charge: the noise the sum actually carries (more
+//! `C` and adds Gaussian noise of standard deviation `z · C / √(m − 1)` to
+//! each quantised coordinate (in the integer domain, rounded), where `m` is
+//! the round's `min_survivors`. A round closes only with at least `m`
+//! survivors, and every participant knows its own noise and can subtract
+//! it from the published sum, so what protects one participant is the
+//! noise of the other `s − 1 ≥ m − 1` survivors: at least `z · C`, the
+//! central DP-FedAvg noise, while no party ever sees an update with less
+//! than its own share of it. [`SecAggResult::charged_noise_multiplier`] is
+//! what the accountant should charge: the noise of `s − 1` survivors (more
 //! survivors, more noise) over the sensitivity of the quantised sum, which
 //! stochastic rounding enlarges by at most `√d` integer units. The sum of
 //! the participants' independently rounded Gaussians is treated as a
@@ -191,7 +199,7 @@ impl SecAggConfig {
         match self.noise {
             Some(noise) => {
                 noise.noise_multiplier * noise.clip_norm * self.scale()
-                    / f64::from(self.min_survivors).sqrt()
+                    / f64::from(self.min_survivors.saturating_sub(1).max(1)).sqrt()
             }
             None => 0.0,
         }
@@ -213,7 +221,8 @@ impl SecAggConfig {
         survivors: usize,
         dimension: usize,
     ) -> f64 {
-        let summed_std = self.participant_noise_std() * (survivors as f64).sqrt();
+        // Each survivor can subtract its own noise: the others' protects it.
+        let summed_std = self.participant_noise_std() * (survivors.saturating_sub(1) as f64).sqrt();
         let sensitivity = noise.clip_norm * self.scale() + (dimension as f64).sqrt();
         summed_std / sensitivity
     }
@@ -547,9 +556,11 @@ impl Session {
         Zeroizing::new(*h.finalize().as_bytes())
     }
 
-    /// Shares that a majority of the survivors, and at least `t`, signed.
-    fn signatures_needed(&self, survivors: usize) -> usize {
-        (survivors / 2 + 1).max(usize::from(self.config.threshold))
+    /// Signatures a survivor list needs before shares are revealed: more
+    /// than half of the round's participants (so no two lists can both
+    /// have them, whatever the coordinator tells whom) and at least `t`.
+    pub fn signatures_needed(&self) -> usize {
+        (self.participants.len() / 2 + 1).max(usize::from(self.config.threshold))
     }
 }
 
@@ -1096,6 +1107,22 @@ impl SecAggParticipant {
                 return Err(protocol(stage, format!("two shares from {}", share.from)));
             }
         }
+        // Masking with fewer than k − t + 1 neighbours would leave t
+        // neighbours outside the masks: a coordinator that withheld the
+        // other shares could have those reveal the self-mask seed and strip
+        // the few pairwise masks left.
+        let threshold = usize::from(self.session.config.threshold);
+        if held.len() + threshold <= self.keys.len() {
+            return Err(protocol(
+                stage,
+                format!(
+                    "shares from {} of {} neighbours; masking needs more than {}",
+                    held.len(),
+                    self.keys.len(),
+                    self.keys.len() - threshold
+                ),
+            ));
+        }
         self.held = held;
         self.stage = ParticipantStage::ReadyForInput;
         Ok(())
@@ -1176,8 +1203,11 @@ impl SecAggParticipant {
         }
         let message = self.session.survivors_message(&self.survivors);
         let mut signers = BTreeSet::new();
+        if request.signatures.len() > self.survivors.len() {
+            return Err(protocol(stage, "more signatures than survivors"));
+        }
         for (index, signature) in &request.signatures {
-            if self.survivors.binary_search(index).is_err() {
+            if self.survivors.binary_search(index).is_err() || signers.contains(index) {
                 continue;
             }
             if self.session.participants[usize::from(*index)]
@@ -1187,7 +1217,7 @@ impl SecAggParticipant {
                 signers.insert(*index);
             }
         }
-        let needed = self.session.signatures_needed(self.survivors.len());
+        let needed = self.session.signatures_needed();
         if signers.len() < needed {
             return Err(protocol(
                 stage,
@@ -1328,6 +1358,15 @@ impl SecAggCoordinator {
         }
     }
 
+    /// Restarts the first stage's clock at `now_ms`: the node opens the
+    /// session when it submits the round's start, and participants can
+    /// only answer once that start has committed.
+    pub fn restart_first_stage(&mut self, now_ms: u64) {
+        if self.stage == Stage::Advertise {
+            self.deadline_ms = now_ms.saturating_add(self.session.config.stage_timeout_ms);
+        }
+    }
+
     /// The stage the round is in.
     pub fn stage(&self) -> Stage {
         self.stage
@@ -1408,6 +1447,17 @@ impl SecAggCoordinator {
         self.session.participants[usize::from(from)]
             .verify(KEYS_CONTEXT, &message, &advert.signature)
             .map_err(|_| protocol(stage, format!("the keys of {from} are not signed by it")))?;
+        // A low-order key would make every neighbour's agreement fail after
+        // it committed to the round: refuse it here, before it is forwarded.
+        let probe = X25519Secret::from_bytes([0x5a; 32]);
+        if probe.diffie_hellman(&advert.cipher_key).is_err()
+            || probe.diffie_hellman(&advert.mask_key).is_err()
+        {
+            return Err(protocol(
+                stage,
+                format!("{from} advertised a low-order key"),
+            ));
+        }
         self.adverts.insert(from, advert);
         Ok(self.adverts.len() == self.session.participants.len())
     }
@@ -1624,7 +1674,7 @@ impl SecAggCoordinator {
                 self.open_stage(Stage::ConsistencyCheck, now_ms);
             }
             Stage::ConsistencyCheck => {
-                let needed = self.session.signatures_needed(self.survivors.len());
+                let needed = self.session.signatures_needed();
                 if self.signatures.len() < needed {
                     let got = self.signatures.len();
                     self.fail(format!(
@@ -2113,6 +2163,69 @@ mod tests {
     }
 
     #[test]
+    fn two_survivor_lists_cannot_both_be_approved() {
+        // Seven participants, complete graph. The coordinator tells 0–3
+        // that everyone survived and 4–6 that 1, 2 and 3 dropped (so it
+        // would get 4–6 to reveal the mask keys of 1–3, whose seeds 0–3
+        // reveal). Each group signs what it was told; only a list with
+        // more than half of all seven participants' signatures opens.
+        let updates = random_updates(7, 16, 8);
+        let mut net = Net::new(config(6, 4, 4), updates, &[], 8);
+        net.run_until(Stage::ConsistencyCheck);
+        let everyone: Vec<Index> = (0..7).collect();
+        let fewer: Vec<Index> = vec![0, 4, 5, 6];
+        let ids = identities(7);
+        let mut signed = [Vec::new(), Vec::new()];
+        for (i, id) in ids.iter().enumerate() {
+            let (list, group) = if i < 4 { (&everyone, 0) } else { (&fewer, 1) };
+            let part = net.parts[i].as_mut().expect("participant");
+            match part.handle_survivors(list, id).expect("signs") {
+                FromParticipant::Consistency(sig) => signed[group].push((i as Index, sig)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(net.coord.session().signatures_needed(), 4);
+        let request = UnmaskRequest {
+            survivors: fewer.clone(),
+            signatures: signed[1].clone(),
+        };
+        let part = net.parts[4].as_mut().expect("participant");
+        let err = part.handle_unmask(&request).expect_err("three of seven");
+        assert!(
+            err.to_string()
+                .contains("3 survivors signed the list, 4 are needed"),
+            "{err}"
+        );
+        // Padding with the same signature twice does not help.
+        let mut padded = request.clone();
+        padded.signatures.push(signed[1][0]);
+        let part = net.parts[5].as_mut().expect("participant");
+        assert!(part.handle_unmask(&padded).is_err());
+        // The list four signed opens, for those four only.
+        let request = UnmaskRequest {
+            survivors: everyone,
+            signatures: signed[0].clone(),
+        };
+        let part = net.parts[0].as_mut().expect("participant");
+        assert!(part.handle_unmask(&request).is_ok());
+    }
+
+    #[test]
+    fn a_participant_does_not_mask_with_too_few_neighbours() {
+        // The coordinator withholds every share from participant 0 but
+        // forwards 0's shares: 0 would mask with its self mask alone.
+        let updates = random_updates(5, 16, 9);
+        let mut net = Net::new(config(4, 3, 3), updates, &[], 9);
+        net.run_until(Stage::MaskedInput);
+        let part = net.parts[0].as_mut().expect("participant");
+        let err = part.handle_shares(&[]).expect_err("no shares");
+        assert!(
+            err.to_string().contains("shares from 0 of 4 neighbours"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn forged_keys_and_tampered_shares_are_refused() {
         let updates = random_updates(5, 16, 5);
         let mut net = Net::new(config(4, 3, 3), updates.clone(), &[], 5);
@@ -2162,6 +2275,24 @@ mod tests {
             .handle_message(1, advert.clone(), 0)
             .expect("accepted");
         assert!(coord.handle_message(1, advert, 0).is_err());
+        // A low-order key, properly signed, is refused before it is
+        // forwarded (it would fail every neighbour's agreement).
+        let zero = X25519Public::from_bytes([0; 32]);
+        let seed_commitment = [1; 32];
+        let signature = ids[3].sign(
+            KEYS_CONTEXT,
+            &coord
+                .session()
+                .keys_message(3, &zero, &zero, &seed_commitment),
+        );
+        let low = FromParticipant::Advertise(KeyAdvert {
+            cipher_key: zero,
+            mask_key: zero,
+            seed_commitment,
+            signature,
+        });
+        let err = coord.handle_message(3, low, 0).expect_err("low order");
+        assert!(err.to_string().contains("low-order"), "{err}");
         assert!(
             coord
                 .handle_message(9, FromParticipant::Masked(MaskedInput(vec![0; 16])), 0)
@@ -2189,30 +2320,38 @@ mod tests {
         });
         let dim = 20_000;
         let updates = vec![vec![0.0f32; dim]; 10];
-        // Ten survivors, noise split across five: the sum carries √2 · z · C.
+        // Ten survivors, each adding z · C / √(5 − 1): the sum carries
+        // √10 / 2 · z · C, and what protects one survivor from the others
+        // (who know their own noise) is the other nine's, 3/2 · z · C.
         let result = finished(Net::new(config, updates.clone(), &[], 2).run());
         let std = sample_std(&result.sum);
-        assert!((std - 2f64.sqrt()).abs() < 0.03, "std {std}");
+        assert!((std - 10f64.sqrt() / 2.0).abs() < 0.03, "std {std}");
         let charged = result.charged_noise_multiplier.expect("charged");
-        assert!(
-            charged < 2f64.sqrt() && charged > 0.99 * 2f64.sqrt(),
-            "{charged}"
-        );
+        assert!(charged < 1.5 && charged > 0.99 * 1.5, "{charged}");
 
-        // Five survivors, the fewest the round closes with: z · C exactly.
+        // Five survivors, the fewest the round closes with: any four of
+        // them carry z · C exactly.
         let updates = vec![vec![0.0f32; dim]; 6];
         let drops = [(3, Stage::MaskedInput)];
         let result = finished(Net::new(config, updates, &drops, 2).run());
         assert_eq!(result.survivors.len(), 5);
         let std = sample_std(&result.sum);
-        assert!((std - 1.0).abs() < 0.03, "std {std}");
+        assert!((std - 5f64.sqrt() / 2.0).abs() < 0.03, "std {std}");
+        let charged = result.charged_noise_multiplier.expect("charged");
+        assert!(charged < 1.0 && charged > 0.99, "{charged}");
+        assert_eq!(
+            config
+                .minimum_charged_noise_multiplier(dim)
+                .map(|z| (z * 1e6).round()),
+            Some((charged * 1e6).round())
+        );
 
         // No single masked input carries less than its own noise: one
-        // participant's quantised update alone has std z · C / √m.
+        // participant's quantised update alone has std z · C / √(m − 1).
         let quantised =
             quantise(&config, &vec![0.0; dim], &mut rng_from_seed([3; 32])).expect("quantises");
         let alone = sample_std(&dequantise(&config, &quantised));
-        assert!((alone - 1.0 / 5f64.sqrt()).abs() < 0.01, "{alone}");
+        assert!((alone - 0.5).abs() < 0.01, "{alone}");
     }
 
     #[test]

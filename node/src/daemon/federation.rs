@@ -806,23 +806,24 @@ impl Learner {
                 }
             }
         };
-        let params = self
-            .model_params(&model, &trainer, Some(coordinator_peer))
-            .await?;
         let seed = federation::training_seed(&job, &spec, round, &self.me);
         if spec.secure_aggregation.is_some() {
+            // Keys first: the model is fetched while the first stages run.
             let round = SecureTask {
                 job,
                 round,
+                model,
                 spec,
                 coordinator,
                 participants,
                 trainer,
-                params,
                 seed,
             };
             return self.participate_secure(round).await;
         }
+        let params = self
+            .model_params(&model, &trainer, Some(coordinator_peer))
+            .await?;
         let mut feedback = self.state()?.feedback.remove(&job).flatten();
         let this = self.clone();
         let started = std::time::Instant::now();
@@ -891,14 +892,15 @@ impl Learner {
         let SecureTask {
             job,
             round,
+            model,
             spec,
             coordinator,
             participants,
             trainer,
-            params,
             seed,
         } = task;
-        let session = federation::secure_session(&job, &spec, round, &participants, params.len())?
+        let dimension = trainer.descriptor().param_count();
+        let session = federation::secure_session(&job, &spec, round, &participants, dimension)?
             .context("the job names no secure aggregation")?;
         // The masks and shares must be unpredictable: seeded from the OS.
         let mut rng_seed = [0u8; 32];
@@ -915,22 +917,56 @@ impl Learner {
                     .saturating_add(10),
             );
         let mut outgoing = Some(advert);
+        let mut received = 0u32;
         let mut train_ms = 0;
+        let mut retry = SECAGG_POLL;
         loop {
             if std::time::Instant::now() > give_up {
                 bail!("secure round {round} did not end in time");
             }
-            let reply = self
-                .secagg_exchange(job, round, coordinator, outgoing.take())
-                .await?;
+            // A message is sent until an answer comes back; the
+            // coordinator takes the same message twice without harm.
+            let reply = match self
+                .secagg_exchange(job, round, coordinator, received, outgoing.clone())
+                .await
+            {
+                Ok(reply) => {
+                    outgoing = None;
+                    retry = SECAGG_POLL;
+                    reply
+                }
+                // Shares revealed after the round had what it needed are
+                // refused: the round is over, and nothing was lost.
+                Err(e) if e.downcast_ref::<Refused>().is_some() && part.is_done() => {
+                    info!(%job, round, train_ms, "masked update delivered; the round closed without this node's last shares");
+                    return Ok(());
+                }
+                Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
+                Err(e) => {
+                    debug!(%job, round, error = format!("{e:#}"), "secure-aggregation exchange failed; retrying");
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            if part.is_done() {
+                info!(%job, round, train_ms, total_ms = started.elapsed().as_millis() as u64, "masked update delivered and unmasking shares revealed");
+                return Ok(());
+            }
             let Some(message) = reply else {
                 tokio::time::sleep(SECAGG_POLL).await;
                 continue;
             };
+            received += 1;
             outgoing = match message {
                 ToParticipant::Shares(shares) => {
                     part.handle_shares(&shares)?;
-                    let (trainer, params, spec) = (trainer.clone(), params.clone(), spec.clone());
+                    let coordinator_peer =
+                        peer_id_of(&coordinator).context("coordinator key is not a peer id")?;
+                    let params = self
+                        .model_params(&model, &trainer, Some(coordinator_peer))
+                        .await?;
+                    let (trainer, spec) = (trainer.clone(), spec.clone());
                     let this = self.clone();
                     let training = std::time::Instant::now();
                     let (delta, _samples) = tokio::task::spawn_blocking(move || {
@@ -952,12 +988,6 @@ impl Learner {
                 }
                 other => part.handle_message(other, &self.identity, &mut rng)?,
             };
-            if part.is_done() {
-                self.secagg_exchange(job, round, coordinator, outgoing.take())
-                    .await?;
-                info!(%job, round, train_ms, total_ms = started.elapsed().as_millis() as u64, "masked update delivered and unmasking shares revealed");
-                return Ok(());
-            }
         }
     }
 
@@ -968,6 +998,7 @@ impl Learner {
         job: JobId,
         round: u64,
         coordinator: PublicKey,
+        received: u32,
         message: Option<FromParticipant>,
     ) -> Result<Option<ToParticipant>> {
         if coordinator == self.me {
@@ -975,9 +1006,11 @@ impl Learner {
             return tokio::task::spawn_blocking(move || {
                 let reply = match this.state()?.coordinators.get_mut(&job) {
                     Some(c) => c
-                        .handle_secagg(&this.me, round, message, crate::unix_ms())
-                        .map_err(|e| anyhow!("own coordinator refused: {e}")),
-                    None => Err(anyhow!("this node no longer coordinates the job")),
+                        .handle_secagg(&this.me, round, received, message, crate::unix_ms())
+                        .map_err(|e| anyhow!(Refused(e.to_string()))),
+                    None => Err(anyhow!(Refused(
+                        "this node no longer coordinates the job".into()
+                    ))),
                 };
                 this.drain();
                 reply
@@ -988,6 +1021,7 @@ impl Learner {
         let request = LearnRequest::SecAgg {
             job,
             round,
+            received,
             message,
         };
         let answer = self
@@ -996,7 +1030,7 @@ impl Learner {
             .await?;
         match postcard::from_bytes::<LearnResponse>(&answer)? {
             LearnResponse::SecAgg(reply) => Ok(reply),
-            LearnResponse::Refused(why) => bail!("coordinator refused: {why}"),
+            LearnResponse::Refused(why) => Err(anyhow!(Refused(why))),
             LearnResponse::Accepted | LearnResponse::Chunk { .. } => {
                 bail!("coordinator answered out of turn")
             }
@@ -1260,6 +1294,7 @@ impl Learner {
             LearnRequest::SecAgg {
                 job,
                 round,
+                received,
                 message,
             } => {
                 let Some(sender) = openagi_net::public_key_of(&from) else {
@@ -1268,7 +1303,7 @@ impl Learner {
                 let result = match self.state() {
                     Ok(mut s) => match s.coordinators.get_mut(&job) {
                         Some(c) => c
-                            .handle_secagg(&sender, round, message, crate::unix_ms())
+                            .handle_secagg(&sender, round, received, message, crate::unix_ms())
                             .map_err(|e| e.to_string()),
                         None => Err("this node does not coordinate that job".into()),
                     },
@@ -1331,13 +1366,26 @@ enum Action {
 struct SecureTask {
     job: JobId,
     round: u64,
+    model: ModelId,
     spec: JobSpec,
     coordinator: PublicKey,
     participants: Vec<PublicKey>,
     trainer: Trainer,
-    params: Arc<Vec<f32>>,
     seed: u64,
 }
+
+/// The coordinator refused a secure-aggregation message: the round is over
+/// for this participant (unlike a lost connection, which is retried).
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "coordinator refused: {}", self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
 
 #[cfg(test)]
 mod tests {
@@ -1375,6 +1423,7 @@ mod tests {
         let request = LearnRequest::SecAgg {
             job: JobId([0xff; 32]),
             round: u64::MAX,
+            received: u32::MAX,
             message: Some(FromParticipant::Masked(
                 openagi_learning::secagg::MaskedInput(vec![u32::MAX; federation::MAX_JOB_PARAMS]),
             )),
