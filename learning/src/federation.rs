@@ -643,6 +643,18 @@ pub struct Coordinator {
     awaiting: Option<Record>,
     /// The open round's secure aggregation, for jobs that use it.
     secure: Option<SecureRound>,
+    /// Rebuilt from replayed records and waiting for
+    /// [`Coordinator::resume`]: it acts on nothing until then.
+    paused: bool,
+    /// A round whose start was replayed without its end: the node
+    /// restarted while it ran.
+    replayed_start: Option<(u64, Vec<PublicKey>)>,
+    /// The last round whose end was replayed (a second copy of a record on
+    /// the ledger is ignored).
+    replayed_end: u64,
+    /// The model moved during the replay: its parameters must be handed
+    /// to [`Coordinator::resume`].
+    params_stale: bool,
 }
 
 /// A secure-aggregation round in progress at the coordinator.
@@ -729,7 +741,156 @@ impl Coordinator {
             now_ms,
             awaiting: None,
             secure: None,
+            paused: false,
+            replayed_start: None,
+            replayed_end: 0,
+            params_stale: false,
         })
+    }
+
+    /// The job's spec.
+    pub fn spec(&self) -> &JobSpec {
+        &self.spec
+    }
+
+    /// A committed record replayed when the node starts: rebuilds the
+    /// joins, the current model, the rounds done and the privacy spent,
+    /// and pauses the coordinator until [`Coordinator::resume`].
+    pub fn replay_record(&mut self, signer: &PublicKey, record: &Record) {
+        self.paused = true;
+        match record {
+            Record::Join { .. } => self.handle_record(signer, record, self.now_ms),
+            Record::RoundStart {
+                job,
+                round,
+                participants,
+                ..
+            } if *job == self.job && *signer == self.me && *round > self.replayed_end => {
+                self.replayed_start = Some((*round, participants.clone()));
+            }
+            Record::RoundEnd(summary)
+                if summary.job == self.job
+                    && *signer == self.me
+                    && summary.round > self.replayed_end =>
+            {
+                self.replayed_start = None;
+                self.replayed_end = summary.round;
+                if summary.model != self.model {
+                    self.model = summary.model;
+                    self.params_stale = true;
+                }
+                self.replay_charge(summary);
+                self.phase = if summary.finished {
+                    Phase::Finished
+                } else {
+                    Phase::Gathering {
+                        next: summary.round + 1,
+                        since_ms: self.now_ms,
+                    }
+                };
+            }
+            _ => {}
+        }
+    }
+
+    /// Charges the accountant for a replayed round as it was charged when
+    /// it ran: every round under central DP, under distributed DP a round
+    /// whose sum was unmasked (its survivors' noise), and checks the ε the
+    /// ledger recorded.
+    fn replay_charge(&mut self, summary: &RoundSummary) {
+        let Some(privacy) = self.spec.privacy else {
+            return;
+        };
+        let z = match (&self.spec.secure_aggregation, self.spec.distributed_noise()) {
+            (Some(secure), Some(noise)) if summary.responded > 0 => secure
+                .round_config(
+                    summary.selected as usize,
+                    self.spec.min_clients,
+                    1,
+                    Some(noise),
+                )
+                .charged_noise_multiplier_for(summary.responded as usize, self.params.len()),
+            (Some(_), Some(_)) => None,
+            _ => Some(privacy.dp.noise_multiplier),
+        };
+        let Some(accountant) = &mut self.accountant else {
+            return;
+        };
+        let spent = match z {
+            Some(z) => accountant.record_round(ACCOUNTED_SAMPLE_RATE, z),
+            None => accountant.spent(),
+        };
+        match (spent, summary.epsilon) {
+            (Ok(spent), Some(recorded))
+                if (spent.epsilon - recorded).abs() > 1e-6 * recorded.abs().max(1.0) =>
+            {
+                self.problem(format!(
+                    "round {}: the ledger records ε {recorded}, the replay gives {}",
+                    summary.round, spent.epsilon
+                ));
+            }
+            (Err(e), _) => self.problem(format!("round {}: accounting: {e}", summary.round)),
+            _ => {}
+        }
+    }
+
+    /// Whether the coordinator waits for [`Coordinator::resume`].
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// The model whose parameters [`Coordinator::resume`] needs: the one
+    /// the last replayed round ended with, when that is not the initial
+    /// model.
+    pub fn model_to_restore(&self) -> Option<ModelId> {
+        self.params_stale.then_some(self.model)
+    }
+
+    /// Takes over after the replay at `now_ms`, with the parameters of
+    /// [`Coordinator::model_to_restore`] if it names a model. A round that
+    /// was running at the restart lost its updates: it ends now without
+    /// changing the model, and the next round follows as usual.
+    pub fn resume(&mut self, params: Option<Vec<f32>>, now_ms: u64) -> Result<()> {
+        if self.params_stale {
+            let params = params.ok_or_else(|| {
+                Error::invalid(
+                    "resume",
+                    format!("the parameters of model {} are needed", self.model.to_hex()),
+                )
+            })?;
+            let id = ModelId::compute(self.trainer.descriptor(), &params)?;
+            if id != self.model {
+                return Err(Error::invalid(
+                    "resume",
+                    format!(
+                        "the parameters given are model {}, not {}",
+                        id.to_hex(),
+                        self.model.to_hex()
+                    ),
+                ));
+            }
+            self.params = params;
+            self.params_stale = false;
+        }
+        self.paused = false;
+        self.now_ms = self.now_ms.max(now_ms);
+        if let Some((round, participants)) = self.replayed_start.take() {
+            self.updates.clear();
+            self.secure = None;
+            self.rejected = 0;
+            self.phase = Phase::Collecting {
+                round,
+                participants: participants.iter().map(PublicKey::to_bytes).collect(),
+                deadline_ms: self.now_ms,
+            };
+            self.close_round();
+        } else if let Phase::Gathering { next, .. } = self.phase {
+            self.phase = Phase::Gathering {
+                next,
+                since_ms: self.now_ms,
+            };
+        }
+        Ok(())
     }
 
     /// The job.
@@ -993,6 +1154,9 @@ impl Coordinator {
     /// its deadline (a secure round at the deadline of its last stage).
     pub fn handle_tick(&mut self, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
+        if self.paused {
+            return;
+        }
         if let Some(secure) = &mut self.secure {
             secure.secagg.handle_tick(now_ms);
         }
@@ -1429,6 +1593,8 @@ pub(crate) mod tests {
         feedback: Vec<Option<ErrorFeedback>>,
         params: BTreeMap<ModelId, Vec<f32>>,
         now: u64,
+        /// Every record committed, as a restarted node would replay it.
+        log: Vec<(PublicKey, Record)>,
     }
 
     fn net(spec: JobSpec, nodes: usize) -> Net {
@@ -1465,6 +1631,7 @@ pub(crate) mod tests {
             feedback: vec![None; nodes],
             params: BTreeMap::new(),
             now: 0,
+            log: Vec::new(),
         }
     }
 
@@ -1491,6 +1658,7 @@ pub(crate) mod tests {
             let me = self.coordinator_id.public();
             for r in &submitted {
                 self.coordinator.handle_record(&me, r, self.now);
+                self.log.push((me, r.clone()));
             }
             submitted
         }
@@ -1498,11 +1666,9 @@ pub(crate) mod tests {
         fn join_all(&mut self) {
             let job = self.coordinator.job();
             for n in &self.nodes {
-                self.coordinator.handle_record(
-                    &n.public(),
-                    &Record::Join { job, samples: 1 },
-                    self.now,
-                );
+                let join = Record::Join { job, samples: 1 };
+                self.coordinator.handle_record(&n.public(), &join, self.now);
+                self.log.push((n.public(), join));
             }
         }
 
@@ -1812,6 +1978,123 @@ pub(crate) mod tests {
         let mut central = Accountant::new(1e-5).expect("accountant");
         let central_eps = central.record_rounds(1.0, 1.0, 3).expect("spent").epsilon;
         assert!(epsilons[2] < central_eps, "{epsilons:?} vs {central_eps}");
+    }
+
+    impl Net {
+        /// The node restarts: a new coordinator replays the ledger and
+        /// resumes with the current model's parameters from "disk".
+        fn restart(&mut self) {
+            let (_, test) = data::digits()
+                .expect("digits")
+                .split(0.25, 1)
+                .expect("split");
+            let mut fresh = Coordinator::new(
+                self.coordinator.job(),
+                self.coordinator.spec.clone(),
+                self.coordinator_id.public(),
+                self.trainer.clone(),
+                Some(test),
+                [8; 32],
+                self.now,
+            )
+            .expect("coordinator");
+            for (signer, record) in &self.log {
+                fresh.replay_record(signer, record);
+            }
+            assert!(fresh.is_paused());
+            assert_eq!(fresh.model(), self.coordinator.model());
+            // Paused: time passing starts nothing.
+            self.now += 3_600_000;
+            fresh.handle_tick(self.now);
+            assert!(
+                std::iter::from_fn(|| fresh.poll_output())
+                    .all(|o| matches!(o, CoordinatorOutput::Model { round: 0, .. }))
+            );
+            if let Some(model) = fresh.model_to_restore() {
+                assert!(fresh.resume(None, self.now).is_err(), "parameters needed");
+                let wrong = self.coordinator.spec.initial_params().expect("params");
+                assert!(fresh.resume(Some(wrong), self.now).is_err());
+                fresh
+                    .resume(Some(self.params[&model].clone()), self.now)
+                    .expect("resumes");
+            } else {
+                fresh.resume(None, self.now).expect("resumes");
+            }
+            self.coordinator = fresh;
+        }
+    }
+
+    #[test]
+    fn a_restarted_coordinator_resumes_where_the_ledger_ends() {
+        let mut spec = spec();
+        spec.rounds = 4;
+        spec.privacy = Some(Privacy {
+            dp: DpConfig {
+                clip_norm: 1.0,
+                noise_multiplier: 1.0,
+            },
+            delta: 1e-5,
+            budget_epsilon: None,
+        });
+        let mut net = net_with(spec, 3);
+        net.round(&[0, 1, 2]);
+        let second = net.round(&[0, 1, 2]);
+        // Round 3 starts, and the node restarts before it ends.
+        net.now += 1_000;
+        net.coordinator.handle_tick(net.now);
+        assert!(
+            net.drain()
+                .iter()
+                .any(|r| matches!(r, Record::RoundStart { round: 3, .. }))
+        );
+        net.restart();
+        // The interrupted round ends unchanged (its updates were in memory)
+        // and is accounted as central DP accounts every closed round.
+        let third = net
+            .drain()
+            .into_iter()
+            .find_map(|r| match r {
+                Record::RoundEnd(s) => Some(s),
+                _ => None,
+            })
+            .expect("round 3 ended");
+        assert_eq!(third.round, 3);
+        assert!(!third.aggregated);
+        assert_eq!(third.model, second.model);
+        assert!(third.epsilon > second.epsilon);
+        // The job goes on from the model round 2 ended with.
+        let fourth = net.round(&[0, 1, 2]);
+        assert_eq!(fourth.round, 4);
+        assert!(fourth.aggregated && fourth.finished);
+        assert_eq!(fourth.parent, second.model);
+        // A restart after the end replays a finished job.
+        net.restart();
+        assert!(net.coordinator.is_finished());
+    }
+
+    #[test]
+    fn a_restarted_secure_coordinator_replays_what_it_charged() {
+        let mut spec = secure_spec();
+        spec.rounds = 3;
+        spec.privacy = Some(Privacy {
+            dp: DpConfig {
+                clip_norm: 1.0,
+                noise_multiplier: 1.0,
+            },
+            delta: 1e-5,
+            budget_epsilon: None,
+        });
+        let mut net = net_with(spec, 4);
+        net.secure_round(&[0, 1, 2, 3]);
+        // Three survivors: charged less noise than four.
+        let second = net.secure_round(&[0, 1, 3]);
+        // A replay that charged differently would report a problem, which
+        // the test net turns into a failure.
+        net.restart();
+        let third = net.secure_round(&[0, 1, 2, 3]);
+        assert_eq!(third.round, 3);
+        assert_eq!(third.parent, second.model);
+        assert!(third.finished && third.epsilon > second.epsilon);
     }
 
     #[test]

@@ -18,8 +18,10 @@
 //!   else;
 //! - a node trains at most once per round and one round of a job at a time;
 //! - records replayed at start (`live == false`) rebuild the state but
-//!   start no join, training or coordination, and a job this node
-//!   coordinated before the restart is `Interrupted`;
+//!   start no join or training; a job this node coordinates gets its
+//!   coordinator back (it rebuilds its state from the same records and
+//!   resumes at its next round), and is `Interrupted` only if the node
+//!   cannot resume it ([`Participant::handle_coordination_lost`]);
 //! - at most [`MAX_JOBS`] jobs are followed (a finished one is forgotten
 //!   first) and [`HISTORY`] rounds of each are kept.
 
@@ -45,8 +47,8 @@ pub enum JobState {
     Running,
     /// Its last round ended.
     Finished,
-    /// This node coordinated it and restarted: a coordinator's state does
-    /// not survive a restart, so the job does not go on.
+    /// This node coordinated it, restarted, and could not resume it (the
+    /// current model was not on its disk).
     Interrupted,
 }
 
@@ -225,7 +227,8 @@ pub struct TrainingTask {
 pub enum ParticipantOutput {
     /// Sign and submit this record (a join) to the ledger.
     Submit(Record),
-    /// This node submitted the job: start its coordinator.
+    /// This node submitted the job: start its coordinator (also when the
+    /// job record is replayed at start, to resume it).
     Coordinate {
         /// The job.
         job: JobId,
@@ -301,6 +304,16 @@ impl Participant {
             LocalData::Present(profile) => spec
                 .misfit_profile(profile)
                 .or_else(|| self.policy.refusal(spec, coordinator)),
+        }
+    }
+
+    /// This node coordinates `job` but could not resume it after a restart:
+    /// it shows as interrupted.
+    pub fn handle_coordination_lost(&mut self, job: &JobId) {
+        if let Some(followed) = self.jobs.get_mut(job)
+            && followed.state != JobState::Finished
+        {
+            followed.state = JobState::Interrupted;
         }
     }
 
@@ -390,11 +403,7 @@ impl Participant {
             spec: spec.clone(),
             coordinator: *signer,
             initial_model,
-            state: if !live && mine {
-                JobState::Interrupted
-            } else {
-                JobState::Gathering
-            },
+            state: JobState::Gathering,
             round: 0,
             joined_here: false,
             not_joining: not_joining.clone(),
@@ -403,6 +412,14 @@ impl Participant {
         };
         self.jobs.insert(job, followed);
         if !live {
+            if mine {
+                // Coordination resumes: the coordinator follows the rest
+                // of the replay and takes over where the ledger ends.
+                self.outputs.push_back(ParticipantOutput::Coordinate {
+                    job,
+                    spec: Box::new(spec),
+                });
+            }
             return;
         }
         self.notice(Notice::NewJob {
@@ -636,7 +653,7 @@ mod tests {
     }
 
     #[test]
-    fn own_jobs_are_coordinated_live_and_interrupted_when_replayed() {
+    fn own_jobs_are_coordinated_live_and_resumed_when_replayed() {
         let me = key(1);
         let (record, payload, id) = job(&me, &spec(2));
         let mut live = Participant::new(me.public(), digits());
@@ -649,7 +666,16 @@ mod tests {
 
         let mut replayed = Participant::new(me.public(), digits());
         replayed.handle_record(&me.public(), &record, &payload, false);
-        assert!(drain(&mut replayed).is_empty(), "a replay starts nothing");
+        let outputs = drain(&mut replayed);
+        assert!(
+            matches!(outputs.as_slice(), [ParticipantOutput::Coordinate { job, .. }] if *job == id),
+            "a replay resumes coordination and starts nothing else: {outputs:?}"
+        );
+        assert_eq!(
+            replayed.job(&id).expect("followed").state,
+            JobState::Gathering
+        );
+        replayed.handle_coordination_lost(&id);
         assert_eq!(
             replayed.job(&id).expect("followed").state,
             JobState::Interrupted

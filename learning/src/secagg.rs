@@ -215,6 +215,14 @@ impl SecAggConfig {
         })
     }
 
+    /// The noise multiplier a round with `survivors` survivors is charged
+    /// (as [`SecAggResult::charged_noise_multiplier`] reports it), for a
+    /// node that replays its ledger.
+    pub fn charged_noise_multiplier_for(&self, survivors: usize, dimension: usize) -> Option<f64> {
+        self.noise
+            .map(|noise| self.charged_noise_multiplier(noise, survivors, dimension))
+    }
+
     fn charged_noise_multiplier(
         &self,
         noise: DistributedNoise,

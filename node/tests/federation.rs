@@ -404,3 +404,92 @@ fn a_secure_job_with_distributed_dp_trains_while_a_participant_is_stopped() {
         history.iter().filter(|r| r["responded"] == 3).count()
     );
 }
+
+/// The coordinator is SIGKILLed in the middle of a job and restarted: it
+/// rebuilds the job from its ledger and its stored models, ends the round
+/// that was running (its updates were in memory) without changing the
+/// model, and the job finishes instead of showing `interrupted`.
+#[test]
+fn a_coordinator_killed_mid_job_resumes_it_after_a_restart() {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let dirs = init_validators(root.path(), 4).expect("validators");
+    let options = |i: usize, bootstrap: Vec<String>| DaemonOptions {
+        bootstrap,
+        env: vec![
+            ("OPENAGI_LEARN_DATA".into(), "digits".into()),
+            ("OPENAGI_LEARN_SHARD".into(), format!("{}/4", i + 1)),
+        ],
+        ..Default::default()
+    };
+    let v0 = Daemon::start(&dirs[0], &options(0, vec![])).expect("v0 starts");
+    let boot = vec![v0.multiaddr().expect("addr")];
+    let mut nodes = vec![v0];
+    for (i, dir) in dirs.iter().enumerate().skip(1) {
+        nodes.push(Daemon::start(dir, &options(i, boot.clone())).expect("validator starts"));
+    }
+    wait_for("validator mesh", Duration::from_secs(30), || {
+        nodes.iter().all(|d| d.connected_peers() == 3).then_some(())
+    })
+    .expect("validators connect");
+
+    let job_file = root.path().join("job.toml");
+    std::fs::write(&job_file, JOB).expect("job file");
+    let v1_dir = dirs[1].to_str().expect("utf-8");
+    let (status, out, err) = openagi(&[
+        "learn",
+        "submit",
+        "--data-dir",
+        v1_dir,
+        job_file.to_str().expect("utf-8"),
+    ])
+    .expect("runs");
+    assert!(status.success(), "{out}{err}");
+    wait_for("two rounds", Duration::from_secs(60), || {
+        (rounds_done(&nodes[0]) >= 2).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&nodes)));
+
+    // SIGKILL the coordinator (v1) and start it again.
+    let mut v1 = nodes.remove(1);
+    v1.kill_hard().expect("SIGKILL");
+    drop(v1);
+    let v1 = Daemon::start(&dirs[1], &options(1, boot.clone())).expect("v1 restarts");
+    nodes.insert(1, v1);
+    wait_for("job finished", Duration::from_secs(120), || {
+        jobs(&nodes[0])
+            .first()
+            .is_some_and(|j| j["state"] == "finished")
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&nodes)));
+
+    let job = jobs(&nodes[1]).remove(0);
+    assert_eq!(job["state"], "finished", "{job:#}");
+    let history = job["history"].as_array().cloned().expect("history");
+    assert_eq!(history.len(), 6, "{job:#}");
+    // Rounds are numbered without a gap, each from the model the one
+    // before ended with.
+    for (i, pair) in history.windows(2).enumerate() {
+        assert_eq!(pair[1]["round"].as_u64(), Some(i as u64 + 2), "{job:#}");
+    }
+    assert!(
+        nodes[1]
+            .log()
+            .contains("coordination resumed after a restart"),
+        "{}",
+        nodes[1].log()
+    );
+    let accuracy = history
+        .last()
+        .and_then(|r| r["accuracy"].as_f64())
+        .expect("evaluated");
+    assert!(
+        accuracy >= STATED_ACCURACY,
+        "final accuracy {accuracy} below {STATED_ACCURACY}: {job:#}"
+    );
+    eprintln!(
+        "coordinator restart: accuracy {accuracy:.3} after 6 rounds; rounds that ended unchanged: {}",
+        history.iter().filter(|r| r["aggregated"] == false).count()
+    );
+}

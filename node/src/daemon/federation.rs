@@ -466,6 +466,7 @@ impl Learner {
         // consensus task runs; later blocks arrive as notices.)
         let head = ledger.height();
         self.catch_up(head, false).await;
+        self.resume_coordinators().await;
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
@@ -498,6 +499,60 @@ impl Learner {
                 }
             }
         }
+    }
+
+    /// Hands the coordinators rebuilt from the replayed ledger what they
+    /// need to go on: the current model's parameters, from this node's
+    /// disk. A job whose model is not there cannot go on and shows as
+    /// interrupted.
+    async fn resume_coordinators(self: &Arc<Self>) {
+        let paused: Vec<(JobId, Option<ModelId>, JobSpec)> = match self.state() {
+            Ok(s) => s
+                .coordinators
+                .iter()
+                .filter(|(_, c)| c.is_paused())
+                .map(|(job, c)| (*job, c.model_to_restore(), c.spec().clone()))
+                .collect(),
+            Err(_) => return,
+        };
+        for (job, model, spec) in paused {
+            let params = match model {
+                None => Ok(None),
+                Some(id) => match Trainer::new(spec.architecture.clone(), Compute::Cpu) {
+                    Ok(trainer) => self
+                        .model_params(&id, &trainer, None)
+                        .await
+                        .map(|p| Some(p.as_ref().clone())),
+                    Err(e) => Err(e.into()),
+                },
+            };
+            let this = self.clone();
+            let resumed = tokio::task::spawn_blocking(move || -> Result<()> {
+                let params = params?;
+                let mut s = this.state()?;
+                let c = s
+                    .coordinators
+                    .get_mut(&job)
+                    .context("the coordinator is gone")?;
+                c.resume(params, crate::unix_ms())?;
+                Ok(())
+            })
+            .await
+            .unwrap_or_else(|e| Err(anyhow!("resuming panicked: {e}")));
+            match resumed {
+                Ok(()) => {
+                    info!(%job, model = ?model.map(|m| m.to_hex()), "coordination resumed after a restart")
+                }
+                Err(e) => {
+                    warn!(%job, error = format!("{e:#}"), "cannot resume coordinating this job: it is interrupted");
+                    if let Ok(mut s) = self.state() {
+                        s.coordinators.remove(&job);
+                        s.participant.handle_coordination_lost(&job);
+                    }
+                }
+            }
+        }
+        self.drain();
     }
 
     /// Processes committed blocks up to `height`.
@@ -590,7 +645,11 @@ impl Learner {
                 Record::RoundEnd(s) => s.job,
             };
             if let Some(c) = s.coordinators.get_mut(&job) {
-                c.handle_record(signer, record, now);
+                if live {
+                    c.handle_record(signer, record, now);
+                } else {
+                    c.replay_record(signer, record);
+                }
             }
         }
         self.drain();
