@@ -573,6 +573,11 @@ pub fn client_update(
 /// seed), so every round is accounted as if everyone took part.
 const ACCOUNTED_SAMPLE_RATE: f64 = 1.0;
 
+/// How far over the DP clip bound a received dense update's norm may be
+/// before the coordinator refuses it: clipping is exact up to `f32`
+/// rounding, so 5% is far more than an honest participant needs.
+const UPDATE_NORM_SLACK: f64 = 1.05;
+
 /// What the coordinator asks its node to do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CoordinatorOutput {
@@ -1036,9 +1041,31 @@ impl Coordinator {
             .map_or(0, |(_, n)| *n);
         let samples = samples.min(declared);
         let dim = self.params.len();
+        // Checked for dense updates only: top-k's error feedback and 8-bit
+        // quantisation can legitimately carry an update past the bound
+        // (the DP sum clips again either way).
+        let clip = self
+            .spec
+            .privacy
+            .filter(|_| self.spec.compression == Compression::None)
+            .map(|p| p.dp.clip_norm);
         let update = compress::decode(payload, dim)
             .map(|p| ClientUpdate::new(ClientId(sender), p.to_dense(), samples))
-            .and_then(|u| crate::aggregate::check_update(&u, dim).map(|()| u));
+            .and_then(|u| crate::aggregate::check_update(&u, dim).map(|()| u))
+            .and_then(|u| match clip {
+                // Under DP every participant clips to the job's bound: a
+                // dense update far outside it was not made by the rules.
+                Some(clip) if dp::l2_norm(&u.params) > clip * UPDATE_NORM_SLACK => {
+                    Err(Error::invalid(
+                        "update",
+                        format!(
+                            "L2 norm {:.4} exceeds the job's clip bound {clip}",
+                            dp::l2_norm(&u.params)
+                        ),
+                    ))
+                }
+                _ => Ok(u),
+            });
         match update {
             Ok(u) => {
                 self.updates.insert(sender, u);
@@ -2174,6 +2201,40 @@ pub(crate) mod tests {
             .expect("closed");
         assert_eq!((summary.responded, summary.rejected), (1, 3));
         assert!(!summary.aggregated);
+    }
+
+    #[test]
+    fn under_dp_an_update_far_outside_the_clip_bound_is_refused() {
+        let mut spec = spec();
+        spec.privacy = Some(Privacy {
+            dp: DpConfig {
+                clip_norm: 1.0,
+                noise_multiplier: 1.0,
+            },
+            delta: 1e-5,
+            budget_epsilon: None,
+        });
+        let mut net = net_with(spec, 3);
+        net.now = 2_000;
+        net.coordinator.handle_tick(net.now);
+        net.drain();
+        let dim = net.params.values().next().expect("model").len();
+        let boosted = compress::encode(&Payload::Dense(vec![1.0; dim])).expect("encodes");
+        let member = net.nodes[0].public();
+        let err = net
+            .coordinator
+            .handle_update(&member, 1, &boosted, 10, 2_000)
+            .expect_err("norm far above the bound");
+        assert!(
+            err.to_string().contains("exceeds the job's clip bound"),
+            "{err}"
+        );
+        let mut clipped = vec![1.0; dim];
+        dp::clip_update(&mut clipped, 1.0).expect("clips");
+        let within = compress::encode(&Payload::Dense(clipped)).expect("encodes");
+        net.coordinator
+            .handle_update(&member, 1, &within, 10, 2_000)
+            .expect("within the bound");
     }
 
     #[test]

@@ -29,7 +29,7 @@ use openagi_learning::dp::{
 use openagi_learning::models::Architecture;
 use openagi_learning::round::{Compression, Participation, Privacy};
 use openagi_learning::simulate::{
-    Partition, RoundRecord, Simulation, SimulationConfig, StopReason, Summary,
+    Attack, AttackKind, Partition, RoundRecord, Simulation, SimulationConfig, StopReason, Summary,
 };
 use openagi_learning::train::{Compute, TrainConfig};
 
@@ -541,6 +541,31 @@ pub struct SimulateArgs {
     /// of the table.
     #[arg(long)]
     pub json: bool,
+    /// Poisoning clients: `signflip:F:FACTOR` (the first F clients send
+    /// their update times −FACTOR) or `scale:F:FACTOR` (times FACTOR).
+    #[arg(long, value_parser = parse_attack)]
+    pub attack: Option<Attack>,
+}
+
+fn parse_attack(text: &str) -> std::result::Result<Attack, String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let [kind, clients, factor] = parts.as_slice() else {
+        return Err(format!(
+            "{text:?}: expected signflip:CLIENTS:FACTOR or scale:CLIENTS:FACTOR"
+        ));
+    };
+    let clients: usize = clients
+        .parse()
+        .map_err(|_| format!("{clients:?} is not a client count"))?;
+    let factor: f32 = factor
+        .parse()
+        .map_err(|_| format!("{factor:?} is not a number"))?;
+    let kind = match *kind {
+        "signflip" => AttackKind::SignFlip { factor },
+        "scale" => AttackKind::Scale { factor },
+        other => return Err(format!("{other:?}: the attacks are signflip and scale")),
+    };
+    Ok(Attack { clients, kind })
 }
 
 impl SimulateArgs {
@@ -570,6 +595,7 @@ impl SimulateArgs {
             compression: self.compress,
             eval_every: self.eval_every,
             seed: self.seed,
+            attack: self.attack,
         };
         config.validate()?;
         Ok(config)
@@ -842,6 +868,7 @@ pub fn bench_learning(args: &BenchLearningArgs) -> Result<Vec<Figure>> {
         compression: args.compress,
         eval_every: 1,
         seed: args.seed,
+        attack: None,
     };
     config.validate()?;
     let dim = config.architecture.param_count()?;
