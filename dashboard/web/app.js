@@ -182,6 +182,14 @@ function renderConsensus(doc) {
   ])));
 }
 
+// How a job protects updates, in words (JobView::privacy_mode).
+const PRIVACY_MODES = {
+  none: "no privacy: the coordinator sees each update",
+  central: "central DP: the coordinator sees each update and adds the noise",
+  "none+secagg": "secure aggregation: the coordinator sees only sums",
+  "distributed+secagg": "distributed DP under secure aggregation: participants add the noise, the coordinator sees only sums",
+};
+
 function renderJobs(doc) {
   const root = $("jobs");
   if (!doc.jobs.length) {
@@ -202,6 +210,7 @@ function renderJobs(doc) {
         `round ${job.round} of ${job.rounds} · ${job.joined} joined (min ${job.min_clients})`,
         last && last.accuracy != null ? ` · accuracy ${(last.accuracy * 100).toFixed(1)}%` : "",
         last && last.epsilon != null ? ` · ε ${last.epsilon.toFixed(2)}` : "",
+        el("span", { class: "privacy-mode" }, [` · ${PRIVACY_MODES[job.privacy_mode] || job.privacy_mode || "no privacy"}`]),
       ]),
       job.waiting_for ? el("p", { class: "empty" }, [job.waiting_for]) : "",
       el("div", { class: "charts" }, [

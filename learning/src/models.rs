@@ -255,6 +255,16 @@ impl Architecture {
         }
     }
 
+    /// The kind, as a job spec's `kind` names it: `"logistic_regression"`,
+    /// `"mlp"` or `"cnn"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Architecture::LogisticRegression { .. } => "logistic_regression",
+            Architecture::Mlp { .. } => "mlp",
+            Architecture::Cnn { .. } => "cnn",
+        }
+    }
+
     /// A short stable name, e.g. `"mlp-784-200-200-10"`,
     /// `"logreg-64-10"` or `"cnn-1x28x28-32-64-512-10"`.
     pub fn name(&self) -> String {

@@ -136,6 +136,17 @@ pub struct JoinPolicy {
     pub coordinators: Vec<PublicKey>,
     /// Only jobs with client-level differential privacy.
     pub require_dp: bool,
+    /// Only jobs whose privacy budget caps ε at this or less (a job
+    /// without DP, or without a budget, promises no bound).
+    pub max_epsilon: Option<f64>,
+    /// Only jobs whose coordinator sees sums, never this node's update.
+    pub require_secure_aggregation: bool,
+    /// When not empty, only these model kinds (`logistic_regression`,
+    /// `mlp`, `cnn`).
+    pub models: Vec<String>,
+    /// Only jobs of at most this many rounds (a cap on the work one job
+    /// can ask of this node).
+    pub max_rounds: Option<u64>,
 }
 
 impl JoinPolicy {
@@ -143,7 +154,11 @@ impl JoinPolicy {
     /// `coordinator`), in the operator's terms; `None` when it allows it.
     pub fn refusal(&self, spec: &JobSpec, coordinator: &PublicKey) -> Option<String> {
         if self.never {
-            return Some("the operator's policy joins no job (learn.join = \"none\")".into());
+            return Some(
+                "the operator's policy joins no job (learn.join = \"none\"; set it to \
+                 \"fitting\" to train for jobs the data fits)"
+                    .into(),
+            );
         }
         if !self.coordinators.is_empty() && !self.coordinators.contains(coordinator) {
             return Some(format!(
@@ -153,6 +168,44 @@ impl JoinPolicy {
         }
         if self.require_dp && spec.privacy.is_none() {
             return Some("it runs without differential privacy and learn.require_dp is set".into());
+        }
+        if let Some(limit) = self.max_epsilon {
+            match spec.privacy.and_then(|p| p.budget_epsilon) {
+                Some(budget) if budget <= limit => {}
+                Some(budget) => {
+                    return Some(format!(
+                        "its ε budget {budget} is above learn.max_epsilon = {limit}"
+                    ));
+                }
+                None => {
+                    return Some(format!(
+                        "it promises no ε bound (no [privacy] budget_epsilon) and \
+                         learn.max_epsilon = {limit}"
+                    ));
+                }
+            }
+        }
+        if self.require_secure_aggregation && spec.secure_aggregation.is_none() {
+            return Some(
+                "its coordinator would see this node's update (no secure_aggregation) and \
+                 learn.require_secure_aggregation is set"
+                    .into(),
+            );
+        }
+        let kind = spec.architecture.kind();
+        if !self.models.is_empty() && !self.models.iter().any(|m| m == kind) {
+            return Some(format!(
+                "its model is a {kind}, not one of learn.models = {:?}",
+                self.models
+            ));
+        }
+        if let Some(limit) = self.max_rounds
+            && spec.rounds > limit
+        {
+            return Some(format!(
+                "it runs {} rounds, more than learn.max_rounds = {limit}",
+                spec.rounds
+            ));
         }
         None
     }
@@ -680,6 +733,80 @@ mod tests {
             replayed.job(&id).expect("followed").state,
             JobState::Interrupted
         );
+    }
+
+    #[test]
+    fn the_policy_holds_jobs_to_privacy_model_and_size_limits() {
+        use crate::dp::DpConfig;
+        use crate::round::Privacy;
+        let coordinator = key(1).public();
+        let private = |budget: Option<f64>| JobSpec {
+            privacy: Some(Privacy {
+                dp: DpConfig {
+                    clip_norm: 1.0,
+                    noise_multiplier: 1.0,
+                },
+                delta: 1e-5,
+                budget_epsilon: budget,
+            }),
+            ..spec(2)
+        };
+        let eps = JoinPolicy {
+            max_epsilon: Some(8.0),
+            ..JoinPolicy::default()
+        };
+        assert_eq!(eps.refusal(&private(Some(8.0)), &coordinator), None);
+        let why = eps
+            .refusal(&private(Some(10.0)), &coordinator)
+            .expect("refused");
+        assert!(
+            why.contains("budget 10 is above learn.max_epsilon = 8"),
+            "{why}"
+        );
+        let why = eps.refusal(&private(None), &coordinator).expect("refused");
+        assert!(why.contains("promises no ε bound"), "{why}");
+        assert!(
+            eps.refusal(&spec(2), &coordinator).is_some(),
+            "no DP at all"
+        );
+
+        let secure = JoinPolicy {
+            require_secure_aggregation: true,
+            ..JoinPolicy::default()
+        };
+        let why = secure.refusal(&spec(2), &coordinator).expect("refused");
+        assert!(why.contains("would see this node's update"), "{why}");
+        let secure_job = JobSpec {
+            min_clients: 3,
+            secure_aggregation: Some(crate::secagg::SecAggSpec {
+                neighbours: 4,
+                threshold: None,
+                clip_range: 4.0,
+                quant_bits: crate::secagg::DEFAULT_QUANT_BITS,
+            }),
+            ..spec(2)
+        };
+        assert_eq!(secure.refusal(&secure_job, &coordinator), None);
+
+        let models = JoinPolicy {
+            models: vec!["mlp".into(), "cnn".into()],
+            ..JoinPolicy::default()
+        };
+        let why = models.refusal(&spec(2), &coordinator).expect("refused");
+        assert!(
+            why.contains("a logistic_regression, not one of learn.models"),
+            "{why}"
+        );
+        let rounds = JoinPolicy {
+            max_rounds: Some(1),
+            ..JoinPolicy::default()
+        };
+        let why = rounds.refusal(&spec(2), &coordinator).expect("refused");
+        assert!(
+            why.contains("2 rounds, more than learn.max_rounds = 1"),
+            "{why}"
+        );
+        assert_eq!(JoinPolicy::default().refusal(&spec(2), &coordinator), None);
     }
 
     #[test]

@@ -58,6 +58,7 @@ fn a_job_trains_across_daemons_and_survives_a_silent_participant() {
         bootstrap,
         env: vec![
             ("OPENAGI_LEARN_DATA".into(), "digits".into()),
+            ("OPENAGI_LEARN_JOIN".into(), "fitting".into()),
             ("OPENAGI_LEARN_SHARD".into(), format!("{}/4", i + 1)),
         ],
         ..Default::default()
@@ -226,6 +227,7 @@ fn a_job_short_of_participants_says_what_it_waits_for_and_why_nodes_do_not_join(
     let v0 = Daemon::start(&dirs[0], &with_data).expect("v0 starts");
     let without_data = DaemonOptions {
         bootstrap: vec![v0.multiaddr().expect("addr")],
+        env: vec![("OPENAGI_LEARN_JOIN".into(), "fitting".into())],
         ..Default::default()
     };
     let v1 = Daemon::start(&dirs[1], &without_data).expect("v1 starts");
@@ -314,6 +316,7 @@ fn a_secure_job_with_distributed_dp_trains_while_a_participant_is_stopped() {
         bootstrap,
         env: vec![
             ("OPENAGI_LEARN_DATA".into(), "digits".into()),
+            ("OPENAGI_LEARN_JOIN".into(), "fitting".into()),
             ("OPENAGI_LEARN_SHARD".into(), format!("{}/5", i + 1)),
         ],
         ..Default::default()
@@ -418,6 +421,7 @@ fn a_coordinator_killed_mid_job_resumes_it_after_a_restart() {
         bootstrap,
         env: vec![
             ("OPENAGI_LEARN_DATA".into(), "digits".into()),
+            ("OPENAGI_LEARN_JOIN".into(), "fitting".into()),
             ("OPENAGI_LEARN_SHARD".into(), format!("{}/4", i + 1)),
         ],
         ..Default::default()

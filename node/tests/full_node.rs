@@ -204,6 +204,7 @@ fn a_full_node_joins_a_training_job_and_its_updates_count() {
     let learn = |shard: &str| {
         vec![
             ("OPENAGI_LEARN_DATA".to_string(), "digits".to_string()),
+            ("OPENAGI_LEARN_JOIN".to_string(), "fitting".to_string()),
             ("OPENAGI_LEARN_SHARD".to_string(), shard.to_string()),
         ]
     };

@@ -110,6 +110,8 @@ try {
     null, { timeout: 180000 },
   );
   figures.accuracy_text = (await page.textContent("#jobs .job p:nth-of-type(2)")).trim();
+  // The job says how it protects updates (the devnet job: no privacy).
+  check(/coordinator sees each update/.test(await page.textContent("#jobs .privacy-mode")), "no privacy mode shown");
   await page.screenshot({ path: `${shots}/learning.png`, fullPage: true });
   // A model of the lineage downloads with the session.
   const href = await page.getAttribute("#jobs .lineage a:last-child", "href");

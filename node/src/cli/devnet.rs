@@ -148,7 +148,7 @@ pub(crate) fn write_node_config(
     // training data (they take part in no job yet).
     let learn = match shard {
         Some((index, count)) => format!(
-            "[learn]\ndata = \"digits\"\nshard = \"{}/{count}\"\n",
+            "[learn]\ndata = \"digits\"\nshard = \"{}/{count}\"\njoin = \"fitting\"\n",
             index + 1
         ),
         None => String::new(),

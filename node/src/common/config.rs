@@ -329,16 +329,32 @@ pub struct LearnSection {
     pub coordinators: Vec<String>,
     /// Join only jobs with client-level differential privacy.
     pub require_dp: bool,
+    /// Join only jobs whose privacy budget caps ε at this or less; 0: no
+    /// such requirement.
+    pub max_epsilon: f64,
+    /// Join only jobs with secure aggregation (the coordinator sees sums,
+    /// never this node's update).
+    pub require_secure_aggregation: bool,
+    /// When not empty, join only jobs of these model kinds:
+    /// `logistic_regression`, `mlp`, `cnn`.
+    pub models: Vec<String>,
+    /// Join only jobs of at most this many rounds; 0: any.
+    pub max_rounds: u64,
 }
 
-/// `learn.join`: whether this node joins jobs at all.
+/// The model kinds `learn.models` may name.
+pub const MODEL_KINDS: [&str; 3] = ["logistic_regression", "mlp", "cnn"];
+
+/// `learn.join`: whether this node joins jobs at all. A node joins nothing
+/// until its operator says so: training spends its CPU on others' jobs and
+/// sends updates derived from its data (`openagi devnet` sets `fitting`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JoinMode {
     /// Every job the local data fits (and the other settings allow).
-    #[default]
     Fitting,
     /// None: this node follows jobs but never trains.
+    #[default]
     None,
 }
 
@@ -367,6 +383,10 @@ impl LearnSection {
             never: self.join == JoinMode::None,
             coordinators,
             require_dp: self.require_dp,
+            max_epsilon: (self.max_epsilon > 0.0).then_some(self.max_epsilon),
+            require_secure_aggregation: self.require_secure_aggregation,
+            models: self.models.iter().map(|m| m.trim().to_string()).collect(),
+            max_rounds: (self.max_rounds > 0).then_some(self.max_rounds),
         })
     }
 
@@ -700,6 +720,29 @@ impl Config {
                 format!("learn.coordinators: {e}"),
             )
         })?;
+        if !(self.learn.max_epsilon.is_finite() && self.learn.max_epsilon >= 0.0) {
+            return Err(invalid(
+                origin("learn.max_epsilon"),
+                format!(
+                    "learn.max_epsilon: {} is not a finite ε; use 0 for no requirement",
+                    self.learn.max_epsilon
+                ),
+            ));
+        }
+        if let Some(unknown) = self
+            .learn
+            .models
+            .iter()
+            .find(|m| !MODEL_KINDS.contains(&m.trim()))
+        {
+            return Err(invalid(
+                origin("learn.models"),
+                format!(
+                    "learn.models: {unknown:?} is not a model kind; use {}",
+                    MODEL_KINDS.join(", ")
+                ),
+            ));
+        }
         // Full nodes fetch blocks in ledger answers of at most 8 MiB: a
         // block with its certificate must fit one with room to spare.
         if self.consensus.max_batch_bytes > MAX_BATCH_BYTES_LIMIT {
@@ -1480,14 +1523,27 @@ transport = "{transport}"
 # data = ""
 # Train on shard K of N of it (an IID split), e.g. "2/4".
 # shard = ""
-# Which jobs to join among those the data fits: "fitting" (all of them)
-# or "none" (follow jobs, never train).
-# join = "fitting"
+# Which jobs to join among those the data fits: "none" (follow jobs,
+# never train) or "fitting" (those the data fits and the limits below
+# allow). Nothing until the operator chooses: training spends this node's
+# CPU and sends updates derived from its data.
+# join = "none"
 # Join only jobs these coordinators submitted (peer ids or Ed25519 public
 # keys in hex); empty: any coordinator.
 # coordinators = []
 # Join only jobs with client-level differential privacy.
 # require_dp = false
+# Join only jobs whose privacy budget caps ε at this or less, e.g. 8.0;
+# 0: no requirement.
+# max_epsilon = 0.0
+# Join only jobs with secure aggregation (the coordinator sees sums, never
+# this node's update).
+# require_secure_aggregation = false
+# Join only jobs of these model kinds: "logistic_regression", "mlp",
+# "cnn"; empty: any.
+# models = []
+# Join only jobs of at most this many rounds; 0: any.
+# max_rounds = 0
 
 [api]
 # Local HTTP server: /health, /ready and /metrics (no token) and /api/v1
@@ -2006,6 +2062,43 @@ mod tests {
         let policy = config.learn.join_policy().expect("policy");
         assert!(policy.never && policy.require_dp);
         assert_eq!(policy.coordinators, vec![key]);
+        assert_eq!((policy.max_epsilon, policy.max_rounds), (None, None));
+        // The limits come from the file or the environment.
+        let config = load_text(
+            "[learn]\njoin = \"fitting\"\nmax_rounds = 50\n",
+            &[
+                ("OPENAGI_LEARN_MAX_EPSILON", "8"),
+                ("OPENAGI_LEARN_MODELS", "mlp,cnn"),
+                ("OPENAGI_LEARN_REQUIRE_SECURE_AGGREGATION", "true"),
+            ],
+            &CliOverrides::default(),
+        )
+        .expect("loads");
+        let policy = config.learn.join_policy().expect("policy");
+        assert!(!policy.never && policy.require_secure_aggregation);
+        assert_eq!(policy.max_epsilon, Some(8.0));
+        assert_eq!(policy.max_rounds, Some(50));
+        assert_eq!(policy.models, vec!["mlp".to_string(), "cnn".to_string()]);
+        // A node joins nothing until its operator says so.
+        assert!(Config::default().learn.join_policy().expect("policy").never);
+        let err = load_text(
+            "[learn]\nmodels = [\"transformer\"]\n",
+            &[],
+            &CliOverrides::default(),
+        )
+        .expect_err("unknown kind");
+        let text = err.to_string();
+        assert!(
+            text.contains("learn.models") && text.contains("logistic_regression, mlp, cnn"),
+            "{text}"
+        );
+        let err = load_text(
+            "[learn]\nmax_epsilon = -1.0\n",
+            &[],
+            &CliOverrides::default(),
+        )
+        .expect_err("negative ε");
+        assert!(err.to_string().contains("learn.max_epsilon"), "{err}");
         let err = load_text(
             "[learn]\ncoordinators = [\"nonsense\"]\n",
             &[],
