@@ -72,6 +72,8 @@ pub const MAX_ROUNDS: u64 = 100_000;
 pub const MAX_JOB_PARAMS: usize = 4 * 1024 * 1024 - 1024;
 /// Longest round deadline, in seconds.
 pub const MAX_DEADLINE_SECS: u64 = 24 * 60 * 60;
+/// Most standby coordinators a job may name.
+pub const MAX_STANDBYS: usize = 8;
 
 /// A job's identity: BLAKE3 of its signed record's encoding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -139,6 +141,16 @@ pub struct JobSpec {
     /// Absent from the encoding when off, so older jobs keep their ids.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure_aggregation: Option<SecAggSpec>,
+    /// Nodes (Ed25519 public keys in hex) that take the job over, in this
+    /// order, when its coordinator makes no progress for
+    /// `coordinator_timeout_secs` (see [`Record::Takeover`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub standby_coordinators: Vec<String>,
+    /// Seconds without a record from the coordinator before the first
+    /// standby takes over (the k-th waits k times as long). Default: three
+    /// round deadlines and 30 s (six with secure aggregation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator_timeout_secs: Option<u64>,
     /// Seed of the initial model, participant selection and local shuffles
     /// (public; DP noise is drawn from the coordinator's OS instead).
     pub seed: u64,
@@ -219,7 +231,77 @@ impl JobSpec {
             }
             secure.validate(self.distributed_noise())?;
         }
+        self.standbys()?;
+        if let Some(t) = self.coordinator_timeout_secs
+            && !(1..=MAX_DEADLINE_SECS).contains(&t)
+        {
+            return Err(Error::invalid(
+                "coordinator_timeout_secs",
+                format!("{t} is not in 1..={MAX_DEADLINE_SECS}"),
+            ));
+        }
         Ok(())
+    }
+
+    /// The standby coordinators' keys, in order.
+    pub fn standbys(&self) -> Result<Vec<PublicKey>> {
+        if self.standby_coordinators.len() > MAX_STANDBYS {
+            return Err(Error::invalid(
+                "standby_coordinators",
+                format!(
+                    "{} given, at most {MAX_STANDBYS}",
+                    self.standby_coordinators.len()
+                ),
+            ));
+        }
+        let mut keys: Vec<PublicKey> = Vec::with_capacity(self.standby_coordinators.len());
+        for text in &self.standby_coordinators {
+            let key = PublicKey::from_hex(text.trim()).map_err(|e| {
+                Error::invalid(
+                    "standby_coordinators",
+                    format!("{text:?} is not a public key in hex: {e}"),
+                )
+            })?;
+            if keys.contains(&key) {
+                return Err(Error::invalid(
+                    "standby_coordinators",
+                    format!("{text} is listed twice"),
+                ));
+            }
+            keys.push(key);
+        }
+        Ok(keys)
+    }
+
+    /// How long a coordinator may go without a record before the first
+    /// standby takes over, in milliseconds.
+    pub fn takeover_after_ms(&self) -> u64 {
+        // A plain round waits one deadline, a secure one up to five.
+        let rounds = if self.secure_aggregation.is_some() {
+            6
+        } else {
+            3
+        };
+        self.coordinator_timeout_secs
+            .unwrap_or_else(|| {
+                self.round_deadline_secs
+                    .saturating_mul(rounds)
+                    .saturating_add(30)
+            })
+            .saturating_mul(1000)
+    }
+
+    /// Position of `key` in the job's chain of coordinators: 0 for the
+    /// submitter, k for the k-th standby; `None` for anyone else.
+    pub fn chain_position(&self, submitter: &PublicKey, key: &PublicKey) -> Option<usize> {
+        if key == submitter {
+            return Some(0);
+        }
+        self.standbys()
+            .ok()?
+            .iter()
+            .position(|k| k == key)
+            .map(|i| i + 1)
     }
 
     /// The noise each participant adds under secure aggregation with DP.
@@ -315,6 +397,16 @@ pub enum Record {
     },
     /// The coordinator closes a round.
     RoundEnd(RoundSummary),
+    /// The signer, a standby coordinator of the job, coordinates it from
+    /// here on. It counts when the signer comes later in the job's chain
+    /// (submitter, then the standbys in order) than the coordinator it
+    /// replaces: every node applies the same rule in ledger order. A
+    /// standby submits it when the coordinator has made no progress for
+    /// the job's timeout (k timeouts for the k-th standby).
+    Takeover {
+        /// The job.
+        job: JobId,
+    },
 }
 
 /// How a round ended, as committed by the coordinator: a
@@ -660,6 +752,16 @@ pub struct Coordinator {
     /// The model moved during the replay: its parameters must be handed
     /// to [`Coordinator::resume`].
     params_stale: bool,
+    /// Who submitted the job (first in its chain of coordinators).
+    submitter: PublicKey,
+    /// Who coordinates it now, as the ledger says: the submitter or the
+    /// standby that took it over last. Round records count only from it.
+    current: PublicKey,
+    /// When a record of the job last committed: a standby takes over
+    /// after the job's timeout without one.
+    last_progress_ms: u64,
+    /// When this node (a standby) last submitted its takeover.
+    takeover_sent_ms: Option<u64>,
 }
 
 /// A secure-aggregation round in progress at the coordinator.
@@ -750,7 +852,39 @@ impl Coordinator {
             replayed_start: None,
             replayed_end: 0,
             params_stale: false,
+            submitter: me,
+            current: me,
+            last_progress_ms: now_ms,
+            takeover_sent_ms: None,
         })
+    }
+
+    /// The coordinator of a job `submitter` submitted: when that is not
+    /// this node, this node is one of the job's standbys, and its
+    /// coordinator follows the job passively until it takes over.
+    pub fn following(mut self, submitter: PublicKey) -> Self {
+        self.submitter = submitter;
+        self.current = submitter;
+        if submitter != self.me {
+            self.paused = true;
+        }
+        self
+    }
+
+    /// Who coordinates the job now, as the ledger says.
+    pub fn current_coordinator(&self) -> PublicKey {
+        self.current
+    }
+
+    /// Whether this node must take over now: it coordinates the job as
+    /// the ledger says, but its coordinator waits for
+    /// [`Coordinator::resume`] (after a restart or a takeover).
+    pub fn wants_resume(&self) -> bool {
+        self.paused && self.current == self.me && self.phase != Phase::Finished
+    }
+
+    fn position(&self, key: &PublicKey) -> Option<usize> {
+        self.spec.chain_position(&self.submitter, key)
     }
 
     /// The job's spec.
@@ -763,20 +897,50 @@ impl Coordinator {
     /// and pauses the coordinator until [`Coordinator::resume`].
     pub fn replay_record(&mut self, signer: &PublicKey, record: &Record) {
         self.paused = true;
+        self.follow_record(signer, record);
+    }
+
+    /// Follows a committed record without acting on it: what a replay at
+    /// start and a passive standby do.
+    fn follow_record(&mut self, signer: &PublicKey, record: &Record) {
+        let job = match record {
+            Record::Job(_) => return,
+            Record::Join { job, .. }
+            | Record::RoundStart { job, .. }
+            | Record::Takeover { job } => *job,
+            Record::RoundEnd(summary) => summary.job,
+        };
+        if job != self.job {
+            return;
+        }
+        // Any record of the job shows it alive: the standby's clock restarts.
+        self.last_progress_ms = self.now_ms;
         match record {
-            Record::Join { .. } => self.handle_record(signer, record, self.now_ms),
+            Record::Join { job, samples } => self.add_join(signer, job, *samples),
+            Record::Takeover { .. } => {
+                let later = match (self.position(signer), self.position(&self.current)) {
+                    (Some(new), Some(old)) => new > old,
+                    _ => false,
+                };
+                if later && self.phase != Phase::Finished {
+                    self.current = *signer;
+                    self.takeover_sent_ms = None;
+                    // Whoever coordinated before stops acting; if it is
+                    // this node's turn, it waits for its resume.
+                    self.paused = true;
+                    self.awaiting = None;
+                    self.secure = None;
+                }
+            }
             Record::RoundStart {
-                job,
                 round,
                 participants,
                 ..
-            } if *job == self.job && *signer == self.me && *round > self.replayed_end => {
+            } if *signer == self.current && *round > self.replayed_end => {
                 self.replayed_start = Some((*round, participants.clone()));
             }
             Record::RoundEnd(summary)
-                if summary.job == self.job
-                    && *signer == self.me
-                    && summary.round > self.replayed_end =>
+                if *signer == self.current && summary.round > self.replayed_end =>
             {
                 self.replayed_start = None;
                 self.replayed_end = summary.round;
@@ -856,6 +1020,15 @@ impl Coordinator {
     /// was running at the restart lost its updates: it ends now without
     /// changing the model, and the next round follows as usual.
     pub fn resume(&mut self, params: Option<Vec<f32>>, now_ms: u64) -> Result<()> {
+        if !self.paused {
+            return Ok(());
+        }
+        if self.current != self.me {
+            return Err(Error::invalid(
+                "resume",
+                "another node coordinates the job now (a standby took it over)",
+            ));
+        }
         if self.params_stale {
             let params = params.ok_or_else(|| {
                 Error::invalid(
@@ -913,20 +1086,27 @@ impl Coordinator {
         self.phase == Phase::Finished
     }
 
+    fn add_join(&mut self, signer: &PublicKey, job: &JobId, samples: u64) {
+        if *job == self.job
+            && !self.joined.iter().any(|(k, _)| k == signer)
+            && self.joined.len() < MAX_PARTICIPANTS
+        {
+            self.joined.push((*signer, samples));
+        }
+    }
+
     /// A committed record of this job, signed by `signer`, seen at `now_ms`.
     pub fn handle_record(&mut self, signer: &PublicKey, record: &Record, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
         if self.awaiting.as_ref() == Some(record) && *signer == self.me {
             self.awaiting = None;
         }
+        if self.paused || self.current != self.me || matches!(record, Record::Takeover { .. }) {
+            self.follow_record(signer, record);
+            return;
+        }
         match record {
-            Record::Join { job, samples }
-                if *job == self.job
-                    && !self.joined.iter().any(|(k, _)| k == signer)
-                    && self.joined.len() < MAX_PARTICIPANTS =>
-            {
-                self.joined.push((*signer, *samples));
-            }
+            Record::Join { job, samples } => self.add_join(signer, job, *samples),
             Record::RoundStart {
                 job,
                 round,
@@ -1182,6 +1362,18 @@ impl Coordinator {
     pub fn handle_tick(&mut self, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
         if self.paused {
+            if let Some(due) = self.takeover_due() {
+                let resend = self
+                    .takeover_sent_ms
+                    .is_none_or(|t| now_ms >= t.saturating_add(self.resubmit_after_ms()));
+                if now_ms >= due && resend {
+                    self.takeover_sent_ms = Some(now_ms);
+                    self.outputs
+                        .push_back(CoordinatorOutput::Submit(Record::Takeover {
+                            job: self.job,
+                        }));
+                }
+            }
             return;
         }
         if let Some(secure) = &mut self.secure {
@@ -1233,8 +1425,26 @@ impl Coordinator {
         self.outputs.push_back(CoordinatorOutput::Submit(record));
     }
 
+    /// When this passive standby takes the job over if nothing commits
+    /// before: `k` timeouts after the last record when it is `k` places
+    /// after the current coordinator in the chain.
+    fn takeover_due(&self) -> Option<u64> {
+        if self.current == self.me || self.phase == Phase::Finished {
+            return None;
+        }
+        let (mine, theirs) = (self.position(&self.me)?, self.position(&self.current)?);
+        let steps = mine.checked_sub(theirs).filter(|&d| d > 0)? as u64;
+        Some(
+            self.last_progress_ms
+                .saturating_add(self.spec.takeover_after_ms().saturating_mul(steps)),
+        )
+    }
+
     /// When [`Coordinator::handle_tick`] next has something to do.
     pub fn poll_timeout(&self) -> Option<u64> {
+        if self.paused {
+            return self.takeover_due();
+        }
         let secure = self
             .secure
             .as_ref()
@@ -1588,6 +1798,8 @@ pub(crate) mod tests {
             privacy: None,
             compression: Compression::None,
             secure_aggregation: None,
+            standby_coordinators: Vec::new(),
+            coordinator_timeout_secs: None,
             seed: 7,
         }
     }
@@ -2097,6 +2309,86 @@ pub(crate) mod tests {
         // A restart after the end replays a finished job.
         net.restart();
         assert!(net.coordinator.is_finished());
+    }
+
+    #[test]
+    fn a_standby_takes_over_a_job_whose_coordinator_is_gone() {
+        let standby_id = Identity::from_seed(&[101; 32]);
+        let mut spec = spec();
+        spec.rounds = 4;
+        spec.standby_coordinators = vec![standby_id.public().to_hex()];
+        spec.coordinator_timeout_secs = Some(60);
+        spec.validate().expect("valid");
+        let mut net = net_with(spec.clone(), 3);
+        net.round(&[0, 1, 2]);
+        let second = net.round(&[0, 1, 2]);
+        let submitter = net.coordinator_id.public();
+
+        // The standby follows every committed record without acting.
+        let (_, test) = data::digits()
+            .expect("digits")
+            .split(0.25, 1)
+            .expect("split");
+        let mut standby = Coordinator::new(
+            net.coordinator.job(),
+            spec,
+            standby_id.public(),
+            net.trainer.clone(),
+            Some(test),
+            [7; 32],
+            net.now,
+        )
+        .expect("coordinator")
+        .following(submitter);
+        for (signer, record) in &net.log {
+            standby.handle_record(signer, record, net.now);
+        }
+        assert!(standby.is_paused() && !standby.wants_resume());
+        assert_eq!(standby.current_coordinator(), submitter);
+        assert_eq!(standby.model(), second.model);
+        let submitted = |c: &mut Coordinator| -> Vec<Record> {
+            std::iter::from_fn(|| c.poll_output())
+                .filter_map(|o| match o {
+                    CoordinatorOutput::Submit(r) => Some(r),
+                    _ => None,
+                })
+                .collect()
+        };
+        // The coordinator goes silent: a minute later the standby claims
+        // the job.
+        standby.handle_tick(net.now + 59_000);
+        assert!(submitted(&mut standby).is_empty());
+        assert_eq!(standby.poll_timeout(), Some(net.now + 60_000));
+        standby.handle_tick(net.now + 60_000);
+        let takeover = Record::Takeover {
+            job: net.coordinator.job(),
+        };
+        assert_eq!(submitted(&mut standby), vec![takeover.clone()]);
+        net.now += 60_000;
+
+        // A takeover signed by anyone else counts for nothing.
+        let stranger = Identity::from_seed(&[55; 32]).public();
+        standby.handle_record(&stranger, &takeover, net.now);
+        assert_eq!(standby.current_coordinator(), submitter);
+        // Committed, the standby's counts everywhere: the old coordinator
+        // stops acting, the standby resumes from the model round 2 ended
+        // with and goes on.
+        net.coordinator
+            .handle_record(&standby_id.public(), &takeover, net.now);
+        assert_eq!(net.coordinator.current_coordinator(), standby_id.public());
+        net.coordinator.handle_tick(net.now + 3_600_000);
+        assert!(submitted(&mut net.coordinator).is_empty());
+        standby.handle_record(&standby_id.public(), &takeover, net.now);
+        assert!(standby.wants_resume());
+        let params = net.params[&second.model].clone();
+        standby.resume(Some(params), net.now).expect("resumes");
+        net.coordinator = standby;
+        net.coordinator_id = standby_id;
+        let third = net.round(&[0, 1, 2]);
+        assert_eq!((third.round, third.parent), (3, second.model));
+        assert!(third.aggregated);
+        let fourth = net.round(&[0, 1, 2]);
+        assert!(fourth.finished);
     }
 
     #[test]

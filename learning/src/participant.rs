@@ -71,8 +71,11 @@ pub struct FollowedJob {
     pub id: JobId,
     /// Its spec.
     pub spec: JobSpec,
-    /// The node that submitted it and coordinates it.
+    /// The node that coordinates it: its submitter, or the standby that
+    /// took it over last.
     pub coordinator: PublicKey,
+    /// The node that submitted it (first in its chain of coordinators).
+    pub submitter: PublicKey,
     /// The round-0 model.
     pub initial_model: ModelId,
     /// Where it stands.
@@ -248,6 +251,13 @@ pub enum Notice {
         /// The job.
         job: JobId,
     },
+    /// A standby coordinator took a job over (live only).
+    TakenOver {
+        /// The job.
+        job: JobId,
+        /// The new coordinator's fingerprint.
+        by: String,
+    },
     /// A job was not followed: its initial model cannot be built.
     Unbuildable {
         /// The job.
@@ -280,13 +290,17 @@ pub struct TrainingTask {
 pub enum ParticipantOutput {
     /// Sign and submit this record (a join) to the ledger.
     Submit(Record),
-    /// This node submitted the job: start its coordinator (also when the
-    /// job record is replayed at start, to resume it).
+    /// This node submitted the job or is one of its standby coordinators:
+    /// start its coordinator (also when the job record is replayed at
+    /// start, to resume it). A standby's coordinator follows the job
+    /// passively until it takes over.
     Coordinate {
         /// The job.
         job: JobId,
         /// Its spec.
         spec: Box<JobSpec>,
+        /// Who submitted it.
+        submitter: PublicKey,
     },
     /// Train for a round and send the update to the coordinator; report
     /// the end with [`Participant::handle_training_finished`].
@@ -400,6 +414,7 @@ impl Participant {
                 participants,
             } => self.round_start(signer, job, *round, model, participants, live),
             Record::RoundEnd(summary) => self.round_end(signer, summary, live),
+            Record::Takeover { job } => self.takeover(signer, job, live),
         }
     }
 
@@ -449,12 +464,14 @@ impl Participant {
                 }
             }
         }
-        let mine = *signer == self.me;
+        // The submitter and every standby run a coordinator for the job.
+        let mine = spec.chain_position(signer, &self.me).is_some();
         let not_joining = self.join_refusal(&spec, signer);
         let followed = FollowedJob {
             id: job,
             spec: spec.clone(),
             coordinator: *signer,
+            submitter: *signer,
             initial_model,
             state: JobState::Gathering,
             round: 0,
@@ -471,6 +488,7 @@ impl Participant {
                 self.outputs.push_back(ParticipantOutput::Coordinate {
                     job,
                     spec: Box::new(spec),
+                    submitter: *signer,
                 });
             }
             return;
@@ -486,6 +504,7 @@ impl Participant {
             self.outputs.push_back(ParticipantOutput::Coordinate {
                 job,
                 spec: Box::new(spec),
+                submitter: *signer,
             });
         }
         if not_joining.is_none()
@@ -494,6 +513,30 @@ impl Participant {
             let samples = profile.samples as u64;
             self.outputs
                 .push_back(ParticipantOutput::Submit(Record::Join { job, samples }));
+        }
+    }
+
+    /// A standby takes the job over if it comes later in the chain than
+    /// the current coordinator: from now on round records count only from
+    /// it, and updates go to it.
+    fn takeover(&mut self, signer: &PublicKey, job: &JobId, live: bool) {
+        let Some(followed) = self.jobs.get_mut(job) else {
+            return;
+        };
+        let position = |key: &PublicKey| followed.spec.chain_position(&followed.submitter, key);
+        let later = match (position(signer), position(&followed.coordinator)) {
+            (Some(new), Some(old)) => new > old,
+            _ => false,
+        };
+        if !later || followed.state == JobState::Finished {
+            return;
+        }
+        followed.coordinator = *signer;
+        if live {
+            self.notice(Notice::TakenOver {
+                job: *job,
+                by: signer.fingerprint(),
+            });
         }
     }
 

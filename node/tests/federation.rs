@@ -221,7 +221,10 @@ fn a_job_short_of_participants_says_what_it_waits_for_and_why_nodes_do_not_join(
     let root = tempfile::tempdir().expect("tempdir");
     let dirs = init_validators(root.path(), 2).expect("validators");
     let with_data = DaemonOptions {
-        env: vec![("OPENAGI_LEARN_DATA".into(), "digits".into())],
+        env: vec![
+            ("OPENAGI_LEARN_DATA".into(), "digits".into()),
+            ("OPENAGI_LEARN_JOIN".into(), "fitting".into()),
+        ],
         ..Default::default()
     };
     let v0 = Daemon::start(&dirs[0], &with_data).expect("v0 starts");
@@ -478,9 +481,7 @@ fn a_coordinator_killed_mid_job_resumes_it_after_a_restart() {
         assert_eq!(pair[1]["round"].as_u64(), Some(i as u64 + 2), "{job:#}");
     }
     assert!(
-        nodes[1]
-            .log()
-            .contains("coordination resumed after a restart"),
+        nodes[1].log().contains("coordination resumed"),
         "{}",
         nodes[1].log()
     );
@@ -494,6 +495,105 @@ fn a_coordinator_killed_mid_job_resumes_it_after_a_restart() {
     );
     eprintln!(
         "coordinator restart: accuracy {accuracy:.3} after 6 rounds; rounds that ended unchanged: {}",
+        history.iter().filter(|r| r["aggregated"] == false).count()
+    );
+}
+
+/// The coordinator dies for good: the job's standby (named in its spec)
+/// takes it over once the coordinator has been silent for the job's
+/// timeout, resumes from the last model (which it kept when the round
+/// committed), and finishes the job.
+#[test]
+fn a_standby_coordinator_finishes_a_job_whose_coordinator_is_gone() {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let dirs = init_validators(root.path(), 4).expect("validators");
+    let options = |i: usize, bootstrap: Vec<String>| DaemonOptions {
+        bootstrap,
+        env: vec![
+            ("OPENAGI_LEARN_DATA".into(), "digits".into()),
+            ("OPENAGI_LEARN_JOIN".into(), "fitting".into()),
+            ("OPENAGI_LEARN_SHARD".into(), format!("{}/4", i + 1)),
+        ],
+        ..Default::default()
+    };
+    let v0 = Daemon::start(&dirs[0], &options(0, vec![])).expect("v0 starts");
+    let boot = vec![v0.multiaddr().expect("addr")];
+    let mut nodes = vec![v0];
+    for (i, dir) in dirs.iter().enumerate().skip(1) {
+        nodes.push(Daemon::start(dir, &options(i, boot.clone())).expect("validator starts"));
+    }
+    wait_for("validator mesh", Duration::from_secs(30), || {
+        nodes.iter().all(|d| d.connected_peers() == 3).then_some(())
+    })
+    .expect("validators connect");
+
+    let (status, out, err) = openagi(&[
+        "keys",
+        "show",
+        "--json",
+        "--data-dir",
+        dirs[2].to_str().expect("utf-8"),
+    ])
+    .expect("runs");
+    assert!(status.success(), "{out}{err}");
+    let v2: Value = serde_json::from_str(&out).expect("json");
+    let job_text = format!(
+        "{JOB}standby_coordinators = [\"{}\"]\ncoordinator_timeout_secs = 8\n",
+        v2["public_key"].as_str().expect("public key")
+    );
+    let job_file = root.path().join("job.toml");
+    std::fs::write(&job_file, job_text).expect("job file");
+    let (status, out, err) = openagi(&[
+        "learn",
+        "submit",
+        "--data-dir",
+        dirs[1].to_str().expect("utf-8"),
+        job_file.to_str().expect("utf-8"),
+    ])
+    .expect("runs");
+    assert!(status.success(), "{out}{err}");
+    wait_for("two rounds", Duration::from_secs(60), || {
+        (rounds_done(&nodes[0]) >= 2).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&nodes)));
+
+    // The coordinator (v1) is gone for good.
+    nodes[1].kill_hard().expect("SIGKILL");
+    wait_for(
+        "job finished by the standby",
+        Duration::from_secs(150),
+        || {
+            jobs(&nodes[0])
+                .first()
+                .is_some_and(|j| j["state"] == "finished")
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&nodes)));
+
+    let job = jobs(&nodes[0]).remove(0);
+    assert_eq!(job["coordinator"], v2["peer_id"], "{job:#}");
+    let history = job["history"].as_array().cloned().expect("history");
+    assert_eq!(history.len(), 6, "{job:#}");
+    for (i, round) in history.iter().enumerate() {
+        assert_eq!(round["round"].as_u64(), Some(i as u64 + 1), "{job:#}");
+    }
+    assert!(
+        nodes[2].log().contains("coordination resumed"),
+        "{}",
+        nodes[2].log()
+    );
+    let accuracy = history
+        .last()
+        .and_then(|r| r["accuracy"].as_f64())
+        .expect("evaluated");
+    assert!(
+        accuracy >= STATED_ACCURACY,
+        "final accuracy {accuracy} below {STATED_ACCURACY}: {job:#}"
+    );
+    eprintln!(
+        "standby takeover: accuracy {accuracy:.3} after 6 rounds; rounds that ended unchanged: {}",
         history.iter().filter(|r| r["aggregated"] == false).count()
     );
 }

@@ -409,7 +409,7 @@ impl Learner {
                 train_samples = l.train.len(),
                 eval_samples = l.eval.len(),
                 features = l.train.n_features(),
-                "federated learning: local data loaded; this node joins jobs it fits"
+                "federated learning: local data loaded (learn.join says which jobs this node trains for)"
             );
         }
         let models_dir = data_dir.join("models");
@@ -501,6 +501,39 @@ impl Learner {
         }
     }
 
+    /// Keeps the model a round of a job ended with, fetched from its
+    /// coordinator, when this node trains for the job or stands by to
+    /// coordinate it: if the coordinator is lost, the model is not.
+    fn keep_round_model(self: &Arc<Self>, summary: &RoundSummary) {
+        if !summary.aggregated {
+            return;
+        }
+        let Ok(s) = self.state() else { return };
+        let Some(job) = s.participant.job(&summary.job) else {
+            return;
+        };
+        let standby = job
+            .spec
+            .chain_position(&job.submitter, &self.me)
+            .is_some_and(|p| p > 0);
+        if job.coordinator == self.me || !(job.joined_here || standby) {
+            return;
+        }
+        let (spec, coordinator, model) = (job.spec.clone(), job.coordinator, summary.model);
+        drop(s);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let fetched = async {
+                let trainer = Trainer::new(spec.architecture.clone(), Compute::Cpu)?;
+                let peer = peer_id_of(&coordinator).context("coordinator key is not a peer id")?;
+                this.model_params(&model, &trainer, Some(peer)).await
+            };
+            if let Err(e) = fetched.await {
+                debug!(model = %model.to_hex(), error = format!("{e:#}"), "round model not kept");
+            }
+        });
+    }
+
     /// Hands the coordinators rebuilt from the replayed ledger what they
     /// need to go on: the current model's parameters, from this node's
     /// disk. A job whose model is not there cannot go on and shows as
@@ -510,7 +543,7 @@ impl Learner {
             Ok(s) => s
                 .coordinators
                 .iter()
-                .filter(|(_, c)| c.is_paused())
+                .filter(|(_, c)| c.wants_resume())
                 .map(|(job, c)| (*job, c.model_to_restore(), c.spec().clone()))
                 .collect(),
             Err(_) => return,
@@ -541,7 +574,7 @@ impl Learner {
             .unwrap_or_else(|e| Err(anyhow!("resuming panicked: {e}")));
             match resumed {
                 Ok(()) => {
-                    info!(%job, model = ?model.map(|m| m.to_hex()), "coordination resumed after a restart")
+                    info!(%job, model = ?model.map(|m| m.to_hex()), "coordination resumed (after a restart or a takeover)")
                 }
                 Err(e) => {
                     warn!(%job, error = format!("{e:#}"), "cannot resume coordinating this job: it is interrupted");
@@ -622,16 +655,18 @@ impl Learner {
             while let Some(output) = s.participant.poll_output() {
                 match output {
                     // Started at once, so it sees the job record below.
-                    ParticipantOutput::Coordinate { job, spec } => {
-                        match self.coordinator(job, &spec, now) {
-                            Ok(c) => {
-                                s.coordinators.insert(job, c);
-                            }
-                            Err(e) => {
-                                warn!(%job, error = format!("{e:#}"), "cannot coordinate this job")
-                            }
+                    ParticipantOutput::Coordinate {
+                        job,
+                        spec,
+                        submitter,
+                    } => match self.coordinator(job, &spec, now) {
+                        Ok(c) => {
+                            s.coordinators.insert(job, c.following(submitter));
                         }
-                    }
+                        Err(e) => {
+                            warn!(%job, error = format!("{e:#}"), "cannot coordinate this job")
+                        }
+                    },
                     ParticipantOutput::JobFinished(job) => {
                         s.trainers.remove(&job);
                         s.feedback.remove(&job);
@@ -639,11 +674,7 @@ impl Learner {
                     other => outputs.push(other),
                 }
             }
-            let job = match record {
-                Record::Job(_) => federation::job_id(payload),
-                Record::Join { job, .. } | Record::RoundStart { job, .. } => *job,
-                Record::RoundEnd(s) => s.job,
-            };
+            let job = job_of(record, payload);
             if let Some(c) = s.coordinators.get_mut(&job) {
                 if live {
                     c.handle_record(signer, record, now);
@@ -653,11 +684,26 @@ impl Learner {
             }
         }
         self.drain();
+        // A standby's takeover committed: it resumes the job (off this
+        // path: the current model may have to come from its disk).
+        let takeover = live
+            && self.state().is_ok_and(|s| {
+                s.coordinators
+                    .get(&job_of(record, payload))
+                    .is_some_and(Coordinator::wants_resume)
+            });
+        if takeover {
+            let this = self.clone();
+            tokio::spawn(async move { this.resume_coordinators().await });
+        }
         for output in outputs {
             match output {
                 ParticipantOutput::Submit(record) => self.act(Action::Submit(record)),
                 ParticipantOutput::Train(task) => self.act(Action::Train(task)),
                 ParticipantOutput::RoundCommitted { summary, live } => {
+                    if live {
+                        self.keep_round_model(&summary);
+                    }
                     let budget = self.state().ok().and_then(|s| {
                         s.participant
                             .job(&summary.job)
@@ -1410,9 +1456,23 @@ fn log_notice(notice: &Notice) {
             max = participant::MAX_JOBS,
             "too many unfinished learning jobs on the ledger; ignoring this one"
         ),
+        Notice::TakenOver { job, by } => {
+            info!(job = %job, coordinator = %by, "a standby coordinator took the job over")
+        }
         Notice::Unbuildable { job, error } => {
             warn!(job = %job, %error, "job's initial model cannot be built; ignoring the job")
         }
+    }
+}
+
+/// The job a committed record belongs to.
+fn job_of(record: &Record, payload: &[u8]) -> JobId {
+    match record {
+        Record::Job(_) => federation::job_id(payload),
+        Record::Join { job, .. } | Record::RoundStart { job, .. } | Record::Takeover { job } => {
+            *job
+        }
+        Record::RoundEnd(s) => s.job,
     }
 }
 
