@@ -232,12 +232,21 @@ impl JobSpec {
             secure.validate(self.distributed_noise())?;
         }
         self.standbys()?;
+        // A healthy coordinator may stay silent for a join window and a
+        // round deadline: a shorter timeout would hand its job over.
+        let least = self
+            .round_deadline_secs
+            .saturating_add(self.join_window_secs)
+            .max(1);
         if let Some(t) = self.coordinator_timeout_secs
-            && !(1..=MAX_DEADLINE_SECS).contains(&t)
+            && !(least..=MAX_DEADLINE_SECS).contains(&t)
         {
             return Err(Error::invalid(
                 "coordinator_timeout_secs",
-                format!("{t} is not in 1..={MAX_DEADLINE_SECS}"),
+                format!(
+                    "{t} is not in {least}..={MAX_DEADLINE_SECS} (at least round_deadline_secs \
+                     + join_window_secs)"
+                ),
             ));
         }
         Ok(())
@@ -762,6 +771,8 @@ pub struct Coordinator {
     last_progress_ms: u64,
     /// When this node (a standby) last submitted its takeover.
     takeover_sent_ms: Option<u64>,
+    /// The round being closed was interrupted (restart or takeover).
+    closing_interrupted: bool,
 }
 
 /// A secure-aggregation round in progress at the coordinator.
@@ -856,6 +867,7 @@ impl Coordinator {
             current: me,
             last_progress_ms: now_ms,
             takeover_sent_ms: None,
+            closing_interrupted: false,
         })
     }
 
@@ -913,10 +925,26 @@ impl Coordinator {
         if job != self.job {
             return;
         }
-        // Any record of the job shows it alive: the standby's clock restarts.
-        self.last_progress_ms = self.now_ms;
+        // The standby's clock restarts at what only the coordinator can
+        // do: its round records (and a takeover that counts, below). While
+        // the job waits for joins its coordinator has nothing to do: the
+        // clock starts once enough nodes joined and the join window passed.
+        if *signer == self.current
+            && matches!(record, Record::RoundStart { .. } | Record::RoundEnd(_))
+        {
+            self.last_progress_ms = self.now_ms;
+        }
         match record {
-            Record::Join { job, samples } => self.add_join(signer, job, *samples),
+            Record::Join { job, samples } => {
+                let before = self.eligible().len();
+                self.add_join(signer, job, *samples);
+                if before < self.spec.min_clients && self.eligible().len() >= self.spec.min_clients
+                {
+                    self.last_progress_ms = self
+                        .now_ms
+                        .saturating_add(self.spec.join_window_secs.saturating_mul(1000));
+                }
+            }
             Record::Takeover { .. } => {
                 let later = match (self.position(signer), self.position(&self.current)) {
                     (Some(new), Some(old)) => new > old,
@@ -924,7 +952,12 @@ impl Coordinator {
                 };
                 if later && self.phase != Phase::Finished {
                     self.current = *signer;
+                    self.last_progress_ms = self.now_ms;
                     self.takeover_sent_ms = None;
+                    // The round this node may have been collecting is no
+                    // longer its own.
+                    self.updates.clear();
+                    self.rejected = 0;
                     // Whoever coordinated before stops acting; if it is
                     // this node's turn, it waits for its resume.
                     self.paused = true;
@@ -970,6 +1003,11 @@ impl Coordinator {
         let Some(privacy) = self.spec.privacy else {
             return;
         };
+        let spent_before = self
+            .accountant
+            .as_ref()
+            .and_then(|a| a.spent().ok())
+            .map_or(0.0, |s| s.epsilon);
         let z = match (&self.spec.secure_aggregation, self.spec.distributed_noise()) {
             (Some(secure), Some(noise)) if summary.responded > 0 => secure
                 .round_config(
@@ -979,8 +1017,19 @@ impl Coordinator {
                     Some(noise),
                 )
                 .charged_noise_multiplier_for(summary.responded as usize, self.params.len()),
+            // A secure round interrupted by a restart or a takeover was
+            // charged at the least noise it could have carried: its ε rose.
+            (Some(_), Some(_))
+                if summary
+                    .epsilon
+                    .is_some_and(|e| e > spent_before + 1e-9 * spent_before.max(1.0)) =>
+            {
+                Some(self.charged_noise_at_least(&privacy))
+            }
             (Some(_), Some(_)) => None,
-            _ => Some(privacy.dp.noise_multiplier),
+            // Central DP charges every closed round whose aggregation ran.
+            _ if summary.epsilon.is_some() => Some(privacy.dp.noise_multiplier),
+            _ => None,
         };
         let Some(accountant) = &mut self.accountant else {
             return;
@@ -1061,6 +1110,7 @@ impl Coordinator {
                 participants: participants.iter().map(PublicKey::to_bytes).collect(),
                 deadline_ms: self.now_ms,
             };
+            self.closing_interrupted = true;
             self.close_round();
         } else if let Phase::Gathering { next, .. } = self.phase {
             self.phase = Phase::Gathering {
@@ -1166,6 +1216,12 @@ impl Coordinator {
         samples: u64,
         now_ms: u64,
     ) -> Result<()> {
+        if self.paused || self.current != self.me {
+            return Err(Error::invalid(
+                "update",
+                "this node does not coordinate the job now",
+            ));
+        }
         if self.spec.secure_aggregation.is_some() {
             return Err(Error::invalid(
                 "update",
@@ -1432,6 +1488,10 @@ impl Coordinator {
         if self.current == self.me || self.phase == Phase::Finished {
             return None;
         }
+        // A job short of joins is waiting, not stalled.
+        if self.eligible().len() < self.spec.min_clients {
+            return None;
+        }
         let (mine, theirs) = (self.position(&self.me)?, self.position(&self.current)?);
         let steps = mine.checked_sub(theirs).filter(|&d| d > 0)? as u64;
         Some(
@@ -1645,12 +1705,26 @@ impl Coordinator {
     ) -> (Option<Vec<f32>>, Option<f64>, u32, u64) {
         let spent_so_far =
             |acc: &Option<Accountant>| acc.as_ref().and_then(|a| a.spent().ok()).map(|s| s.epsilon);
+        let interrupted = std::mem::take(&mut self.closing_interrupted);
         let Some(SecureEnd {
             result: Some(result),
             samples,
         }) = ended
         else {
-            return (None, spent_so_far(&self.accountant), 0, 0);
+            // A round interrupted by a restart or a takeover may have been
+            // unmasked by the coordinator that ran it: under distributed DP
+            // it is charged at the least noise it could have carried.
+            let charged = match (self.spec.privacy, &mut self.accountant) {
+                (Some(privacy), Some(_)) if interrupted => {
+                    let z = self.charged_noise_at_least(&privacy);
+                    self.accountant
+                        .as_mut()
+                        .and_then(|a| a.record_round(ACCOUNTED_SAMPLE_RATE, z).ok())
+                        .map(|s| s.epsilon)
+                }
+                _ => None,
+            };
+            return (None, charged.or(spent_so_far(&self.accountant)), 0, 0);
         };
         let responded = result.survivors.len() as u32;
         let enough = result.survivors.len() >= self.spec.min_clients;
@@ -2311,6 +2385,26 @@ pub(crate) mod tests {
         assert!(net.coordinator.is_finished());
     }
 
+    fn second_dim(net: &Net) -> usize {
+        net.params.values().next().expect("model").len()
+    }
+
+    #[test]
+    fn a_standby_timeout_must_outlast_a_healthy_silence() {
+        let mut spec = spec();
+        spec.standby_coordinators = vec![Identity::from_seed(&[101; 32]).public().to_hex()];
+        spec.coordinator_timeout_secs = Some(5);
+        let err = spec.validate().expect_err("shorter than deadline + window");
+        assert!(
+            err.to_string().contains("at least round_deadline_secs"),
+            "{err}"
+        );
+        spec.coordinator_timeout_secs = Some(11);
+        spec.validate().expect("deadline 10 + window 1");
+        spec.standby_coordinators.push("not hex".into());
+        assert!(spec.validate().is_err());
+    }
+
     #[test]
     fn a_standby_takes_over_a_job_whose_coordinator_is_gone() {
         let standby_id = Identity::from_seed(&[101; 32]);
@@ -2378,6 +2472,13 @@ pub(crate) mod tests {
         assert_eq!(net.coordinator.current_coordinator(), standby_id.public());
         net.coordinator.handle_tick(net.now + 3_600_000);
         assert!(submitted(&mut net.coordinator).is_empty());
+        let dim = second_dim(&net);
+        let update = compress::encode(&Payload::Dense(vec![0.0; dim])).expect("encodes");
+        let err = net
+            .coordinator
+            .handle_update(&net.nodes[0].public(), 3, &update, 1, net.now)
+            .expect_err("no longer coordinating");
+        assert!(err.to_string().contains("does not coordinate"), "{err}");
         standby.handle_record(&standby_id.public(), &takeover, net.now);
         assert!(standby.wants_resume());
         let params = net.params[&second.model].clone();
@@ -2394,7 +2495,7 @@ pub(crate) mod tests {
     #[test]
     fn a_restarted_secure_coordinator_replays_what_it_charged() {
         let mut spec = secure_spec();
-        spec.rounds = 3;
+        spec.rounds = 4;
         spec.privacy = Some(Privacy {
             dp: DpConfig {
                 clip_norm: 1.0,
@@ -2410,10 +2511,29 @@ pub(crate) mod tests {
         // A replay that charged differently would report a problem, which
         // the test net turns into a failure.
         net.restart();
-        let third = net.secure_round(&[0, 1, 2, 3]);
-        assert_eq!(third.round, 3);
-        assert_eq!(third.parent, second.model);
-        assert!(third.finished && third.epsilon > second.epsilon);
+        // Round 3 starts and the node restarts again before it ends: the
+        // round ends unchanged, charged at the least noise it could have
+        // carried (the coordinator that ran it may have unmasked its sum);
+        // a third restart replays that charge exactly.
+        net.now += 1_000;
+        net.coordinator.handle_tick(net.now);
+        net.drain();
+        net.restart();
+        let third = net
+            .drain()
+            .into_iter()
+            .find_map(|r| match r {
+                Record::RoundEnd(s) => Some(s),
+                _ => None,
+            })
+            .expect("round 3 ended");
+        assert_eq!((third.round, third.responded), (3, 0));
+        assert!(!third.aggregated && third.epsilon > second.epsilon);
+        net.restart();
+        let fourth = net.secure_round(&[0, 1, 2, 3]);
+        assert_eq!(fourth.round, 4);
+        assert_eq!(fourth.parent, second.model);
+        assert!(fourth.finished && fourth.epsilon > third.epsilon);
     }
 
     #[test]

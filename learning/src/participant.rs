@@ -91,6 +91,11 @@ pub struct FollowedJob {
 }
 
 impl FollowedJob {
+    /// The nodes that joined (who hold the models they trained from).
+    pub fn joiners(&self) -> impl Iterator<Item = &PublicKey> {
+        self.joiners.iter()
+    }
+
     /// Nodes that joined, each counted once, at most
     /// [`MAX_PARTICIPANTS`] (as the coordinator counts them).
     pub fn joined(&self) -> usize {
@@ -167,6 +172,20 @@ impl JoinPolicy {
             return Some(format!(
                 "its coordinator {} is not in learn.coordinators",
                 coordinator.fingerprint()
+            ));
+        }
+        // A standby may take the job over and receive this node's updates:
+        // the allowlist covers every node in the job's chain.
+        if !self.coordinators.is_empty()
+            && let Some(standby) = spec
+                .standbys()
+                .unwrap_or_default()
+                .into_iter()
+                .find(|k| !self.coordinators.contains(k))
+        {
+            return Some(format!(
+                "its standby coordinator {} is not in learn.coordinators",
+                standby.fingerprint()
             ));
         }
         if self.require_dp && spec.privacy.is_none() {
@@ -584,7 +603,9 @@ impl Participant {
             return;
         }
         followed.round = followed.round.max(round);
-        if followed.state == JobState::Gathering {
+        // A round from whoever coordinates now: the job lives (even if
+        // this node could not resume it before a standby took over).
+        if matches!(followed.state, JobState::Gathering | JobState::Interrupted) {
             followed.state = JobState::Running;
         }
         let spec = followed.spec.clone();
@@ -830,6 +851,25 @@ mod tests {
             ..spec(2)
         };
         assert_eq!(secure.refusal(&secure_job, &coordinator), None);
+
+        let standby = key(9).public();
+        let with_standby = JobSpec {
+            standby_coordinators: vec![standby.to_hex()],
+            ..spec(2)
+        };
+        let allow_coordinator = JoinPolicy {
+            coordinators: vec![coordinator],
+            ..JoinPolicy::default()
+        };
+        let why = allow_coordinator
+            .refusal(&with_standby, &coordinator)
+            .expect("refused");
+        assert!(why.contains("its standby coordinator"), "{why}");
+        let allow_both = JoinPolicy {
+            coordinators: vec![coordinator, standby],
+            ..JoinPolicy::default()
+        };
+        assert_eq!(allow_both.refusal(&with_standby, &coordinator), None);
 
         let models = JoinPolicy {
             models: vec!["mlp".into(), "cnn".into()],

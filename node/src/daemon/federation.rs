@@ -355,6 +355,8 @@ struct State {
     writing: HashSet<ModelId>,
     /// Ledger height processed.
     cursor: u64,
+    /// Jobs whose coordinator is being resumed right now.
+    resuming: HashSet<JobId>,
 }
 
 /// The node's federated-learning service.
@@ -442,6 +444,7 @@ impl Learner {
                 model_order: Vec::new(),
                 writing: HashSet::new(),
                 cursor: 0,
+                resuming: HashSet::new(),
             }),
             metrics: LearnMetrics::register(registry),
         });
@@ -549,15 +552,13 @@ impl Learner {
             Err(_) => return,
         };
         for (job, model, spec) in paused {
+            // One resume per job at a time: a second task leaves it alone.
+            if !self.state().is_ok_and(|mut s| s.resuming.insert(job)) {
+                continue;
+            }
             let params = match model {
                 None => Ok(None),
-                Some(id) => match Trainer::new(spec.architecture.clone(), Compute::Cpu) {
-                    Ok(trainer) => self
-                        .model_params(&id, &trainer, None)
-                        .await
-                        .map(|p| Some(p.as_ref().clone())),
-                    Err(e) => Err(e.into()),
-                },
+                Some(id) => self.restore_model(&job, &id, &spec).await.map(Some),
             };
             let this = self.clone();
             let resumed = tokio::task::spawn_blocking(move || -> Result<()> {
@@ -577,15 +578,65 @@ impl Learner {
                     info!(%job, model = ?model.map(|m| m.to_hex()), "coordination resumed (after a restart or a takeover)")
                 }
                 Err(e) => {
-                    warn!(%job, error = format!("{e:#}"), "cannot resume coordinating this job: it is interrupted");
-                    if let Ok(mut s) = self.state() {
+                    // Only if it is still this node's turn: another task may
+                    // have resumed it, or a later standby taken over.
+                    if let Ok(mut s) = self.state()
+                        && s.coordinators
+                            .get(&job)
+                            .is_some_and(Coordinator::wants_resume)
+                    {
+                        warn!(%job, error = format!("{e:#}"), "cannot resume coordinating this job: it is interrupted");
                         s.coordinators.remove(&job);
                         s.participant.handle_coordination_lost(&job);
                     }
                 }
             }
+            if let Ok(mut s) = self.state() {
+                s.resuming.remove(&job);
+            }
         }
         self.drain();
+    }
+
+    /// The parameters of `model` for resuming `job`: from this node's
+    /// memory or disk, else from the nodes that joined the job (each keeps
+    /// the models it trained from and the rounds' results).
+    async fn restore_model(
+        self: &Arc<Self>,
+        job: &JobId,
+        model: &ModelId,
+        spec: &JobSpec,
+    ) -> Result<Vec<f32>> {
+        let trainer = Trainer::new(spec.architecture.clone(), Compute::Cpu)?;
+        if let Ok(params) = self.model_params(model, &trainer, None).await {
+            return Ok(params.as_ref().clone());
+        }
+        let holders: Vec<PublicKey> = self
+            .state()?
+            .participant
+            .job(job)
+            .map(|j| {
+                std::iter::once(j.submitter)
+                    .chain(j.joiners().copied())
+                    .filter(|k| *k != self.me)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for holder in holders {
+            let Some(peer) = peer_id_of(&holder) else {
+                continue;
+            };
+            match self.model_params(model, &trainer, Some(peer)).await {
+                Ok(params) => return Ok(params.as_ref().clone()),
+                Err(e) => {
+                    debug!(%peer, error = format!("{e:#}"), "model not fetched from this node")
+                }
+            }
+        }
+        bail!(
+            "model {} is neither on this node's disk nor held by a node that joined the job",
+            model.to_hex()
+        )
     }
 
     /// Processes committed blocks up to `height`.
