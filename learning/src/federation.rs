@@ -1827,6 +1827,16 @@ pub enum LearnRequest {
         /// The participant's message, or `None` to only ask.
         message: Option<FromParticipant>,
     },
+    /// From a job's coordinator to its standbys, before it commits the
+    /// round that made `model`: fetch it from me and keep it (answered
+    /// with [`LearnResponse::Accepted`] once held), so that the model
+    /// outlives the coordinator.
+    KeepModel {
+        /// The job.
+        job: JobId,
+        /// The model to keep.
+        model: ModelId,
+    },
 }
 
 /// A response on `/openagi/learn/1` (postcard).
@@ -1985,22 +1995,28 @@ pub(crate) mod tests {
             }
         }
 
-        /// Runs one round in which the nodes in `answering` send updates.
-        fn round(&mut self, answering: &[usize]) -> RoundSummary {
+        /// A second later: the next round starts and commits.
+        fn start_round(&mut self) -> (u64, ModelId, Vec<PublicKey>) {
             self.now += 1_000;
             self.coordinator.handle_tick(self.now);
             let start = self.drain();
-            let Some(Record::RoundStart {
-                round,
-                model,
-                participants,
-                ..
-            }) = start
+            match start
                 .into_iter()
                 .find(|r| matches!(r, Record::RoundStart { .. }))
-            else {
-                panic!("no round started");
-            };
+            {
+                Some(Record::RoundStart {
+                    round,
+                    model,
+                    participants,
+                    ..
+                }) => (round, model, participants),
+                _ => panic!("no round started"),
+            }
+        }
+
+        /// Runs one round in which the nodes in `answering` send updates.
+        fn round(&mut self, answering: &[usize]) -> RoundSummary {
+            let (round, model, participants) = self.start_round();
             let params = self.params[&model].clone();
             let spec = self.coordinator.spec.clone();
             for &i in answering {
@@ -2036,20 +2052,7 @@ pub(crate) mod tests {
         /// Runs one secure round in which the nodes in `answering` take
         /// part; the others never answer.
         fn secure_round(&mut self, answering: &[usize]) -> RoundSummary {
-            self.now += 1_000;
-            self.coordinator.handle_tick(self.now);
-            let start = self.drain();
-            let Some(Record::RoundStart {
-                round,
-                model,
-                participants,
-                ..
-            }) = start
-                .into_iter()
-                .find(|r| matches!(r, Record::RoundStart { .. }))
-            else {
-                panic!("no round started");
-            };
+            let (round, model, participants) = self.start_round();
             let params = self.params[&model].clone();
             let spec = self.coordinator.spec.clone();
             let job = self.coordinator.job();
@@ -2112,6 +2115,18 @@ pub(crate) mod tests {
                 }
             }
             panic!("the secure round never ended");
+        }
+    }
+
+    /// Client-level DP with C = 1, z = 1, δ = 1e-5.
+    fn unit_dp(budget_epsilon: Option<f64>) -> Privacy {
+        Privacy {
+            dp: DpConfig {
+                clip_norm: 1.0,
+                noise_multiplier: 1.0,
+            },
+            delta: 1e-5,
+            budget_epsilon,
         }
     }
 
@@ -2269,14 +2284,7 @@ pub(crate) mod tests {
     fn distributed_dp_under_secure_aggregation_is_accounted() {
         let mut spec = secure_spec();
         spec.rounds = 3;
-        spec.privacy = Some(Privacy {
-            dp: DpConfig {
-                clip_norm: 1.0,
-                noise_multiplier: 1.0,
-            },
-            delta: 1e-5,
-            budget_epsilon: None,
-        });
+        spec.privacy = Some(unit_dp(None));
         assert_eq!(spec.privacy_mode(), "distributed+secagg");
         let mut net = net_with(spec.clone(), 4);
         let mut epsilons = Vec::new();
@@ -2341,14 +2349,7 @@ pub(crate) mod tests {
     fn a_restarted_coordinator_resumes_where_the_ledger_ends() {
         let mut spec = spec();
         spec.rounds = 4;
-        spec.privacy = Some(Privacy {
-            dp: DpConfig {
-                clip_norm: 1.0,
-                noise_multiplier: 1.0,
-            },
-            delta: 1e-5,
-            budget_epsilon: None,
-        });
+        spec.privacy = Some(unit_dp(None));
         let mut net = net_with(spec, 3);
         net.round(&[0, 1, 2]);
         let second = net.round(&[0, 1, 2]);
@@ -2496,14 +2497,7 @@ pub(crate) mod tests {
     fn a_restarted_secure_coordinator_replays_what_it_charged() {
         let mut spec = secure_spec();
         spec.rounds = 4;
-        spec.privacy = Some(Privacy {
-            dp: DpConfig {
-                clip_norm: 1.0,
-                noise_multiplier: 1.0,
-            },
-            delta: 1e-5,
-            budget_epsilon: None,
-        });
+        spec.privacy = Some(unit_dp(None));
         let mut net = net_with(spec, 4);
         net.secure_round(&[0, 1, 2, 3]);
         // Three survivors: charged less noise than four.
@@ -2618,14 +2612,7 @@ pub(crate) mod tests {
     #[test]
     fn under_dp_an_update_far_outside_the_clip_bound_is_refused() {
         let mut spec = spec();
-        spec.privacy = Some(Privacy {
-            dp: DpConfig {
-                clip_norm: 1.0,
-                noise_multiplier: 1.0,
-            },
-            delta: 1e-5,
-            budget_epsilon: None,
-        });
+        spec.privacy = Some(unit_dp(None));
         let mut net = net_with(spec, 3);
         net.now = 2_000;
         net.coordinator.handle_tick(net.now);
@@ -2653,14 +2640,7 @@ pub(crate) mod tests {
     fn a_privacy_budget_ends_the_job_and_epsilon_is_reported() {
         let mut spec = spec();
         spec.rounds = 50;
-        spec.privacy = Some(Privacy {
-            dp: DpConfig {
-                clip_norm: 1.0,
-                noise_multiplier: 1.0,
-            },
-            delta: 1e-5,
-            budget_epsilon: Some(10.0),
-        });
+        spec.privacy = Some(unit_dp(Some(10.0)));
         let mut net = net(spec, 3);
         net.drain();
         net.join_all();

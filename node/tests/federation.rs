@@ -49,45 +49,107 @@ fn rounds_done(d: &Daemon) -> usize {
         .unwrap_or(0)
 }
 
-#[test]
-fn a_job_trains_across_daemons_and_survives_a_silent_participant() {
-    use_binary(env!("CARGO_BIN_EXE_openagi"));
-    let root = tempfile::tempdir().expect("tempdir");
-    let dirs = init_validators(root.path(), 4).expect("validators");
-    let options = |i: usize, bootstrap: Vec<String>| DaemonOptions {
+/// Daemon options of validator `i` of `n` that trains on shard `i + 1` of
+/// `n` of the digits set.
+fn trainer_options(i: usize, n: usize, bootstrap: Vec<String>) -> DaemonOptions {
+    DaemonOptions {
         bootstrap,
         env: vec![
             ("OPENAGI_LEARN_DATA".into(), "digits".into()),
             ("OPENAGI_LEARN_JOIN".into(), "fitting".into()),
-            ("OPENAGI_LEARN_SHARD".into(), format!("{}/4", i + 1)),
+            ("OPENAGI_LEARN_SHARD".into(), format!("{}/{n}", i + 1)),
         ],
         ..Default::default()
-    };
-    let v0 = Daemon::start(&dirs[0], &options(0, vec![])).expect("v0 starts");
+    }
+}
+
+/// `n` validators that train, each on its own shard, all connected; the
+/// bootstrap address (v0's) for restarts.
+fn trainers(
+    root: &std::path::Path,
+    n: usize,
+) -> (Vec<std::path::PathBuf>, Vec<Daemon>, Vec<String>) {
+    let dirs = init_validators(root, n).expect("validators");
+    let v0 = Daemon::start(&dirs[0], &trainer_options(0, n, vec![])).expect("v0 starts");
     let boot = vec![v0.multiaddr().expect("addr")];
     let mut nodes = vec![v0];
     for (i, dir) in dirs.iter().enumerate().skip(1) {
-        nodes.push(Daemon::start(dir, &options(i, boot.clone())).expect("validator starts"));
+        nodes.push(
+            Daemon::start(dir, &trainer_options(i, n, boot.clone())).expect("validator starts"),
+        );
     }
     wait_for("validator mesh", Duration::from_secs(30), || {
-        nodes.iter().all(|d| d.connected_peers() == 3).then_some(())
+        nodes
+            .iter()
+            .all(|d| d.connected_peers() == n - 1)
+            .then_some(())
     })
     .expect("validators connect");
+    (dirs, nodes, boot)
+}
 
-    // Submitted on v1, which therefore coordinates.
-    let job_file = root.path().join("job.toml");
-    std::fs::write(&job_file, JOB).expect("job file");
-    let v1_dir = dirs[1].to_str().expect("utf-8");
+/// `openagi learn submit` of `job` on the node of `dir`, which coordinates
+/// it.
+fn submit(root: &std::path::Path, dir: &std::path::Path, job: &str) {
+    let job_file = root.join("job.toml");
+    std::fs::write(&job_file, job).expect("job file");
     let (status, out, err) = openagi(&[
         "learn",
         "submit",
         "--data-dir",
-        v1_dir,
+        dir.to_str().expect("utf-8"),
         job_file.to_str().expect("utf-8"),
     ])
     .expect("runs");
     assert!(status.success(), "{out}{err}");
     assert!(out.contains("submitted"), "{out}");
+}
+
+/// Waits until `watcher` shows the job at `rounds` rounds or more.
+fn wait_rounds(nodes: &[Daemon], watcher: usize, rounds: usize, secs: u64) {
+    wait_for("rounds", Duration::from_secs(secs), || {
+        (rounds_done(&nodes[watcher]) >= rounds).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(nodes)));
+}
+
+/// A finished job's six rounds, numbered 1 to 6 without a gap, and its
+/// final accuracy, at least the stated one.
+fn six_rounds_at_stated_accuracy(job: &Value) -> (Vec<Value>, f64) {
+    let history = job["history"].as_array().cloned().expect("history");
+    assert_eq!(history.len(), 6, "{job:#}");
+    for (i, round) in history.iter().enumerate() {
+        assert_eq!(round["round"].as_u64(), Some(i as u64 + 1), "{job:#}");
+    }
+    let accuracy = history
+        .last()
+        .and_then(|r| r["accuracy"].as_f64())
+        .expect("evaluated");
+    assert!(
+        accuracy >= STATED_ACCURACY,
+        "final accuracy {accuracy} below {STATED_ACCURACY}: {job:#}"
+    );
+    (history, accuracy)
+}
+
+/// Waits until `watcher` shows the job finished.
+fn wait_finished(nodes: &[Daemon], watcher: usize, secs: u64) {
+    wait_for("job finished", Duration::from_secs(secs), || {
+        jobs(&nodes[watcher])
+            .first()
+            .is_some_and(|j| j["state"] == "finished")
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(nodes)));
+}
+
+#[test]
+fn a_job_trains_across_daemons_and_survives_a_silent_participant() {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let (dirs, mut nodes, boot) = trainers(root.path(), 4);
+    // Submitted on v1, which therefore coordinates.
+    submit(root.path(), &dirs[1], JOB);
 
     // Every node sees the job and all four join.
     wait_for("four joins", Duration::from_secs(30), || {
@@ -197,7 +259,7 @@ fn a_job_trains_across_daemons_and_survives_a_silent_participant() {
     let earlier = v1.log().len();
     v1.wait_exit(Duration::from_secs(20)).expect("v1 stops");
     drop(v1);
-    let v1 = Daemon::start(&dirs[1], &options(1, boot.clone())).expect("v1 restarts");
+    let v1 = Daemon::start(&dirs[1], &trainer_options(1, 4, boot)).expect("v1 restarts");
     wait_for("job replayed", Duration::from_secs(30), || {
         jobs(&v1)
             .first()
@@ -314,53 +376,14 @@ seed = 11
 fn a_secure_job_with_distributed_dp_trains_while_a_participant_is_stopped() {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
     let root = tempfile::tempdir().expect("tempdir");
-    let dirs = init_validators(root.path(), 5).expect("validators");
-    let options = |i: usize, bootstrap: Vec<String>| DaemonOptions {
-        bootstrap,
-        env: vec![
-            ("OPENAGI_LEARN_DATA".into(), "digits".into()),
-            ("OPENAGI_LEARN_JOIN".into(), "fitting".into()),
-            ("OPENAGI_LEARN_SHARD".into(), format!("{}/5", i + 1)),
-        ],
-        ..Default::default()
-    };
-    let v0 = Daemon::start(&dirs[0], &options(0, vec![])).expect("v0 starts");
-    let boot = vec![v0.multiaddr().expect("addr")];
-    let mut nodes = vec![v0];
-    for (i, dir) in dirs.iter().enumerate().skip(1) {
-        nodes.push(Daemon::start(dir, &options(i, boot.clone())).expect("validator starts"));
-    }
-    wait_for("validator mesh", Duration::from_secs(30), || {
-        nodes.iter().all(|d| d.connected_peers() == 4).then_some(())
-    })
-    .expect("validators connect");
-
-    let job_file = root.path().join("job.toml");
-    std::fs::write(&job_file, SECURE_JOB).expect("job file");
+    let (dirs, nodes, _) = trainers(root.path(), 5);
+    submit(root.path(), &dirs[1], SECURE_JOB);
     let v1_dir = dirs[1].to_str().expect("utf-8");
-    let (status, out, err) = openagi(&[
-        "learn",
-        "submit",
-        "--data-dir",
-        v1_dir,
-        job_file.to_str().expect("utf-8"),
-    ])
-    .expect("runs");
-    assert!(status.success(), "{out}{err}");
-    wait_for("two secure rounds", Duration::from_secs(90), || {
-        (rounds_done(&nodes[0]) >= 2).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&nodes)));
+    wait_rounds(&nodes, 0, 2, 90);
 
     // v4 stops wherever it is in its round.
     nodes[4].signal(Signal::SIGSTOP).expect("sigstop");
-    wait_for("job finished", Duration::from_secs(180), || {
-        jobs(&nodes[0])
-            .first()
-            .is_some_and(|j| j["state"] == "finished")
-            .then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&nodes)));
+    wait_finished(&nodes, 0, 180);
     nodes[4].signal(Signal::SIGCONT).expect("sigcont");
 
     let job = jobs(&nodes[0]).remove(0);
@@ -419,79 +442,25 @@ fn a_secure_job_with_distributed_dp_trains_while_a_participant_is_stopped() {
 fn a_coordinator_killed_mid_job_resumes_it_after_a_restart() {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
     let root = tempfile::tempdir().expect("tempdir");
-    let dirs = init_validators(root.path(), 4).expect("validators");
-    let options = |i: usize, bootstrap: Vec<String>| DaemonOptions {
-        bootstrap,
-        env: vec![
-            ("OPENAGI_LEARN_DATA".into(), "digits".into()),
-            ("OPENAGI_LEARN_JOIN".into(), "fitting".into()),
-            ("OPENAGI_LEARN_SHARD".into(), format!("{}/4", i + 1)),
-        ],
-        ..Default::default()
-    };
-    let v0 = Daemon::start(&dirs[0], &options(0, vec![])).expect("v0 starts");
-    let boot = vec![v0.multiaddr().expect("addr")];
-    let mut nodes = vec![v0];
-    for (i, dir) in dirs.iter().enumerate().skip(1) {
-        nodes.push(Daemon::start(dir, &options(i, boot.clone())).expect("validator starts"));
-    }
-    wait_for("validator mesh", Duration::from_secs(30), || {
-        nodes.iter().all(|d| d.connected_peers() == 3).then_some(())
-    })
-    .expect("validators connect");
-
-    let job_file = root.path().join("job.toml");
-    std::fs::write(&job_file, JOB).expect("job file");
-    let v1_dir = dirs[1].to_str().expect("utf-8");
-    let (status, out, err) = openagi(&[
-        "learn",
-        "submit",
-        "--data-dir",
-        v1_dir,
-        job_file.to_str().expect("utf-8"),
-    ])
-    .expect("runs");
-    assert!(status.success(), "{out}{err}");
-    wait_for("two rounds", Duration::from_secs(60), || {
-        (rounds_done(&nodes[0]) >= 2).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&nodes)));
+    let (dirs, mut nodes, boot) = trainers(root.path(), 4);
+    submit(root.path(), &dirs[1], JOB);
+    wait_rounds(&nodes, 0, 2, 60);
 
     // SIGKILL the coordinator (v1) and start it again.
     let mut v1 = nodes.remove(1);
     v1.kill_hard().expect("SIGKILL");
     drop(v1);
-    let v1 = Daemon::start(&dirs[1], &options(1, boot.clone())).expect("v1 restarts");
+    let v1 = Daemon::start(&dirs[1], &trainer_options(1, 4, boot)).expect("v1 restarts");
     nodes.insert(1, v1);
-    wait_for("job finished", Duration::from_secs(120), || {
-        jobs(&nodes[0])
-            .first()
-            .is_some_and(|j| j["state"] == "finished")
-            .then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&nodes)));
+    wait_finished(&nodes, 0, 120);
 
     let job = jobs(&nodes[1]).remove(0);
     assert_eq!(job["state"], "finished", "{job:#}");
-    let history = job["history"].as_array().cloned().expect("history");
-    assert_eq!(history.len(), 6, "{job:#}");
-    // Rounds are numbered without a gap, each from the model the one
-    // before ended with.
-    for (i, pair) in history.windows(2).enumerate() {
-        assert_eq!(pair[1]["round"].as_u64(), Some(i as u64 + 2), "{job:#}");
-    }
+    let (history, accuracy) = six_rounds_at_stated_accuracy(&job);
     assert!(
         nodes[1].log().contains("coordination resumed"),
         "{}",
         nodes[1].log()
-    );
-    let accuracy = history
-        .last()
-        .and_then(|r| r["accuracy"].as_f64())
-        .expect("evaluated");
-    assert!(
-        accuracy >= STATED_ACCURACY,
-        "final accuracy {accuracy} below {STATED_ACCURACY}: {job:#}"
     );
     eprintln!(
         "coordinator restart: accuracy {accuracy:.3} after 6 rounds; rounds that ended unchanged: {}",
@@ -507,27 +476,7 @@ fn a_coordinator_killed_mid_job_resumes_it_after_a_restart() {
 fn a_standby_coordinator_finishes_a_job_whose_coordinator_is_gone() {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
     let root = tempfile::tempdir().expect("tempdir");
-    let dirs = init_validators(root.path(), 4).expect("validators");
-    let options = |i: usize, bootstrap: Vec<String>| DaemonOptions {
-        bootstrap,
-        env: vec![
-            ("OPENAGI_LEARN_DATA".into(), "digits".into()),
-            ("OPENAGI_LEARN_JOIN".into(), "fitting".into()),
-            ("OPENAGI_LEARN_SHARD".into(), format!("{}/4", i + 1)),
-        ],
-        ..Default::default()
-    };
-    let v0 = Daemon::start(&dirs[0], &options(0, vec![])).expect("v0 starts");
-    let boot = vec![v0.multiaddr().expect("addr")];
-    let mut nodes = vec![v0];
-    for (i, dir) in dirs.iter().enumerate().skip(1) {
-        nodes.push(Daemon::start(dir, &options(i, boot.clone())).expect("validator starts"));
-    }
-    wait_for("validator mesh", Duration::from_secs(30), || {
-        nodes.iter().all(|d| d.connected_peers() == 3).then_some(())
-    })
-    .expect("validators connect");
-
+    let (dirs, mut nodes, _) = trainers(root.path(), 4);
     let (status, out, err) = openagi(&[
         "keys",
         "show",
@@ -542,55 +491,26 @@ fn a_standby_coordinator_finishes_a_job_whose_coordinator_is_gone() {
         "{JOB}standby_coordinators = [\"{}\"]\ncoordinator_timeout_secs = 8\n",
         v2["public_key"].as_str().expect("public key")
     );
-    let job_file = root.path().join("job.toml");
-    std::fs::write(&job_file, job_text).expect("job file");
-    let (status, out, err) = openagi(&[
-        "learn",
-        "submit",
-        "--data-dir",
-        dirs[1].to_str().expect("utf-8"),
-        job_file.to_str().expect("utf-8"),
-    ])
-    .expect("runs");
-    assert!(status.success(), "{out}{err}");
-    wait_for("two rounds", Duration::from_secs(60), || {
-        (rounds_done(&nodes[0]) >= 2).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&nodes)));
+    submit(root.path(), &dirs[1], &job_text);
+    wait_rounds(&nodes, 0, 2, 60);
 
     // The coordinator (v1) is gone for good.
     nodes[1].kill_hard().expect("SIGKILL");
-    wait_for(
-        "job finished by the standby",
-        Duration::from_secs(150),
-        || {
-            jobs(&nodes[0])
-                .first()
-                .is_some_and(|j| j["state"] == "finished")
-                .then_some(())
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&nodes)));
+    wait_finished(&nodes, 0, 150);
+    // Every round's model reached the standby before the round committed.
+    assert!(
+        !nodes[1].log().contains("standby did not keep"),
+        "{}",
+        nodes[1].log()
+    );
 
     let job = jobs(&nodes[0]).remove(0);
     assert_eq!(job["coordinator"], v2["peer_id"], "{job:#}");
-    let history = job["history"].as_array().cloned().expect("history");
-    assert_eq!(history.len(), 6, "{job:#}");
-    for (i, round) in history.iter().enumerate() {
-        assert_eq!(round["round"].as_u64(), Some(i as u64 + 1), "{job:#}");
-    }
+    let (history, accuracy) = six_rounds_at_stated_accuracy(&job);
     assert!(
         nodes[2].log().contains("coordination resumed"),
         "{}",
         nodes[2].log()
-    );
-    let accuracy = history
-        .last()
-        .and_then(|r| r["accuracy"].as_f64())
-        .expect("evaluated");
-    assert!(
-        accuracy >= STATED_ACCURACY,
-        "final accuracy {accuracy} below {STATED_ACCURACY}: {job:#}"
     );
     eprintln!(
         "standby takeover: accuracy {accuracy:.3} after 6 rounds; rounds that ended unchanged: {}",

@@ -868,6 +868,7 @@ impl Learner {
         match action {
             Action::Submit(record) => {
                 tokio::spawn(async move {
+                    this.replicate_model(&record).await;
                     if let Err(e) = this.submit(record).await {
                         warn!(error = format!("{e:#}"), "learning record not submitted");
                     }
@@ -1025,11 +1026,7 @@ impl Learner {
             samples,
             payload,
         };
-        let answer = self
-            .net
-            .learn_request(coordinator_peer, postcard::to_stdvec(&request)?)
-            .await?;
-        match postcard::from_bytes::<LearnResponse>(&answer)? {
+        match self.learn_exchange(coordinator_peer, &request).await? {
             LearnResponse::Accepted => {
                 info!(%job, round, samples, bytes, train_ms = started.elapsed().as_millis() as u64, "update delivered");
                 Ok(())
@@ -1180,17 +1177,22 @@ impl Learner {
             received,
             message,
         };
-        let answer = self
-            .net
-            .learn_request(peer, postcard::to_stdvec(&request)?)
-            .await?;
-        match postcard::from_bytes::<LearnResponse>(&answer)? {
+        match self.learn_exchange(peer, &request).await? {
             LearnResponse::SecAgg(reply) => Ok(reply),
             LearnResponse::Refused(why) => Err(anyhow!(Refused(why))),
             LearnResponse::Accepted | LearnResponse::Chunk { .. } => {
                 bail!("coordinator answered out of turn")
             }
         }
+    }
+
+    /// One request on `/openagi/learn/1` and its decoded answer.
+    async fn learn_exchange(&self, peer: PeerId, request: &LearnRequest) -> Result<LearnResponse> {
+        let answer = self
+            .net
+            .learn_request(peer, postcard::to_stdvec(request)?)
+            .await?;
+        Ok(postcard::from_bytes(&answer)?)
     }
 
     /// The parameters of `model`: from memory, from disk, or fetched from
@@ -1263,11 +1265,7 @@ impl Learner {
                 model: *model,
                 offset: bytes.len() as u64,
             };
-            let answer = self
-                .net
-                .learn_request(peer, postcard::to_stdvec(&request)?)
-                .await?;
-            match postcard::from_bytes::<LearnResponse>(&answer)? {
+            match self.learn_exchange(peer, &request).await? {
                 LearnResponse::Chunk {
                     total,
                     bytes: chunk,
@@ -1364,10 +1362,18 @@ impl Learner {
 
     /// Answers a `/openagi/learn/1` request from `from`.
     pub async fn handle(self: &Arc<Self>, from: PeerId, data: Vec<u8>, reply: MsgReply) {
-        let this = self.clone();
-        let response = tokio::task::spawn_blocking(move || this.answer(from, &data))
-            .await
-            .unwrap_or_else(|_| LearnResponse::Refused("internal error".into()));
+        let response = match postcard::from_bytes::<LearnRequest>(&data) {
+            // Fetching the model takes network round trips: answered here.
+            Ok(LearnRequest::KeepModel { job, model }) => {
+                self.keep_model_for(from, job, model).await
+            }
+            _ => {
+                let this = self.clone();
+                tokio::task::spawn_blocking(move || this.answer(from, &data))
+                    .await
+                    .unwrap_or_else(|_| LearnResponse::Refused("internal error".into()))
+            }
+        };
         match postcard::to_stdvec(&response) {
             Ok(bytes) => {
                 let _ = self.net.respond_msg(reply, bytes).await;
@@ -1376,12 +1382,111 @@ impl Learner {
         }
     }
 
+    /// A coordinator asks this node, one of its job's standbys, to keep the
+    /// model its next round end names: fetched from it, checked against
+    /// its id, kept before the answer.
+    async fn keep_model_for(
+        self: &Arc<Self>,
+        from: PeerId,
+        job: JobId,
+        model: ModelId,
+    ) -> LearnResponse {
+        let spec = match self.state() {
+            Ok(s) => s.participant.job(&job).and_then(|j| {
+                let sender = openagi_net::public_key_of(&from)?;
+                let standby = j
+                    .spec
+                    .chain_position(&j.submitter, &self.me)
+                    .is_some_and(|p| p > 0);
+                (standby && sender == j.coordinator).then(|| j.spec.clone())
+            }),
+            Err(_) => None,
+        };
+        let Some(spec) = spec else {
+            return LearnResponse::Refused(
+                "only a job's coordinator asks its standbys to keep a model".into(),
+            );
+        };
+        let kept = async {
+            let trainer = Trainer::new(spec.architecture.clone(), Compute::Cpu)?;
+            self.model_params(&model, &trainer, Some(from)).await
+        };
+        match kept.await {
+            Ok(_) => LearnResponse::Accepted,
+            Err(e) => LearnResponse::Refused(format!("model not kept: {e:#}")),
+        }
+    }
+
+    /// Before a round end naming a new model commits, the job's standbys
+    /// hold that model: the model outlives its coordinator. A standby that
+    /// does not answer delays the round by at most its request timeout.
+    async fn replicate_model(self: &Arc<Self>, record: &Record) {
+        let Record::RoundEnd(summary) = record else {
+            return;
+        };
+        if !summary.aggregated {
+            return;
+        }
+        let standbys = match self.state() {
+            Ok(s) => s
+                .participant
+                .job(&summary.job)
+                .and_then(|j| j.spec.standbys().ok())
+                .unwrap_or_default(),
+            Err(_) => return,
+        };
+        for standby in standbys.into_iter().filter(|k| *k != self.me) {
+            let Some(peer) = peer_id_of(&standby) else {
+                continue;
+            };
+            let request = LearnRequest::KeepModel {
+                job: summary.job,
+                model: summary.model,
+            };
+            match self.learn_exchange(peer, &request).await {
+                Ok(LearnResponse::Accepted) => {}
+                Ok(other) => {
+                    warn!(%peer, answer = ?other, "standby did not keep the round's model")
+                }
+                Err(e) => {
+                    warn!(%peer, error = format!("{e:#}"), "standby did not keep the round's model")
+                }
+            }
+        }
+    }
+
+    /// Hands a participant's message from `from` to this node's
+    /// coordinator of `job`, then carries out what it asked for; an error
+    /// is the refusal to send back.
+    fn with_coordinator<T>(
+        self: &Arc<Self>,
+        from: &PeerId,
+        job: &JobId,
+        handle: impl FnOnce(&mut Coordinator, &PublicKey) -> openagi_learning::Result<T>,
+    ) -> std::result::Result<T, String> {
+        let sender = openagi_net::public_key_of(from)
+            .ok_or_else(|| "sender is not an Open-AGI node".to_string())?;
+        let result = match self.state() {
+            Ok(mut s) => match s.coordinators.get_mut(job) {
+                Some(c) => handle(c, &sender).map_err(|e| e.to_string()),
+                None => Err("this node does not coordinate that job".into()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        self.drain();
+        result
+    }
+
     fn answer(self: &Arc<Self>, from: PeerId, data: &[u8]) -> LearnResponse {
         let request = match postcard::from_bytes::<LearnRequest>(data) {
             Ok(r) => r,
             Err(e) => return LearnResponse::Refused(format!("malformed request: {e}")),
         };
         match request {
+            // Answered in `handle`, which can wait for the network.
+            LearnRequest::KeepModel { .. } => {
+                LearnResponse::Refused("internal error: keep-model request misrouted".into())
+            }
             LearnRequest::Model { model, offset } => {
                 let cached = self
                     .state()
@@ -1425,19 +1530,9 @@ impl Learner {
                 samples,
                 payload,
             } => {
-                let Some(sender) = openagi_net::public_key_of(&from) else {
-                    return LearnResponse::Refused("sender is not an Open-AGI node".into());
-                };
-                let result = match self.state() {
-                    Ok(mut s) => match s.coordinators.get_mut(&job) {
-                        Some(c) => c
-                            .handle_update(&sender, round, &payload, samples, crate::unix_ms())
-                            .map_err(|e| e.to_string()),
-                        None => Err("this node does not coordinate that job".into()),
-                    },
-                    Err(e) => Err(e.to_string()),
-                };
-                self.drain();
+                let result = self.with_coordinator(&from, &job, |c, sender| {
+                    c.handle_update(sender, round, &payload, samples, crate::unix_ms())
+                });
                 match result {
                     Ok(()) => LearnResponse::Accepted,
                     Err(why) => {
@@ -1453,19 +1548,9 @@ impl Learner {
                 received,
                 message,
             } => {
-                let Some(sender) = openagi_net::public_key_of(&from) else {
-                    return LearnResponse::Refused("sender is not an Open-AGI node".into());
-                };
-                let result = match self.state() {
-                    Ok(mut s) => match s.coordinators.get_mut(&job) {
-                        Some(c) => c
-                            .handle_secagg(&sender, round, received, message, crate::unix_ms())
-                            .map_err(|e| e.to_string()),
-                        None => Err("this node does not coordinate that job".into()),
-                    },
-                    Err(e) => Err(e.to_string()),
-                };
-                self.drain();
+                let result = self.with_coordinator(&from, &job, |c, sender| {
+                    c.handle_secagg(sender, round, received, message, crate::unix_ms())
+                });
                 match result {
                     Ok(reply) => LearnResponse::SecAgg(reply),
                     Err(why) => {
