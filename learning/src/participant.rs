@@ -644,6 +644,19 @@ impl Participant {
         {
             return;
         }
+        // The lineage holds: the next round, started, from the model the
+        // last one ended with. An end that breaks it is not followed.
+        let next = followed.history.back().map_or(1, |h| h.round + 1);
+        if summary.round != next
+            || summary.round > followed.round
+            || summary.parent != followed.current_model()
+        {
+            self.notice(Notice::OutOfSequence {
+                job,
+                round: summary.round,
+            });
+            return;
+        }
         if followed.history.len() >= HISTORY {
             followed.history.pop_front();
         }
@@ -1078,6 +1091,34 @@ mod tests {
             !drain(&mut p)
                 .iter()
                 .any(|o| matches!(o, ParticipantOutput::Train(_)))
+        );
+    }
+
+    #[test]
+    fn a_round_end_that_breaks_the_lineage_is_not_followed() {
+        let (coordinator, me) = (key(1), key(2));
+        let (record, payload, id) = job(&coordinator, &spec(3));
+        let mut p = Participant::new(me.public(), digits());
+        p.handle_record(&coordinator.public(), &record, &payload, true);
+        let initial = p.job(&id).expect("followed").initial_model;
+        let c = coordinator.public();
+        // Not started yet.
+        p.handle_record(&c, &end(id, 1, initial, ModelId([4; 32]), false), &[], true);
+        assert_eq!(p.job(&id).expect("followed").history().count(), 0);
+        p.handle_record(&c, &start(id, 1, initial, vec![]), &[], true);
+        // From another parent, or skipping a round.
+        p.handle_record(
+            &c,
+            &end(id, 1, ModelId([9; 32]), ModelId([4; 32]), false),
+            &[],
+            true,
+        );
+        p.handle_record(&c, &end(id, 2, initial, ModelId([4; 32]), false), &[], true);
+        assert_eq!(p.job(&id).expect("followed").history().count(), 0);
+        p.handle_record(&c, &end(id, 1, initial, ModelId([4; 32]), false), &[], true);
+        assert_eq!(
+            p.job(&id).expect("followed").current_model(),
+            ModelId([4; 32])
         );
     }
 
