@@ -281,7 +281,7 @@ fn a_job_trains_across_daemons_and_survives_a_silent_participant() {
 fn a_job_short_of_participants_says_what_it_waits_for_and_why_nodes_do_not_join() {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
     let root = tempfile::tempdir().expect("tempdir");
-    let dirs = init_validators(root.path(), 2).expect("validators");
+    let dirs = init_validators(root.path(), 3).expect("validators");
     let with_data = DaemonOptions {
         env: vec![
             ("OPENAGI_LEARN_DATA".into(), "digits".into()),
@@ -296,9 +296,20 @@ fn a_job_short_of_participants_says_what_it_waits_for_and_why_nodes_do_not_join(
         ..Default::default()
     };
     let v1 = Daemon::start(&dirs[1], &without_data).expect("v1 starts");
-    let nodes = [v0, v1];
+    // v2 has data, but its operator trains only CNNs.
+    let cnn_only = DaemonOptions {
+        bootstrap: vec![v0.multiaddr().expect("addr")],
+        env: vec![
+            ("OPENAGI_LEARN_DATA".into(), "digits".into()),
+            ("OPENAGI_LEARN_JOIN".into(), "fitting".into()),
+            ("OPENAGI_LEARN_MODELS".into(), "cnn".into()),
+        ],
+        ..Default::default()
+    };
+    let v2 = Daemon::start(&dirs[2], &cnn_only).expect("v2 starts");
+    let nodes = [v0, v1, v2];
     wait_for("validators connect", Duration::from_secs(30), || {
-        nodes.iter().all(|d| d.connected_peers() == 1).then_some(())
+        nodes.iter().all(|d| d.connected_peers() == 2).then_some(())
     })
     .expect("connected");
 
@@ -338,7 +349,19 @@ fn a_job_short_of_participants_says_what_it_waits_for_and_why_nodes_do_not_join(
         );
         let says_why = out.contains("this node does not join: this node has no learn.data");
         assert_eq!(says_why, i == 1, "only v1 lacks data:\n{out}");
+        let policy = out.contains(
+            "this node does not join: its model is a logistic_regression, not one of learn.models",
+        );
+        assert_eq!(policy, i == 2, "only v2's policy refuses it:\n{out}");
     }
+    // The policy's refusal holds: v2 never joins, so it never trains.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        nodes.iter().all(|d| jobs(d)[0]["joined"] == 1),
+        "{}",
+        logs(&nodes)
+    );
+    assert!(!nodes[2].log().contains("update delivered"));
     let job = jobs(&nodes[1]).remove(0);
     assert_eq!(job["min_clients"], 3, "{job:#}");
     assert!(job["not_joining"].is_string(), "{job:#}");
