@@ -1995,6 +1995,14 @@ pub(crate) mod tests {
             }
         }
 
+        /// Commits what the coordinator submitted; the round end among it.
+        fn drain_round_end(&mut self) -> Option<RoundSummary> {
+            self.drain().into_iter().find_map(|r| match r {
+                Record::RoundEnd(s) => Some(s),
+                _ => None,
+            })
+        }
+
         /// A second later: the next round starts and commits.
         fn start_round(&mut self) -> (u64, ModelId, Vec<PublicKey>) {
             self.now += 1_000;
@@ -2103,10 +2111,7 @@ pub(crate) mod tests {
                             .expect("answers"),
                     };
                 }
-                if let Some(summary) = self.drain().into_iter().find_map(|r| match r {
-                    Record::RoundEnd(s) => Some(s),
-                    _ => None,
-                }) {
+                if let Some(summary) = self.drain_round_end() {
                     return summary;
                 }
                 if !progressed {
@@ -2364,14 +2369,7 @@ pub(crate) mod tests {
         net.restart();
         // The interrupted round ends unchanged (its updates were in memory)
         // and is accounted as central DP accounts every closed round.
-        let third = net
-            .drain()
-            .into_iter()
-            .find_map(|r| match r {
-                Record::RoundEnd(s) => Some(s),
-                _ => None,
-            })
-            .expect("round 3 ended");
+        let third = net.drain_round_end().expect("round 3 ended");
         assert_eq!(third.round, 3);
         assert!(!third.aggregated);
         assert_eq!(third.model, second.model);
@@ -2513,14 +2511,7 @@ pub(crate) mod tests {
         net.coordinator.handle_tick(net.now);
         net.drain();
         net.restart();
-        let third = net
-            .drain()
-            .into_iter()
-            .find_map(|r| match r {
-                Record::RoundEnd(s) => Some(s),
-                _ => None,
-            })
-            .expect("round 3 ended");
+        let third = net.drain_round_end().expect("round 3 ended");
         assert_eq!((third.round, third.responded), (3, 0));
         assert!(!third.aggregated && third.epsilon > second.epsilon);
         net.restart();
@@ -2597,14 +2588,7 @@ pub(crate) mod tests {
             c.handle_update(&net.nodes[1].public(), 1, &good, 10, 60_000)
                 .is_err()
         );
-        let summary = net
-            .drain()
-            .into_iter()
-            .find_map(|r| match r {
-                Record::RoundEnd(s) => Some(s),
-                _ => None,
-            })
-            .expect("closed");
+        let summary = net.drain_round_end().expect("closed");
         assert_eq!((summary.responded, summary.rejected), (1, 3));
         assert!(!summary.aggregated);
     }

@@ -1327,7 +1327,6 @@ pub enum CoordinatorOutput {
 /// Memory is bounded by the session: masked inputs are added into one
 /// running sum as they arrive (one vector, not one per participant), and
 /// every other message is checked for size and sender before it is kept.
-#[derive(Debug)]
 pub struct SecAggCoordinator {
     session: Session,
     stage: Stage,
@@ -1342,6 +1341,19 @@ pub struct SecAggCoordinator {
     seed_shares: BTreeMap<Index, Vec<Vec<u8>>>,
     mask_key_shares: BTreeMap<Index, Vec<Vec<u8>>>,
     outputs: VecDeque<CoordinatorOutput>,
+}
+
+impl std::fmt::Debug for SecAggCoordinator {
+    // Not the running sum: it can hold millions of coordinates.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecAggCoordinator")
+            .field("stage", &self.stage)
+            .field("deadline_ms", &self.deadline_ms)
+            .field("advertised", &self.adverts.len())
+            .field("shared", &self.shares.len())
+            .field("survivors", &self.survivors.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SecAggCoordinator {
@@ -1581,6 +1593,17 @@ impl SecAggCoordinator {
         Ok(self.unmask_responders.len() == self.signatures.len())
     }
 
+    /// The survivors that received `owner`'s shares in stage 2: its
+    /// neighbours only, so this costs `k`, not the round's size.
+    fn surviving_holders(&self, owner: Index) -> impl Iterator<Item = Index> + '_ {
+        self.shares
+            .get(&owner)
+            .into_iter()
+            .flatten()
+            .map(|share| share.to)
+            .filter(|v| self.survivors.binary_search(v).is_ok())
+    }
+
     /// Whether `holder` received `owner`'s shares in stage 2.
     fn holds_share_of(&self, holder: Index, owner: Index) -> bool {
         self.shares
@@ -1660,13 +1683,11 @@ impl SecAggCoordinator {
                 // Every participant that shared needs t holders of its
                 // shares among the survivors, or its masks stay in the sum.
                 let threshold = usize::from(self.session.config.threshold);
-                let short = self.shares.keys().copied().find(|&owner| {
-                    self.survivors
-                        .iter()
-                        .filter(|&&v| self.holds_share_of(v, owner))
-                        .count()
-                        < threshold
-                });
+                let short = self
+                    .shares
+                    .keys()
+                    .copied()
+                    .find(|&owner| self.surviving_holders(owner).count() < threshold);
                 if let Some(owner) = short {
                     self.fail(format!(
                         "fewer than {threshold} survivors hold the shares of {owner}"
@@ -1753,10 +1774,8 @@ impl SecAggCoordinator {
             };
             // Remove the pairwise masks the survivors added for u: v masked
             // with u if v received u's share.
-            for &v in &survivors {
-                if !self.holds_share_of(v, u) {
-                    continue;
-                }
+            let holders: Vec<Index> = self.surviving_holders(u).collect();
+            for v in holders {
                 let Ok(shared) = secret.diffie_hellman(&self.adverts[&v].mask_key) else {
                     self.fail(format!("the mask key of {v} is degenerate"));
                     return;

@@ -380,27 +380,22 @@ fn a_job_short_of_participants_says_what_it_waits_for_and_why_nodes_do_not_join(
 /// mechanics and their accounting, not a useful ε: four participants are
 /// far too few for DP-FedAvg's guarantees (ε over 1,000 here); in-process
 /// runs of this job with four participants over seeds 0–2 end at 90–92%.
-const SECURE_JOB: &str = r#"
-name = "digits-secure"
-architecture = { kind = "logistic_regression", inputs = 64, classes = 10 }
-rounds = 6
-min_clients = 3
-round_deadline_secs = 4
-join_window_secs = 2
-participation = "all"
-train = { learning_rate = 0.2, epochs = 2, batch_size = 16 }
-aggregator = "fedavg"
-privacy = { dp = { clip_norm = 2.0, noise_multiplier = 0.05 }, delta = 1e-5 }
-secure_aggregation = { neighbours = 4, clip_range = 4.0 }
-seed = 11
-"#;
+fn secure_job() -> String {
+    let job = JOB
+        .replace("digits-test", "digits-secure")
+        .replace("min_clients = 2", "min_clients = 3");
+    format!(
+        "{job}privacy = {{ dp = {{ clip_norm = 2.0, noise_multiplier = 0.05 }}, delta = 1e-5 }}\n\
+         secure_aggregation = {{ neighbours = 4, clip_range = 4.0 }}\n"
+    )
+}
 
 #[test]
 fn a_secure_job_with_distributed_dp_trains_while_a_participant_is_stopped() {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
     let root = tempfile::tempdir().expect("tempdir");
     let (dirs, nodes, _) = trainers(root.path(), 5);
-    submit(root.path(), &dirs[1], SECURE_JOB);
+    submit(root.path(), &dirs[1], &secure_job());
     let v1_dir = dirs[1].to_str().expect("utf-8");
     wait_rounds(&nodes, 0, 2, 90);
 

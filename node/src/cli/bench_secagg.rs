@@ -26,6 +26,9 @@ use rand::Rng;
 
 use crate::common::bench_log::Figure;
 
+/// Most update values the benchmark holds at once (4 GiB of `f32`).
+const MAX_HELD_VALUES: usize = 1 << 30;
+
 /// What `openagi bench secagg` runs.
 #[derive(Debug, Clone)]
 pub struct SecAggBench {
@@ -207,6 +210,16 @@ fn spread(n: usize, dropped: usize) -> Vec<bool> {
 pub fn run(bench: &SecAggBench) -> Result<Vec<Figure>> {
     if bench.participants.iter().any(|&n| n < 3) || bench.rounds == 0 {
         bail!("--participants takes counts of 3 or more and --rounds at least 1");
+    }
+    // Every participant's update is held at once: bound what that costs.
+    let most = bench.participants.iter().copied().max().unwrap_or(0);
+    if most.saturating_mul(bench.dimension) > MAX_HELD_VALUES {
+        bail!(
+            "{most} participants × {} coordinates would hold more than {MAX_HELD_VALUES} \
+             values ({} GiB); lower --participants or --dimension",
+            bench.dimension,
+            (MAX_HELD_VALUES * 4) >> 30
+        );
     }
     if !(0.0..0.34).contains(&bench.dropout) {
         bail!("--dropout must be in [0, 0.34): a third of the neighbours may drop");

@@ -664,7 +664,7 @@ pub fn simulate(args: &SimulateArgs) -> Result<()> {
     if !args.json {
         outln!(
             "{} ({params} parameters) on {} train / {} test samples, {} clients, \
-             participation {}, compression {}, aggregator {}{}",
+             participation {}, compression {}, aggregator {}{}{}",
             sim.config().architecture.name(),
             train.len(),
             test.len(),
@@ -674,6 +674,17 @@ pub fn simulate(args: &SimulateArgs) -> Result<()> {
             args.aggregator.name(),
             match args.dp_noise {
                 Some(z) => format!(", DP z = {z} S = {} δ = {:e}", args.dp_clip, args.dp_delta),
+                None => String::new(),
+            },
+            match args.attack {
+                Some(Attack {
+                    clients,
+                    kind: AttackKind::SignFlip { factor },
+                }) => format!(", clients 0..{clients} hostile (update × −{factor})"),
+                Some(Attack {
+                    clients,
+                    kind: AttackKind::Scale { factor },
+                }) => format!(", clients 0..{clients} hostile (update × {factor})"),
                 None => String::new(),
             }
         )?;

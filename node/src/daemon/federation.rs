@@ -357,6 +357,9 @@ struct State {
     cursor: u64,
     /// Jobs whose coordinator is being resumed right now.
     resuming: HashSet<JobId>,
+    /// The last round each job's coordinator had this node (a standby)
+    /// keep a model for.
+    kept_for_round: HashMap<JobId, u64>,
 }
 
 /// The node's federated-learning service.
@@ -445,6 +448,7 @@ impl Learner {
                 writing: HashSet::new(),
                 cursor: 0,
                 resuming: HashSet::new(),
+                kept_for_round: HashMap::new(),
             }),
             metrics: LearnMetrics::register(registry),
         });
@@ -721,6 +725,7 @@ impl Learner {
                     ParticipantOutput::JobFinished(job) => {
                         s.trainers.remove(&job);
                         s.feedback.remove(&job);
+                        s.kept_for_round.remove(&job);
                     }
                     other => outputs.push(other),
                 }
@@ -936,48 +941,38 @@ impl Learner {
     }
 
     async fn participate(self: &Arc<Self>, task: TrainingTask) -> Result<()> {
+        let Some(local) = &self.local else {
+            bail!("selected, but this node has no learn.data");
+        };
+        if !task.spec.accepts(&local.train) {
+            bail!("selected, but the local data does not fit the job's model");
+        }
+        let trainer = {
+            let mut s = self.state()?;
+            match s.trainers.get(&task.job) {
+                Some(t) => t.clone(),
+                None => {
+                    let t = Trainer::new(task.spec.architecture.clone(), Compute::Cpu)?;
+                    s.trainers.insert(task.job, t.clone());
+                    t
+                }
+            }
+        };
+        let seed = federation::training_seed(&task.job, &task.spec, task.round, &self.me);
+        if task.spec.secure_aggregation.is_some() {
+            // Keys first: the model is fetched while the first stages run.
+            return self.participate_secure(task, trainer, seed).await;
+        }
         let TrainingTask {
             job,
             round,
             model,
             spec,
             coordinator,
-            participants,
+            ..
         } = task;
-        let Some(local) = &self.local else {
-            bail!("selected, but this node has no learn.data");
-        };
-        if !spec.accepts(&local.train) {
-            bail!("selected, but the local data does not fit the job's model");
-        }
         let coordinator_peer =
             peer_id_of(&coordinator).context("coordinator key is not a peer id")?;
-        let trainer = {
-            let mut s = self.state()?;
-            match s.trainers.get(&job) {
-                Some(t) => t.clone(),
-                None => {
-                    let t = Trainer::new(spec.architecture.clone(), Compute::Cpu)?;
-                    s.trainers.insert(job, t.clone());
-                    t
-                }
-            }
-        };
-        let seed = federation::training_seed(&job, &spec, round, &self.me);
-        if spec.secure_aggregation.is_some() {
-            // Keys first: the model is fetched while the first stages run.
-            let round = SecureTask {
-                job,
-                round,
-                model,
-                spec,
-                coordinator,
-                participants,
-                trainer,
-                seed,
-            };
-            return self.participate_secure(round).await;
-        }
         let params = self
             .model_params(&model, &trainer, Some(coordinator_peer))
             .await?;
@@ -1041,16 +1036,19 @@ impl Learner {
     /// A secure round from this participant's side: the SecAgg+ state
     /// machine, fed by polling the coordinator, with local training between
     /// receiving the neighbours' shares and sending the masked update.
-    async fn participate_secure(self: &Arc<Self>, task: SecureTask) -> Result<()> {
-        let SecureTask {
+    async fn participate_secure(
+        self: &Arc<Self>,
+        task: TrainingTask,
+        trainer: Trainer,
+        seed: u64,
+    ) -> Result<()> {
+        let TrainingTask {
             job,
             round,
             model,
             spec,
             coordinator,
             participants,
-            trainer,
-            seed,
         } = task;
         let dimension = trainer.descriptor().param_count();
         let session = federation::secure_session(&job, &spec, round, &participants, dimension)?
@@ -1363,13 +1361,14 @@ impl Learner {
     /// Answers a `/openagi/learn/1` request from `from`.
     pub async fn handle(self: &Arc<Self>, from: PeerId, data: Vec<u8>, reply: MsgReply) {
         let response = match postcard::from_bytes::<LearnRequest>(&data) {
+            Err(e) => LearnResponse::Refused(format!("malformed request: {e}")),
             // Fetching the model takes network round trips: answered here.
             Ok(LearnRequest::KeepModel { job, model }) => {
                 self.keep_model_for(from, job, model).await
             }
-            _ => {
+            Ok(request) => {
                 let this = self.clone();
-                tokio::task::spawn_blocking(move || this.answer(from, &data))
+                tokio::task::spawn_blocking(move || this.answer(from, request))
                     .await
                     .unwrap_or_else(|_| LearnResponse::Refused("internal error".into()))
             }
@@ -1392,19 +1391,34 @@ impl Learner {
         model: ModelId,
     ) -> LearnResponse {
         let spec = match self.state() {
-            Ok(s) => s.participant.job(&job).and_then(|j| {
-                let sender = openagi_net::public_key_of(&from)?;
-                let standby = j
-                    .spec
-                    .chain_position(&j.submitter, &self.me)
-                    .is_some_and(|p| p > 0);
-                (standby && sender == j.coordinator).then(|| j.spec.clone())
-            }),
+            Ok(mut s) => {
+                let allowed = s.participant.job(&job).and_then(|j| {
+                    let sender = openagi_net::public_key_of(&from)?;
+                    let standby = j
+                        .spec
+                        .chain_position(&j.submitter, &self.me)
+                        .is_some_and(|p| p > 0);
+                    // One model per started, unfinished round: a
+                    // coordinator cannot make its standbys hold more.
+                    let ended = j.history().last().map_or(0, |h| h.round);
+                    (standby && sender == j.coordinator && j.round > ended)
+                        .then(|| (j.spec.clone(), j.round))
+                });
+                match allowed {
+                    Some((spec, round))
+                        if s.kept_for_round.get(&job).is_none_or(|&r| r < round) =>
+                    {
+                        s.kept_for_round.insert(job, round);
+                        Some(spec)
+                    }
+                    _ => None,
+                }
+            }
             Err(_) => None,
         };
         let Some(spec) = spec else {
             return LearnResponse::Refused(
-                "only a job's coordinator asks its standbys to keep a model".into(),
+                "only a job's coordinator asks its standbys to keep a model, once per round".into(),
             );
         };
         let kept = async {
@@ -1418,8 +1432,8 @@ impl Learner {
     }
 
     /// Before a round end naming a new model commits, the job's standbys
-    /// hold that model: the model outlives its coordinator. A standby that
-    /// does not answer delays the round by at most its request timeout.
+    /// hold that model: the model outlives its coordinator. Standbys that do
+    /// not answer delay the round by at most one request timeout.
     async fn replicate_model(self: &Arc<Self>, record: &Record) {
         let Record::RoundEnd(summary) = record else {
             return;
@@ -1435,15 +1449,21 @@ impl Learner {
                 .unwrap_or_default(),
             Err(_) => return,
         };
-        for standby in standbys.into_iter().filter(|k| *k != self.me) {
-            let Some(peer) = peer_id_of(&standby) else {
-                continue;
-            };
-            let request = LearnRequest::KeepModel {
-                job: summary.job,
-                model: summary.model,
-            };
-            match self.learn_exchange(peer, &request).await {
+        // All standbys at once: the round waits for the slowest, not the sum.
+        let request = LearnRequest::KeepModel {
+            job: summary.job,
+            model: summary.model,
+        };
+        let asks = standbys
+            .into_iter()
+            .filter(|k| *k != self.me)
+            .filter_map(|k| peer_id_of(&k))
+            .map(|peer| {
+                let request = &request;
+                async move { (peer, self.learn_exchange(peer, request).await) }
+            });
+        for (peer, answer) in futures::future::join_all(asks).await {
+            match answer {
                 Ok(LearnResponse::Accepted) => {}
                 Ok(other) => {
                     warn!(%peer, answer = ?other, "standby did not keep the round's model")
@@ -1477,11 +1497,7 @@ impl Learner {
         result
     }
 
-    fn answer(self: &Arc<Self>, from: PeerId, data: &[u8]) -> LearnResponse {
-        let request = match postcard::from_bytes::<LearnRequest>(data) {
-            Ok(r) => r,
-            Err(e) => return LearnResponse::Refused(format!("malformed request: {e}")),
-        };
+    fn answer(self: &Arc<Self>, from: PeerId, request: LearnRequest) -> LearnResponse {
         match request {
             // Answered in `handle`, which can wait for the network.
             LearnRequest::KeepModel { .. } => {
@@ -1615,18 +1631,6 @@ fn job_of(record: &Record, payload: &[u8]) -> JobId {
 enum Action {
     Submit(Record),
     Train(Box<TrainingTask>),
-}
-
-/// What a participant's secure round needs once it has the model.
-struct SecureTask {
-    job: JobId,
-    round: u64,
-    model: ModelId,
-    spec: JobSpec,
-    coordinator: PublicKey,
-    participants: Vec<PublicKey>,
-    trainer: Trainer,
-    seed: u64,
 }
 
 /// The coordinator refused a secure-aggregation message: the round is over
