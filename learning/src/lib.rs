@@ -47,6 +47,9 @@
 //!   the sum of a round's updates, with dropouts tolerated up to a stated
 //!   threshold and the DP noise optionally split across participants; its
 //!   participant and coordinator are sans-IO state machines.
+//! - [`catalog`]: the network's models as the ledger describes them (a
+//!   card per model: job, round, parent, architecture, accuracy, ε) and
+//!   the retention policy that never deletes a job's final model.
 //! - [`split`]: deterministic IID and non-IID partitions of a labelled data
 //!   set across simulated clients.
 //!
@@ -87,6 +90,7 @@
 //! ```
 
 pub mod aggregate;
+pub mod catalog;
 pub mod compress;
 pub mod data;
 pub mod dp;

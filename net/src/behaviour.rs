@@ -19,6 +19,20 @@ use crate::{Error, NetConfig};
 /// The request-response protocol name.
 pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/openagi/rpc/1");
 
+/// DHT values this node stores for others (it publishes none itself).
+pub const MAX_DHT_RECORDS: usize = 1024;
+/// Largest DHT value stored for another node.
+pub const MAX_DHT_VALUE_BYTES: usize = 16 * 1024;
+/// Keys the DHT store holds provider records for, this node's own and
+/// those other nodes announced (each model a node holds is one key);
+/// beyond this, content is still served but not announced. With
+/// [`MAX_PROVIDERS_PER_KEY`] it bounds the records to about 12 MB.
+pub const MAX_PROVIDED_KEYS: usize = 4096;
+/// Providers remembered per key, for lookups by others.
+pub const MAX_PROVIDERS_PER_KEY: usize = 20;
+/// Providers a lookup returns: enough to try several holders of a model.
+pub const MAX_PROVIDERS_FOUND: usize = 8;
+
 /// Everything the node speaks, composed into one behaviour.
 #[derive(NetworkBehaviour)]
 pub struct NodeBehaviour {
@@ -75,8 +89,20 @@ impl NodeBehaviour {
 
         let mut kad_config = kad::Config::new(StreamProtocol::new("/openagi/kad/1"));
         kad_config.set_query_timeout(Duration::from_secs(30));
-        let mut kad =
-            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        // The store's bounds are what any peer can make this node hold in
+        // provider records and values (ADD_PROVIDER and PUT_VALUE are open
+        // to every peer): named, so they are stated, not inherited.
+        let store_config = kad::store::MemoryStoreConfig {
+            max_records: MAX_DHT_RECORDS,
+            max_value_bytes: MAX_DHT_VALUE_BYTES,
+            max_provided_keys: MAX_PROVIDED_KEYS,
+            max_providers_per_key: MAX_PROVIDERS_PER_KEY,
+        };
+        let mut kad = kad::Behaviour::with_config(
+            peer_id,
+            kad::store::MemoryStore::with_config(peer_id, store_config),
+            kad_config,
+        );
         // Every node serves the DHT: without AutoNAT confirming an external
         // address kad would stay a client and nobody would route to it.
         kad.set_mode(Some(kad::Mode::Server));

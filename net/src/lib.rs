@@ -33,7 +33,10 @@ mod transport;
 mod wire;
 
 pub use backoff::Backoff;
-pub use behaviour::{NodeBehaviour, NodeBehaviourEvent};
+pub use behaviour::{
+    MAX_DHT_RECORDS, MAX_DHT_VALUE_BYTES, MAX_PROVIDED_KEYS, MAX_PROVIDERS_FOUND,
+    MAX_PROVIDERS_PER_KEY, NodeBehaviour, NodeBehaviourEvent,
+};
 pub use budget::{BUDGET_BURST_BYTES, BUDGET_BYTES_PER_SEC};
 pub use config::{ConnectionLimitsConfig, NetConfig, TransportMode};
 pub use direct::{
@@ -91,6 +94,9 @@ pub enum Error {
         /// What went wrong.
         detail: String,
     },
+    /// A DHT lookup could not run or found nothing in time.
+    #[error("DHT lookup failed: {0}")]
+    Lookup(String),
 }
 
 impl Error {
@@ -100,7 +106,7 @@ impl Error {
             Error::Config(_) => ErrorKind::Config,
             Error::Setup(_) => ErrorKind::Local,
             Error::Stopped => ErrorKind::Stopped,
-            Error::Publish(_) | Error::Request { .. } => ErrorKind::Remote,
+            Error::Publish(_) | Error::Request { .. } | Error::Lookup(_) => ErrorKind::Remote,
         }
     }
 }

@@ -227,6 +227,16 @@ enum Command {
     Shutdown {
         done: oneshot::Sender<()>,
     },
+    Provide {
+        key: Vec<u8>,
+    },
+    StopProviding {
+        key: Vec<u8>,
+    },
+    FindProviders {
+        key: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<PeerId>, Error>>,
+    },
 }
 
 /// A cheap, cloneable handle to the network task.
@@ -381,6 +391,26 @@ impl NetHandle {
         self.command(Command::MsgRespond { reply, data }).await
     }
 
+    /// Announces in the DHT that this node holds the content named by
+    /// `key` (Kademlia provider records, republished by the DHT while the
+    /// node runs; see [`crate::MAX_PROVIDED_KEYS`]).
+    pub async fn provide(&self, key: Vec<u8>) -> Result<(), Error> {
+        self.command(Command::Provide { key }).await
+    }
+
+    /// Stops announcing `key` (the content was deleted).
+    pub async fn stop_providing(&self, key: Vec<u8>) -> Result<(), Error> {
+        self.command(Command::StopProviding { key }).await
+    }
+
+    /// The peers the DHT names as holding `key` (at most
+    /// [`crate::MAX_PROVIDERS_FOUND`], this node left out). An empty list
+    /// means nobody announced it; an error, that the lookup could not run.
+    pub async fn find_providers(&self, key: Vec<u8>) -> Result<Vec<PeerId>, Error> {
+        self.ask(|reply| Command::FindProviders { key, reply })
+            .await
+    }
+
     /// Asks the task to dial `addr`.
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), Error> {
         self.command(Command::Dial { addr }).await
@@ -498,6 +528,7 @@ impl NetworkService {
             started: Instant::now(),
             announce_sequence: 0,
             msg_replies: HashMap::new(),
+            provider_lookups: HashMap::new(),
             next_msg_reply: 0,
             msg_requests: HashMap::new(),
             misbehaviour: crate::score::Misbehaviour::default(),
@@ -550,7 +581,18 @@ struct NetTask {
     misbehaviour: crate::score::Misbehaviour,
     /// Inbound bytes per peer identity; see [`crate::budget`].
     budgets: crate::budget::ByteBudgets,
+    /// Provider lookups under way (at most [`MAX_PROVIDER_LOOKUPS`]),
+    /// with the providers found so far.
+    provider_lookups: HashMap<kad::QueryId, (ProvidersSender, Vec<PeerId>)>,
 }
+
+/// Provider lookups one node runs at once: each is a Kademlia query of up
+/// to its timeout; a caller past this is told to try again, rather than
+/// queueing work the DHT cannot do sooner.
+const MAX_PROVIDER_LOOKUPS: usize = 32;
+
+/// Where the answer to a provider lookup goes.
+type ProvidersSender = oneshot::Sender<Result<Vec<PeerId>, Error>>;
 
 /// The refusal reason of an inbound request-response failure that the
 /// peer caused (a request too large or malformed, or not sent in time);
@@ -612,6 +654,11 @@ impl NetTask {
                             let _ = self.app_behaviour(protocol).send_response(channel, data);
                         }
                     }
+                    Some(Command::Provide { key }) => self.provide(key),
+                    Some(Command::StopProviding { key }) => {
+                        self.swarm.behaviour_mut().kad.stop_providing(&kad::RecordKey::new(&key));
+                    }
+                    Some(Command::FindProviders { key, reply }) => self.find_providers(key, reply),
                     Some(Command::Dial { addr }) => {
                         if let Err(e) = self.swarm.dial(addr.clone()) {
                             warn!(%addr, error = %e, "dial refused");
@@ -898,6 +945,74 @@ impl NetTask {
         }
     }
 
+    fn provide(&mut self, key: Vec<u8>) {
+        let key = kad::RecordKey::new(&key);
+        // Refused only when this node already provides the most keys its
+        // store holds: said once per key, the content is still served to
+        // whoever asks the node directly.
+        if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
+            warn!(error = %e, "not announced in the DHT");
+        }
+    }
+
+    fn find_providers(&mut self, key: Vec<u8>, reply: ProvidersSender) {
+        if self.provider_lookups.len() >= MAX_PROVIDER_LOOKUPS {
+            let _ = reply.send(Err(Error::Lookup(format!(
+                "{MAX_PROVIDER_LOOKUPS} provider lookups already under way; try again"
+            ))));
+            return;
+        }
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .get_providers(kad::RecordKey::new(&key));
+        self.provider_lookups.insert(id, (reply, Vec::new()));
+    }
+
+    /// A step of one of this node's Kademlia queries: provider lookups
+    /// gather what each step found and answer when the query ends or has
+    /// found enough.
+    fn on_query_progress(&mut self, id: kad::QueryId, result: kad::QueryResult, last: bool) {
+        let kad::QueryResult::GetProviders(result) = result else {
+            return;
+        };
+        let me = *self.swarm.local_peer_id();
+        let done = match (self.provider_lookups.get_mut(&id), result) {
+            (None, _) => return,
+            (Some((_, found)), Ok(kad::GetProvidersOk::FoundProviders { providers, .. })) => {
+                for peer in providers {
+                    if peer != me
+                        && !found.contains(&peer)
+                        && found.len() < crate::MAX_PROVIDERS_FOUND
+                    {
+                        found.push(peer);
+                    }
+                }
+                last || found.len() >= crate::MAX_PROVIDERS_FOUND
+            }
+            (Some(_), Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. })) => true,
+            (Some((_, found)), Err(e)) => {
+                // A timeout after some providers were found is an answer.
+                if found.is_empty() {
+                    if let Some((reply, _)) = self.provider_lookups.remove(&id) {
+                        let _ = reply.send(Err(Error::Lookup(e.to_string())));
+                    }
+                    return;
+                }
+                true
+            }
+        };
+        if done {
+            if let Some((reply, found)) = self.provider_lookups.remove(&id) {
+                let _ = reply.send(Ok(found));
+            }
+            if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                query.finish();
+            }
+        }
+    }
+
     fn set_connected_gauge(&self) {
         let count = self.swarm.connected_peers().count();
         self.net_metrics.connected_peers.set(count as i64);
@@ -968,8 +1083,14 @@ impl NetTask {
             }
             NodeBehaviourEvent::Kad(event) => {
                 self.libp2p_metrics.record(&event);
-                if let kad::Event::RoutingUpdated { peer, .. } = event {
-                    debug!(%peer, "routing table updated");
+                match event {
+                    kad::Event::RoutingUpdated { peer, .. } => {
+                        debug!(%peer, "routing table updated");
+                    }
+                    kad::Event::OutboundQueryProgressed {
+                        id, result, step, ..
+                    } => self.on_query_progress(id, result, step.last),
+                    _ => {}
                 }
             }
             NodeBehaviourEvent::Mdns(event) => {
