@@ -331,6 +331,15 @@ impl ModelId {
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(text: &str) -> Result<Self> {
+        let text = text.trim();
+        let mut id = [0u8; 32];
+        hex::decode_to_slice(text, &mut id)
+            .map_err(|_| Error::invalid("model id", format!("{text:?} is not 64 hex digits")))?;
+        Ok(ModelId(id))
+    }
 }
 
 impl fmt::Display for ModelId {

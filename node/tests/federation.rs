@@ -2,12 +2,17 @@
 //! own shard of the digits set: a job submitted with `openagi learn
 //! submit` trains to a stated accuracy, a participant that stops answering
 //! does not stall its rounds (they close at their deadline), and the final
-//! model exports from a node that did not coordinate.
+//! model exports from a node that did not coordinate. The models are the
+//! network's: a full node that never trained lists every model the job
+//! made and exports the final one from a holder the DHT names while the
+//! coordinator is down, and holders prune all but the recent ones.
 
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use openagi_tests::{Daemon, DaemonOptions, init_validators, logs, openagi, use_binary, wait_for};
+use openagi_tests::{
+    Daemon, DaemonOptions, init_full_node, init_validators, logs, openagi, use_binary, wait_for,
+};
 use serde_json::Value;
 
 const JOB: &str = r#"
@@ -58,6 +63,8 @@ fn trainer_options(i: usize, n: usize, bootstrap: Vec<String>) -> DaemonOptions 
             ("OPENAGI_LEARN_DATA".into(), "digits".into()),
             ("OPENAGI_LEARN_JOIN".into(), "fitting".into()),
             ("OPENAGI_LEARN_SHARD".into(), format!("{}/{n}", i + 1)),
+            // One round besides the current: pruning shows within a job.
+            ("OPENAGI_LEARN_KEEP_RECENT_MODELS".into(), "1".into()),
         ],
         ..Default::default()
     }
@@ -516,4 +523,148 @@ fn a_standby_coordinator_finishes_a_job_whose_coordinator_is_gone() {
         "standby takeover: accuracy {accuracy:.3} after 6 rounds; rounds that ended unchanged: {}",
         history.iter().filter(|r| r["aggregated"] == false).count()
     );
+}
+
+/// The model files under a data directory.
+fn model_files(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir.join("models"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|name| name.ends_with(".bin"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A full node that never trained lists the job's models from the ledger
+/// and exports the final one while its coordinator is down: the node finds
+/// a participant holding it through the DHT, and checks it against its id.
+/// Holders keep the final model and the latest round's, nothing older.
+#[test]
+fn a_full_node_lists_a_jobs_models_and_exports_one_from_a_holder_the_dht_names() {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let (dirs, mut nodes, boot) = trainers(root.path(), 4);
+    let full_dir = init_full_node(root.path()).expect("full node");
+    let full = Daemon::start(
+        &full_dir,
+        &DaemonOptions {
+            bootstrap: boot,
+            ..Default::default()
+        },
+    )
+    .expect("full node starts");
+    wait_for("the full node follows", Duration::from_secs(20), || {
+        (full.status().ok()?["consensus"]["role"] == "full").then_some(())
+    })
+    .expect("full node running");
+    submit(root.path(), &dirs[1], JOB);
+    wait_finished(&nodes, 0, 120);
+    let job = jobs(&nodes[0]).remove(0);
+    let job_id = job["job_id"].as_str().expect("id").to_string();
+    let (history, _) = six_rounds_at_stated_accuracy(&job);
+    let final_model = history
+        .last()
+        .and_then(|r| r["model"].as_str())
+        .expect("model")
+        .to_string();
+
+    // Every model the job made has a card, on a node that never trained.
+    let models = openagi(&[
+        "learn",
+        "models",
+        "--json",
+        "--data-dir",
+        full_dir.to_str().expect("utf-8"),
+    ])
+    .expect("runs");
+    assert!(models.0.success(), "{}{}", models.1, models.2);
+    let cards: Vec<Value> = serde_json::from_str(&models.1).expect("json");
+    let aggregated = history.iter().filter(|r| r["aggregated"] == true).count();
+    assert_eq!(cards.len(), 1 + aggregated, "{cards:#?}");
+    let last = cards.last().expect("cards");
+    assert_eq!(last["model"], final_model.as_str(), "{last:#}");
+    assert_eq!(last["final_model"], true);
+    assert_eq!(last["held_here"], false, "the full node trained nothing");
+    assert_eq!(last["architecture"], "logreg-64-10");
+    assert_eq!(
+        (last["inputs"].as_u64(), last["classes"].as_u64()),
+        (Some(64), Some(10))
+    );
+    assert!(last["accuracy"].as_f64().is_some(), "{last:#}");
+    assert_eq!(cards[0]["round"], 0);
+    assert!(cards[0]["parent"].is_null());
+    for pair in cards.windows(2) {
+        assert_eq!(pair[1]["parent"], pair[0]["model"], "lineage: {cards:#?}");
+    }
+
+    // Holders keep the final model and one round besides; older ones go.
+    let initial = cards[0]["model"].as_str().expect("initial").to_string();
+    for dir in &dirs {
+        let files = model_files(dir);
+        assert!(
+            files.contains(&format!("{final_model}.bin")),
+            "{}: {files:?}",
+            dir.display()
+        );
+        assert!(
+            !files.contains(&format!("{initial}.bin")),
+            "{}: {files:?}",
+            dir.display()
+        );
+        assert!(files.len() <= 3, "{}: {files:?}", dir.display());
+    }
+    let pruned = nodes[0].metrics().expect("metrics");
+    assert!(
+        pruned
+            .lines()
+            .any(|l| l.starts_with("openagi_learn_models_pruned_total ") && !l.ends_with(" 0")),
+        "{pruned}"
+    );
+
+    // The coordinator is gone: the export comes from a holder the DHT
+    // names.
+    nodes[1].kill_hard().expect("SIGKILL");
+    let out = root.path().join("final.bin");
+    let (status, text, err) = openagi(&[
+        "learn",
+        "export",
+        "--job",
+        &job_id[..12],
+        "--out",
+        out.to_str().expect("utf-8"),
+        "--data-dir",
+        full_dir.to_str().expect("utf-8"),
+    ])
+    .expect("runs");
+    assert!(status.success(), "{text}{err}\n{}", full.log());
+    assert!(text.contains(&final_model), "{text}");
+    let bytes = std::fs::read(&out).expect("exported");
+    assert_eq!(
+        bytes.len(),
+        (64 * 10 + 10) * 4,
+        "logistic regression 64 -> 10"
+    );
+    let metrics = full.metrics().expect("metrics");
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("openagi_learn_model_fetches_total{source=\"dht\"} ")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // Now held and announced here too.
+    let (_, body) = full
+        .get("/api/v1/learn/models", Some(full.token()))
+        .expect("models");
+    let answer: Value = serde_json::from_str(&body).expect("json");
+    let held: Vec<&Value> = answer["models"]
+        .as_array()
+        .expect("models")
+        .iter()
+        .filter(|m| m["held_here"] == true)
+        .collect();
+    assert_eq!(held.len(), 1, "{answer:#}");
+    assert_eq!(held[0]["model"], final_model.as_str());
+    drop(nodes);
 }

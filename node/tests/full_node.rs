@@ -7,28 +7,10 @@
 
 use std::time::Duration;
 
-use openagi_tests::{Daemon, DaemonOptions, init, init_validators, openagi, use_binary, wait_for};
+use openagi_tests::{
+    Daemon, DaemonOptions, init_full_node, init_validators, openagi, use_binary, wait_for,
+};
 use serde_json::json;
-
-/// Initialises `root/full` with the network's genesis (written by
-/// `init_validators` to `root/genesis.toml`), which does not list it.
-fn init_full_node(root: &std::path::Path) -> std::path::PathBuf {
-    let full_dir = root.join("full");
-    init(&full_dir).expect("init");
-    let genesis = root.join("genesis.toml");
-    let (status, _, err) = openagi(&[
-        "init",
-        "--data-dir",
-        &full_dir.to_string_lossy(),
-        "--network-id",
-        openagi_tests::TEST_NETWORK,
-        "--genesis",
-        &genesis.to_string_lossy(),
-    ])
-    .expect("init --genesis");
-    assert!(status.success(), "{err}");
-    full_dir
-}
 
 fn height_of(daemon: &Daemon) -> u64 {
     daemon
@@ -64,7 +46,7 @@ fn a_full_node_follows_verifies_serves_and_forwards() {
     }
 
     // The full node: initialised with the network's genesis, not in it.
-    let full_dir = init_full_node(root.path());
+    let full_dir = init_full_node(root.path()).expect("full node");
     let mut full = Daemon::start(&full_dir, &boot).expect("full node starts");
 
     let target = height_of(&validators[0]);
@@ -232,7 +214,7 @@ fn a_full_node_joins_a_training_job_and_its_updates_count() {
             .expect("validator starts"),
         );
     }
-    let full_dir = init_full_node(root.path());
+    let full_dir = init_full_node(root.path()).expect("full node");
     let full = Daemon::start(
         &full_dir,
         &DaemonOptions {

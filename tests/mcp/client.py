@@ -16,7 +16,7 @@ from mcp.client.stdio import stdio_client
 
 READ_TOOLS = {
     "node_status", "peers", "ledger_head", "ledger_block", "transaction_status",
-    "learning_jobs", "learning_job", "inbox", "outbox",
+    "learning_jobs", "learning_job", "learning_models", "inbox", "outbox",
 }
 WRITE_TOOLS = {"submit_transaction", "submit_learning_job", "send_message"}
 

@@ -130,6 +130,28 @@ pub fn init_validators(root: &Path, n: usize) -> Result<Vec<PathBuf>> {
     Ok(dirs)
 }
 
+/// Initialises `root/full`, a node of the network `init_validators`
+/// created under `root` (its genesis, `root/genesis.toml`, does not list
+/// it): a full node.
+pub fn init_full_node(root: &Path) -> Result<PathBuf> {
+    let full_dir = root.join("full");
+    init(&full_dir)?;
+    let genesis = root.join("genesis.toml");
+    let (status, out, err) = openagi(&[
+        "init",
+        "--data-dir",
+        full_dir.to_str().context("utf-8")?,
+        "--network-id",
+        TEST_NETWORK,
+        "--genesis",
+        genesis.to_str().context("utf-8")?,
+    ])?;
+    if !status.success() {
+        bail!("init --genesis failed: {out}{err}");
+    }
+    Ok(full_dir)
+}
+
 /// Every daemon's log, labelled `v0`, `v1`, ... (for failure messages).
 pub fn logs(nodes: &[Daemon]) -> String {
     nodes

@@ -60,8 +60,12 @@ pub enum LearnCommand {
     Submit(crate::cli::learn_jobs::SubmitArgs),
     /// The jobs on this node's ledger: round, accuracy, ε, stragglers.
     Status(crate::cli::learn_jobs::StatusArgs),
-    /// Writes a job's model (after a given round) to a file.
+    /// Writes a job's model (after a given round) to a file, fetched from
+    /// whichever node holds it.
     Export(crate::cli::learn_jobs::ExportArgs),
+    /// The network's models as the ledger describes them: job, round,
+    /// parent, architecture, accuracy, ε, and whether this node holds each.
+    Models(crate::cli::learn_jobs::ModelsArgs),
 }
 
 /// Runs an `openagi learn` subcommand (`dir`: the node, for the
@@ -74,6 +78,7 @@ pub fn run(args: LearnArgs, dir: &crate::common::datadir::DataDir) -> Result<()>
         LearnCommand::Submit(a) => crate::cli::learn_jobs::submit(dir, &a),
         LearnCommand::Status(a) => crate::cli::learn_jobs::status(dir, &a),
         LearnCommand::Export(a) => crate::cli::learn_jobs::export(dir, &a),
+        LearnCommand::Models(a) => crate::cli::learn_jobs::models(dir, &a),
     }
 }
 

@@ -1,5 +1,5 @@
-//! `openagi learn submit|status|export`: federated jobs on a running node,
-//! through its local API.
+//! `openagi learn submit|status|export|models`: federated jobs and the
+//! network's models on a running node, through its local API.
 
 use std::path::PathBuf;
 
@@ -44,6 +44,21 @@ pub struct ExportArgs {
     /// the architecture's layer order.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// Arguments of `openagi learn models`.
+#[derive(Args, Debug, Clone)]
+pub struct ModelsArgs {
+    /// Only this job's models (its id or any start of it that names one
+    /// job).
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Only the models jobs finished with.
+    #[arg(long = "final")]
+    pub final_only: bool,
+    /// Print the cards as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Reads and validates a job spec file.
@@ -263,6 +278,83 @@ pub fn export(dir: &DataDir, args: &ExportArgs) -> Result<()> {
         bytes.len() / 4,
         args.out.display()
     )?;
+    Ok(())
+}
+
+/// `openagi learn models`.
+pub fn models(dir: &DataDir, args: &ModelsArgs) -> Result<()> {
+    let client = ApiClient::from_data_dir(dir)?;
+    let job = args
+        .job
+        .as_deref()
+        .map(|j| full_job_id(&client, j))
+        .transpose()?;
+    let answer = client.get_json("/api/v1/learn/models")?;
+    let models: Vec<serde_json::Value> = answer["models"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| job.as_deref().is_none_or(|j| m["job_id"] == j))
+        .filter(|m| !args.final_only || m["final_model"] == true)
+        .collect();
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&models)?)?;
+        return Ok(());
+    }
+    if models.is_empty() {
+        outln!(
+            "no models on this node's ledger{}",
+            if job.is_some() || args.final_only {
+                " that match"
+            } else {
+                ""
+            }
+        )?;
+        return Ok(());
+    }
+    let short = |v: &serde_json::Value| {
+        let text = v.as_str().unwrap_or("-");
+        text.get(..12).unwrap_or(text).to_string()
+    };
+    outln!(
+        "{:<12}  {:<12}  {:<16} {:>5}  {:<12}  {:<18} {:>8}  {:>7}  {:<18} here",
+        "model",
+        "job",
+        "name",
+        "round",
+        "parent",
+        "architecture",
+        "accuracy",
+        "ε",
+        "privacy"
+    )?;
+    for m in &models {
+        let accuracy = m["accuracy"]
+            .as_f64()
+            .map_or("-".into(), |a| format!("{:.1}%", a * 100.0));
+        let epsilon = m["epsilon"]
+            .as_f64()
+            .map_or("-".into(), |e| format!("{e:.2}"));
+        outln!(
+            "{:<12}  {:<12}  {:<16} {:>5}  {:<12}  {:<18} {:>8}  {:>7}  {:<18} {}{}",
+            short(&m["model"]),
+            short(&m["job_id"]),
+            m["job_name"].as_str().unwrap_or("?"),
+            m["round"].as_u64().unwrap_or(0),
+            short(&m["parent"]),
+            m["architecture"].as_str().unwrap_or("?"),
+            accuracy,
+            epsilon,
+            m["privacy_mode"].as_str().unwrap_or("?"),
+            if m["held_here"] == true { "yes" } else { "no" },
+            if m["final_model"] == true {
+                "  (final)"
+            } else {
+                ""
+            },
+        )?;
+    }
     Ok(())
 }
 

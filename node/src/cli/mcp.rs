@@ -193,6 +193,13 @@ impl NodeTools {
     }
 
     #[tool(
+        description = "The network's models as this node's ledger describes them, one card per model: content id, job, round, parent model, architecture and data schema (inputs, classes), accuracy, epsilon spent and privacy mode, whether it is a job's final model, and whether this node holds its parameters. Read-only."
+    )]
+    async fn learning_models(&self) -> Result<CallToolResult, ErrorData> {
+        self.get("/api/v1/learn/models".into()).await
+    }
+
+    #[tool(
         description = "One federated-learning job with all its rounds (model id, whether it aggregated, participants selected and responding, samples, accuracy, epsilon), found by its id or an unambiguous prefix. Read-only."
     )]
     async fn learning_job(

@@ -313,7 +313,7 @@ impl ConsensusSection {
 }
 
 /// `[learn]`: this node's part in federated training.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LearnSection {
     /// Local training data: empty (this node does not train), `digits`,
@@ -340,6 +340,27 @@ pub struct LearnSection {
     pub models: Vec<String>,
     /// Join only jobs of at most this many rounds; 0: any.
     pub max_rounds: u64,
+    /// Models kept on disk per job besides the one it stands at (its
+    /// final model, once finished, is never deleted): those of its latest
+    /// rounds. Older ones are deleted.
+    pub keep_recent_models: usize,
+}
+
+impl Default for LearnSection {
+    fn default() -> Self {
+        Self {
+            data: String::new(),
+            shard: String::new(),
+            join: JoinMode::default(),
+            coordinators: Vec::new(),
+            require_dp: false,
+            max_epsilon: 0.0,
+            require_secure_aggregation: false,
+            models: Vec::new(),
+            max_rounds: 0,
+            keep_recent_models: openagi_learning::catalog::RetentionPolicy::default().recent_rounds,
+        }
+    }
 }
 
 /// The model kinds `learn.models` may name.
@@ -1544,6 +1565,12 @@ transport = "{transport}"
 # models = []
 # Join only jobs of at most this many rounds; 0: any.
 # max_rounds = 0
+# Models this node trained from or aggregated are kept on disk, served to
+# any node that asks and announced in the DHT. Per job it keeps the model
+# the job stands at (a finished job's final model is never deleted) and
+# those of its latest rounds, this many; older ones are deleted. Models
+# no job on the ledger names are left alone.
+# keep_recent_models = {keep_recent_models}
 
 [api]
 # Local HTTP server: /health, /ready and /metrics (no token) and /api/v1
@@ -1613,6 +1640,7 @@ transport = "{transport}"
         max_tx_bytes = d.consensus.max_tx_bytes,
         consensus_max_pending = d.consensus.max_pending,
         blocks_in_memory = d.consensus.blocks_in_memory,
+        keep_recent_models = d.learn.keep_recent_models,
     )
 }
 

@@ -253,6 +253,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/outbox", get(outbox))
         .route("/learn/jobs", get(learn_jobs).post(learn_submit))
         .route("/learn/jobs/{job}/model", get(learn_model))
+        .route("/learn/models", get(learn_models))
         .route("/invites", get(list_invites).post(create_invite))
         .route("/invites/revoke", post(revoke_invite))
         .route("/dashboard/login", post(dashboard_login))
@@ -1046,6 +1047,13 @@ async fn dashboard_login(State(state): State<Arc<ApiState>>) -> Response {
 async fn learn_jobs(State(state): State<Arc<ApiState>>) -> Response {
     match state.learner.jobs() {
         Ok(jobs) => Json(serde_json::json!({ "jobs": jobs })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+async fn learn_models(State(state): State<Arc<ApiState>>) -> Response {
+    match state.learner.models() {
+        Ok(models) => Json(serde_json::json!({ "models": models })).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     }
 }

@@ -7,15 +7,23 @@
 //! jobs its local data fits, and when a committed round start names it,
 //! fetches the round's model from the coordinator over `/openagi/learn/1`
 //! (chunked, checked against the model id), trains on its own data and
-//! sends back the clipped, compressed update. Models this node holds are
-//! kept in memory and written under `<data dir>/models/` so they can be
-//! served and exported.
+//! sends back the clipped, compressed update.
+//!
+//! Models are the network's knowledge base: this node keeps the models it
+//! trained from, aggregated or stands by for, in memory and under
+//! `<data dir>/models/`, announces each in the DHT (a provider record
+//! under [`provider_key`]) and serves it to any peer that asks. Any model
+//! a job on the ledger names can be exported here: from this node's disk,
+//! else the job's coordinator, else whichever holders the DHT names. What
+//! each model is comes from the ledger ([`openagi_learning::catalog`]);
+//! `learn.keep_recent_models` bounds what is kept, never a job's final
+//! model.
 //!
 //! Records replayed at boot only rebuild the view of jobs; the node acts
 //! (joins, trains, coordinates) on records that commit while it runs, so a
 //! participant that restarts trains again from the next round that names
-//! it. A job whose coordinator restarted mid-way shows as `interrupted` on
-//! that node.
+//! it. A coordinator that restarts resumes its jobs from the model on its
+//! disk (or a holder's); a job is `interrupted` only when no one has it.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -24,6 +32,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use openagi_crypto::{Identity, PublicKey, Signed};
+use openagi_learning::catalog::{self, ModelCard, RetentionPolicy};
 use openagi_learning::compress::ErrorFeedback;
 use openagi_learning::data::Dataset;
 use openagi_learning::federation::{
@@ -62,6 +71,71 @@ const TICK: Duration = Duration::from_millis(200);
 /// next message while it has none: a stage closes when its last reply
 /// arrives, so this bounds the wait per stage on a healthy round.
 const SECAGG_POLL: Duration = Duration::from_millis(100);
+
+/// The DHT key under which the holders of `model` announce it.
+pub fn provider_key(model: &ModelId) -> Vec<u8> {
+    [b"/openagi/model/1/".as_slice(), &model.0].concat()
+}
+
+/// A model the ledger describes, as `learn models` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelView {
+    /// Content address (hex).
+    pub model: String,
+    /// The job that produced it (hex).
+    pub job_id: String,
+    /// The job's name.
+    pub job_name: String,
+    /// The round that produced it (0: the initial model).
+    pub round: u64,
+    /// The model the round started from (hex); none for an initial model.
+    pub parent: Option<String>,
+    /// The architecture's short name, e.g. `logreg-64-10`.
+    pub architecture: String,
+    /// Input features the model takes (the data schema with `classes`).
+    pub inputs: usize,
+    /// Output classes.
+    pub classes: usize,
+    /// Test accuracy on the coordinator's evaluation set.
+    pub accuracy: Option<f64>,
+    /// ε spent when the model was released, with DP.
+    pub epsilon: Option<f64>,
+    /// The δ of that ε.
+    pub delta: Option<f64>,
+    /// `none`, `central`, `none+secagg` or `distributed+secagg`.
+    pub privacy_mode: String,
+    /// Samples behind the round's aggregated updates.
+    pub samples: u64,
+    /// Updates the round aggregated.
+    pub participants: u32,
+    /// Whether the job finished with this model.
+    pub final_model: bool,
+    /// Whether this node holds its parameters (and serves them).
+    pub held_here: bool,
+}
+
+impl ModelView {
+    fn of(card: &ModelCard, held_here: bool) -> Self {
+        Self {
+            model: card.model.to_hex(),
+            job_id: card.job.to_hex(),
+            job_name: card.job_name.clone(),
+            round: card.round,
+            parent: card.parent.map(|p| p.to_hex()),
+            architecture: card.architecture.name(),
+            inputs: card.architecture.inputs(),
+            classes: card.architecture.classes(),
+            accuracy: card.accuracy,
+            epsilon: card.epsilon,
+            delta: card.delta,
+            privacy_mode: card.privacy_mode.into(),
+            samples: card.samples,
+            participants: card.participants,
+            final_model: card.final_model,
+            held_here,
+        }
+    }
+}
 
 /// One round of a job, as `learn status` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -222,6 +296,17 @@ struct LearnMetrics {
     accuracy: Family<JobLabel, FloatGauge>,
     epsilon: Family<JobLabel, FloatGauge>,
     epsilon_budget_used: Family<JobLabel, FloatGauge>,
+    models_held: Gauge,
+    models_pruned: Counter,
+    model_fetches: Family<SourceLabel, Counter>,
+}
+
+/// Where a model this node did not hold came from.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    /// `named` (the coordinator or a node the job names) or `dht` (a
+    /// holder the DHT named).
+    source: &'static str,
 }
 
 impl LearnMetrics {
@@ -237,6 +322,9 @@ impl LearnMetrics {
             accuracy: Family::default(),
             epsilon: Family::default(),
             epsilon_budget_used: Family::default(),
+            models_held: Gauge::default(),
+            models_pruned: Counter::default(),
+            model_fetches: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("learn");
         r.register(
@@ -288,6 +376,21 @@ impl LearnMetrics {
             "epsilon_budget_used_ratio",
             "Share (0 to 1) of its epsilon budget each unfinished job with a DP budget has spent",
             m.epsilon_budget_used.clone(),
+        );
+        r.register(
+            "models_held",
+            "Models this node keeps on disk, serves and announces in the DHT",
+            m.models_held.clone(),
+        );
+        r.register(
+            "models_pruned",
+            "Models deleted by the retention policy (learn.keep_recent_models)",
+            m.models_pruned.clone(),
+        );
+        r.register(
+            "model_fetches",
+            "Models fetched from another node, by how the holder was found",
+            m.model_fetches.clone(),
         );
         m
     }
@@ -372,6 +475,8 @@ pub struct Learner {
     ledger: Option<LedgerAccess>,
     local: Option<LocalData>,
     models_dir: PathBuf,
+    /// Which models stay on disk.
+    retention: RetentionPolicy,
     state: Mutex<State>,
     metrics: LearnMetrics,
 }
@@ -438,6 +543,9 @@ impl Learner {
             ledger,
             local,
             models_dir,
+            retention: RetentionPolicy {
+                recent_rounds: config.keep_recent_models,
+            },
             state: Mutex::new(State {
                 participant: Participant::with_policy(me, profile, policy),
                 coordinators: HashMap::new(),
@@ -474,6 +582,17 @@ impl Learner {
         let head = ledger.height();
         self.catch_up(head, false).await;
         self.resume_coordinators().await;
+        // Pruned first, so only what stays is announced.
+        let this = self.clone();
+        let held = tokio::task::spawn_blocking(move || {
+            this.prune_models();
+            this.held_models()
+        })
+        .await
+        .unwrap_or_default();
+        for model in held {
+            let _ = self.net.provide(provider_key(&model)).await;
+        }
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
@@ -612,10 +731,7 @@ impl Learner {
         spec: &JobSpec,
     ) -> Result<Vec<f32>> {
         let trainer = Trainer::new(spec.architecture.clone(), Compute::Cpu)?;
-        if let Ok(params) = self.model_params(model, &trainer, None).await {
-            return Ok(params.as_ref().clone());
-        }
-        let holders: Vec<PublicKey> = self
+        let holders: Vec<PeerId> = self
             .state()?
             .participant
             .job(job)
@@ -623,24 +739,148 @@ impl Learner {
                 std::iter::once(j.submitter)
                     .chain(j.joiners().copied())
                     .filter(|k| *k != self.me)
+                    .filter_map(|k| peer_id_of(&k))
                     .collect()
             })
             .unwrap_or_default();
-        for holder in holders {
-            let Some(peer) = peer_id_of(&holder) else {
+        let params = self.find_model(model, &trainer, holders).await?;
+        Ok(params.as_ref().clone())
+    }
+
+    /// `model` from wherever it is: this node's memory or disk, else the
+    /// peers in `named` in order, else the holders the DHT names. What is
+    /// fetched is checked against the id and kept.
+    async fn find_model(
+        self: &Arc<Self>,
+        model: &ModelId,
+        trainer: &Trainer,
+        named: Vec<PeerId>,
+    ) -> Result<Arc<Vec<f32>>> {
+        if let Ok(params) = self.model_params(model, trainer, None).await {
+            return Ok(params);
+        }
+        let mut tried = HashSet::new();
+        for peer in named {
+            if !tried.insert(peer) {
                 continue;
-            };
-            match self.model_params(model, &trainer, Some(peer)).await {
-                Ok(params) => return Ok(params.as_ref().clone()),
+            }
+            match self.model_params(model, trainer, Some(peer)).await {
+                Ok(params) => {
+                    self.metrics
+                        .model_fetches
+                        .get_or_create(&SourceLabel { source: "named" })
+                        .inc();
+                    return Ok(params);
+                }
                 Err(e) => {
                     debug!(%peer, error = format!("{e:#}"), "model not fetched from this node")
                 }
             }
         }
+        let providers = match self.net.find_providers(provider_key(model)).await {
+            Ok(p) => p,
+            Err(e) => {
+                debug!(model = %model.to_hex(), error = %e, "no DHT lookup");
+                Vec::new()
+            }
+        };
+        let found = providers.len();
+        for peer in providers.into_iter().filter(|p| !tried.contains(p)) {
+            match self.model_params(model, trainer, Some(peer)).await {
+                Ok(params) => {
+                    self.metrics
+                        .model_fetches
+                        .get_or_create(&SourceLabel { source: "dht" })
+                        .inc();
+                    return Ok(params);
+                }
+                Err(e) => {
+                    debug!(%peer, error = format!("{e:#}"), "model not fetched from this DHT provider")
+                }
+            }
+        }
         bail!(
-            "model {} is neither on this node's disk nor held by a node that joined the job",
-            model.to_hex()
+            "model {} is not on this node's disk, and none of the {} nodes asked (the job's, then {found} the DHT named) served it",
+            model.to_hex(),
+            tried.len() + found,
         )
+    }
+
+    /// The models on this node's disk (files named by their id).
+    fn held_models(&self) -> Vec<ModelId> {
+        let Ok(entries) = std::fs::read_dir(&self.models_dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name();
+                let hex = name.to_str()?.strip_suffix(".bin")?;
+                ModelId::from_hex(hex).ok()
+            })
+            .collect()
+    }
+
+    /// Deletes the models the retention policy lets go (never a job's
+    /// final model, nor one being written) and stops announcing them.
+    fn prune_models(self: &Arc<Self>) {
+        let held = self.held_models();
+        let gone: Vec<ModelId> = match self.state() {
+            Ok(mut s) => {
+                let jobs: Vec<&FollowedJob> = s.participant.jobs().collect();
+                let gone: Vec<ModelId> =
+                    catalog::prunable(held.iter().copied(), &jobs, self.retention)
+                        .into_iter()
+                        .filter(|m| !s.writing.contains(m))
+                        .collect();
+                for id in &gone {
+                    s.models.remove(id);
+                    s.model_order.retain(|m| m != id);
+                }
+                gone
+            }
+            Err(_) => return,
+        };
+        let mut removed = Vec::new();
+        for id in gone {
+            let path = self.model_path(&id);
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed.push(id),
+                Err(e) => warn!(path = %path.display(), error = %e, "pruned model not deleted"),
+            }
+        }
+        self.metrics
+            .models_held
+            .set((held.len() - removed.len()) as i64);
+        if removed.is_empty() {
+            return;
+        }
+        self.metrics.models_pruned.inc_by(removed.len() as u64);
+        debug!(
+            count = removed.len(),
+            "models pruned (learn.keep_recent_models)"
+        );
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            for id in removed {
+                let _ = net.stop_providing(provider_key(&id)).await;
+            }
+        });
+    }
+
+    /// Every model the ledger describes (jobs in ledger order, each oldest
+    /// round first), with whether this node holds it.
+    pub fn models(&self) -> Result<Vec<ModelView>> {
+        let held: HashSet<ModelId> = self.held_models().into_iter().collect();
+        let s = self.state()?;
+        Ok(s.participant
+            .jobs()
+            .flat_map(catalog::cards)
+            .map(|card| {
+                let here = held.contains(&card.model) || s.models.contains_key(&card.model);
+                ModelView::of(&card, here)
+            })
+            .collect())
     }
 
     /// Processes committed blocks up to `height`.
@@ -759,6 +999,9 @@ impl Learner {
                 ParticipantOutput::RoundCommitted { summary, live } => {
                     if live {
                         self.keep_round_model(&summary);
+                        if summary.aggregated {
+                            self.prune_models();
+                        }
                     }
                     let budget = self.state().ok().and_then(|s| {
                         s.participant
@@ -1310,13 +1553,29 @@ impl Learner {
         };
         if write {
             let this = self.clone();
-            tokio::task::spawn_blocking(move || {
-                let bytes = params_to_bytes(&params);
-                if let Err(e) = openagi_keyfiles::keyfile::write_atomic(&path, &bytes, 0o644) {
-                    warn!(path = %path.display(), error = %e, "model not written");
-                }
-                if let Ok(mut s) = this.state() {
-                    s.writing.remove(&id);
+            tokio::spawn(async move {
+                let written = {
+                    let this = this.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let bytes = params_to_bytes(&params);
+                        let written = openagi_keyfiles::keyfile::write_atomic(&path, &bytes, 0o644);
+                        if let Err(e) = &written {
+                            warn!(path = %path.display(), error = %e, "model not written");
+                        }
+                        if let Ok(mut s) = this.state() {
+                            s.writing.remove(&id);
+                        }
+                        if written.is_ok() {
+                            this.metrics.models_held.inc();
+                        }
+                        written.is_ok()
+                    })
+                    .await
+                    .unwrap_or(false)
+                };
+                // On disk, so it outlives a restart: now others may find it.
+                if written {
+                    let _ = this.net.provide(provider_key(&id)).await;
                 }
             });
         }
@@ -1344,12 +1603,12 @@ impl Learner {
             (followed.spec.clone(), followed.coordinator, model)
         };
         let trainer = Trainer::new(spec.architecture.clone(), Compute::Cpu)?;
-        let from = if coordinator == self.me {
-            None
+        let coordinator: Vec<PeerId> = if coordinator == self.me {
+            Vec::new()
         } else {
-            peer_id_of(&coordinator)
+            peer_id_of(&coordinator).into_iter().collect()
         };
-        let params = match self.model_params(&id, &trainer, from).await {
+        let params = match self.find_model(&id, &trainer, coordinator).await {
             Ok(p) => p,
             // Round 0 is a function of the spec: no one needs to send it.
             Err(_) if round == Some(0) => Arc::new(spec.initial_params()?),
