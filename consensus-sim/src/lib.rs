@@ -12,6 +12,8 @@
 //! [`Sim::check_liveness`] checks that commits resume once the network is
 //! healthy.
 
+pub mod twins;
+
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::rc::Rc;
@@ -111,17 +113,31 @@ pub enum Action {
     /// Restart a node with an empty state that knows it lost its state and
     /// recovers with [`Replica::recover_after_data_loss`].
     RecoverEmpty(usize),
-    /// Split validators into groups (group number per node id); links
-    /// between different groups lose everything.
+    /// Split validators into groups (group number per validator index, so
+    /// a validator's twin is in its group); links between different groups
+    /// lose everything.
     Partition(Vec<u8>),
+    /// Split nodes into groups (group number per node id, twins included,
+    /// so a twin can be apart from its original); links between different
+    /// groups lose everything. Replaces any earlier partition.
+    PartitionNodes(Vec<u8>),
     /// Remove any partition.
     HealPartition,
+    /// Stop a node without losing anything (a stopped process): it gets
+    /// no ticks, and messages to it wait (up to [`PAUSED_BACKLOG`], like a
+    /// socket buffer) until it resumes.
+    Pause(usize),
+    /// Resume a paused node: it reads what waited, then runs on.
+    Resume(usize),
     /// Change link behaviour.
     SetNet(NetConfig),
     /// Drop every message of this kind (see [`Message::kind`]), or stop
     /// doing so with `None`.
     BlockKind(Option<&'static str>),
 }
+
+/// Messages that wait for a paused node; later ones are lost.
+pub const PAUSED_BACKLOG: usize = 10_000;
 
 /// Parameters of a simulation.
 #[derive(Clone, Debug)]
@@ -134,7 +150,9 @@ pub struct SimConfig {
     pub faults: Vec<Fault>,
     /// Validators run twice under one identity: `(index, reach)`, where
     /// `reach[node id]` says which nodes the original talks to; its twin
-    /// (an extra node, ids from `n` on) talks to exactly the others.
+    /// (an extra node, ids from `n` on) talks to exactly the others. An
+    /// empty `reach` lets both talk to everyone, leaving the separation to
+    /// [`Action::PartitionNodes`].
     pub twins: Vec<(usize, Vec<bool>)>,
     /// Replica configuration.
     pub replica: Config,
@@ -201,6 +219,16 @@ pub fn sim_replica_config() -> Config {
     }
 }
 
+/// Which property a run broke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ViolationKind {
+    /// Correct replicas disagree, or a transaction took effect twice or
+    /// forged: what f faults must never cause.
+    Safety,
+    /// Commits did not resume after the network healed.
+    Liveness,
+}
+
 /// A safety or liveness violation, with the seed that produced it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
@@ -208,13 +236,23 @@ pub struct Violation {
     pub seed: u64,
     /// Simulated time in milliseconds.
     pub at_ms: u64,
+    /// Safety or liveness.
+    pub kind: ViolationKind,
     /// What went wrong.
     pub what: String,
 }
 
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "seed {} at {} ms: {}", self.seed, self.at_ms, self.what)
+        let kind = match self.kind {
+            ViolationKind::Safety => "safety",
+            ViolationKind::Liveness => "liveness",
+        };
+        write!(
+            f,
+            "seed {} at {} ms: {kind}: {}",
+            self.seed, self.at_ms, self.what
+        )
     }
 }
 
@@ -226,6 +264,9 @@ struct Node {
     fault: Fault,
     /// Node ids this node can exchange messages with (twins only).
     reach: Option<Vec<bool>>,
+    /// Stopped without losing anything: messages wait in `held`.
+    paused: bool,
+    held: Vec<Message>,
     /// Messages seen, for replaying (bounded).
     recorded: Vec<Message>,
     /// How far this node's clock runs ahead of simulated time.
@@ -259,6 +300,8 @@ pub struct Sim {
     next_event: u64,
     net: NetConfig,
     partition: Option<Vec<u8>>,
+    /// Group per node id ([`Action::PartitionNodes`]).
+    node_partition: Option<Vec<u8>>,
     blocked_kind: Option<&'static str>,
     schedule: Vec<(u64, Action)>,
     clients: Vec<Client>,
@@ -321,7 +364,7 @@ impl Sim {
             let reach = cfg
                 .twins
                 .iter()
-                .find(|(i, _)| *i == index)
+                .find(|(i, groups)| *i == index && !groups.is_empty())
                 .map(|(_, groups)| groups.clone());
             nodes.push(Node {
                 index,
@@ -330,6 +373,8 @@ impl Sim {
                 persisted: PersistedState::default(),
                 fault: cfg.faults.get(index).copied().unwrap_or(Fault::Correct),
                 reach,
+                paused: false,
+                held: Vec::new(),
                 recorded: Vec::new(),
                 clock_offset: 0,
                 applied: HashSet::new(),
@@ -339,16 +384,20 @@ impl Sim {
             let Some(identity) = identities.get(*index) else {
                 continue;
             };
-            let reach: Vec<bool> = (0..total_nodes)
-                .map(|i| !groups.get(i).copied().unwrap_or(false))
-                .collect();
+            let reach: Option<Vec<bool>> = (!groups.is_empty()).then(|| {
+                (0..total_nodes)
+                    .map(|i| !groups.get(i).copied().unwrap_or(false))
+                    .collect()
+            });
             nodes.push(Node {
                 index: *index,
                 identity: identity.clone(),
                 replica: None,
                 persisted: PersistedState::default(),
                 fault: cfg.faults.get(*index).copied().unwrap_or(Fault::Correct),
-                reach: Some(reach),
+                reach,
+                paused: false,
+                held: Vec::new(),
                 recorded: Vec::new(),
                 clock_offset: 0,
                 applied: HashSet::new(),
@@ -372,6 +421,7 @@ impl Sim {
             events: HashMap::new(),
             next_event: 0,
             partition: None,
+            node_partition: None,
             blocked_kind: None,
             schedule: Vec::new(),
             clients,
@@ -485,6 +535,7 @@ impl Sim {
                 self.violation.get_or_insert(Violation {
                     seed: self.cfg.seed,
                     at_ms: self.now,
+                    kind: ViolationKind::Safety,
                     what: format!("node {id} failed to restore: {e}"),
                 });
             }
@@ -510,6 +561,7 @@ impl Sim {
                 self.violation.get_or_insert(Violation {
                     seed: self.cfg.seed,
                     at_ms: self.now,
+                    kind: ViolationKind::Safety,
                     what: format!("node {id} failed to start recovery: {e}"),
                 });
             }
@@ -540,6 +592,11 @@ impl Sim {
             if ga != gb {
                 return false;
             }
+        }
+        if let Some(groups) = &self.node_partition
+            && groups.get(from).copied().unwrap_or(0) != groups.get(to).copied().unwrap_or(0)
+        {
+            return false;
         }
         true
     }
@@ -640,6 +697,7 @@ impl Sim {
                         self.violation.get_or_insert(Violation {
                             seed: self.cfg.seed,
                             at_ms: self.now,
+                            kind: ViolationKind::Safety,
                             what,
                         });
                     }
@@ -681,6 +739,7 @@ impl Sim {
                 self.violation.get_or_insert(Violation {
                     seed: self.cfg.seed,
                     at_ms: self.now,
+                    kind: ViolationKind::Safety,
                     what: format!("replica {index} committed a different block at height {height}"),
                 });
             }
@@ -697,6 +756,7 @@ impl Sim {
                 self.violation.get_or_insert(Violation {
                     seed: self.cfg.seed,
                     at_ms: self.now,
+                    kind: ViolationKind::Safety,
                     what: format!("replica {index} applied a forged transaction {:?}", tx.seq),
                 });
             }
@@ -706,6 +766,7 @@ impl Sim {
                 self.violation.get_or_insert(Violation {
                     seed: self.cfg.seed,
                     at_ms: self.now,
+                    kind: ViolationKind::Safety,
                     what: format!("replica {index} applied transaction {:?} twice", tx.seq),
                 });
             }
@@ -1039,6 +1100,12 @@ impl Sim {
         if node.fault == Fault::Replayer && node.recorded.len() < 2_000 {
             node.recorded.push(message.clone());
         }
+        if node.paused {
+            if node.replica.is_some() && node.held.len() < PAUSED_BACKLOG {
+                node.held.push(message);
+            }
+            return;
+        }
         let Some(replica) = node.replica.as_mut() else {
             return;
         };
@@ -1057,9 +1124,30 @@ impl Sim {
             Action::RestartEmpty(id) => self.start_node(id, true),
             Action::RecoverEmpty(id) => self.recover_node(id),
             Action::Partition(groups) => self.partition = Some(groups),
-            Action::HealPartition => self.partition = None,
+            Action::PartitionNodes(groups) => self.node_partition = Some(groups),
+            Action::HealPartition => {
+                self.partition = None;
+                self.node_partition = None;
+            }
+            Action::Pause(id) => {
+                if let Some(node) = self.nodes.get_mut(id) {
+                    node.paused = true;
+                }
+            }
+            Action::Resume(id) => self.resume_node(id),
             Action::SetNet(net) => self.net = net,
             Action::BlockKind(kind) => self.blocked_kind = kind,
+        }
+    }
+
+    fn resume_node(&mut self, id: usize) {
+        let Some(node) = self.nodes.get_mut(id) else {
+            return;
+        };
+        node.paused = false;
+        let held = std::mem::take(&mut node.held);
+        for message in held {
+            self.deliver(id, message);
         }
     }
 
@@ -1143,7 +1231,9 @@ impl Sim {
                 match event {
                     Event::Deliver { to, message } => self.deliver(to, *message),
                     Event::Request { to, tx } => {
+                        // A paused node's clients time out and resend.
                         if let Some(node) = self.nodes.get_mut(to)
+                            && !node.paused
                             && let Some(replica) = node.replica.as_mut()
                         {
                             // Refusals (duplicates, full buffers) are the
@@ -1172,6 +1262,7 @@ impl Sim {
             }
             for id in 0..self.nodes.len() {
                 if let Some(node) = self.nodes.get_mut(id)
+                    && !node.paused
                     && let Some(replica) = node.replica.as_mut()
                 {
                     replica.handle_tick(self.now.saturating_add(node.clock_offset));
@@ -1193,6 +1284,7 @@ impl Sim {
             Err(Violation {
                 seed: self.cfg.seed,
                 at_ms: self.now,
+                kind: ViolationKind::Liveness,
                 what,
             })
         };
@@ -1242,7 +1334,14 @@ impl Sim {
     pub fn heal_and_settle(&mut self, max_ms: u64) -> Result<(), Violation> {
         let start = self.now;
         self.partition = None;
+        self.node_partition = None;
         self.blocked_kind = None;
+        let paused: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| self.nodes.get(*i).is_some_and(|n| n.paused))
+            .collect();
+        for id in paused {
+            self.resume_node(id);
+        }
         self.net = NetConfig::clean();
         self.cfg.load_until_ms = start;
         let target = self.committed_height().saturating_add(1);
@@ -1326,6 +1425,7 @@ impl Sim {
                     return Err(Violation {
                         seed: self.cfg.seed,
                         at_ms: self.now,
+                        kind: ViolationKind::Safety,
                         what: format!("replica {id} disagrees at height {min}"),
                     });
                 }
