@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use axum::extract::Path;
-use axum::extract::{Query, Request, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -346,9 +346,9 @@ pub struct SendMsgRequest {
 
 async fn send_msg(
     State(state): State<Arc<ApiState>>,
-    body: Result<Json<SendMsgRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let request = match json_body(body) {
+    let request: SendMsgRequest = match json_body(body) {
         Ok(value) => value,
         Err(response) => return response,
     };
@@ -405,17 +405,23 @@ async fn messages<T: Serialize + Send + 'static>(
 /// `GET /api/v1/inbox`: the newest received messages.
 async fn inbox(
     State(state): State<Arc<ApiState>>,
-    axum::extract::Query(query): axum::extract::Query<InboxQuery>,
+    query: Result<Query<InboxQuery>, QueryRejection>,
 ) -> Response {
-    messages(&state, query, crate::daemon::msg::Messenger::inbox).await
+    match query_of(query) {
+        Ok(query) => messages(&state, query, crate::daemon::msg::Messenger::inbox).await,
+        Err(refused) => refused,
+    }
 }
 
 /// `GET /api/v1/outbox`: the newest sent messages with their state.
 async fn outbox(
     State(state): State<Arc<ApiState>>,
-    axum::extract::Query(query): axum::extract::Query<InboxQuery>,
+    query: Result<Query<InboxQuery>, QueryRejection>,
 ) -> Response {
-    messages(&state, query, crate::daemon::msg::Messenger::outbox).await
+    match query_of(query) {
+        Ok(query) => messages(&state, query, crate::daemon::msg::Messenger::outbox).await,
+        Err(refused) => refused,
+    }
 }
 
 // The error is the HTTP response itself, built only when a request is
@@ -433,13 +439,42 @@ fn consensus_of(state: &ApiState) -> Result<&ConsensusHandle, Response> {
 /// A JSON body, or the response that says why it was refused.
 // The error is the response itself, as in `consensus_of`.
 #[allow(clippy::result_large_err)]
-fn json_body<T>(
-    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+///
+/// Read as a JSON value first: serde would also build a struct from an
+/// array of its fields (`[null, null]`), which no client means. A body
+/// that is not an object, or whose fields do not fit, gets 422.
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<T, Response> {
-    body.map(|Json(value)| value).map_err(|e| {
+    let value = body.map(|Json(value)| value).map_err(|e| {
         let (status, text) = crate::daemon::http::json_rejection(&e);
         error(status, text)
-    })
+    })?;
+    if !value.is_object() {
+        return Err(error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the body must be a JSON object",
+        ));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+}
+
+/// A query string, or the JSON error that says why it was refused (axum
+/// would answer in plain text).
+// The error is the response itself, as in `consensus_of`.
+#[allow(clippy::result_large_err)]
+fn query_of<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Response> {
+    query
+        .map(|Query(value)| value)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))
+}
+
+/// A path parameter, or the JSON error that says why it was refused.
+#[allow(clippy::result_large_err)]
+fn path_of<T>(path: Result<Path<T>, PathRejection>) -> Result<T, Response> {
+    path.map(|Path(value)| value)
+        .map_err(|e| error(e.status(), e.body_text()))
 }
 
 /// Where a submitted transaction goes.
@@ -455,9 +490,9 @@ const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn submit_tx(
     State(state): State<Arc<ApiState>>,
-    body: Result<Json<SubmitRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let request = match json_body(body) {
+    let request: SubmitRequest = match json_body(body) {
         Ok(value) => value,
         Err(response) => return response,
     };
@@ -654,8 +689,12 @@ pub struct LatencyQuery {
 
 async fn consensus_latency(
     State(state): State<Arc<ApiState>>,
-    axum::extract::Query(query): axum::extract::Query<LatencyQuery>,
+    query: Result<Query<LatencyQuery>, QueryRejection>,
 ) -> Response {
+    let query = match query_of(query) {
+        Ok(q) => q,
+        Err(refused) => return refused,
+    };
     match consensus_of(&state) {
         Ok(c) => Json(c.latency(query.since_ms)).into_response(),
         Err(r) => r,
@@ -677,7 +716,14 @@ async fn lookup_tx(state: &Arc<ApiState>, hash: [u8; 32]) -> Result<TxLookupResu
     }
 }
 
-async fn tx_status(State(state): State<Arc<ApiState>>, Path(hash): Path<String>) -> Response {
+async fn tx_status(
+    State(state): State<Arc<ApiState>>,
+    hash: Result<Path<String>, PathRejection>,
+) -> Response {
+    let hash = match path_of(hash) {
+        Ok(h) => h,
+        Err(refused) => return refused,
+    };
     let Some(hash) = parse_hash(&hash) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -727,7 +773,14 @@ async fn ledger_head(State(state): State<Arc<ApiState>>) -> Response {
     }
 }
 
-async fn ledger_block(State(state): State<Arc<ApiState>>, Path(height): Path<u64>) -> Response {
+async fn ledger_block(
+    State(state): State<Arc<ApiState>>,
+    height: Result<Path<u64>, PathRejection>,
+) -> Response {
+    let height = match path_of(height) {
+        Ok(h) => h,
+        Err(refused) => return refused,
+    };
     match state.store.block(height) {
         Ok(Some((block, cert))) => {
             Json(crate::common::ledger::block_json(&block, &cert)).into_response()
@@ -893,9 +946,9 @@ const MAX_INVITES: u64 = 1000;
 /// `POST /api/v1/invites`: a new invite code into this node's network.
 async fn create_invite(
     State(state): State<Arc<ApiState>>,
-    body: Result<Json<InviteRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let request = match json_body(body) {
+    let request: InviteRequest = match json_body(body) {
         Ok(value) => value,
         Err(response) => return response,
     };
@@ -1007,9 +1060,9 @@ pub struct RevokeRequest {
 /// `POST /api/v1/invites/revoke`: the code stops working.
 async fn revoke_invite(
     State(state): State<Arc<ApiState>>,
-    body: Result<Json<RevokeRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let request = match json_body(body) {
+    let request: RevokeRequest = match json_body(body) {
         Ok(value) => value,
         Err(response) => return response,
     };
@@ -1060,12 +1113,9 @@ async fn learn_models(State(state): State<Arc<ApiState>>) -> Response {
 
 async fn learn_submit(
     State(state): State<Arc<ApiState>>,
-    body: Result<
-        Json<openagi_learning::federation::JobSpec>,
-        axum::extract::rejection::JsonRejection,
-    >,
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let spec = match json_body(body) {
+    let spec = match json_body::<openagi_learning::federation::JobSpec>(body) {
         Ok(value) => value,
         Err(response) => return response,
     };
@@ -1095,9 +1145,13 @@ pub struct ModelQuery {
 
 async fn learn_model(
     State(state): State<Arc<ApiState>>,
-    Path(job): Path<String>,
-    Query(query): Query<ModelQuery>,
+    job: Result<Path<String>, PathRejection>,
+    query: Result<Query<ModelQuery>, QueryRejection>,
 ) -> Response {
+    let (job, query) = match (path_of(job), query_of(query)) {
+        (Ok(job), Ok(query)) => (job, query),
+        (Err(refused), _) | (_, Err(refused)) => return refused,
+    };
     let job = match openagi_learning::federation::JobId::from_hex(&job) {
         Ok(j) => j,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
