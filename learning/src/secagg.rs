@@ -1801,6 +1801,120 @@ impl SecAggCoordinator {
     }
 }
 
+// ---------------------------------------------------------------------------
+// A whole round in one process
+// ---------------------------------------------------------------------------
+
+/// Watches a round [`run_in_process`] drives: each party's work and each
+/// message, for a benchmark's clock and byte counts (this crate reads no
+/// clock). Every method defaults to running the work and nothing else.
+pub trait RoundObserver {
+    /// Runs the coordinator's `work`.
+    fn coordinator<T>(&mut self, work: impl FnOnce() -> T) -> T {
+        work()
+    }
+    /// Runs participant `index`'s `work`.
+    fn participant<T>(&mut self, index: usize, work: impl FnOnce() -> T) -> T {
+        let _ = index;
+        work()
+    }
+    /// Participant `index` sent `message`.
+    fn sent(&mut self, index: usize, message: &FromParticipant) {
+        let _ = (index, message);
+    }
+    /// The coordinator sent participant `index` `message` (also after it
+    /// dropped out).
+    fn received(&mut self, index: usize, message: &ToParticipant) {
+        let _ = (index, message);
+    }
+}
+
+/// A [`RoundObserver`] that only runs the work.
+pub struct Unobserved;
+
+impl RoundObserver for Unobserved {}
+
+/// Runs one secure-aggregation round with the coordinator and every
+/// participant in this process, as the state machines a networked round
+/// uses, for simulations and benchmarks. `identities` and `inputs` are in
+/// the session's participant order; a participant with `dropped[i]`
+/// vanishes after it received the others' keys (the costly case: its masks
+/// are reconstructed). A stage closes as soon as nobody else will answer.
+/// Fails as the coordinator would: too many dropouts end the round with an
+/// error and no sum.
+pub fn run_in_process<R: RngCore + ?Sized, O: RoundObserver>(
+    session: &Session,
+    identities: &[Identity],
+    inputs: &[Vec<f32>],
+    dropped: &[bool],
+    rng: &mut R,
+    observer: &mut O,
+) -> Result<SecAggResult> {
+    let n = session.participants().len();
+    if identities.len() != n || inputs.len() != n || dropped.len() != n {
+        return Err(Error::invalid(
+            "in-process round",
+            format!(
+                "{n} participants need {n} identities, inputs and dropout flags (got {}, {}, {})",
+                identities.len(),
+                inputs.len(),
+                dropped.len()
+            ),
+        ));
+    }
+    let mut coordinator = observer.coordinator(|| SecAggCoordinator::new(session.clone(), 0));
+    let mut parts = Vec::with_capacity(n);
+    let mut inbox: VecDeque<(Index, FromParticipant)> = VecDeque::new();
+    for (i, id) in identities.iter().enumerate() {
+        let (part, advert) =
+            observer.participant(i, || SecAggParticipant::new(session.clone(), id, rng))?;
+        observer.sent(i, &advert);
+        parts.push(part);
+        inbox.push_back((i as Index, advert));
+    }
+    loop {
+        while let Some((from, message)) = inbox.pop_front() {
+            observer.coordinator(|| coordinator.handle_message(from, message, 0))?;
+        }
+        let Some(output) = observer.coordinator(|| coordinator.poll_output()) else {
+            // Everyone who will answer has: the stage's deadline passes.
+            let deadline = coordinator
+                .poll_timeout()
+                .ok_or_else(|| protocol(coordinator.stage(), "stalled without a deadline"))?;
+            observer.coordinator(|| coordinator.handle_tick(deadline));
+            continue;
+        };
+        match output {
+            CoordinatorOutput::Send { to, message } => {
+                let i = usize::from(to);
+                observer.received(i, &message);
+                let gone = dropped[i] && !matches!(message, ToParticipant::Keys(_));
+                let (Some(part), Some(id), Some(input)) =
+                    (parts.get_mut(i), identities.get(i), inputs.get(i))
+                else {
+                    continue;
+                };
+                if gone {
+                    continue;
+                }
+                let reply = observer.participant(i, || -> Result<Option<FromParticipant>> {
+                    let reply = part.handle_message(message, id, rng)?;
+                    if reply.is_none() && part.wants_input() {
+                        return part.masked_input(input, rng).map(Some);
+                    }
+                    Ok(reply)
+                })?;
+                if let Some(reply) = reply {
+                    observer.sent(i, &reply);
+                    inbox.push_back((to, reply));
+                }
+            }
+            CoordinatorOutput::Finished(result) => return Ok(result),
+            CoordinatorOutput::Failed { stage, reason } => return Err(protocol(stage, reason)),
+        }
+    }
+}
+
 /// The ChaCha20 the Shamir dealer draws from: `blahaj` takes a rand 0.10
 /// RNG, this crate otherwise uses rand 0.9.
 mod share_rng {

@@ -12,15 +12,14 @@
 //! coordinator reconstruct their mask keys and strip their pairwise masks:
 //! the expensive path. Every round's sum is checked against the plain sum.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use openagi_crypto::Identity;
 use openagi_learning::rng_from_seed;
 use openagi_learning::secagg::{
-    CoordinatorOutput, DEFAULT_QUANT_BITS, FromParticipant, Index, SecAggConfig, SecAggCoordinator,
-    SecAggParticipant, Session, ToParticipant,
+    DEFAULT_QUANT_BITS, FromParticipant, RoundObserver, SecAggConfig, Session, ToParticipant,
+    run_in_process,
 };
 use rand::Rng;
 
@@ -60,6 +59,43 @@ struct Row {
 
 fn encoded<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
     postcard::to_allocvec(value).context("encoding a secure-aggregation message")
+}
+
+/// Times each party's work on this process's clock and counts each
+/// message's bytes as postcard would send them.
+struct Watch {
+    coordinator: Duration,
+    participant: Duration,
+    sent: Vec<usize>,
+    received: Vec<usize>,
+}
+
+impl RoundObserver for Watch {
+    fn coordinator<T>(&mut self, work: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let out = work();
+        self.coordinator += started.elapsed();
+        out
+    }
+
+    fn participant<T>(&mut self, _index: usize, work: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let out = work();
+        self.participant += started.elapsed();
+        out
+    }
+
+    fn sent(&mut self, index: usize, message: &FromParticipant) {
+        if let Some(count) = self.sent.get_mut(index) {
+            *count += encoded(message).map_or(0, |b| b.len());
+        }
+    }
+
+    fn received(&mut self, index: usize, message: &ToParticipant) {
+        if let Some(count) = self.received.get_mut(index) {
+            *count += encoded(message).map_or(0, |b| b.len());
+        }
+    }
 }
 
 fn median(mut values: Vec<Duration>) -> Duration {
@@ -106,67 +142,20 @@ fn round(bench: &SecAggBench, n: usize, dropped: usize, seed: u8) -> Result<Row>
     // than the threshold allows.
     let drops = spread(n, dropped);
 
-    let mut coordinator_time = Duration::ZERO;
-    let mut participant_time = Duration::ZERO;
-    let mut sent = vec![0usize; n];
-    let mut received = vec![0usize; n];
-    let started = Instant::now();
-    let mut coordinator = SecAggCoordinator::new(session.clone(), 0);
-    coordinator_time += started.elapsed();
-    let mut parts = Vec::with_capacity(n);
-    let mut inbox: VecDeque<(Index, FromParticipant)> = VecDeque::new();
-    for (i, id) in ids.iter().enumerate() {
-        let started = Instant::now();
-        let (part, advert) = SecAggParticipant::new(session.clone(), id, &mut rng)?;
-        participant_time += started.elapsed();
-        sent[i] += encoded(&advert)?.len();
-        parts.push(part);
-        inbox.push_back((i as Index, advert));
-    }
-    let outcome = loop {
-        while let Some((from, message)) = inbox.pop_front() {
-            let started = Instant::now();
-            coordinator.handle_message(from, message, 0)?;
-            coordinator_time += started.elapsed();
-        }
-        let started = Instant::now();
-        let output = coordinator.poll_output();
-        coordinator_time += started.elapsed();
-        let Some(output) = output else {
-            // Everyone who will answer has: close the stage.
-            let deadline = coordinator
-                .poll_timeout()
-                .context("the round stalled without a deadline")?;
-            let started = Instant::now();
-            coordinator.handle_tick(deadline);
-            coordinator_time += started.elapsed();
-            continue;
-        };
-        match output {
-            CoordinatorOutput::Send { to, message } => {
-                let i = usize::from(to);
-                received[i] += encoded(&message)?.len();
-                let gone = drops[i] && !matches!(message, ToParticipant::Keys(_));
-                if gone {
-                    continue;
-                }
-                let started = Instant::now();
-                let mut reply = parts[i].handle_message(message, &ids[i], &mut rng)?;
-                if reply.is_none() && parts[i].wants_input() {
-                    reply = Some(parts[i].masked_input(&updates[i], &mut rng)?);
-                }
-                participant_time += started.elapsed();
-                if let Some(reply) = reply {
-                    sent[i] += encoded(&reply)?.len();
-                    inbox.push_back((to, reply));
-                }
-            }
-            CoordinatorOutput::Finished(result) => break result,
-            CoordinatorOutput::Failed { stage, reason } => {
-                bail!("a round of {n} failed at {}: {reason}", stage.as_str())
-            }
-        }
+    let mut watch = Watch {
+        coordinator: Duration::ZERO,
+        participant: Duration::ZERO,
+        sent: vec![0; n],
+        received: vec![0; n],
     };
+    let outcome = run_in_process(&session, &ids, &updates, &drops, &mut rng, &mut watch)
+        .with_context(|| format!("a round of {n}"))?;
+    let Watch {
+        coordinator: coordinator_time,
+        participant: participant_time,
+        sent,
+        received,
+    } = watch;
     let mut max_error = 0.0f64;
     for (j, got) in outcome.sum.iter().enumerate() {
         let want: f64 = outcome
