@@ -25,7 +25,7 @@
 //! - at most [`MAX_JOBS`] jobs are followed (a finished one is forgotten
 //!   first) and [`HISTORY`] rounds of each are kept.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use openagi_crypto::PublicKey;
 
@@ -155,6 +155,10 @@ pub struct JoinPolicy {
     /// Only jobs of at most this many rounds (a cap on the work one job
     /// can ask of this node).
     pub max_rounds: Option<u64>,
+    /// Stop training for a job once its local training has used this many
+    /// milliseconds of CPU time on this node (counted since the node
+    /// started). The job's later rounds count this node as a straggler.
+    pub max_cpu_ms: Option<u64>,
 }
 
 impl JoinPolicy {
@@ -277,6 +281,15 @@ pub enum Notice {
         /// The new coordinator's fingerprint.
         by: String,
     },
+    /// This node stopped training for a job: it reached its CPU cap.
+    CpuCapReached {
+        /// The job.
+        job: JobId,
+        /// CPU milliseconds its training used here.
+        used_ms: u64,
+        /// The cap (`learn.max_cpu_secs_per_job`), in milliseconds.
+        cap_ms: u64,
+    },
     /// A job was not followed: its initial model cannot be built.
     Unbuildable {
         /// The job.
@@ -349,6 +362,9 @@ pub struct Participant {
     trained: HashSet<(JobId, u64)>,
     /// Jobs this node is training for right now.
     training: HashSet<JobId>,
+    /// CPU milliseconds each job's training used here, for
+    /// [`JoinPolicy::max_cpu_ms`].
+    cpu_ms: HashMap<JobId, u64>,
     outputs: VecDeque<ParticipantOutput>,
 }
 
@@ -368,6 +384,7 @@ impl Participant {
             jobs: BTreeMap::new(),
             trained: HashSet::new(),
             training: HashSet::new(),
+            cpu_ms: HashMap::new(),
             outputs: VecDeque::new(),
         }
     }
@@ -409,8 +426,39 @@ impl Participant {
     }
 
     /// Local training for `job` ended (with or without an update sent).
-    pub fn handle_training_finished(&mut self, job: &JobId) {
+    pub fn handle_training_finished(&mut self, job: &JobId, cpu_ms: u64) {
         self.training.remove(job);
+        let used = self.cpu_ms.entry(*job).or_insert(0);
+        *used = used.saturating_add(cpu_ms);
+        let used = *used;
+        let Some(cap) = self.policy.max_cpu_ms else {
+            return;
+        };
+        if used < cap {
+            return;
+        }
+        if let Some(followed) = self.jobs.get_mut(job)
+            && followed.state != JobState::Finished
+            && followed.not_joining.is_none()
+        {
+            followed.not_joining = Some(format!(
+                "stopped training: this job used {:.1} s of CPU here, learn.max_cpu_secs_per_job is {}",
+                used as f64 / 1000.0,
+                cap / 1000
+            ));
+            self.notice(Notice::CpuCapReached {
+                job: *job,
+                used_ms: used,
+                cap_ms: cap,
+            });
+        }
+    }
+
+    /// Whether this node may still train for `job` under its CPU cap.
+    fn within_cpu_cap(&self, job: &JobId) -> bool {
+        self.policy
+            .max_cpu_ms
+            .is_none_or(|cap| self.cpu_ms.get(job).copied().unwrap_or(0) < cap)
     }
 
     /// A committed learning record signed by `signer`; `payload` is the
@@ -612,6 +660,7 @@ impl Participant {
         let coordinator = followed.coordinator;
         if live
             && participants.contains(&self.me)
+            && self.within_cpu_cap(job)
             && !self.training.contains(job)
             && self.trained.insert((*job, round))
         {
@@ -1043,13 +1092,66 @@ mod tests {
                 .any(|o| matches!(o, ParticipantOutput::Train(_))),
             "still training round 1"
         );
-        p.handle_training_finished(&id);
+        p.handle_training_finished(&id, 0);
         assert_eq!(p.job(&id).expect("followed").current_model(), after_one);
         assert_eq!(p.job(&id).expect("followed").model_after(0), Some(initial));
         assert_eq!(
             p.job(&id).expect("followed").model_after(1),
             Some(after_one)
         );
+    }
+
+    /// With `max_cpu_ms`, a node trains until a job's training has used
+    /// that much CPU here, then stops and says why.
+    #[test]
+    fn training_stops_at_the_cpu_cap_and_says_why() {
+        let (coordinator, me) = (key(1), key(2));
+        let (record, payload, id) = job(&coordinator, &spec(5));
+        let policy = JoinPolicy {
+            max_cpu_ms: Some(1_000),
+            ..JoinPolicy::default()
+        };
+        let mut p = Participant::with_policy(me.public(), digits(), policy);
+        p.handle_record(&coordinator.public(), &record, &payload, true);
+        let everyone = vec![me.public()];
+        let mut model = p.job(&id).expect("followed").initial_model;
+        let trains = |p: &mut Participant| {
+            drain(p)
+                .iter()
+                .filter(|o| matches!(o, ParticipantOutput::Train(_)))
+                .count()
+        };
+        for (round, cpu_ms) in [(1u64, 600u64), (2, 500)] {
+            p.handle_record(
+                &coordinator.public(),
+                &start(id, round, model, everyone.clone()),
+                &[],
+                true,
+            );
+            assert_eq!(trains(&mut p), 1, "round {round} trains");
+            p.handle_training_finished(&id, cpu_ms);
+            let next = ModelId([round as u8 + 10; 32]);
+            p.handle_record(
+                &coordinator.public(),
+                &end(id, round, model, next, false),
+                &[],
+                true,
+            );
+            model = next;
+        }
+        let followed = p.job(&id).expect("followed");
+        let why = followed.not_joining.clone().expect("says why");
+        assert!(
+            why.contains("1.1 s") && why.contains("max_cpu_secs_per_job"),
+            "{why}"
+        );
+        p.handle_record(
+            &coordinator.public(),
+            &start(id, 3, model, everyone),
+            &[],
+            true,
+        );
+        assert_eq!(trains(&mut p), 0, "over the cap");
     }
 
     #[test]

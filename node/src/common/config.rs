@@ -340,6 +340,9 @@ pub struct LearnSection {
     pub models: Vec<String>,
     /// Join only jobs of at most this many rounds; 0: any.
     pub max_rounds: u64,
+    /// Stop training for a job once its training has used this many
+    /// seconds of CPU on this node (since it started); 0: no cap.
+    pub max_cpu_secs_per_job: u64,
     /// Models kept on disk per job besides the one it stands at (its
     /// final model, once finished, is never deleted): those of its latest
     /// rounds. Older ones are deleted.
@@ -358,6 +361,7 @@ impl Default for LearnSection {
             require_secure_aggregation: false,
             models: Vec::new(),
             max_rounds: 0,
+            max_cpu_secs_per_job: 0,
             keep_recent_models: openagi_learning::catalog::RetentionPolicy::default().recent_rounds,
         }
     }
@@ -408,6 +412,8 @@ impl LearnSection {
             require_secure_aggregation: self.require_secure_aggregation,
             models: self.models.iter().map(|m| m.trim().to_string()).collect(),
             max_rounds: (self.max_rounds > 0).then_some(self.max_rounds),
+            max_cpu_ms: (self.max_cpu_secs_per_job > 0)
+                .then(|| self.max_cpu_secs_per_job.saturating_mul(1000)),
         })
     }
 
@@ -1565,6 +1571,10 @@ transport = "{transport}"
 # models = []
 # Join only jobs of at most this many rounds; 0: any.
 # max_rounds = 0
+# Stop training for a job once its training has used this many seconds of
+# CPU on this node (counted since the daemon started); the job's later
+# rounds count this node as a straggler. 0: no cap.
+# max_cpu_secs_per_job = 0
 # Models this node trained from or aggregated are kept on disk, served to
 # any node that asks and announced in the DHT. Per job it keeps the model
 # the job stands at (a finished job's final model is never deleted) and
@@ -2091,6 +2101,7 @@ mod tests {
         assert!(policy.never && policy.require_dp);
         assert_eq!(policy.coordinators, vec![key]);
         assert_eq!((policy.max_epsilon, policy.max_rounds), (None, None));
+        assert_eq!(policy.max_cpu_ms, None);
         // The limits come from the file or the environment.
         let config = load_text(
             "[learn]\njoin = \"fitting\"\nmax_rounds = 50\n",
@@ -2098,6 +2109,7 @@ mod tests {
                 ("OPENAGI_LEARN_MAX_EPSILON", "8"),
                 ("OPENAGI_LEARN_MODELS", "mlp,cnn"),
                 ("OPENAGI_LEARN_REQUIRE_SECURE_AGGREGATION", "true"),
+                ("OPENAGI_LEARN_MAX_CPU_SECS_PER_JOB", "600"),
             ],
             &CliOverrides::default(),
         )
@@ -2106,6 +2118,7 @@ mod tests {
         assert!(!policy.never && policy.require_secure_aggregation);
         assert_eq!(policy.max_epsilon, Some(8.0));
         assert_eq!(policy.max_rounds, Some(50));
+        assert_eq!(policy.max_cpu_ms, Some(600_000));
         assert_eq!(policy.models, vec!["mlp".to_string(), "cnn".to_string()]);
         // A node joins nothing until its operator says so.
         assert!(Config::default().learn.join_policy().expect("policy").never);

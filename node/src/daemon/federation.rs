@@ -1125,9 +1125,24 @@ impl Learner {
             Action::Train(task) => {
                 let (job, round) = (task.job, task.round);
                 tokio::spawn(async move {
-                    let result = this.participate(*task).await;
-                    if let Ok(mut s) = this.state() {
-                        s.participant.handle_training_finished(&job);
+                    let cpu = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                    let result = this.participate(*task, &cpu).await;
+                    let cpu_ms = cpu.load(std::sync::atomic::Ordering::Relaxed);
+                    // Only notices come of it (the CPU cap reached).
+                    let notices: Vec<ParticipantOutput> = match this.state() {
+                        Ok(mut s) => {
+                            s.participant.handle_training_finished(&job, cpu_ms);
+                            std::iter::from_fn(|| s.participant.poll_output()).collect()
+                        }
+                        Err(_) => Vec::new(),
+                    };
+                    for output in notices {
+                        match output {
+                            ParticipantOutput::Notice(notice) => log_notice(&notice),
+                            ParticipantOutput::Submit(record) => this.act(Action::Submit(record)),
+                            ParticipantOutput::Train(task) => this.act(Action::Train(task)),
+                            _ => {}
+                        }
                     }
                     match result {
                         Ok(()) => {
@@ -1183,7 +1198,14 @@ impl Learner {
         Ok(self.state()?.participant.jobs().map(JobView::of).collect())
     }
 
-    async fn participate(self: &Arc<Self>, task: TrainingTask) -> Result<()> {
+    /// Trains for `task` and delivers the update; the training's CPU time
+    /// (milliseconds, the training thread's) is added to `cpu`, for the
+    /// operator's cap, whether or not the update arrives.
+    async fn participate(
+        self: &Arc<Self>,
+        task: TrainingTask,
+        cpu: &Arc<std::sync::atomic::AtomicU64>,
+    ) -> Result<()> {
         let Some(local) = &self.local else {
             bail!("selected, but this node has no learn.data");
         };
@@ -1204,7 +1226,7 @@ impl Learner {
         let seed = federation::training_seed(&task.job, &task.spec, task.round, &self.me);
         if task.spec.secure_aggregation.is_some() {
             // Keys first: the model is fetched while the first stages run.
-            return self.participate_secure(task, trainer, seed).await;
+            return self.participate_secure(task, trainer, seed, cpu).await;
         }
         let TrainingTask {
             job,
@@ -1222,10 +1244,12 @@ impl Learner {
         let mut feedback = self.state()?.feedback.remove(&job).flatten();
         let this = self.clone();
         let started = std::time::Instant::now();
+        let cpu = cpu.clone();
         let (payload, samples, feedback) = tokio::task::spawn_blocking(move || {
             let Some(local) = &this.local else {
                 return Err(anyhow!("no local data"));
             };
+            let _timer = ThreadCpuTimer::start(&cpu);
             let (payload, samples) = federation::client_update(
                 &spec,
                 &trainer,
@@ -1284,6 +1308,7 @@ impl Learner {
         task: TrainingTask,
         trainer: Trainer,
         seed: u64,
+        cpu: &Arc<std::sync::atomic::AtomicU64>,
     ) -> Result<()> {
         let TrainingTask {
             job,
@@ -1363,10 +1388,12 @@ impl Learner {
                     let (trainer, spec) = (trainer.clone(), spec.clone());
                     let this = self.clone();
                     let training = std::time::Instant::now();
+                    let cpu = cpu.clone();
                     let (delta, _samples) = tokio::task::spawn_blocking(move || {
                         let Some(local) = &this.local else {
                             return Err(anyhow!("no local data"));
                         };
+                        let _timer = ThreadCpuTimer::start(&cpu);
                         Ok(federation::client_delta(
                             &spec,
                             &trainer,
@@ -1839,6 +1866,47 @@ impl Learner {
     }
 }
 
+/// Adds the CPU time the current thread spends until it is dropped to a
+/// counter (milliseconds): a job's training runs on one blocking thread.
+struct ThreadCpuTimer<'a> {
+    total: &'a std::sync::atomic::AtomicU64,
+    started: Duration,
+}
+
+impl<'a> ThreadCpuTimer<'a> {
+    fn start(total: &'a std::sync::atomic::AtomicU64) -> Self {
+        Self {
+            total,
+            started: thread_cpu_time(),
+        }
+    }
+}
+
+impl Drop for ThreadCpuTimer<'_> {
+    fn drop(&mut self) {
+        let spent = thread_cpu_time().saturating_sub(self.started);
+        self.total.fetch_add(
+            u64::try_from(spent.as_millis()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+/// CPU time of the calling thread (user and system).
+fn thread_cpu_time() -> Duration {
+    use nix::sys::resource::{UsageWho, getrusage};
+    match getrusage(UsageWho::RUSAGE_THREAD) {
+        Ok(usage) => {
+            let tv = |t: nix::sys::time::TimeVal| {
+                Duration::new(t.tv_sec().max(0) as u64, (t.tv_usec().max(0) as u32) * 1000)
+            };
+            tv(usage.user_time()) + tv(usage.system_time())
+        }
+        // Cannot fail for the calling thread on Linux; zero counts nothing.
+        Err(_) => Duration::ZERO,
+    }
+}
+
 /// Writes a participant's notice to the log.
 fn log_notice(notice: &Notice) {
     match notice {
@@ -1869,6 +1937,13 @@ fn log_notice(notice: &Notice) {
         ),
         Notice::TakenOver { job, by } => {
             info!(job = %job, coordinator = %by, "a standby coordinator took the job over")
+        }
+        Notice::CpuCapReached {
+            job,
+            used_ms,
+            cap_ms,
+        } => {
+            info!(%job, used_cpu_secs = used_ms / 1000, cap_secs = cap_ms / 1000, "stopped training for this job: learn.max_cpu_secs_per_job reached")
         }
         Notice::Unbuildable { job, error } => {
             warn!(job = %job, %error, "job's initial model cannot be built; ignoring the job")
