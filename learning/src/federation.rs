@@ -1291,14 +1291,12 @@ impl Coordinator {
             .and_then(|u| match clip {
                 // Under DP every participant clips to the job's bound: a
                 // dense update far outside it was not made by the rules.
+                // The sender's fault: a bad update, not a bad argument.
                 Some(clip) if dp::l2_norm(&u.params) > clip * UPDATE_NORM_SLACK => {
-                    Err(Error::invalid(
-                        "update",
-                        format!(
-                            "L2 norm {:.4} exceeds the job's clip bound {clip}",
-                            dp::l2_norm(&u.params)
-                        ),
-                    ))
+                    Err(Error::malformed(format!(
+                        "update L2 norm {:.4} exceeds the job's clip bound {clip}",
+                        dp::l2_norm(&u.params)
+                    )))
                 }
                 _ => Ok(u),
             });
@@ -2611,6 +2609,11 @@ pub(crate) mod tests {
         assert!(
             err.to_string().contains("exceeds the job's clip bound"),
             "{err}"
+        );
+        assert_eq!(
+            err.kind(),
+            crate::ErrorKind::BadUpdate,
+            "the sender's fault"
         );
         let mut clipped = vec![1.0; dim];
         dp::clip_update(&mut clipped, 1.0).expect("clips");

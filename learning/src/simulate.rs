@@ -169,10 +169,16 @@ pub enum AttackKind {
 
 impl Attack {
     fn poison(&self, client: usize, delta: &mut [f32]) {
-        if client >= self.clients {
-            return;
+        if client < self.clients {
+            self.kind.apply(delta);
         }
-        let factor = match self.kind {
+    }
+}
+
+impl AttackKind {
+    /// Turns an honest delta into this attack's.
+    pub fn apply(&self, delta: &mut [f32]) {
+        let factor = match *self {
             AttackKind::Scale { factor } => factor,
             AttackKind::SignFlip { factor } => -factor,
         };

@@ -902,6 +902,7 @@ const NON_CONFIG_ENV: &[&str] = &[
     crate::common::passphrase::PASSPHRASE_FILE_ENV,
     crate::common::passphrase::NEW_PASSPHRASE_ENV,
     crate::common::passphrase::NEW_PASSPHRASE_FILE_ENV,
+    crate::daemon::federation::FAULT_POISON_ENV,
 ];
 
 /// Settings without a fixed default (absent from [`defaults_table`]), with

@@ -150,6 +150,9 @@ pub struct RoundView {
     pub selected: u32,
     /// Updates received in time.
     pub responded: u32,
+    /// Updates received from the selected and refused as not made by the
+    /// job's rules (malformed, far over the clip bound).
+    pub rejected: u32,
     /// Selected participants that did not answer in time.
     pub stragglers: u32,
     /// Samples behind the aggregated updates.
@@ -168,6 +171,7 @@ impl From<&RoundSummary> for RoundView {
             aggregated: s.aggregated,
             selected: s.selected,
             responded: s.responded,
+            rejected: s.rejected,
             stragglers: s.selected.saturating_sub(s.responded),
             samples: s.samples,
             epsilon: s.epsilon,
@@ -1250,15 +1254,36 @@ impl Learner {
                 return Err(anyhow!("no local data"));
             };
             let _timer = ThreadCpuTimer::start(&cpu);
-            let (payload, samples) = federation::client_update(
-                &spec,
-                &trainer,
-                &params,
-                &local.train,
-                seed,
-                &mut feedback,
-                |_| {},
-            )?;
+            let (payload, samples) = match poison_for(&spec.name) {
+                None => federation::client_update(
+                    &spec,
+                    &trainer,
+                    &params,
+                    &local.train,
+                    seed,
+                    &mut feedback,
+                    |_| {},
+                )?,
+                // A hostile participant: its delta, poisoned and not
+                // clipped, goes out as an honest one would.
+                Some(attack) => {
+                    let (mut delta, samples) = federation::client_delta(
+                        &spec,
+                        &trainer,
+                        &params,
+                        &local.train,
+                        seed,
+                        |_| {},
+                    )?;
+                    attack.apply(&mut delta);
+                    let payload = openagi_learning::round::encode_update(
+                        spec.compression,
+                        delta,
+                        &mut feedback,
+                    )?;
+                    (payload, samples)
+                }
+            };
             Ok((payload, samples, feedback))
         })
         .await??;
@@ -1832,14 +1857,27 @@ impl Learner {
                 samples,
                 payload,
             } => {
+                let mut bad_update = false;
                 let result = self.with_coordinator(&from, &job, |c, sender| {
-                    c.handle_update(sender, round, &payload, samples, crate::unix_ms())
+                    let handled =
+                        c.handle_update(sender, round, &payload, samples, crate::unix_ms());
+                    bad_update = handled
+                        .as_ref()
+                        .is_err_and(|e| e.kind() == openagi_learning::ErrorKind::BadUpdate);
+                    handled
                 });
                 match result {
                     Ok(()) => LearnResponse::Accepted,
                     Err(why) => {
                         self.metrics.updates_refused.inc();
-                        debug!(%from, %job, round, %why, "update refused");
+                        if bad_update {
+                            // Not late or unselected: made against the
+                            // job's rules. The sender is counted.
+                            warn!(%from, %job, round, %why, "update refused: not made by the job's rules");
+                            self.net.penalise(from, "learn", "bad_update");
+                        } else {
+                            debug!(%from, %job, round, %why, "update refused");
+                        }
                         LearnResponse::Refused(why)
                     }
                 }
@@ -1864,6 +1902,39 @@ impl Learner {
             }
         }
     }
+}
+
+/// Fault injection for the daemon tests, read only by debug builds:
+/// `signflip:F[:JOB]` or `scale:F[:JOB]` makes this node a hostile
+/// participant that sends its update times −F (or F), unclipped, for
+/// every job (or the jobs named JOB). A release build ignores it.
+pub const FAULT_POISON_ENV: &str = "OPENAGI_FAULT_POISON";
+
+/// The attack [`FAULT_POISON_ENV`] asks of this node for the job named
+/// `job_name`, in a debug build.
+fn poison_for(job_name: &str) -> Option<openagi_learning::simulate::AttackKind> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    use openagi_learning::simulate::AttackKind;
+    let text = std::env::var(FAULT_POISON_ENV).ok()?;
+    let mut parts = text.splitn(3, ':');
+    let (kind, factor, only) = (parts.next()?, parts.next()?, parts.next());
+    if only.is_some_and(|name| name != job_name) {
+        return None;
+    }
+    let factor: f32 = factor.parse().ok()?;
+    let attack = match kind {
+        "signflip" => AttackKind::SignFlip { factor },
+        "scale" => AttackKind::Scale { factor },
+        _ => return None,
+    };
+    warn!(
+        job = job_name,
+        ?attack,
+        "fault injection ({FAULT_POISON_ENV}): this node sends a poisoned update"
+    );
+    Some(attack)
 }
 
 /// Adds the CPU time the current thread spends until it is dropped to a
