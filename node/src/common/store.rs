@@ -149,6 +149,20 @@ pub enum StoreError {
     /// There is no database: the node has not run yet.
     #[error("no database at {}: this node has not run yet", .0.display())]
     Missing(PathBuf),
+    /// The database file is damaged (truncated, overwritten, flipped
+    /// bits): it cannot be opened.
+    #[error(
+        "{} is damaged ({detail}). Move it away (`mv {} {}.damaged`) and start the node \
+         again: it fetches the ledger from its peers (a validator recovers its consensus state as after a \
+         lost disk)",
+        .path.display(), .path.display(), .path.display()
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What the database engine found.
+        detail: String,
+    },
     /// A stored record could not be decoded.
     #[error("corrupt record in table {table}, key {key}: {detail}")]
     Corrupt {
@@ -191,6 +205,51 @@ fn stamp_schema(txn: &redb::WriteTransaction, version: u32) -> Result<(), StoreE
 
 fn engine(e: impl std::fmt::Display) -> StoreError {
     StoreError::Engine(e.to_string())
+}
+
+/// An error opening the database file at `path`: [`StoreError::Damaged`]
+/// when the engine says the file is not a sound database.
+fn damage_or_engine(path: &Path, e: redb::DatabaseError) -> StoreError {
+    let damaged = match &e {
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => true,
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => matches!(
+            io.kind(),
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
+    };
+    if damaged {
+        StoreError::Damaged {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        }
+    } else {
+        engine(e)
+    }
+}
+
+/// Runs `open` (opening the database at `path`), turning a panic inside
+/// the database engine into [`StoreError::Damaged`]: a damaged file can
+/// trip the engine's own consistency checks, and the operator needs the
+/// file's name and what to do, not a backtrace.
+fn open_guarded<T>(
+    path: &Path,
+    open: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let detail = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the database engine stopped on it".into());
+            Err(StoreError::Damaged {
+                path: path.to_path_buf(),
+                detail,
+            })
+        }
+    }
 }
 
 /// A peer the node has been connected to.
@@ -289,11 +348,13 @@ impl Store {
     fn open_with(data_dir: &Path, migrate: bool) -> Result<(Self, Vec<String>), StoreError> {
         let path = data_dir.join(STORE_FILE);
         let created = !path.exists();
-        let db = Database::builder()
-            .set_cache_size(STORE_CACHE_BYTES)
-            .create(&path)
-            .map_err(engine)?;
-        Self::prepare(db, created, migrate)
+        open_guarded(&path, || {
+            let db = Database::builder()
+                .set_cache_size(STORE_CACHE_BYTES)
+                .create(&path)
+                .map_err(|e| damage_or_engine(&path, e))?;
+            Self::prepare(db, created, migrate)
+        })
     }
 
     /// Checks the schema (migrating if asked) and makes sure every table
@@ -1121,16 +1182,38 @@ pub struct TxIndex {
 
 impl TxIndex {
     /// Opens or creates the index file in `data_dir`.
+    ///
+    /// The index is derived from the ledger, so a damaged index file is
+    /// not an operator's problem: it is moved aside (`txindex.redb.damaged`,
+    /// replacing an older one) and a new index is built from the blocks.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        let db = Database::builder()
-            .set_cache_size(TX_INDEX_CACHE_BYTES)
-            .create(data_dir.join(TX_INDEX_FILE))
-            .map_err(engine)?;
-        let txn = db.begin_write().map_err(engine)?;
-        txn.open_table(TX_INDEX).map_err(engine)?;
-        txn.open_table(TX_INDEX_META).map_err(engine)?;
-        txn.commit().map_err(engine)?;
-        Ok(Self { db })
+        let path = data_dir.join(TX_INDEX_FILE);
+        match Self::open_file(&path) {
+            Err(StoreError::Damaged { detail, .. }) => {
+                let aside = data_dir.join(format!("{TX_INDEX_FILE}.damaged"));
+                tracing::warn!(
+                    file = %path.display(), moved_to = %aside.display(), %detail,
+                    "the transaction index is damaged; rebuilding it from the ledger"
+                );
+                std::fs::rename(&path, &aside).map_err(engine)?;
+                Self::open_file(&path)
+            }
+            other => other,
+        }
+    }
+
+    fn open_file(path: &Path) -> Result<Self, StoreError> {
+        open_guarded(path, || {
+            let db = Database::builder()
+                .set_cache_size(TX_INDEX_CACHE_BYTES)
+                .create(path)
+                .map_err(|e| damage_or_engine(path, e))?;
+            let txn = db.begin_write().map_err(engine)?;
+            txn.open_table(TX_INDEX).map_err(engine)?;
+            txn.open_table(TX_INDEX_META).map_err(engine)?;
+            txn.commit().map_err(engine)?;
+            Ok(Self { db })
+        })
     }
 
     /// The last block indexed: its height and hash (`None`: nothing yet).
