@@ -5,7 +5,10 @@
 //! operator moves the file away it starts, recovers its consensus state
 //! and fetches the ledger from its peers, and its chain verifies. A
 //! damaged transaction index is derived data: the node moves it aside
-//! and rebuilds it by itself.
+//! and rebuilds it by itself. A full disk (a file-size limit, which fails
+//! writes as ENOSPC does) stops the node with an error that says so,
+//! before it acknowledges anything it could not write, and after a
+//! restart every acknowledged transaction is there.
 
 use std::time::Duration;
 
@@ -153,4 +156,77 @@ fn a_damaged_database_is_refused_by_name_and_recovered_from_peers() {
     });
     assert!(found.is_ok(), "{}", v2.log());
     assert!(dirs[2].join("txindex.redb.damaged").exists());
+}
+
+#[test]
+fn a_full_disk_stops_the_node_without_losing_what_it_acknowledged() {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let dirs = init_validators(root.path(), 1).expect("one validator");
+    // 3 MiB per file: the index starts at 1 MiB, the ledger fills the rest.
+    let limited = DaemonOptions {
+        file_size_limit_kib: Some(3 * 1024),
+        ..Default::default()
+    };
+    let mut node = Daemon::start(&dirs[0], &limited).expect("starts");
+    let payload = "x".repeat(60_000);
+    let mut acknowledged = Vec::new();
+    let mut refused = None;
+    for i in 0..200 {
+        match node.post(
+            "/api/v1/tx",
+            &json!({"payload": format!("{i}{payload}"), "wait": true}),
+        ) {
+            Ok((200, answer)) => {
+                acknowledged.push(answer["tx_hash"].as_str().expect("hash").to_string())
+            }
+            Ok((code, answer)) => {
+                refused = Some(format!("{code} {answer}"));
+                break;
+            }
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    assert!(refused.is_some(), "the disk never filled");
+    assert!(
+        acknowledged.len() >= 10,
+        "{} acknowledged",
+        acknowledged.len()
+    );
+    let status = node
+        .wait_exit(Duration::from_secs(30))
+        .expect("the node stops");
+    assert!(!status.success(), "{status}");
+    let log = node.log();
+    assert!(
+        log.contains("no space to write the database") && log.contains("free space"),
+        "{log}"
+    );
+    drop(node);
+
+    // Space again: everything acknowledged is there, and the node goes on.
+    let node = Daemon::start(&dirs[0], &DaemonOptions::default()).expect("restarts");
+    for hash in &acknowledged {
+        let (code, body) = node
+            .get(&format!("/api/v1/tx/{hash}"), Some(node.token()))
+            .expect("lookup");
+        assert_eq!(code, 200, "{hash}: {body}");
+    }
+    let (code, body) = node
+        .get("/api/v1/ledger/verify", Some(node.token()))
+        .expect("verify");
+    let verdict: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!((code, &verdict["ok"]), (200, &json!(true)), "{verdict}");
+    let (code, answer) = node
+        .post("/api/v1/tx", &json!({"payload": "after", "wait": true}))
+        .expect("submit");
+    assert_eq!(code, 200, "{answer}");
+    eprintln!(
+        "full disk: {} transactions acknowledged before the node stopped ({}), all found after the restart",
+        acknowledged.len(),
+        refused.unwrap_or_default()
+    );
 }

@@ -193,6 +193,9 @@ pub struct DaemonOptions {
     pub env: Vec<(String, String)>,
     /// Extra arguments after `run`.
     pub args: Vec<String>,
+    /// Largest file the daemon may write, in KiB (`ulimit -f`): writes
+    /// past it fail as on a full disk.
+    pub file_size_limit_kib: Option<u64>,
 }
 
 impl Daemon {
@@ -242,7 +245,17 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(dir.join("daemon.log"))?;
-        let mut command = Command::new(openagi_bin());
+        // A file-size limit is set by a shell that then becomes the daemon.
+        let mut command = match options.file_size_limit_kib {
+            Some(kib) => {
+                let mut c = Command::new("bash");
+                c.args(["-c", "ulimit -f \"$0\" && exec \"$@\""])
+                    .arg(kib.to_string())
+                    .arg(openagi_bin());
+                c
+            }
+            None => Command::new(openagi_bin()),
+        };
         command
             .arg("run")
             .arg("--data-dir")

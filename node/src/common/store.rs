@@ -149,6 +149,14 @@ pub enum StoreError {
     /// There is no database: the node has not run yet.
     #[error("no database at {}: this node has not run yet", .0.display())]
     Missing(PathBuf),
+    /// A write failed for lack of space: a full disk, a file-size limit or
+    /// a quota. What was written before is intact (every write is one
+    /// transaction), and nothing that failed was acknowledged.
+    #[error(
+        "no space to write the database ({0}): free space on the disk holding the data directory (or raise \
+         the file-size limit or quota), then start the node again; nothing it acknowledged is lost"
+    )]
+    NoSpace(String),
     /// The database file is damaged (truncated, overwritten, flipped
     /// bits): it cannot be opened.
     #[error(
@@ -204,7 +212,15 @@ fn stamp_schema(txn: &redb::WriteTransaction, version: u32) -> Result<(), StoreE
 }
 
 fn engine(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Engine(e.to_string())
+    let text = e.to_string();
+    // redb passes I/O errors on as text; the OS's codes for a full disk
+    // (ENOSPC), a file-size limit (EFBIG) and a disk quota (EDQUOT) are
+    // stable in it, and the operator's fix differs from an engine fault.
+    const NO_SPACE: [&str; 3] = ["(os error 28)", "(os error 27)", "(os error 122)"];
+    if NO_SPACE.iter().any(|code| text.contains(code)) {
+        return StoreError::NoSpace(text);
+    }
+    StoreError::Engine(text)
 }
 
 /// An error opening the database file at `path`: [`StoreError::Damaged`]

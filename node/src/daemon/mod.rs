@@ -146,6 +146,14 @@ fn unix_now() -> u64 {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(options: RunOptions, config: Config, started: Instant) -> Result<()> {
     let data_dir = DataDir::new(&options.data_dir);
+    // A write past a file-size limit (`ulimit -f`) raises SIGXFSZ, which
+    // kills the process by default; caught, the write fails with EFBIG
+    // like a full disk's ENOSPC, and the node handles it as one. The
+    // handler stays installed for the life of the process.
+    let _file_too_large = signal(SignalKind::from_raw(
+        nix::sys::signal::Signal::SIGXFSZ as i32,
+    ))
+    .context("installing the SIGXFSZ handler")?;
     // Before anything is created in it (the lock file included).
     data_dir.check_private()?;
     let _lock = data_dir.lock()?;
