@@ -223,6 +223,19 @@ pub const RULES: &[AlertRule] = &[
         },
     },
     AlertRule {
+        name: "OpenAgiUnusualInboundTraffic",
+        summary: "receives more than 8 MiB/s of peer payload over 5 minutes: a flood, or far more than this network's consensus and training send",
+        severity: Severity::Warning,
+        for_secs: 120,
+        condition: Condition::Rate {
+            metric: "openagi_p2p_payload_bytes_total",
+            labels: &[("direction", "inbound")],
+            window_secs: 300,
+            op: Op::Above,
+            threshold: 8_388_608.0,
+        },
+    },
+    AlertRule {
         name: "OpenAgiApiAuthFailures",
         summary: "refuses more than one API request a second for a missing or wrong token (the audit log has them)",
         severity: Severity::Warning,

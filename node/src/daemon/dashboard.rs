@@ -232,10 +232,15 @@ impl Dashboard {
                     event: if event.firing { "fired" } else { "resolved" }.into(),
                 })
                 .inc();
+            // Alerts are security-relevant as well as operational (auth
+            // failure bursts, hostile peers, floods): the audit log keeps
+            // each change, signed, beside the events that caused it.
             if event.firing {
                 warn!(alert = event.alert, severity = ?event.severity, reason = %event.reason, "alert firing");
+                warn!(target: "audit", event = "alert_fired", alert = event.alert, severity = ?event.severity, reason = %event.reason, "alert fired");
             } else {
                 info!(alert = event.alert, reason = %event.reason, "alert resolved");
+                info!(target: "audit", event = "alert_resolved", alert = event.alert, reason = %event.reason, "alert resolved");
             }
         }
     }
