@@ -82,6 +82,29 @@ pub struct NetConfig {
     pub agent_version: String,
     /// Tor settings; required by the Tor transports.
     pub tor: Option<crate::tor::TorSettings>,
+    /// How misbehaving peers are banned.
+    pub bans: BanConfig,
+}
+
+/// How peers that reach the penalty limit are banned (see
+/// [`crate::score`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BanConfig {
+    /// How long a banned peer is refused.
+    pub duration: std::time::Duration,
+    /// Bans still running from before a restart: each peer with what is
+    /// left of its ban ([`crate::NetEvent::PeerBanned`] says when to
+    /// record one).
+    pub restored: Vec<(libp2p::PeerId, std::time::Duration)>,
+}
+
+impl Default for BanConfig {
+    fn default() -> Self {
+        Self {
+            duration: crate::score::BAN_DURATION,
+            restored: Vec::new(),
+        }
+    }
 }
 
 impl NetConfig {

@@ -38,7 +38,7 @@ pub use behaviour::{
     MAX_PROVIDERS_PER_KEY, NodeBehaviour, NodeBehaviourEvent,
 };
 pub use budget::{BUDGET_BURST_BYTES, BUDGET_BYTES_PER_SEC};
-pub use config::{ConnectionLimitsConfig, NetConfig, TransportMode};
+pub use config::{BanConfig, ConnectionLimitsConfig, NetConfig, TransportMode};
 pub use direct::{
     DIRECT_INBOX, DIRECT_PROTOCOL, DIRECT_READ_TIMEOUT, DirectMessage, MAX_DIRECT_BYTES,
     MAX_QUEUED_STREAMS_PER_PEER, OUTBOUND_QUEUE_PER_PEER,
@@ -51,7 +51,7 @@ pub use msg::{
     MAX_MSG_RESPONSE_BYTES, MSG_PROTOCOL,
 };
 pub use pending::MAX_PENDING_PER_SOURCE;
-pub use score::{BAN_DURATION, PENALTY_LIMIT, PENALTY_WINDOW};
+pub use score::{BAN_DURATION, MAX_TRACKED_PEERS, PENALTY_LIMIT, PENALTY_WINDOW};
 pub use service::{
     AppProtocol, MsgReply, NetEvent, NetHandle, NetSnapshot, NetworkService, PeerSnapshot,
     ReceivedGossip,

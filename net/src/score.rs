@@ -2,9 +2,11 @@
 //!
 //! Every refused or malformed message costs its sender a penalty; a peer
 //! whose penalties within [`PENALTY_WINDOW`] reach [`PENALTY_LIMIT`] is
-//! disconnected and refused for [`BAN_DURATION`]. Keyed by peer id, never
-//! by address: behind Tor every peer comes from 127.0.0.1. Pure: the
-//! caller passes the time.
+//! disconnected and refused for the ban duration ([`BAN_DURATION`] unless
+//! configured). Keyed by peer id, never by address: behind Tor every peer
+//! comes from 127.0.0.1. Pure: the caller passes the time. The node keeps
+//! bans on disk and hands the running ones back at start
+//! ([`Misbehaviour::restore`]), so a restart does not pardon anyone.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -62,7 +64,8 @@ pub const PENALTY_LIMIT: u32 = 50;
 /// The window penalties are counted over.
 pub const PENALTY_WINDOW: Duration = Duration::from_secs(60);
 
-/// How long a disconnected peer is refused.
+/// How long a disconnected peer is refused, by default
+/// (`network.ban_secs`).
 pub const BAN_DURATION: Duration = Duration::from_secs(600);
 
 /// Peers tracked at once; beyond it the one penalised longest ago is
@@ -77,13 +80,43 @@ struct Record {
 }
 
 /// The penalty table and ban list.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Misbehaviour {
     records: HashMap<PeerId, Record>,
     banned: HashMap<PeerId, Instant>,
+    ban_duration: Duration,
+}
+
+impl Default for Misbehaviour {
+    fn default() -> Self {
+        Self::with_ban_duration(BAN_DURATION)
+    }
 }
 
 impl Misbehaviour {
+    /// An empty table whose bans last `ban_duration`.
+    pub fn with_ban_duration(ban_duration: Duration) -> Self {
+        Self {
+            records: HashMap::new(),
+            banned: HashMap::new(),
+            ban_duration,
+        }
+    }
+
+    /// How long a ban lasts.
+    pub fn ban_duration(&self) -> Duration {
+        self.ban_duration
+    }
+
+    /// Bans `peer` until `until` (a ban from before a restart). At most
+    /// [`MAX_TRACKED_PEERS`] bans are held; a full list keeps the ones it
+    /// has.
+    pub fn restore(&mut self, peer: PeerId, until: Instant) {
+        if self.banned.len() < MAX_TRACKED_PEERS || self.banned.contains_key(&peer) {
+            self.banned.insert(peer, until);
+        }
+    }
+
     /// Records one penalty for `peer` at `now`; `true` when the peer has
     /// reached the limit and is now banned.
     pub fn penalise(&mut self, peer: PeerId, now: Instant) -> bool {
@@ -114,7 +147,7 @@ impl Misbehaviour {
                 self.banned.retain(|_, until| *until > now);
             }
             if self.banned.len() < MAX_TRACKED_PEERS {
-                self.banned.insert(peer, now + BAN_DURATION);
+                self.banned.insert(peer, now + self.ban_duration);
             }
             return true;
         }
@@ -169,5 +202,23 @@ mod tests {
             table.penalise(PeerId::random(), now);
         }
         assert!(table.records.len() <= MAX_TRACKED_PEERS);
+    }
+
+    #[test]
+    fn a_configured_ban_lasts_as_long_and_a_restored_one_refuses_at_once() {
+        let start = Instant::now();
+        let mut table = Misbehaviour::with_ban_duration(Duration::from_secs(5));
+        let flooder = PeerId::random();
+        for _ in 0..PENALTY_LIMIT {
+            table.penalise(flooder, start);
+        }
+        assert!(table.is_banned(&flooder, start + Duration::from_secs(4)));
+        assert!(!table.is_banned(&flooder, start + Duration::from_secs(6)));
+
+        let mut restarted = Misbehaviour::default();
+        let returning = PeerId::random();
+        restarted.restore(returning, start + Duration::from_secs(30));
+        assert!(restarted.is_banned(&returning, start));
+        assert!(!restarted.is_banned(&returning, start + Duration::from_secs(31)));
     }
 }

@@ -88,6 +88,14 @@ pub enum NetEvent {
         /// Where the answer goes.
         reply: MsgReply,
     },
+    /// A peer was banned for misbehaviour for `duration`: the node keeps
+    /// it, so the ban survives a restart ([`crate::BanConfig::restored`]).
+    PeerBanned {
+        /// The peer.
+        peer: PeerId,
+        /// How long it is refused.
+        duration: Duration,
+    },
     /// A peer on this network told us where it listens (at most 16
     /// addresses, each ending in its `/p2p/` id), so it can be redialled
     /// after a restart.
@@ -516,6 +524,11 @@ impl NetworkService {
             })
             .collect();
         let traffic = net_metrics.peer_traffic.clone();
+        let mut misbehaviour = crate::score::Misbehaviour::with_ban_duration(config.bans.duration);
+        let now = Instant::now();
+        for (peer, left) in &config.bans.restored {
+            misbehaviour.restore(*peer, now + *left);
+        }
         let task = NetTask {
             swarm,
             config,
@@ -531,7 +544,7 @@ impl NetworkService {
             provider_lookups: HashMap::new(),
             next_msg_reply: 0,
             msg_requests: HashMap::new(),
-            misbehaviour: crate::score::Misbehaviour::default(),
+            misbehaviour,
             budgets,
         };
         let join = tokio::spawn(task.run(command_rx, penalty_rx));
@@ -1302,16 +1315,20 @@ impl NetTask {
                 %peer,
                 protocol,
                 last_reason = reason,
-                ban_secs = crate::score::BAN_DURATION.as_secs(),
+                ban_secs = self.misbehaviour.ban_duration().as_secs(),
                 "peer banned"
             );
             warn!(
                 %peer,
                 protocol,
                 last_reason = reason,
-                ban_secs = crate::score::BAN_DURATION.as_secs(),
+                ban_secs = self.misbehaviour.ban_duration().as_secs(),
                 "peer disconnected and banned for repeated refused messages"
             );
+            self.emit(NetEvent::PeerBanned {
+                peer,
+                duration: self.misbehaviour.ban_duration(),
+            });
             self.net_metrics
                 .peers_refused
                 .get_or_create(&ReasonLabels {

@@ -25,13 +25,13 @@ struct Node {
 }
 
 fn start(bootstrap: Vec<openagi_net::Multiaddr>) -> Node {
+    start_with(Keypair::generate_ed25519(), config(bootstrap))
+}
+
+fn start_with(keypair: Keypair, config: NetConfig) -> Node {
     let mut registry = Registry::with_prefix("openagi");
-    let (net, mut events, _task) = NetworkService::start(
-        Keypair::generate_ed25519(),
-        config(bootstrap),
-        &mut registry,
-    )
-    .expect("starts");
+    let (net, mut events, _task) =
+        NetworkService::start(keypair, config, &mut registry).expect("starts");
     // Direct messages come through their own inbox; drain the rest.
     tokio::spawn(async move { while events.recv().await.is_some() {} });
     let inbox = net.take_direct_inbox().expect("first taker");
@@ -181,4 +181,40 @@ async fn streams_from_peers_not_allowed_are_refused_when_they_open() {
             .await
             .is_err()
     );
+}
+
+/// A ban recorded before a restart refuses the peer from the start: the
+/// node hands its running bans back to the network layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_from_before_a_restart_still_refuses_the_peer() {
+    let returning = Keypair::generate_ed25519();
+    let mut banned_config = config(vec![]);
+    banned_config.bans.restored = vec![(returning.public().to_peer_id(), Duration::from_secs(300))];
+    let a = start_with(Keypair::generate_ed25519(), banned_config);
+    let listen = loop {
+        if let Some(addr) = a.net.snapshot().listen_addrs.first() {
+            break addr.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let a_addr: openagi_net::Multiaddr = format!("{listen}/p2p/{}", a.net.local_peer_id())
+        .parse()
+        .expect("addr");
+    let _b = start_with(returning, config(vec![a_addr.clone()]));
+    // An unbanned peer gets in; the returning one is refused each time.
+    let _c = start(vec![a_addr]);
+    let mut refused = false;
+    for _ in 0..200 {
+        let text = metrics(&a.registry);
+        if text.contains(r#"openagi_peers_refused_total{reason="banned"}"#)
+            && a.net.snapshot().peers.len() == 1
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(refused, "{}", metrics(&a.registry));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(a.net.snapshot().peers.len(), 1, "only the unbanned peer");
 }

@@ -21,5 +21,6 @@ pub fn loopback_config(network_id: &str) -> NetConfig {
         redial: Backoff::default(),
         agent_version: "test".into(),
         tor: None,
+        bans: openagi_net::BanConfig::default(),
     }
 }

@@ -90,6 +90,9 @@ pub struct NetworkSection {
     pub redial_max_secs: u64,
     /// Peer ids this node never connects to nor accepts.
     pub blocked_peers: Vec<String>,
+    /// Seconds a peer banned for misbehaviour stays refused (kept across
+    /// restarts).
+    pub ban_secs: u64,
 }
 
 impl Default for NetworkSection {
@@ -113,6 +116,7 @@ impl Default for NetworkSection {
             announce_interval_secs: 10,
             redial_max_secs: 60,
             blocked_peers: Vec::new(),
+            ban_secs: openagi_net::BAN_DURATION.as_secs(),
         }
     }
 }
@@ -711,6 +715,7 @@ impl Config {
                 self.network.announce_interval_secs,
             ),
             ("network.redial_max_secs", self.network.redial_max_secs),
+            ("network.ban_secs", self.network.ban_secs),
             ("network.max_memory_mib", self.network.max_memory_mib),
             ("tor.connect_timeout_secs", self.tor.connect_timeout_secs),
             ("tor.bootstrap_warn_secs", self.tor.bootstrap_warn_secs),
@@ -887,6 +892,11 @@ impl Config {
                 .transport
                 .is_tor()
                 .then(|| self.tor_settings(Path::new("."))),
+            // The bans still running are the daemon's to restore.
+            bans: openagi_net::BanConfig {
+                duration: Duration::from_secs(self.network.ban_secs),
+                restored: Vec::new(),
+            },
         };
         config.validate()?;
         Ok(config)
@@ -1488,6 +1498,11 @@ transport = "{transport}"
 # through other nodes.
 # blocked_peers = {blocked}
 
+# A peer that keeps sending refused or malformed messages is disconnected
+# and refused for this many seconds, by its identity; bans are kept in the
+# database and survive restarts.
+# ban_secs = {ban_secs}
+
 [tor]
 # Virtual port of this node's onion service (its address is in
 # `openagi status`; `openagi tor rotate-address` makes a new one).
@@ -1636,6 +1651,7 @@ transport = "{transport}"
         announce = d.network.announce_interval_secs,
         redial = d.network.redial_max_secs,
         blocked = list(&d.network.blocked_peers),
+        ban_secs = d.network.ban_secs,
         api = d.api.listen,
         level = d.log.level,
         log_file = d.log.file,

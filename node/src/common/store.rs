@@ -35,6 +35,8 @@ pub const TX_INDEX_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 const PEERS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("peers");
+/// Peers banned for misbehaviour: peer id to the unix ms the ban ends.
+const BANS: TableDefinition<'_, &str, u64> = TableDefinition::new("bans");
 /// Consensus scalars: current view, stable checkpoint.
 const PBFT_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("pbft_meta");
 /// Latest vote per sequence number: postcard `(view, digest)`.
@@ -117,6 +119,8 @@ pub struct MsgWritten {
 
 /// Most peers kept in the address book; the least recently seen go first.
 pub const MAX_KNOWN_PEERS: usize = 1024;
+/// Bans kept, as many as the network layer tracks.
+pub const MAX_BANS: usize = openagi_net::MAX_TRACKED_PEERS;
 
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
@@ -412,6 +416,7 @@ impl Store {
         let txn = db.begin_write().map_err(engine)?;
         txn.open_table(META).map_err(engine)?;
         txn.open_table(PEERS).map_err(engine)?;
+        txn.open_table(BANS).map_err(engine)?;
         txn.open_table(PBFT_META).map_err(engine)?;
         txn.open_table(PBFT_VOTES).map_err(engine)?;
         txn.open_table(PBFT_PREPARED).map_err(engine)?;
@@ -820,6 +825,49 @@ impl Store {
         }
         txn.commit().map_err(engine)?;
         Ok(())
+    }
+
+    /// Keeps that `peer_id` is banned until `until_ms` (unix ms). Expired
+    /// bans are dropped; past [`MAX_BANS`] the one ending first goes.
+    pub fn ban_peer(&self, peer_id: &str, until_ms: u64, now_ms: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(engine)?;
+        {
+            let mut bans = txn.open_table(BANS).map_err(engine)?;
+            bans.insert(peer_id, until_ms).map_err(engine)?;
+            bans.retain(|_, until| until > now_ms).map_err(engine)?;
+            while bans.len().map_err(engine)? > MAX_BANS as u64 {
+                let mut first: Option<(String, u64)> = None;
+                for row in bans.iter().map_err(engine)? {
+                    let (k, v) = row.map_err(engine)?;
+                    if first.as_ref().is_none_or(|(_, u)| v.value() < *u) {
+                        first = Some((k.value().to_string(), v.value()));
+                    }
+                }
+                match first {
+                    Some((key, _)) => {
+                        bans.remove(key.as_str()).map_err(engine)?;
+                    }
+                    None => break,
+                }
+            }
+        }
+        txn.commit().map_err(engine)?;
+        Ok(())
+    }
+
+    /// The bans still running at `now_ms`: peer id and the unix ms each
+    /// ends.
+    pub fn bans(&self, now_ms: u64) -> Result<Vec<(String, u64)>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let bans = txn.open_table(BANS).map_err(engine)?;
+        let mut running = Vec::new();
+        for row in bans.iter().map_err(engine)? {
+            let (k, v) = row.map_err(engine)?;
+            if v.value() > now_ms {
+                running.push((k.value().to_string(), v.value()));
+            }
+        }
+        Ok(running)
     }
 
     /// The `limit` most recently seen peers, newest first.
@@ -1615,5 +1663,28 @@ mod tests {
         assert_eq!(peers[0].0, "a");
         assert_eq!(peers[0].1.addresses[0], "/ip4/127.0.0.1/tcp/3/p2p/a");
         assert_eq!(store.known_peers(1).expect("read").len(), 1);
+    }
+
+    #[test]
+    fn bans_are_kept_until_they_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store.ban_peer("a", 2_000, 1_000).expect("ban");
+        store.ban_peer("b", 5_000, 1_000).expect("ban");
+        assert_eq!(store.bans(1_500).expect("read").len(), 2);
+        assert_eq!(
+            store.bans(3_000).expect("read"),
+            vec![("b".to_string(), 5_000)]
+        );
+        // An expired ban is dropped at the next write.
+        store.ban_peer("c", 9_000, 3_000).expect("ban");
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        let mut kept = store.bans(0).expect("read");
+        kept.sort();
+        assert_eq!(
+            kept,
+            vec![("b".to_string(), 5_000), ("c".to_string(), 9_000)]
+        );
     }
 }

@@ -209,7 +209,24 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     for ignored in config.ignored_settings() {
         warn!(key = ignored.key, "{}", ignored.why);
     }
-    let net_config = config.net_config_for(VERSION, data_dir.path())?;
+    let mut net_config = config.net_config_for(VERSION, data_dir.path())?;
+    // A restart pardons no one: the bans still running carry on.
+    let now_ms = crate::unix_ms();
+    net_config.bans.restored = store
+        .bans(now_ms)
+        .context("reading the peers banned before this start")?
+        .into_iter()
+        .filter_map(|(peer, until_ms)| {
+            let peer = peer.parse().ok()?;
+            Some((peer, Duration::from_millis(until_ms.saturating_sub(now_ms))))
+        })
+        .collect();
+    if !net_config.bans.restored.is_empty() {
+        info!(
+            peers = net_config.bans.restored.len(),
+            "bans from before this start still apply"
+        );
+    }
     let keypair = openagi_net::keypair_from_identity(&identity)?;
     let (net, mut events, net_task) =
         NetworkService::start(keypair, net_config, metrics.registry_mut())?;
@@ -519,6 +536,20 @@ async fn handle_event(store: &Arc<Store>, event: NetEvent) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => warn!(error = %e, "could not record peer address"),
                 Err(e) => warn!(error = %e, "address-book writer failed"),
+            }
+        }
+        NetEvent::PeerBanned { peer, duration } => {
+            let store = store.clone();
+            let now_ms = crate::unix_ms();
+            let until_ms =
+                now_ms.saturating_add(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX));
+            let peer = peer.to_string();
+            let written =
+                tokio::task::spawn_blocking(move || store.ban_peer(&peer, until_ms, now_ms)).await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "could not record the ban; it ends at a restart"),
+                Err(e) => warn!(error = %e, "ban writer failed"),
             }
         }
         NetEvent::Gossip(message) => {
