@@ -64,6 +64,12 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     if args.twins {
+        // Every set partition is enumerated up front: the sizes the
+        // generator is made for.
+        if ![4, 7].contains(&args.n) {
+            eprintln!("--n takes 4 or 7\n{USAGE}");
+            return ExitCode::from(2);
+        }
         return twins(&args);
     }
     let (seeds, start, duration) = (args.seeds, args.start, args.duration);

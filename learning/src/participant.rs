@@ -524,6 +524,7 @@ impl Participant {
             match finished {
                 Some(id) => {
                     self.jobs.remove(&id);
+                    self.cpu_ms.remove(&id);
                 }
                 None => {
                     self.notice(Notice::TooManyJobs { job });
@@ -713,6 +714,7 @@ impl Participant {
         if summary.finished {
             followed.state = JobState::Finished;
             self.trained.retain(|(j, _)| *j != job);
+            self.cpu_ms.remove(&job);
             self.outputs.push_back(ParticipantOutput::JobFinished(job));
         }
         self.outputs.push_back(ParticipantOutput::RoundCommitted {

@@ -19,14 +19,16 @@ use crate::{Error, NetConfig};
 /// The request-response protocol name.
 pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/openagi/rpc/1");
 
-/// DHT values this node stores for others (it publishes none itself).
+/// DHT values this node stores (none: inbound PUT_VALUE is filtered out,
+/// the node publishes no values).
 pub const MAX_DHT_RECORDS: usize = 1024;
-/// Largest DHT value stored for another node.
+/// Largest DHT value stored.
 pub const MAX_DHT_VALUE_BYTES: usize = 16 * 1024;
-/// Keys the DHT store holds provider records for, this node's own and
-/// those other nodes announced (each model a node holds is one key);
-/// beyond this, content is still served but not announced. With
-/// [`MAX_PROVIDERS_PER_KEY`] it bounds the records to about 12 MB.
+/// Keys the DHT store holds provider records for: this node's own (each
+/// model it holds is one) and at most
+/// [`crate::MAX_FOREIGN_PROVIDER_KEYS`] that other nodes announced, which
+/// the node admits itself (`crate::providers`); past it, content is still
+/// served but not announced.
 pub const MAX_PROVIDED_KEYS: usize = 4096;
 /// Providers remembered per key, for lookups by others.
 pub const MAX_PROVIDERS_PER_KEY: usize = 20;
@@ -89,9 +91,11 @@ impl NodeBehaviour {
 
         let mut kad_config = kad::Config::new(StreamProtocol::new("/openagi/kad/1"));
         kad_config.set_query_timeout(Duration::from_secs(30));
-        // The store's bounds are what any peer can make this node hold in
-        // provider records and values (ADD_PROVIDER and PUT_VALUE are open
-        // to every peer): named, so they are stated, not inherited.
+        // Inbound records go through the node's admission (bounded per
+        // peer and in all) instead of straight into the store.
+        kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
+        // The store's own bounds, named so they are stated rather than
+        // inherited; what other peers may add is bounded before it.
         let store_config = kad::store::MemoryStoreConfig {
             max_records: MAX_DHT_RECORDS,
             max_value_bytes: MAX_DHT_VALUE_BYTES,

@@ -25,6 +25,7 @@ mod direct;
 mod metrics;
 mod msg;
 mod pending;
+mod providers;
 mod score;
 mod service;
 pub mod tor;
@@ -51,6 +52,10 @@ pub use msg::{
     MAX_MSG_RESPONSE_BYTES, MSG_PROTOCOL,
 };
 pub use pending::MAX_PENDING_PER_SOURCE;
+pub use providers::{
+    MAX_FOREIGN_PROVIDER_KEYS, MAX_PROVIDER_ADDR_BYTES, MAX_PROVIDER_ADDRS, MAX_PROVIDER_KEY_BYTES,
+    MAX_PROVIDER_KEYS_PER_PEER,
+};
 pub use score::{BAN_DURATION, MAX_TRACKED_PEERS, PENALTY_LIMIT, PENALTY_WINDOW};
 pub use service::{
     AppProtocol, MsgReply, NetEvent, NetHandle, NetSnapshot, NetworkService, PeerSnapshot,

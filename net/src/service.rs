@@ -542,6 +542,7 @@ impl NetworkService {
             announce_sequence: 0,
             msg_replies: HashMap::new(),
             provider_lookups: HashMap::new(),
+            provider_admission: Default::default(),
             next_msg_reply: 0,
             msg_requests: HashMap::new(),
             misbehaviour,
@@ -597,6 +598,9 @@ struct NetTask {
     /// Provider lookups under way (at most [`MAX_PROVIDER_LOOKUPS`]),
     /// with the providers found so far.
     provider_lookups: HashMap<kad::QueryId, (ProvidersSender, Vec<PeerId>)>,
+    /// Provider records other nodes made this node hold; see
+    /// [`crate::providers`].
+    provider_admission: crate::providers::ProviderAdmission,
 }
 
 /// Provider lookups one node runs at once: each is a Kademlia query of up
@@ -958,11 +962,34 @@ impl NetTask {
         }
     }
 
+    /// An inbound provider record, stored only within the admission
+    /// table's bounds.
+    fn admit_provider(&mut self, record: kad::ProviderRecord) {
+        let provider = record.provider;
+        let decision = self.provider_admission.admit(record, Instant::now());
+        let (expired, stored) = match decision {
+            crate::providers::Admission::Store { record, expired } => (expired, Some(record)),
+            crate::providers::Admission::Refuse(reason, expired) => {
+                crate::score::count(&self.net_metrics, "kad", reason);
+                (expired, None)
+            }
+        };
+        let store = self.swarm.behaviour_mut().kad.store_mut();
+        for (key, peer) in expired {
+            kad::store::RecordStore::remove_provider(store, &key, &peer);
+        }
+        if let Some(record) = stored
+            && let Err(e) = kad::store::RecordStore::add_provider(store, record)
+        {
+            debug!(%provider, error = ?e, "provider record not stored");
+        }
+    }
+
     fn provide(&mut self, key: Vec<u8>) {
         let key = kad::RecordKey::new(&key);
-        // Refused only when this node already provides the most keys its
-        // store holds: said once per key, the content is still served to
-        // whoever asks the node directly.
+        // Refused only when the store holds its most keys (this node's
+        // own beyond what foreign records leave): the content is still
+        // served to whoever asks the node directly.
         if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
             warn!(error = %e, "not announced in the DHT");
         }
@@ -1103,6 +1130,12 @@ impl NetTask {
                     kad::Event::OutboundQueryProgressed {
                         id, result, step, ..
                     } => self.on_query_progress(id, result, step.last),
+                    kad::Event::InboundRequest {
+                        request:
+                            kad::InboundRequest::AddProvider {
+                                record: Some(record),
+                            },
+                    } => self.admit_provider(record),
                     _ => {}
                 }
             }

@@ -248,10 +248,10 @@ fn damage_or_engine(path: &Path, e: redb::DatabaseError) -> StoreError {
     }
 }
 
-/// Runs `open` (opening the database at `path`), turning a panic inside
-/// the database engine into [`StoreError::Damaged`]: a damaged file can
-/// trip the engine's own consistency checks, and the operator needs the
-/// file's name and what to do, not a backtrace.
+/// Runs `open` (the engine opening the database file at `path`), turning
+/// a panic inside it into [`StoreError::Damaged`]: a damaged file can trip
+/// the engine's own consistency checks, and the operator needs the file's
+/// name and what to do (the panic's own line still reaches stderr).
 fn open_guarded<T>(
     path: &Path,
     open: impl FnOnce() -> Result<T, StoreError>,
@@ -368,13 +368,15 @@ impl Store {
     fn open_with(data_dir: &Path, migrate: bool) -> Result<(Self, Vec<String>), StoreError> {
         let path = data_dir.join(STORE_FILE);
         let created = !path.exists();
-        open_guarded(&path, || {
-            let db = Database::builder()
+        // Only the engine's own opening of the file is guarded: a panic in
+        // the schema checks or a migration is a bug, not a damaged file.
+        let db = open_guarded(&path, || {
+            Database::builder()
                 .set_cache_size(STORE_CACHE_BYTES)
                 .create(&path)
-                .map_err(|e| damage_or_engine(&path, e))?;
-            Self::prepare(db, created, migrate)
-        })
+                .map_err(|e| damage_or_engine(&path, e))
+        })?;
+        Self::prepare(db, created, migrate)
     }
 
     /// Checks the schema (migrating if asked) and makes sure every table
@@ -1267,17 +1269,17 @@ impl TxIndex {
     }
 
     fn open_file(path: &Path) -> Result<Self, StoreError> {
-        open_guarded(path, || {
-            let db = Database::builder()
+        let db = open_guarded(path, || {
+            Database::builder()
                 .set_cache_size(TX_INDEX_CACHE_BYTES)
                 .create(path)
-                .map_err(|e| damage_or_engine(path, e))?;
-            let txn = db.begin_write().map_err(engine)?;
-            txn.open_table(TX_INDEX).map_err(engine)?;
-            txn.open_table(TX_INDEX_META).map_err(engine)?;
-            txn.commit().map_err(engine)?;
-            Ok(Self { db })
-        })
+                .map_err(|e| damage_or_engine(path, e))
+        })?;
+        let txn = db.begin_write().map_err(engine)?;
+        txn.open_table(TX_INDEX).map_err(engine)?;
+        txn.open_table(TX_INDEX_META).map_err(engine)?;
+        txn.commit().map_err(engine)?;
+        Ok(Self { db })
     }
 
     /// The last block indexed: its height and hash (`None`: nothing yet).

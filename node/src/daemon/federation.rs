@@ -12,12 +12,13 @@
 //! Models are the network's knowledge base: this node keeps the models it
 //! trained from, aggregated or stands by for, in memory and under
 //! `<data dir>/models/`, announces each in the DHT (a provider record
-//! under [`provider_key`]) and serves it to any peer that asks. Any model
-//! a job on the ledger names can be exported here: from this node's disk,
+//! under [`provider_key`]) and serves it to any peer that asks. A model
+//! some node still holds can be exported here: from this node's disk,
 //! else the job's coordinator, else whichever holders the DHT names. What
 //! each model is comes from the ledger ([`openagi_learning::catalog`]);
-//! `learn.keep_recent_models` bounds what is kept, never a job's final
-//! model.
+//! `learn.keep_recent_models` bounds what every node keeps: a job's final
+//! model and its latest rounds' stay, so older rounds' models eventually
+//! exist nowhere (their cards stay on the ledger).
 //!
 //! Records replayed at boot only rebuild the view of jobs; the node acts
 //! (joins, trains, coordinates) on records that commit while it runs, so a
@@ -65,6 +66,11 @@ use crate::daemon::follower::{LedgerAccess, SubmitError};
 pub const MODEL_CHUNK_BYTES: usize = 512 * 1024;
 /// Models kept in memory (each job needs its current one).
 const MODEL_CACHE: usize = 64;
+/// Longest a holder the DHT named may take to serve one model.
+const HOLDER_FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest all the holders the DHT named may take together: a node
+/// resuming a job waits at most this on strangers.
+const DHT_FETCH_BUDGET: Duration = Duration::from_secs(60);
 /// How often coordinators look at their deadlines.
 const TICK: Duration = Duration::from_millis(200);
 /// How often a secure-aggregation participant asks the coordinator for its
@@ -788,9 +794,23 @@ impl Learner {
                 Vec::new()
             }
         };
+        let providers: Vec<PeerId> = providers
+            .into_iter()
+            .filter(|p| !tried.contains(p))
+            .collect();
         let found = providers.len();
-        for peer in providers.into_iter().filter(|p| !tried.contains(p)) {
-            match self.model_params(model, trainer, Some(peer)).await {
+        // Anyone can announce itself as a holder: each gets a bounded time,
+        // and the DHT's holders all together get DHT_FETCH_BUDGET.
+        let budget_ends = tokio::time::Instant::now() + DHT_FETCH_BUDGET;
+        for peer in providers {
+            let left = budget_ends.saturating_duration_since(tokio::time::Instant::now());
+            let fetched = tokio::time::timeout(
+                left.min(HOLDER_FETCH_TIMEOUT),
+                self.model_params(model, trainer, Some(peer)),
+            )
+            .await
+            .unwrap_or_else(|_| Err(anyhow!("{peer} took too long to serve the model")));
+            match fetched {
                 Ok(params) => {
                     self.metrics
                         .model_fetches
@@ -804,9 +824,9 @@ impl Learner {
             }
         }
         bail!(
-            "model {} is not on this node's disk, and none of the {} nodes asked (the job's, then {found} the DHT named) served it",
+            "model {} is not on this node's disk, and none of the nodes asked ({} the job names, then {found} the DHT named) served it",
             model.to_hex(),
-            tried.len() + found,
+            tried.len(),
         )
     }
 
@@ -1096,9 +1116,6 @@ impl Learner {
                     self.metrics
                         .updates_received
                         .inc_by(u64::from(summary.responded));
-                    self.metrics
-                        .updates_refused
-                        .inc_by(u64::from(summary.rejected));
                     self.metrics.stragglers.inc_by(u64::from(
                         summary.selected.saturating_sub(summary.responded),
                     ));
@@ -1563,8 +1580,14 @@ impl Learner {
                     total,
                     bytes: chunk,
                 } => {
-                    if total != expected || chunk.is_empty() {
+                    if total != expected {
                         bail!("{peer} serves a model of {total} bytes; the job's has {expected}");
+                    }
+                    // Whole chunks only: a holder that trickles a byte at
+                    // a time could hold a fetch for hours.
+                    let want = (expected - bytes.len() as u64).min(MODEL_CHUNK_BYTES as u64);
+                    if chunk.len() as u64 != want {
+                        bail!("{peer} sent {} bytes of a {want}-byte chunk", chunk.len());
                     }
                     bytes.extend_from_slice(&chunk);
                 }
@@ -1625,8 +1648,9 @@ impl Learner {
                     .await
                     .unwrap_or(false)
                 };
-                // On disk, so it outlives a restart: now others may find it.
-                if written {
+                // On disk, so it outlives a restart: now others may find it
+                // (unless a prune took it in the meantime).
+                if written && this.model_path(&id).exists() {
                     let _ = this.net.provide(provider_key(&id)).await;
                 }
             });
@@ -1861,9 +1885,18 @@ impl Learner {
                 let result = self.with_coordinator(&from, &job, |c, sender| {
                     let handled =
                         c.handle_update(sender, round, &payload, samples, crate::unix_ms());
-                    bad_update = handled
-                        .as_ref()
-                        .is_err_and(|e| e.kind() == openagi_learning::ErrorKind::BadUpdate);
+                    // Malformed, oversized or over the clip bound: made
+                    // against the rules. (A non-finite update can come of
+                    // honest training that diverged; a duplicate, of a
+                    // retry.)
+                    bad_update = handled.as_ref().is_err_and(|e| {
+                        matches!(
+                            e,
+                            openagi_learning::Error::Malformed { .. }
+                                | openagi_learning::Error::TooLarge { .. }
+                                | openagi_learning::Error::LengthMismatch { .. }
+                        )
+                    });
                     handled
                 });
                 match result {
