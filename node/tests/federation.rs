@@ -570,7 +570,15 @@ fn a_full_node_lists_a_jobs_models_and_exports_one_from_a_holder_the_dht_names()
         .expect("model")
         .to_string();
 
-    // Every model the job made has a card, on a node that never trained.
+    // Every model the job made has a card, on a node that never trained
+    // (once it has followed the ledger to the job's end).
+    wait_for("the full node sees the end", Duration::from_secs(20), || {
+        jobs(&full)
+            .first()
+            .is_some_and(|j| j["state"] == "finished")
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", full.log()));
     let models = openagi(&[
         "learn",
         "models",
