@@ -76,14 +76,21 @@ fn trainers(
     root: &std::path::Path,
     n: usize,
 ) -> (Vec<std::path::PathBuf>, Vec<Daemon>, Vec<String>) {
+    trainers_with(root, n, |i, boot| trainer_options(i, n, boot))
+}
+
+/// [`trainers`], validator `i` started with `options(i, bootstrap)`.
+fn trainers_with(
+    root: &std::path::Path,
+    n: usize,
+    options: impl Fn(usize, Vec<String>) -> DaemonOptions,
+) -> (Vec<std::path::PathBuf>, Vec<Daemon>, Vec<String>) {
     let dirs = init_validators(root, n).expect("validators");
-    let v0 = Daemon::start(&dirs[0], &trainer_options(0, n, vec![])).expect("v0 starts");
+    let v0 = Daemon::start(&dirs[0], &options(0, vec![])).expect("v0 starts");
     let boot = vec![v0.multiaddr().expect("addr")];
     let mut nodes = vec![v0];
     for (i, dir) in dirs.iter().enumerate().skip(1) {
-        nodes.push(
-            Daemon::start(dir, &trainer_options(i, n, boot.clone())).expect("validator starts"),
-        );
+        nodes.push(Daemon::start(dir, &options(i, boot.clone())).expect("validator starts"));
     }
     wait_for("validator mesh", Duration::from_secs(30), || {
         nodes
@@ -572,12 +579,16 @@ fn a_full_node_lists_a_jobs_models_and_exports_one_from_a_holder_the_dht_names()
 
     // Every model the job made has a card, on a node that never trained
     // (once it has followed the ledger to the job's end).
-    wait_for("the full node sees the end", Duration::from_secs(20), || {
-        jobs(&full)
-            .first()
-            .is_some_and(|j| j["state"] == "finished")
-            .then_some(())
-    })
+    wait_for(
+        "the full node sees the end",
+        Duration::from_secs(20),
+        || {
+            jobs(&full)
+                .first()
+                .is_some_and(|j| j["state"] == "finished")
+                .then_some(())
+        },
+    )
     .unwrap_or_else(|e| panic!("{e}\n{}", full.log()));
     let models = openagi(&[
         "learn",
@@ -712,7 +723,6 @@ fn robust_aggregation_and_norm_checks_withstand_hostile_participants() {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
     let root = tempfile::tempdir().expect("tempdir");
     let n = 5;
-    let dirs = init_validators(root.path(), n).expect("validators");
     let options = |i: usize, boot: Vec<String>| {
         let mut o = trainer_options(i, n, boot);
         let fault = match i {
@@ -725,19 +735,7 @@ fn robust_aggregation_and_norm_checks_withstand_hostile_participants() {
         }
         o
     };
-    let v0 = Daemon::start(&dirs[0], &options(0, vec![])).expect("v0 starts");
-    let boot = vec![v0.multiaddr().expect("addr")];
-    let mut nodes = vec![v0];
-    for (i, dir) in dirs.iter().enumerate().skip(1) {
-        nodes.push(Daemon::start(dir, &options(i, boot.clone())).expect("validator starts"));
-    }
-    wait_for("validator mesh", Duration::from_secs(30), || {
-        nodes
-            .iter()
-            .all(|d| d.connected_peers() == n - 1)
-            .then_some(())
-    })
-    .expect("validators connect");
+    let (dirs, nodes, _) = trainers_with(root.path(), n, options);
 
     let krum = "aggregator = { multi_krum = { f = 1, m = 3 } }\n";
     let robust = |name: &str| named_job(name, krum).replace("aggregator = \"fedavg\"\n", "");

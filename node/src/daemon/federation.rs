@@ -770,22 +770,14 @@ impl Learner {
             return Ok(params);
         }
         let mut tried = HashSet::new();
-        for peer in named {
-            if !tried.insert(peer) {
-                continue;
-            }
-            match self.model_params(model, trainer, Some(peer)).await {
-                Ok(params) => {
-                    self.metrics
-                        .model_fetches
-                        .get_or_create(&SourceLabel { source: "named" })
-                        .inc();
-                    return Ok(params);
-                }
-                Err(e) => {
-                    debug!(%peer, error = format!("{e:#}"), "model not fetched from this node")
-                }
-            }
+        let named: Vec<PeerId> = named.into_iter().filter(|p| tried.insert(*p)).collect();
+        // The job's own nodes are trusted to try for as long as requests
+        // last; no budget beyond that.
+        if let Some(params) = self
+            .fetch_from_holders(model, trainer, named, "named", Duration::MAX)
+            .await
+        {
+            return Ok(params);
         }
         let providers = match self.net.find_providers(provider_key(model)).await {
             Ok(p) => p,
@@ -801,33 +793,55 @@ impl Learner {
         let found = providers.len();
         // Anyone can announce itself as a holder: each gets a bounded time,
         // and the DHT's holders all together get DHT_FETCH_BUDGET.
-        let budget_ends = tokio::time::Instant::now() + DHT_FETCH_BUDGET;
-        for peer in providers {
-            let left = budget_ends.saturating_duration_since(tokio::time::Instant::now());
-            let fetched = tokio::time::timeout(
-                left.min(HOLDER_FETCH_TIMEOUT),
-                self.model_params(model, trainer, Some(peer)),
-            )
+        if let Some(params) = self
+            .fetch_from_holders(model, trainer, providers, "dht", DHT_FETCH_BUDGET)
             .await
-            .unwrap_or_else(|_| Err(anyhow!("{peer} took too long to serve the model")));
-            match fetched {
-                Ok(params) => {
-                    self.metrics
-                        .model_fetches
-                        .get_or_create(&SourceLabel { source: "dht" })
-                        .inc();
-                    return Ok(params);
-                }
-                Err(e) => {
-                    debug!(%peer, error = format!("{e:#}"), "model not fetched from this DHT provider")
-                }
-            }
+        {
+            return Ok(params);
         }
         bail!(
             "model {} is not on this node's disk, and none of the nodes asked ({} the job names, then {found} the DHT named) served it",
             model.to_hex(),
             tried.len(),
         )
+    }
+
+    /// `model` from the first of `holders` that serves it, within
+    /// `budget` for all of them ([`HOLDER_FETCH_TIMEOUT`] each when the
+    /// budget is bounded); counted under `source` in the fetch metric.
+    async fn fetch_from_holders(
+        self: &Arc<Self>,
+        model: &ModelId,
+        trainer: &Trainer,
+        holders: Vec<PeerId>,
+        source: &'static str,
+        budget: Duration,
+    ) -> Option<Arc<Vec<f32>>> {
+        let started = tokio::time::Instant::now();
+        for peer in holders {
+            let fetch = self.model_params(model, trainer, Some(peer));
+            let fetched = if budget == Duration::MAX {
+                fetch.await
+            } else {
+                let left = budget.saturating_sub(started.elapsed());
+                tokio::time::timeout(left.min(HOLDER_FETCH_TIMEOUT), fetch)
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow!("{peer} took too long to serve the model")))
+            };
+            match fetched {
+                Ok(params) => {
+                    self.metrics
+                        .model_fetches
+                        .get_or_create(&SourceLabel { source })
+                        .inc();
+                    return Some(params);
+                }
+                Err(e) => {
+                    debug!(%peer, source, error = format!("{e:#}"), "model not fetched from this holder")
+                }
+            }
+        }
+        None
     }
 
     /// The models on this node's disk (files named by their id).
