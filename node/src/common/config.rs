@@ -912,8 +912,15 @@ const NON_CONFIG_ENV: &[&str] = &[
     crate::common::passphrase::PASSPHRASE_FILE_ENV,
     crate::common::passphrase::NEW_PASSPHRASE_ENV,
     crate::common::passphrase::NEW_PASSPHRASE_FILE_ENV,
-    crate::daemon::federation::FAULT_POISON_ENV,
+    FAULT_POISON_ENV,
 ];
+
+/// Fault injection for the daemon tests, read only by debug builds (the
+/// learning service): `signflip:F[:JOB]` or `scale:F[:JOB]` makes this
+/// node a hostile participant that sends its update times −F (or F),
+/// unclipped, for every job (or the jobs named JOB). A release build
+/// ignores it.
+pub const FAULT_POISON_ENV: &str = "OPENAGI_FAULT_POISON";
 
 /// Settings without a fixed default (absent from [`defaults_table`]), with
 /// a value of their type for parsing environment variables.

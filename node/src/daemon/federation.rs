@@ -57,7 +57,7 @@ use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 use tracing::{debug, info, warn};
 
-use crate::common::config::LearnSection;
+use crate::common::config::{FAULT_POISON_ENV, LearnSection};
 use crate::common::store::Store;
 use crate::daemon::consensus::peer_id_of;
 use crate::daemon::follower::{LedgerAccess, SubmitError};
@@ -1950,12 +1950,6 @@ impl Learner {
         }
     }
 }
-
-/// Fault injection for the daemon tests, read only by debug builds:
-/// `signflip:F[:JOB]` or `scale:F[:JOB]` makes this node a hostile
-/// participant that sends its update times −F (or F), unclipped, for
-/// every job (or the jobs named JOB). A release build ignores it.
-pub const FAULT_POISON_ENV: &str = "OPENAGI_FAULT_POISON";
 
 /// The attack [`FAULT_POISON_ENV`] asks of this node for the job named
 /// `job_name`, in a debug build.
