@@ -913,7 +913,15 @@ const NON_CONFIG_ENV: &[&str] = &[
     crate::common::passphrase::NEW_PASSPHRASE_ENV,
     crate::common::passphrase::NEW_PASSPHRASE_FILE_ENV,
     FAULT_POISON_ENV,
+    FAULT_FLOOD_ENV,
 ];
+
+/// Fault injection for the daemon tests, read only by debug builds: a
+/// number N makes this node a hostile peer that sends N garbage messages a
+/// second, spread over every connected peer and the direct, msg, learn and
+/// ledger protocols (well framed, undecodable inside). A release build
+/// ignores it.
+pub const FAULT_FLOOD_ENV: &str = "OPENAGI_FAULT_FLOOD";
 
 /// Fault injection for the daemon tests, read only by debug builds (the
 /// learning service): `signflip:F[:JOB]` or `scale:F[:JOB]` makes this

@@ -1710,7 +1710,11 @@ impl Learner {
     /// Answers a `/openagi/learn/1` request from `from`.
     pub async fn handle(self: &Arc<Self>, from: PeerId, data: Vec<u8>, reply: MsgReply) {
         let response = match postcard::from_bytes::<LearnRequest>(&data) {
-            Err(e) => LearnResponse::Refused(format!("malformed request: {e}")),
+            Err(e) => {
+                // Framed right, garbage inside: counted against the sender.
+                self.net.penalise(from, "learn", "malformed");
+                LearnResponse::Refused(format!("malformed request: {e}"))
+            }
             // Fetching the model takes network round trips: answered here.
             Ok(LearnRequest::KeepModel { job, model }) => {
                 self.keep_model_for(from, job, model).await

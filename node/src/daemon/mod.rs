@@ -231,6 +231,14 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let (net, mut events, net_task) =
         NetworkService::start(keypair, net_config, metrics.registry_mut())?;
     info!(peer_id = %net.local_peer_id(), network_id = %config.network.network_id, starts, "node identity loaded");
+    if let Some(rate) = flood_rate() {
+        warn!(
+            messages_per_sec = rate,
+            "fault injection ({}): this node floods its peers with garbage",
+            crate::common::config::FAULT_FLOOD_ENV
+        );
+        tokio::spawn(flood(net.clone(), rate));
+    }
     let messenger = msg::Messenger::start(
         &identity,
         store.clone(),
@@ -442,6 +450,11 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
                     };
                     let (server, net) = (ledger_server.clone(), net.clone());
                     tokio::spawn(async move {
+                        // Framed right, garbage inside: counted against
+                        // the sender (the answer says what was wrong).
+                        if openagi_consensus::follow::LedgerRequest::decode(&data).is_err() {
+                            net.penalise(from, "ledger", "malformed");
+                        }
                         let answer = server.answer(from, &data).await;
                         if let Ok(bytes) = answer.encode() {
                             let _ = net.respond_msg(reply, bytes).await;
@@ -515,6 +528,67 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// The flood [`crate::common::config::FAULT_FLOOD_ENV`] asks for, in a
+/// debug build.
+fn flood_rate() -> Option<u32> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    std::env::var(crate::common::config::FAULT_FLOOD_ENV)
+        .ok()?
+        .parse()
+        .ok()
+        .filter(|rate| *rate > 0)
+}
+
+/// A hostile peer, for the daemon tests: `per_sec` well-framed garbage
+/// messages a second over the connected peers and the direct, msg, learn
+/// and ledger protocols. Requests are not awaited in turn, so a slow
+/// answer does not slow the flood; each runs in its own short task.
+async fn flood(net: openagi_net::NetHandle, per_sec: u32) {
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let per_tick = (per_sec / 100).max(1);
+    let mut sent: u64 = 0;
+    loop {
+        tick.tick().await;
+        let peers: Vec<openagi_net::PeerId> = net
+            .snapshot()
+            .peers
+            .keys()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if peers.is_empty() {
+            continue;
+        }
+        for _ in 0..per_tick {
+            sent += 1;
+            let Some(peer) = peers.get((sent as usize) % peers.len()).copied() else {
+                continue;
+            };
+            let garbage = sent.to_le_bytes().repeat(8);
+            let net = net.clone();
+            match sent % 4 {
+                0 => {
+                    let _ = net.send_direct(peer, garbage).await;
+                }
+                1 => {
+                    tokio::spawn(async move { net.msg_request(peer, garbage).await });
+                }
+                2 => {
+                    tokio::spawn(async move { net.learn_request(peer, garbage).await });
+                }
+                _ => {
+                    tokio::spawn(async move { net.ledger_request(peer, garbage).await });
+                }
+            }
+        }
+        if sent.is_multiple_of(u64::from(per_sec).max(1)) {
+            info!(sent, "flood: garbage messages sent");
+        }
     }
 }
 

@@ -457,7 +457,9 @@ impl Messenger {
         let response = match postcard::from_bytes::<MsgRequest>(&data) {
             Ok(request) => self.answer(from, request).await,
             Err(e) => {
+                // Framed right, garbage inside: counted against the sender.
                 debug!(%from, error = %e, "malformed msg request");
+                self.net.penalise(from, "msg", "malformed");
                 MsgResponse::Refused("malformed request".into())
             }
         };
