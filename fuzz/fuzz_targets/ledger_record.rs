@@ -1,0 +1,4 @@
+//! libFuzzer entry for [`openagi_fuzz::ledger_record`].
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| openagi_fuzz::ledger_record(data));
