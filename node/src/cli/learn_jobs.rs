@@ -289,15 +289,12 @@ pub fn models(dir: &DataDir, args: &ModelsArgs) -> Result<()> {
         .as_deref()
         .map(|j| full_job_id(&client, j))
         .transpose()?;
-    let answer = client.get_json("/api/v1/learn/models")?;
-    let models: Vec<serde_json::Value> = answer["models"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|m| job.as_deref().is_none_or(|j| m["job_id"] == j))
-        .filter(|m| !args.final_only || m["final_model"] == true)
-        .collect();
+    let mut path = format!("/api/v1/learn/models?final={}", args.final_only);
+    if let Some(job) = &job {
+        path.push_str(&format!("&job={job}"));
+    }
+    let answer = client.get_json(&path)?;
+    let models: Vec<serde_json::Value> = answer["models"].as_array().cloned().unwrap_or_default();
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&models)?)?;
         return Ok(());

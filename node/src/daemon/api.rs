@@ -1104,10 +1104,47 @@ async fn learn_jobs(State(state): State<Arc<ApiState>>) -> Response {
     }
 }
 
-async fn learn_models(State(state): State<Arc<ApiState>>) -> Response {
-    match state.learner.models() {
-        Ok(models) => Json(serde_json::json!({ "models": models })).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+/// Query of `GET /api/v1/learn/models`.
+#[derive(Debug, Deserialize)]
+pub struct ModelsQuery {
+    /// Only this job's models (its id, 64 hex digits).
+    pub job: Option<String>,
+    /// Only the models jobs finished with.
+    #[serde(default, rename = "final")]
+    pub final_only: bool,
+    /// Most cards (the newest; default and most [`MAX_MODEL_CARDS`]).
+    pub limit: Option<usize>,
+}
+
+/// Most model cards one answer carries.
+pub const MAX_MODEL_CARDS: usize = 1000;
+
+async fn learn_models(
+    State(state): State<Arc<ApiState>>,
+    query: Result<Query<ModelsQuery>, QueryRejection>,
+) -> Response {
+    let query = match query_of(query) {
+        Ok(q) => q,
+        Err(refused) => return refused,
+    };
+    let job = match query
+        .job
+        .as_deref()
+        .map(openagi_learning::federation::JobId::from_hex)
+    {
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        Some(Ok(id)) => Some(id),
+        None => None,
+    };
+    let limit = query.limit.unwrap_or(MAX_MODEL_CARDS).min(MAX_MODEL_CARDS);
+    let learner = state.learner.clone();
+    let listed =
+        tokio::task::spawn_blocking(move || learner.models(job.as_ref(), query.final_only, limit))
+            .await;
+    match listed {
+        Ok(Ok(models)) => Json(serde_json::json!({ "models": models })).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

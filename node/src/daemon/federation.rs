@@ -908,15 +908,33 @@ impl Learner {
 
     /// Every model the ledger describes (jobs in ledger order, each oldest
     /// round first), with whether this node holds it.
-    pub fn models(&self) -> Result<Vec<ModelView>> {
+    ///
+    /// Only `job`'s models when given, only final models with
+    /// `final_only`, and at most `limit` cards: the newest of the
+    /// selection (a node follows up to hundreds of jobs of up to
+    /// [`openagi_learning::participant::HISTORY`] rounds each).
+    pub fn models(
+        &self,
+        job: Option<&JobId>,
+        final_only: bool,
+        limit: usize,
+    ) -> Result<Vec<ModelView>> {
         let held: HashSet<ModelId> = self.held_models().into_iter().collect();
         let s = self.state()?;
-        Ok(s.participant
+        let mut cards: Vec<ModelCard> = s
+            .participant
             .jobs()
+            .filter(|j| job.is_none_or(|id| *id == j.id))
             .flat_map(catalog::cards)
+            .filter(|c| !final_only || c.final_model)
+            .collect();
+        let skip = cards.len().saturating_sub(limit);
+        cards.drain(..skip);
+        Ok(cards
+            .iter()
             .map(|card| {
                 let here = held.contains(&card.model) || s.models.contains_key(&card.model);
-                ModelView::of(&card, here)
+                ModelView::of(card, here)
             })
             .collect())
     }
