@@ -120,9 +120,9 @@ impl Default for RetentionPolicy {
 ///
 /// Per job, a node keeps the model the job stands at (for a finished job,
 /// its final model, kept for good; for a running or interrupted one, the
-/// model its next round or its resumption starts from) and the models of
-/// its `recent_rounds` latest rounds before that. Any other model a job
-/// on the ledger names may go. A model no followed job names is kept: it
+/// model its next round or its resumption starts from) and, while the job
+/// has not finished, the models of its `recent_rounds` latest rounds
+/// before that. Any other model a job on the ledger names may go. A model no followed job names is kept: it
 /// may be a round's model whose end has not committed yet, or belong to a
 /// job this node has not seen.
 pub fn prunable(
@@ -136,14 +136,14 @@ pub fn prunable(
         let models: Vec<ModelId> = cards(job).iter().map(|c| c.model).collect();
         let current = job.current_model();
         kept.insert(current);
-        // The latest rounds that produced a model other than the current.
-        kept.extend(
-            models
-                .iter()
-                .rev()
-                .filter(|m| **m != current)
-                .take(policy.recent_rounds),
-        );
+        // The latest rounds that produced a model other than the current,
+        // while the job runs: a finished job needs only its final model.
+        let recent = if job.state == JobState::Finished {
+            0
+        } else {
+            policy.recent_rounds
+        };
+        kept.extend(models.iter().rev().filter(|m| **m != current).take(recent));
         named.extend(models);
     }
     held.into_iter()
@@ -265,17 +265,23 @@ mod tests {
             g.sort();
             g
         };
+        // Finished: only the final model (and the stranger) stays,
+        // whatever the number of recent rounds.
+        for recent_rounds in [0, 2, 100] {
+            let g = gone(recent_rounds);
+            assert_eq!(g.len(), 5, "{recent_rounds}");
+            assert!(!g.contains(&model(5)) && !g.contains(&stranger));
+        }
+        // Running: the recent rounds stay too.
+        let p = followed(5, |_| true, false);
+        let job = only_job(&p);
+        let mut g = prunable(held.clone(), &[job], RetentionPolicy { recent_rounds: 2 });
+        g.sort();
         let mut expected = vec![job.initial_model, model(1), model(2)];
         expected.sort();
-        assert_eq!(gone(2), expected, "final 5, recent 4 and 3 stay");
-        assert_eq!(
-            gone(0).len(),
-            5,
-            "only the final model and the stranger stay"
-        );
-        assert!(!gone(0).contains(&model(5)));
-        assert!(!gone(0).contains(&stranger));
-        assert!(gone(100).is_empty());
+        assert_eq!(g, expected, "current 5, recent 4 and 3 stay");
+        let all = RetentionPolicy { recent_rounds: 100 };
+        assert!(prunable(held.clone(), &[job], all).is_empty());
     }
 
     #[test]

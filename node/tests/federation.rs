@@ -547,7 +547,7 @@ fn model_files(dir: &std::path::Path) -> Vec<String> {
 /// A full node that never trained lists the job's models from the ledger
 /// and exports the final one while its coordinator is down: the node finds
 /// a participant holding it through the DHT, and checks it against its id.
-/// Holders keep the final model and the latest round's, nothing older.
+/// Holders of the finished job keep its final model, nothing older.
 #[test]
 fn a_full_node_lists_a_jobs_models_and_exports_one_from_a_holder_the_dht_names() {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
@@ -618,7 +618,7 @@ fn a_full_node_lists_a_jobs_models_and_exports_one_from_a_holder_the_dht_names()
         assert_eq!(pair[1]["parent"], pair[0]["model"], "lineage: {cards:#?}");
     }
 
-    // Holders keep the final model and one round besides; older ones go.
+    // Holders of the finished job keep its final model; older ones go.
     let initial = cards[0]["model"].as_str().expect("initial").to_string();
     for dir in &dirs {
         let files = model_files(dir);

@@ -347,9 +347,9 @@ pub struct LearnSection {
     /// Stop training for a job once its training has used this many
     /// seconds of CPU on this node (since it started); 0: no cap.
     pub max_cpu_secs_per_job: u64,
-    /// Models kept on disk per job besides the one it stands at (its
-    /// final model, once finished, is never deleted): those of its latest
-    /// rounds. Older ones are deleted.
+    /// Models kept on disk per running job besides the one it stands at:
+    /// those of its latest rounds. Older ones are deleted; a finished job
+    /// keeps its final model (never deleted) and no other.
     pub keep_recent_models: usize,
 }
 
@@ -1608,9 +1608,10 @@ transport = "{transport}"
 # max_cpu_secs_per_job = 0
 # Models this node trained from or aggregated are kept on disk, served to
 # any node that asks and announced in the DHT. Per job it keeps the model
-# the job stands at (a finished job's final model is never deleted) and
-# those of its latest rounds, this many; older ones are deleted. Models
-# no job on the ledger names are left alone.
+# the job stands at and, while the job runs, those of its latest rounds,
+# this many; older ones are deleted. A finished job keeps its final model,
+# never deleted, and no other. Models no job on the ledger names are left
+# alone.
 # keep_recent_models = {keep_recent_models}
 
 [api]

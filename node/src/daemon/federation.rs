@@ -16,9 +16,10 @@
 //! some node still holds can be exported here: from this node's disk,
 //! else the job's coordinator, else whichever holders the DHT names. What
 //! each model is comes from the ledger ([`openagi_learning::catalog`]);
-//! `learn.keep_recent_models` bounds what every node keeps: a job's final
-//! model and its latest rounds' stay, so older rounds' models eventually
-//! exist nowhere (their cards stay on the ledger).
+//! `learn.keep_recent_models` bounds what every node keeps: a running
+//! job's latest rounds' models and a finished job's final model stay, so
+//! other models eventually exist nowhere (their cards stay on the
+//! ledger).
 //!
 //! Records replayed at boot only rebuild the view of jobs; the node acts
 //! (joins, trains, coordinates) on records that commit while it runs, so a
