@@ -13,7 +13,9 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use openagi_tests::{Daemon, DaemonOptions, init_validators, use_binary, wait_for};
+use openagi_tests::{
+    Daemon, DaemonOptions, Network, init_validators, start_validators, use_binary, wait_for,
+};
 use serde_json::{Value, json};
 
 fn head(d: &Daemon) -> Option<(u64, String)> {
@@ -54,16 +56,11 @@ fn damage(path: &std::path::Path, from: usize, truncate: Option<u64>) {
 fn a_damaged_database_is_refused_by_name_and_recovered_from_peers() {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
     let root = tempfile::tempdir().expect("tempdir");
-    let dirs = init_validators(root.path(), 4).expect("validators");
-    let v0 = Daemon::start(&dirs[0], &DaemonOptions::default()).expect("v0 starts");
-    let boot = DaemonOptions {
-        bootstrap: vec![v0.multiaddr().expect("addr")],
-        ..Default::default()
-    };
-    let mut nodes = vec![v0];
-    for dir in &dirs[1..] {
-        nodes.push(Daemon::start(dir, &boot).expect("validator starts"));
-    }
+    let Network {
+        dirs,
+        mut nodes,
+        boot,
+    } = start_validators(root.path(), 4).expect("validators");
     let mut hashes = Vec::new();
     for i in 0..6 {
         let (code, answer) = nodes[0]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use openagi_tests::{Daemon, DaemonOptions, init_full_node, init_validators, use_binary, wait_for};
+use openagi_tests::{Daemon, DaemonOptions, Network, init_full_node, start_validators, use_binary};
 use serde_json::json;
 
 /// Transactions the client offers a second, spread over the validators:
@@ -37,15 +37,8 @@ fn metric(d: &Daemon, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
+fn rss_mib(d: &Daemon) -> f64 {
+    d.rss_bytes() as f64 / 1_048_576.0
 }
 
 /// Committed transactions per second at `d` over `WINDOW`.
@@ -60,20 +53,7 @@ fn committed_rate(d: &Daemon) -> f64 {
 fn a_flooding_peer_is_refused_banned_and_disconnected_with_memory_flat() {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
     let root = tempfile::tempdir().expect("tempdir");
-    let dirs = init_validators(root.path(), 4).expect("validators");
-    let v0 = Daemon::start(&dirs[0], &DaemonOptions::default()).expect("v0 starts");
-    let boot = DaemonOptions {
-        bootstrap: vec![v0.multiaddr().expect("addr")],
-        ..Default::default()
-    };
-    let mut nodes = vec![v0];
-    for dir in &dirs[1..] {
-        nodes.push(Daemon::start(dir, &boot).expect("validator starts"));
-    }
-    wait_for("validator mesh", Duration::from_secs(30), || {
-        nodes.iter().all(|d| d.connected_peers() >= 3).then_some(())
-    })
-    .expect("validators connect");
+    let Network { nodes, boot, .. } = start_validators(root.path(), 4).expect("validators");
 
     // A steady client load: one client per validator, each offering its
     // share, so one slow answer does not hold the others back.
@@ -110,7 +90,7 @@ fn a_flooding_peer_is_refused_banned_and_disconnected_with_memory_flat() {
     let honest_dir = init_full_node(root.path()).expect("honest node");
     let _honest = Daemon::start(&honest_dir, &boot).expect("honest node starts");
     let baseline = committed_rate(&nodes[0]);
-    let rss_before: Vec<f64> = nodes.iter().map(|d| rss_mib(d.pid())).collect();
+    let rss_before: Vec<f64> = nodes.iter().map(rss_mib).collect();
 
     // The hostile peer joins and floods.
     let hostile_root = tempfile::tempdir().expect("tempdir");
@@ -137,7 +117,7 @@ fn a_flooding_peer_is_refused_banned_and_disconnected_with_memory_flat() {
     }
     let offered = offered.load(Ordering::Relaxed);
 
-    let rss_after: Vec<f64> = nodes.iter().map(|d| rss_mib(d.pid())).collect();
+    let rss_after: Vec<f64> = nodes.iter().map(rss_mib).collect();
     let refused: f64 = nodes
         .iter()
         .map(|d| metric(d, "openagi_p2p_inbound_refused_total"))

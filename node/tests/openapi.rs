@@ -115,18 +115,6 @@ fn the_description_lists_exactly_the_routers_operations() {
     );
 }
 
-/// VmRSS of a process in bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
-}
-
 #[test]
 fn every_operation_needs_the_token_and_generated_requests_get_documented_answers() {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
@@ -172,7 +160,7 @@ fn every_operation_needs_the_token_and_generated_requests_get_documented_answers
         eprintln!("skipped schemathesis: no tests/api/.venv");
         return;
     }
-    let before = rss_bytes(daemon.pid());
+    let before = daemon.rss_bytes();
     assert!(before > 0, "the daemon's memory is readable");
     let report = root.path().join("schemathesis.json");
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/api/schemathesis.toml");
@@ -221,7 +209,7 @@ fn every_operation_needs_the_token_and_generated_requests_get_documented_answers
     // Still serving, and memory did not run away.
     let status = daemon.status().expect("the daemon still answers");
     assert!(status["node"]["peer_id"].is_string());
-    let after = rss_bytes(daemon.pid());
+    let after = daemon.rss_bytes();
     assert!(
         after < before + 256 * 1024 * 1024,
         "RSS grew from {before} to {after} bytes"

@@ -130,6 +130,40 @@ pub fn init_validators(root: &Path, n: usize) -> Result<Vec<PathBuf>> {
     Ok(dirs)
 }
 
+/// A started network of validators: their data directories, the running
+/// daemons (v0 first) and the options that bootstrap a node from v0.
+pub struct Network {
+    /// Data directories, `root/v0`, `root/v1`, ...
+    pub dirs: Vec<PathBuf>,
+    /// The daemons, in the same order.
+    pub nodes: Vec<Daemon>,
+    /// Options naming v0 as the bootstrap peer, for later nodes.
+    pub boot: DaemonOptions,
+}
+
+/// Initialises `n` validators under `root` (see [`init_validators`]),
+/// starts them, the others bootstrapping from v0, and waits until each
+/// is connected to all the others.
+pub fn start_validators(root: &Path, n: usize) -> Result<Network> {
+    let dirs = init_validators(root, n)?;
+    let v0 = Daemon::start(&dirs[0], &DaemonOptions::default())?;
+    let boot = DaemonOptions {
+        bootstrap: vec![v0.multiaddr()?],
+        ..Default::default()
+    };
+    let mut nodes = vec![v0];
+    for dir in &dirs[1..] {
+        nodes.push(Daemon::start(dir, &boot)?);
+    }
+    wait_for("validator mesh", Duration::from_secs(30), || {
+        nodes
+            .iter()
+            .all(|d| d.connected_peers() + 1 >= n)
+            .then_some(())
+    })?;
+    Ok(Network { dirs, nodes, boot })
+}
+
 /// Initialises `root/full`, a node of the network `init_validators`
 /// created under `root` (its genesis, `root/genesis.toml`, does not list
 /// it): a full node.
@@ -390,6 +424,18 @@ impl Daemon {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Resident memory of the process in bytes (`VmRSS`; 0 if unreadable).
+    pub fn rss_bytes(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .map_or(0, |kib| kib * 1024)
     }
 
     /// Sends `signal` to the process.
