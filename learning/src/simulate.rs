@@ -848,6 +848,23 @@ mod tests {
     /// 5 clients, 3 rounds of FedAvg with logistic regression on the
     /// digits: the test accuracy clears 85% (seeds 0–9 all land between
     /// 0.919 and 0.931).
+    /// Runs `config` to its end: the summary and every round's record.
+    fn run_all(
+        config: SimulationConfig,
+        train: &Dataset,
+        test: &Dataset,
+    ) -> (Summary, Vec<RoundRecord>) {
+        let mut sim = Simulation::new(config, Compute::Cpu, train, test).expect("sim");
+        let mut records = Vec::new();
+        let summary = sim
+            .run(|r| {
+                records.push(r.clone());
+                ControlFlow::Continue(())
+            })
+            .expect("run");
+        (summary, records)
+    }
+
     #[test]
     fn short_fedavg_run_learns_digits() {
         let (train, test) = digits_split();
@@ -1073,17 +1090,7 @@ mod tests {
     #[test]
     fn secure_aggregation_sums_what_fedavg_sums() {
         let (train, test) = digits_split();
-        let run = |config: SimulationConfig| {
-            let mut sim = Simulation::new(config, Compute::Cpu, &train, &test).expect("sim");
-            let mut records = Vec::new();
-            let summary = sim
-                .run(|r| {
-                    records.push(r.clone());
-                    ControlFlow::Continue(())
-                })
-                .expect("run");
-            (summary, records)
-        };
+        let run = |config: SimulationConfig| run_all(config, &train, &test);
         let secure = SecAggSpec {
             neighbours: 4,
             threshold: None,

@@ -775,7 +775,7 @@ impl Learner {
         // The job's own nodes are trusted to try for as long as requests
         // last; no budget beyond that.
         if let Some(params) = self
-            .fetch_from_holders(model, trainer, named, "named", Duration::MAX)
+            .fetch_from_holders(model, trainer, named, "named", None)
             .await
         {
             return Ok(params);
@@ -795,7 +795,7 @@ impl Learner {
         // Anyone can announce itself as a holder: each gets a bounded time,
         // and the DHT's holders all together get DHT_FETCH_BUDGET.
         if let Some(params) = self
-            .fetch_from_holders(model, trainer, providers, "dht", DHT_FETCH_BUDGET)
+            .fetch_from_holders(model, trainer, providers, "dht", Some(DHT_FETCH_BUDGET))
             .await
         {
             return Ok(params);
@@ -808,26 +808,28 @@ impl Learner {
     }
 
     /// `model` from the first of `holders` that serves it, within
-    /// `budget` for all of them ([`HOLDER_FETCH_TIMEOUT`] each when the
-    /// budget is bounded); counted under `source` in the fetch metric.
+    /// `budget` for all of them ([`HOLDER_FETCH_TIMEOUT`] each when there
+    /// is one; `None`: as long as requests last); counted under `source`
+    /// in the fetch metric.
     async fn fetch_from_holders(
         self: &Arc<Self>,
         model: &ModelId,
         trainer: &Trainer,
         holders: Vec<PeerId>,
         source: &'static str,
-        budget: Duration,
+        budget: Option<Duration>,
     ) -> Option<Arc<Vec<f32>>> {
         let started = tokio::time::Instant::now();
         for peer in holders {
             let fetch = self.model_params(model, trainer, Some(peer));
-            let fetched = if budget == Duration::MAX {
-                fetch.await
-            } else {
-                let left = budget.saturating_sub(started.elapsed());
-                tokio::time::timeout(left.min(HOLDER_FETCH_TIMEOUT), fetch)
-                    .await
-                    .unwrap_or_else(|_| Err(anyhow!("{peer} took too long to serve the model")))
+            let fetched = match budget {
+                None => fetch.await,
+                Some(budget) => {
+                    let left = budget.saturating_sub(started.elapsed());
+                    tokio::time::timeout(left.min(HOLDER_FETCH_TIMEOUT), fetch)
+                        .await
+                        .unwrap_or_else(|_| Err(anyhow!("{peer} took too long to serve the model")))
+                }
             };
             match fetched {
                 Ok(params) => {
