@@ -69,6 +69,8 @@
 //! - [`evidence`]: equivocation evidence anyone with the validator set can
 //!   verify.
 //! - [`messages`]: the signed wire messages.
+//! - [`rotation`]: the leader schedule that skips recently failed
+//!   primaries, computed from committed blocks.
 //! - [`replica`]: the state machine, its configuration, outputs, persisted
 //!   state and drop counters.
 //! - [`signing`]: the signing and checking seam (strict Ed25519 for nodes,
@@ -80,6 +82,7 @@ pub mod follow;
 pub mod ledger;
 pub mod messages;
 pub mod replica;
+pub mod rotation;
 pub mod signing;
 pub mod types;
 
@@ -89,6 +92,7 @@ pub use replica::{
     Config, DropReason, Output, PersistRecord, PersistedState, Recipient, RecoveryBound,
     RecoveryStatus, Replica, Stats,
 };
+pub use rotation::{PrimaryChoice, Schedule};
 pub use signing::{Crypto, IdentitySigner, Signer, StrictCrypto};
 pub use types::{
     Batch, Block, ClientId, CommitCertificate, NetworkId, Transaction, ValidatorSet, verify_chain,

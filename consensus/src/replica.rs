@@ -40,6 +40,7 @@ use crate::messages::{
     BlocksReply, Checkpoint, CheckpointProof, Commit, FetchBlocks, Forward, Message, NewView,
     PrePrepare, Prepare, PreparedProof, Status, ViewChange,
 };
+use crate::rotation::{PrimaryChoice, Reputation, Schedule};
 use crate::signing::{IdentitySigner, Signer};
 use crate::types::{
     Batch, BatchHeader, Block, ClientId, CommitCertificate, NetworkId, Transaction, ValidatorSet,
@@ -370,6 +371,10 @@ pub enum PersistRecord {
     },
     /// Recovery from lost state finished.
     Recovered,
+    /// The stable checkpoint whose leader schedule (see
+    /// [`crate::rotation`]) chooses the primary of the view this replica
+    /// is in.
+    ScheduleBasis(u64),
 }
 
 /// What a replica recovering from lost state may have voted for before:
@@ -429,6 +434,8 @@ pub struct PersistedState {
     pub blocks: Vec<(Block, CommitCertificate)>,
     /// `Some` while recovering from lost state: the vote bound, if known.
     pub recovering: Option<Option<RecoveryBound>>,
+    /// Basis of the current view's leader schedule.
+    pub schedule_basis: u64,
 }
 
 impl PersistedState {
@@ -458,6 +465,7 @@ impl PersistedState {
             }
             PersistRecord::Recovering { bound } => self.recovering = Some(*bound),
             PersistRecord::Recovered => self.recovering = None,
+            PersistRecord::ScheduleBasis(basis) => self.schedule_basis = *basis,
         }
     }
 }
@@ -591,6 +599,13 @@ pub struct Replica<S: Signer = IdentitySigner> {
     outputs: VecDeque<Output>,
     stats: Stats,
     recovery: Option<Recovery>,
+    /// Failures as primary, from executed blocks.
+    reputation: Reputation,
+    /// The leader schedule of the current view, fixed when the view was
+    /// entered, and the stable checkpoint it was meant to be taken at (it
+    /// is older while this replica has not executed that far).
+    schedule: Schedule,
+    schedule_basis: u64,
 }
 
 impl<S: Signer> std::fmt::Debug for Replica<S> {
@@ -626,6 +641,7 @@ impl<S: Signer> Replica<S> {
         let network = validators.network();
         let n = validators.n();
         let ledger = Ledger::keeping(network, cfg.blocks_in_memory);
+        let cfg_interval = cfg.checkpoint_interval;
         Ok(Replica {
             next_retransmit: now.saturating_add(cfg.retransmit_interval_ms),
             next_status: now,
@@ -669,6 +685,9 @@ impl<S: Signer> Replica<S> {
             outputs: VecDeque::new(),
             stats: Stats::default(),
             recovery: None,
+            reputation: Reputation::new(n, cfg_interval),
+            schedule: Schedule::genesis(n),
+            schedule_basis: 0,
             validators,
             signer,
         })
@@ -689,6 +708,7 @@ impl<S: Signer> Replica<S> {
         now: u64,
     ) -> Result<Self, Error> {
         let mut replica = Replica::new(cfg, validators, signer, now)?;
+        replica.schedule_basis = state.schedule_basis;
         for (block, cert) in state.blocks {
             let head = replica.ledger.head();
             if block.height != head.height.saturating_add(1) || block.prev_hash != head.hash {
@@ -697,6 +717,7 @@ impl<S: Signer> Replica<S> {
                     reason: "persisted chain does not link".into(),
                 });
             }
+            replica.note_executed(&block);
             replica.ledger.append(block, cert);
         }
         if let Some(stable) = state.stable {
@@ -866,7 +887,25 @@ impl<S: Signer> Replica<S> {
 
     /// Whether this replica is the primary of its current view.
     pub fn is_primary(&self) -> bool {
-        self.validators.primary(self.view) == self.me
+        self.primary_of(self.view) == self.me
+    }
+
+    /// The leader schedule of the current view, with the checkpoint it
+    /// was taken at.
+    pub fn leader_schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// The leader schedule a view entered now would follow: the one at
+    /// this replica's stable checkpoint.
+    pub fn upcoming_schedule(&self) -> &Schedule {
+        self.reputation.at(self.stable.seq)
+    }
+
+    /// The primary of the current view and why it was chosen (plain
+    /// rotation, or rotation that skipped recently failed primaries).
+    pub fn primary_choice(&self) -> PrimaryChoice {
+        self.schedule.choice(self.view)
     }
 
     /// This replica's index in the validator set.
@@ -1097,8 +1136,39 @@ impl<S: Signer> Replica<S> {
         self.validators.quorum()
     }
 
+    /// The primary of `view` as this replica sees it: the current view's
+    /// schedule for it (and older views); for a later view, the schedule
+    /// it would take on entering it, the one at its stable checkpoint.
     fn primary_of(&self, view: u64) -> usize {
-        self.validators.primary(view)
+        if view <= self.view {
+            self.schedule.primary(view)
+        } else {
+            self.reputation.at(self.stable.seq).primary(view)
+        }
+    }
+
+    /// Folds an executed block into the reputation, and takes up a
+    /// schedule that was waiting for this block's checkpoint.
+    fn note_executed(&mut self, block: &Block) {
+        let Some(taken) = self.reputation.record(block) else {
+            return;
+        };
+        if taken.height <= self.schedule_basis && taken.height > self.schedule.height {
+            self.schedule = taken.clone();
+        }
+    }
+
+    /// Fixes the schedule of a view being entered: the one at this
+    /// replica's stable checkpoint. Correct replicas entering a view
+    /// change have stopped committing and exchange checkpoints, so they
+    /// mostly hold the same stable checkpoint; one that lags picks another
+    /// primary for this view only (its votes are missing, the view
+    /// changes), and has caught up by the next. Persisted with the view,
+    /// so a restarted replica picks the same primary.
+    fn enter_schedule(&mut self) {
+        self.schedule = self.reputation.at(self.stable.seq).clone();
+        self.schedule_basis = self.stable.seq;
+        self.persist(PersistRecord::ScheduleBasis(self.schedule_basis));
     }
 
     fn high_watermark(&self) -> u64 {
@@ -1820,6 +1890,7 @@ impl<S: Signer> Replica<S> {
             certificate: cert.clone(),
         });
         let keys: HashSet<(ClientId, u64)> = block.txs.iter().map(Transaction::key).collect();
+        self.note_executed(&block);
         let applied = self.ledger.append(block.clone(), cert.clone());
         self.forget_pending(&keys);
         if fetched {
@@ -1975,6 +2046,7 @@ impl<S: Signer> Replica<S> {
         self.changing = true;
         self.new_view = None;
         self.stats.view_changes_started += 1;
+        self.enter_schedule();
         self.persist(PersistRecord::View {
             view: target,
             changing: true,
@@ -2061,8 +2133,13 @@ impl<S: Signer> Replica<S> {
             return bad("pre-prepare from a non-member");
         };
         let pp = self.signer.open(&proof.pre_prepare)?;
-        if pp.network != self.network || from != self.primary_of(pp.view) {
-            return bad("pre-prepare not from that view's primary");
+        // Any member's pre-prepare is taken: which validator led an older
+        // view depends on the schedule each replica used then, which may
+        // not be this replica's now. Safety rests on the count: the
+        // pre-prepare and the prepares come from `2f + 1` distinct members,
+        // and an honest member signs one digest per view and number.
+        if pp.network != self.network {
+            return bad("pre-prepare for another network");
         }
         if pp.view >= new_view {
             return bad("prepared in a view not below the new view");
@@ -2084,7 +2161,7 @@ impl<S: Signer> Replica<S> {
                 return bad("prepare from a non-member");
             };
             if index == from {
-                return bad("prepare from the primary");
+                return bad("prepare from the pre-prepare's signer");
             }
             let p = self.signer.open(signed)?;
             if p.network != self.network
@@ -2356,6 +2433,11 @@ impl<S: Signer> Replica<S> {
         }
         match self.validate_new_view(&nv) {
             Ok((checkpoint, entries)) => {
+                if nv.view > self.view {
+                    // Pulled straight into this view: its primary was
+                    // checked against the schedule at the stable checkpoint.
+                    self.enter_schedule();
+                }
                 self.view = nv.view;
                 self.persist(PersistRecord::View {
                     view: nv.view,

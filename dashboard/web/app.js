@@ -165,6 +165,9 @@ function renderConsensus(doc) {
   }
   const facts = [
     ["primary", `${c.primary_index + 1} (${c.primary})`],
+    ["chosen by", (c.skipped_validators || []).length
+      ? `rotation skipping ${c.skipped_validators.map((i) => i + 1).join(", ")} (recent failures as primary, checkpoint ${c.schedule_checkpoint})`
+      : "rotation"],
     ["this validator", `${c.validator_index + 1} of ${c.validators} (tolerates f = ${c.f})`],
     ["height", c.height], ["head", c.head_hash], ["view", c.view],
     ["stable checkpoint", c.stable_checkpoint], ["waiting transactions", c.pending],

@@ -1,6 +1,6 @@
 //! Four real validator daemons on loopback: transactions commit, ledgers
 //! agree and verify, a killed backup catches up, a stopped primary is
-//! replaced and rejoins.
+//! replaced and rejoins, and a crashed validator is skipped as primary.
 
 use std::time::Duration;
 
@@ -345,4 +345,132 @@ fn one_of_two_validators_stopped_before_the_first_block_rejoins() {
 #[test]
 fn two_of_four_validators_stopped_before_the_first_block_rejoin() {
     restart_before_the_first_block(4, 2);
+}
+
+#[test]
+fn a_crashed_validator_is_skipped_as_primary_once_the_ledger_shows_its_failure() {
+    // Checkpoints every 2 blocks, so a leader schedule is taken soon after
+    // the failure reaches the ledger.
+    const ENV: [(&str, &str); 2] = [
+        ("OPENAGI_CONSENSUS_CHECKPOINT_INTERVAL", "2"),
+        ("OPENAGI_CONSENSUS_WINDOW", "4"),
+    ];
+    let mut net = start_network_with(4, &ENV);
+    net.submit(0, "warm up");
+    let first = net.primary_index();
+    // The validator plain rotation makes the next primary crashes.
+    let crashed = (first + 1) % 4;
+    net.nodes[crashed]
+        .as_mut()
+        .expect("running")
+        .kill_hard()
+        .expect("kill");
+    net.nodes[crashed] = None;
+    let via = (first + 2) % 4;
+    let consensus =
+        |net: &Network, i: usize| net.node(i).status().expect("status")["consensus"].clone();
+    let enqueue = |net: &Network, i: usize, text: &str| {
+        let (code, body) = net
+            .node(i)
+            .post("/api/v1/tx", &json!({ "payload": text }))
+            .expect("answers");
+        assert!(code == 200 || code == 202, "{body}");
+    };
+
+    // Freeze the primary until the others give up on it, then let it go:
+    // the next view's primary is the crashed validator, so that view
+    // fails too and the one after leads.
+    net.node(first).signal(Signal::SIGSTOP).expect("stop");
+    enqueue(&net, via, "while the primary is frozen");
+    wait_for("a view change starts", Duration::from_secs(30), || {
+        (consensus(&net, via)["view"].as_u64() >= Some(1)).then_some(())
+    })
+    .expect("view change");
+    net.node(first).signal(Signal::SIGCONT).expect("cont");
+    let failed_view = wait_for(
+        "a view led by a live validator",
+        Duration::from_secs(60),
+        || {
+            let c = consensus(&net, via);
+            (c["changing_view"] == false && c["view"].as_u64() >= Some(2))
+                .then(|| c["view"].clone())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", net.node(via).log()));
+    // Blocks proposed in this view put the failure on the ledger; the
+    // next checkpoint's schedule skips the crashed validator.
+    for i in 0..6 {
+        net.submit(via, &format!("after view {failed_view} {i}"));
+    }
+    wait_for(
+        "every node's next schedule skips it",
+        Duration::from_secs(30),
+        || {
+            (0..4)
+                .filter(|i| *i != crashed)
+                .all(|i| consensus(&net, i)["next_skipped_validators"] == json!([crashed]))
+                .then_some(())
+        },
+    )
+    .expect("the schedule shows the failure");
+
+    // Another view change: its primary comes from the rotation that skips
+    // the crashed validator, and status says so.
+    let frozen = net.primary_index();
+    let via = (0..4)
+        .find(|i| *i != crashed && *i != frozen)
+        .expect("a live backup");
+    let view_before = consensus(&net, via)["view"].as_u64().expect("view");
+    net.node(frozen).signal(Signal::SIGSTOP).expect("stop");
+    enqueue(&net, via, "while the second primary is frozen");
+    wait_for(
+        "the second view change starts",
+        Duration::from_secs(30),
+        || (consensus(&net, via)["view"].as_u64() > Some(view_before)).then_some(()),
+    )
+    .expect("view change");
+    // With one validator down, the view change needs the frozen one back.
+    net.node(frozen).signal(Signal::SIGCONT).expect("cont");
+    let c = wait_for(
+        "a new view without the crashed primary",
+        Duration::from_secs(60),
+        || {
+            let c = consensus(&net, via);
+            (c["changing_view"] == false && c["primary_index"].as_u64() != Some(frozen as u64))
+                .then_some(c)
+        },
+    )
+    .unwrap_or_else(|e| {
+        let views: Vec<String> = (0..4)
+            .filter(|i| *i != crashed)
+            .map(|i| {
+                let c = consensus(&net, i);
+                format!(
+                    "v{i}: view {} changing {} primary {} skipped {} next {} stable {} height {} schedule {}",
+                    c["view"], c["changing_view"], c["primary_index"], c["skipped_validators"],
+                    c["next_skipped_validators"], c["stable_checkpoint"], c["height"], c["schedule_checkpoint"]
+                )
+            })
+            .collect();
+        panic!("{e}\n{}", views.join("\n"))
+    });
+    assert_eq!(c["primary_reason"], "skipped", "{c}");
+    assert_eq!(c["skipped_validators"], json!([crashed]), "{c}");
+    assert_ne!(c["primary_index"].as_u64(), Some(crashed as u64), "{c}");
+    let (exit, status_text, stderr) =
+        openagi(&["status", "--data-dir", &net.dirs[via].to_string_lossy()]).expect("status runs");
+    assert!(exit.success(), "{stderr}");
+    assert!(
+        status_text.contains(&format!("rotation skipping {}", crashed + 1)),
+        "{status_text}"
+    );
+    net.submit(via, "after the second view change");
+    let top = net.node(via).height();
+    wait_for(
+        "the thawed primary catches up",
+        Duration::from_secs(60),
+        || (net.node(frozen).height() >= top).then_some(()),
+    )
+    .expect("catch-up");
+    net.assert_ledgers_agree(top);
 }

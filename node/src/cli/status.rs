@@ -68,6 +68,25 @@ pub fn render(status: &Value) -> String {
             text(&consensus["validators"]),
             text(&consensus["epoch"])
         ));
+        if let Some(primary) = consensus["primary_index"].as_u64() {
+            let skipped: Vec<String> = consensus["skipped_validators"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.as_u64())
+                .map(|i| (i + 1).to_string())
+                .collect();
+            let why = if skipped.is_empty() {
+                "rotation".to_string()
+            } else {
+                format!("rotation skipping {}", skipped.join(", "))
+            };
+            out.push_str(&format!(
+                "primary      validator {} of view {} ({why})\n",
+                primary + 1,
+                text(&consensus["view"])
+            ));
+        }
     }
     let tor = &status["tor"];
     if tor.is_object() {
@@ -103,7 +122,8 @@ mod tests {
             "node": {"peer_id": "12D3KooWabc", "version": "0.1.0", "uptime_secs": 5, "api_addr": "127.0.0.1:1"},
             "network": {"network_id": "devnet", "transport": "direct", "listen_addrs": ["/ip4/127.0.0.1/tcp/1"],
                         "connected_peers": 1, "peers": ["12D3KooWdef"], "gossip_received": 3},
-            "consensus": {"role": "full", "validators": 4, "epoch": 0},
+            "consensus": {"role": "validator", "validators": 4, "epoch": 0, "view": 5,
+                          "primary_index": 2, "skipped_validators": [1]},
             "ledger": {"height": 12, "head_hash": "ab"},
             "tor": {"mode": "tor", "bootstrapped": false, "bootstrap_percent": 40, "bootstrap_summary": "loading",
                     "onion_address": "abc.onion", "onion_service": "bootstrapping", "last_error": null}
@@ -115,7 +135,8 @@ mod tests {
             "/ip4/127.0.0.1/tcp/1",
             "12D3KooWdef",
             "gossip rx    3",
-            "ledger       height 12 (full, 4 validators, epoch 0)",
+            "ledger       height 12 (validator, 4 validators, epoch 0)",
+            "primary      validator 3 of view 5 (rotation skipping 2)",
             "tor          tor bootstrapping 40% (loading)",
             "abc.onion (service bootstrapping)",
         ] {

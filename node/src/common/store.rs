@@ -927,6 +927,14 @@ impl Store {
                     PersistRecord::Recovered => {
                         meta.remove("recovering").map_err(engine)?;
                     }
+                    PersistRecord::ScheduleBasis(basis) => {
+                        // A new key, no migration: a store without it was
+                        // written before leader schedules existed, when
+                        // every view followed plain rotation, which is
+                        // what basis 0 (genesis) gives.
+                        meta.insert("schedule_basis", encode(basis)?.as_slice())
+                            .map_err(engine)?;
+                    }
                     PersistRecord::StableCheckpoint(proof) => {
                         meta.insert("stable", encode(proof)?.as_slice())
                             .map_err(engine)?;
@@ -955,6 +963,9 @@ impl Store {
         }
         if let Some(v) = meta.get("recovering").map_err(engine)? {
             state.recovering = Some(decode("pbft_meta", "recovering", v.value())?);
+        }
+        if let Some(v) = meta.get("schedule_basis").map_err(engine)? {
+            state.schedule_basis = decode("pbft_meta", "schedule_basis", v.value())?;
         }
         for row in txn
             .open_table(PBFT_VOTES)
@@ -1491,6 +1502,29 @@ mod tests {
             .create_with_backend(disk.clone())
             .expect("database");
         Store::prepare(db, created, false).expect("store").0
+    }
+
+    #[test]
+    fn the_view_and_its_leader_schedule_basis_survive_a_power_cut() {
+        let disk = PowerCutDisk::default();
+        let store = open_on(&disk);
+        assert_eq!(store.load_consensus().expect("load").schedule_basis, 0);
+        store
+            .persist_consensus(&[
+                PersistRecord::ScheduleBasis(48),
+                PersistRecord::View {
+                    view: 7,
+                    changing: true,
+                },
+            ])
+            .expect("persisted");
+        disk.cut();
+        std::mem::forget(store);
+        let state = open_on(&disk).load_consensus().expect("load");
+        assert_eq!(
+            (state.view, state.changing, state.schedule_basis),
+            (7, true, 48)
+        );
     }
 
     #[test]

@@ -95,7 +95,7 @@ pub struct StatusDocument {
 #[serde(untagged)]
 pub enum ConsensusSection {
     /// This node votes.
-    Validator(ConsensusStatus),
+    Validator(Box<ConsensusStatus>),
     /// This node follows the ledger without voting.
     Full(crate::daemon::follower::FollowerStatus),
 }
@@ -144,7 +144,7 @@ impl ApiState {
     pub fn status(&self) -> StatusDocument {
         let snapshot = self.net.snapshot();
         let consensus = match (&self.consensus, &self.follower) {
-            (Some(c), _) => Some(ConsensusSection::Validator(c.status())),
+            (Some(c), _) => Some(ConsensusSection::Validator(Box::new(c.status()))),
             (None, Some(f)) => Some(ConsensusSection::Full(f.status())),
             (None, None) => None,
         };

@@ -103,6 +103,19 @@ pub struct ConsensusStatus {
     pub primary_index: usize,
     /// Peer id of that primary.
     pub primary: String,
+    /// Why that validator leads: `rotation` (view mod n) or `skipped`
+    /// (the rotation skips validators that recently failed as primary,
+    /// as the ledger shows; see `openagi_consensus::rotation`).
+    pub primary_reason: &'static str,
+    /// Replica indices the current view's rotation skips.
+    pub skipped_validators: Vec<usize>,
+    /// The checkpoint height the current view's leader schedule was
+    /// taken at.
+    pub schedule_checkpoint: u64,
+    /// Replica indices the next view's rotation would skip (the schedule
+    /// at the stable checkpoint), so a failure shows before the next view
+    /// change.
+    pub next_skipped_validators: Vec<usize>,
     /// This node's replica index.
     pub validator_index: usize,
     /// Number of validators.
@@ -1377,7 +1390,8 @@ impl Driver {
         self.metrics.silent.set(silent as i64);
         let validators = self.replica.validators();
         let view = self.replica.view();
-        let primary_index = validators.primary(view);
+        let choice = self.replica.primary_choice();
+        let primary_index = choice.index;
         let head = self.replica.ledger().head();
         self.metrics.view.set(view as i64);
         self.metrics.pending.set(self.replica.pending_len() as i64);
@@ -1395,6 +1409,10 @@ impl Driver {
                 .flatten()
                 .map(|p| p.to_string())
                 .unwrap_or_default(),
+            primary_reason: choice.reason(),
+            skipped_validators: choice.skipped.clone(),
+            schedule_checkpoint: self.replica.leader_schedule().height,
+            next_skipped_validators: self.replica.upcoming_schedule().excluded().to_vec(),
             validator_index: self.me,
             validators: validators.n(),
             f: validators.f(),

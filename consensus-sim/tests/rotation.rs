@@ -1,0 +1,132 @@
+//! Leader rotation that skips failed primaries, in simulation: a crashed
+//! validator stops costing view changes once the ledger shows its failure,
+//! replicas agree on who leads, and a restarted replica picks the same
+//! primaries.
+
+use std::collections::BTreeMap;
+
+use openagi_consensus_sim::{Action, Sim, SimConfig};
+
+/// Runs `n` validators with `crashed` down from the start; every
+/// `interval_ms` the primary in office is paused for `pause_ms`, forcing
+/// a view change. Returns the simulation and the primary of every view the
+/// correct replicas entered, as they saw it.
+fn run_with_forced_view_changes(
+    seed: u64,
+    n: usize,
+    crashed: &[usize],
+    changes: u64,
+    restart: Option<u64>,
+) -> (Sim, BTreeMap<u64, usize>) {
+    let interval_ms = 6_000;
+    let pause_ms = 2_500;
+    let mut sim = Sim::new(SimConfig::new(seed, n));
+    for &id in crashed {
+        sim.schedule(0, Action::Crash(id));
+    }
+    let mut leaders: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut next_pause = 1_000;
+    let mut paused = 0;
+    let end = 1_000 + changes * interval_ms + 10_000;
+    let mut now = 0;
+    while now < end {
+        now += 50;
+        sim.run_until(now).expect("no violation");
+        for id in sim.correct_nodes() {
+            let Some(replica) = sim.replica(id) else {
+                continue;
+            };
+            // Views being changed to count too: a view whose primary is
+            // down is never installed, and is what the schedule saves.
+            let choice = replica.primary_choice();
+            let seen = *leaders.entry(replica.view()).or_insert(choice.index);
+            assert_eq!(
+                seen,
+                choice.index,
+                "replicas disagree on the primary of view {}",
+                replica.view()
+            );
+        }
+        if now >= next_pause && paused < changes {
+            // Pause whoever leads now, as a correct replica sees it.
+            let leader = sim
+                .correct_nodes()
+                .into_iter()
+                .filter_map(|id| sim.replica(id))
+                .find(|r| !r.is_changing_view())
+                .map(|r| r.primary_choice().index);
+            if let Some(leader) = leader.filter(|l| !crashed.contains(l)) {
+                sim.schedule(now, Action::Pause(leader));
+                sim.schedule(now + pause_ms, Action::Resume(leader));
+                if restart == Some(paused) {
+                    // Also restart another validator from its disk
+                    // mid-run: it must come back with the same schedule.
+                    let other = (0..n)
+                        .find(|i| *i != leader && !crashed.contains(i))
+                        .expect("a third validator");
+                    sim.schedule(now + 100, Action::Crash(other));
+                    sim.schedule(now + 300, Action::Restart(other));
+                }
+                paused += 1;
+            }
+            next_pause = now + interval_ms;
+        }
+    }
+    (sim, leaders)
+}
+
+#[test]
+fn a_crashed_validator_leads_no_view_once_the_ledger_shows_its_failure() {
+    for seed in 0..3 {
+        let (sim, leaders) = run_with_forced_view_changes(seed, 4, &[1], 8, None);
+        sim.check_agreement().expect("agreement");
+        sim.check_liveness(40).expect("liveness");
+        let led_by_crashed: Vec<u64> = leaders
+            .iter()
+            .filter(|(_, leader)| **leader == 1)
+            .map(|(view, _)| *view)
+            .collect();
+        // Plain rotation would hand validator 1 every fourth view; with
+        // the schedule it leads the first view that shows it is down and
+        // is skipped from then on (the exclusion lasts ten minutes of
+        // block time, longer than this run).
+        assert!(
+            led_by_crashed.len() <= 1,
+            "seed {seed}: views led by the crashed validator: {led_by_crashed:?} of {leaders:?}"
+        );
+        assert!(
+            leaders.len() >= 9,
+            "seed {seed}: the forced view changes happened: {leaders:?}"
+        );
+        let plain_rotation_hits = leaders.keys().filter(|view| *view % 4 == 1).count();
+        assert!(
+            plain_rotation_hits >= 2,
+            "seed {seed}: the run is long enough for plain rotation to reach validator 1 again"
+        );
+        let last = sim
+            .correct_nodes()
+            .into_iter()
+            .filter_map(|id| sim.replica(id))
+            .map(|r| r.primary_choice())
+            .next()
+            .expect("a correct replica");
+        assert_eq!(last.skipped, vec![1], "seed {seed}");
+    }
+}
+
+#[test]
+fn two_crashed_of_seven_are_both_skipped_and_a_restarted_replica_agrees() {
+    let (sim, leaders) = run_with_forced_view_changes(7, 7, &[2, 3], 10, Some(4));
+    sim.check_agreement().expect("agreement");
+    sim.check_liveness(40).expect("liveness");
+    let led_by_crashed = leaders.values().filter(|l| [2, 3].contains(*l)).count();
+    assert!(
+        led_by_crashed <= 2,
+        "each crashed validator leads at most its first view: {leaders:?}"
+    );
+    for id in sim.correct_nodes() {
+        if let Some(replica) = sim.replica(id) {
+            assert_eq!(replica.primary_choice().skipped, vec![2, 3], "replica {id}");
+        }
+    }
+}
