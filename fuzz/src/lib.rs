@@ -16,6 +16,8 @@
 use openagi_crypto::Identity;
 use openagi_crypto::seal::X25519Secret;
 
+pub mod replica;
+
 /// A target: its name (the folder of its corpus) and the function.
 pub type Target = (&'static str, fn(&[u8]));
 
@@ -38,7 +40,14 @@ pub const TARGETS: &[Target] = &[
     ("genesis", genesis),
     ("invite", invite),
     ("api_tx_body", api_tx_body),
+    ("pbft_replica", pbft_replica),
 ];
+
+/// Sequences of events, with validly signed messages from any validator,
+/// fed to one PBFT replica: see [`replica`].
+pub fn pbft_replica(data: &[u8]) {
+    replica::run_replica_events(data);
+}
 
 /// Largest consensus message the node reads (its direct-stream limit).
 const MAX_MESSAGE: usize = openagi_net::MAX_DIRECT_BYTES;

@@ -118,6 +118,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
         ],
         "invite" => Vec::new(),
         "api_tx_body" => vec![br#"{"payload": "hello", "wait": true}"#.to_vec()],
+        "pbft_replica" => vec![openagi_fuzz::replica::committing_seed()],
         _ => Vec::new(),
     }
 }
@@ -187,6 +188,16 @@ fn every_target_survives_its_corpus_regressions_and_mutations() {
             target(&mutate(&mut rng, &seeds));
         }
     }
+}
+
+#[test]
+fn the_replica_target_reaches_commits_and_checkpoints_from_its_seed() {
+    // A structure-aware target that never got past the first checks would
+    // test little: its seed must commit blocks and move the checkpoint.
+    let reached =
+        openagi_fuzz::replica::run_replica_events(&openagi_fuzz::replica::committing_seed());
+    assert!(reached.committed >= 4, "{reached:?}");
+    assert!(reached.stable >= 4, "{reached:?}");
 }
 
 #[test]
