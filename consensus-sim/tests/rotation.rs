@@ -130,3 +130,94 @@ fn two_crashed_of_seven_are_both_skipped_and_a_restarted_replica_agrees() {
         }
     }
 }
+
+/// Pauses whoever leads now (as a correct replica sees it) for 2.5 s.
+fn pause_the_primary(sim: &mut Sim, not: &[usize]) -> Option<usize> {
+    let now = sim.now();
+    let leader = sim
+        .correct_nodes()
+        .into_iter()
+        .filter(|id| !not.contains(id))
+        .filter_map(|id| sim.replica(id))
+        .find(|r| !r.is_changing_view())
+        .map(|r| r.primary_choice().index)?;
+    sim.schedule(now, Action::Pause(leader));
+    sim.schedule(now + 2_500, Action::Resume(leader));
+    Some(leader)
+}
+
+#[test]
+fn a_validator_that_missed_the_view_changes_rejoins_the_view_the_others_entered() {
+    // Of seven, validator 1 is down from the start and is skipped once
+    // its failure is on the ledger. Validator 6 goes down while that
+    // schedule holds. Ten minutes of block time later the failure has
+    // expired, the others enter a new view under plain rotation, and 6
+    // comes back: the schedule at its own checkpoint still skips 1, so it
+    // expects another primary than the others have. It must still take
+    // their new view, or it never votes again.
+    let mut sim = Sim::new(SimConfig::new(11, 7));
+    sim.schedule(0, Action::Crash(1));
+    for at in [1_000, 7_000, 13_000] {
+        sim.run_until(at).expect("no violation");
+        pause_the_primary(&mut sim, &[1]);
+    }
+    sim.run_until(20_000).expect("no violation");
+    let before = sim.replica(6).expect("running").upcoming_schedule().clone();
+    assert_eq!(
+        before.excluded(),
+        &[1],
+        "validator 6 holds the schedule skipping 1"
+    );
+    sim.schedule(20_000, Action::Crash(6));
+    sim.run_until(20_000 + openagi_consensus::rotation::REPUTATION_WINDOW_MS + 30_000)
+        .expect("no violation");
+    pause_the_primary(&mut sim, &[1, 6]);
+    let now = sim.now();
+    sim.run_until(now + 10_000).expect("no violation");
+    let reference = sim.replica(0).expect("running");
+    assert!(
+        reference.primary_choice().skipped.is_empty() && !reference.is_changing_view(),
+        "the others are in a view under plain rotation: {:?}",
+        reference.primary_choice()
+    );
+    let now = sim.now();
+    sim.schedule(now + 100, Action::Restart(6));
+    sim.run_until(now + 5_000).expect("no violation");
+    let rejoined = sim.replica(6).expect("running");
+    let reference = sim.replica(0).expect("running");
+    assert_eq!(
+        (rejoined.view(), rejoined.is_changing_view()),
+        (reference.view(), false),
+        "the restarted validator is in the others' view"
+    );
+    assert!(
+        rejoined.height() + 1_000 < reference.height(),
+        "and took it while still fetching blocks ({} of {}): it could not judge the \
+         new view's sender by the schedule at its checkpoint, and took the view from it",
+        rejoined.height(),
+        reference.height()
+    );
+    assert_eq!(
+        rejoined.primary_choice().index,
+        reference.primary_choice().index,
+        "and follows the same primary"
+    );
+    let now = sim.now();
+    sim.run_until(now + 30_000).expect("no violation");
+    let rejoined = sim.replica(6).expect("running");
+    let reference = sim.replica(0).expect("running");
+    assert_eq!(rejoined.height(), reference.height(), "it caught up");
+    // Now the network needs its votes: another validator (not the
+    // primary) goes down, leaving five of seven, 6 among them.
+    let primary = reference.primary_choice().index;
+    let down = (0..7)
+        .find(|i| ![1, 6, primary].contains(i))
+        .expect("a backup");
+    let height = sim.committed_height();
+    let now = sim.now();
+    sim.schedule(now + 100, Action::Crash(down));
+    sim.run_until(now + 20_000).expect("no violation");
+    sim.check_agreement().expect("agreement");
+    sim.check_liveness(height + 10)
+        .expect("commits go on with the rejoined validator");
+}

@@ -606,6 +606,9 @@ pub struct Replica<S: Signer = IdentitySigner> {
     /// is older while this replica has not executed that far).
     schedule: Schedule,
     schedule_basis: u64,
+    /// The primary of one view taken from its new view, when this replica
+    /// could not judge the sender by a schedule (see `on_new_view`).
+    view_primary: Option<(u64, usize)>,
 }
 
 impl<S: Signer> std::fmt::Debug for Replica<S> {
@@ -688,6 +691,7 @@ impl<S: Signer> Replica<S> {
             reputation: Reputation::new(n, cfg_interval),
             schedule: Schedule::genesis(n),
             schedule_basis: 0,
+            view_primary: None,
             validators,
             signer,
         })
@@ -717,7 +721,7 @@ impl<S: Signer> Replica<S> {
                     reason: "persisted chain does not link".into(),
                 });
             }
-            replica.note_executed(&block);
+            replica.note_executed(&block, true);
             replica.ledger.append(block, cert);
         }
         if let Some(stable) = state.stable {
@@ -905,7 +909,9 @@ impl<S: Signer> Replica<S> {
     /// The primary of the current view and why it was chosen (plain
     /// rotation, or rotation that skipped recently failed primaries).
     pub fn primary_choice(&self) -> PrimaryChoice {
-        self.schedule.choice(self.view)
+        let mut choice = self.schedule.choice(self.view);
+        choice.index = self.primary_of(self.view);
+        choice
     }
 
     /// This replica's index in the validator set.
@@ -1076,9 +1082,18 @@ impl<S: Signer> Replica<S> {
         if let Some(deadline) = self.deadline
             && now >= deadline
         {
-            self.deadline = None;
-            let target = self.view.saturating_add(1);
-            self.start_view_change(target);
+            if !self.changing && self.ledger.height() < self.stable.seq {
+                // Behind a certified checkpoint, still fetching blocks: its
+                // requests wait for its own catch-up, not for the primary,
+                // so it does not accuse the primary (alone, it would only
+                // leave the others' view). The others change view without
+                // it if the primary has failed, and pull it along.
+                self.deadline = Some(now.saturating_add(self.timeout()));
+            } else {
+                self.deadline = None;
+                let target = self.view.saturating_add(1);
+                self.start_view_change(target);
+            }
         }
         if self
             .relay_since
@@ -1140,6 +1155,11 @@ impl<S: Signer> Replica<S> {
     /// schedule for it (and older views); for a later view, the schedule
     /// it would take on entering it, the one at its stable checkpoint.
     fn primary_of(&self, view: u64) -> usize {
+        if let Some((overridden, primary)) = self.view_primary
+            && overridden == view
+        {
+            return primary;
+        }
         if view <= self.view {
             self.schedule.primary(view)
         } else {
@@ -1147,24 +1167,27 @@ impl<S: Signer> Replica<S> {
         }
     }
 
-    /// Folds an executed block into the reputation, and takes up a
-    /// schedule that was waiting for this block's checkpoint.
-    fn note_executed(&mut self, block: &Block) {
+    /// Folds an executed block into the reputation. While a restored
+    /// replica replays its chain, it also takes up its current view's
+    /// schedule when the replay passes the checkpoint it was based on; a
+    /// running replica never changes a view's schedule mid-view.
+    fn note_executed(&mut self, block: &Block, replaying: bool) {
         let Some(taken) = self.reputation.record(block) else {
             return;
         };
-        if taken.height <= self.schedule_basis && taken.height > self.schedule.height {
+        if replaying && taken.height <= self.schedule_basis && taken.height > self.schedule.height {
             self.schedule = taken.clone();
         }
     }
 
     /// Fixes the schedule of a view being entered: the one at this
-    /// replica's stable checkpoint. Correct replicas entering a view
-    /// change have stopped committing and exchange checkpoints, so they
-    /// mostly hold the same stable checkpoint; one that lags picks another
-    /// primary for this view only (its votes are missing, the view
-    /// changes), and has caught up by the next. Persisted with the view,
-    /// so a restarted replica picks the same primary.
+    /// replica's stable checkpoint (or the newest it has executed, when
+    /// its blocks are behind). Correct replicas entering a view change
+    /// have stopped committing and exchange checkpoints, so they mostly
+    /// hold the same stable checkpoint and pick the same primary. One that
+    /// lags still takes the new view the others install, which names its
+    /// own checkpoint (see `on_new_view`). Persisted with the view, so a
+    /// restarted replica picks the same primary.
     fn enter_schedule(&mut self) {
         self.schedule = self.reputation.at(self.stable.seq).clone();
         self.schedule_basis = self.stable.seq;
@@ -1761,7 +1784,6 @@ impl<S: Signer> Replica<S> {
 
     fn check_prepared(&mut self, seq: u64) {
         let view = self.view;
-        let primary = self.primary_of(view);
         let quorum = self.quorum();
         let Some(slot) = self.log.get_mut(&seq) else {
             return;
@@ -1774,10 +1796,13 @@ impl<S: Signer> Replica<S> {
         else {
             return;
         };
+        // The pre-prepare's signer counts once, through its pre-prepare:
+        // `2f + 1` distinct signers, as `validate_prepared` checks.
+        let proposer = self.validators.index_of(pp.signer());
         let prepares: Vec<Signed<Prepare>> = slot
             .prepares
             .iter()
-            .filter(|(i, (d, _))| **i != primary && *d == digest)
+            .filter(|(i, (d, _))| Some(**i) != proposer && *d == digest)
             .map(|(_, (_, s))| s.clone())
             .collect();
         if prepares.len() + 1 < quorum {
@@ -1890,7 +1915,7 @@ impl<S: Signer> Replica<S> {
             certificate: cert.clone(),
         });
         let keys: HashSet<(ClientId, u64)> = block.txs.iter().map(Transaction::key).collect();
-        self.note_executed(&block);
+        self.note_executed(&block, false);
         let applied = self.ledger.append(block.clone(), cert.clone());
         self.forget_pending(&keys);
         if fetched {
@@ -2427,17 +2452,48 @@ impl<S: Signer> Replica<S> {
             self.drop_input(DropReason::OldView);
             return;
         }
-        if from != self.primary_of(nv.view) {
+        // The sender must lead this view by this replica's schedule, or by
+        // the schedule at the checkpoint the new view itself carries (the
+        // highest stable checkpoint among its view changes). The second
+        // lets a replica that missed the view change (restarted, cut off,
+        // its stable checkpoint behind) take the view the others entered;
+        // any certified checkpoint's schedule is acceptable for safety,
+        // which rests on quorums, not on who leads. Cheap check first:
+        // the view changes' checkpoints are read unverified here and the
+        // whole message is verified below.
+        let carried = nv
+            .view_changes
+            .iter()
+            .filter_map(|vc| decode_unverified(vc).ok())
+            .map(|vc| vc.checkpoint.seq)
+            .max()
+            .unwrap_or(0);
+        let own = from == self.primary_of(nv.view);
+        let carried_schedule = (!own)
+            .then(|| self.reputation.at(carried).clone())
+            .filter(|schedule| schedule.height == carried && schedule.primary(nv.view) == from);
+        // A replica that has not executed up to that checkpoint cannot
+        // judge; it takes the new view from its sender if the rest of it
+        // verifies (a quorum of view changes for this view). A faulty
+        // sender gains nothing for safety, and only this lagging replica
+        // follows it, for this view.
+        let cannot_judge = !own && self.reputation.height() < carried;
+        if !own && carried_schedule.is_none() && !cannot_judge {
             self.drop_input(DropReason::NotPrimary);
             return;
         }
-        match self.validate_new_view(&nv) {
+        match self.validate_new_view(&nv, from) {
             Ok((checkpoint, entries)) => {
                 if nv.view > self.view {
-                    // Pulled straight into this view: its primary was
-                    // checked against the schedule at the stable checkpoint.
+                    // Pulled straight into this view.
                     self.enter_schedule();
                 }
+                if let Some(schedule) = carried_schedule {
+                    self.schedule = schedule;
+                    self.schedule_basis = checkpoint.seq;
+                    self.persist(PersistRecord::ScheduleBasis(self.schedule_basis));
+                }
+                self.view_primary = cannot_judge.then_some((nv.view, from));
                 self.view = nv.view;
                 self.persist(PersistRecord::View {
                     view: nv.view,
@@ -2456,6 +2512,7 @@ impl<S: Signer> Replica<S> {
     fn validate_new_view(
         &self,
         nv: &NewView,
+        primary: usize,
     ) -> Result<(CheckpointProof, Vec<(u64, Signed<PrePrepare>, Batch)>), Error> {
         let bad = |why: &str| Err(Error::InvalidCertificate(why.into()));
         let mut signers = BTreeSet::new();
@@ -2481,7 +2538,6 @@ impl<S: Signer> Replica<S> {
         if expected.len() != nv.pre_prepares.len() {
             return bad("pre-prepares do not match the view changes");
         }
-        let primary = self.primary_of(nv.view);
         let mut entries = Vec::new();
         for ((seq, batch), signed) in expected.into_iter().zip(&nv.pre_prepares) {
             if self.validators.index_of(signed.signer()) != Some(primary) {

@@ -23,15 +23,21 @@
 //!   block, the most failures first. At most `f` are skipped, so at least
 //!   `2f + 1` validators stay in the rotation and one of them is correct.
 //!
-//! Which schedule a replica uses ([`crate::Replica`]): the one at the
-//! stable checkpoint that its last installed new view carried. A new view
-//! is the same message for every replica that installs it, so they agree
-//! on the basis; a replica still fetching the blocks up to that checkpoint
-//! uses the newest schedule it has until they arrive. Disagreeing about a
-//! primary costs at most liveness (that view's new view is refused and the
-//! next view comes), never safety: a prepared certificate needs `2f + 1`
+//! Which schedule a replica uses ([`crate::Replica`]): on entering a view,
+//! the one at its own stable checkpoint, fixed for that view and
+//! persisted. Replicas changing view have stopped committing and exchange
+//! checkpoints, so they mostly agree. A replica whose checkpoint lags
+//! also accepts a new view whose sender leads by the schedule at the
+//! checkpoint that new view carries, and adopts that schedule, so it
+//! rejoins the view the others entered. Disagreeing about a primary costs
+//! at most liveness, never safety: a prepared certificate needs `2f + 1`
 //! distinct signers in one view whoever the primary was, and an honest
 //! replica signs one digest per view and sequence number.
+//!
+//! Failures are charged under the schedule at the last checkpoint before
+//! the block that shows them, which is what the replicas used unless the
+//! schedule changed just then; the charge is a heuristic for who to skip,
+//! and a wrong one only skips a correct validator for a while.
 
 use std::collections::VecDeque;
 
@@ -51,15 +57,16 @@ pub const MAX_REMEMBERED_FAILURES: usize = 1_024;
 
 /// Schedules kept for lookups by height: 32 checkpoints, which covers
 /// the default window (4 checkpoints) many times over.
-const SCHEDULES_KEPT: usize = 32;
+pub const SCHEDULES_KEPT: usize = 32;
 
 /// Most failed views charged for one block: a jump of thousands of views
 /// (a long partition) charges each primary of the last few rotations, not
 /// every view one by one.
 const MAX_CHARGED_VIEWS_PER_BLOCK: u64 = 64;
 
-/// Which validators lead views, as of one checkpoint.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Which validators lead views, as of one checkpoint. Built only by
+/// [`Reputation`], which keeps fewer than `n` validators excluded.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Schedule {
     /// The checkpoint height this schedule was taken at (0 for genesis).
     pub height: u64,
@@ -81,10 +88,10 @@ pub struct PrimaryChoice {
 }
 
 impl PrimaryChoice {
-    /// `"rotation"` when plain rotation chose the primary, `"skipped"`
-    /// when the schedule skips validators and so moved the choice.
+    /// `"rotation"` when plain rotation's choice leads, `"skipped"` when
+    /// skipping validators moved the choice to another one.
     pub fn reason(&self) -> &'static str {
-        if self.index == self.rotation && self.skipped.is_empty() {
+        if self.index == self.rotation {
             "rotation"
         } else {
             "skipped"
@@ -178,7 +185,9 @@ impl Reputation {
     }
 
     /// The newest schedule taken at or below `height` that is still kept
-    /// (the oldest kept when all are newer).
+    /// (the oldest kept when all are newer: a basis more than
+    /// [`SCHEDULES_KEPT`] checkpoints behind the executed blocks, which a
+    /// replica's own stable checkpoint never is for long).
     pub fn at(&self, height: u64) -> &Schedule {
         self.history
             .iter()
@@ -344,9 +353,11 @@ mod tests {
         // All three failed once: the two most recent failures (2, then 1)
         // are skipped.
         assert_eq!(first.excluded(), &[1, 2]);
-        // Everyone fails once more: the cap holds.
-        reputation.record(&block(2, 3 + 7 * 3, 200));
-        assert_eq!(reputation.current().excluded().len(), 2);
+        // Views 4 and 5 fail under this schedule (rotation over 0, 3, 4,
+        // 5, 6: view 4 is led by 6, view 5 by 0). Validator 0 now has two
+        // failures and goes first; of those with one, 6 failed last.
+        reputation.record(&block(2, 6, 200));
+        assert_eq!(reputation.current().excluded(), &[0, 6]);
     }
 
     #[test]

@@ -109,8 +109,9 @@ pub struct ConsensusStatus {
     pub primary_reason: &'static str,
     /// Replica indices the current view's rotation skips.
     pub skipped_validators: Vec<usize>,
-    /// The checkpoint height the current view's leader schedule was
-    /// taken at.
+    /// The checkpoint height of the leader schedule the current view
+    /// follows (the newest this node had executed at or below its stable
+    /// checkpoint when it entered the view).
     pub schedule_checkpoint: u64,
     /// Replica indices the next view's rotation would skip (the schedule
     /// at the stable checkpoint), so a failure shows before the next view
