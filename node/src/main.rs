@@ -352,6 +352,26 @@ enum BenchArgs {
         #[arg(long)]
         tor: bool,
     },
+    /// A full node catching up from height 0: four validators build a
+    /// chain of `--blocks` blocks, then a full node fetches, verifies and
+    /// stores it; prints blocks and transactions per second and its memory.
+    Follow {
+        /// Blocks in the chain.
+        #[arg(long, default_value_t = 10_000)]
+        blocks: u64,
+        /// Transactions per second offered while the chain is built.
+        #[arg(long, default_value_t = 5_000)]
+        rate: u64,
+        /// Payload bytes per transaction.
+        #[arg(long, default_value_t = 512)]
+        payload: usize,
+        /// Most transactions per block.
+        #[arg(long, default_value_t = 1024)]
+        batch_txs: usize,
+        /// Keep the nodes' data here instead of a temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Secure aggregation in one process: the coordinator's and a
     /// participant's time per round and the bytes each participant moves.
     Secagg {
@@ -760,6 +780,33 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                 "batch_txs": batch_txs,
             });
             record_bench(&data_dir, "consensus", settings, &figures)
+        }
+        Command::Bench {
+            command:
+                BenchArgs::Follow {
+                    blocks,
+                    rate,
+                    payload,
+                    batch_txs,
+                    dir,
+                },
+        } => {
+            let figures = runtime()?.block_on(openagi_node::cli::bench_follow::follow(
+                openagi_node::cli::bench_follow::FollowBench {
+                    blocks,
+                    rate,
+                    payload_bytes: payload,
+                    batch_txs,
+                    dir,
+                },
+            ))?;
+            let settings = serde_json::json!({
+                "blocks": blocks,
+                "rate": rate,
+                "payload_bytes": payload,
+                "batch_txs": batch_txs,
+            });
+            record_bench(&data_dir, "follow", settings, &figures)
         }
         Command::Bench {
             command:

@@ -41,9 +41,10 @@ pub struct ConsensusBench {
     pub tor: bool,
 }
 
+/// What [`run_load`] counted.
 #[derive(Default)]
-struct LoadCounters {
-    offered: AtomicU64,
+pub(crate) struct LoadCounters {
+    pub(crate) offered: AtomicU64,
     accepted: AtomicU64,
     /// Transactions in posts the node answered "busy" (503) to.
     busy: AtomicU64,
@@ -54,7 +55,7 @@ struct LoadCounters {
 /// Offers `rate` transactions a second to `client` in ticks of 10 ms until
 /// `stop`; a tick that falls more than a second behind is skipped rather
 /// than sent late, so the offered load stays open-loop.
-fn run_load(
+pub(crate) fn run_load(
     client: ApiClient,
     rate: u64,
     payload_bytes: usize,

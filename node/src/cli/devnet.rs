@@ -131,6 +131,35 @@ pub(crate) struct Node {
     last_jobs: Option<Value>,
 }
 
+impl Node {
+    /// The node's process id while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Stops this node as `stop_all` does (SIGTERM, then SIGKILL after the
+    /// grace period); returns whether it exited cleanly.
+    pub(crate) async fn stop(&mut self) -> bool {
+        let clean = stop_all(std::slice::from_mut(self)).await;
+        self.exited = Some("stopped".into());
+        self.client = None;
+        clean
+    }
+
+    /// Starts this node again with the configuration it first ran with
+    /// and waits until its API answers.
+    pub(crate) async fn restart(&mut self) -> Result<()> {
+        let exe = std::env::current_exe().context("locating the openagi binary")?;
+        let _ = std::fs::remove_file(self.data_dir.file(crate::common::datadir::API_ADDR_FILE));
+        let config = self.data_dir.file("devnet.toml");
+        self.child = spawn_daemon(&exe, &self.data_dir, &config, &[])
+            .with_context(|| format!("restarting node {}", self.index))?;
+        self.exited = None;
+        self.client = None;
+        wait_for_apis(std::slice::from_mut(self), Duration::from_secs(30)).await
+    }
+}
+
 pub(crate) fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(listener.local_addr()?.port())

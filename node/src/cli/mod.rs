@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod bench_follow;
 pub mod bench_mesh;
 pub mod bench_openssl;
 pub mod bench_secagg;
