@@ -269,3 +269,41 @@ fn a_full_node_joins_a_training_job_and_its_updates_count() {
     .expect("followed to the end");
     assert_eq!(seen_by_full["joined_here"], true, "{seen_by_full}");
 }
+
+#[test]
+fn bench_follow_catches_a_full_node_up_from_height_zero_and_prints_its_figures() {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let data = root.path().join("bench");
+    let (status, stdout, stderr) = openagi(&[
+        "bench",
+        "follow",
+        "--blocks",
+        "40",
+        "--rate",
+        "500",
+        "--data-dir",
+        &data.to_string_lossy(),
+        "--dir",
+        &root.path().join("nodes").to_string_lossy(),
+    ])
+    .expect("runs");
+    assert!(status.success(), "{stdout}\n{stderr}");
+    for figure in [
+        "blocks verified and stored per second",
+        "transactions verified and stored per second",
+        "full node peak RSS while catching up",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(figure))
+            .unwrap_or_else(|| panic!("no {figure} in {stdout}"));
+        let value: f64 = line
+            .split('|')
+            .nth(2)
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("unreadable: {line}"));
+        assert!(value > 0.0, "{line}");
+    }
+}
