@@ -182,30 +182,19 @@ fn a_validator_that_missed_the_view_changes_rejoins_the_view_the_others_entered(
     );
     let now = sim.now();
     sim.schedule(now + 100, Action::Restart(6));
-    sim.run_until(now + 5_000).expect("no violation");
+    sim.run_until(now + 40_000).expect("no violation");
     let rejoined = sim.replica(6).expect("running");
     let reference = sim.replica(0).expect("running");
     assert_eq!(
         (rejoined.view(), rejoined.is_changing_view()),
         (reference.view(), false),
-        "the restarted validator is in the others' view"
-    );
-    assert!(
-        rejoined.height() + 1_000 < reference.height(),
-        "and took it while still fetching blocks ({} of {}): it could not judge the \
-         new view's sender by the schedule at its checkpoint, and took the view from it",
-        rejoined.height(),
-        reference.height()
+        "the restarted validator caught up and is in the others' view"
     );
     assert_eq!(
-        rejoined.primary_choice().index,
-        reference.primary_choice().index,
-        "and follows the same primary"
+        rejoined.primary_choice(),
+        reference.primary_choice(),
+        "with the others' schedule"
     );
-    let now = sim.now();
-    sim.run_until(now + 30_000).expect("no violation");
-    let rejoined = sim.replica(6).expect("running");
-    let reference = sim.replica(0).expect("running");
     assert_eq!(rejoined.height(), reference.height(), "it caught up");
     // Now the network needs its votes: another validator (not the
     // primary) goes down, leaving five of seven, 6 among them.

@@ -606,9 +606,6 @@ pub struct Replica<S: Signer = IdentitySigner> {
     /// is older while this replica has not executed that far).
     schedule: Schedule,
     schedule_basis: u64,
-    /// The primary of one view taken from its new view, when this replica
-    /// could not judge the sender by a schedule (see `on_new_view`).
-    view_primary: Option<(u64, usize)>,
 }
 
 impl<S: Signer> std::fmt::Debug for Replica<S> {
@@ -691,7 +688,6 @@ impl<S: Signer> Replica<S> {
             reputation: Reputation::new(n, cfg_interval),
             schedule: Schedule::genesis(n),
             schedule_basis: 0,
-            view_primary: None,
             validators,
             signer,
         })
@@ -909,9 +905,7 @@ impl<S: Signer> Replica<S> {
     /// The primary of the current view and why it was chosen (plain
     /// rotation, or rotation that skipped recently failed primaries).
     pub fn primary_choice(&self) -> PrimaryChoice {
-        let mut choice = self.schedule.choice(self.view);
-        choice.index = self.primary_of(self.view);
-        choice
+        self.schedule.choice(self.view)
     }
 
     /// This replica's index in the validator set.
@@ -1082,12 +1076,13 @@ impl<S: Signer> Replica<S> {
         if let Some(deadline) = self.deadline
             && now >= deadline
         {
-            if !self.changing && self.ledger.height() < self.stable.seq {
+            if self.ledger.height() < self.stable.seq {
                 // Behind a certified checkpoint, still fetching blocks: its
-                // requests wait for its own catch-up, not for the primary,
-                // so it does not accuse the primary (alone, it would only
-                // leave the others' view). The others change view without
-                // it if the primary has failed, and pull it along.
+                // requests (or its wait for a new view it cannot judge yet)
+                // wait for its own catch-up, not for the primary, so it
+                // does not move on alone and leave the others' view. The
+                // others change view without it if the primary has failed,
+                // and pull it along.
                 self.deadline = Some(now.saturating_add(self.timeout()));
             } else {
                 self.deadline = None;
@@ -1155,11 +1150,6 @@ impl<S: Signer> Replica<S> {
     /// schedule for it (and older views); for a later view, the schedule
     /// it would take on entering it, the one at its stable checkpoint.
     fn primary_of(&self, view: u64) -> usize {
-        if let Some((overridden, primary)) = self.view_primary
-            && overridden == view
-        {
-            return primary;
-        }
         if view <= self.view {
             self.schedule.primary(view)
         } else {
@@ -1177,6 +1167,22 @@ impl<S: Signer> Replica<S> {
         };
         if replaying && taken.height <= self.schedule_basis && taken.height > self.schedule.height {
             self.schedule = taken.clone();
+        } else if !replaying {
+            self.refresh_changing_schedule();
+        }
+    }
+
+    /// While a view change is in progress (no new view installed yet),
+    /// the target view follows the schedule at the current stable
+    /// checkpoint, so a replica that catches up (blocks executed, stable
+    /// checkpoint adopted) converges on the others' choice. Once the view
+    /// is installed its schedule stays fixed.
+    fn refresh_changing_schedule(&mut self) {
+        if !self.changing || self.recovery.is_some() {
+            return;
+        }
+        if self.reputation.at(self.stable.seq).height != self.schedule.height {
+            self.enter_schedule();
         }
     }
 
@@ -1185,12 +1191,16 @@ impl<S: Signer> Replica<S> {
     /// its blocks are behind). Correct replicas entering a view change
     /// have stopped committing and exchange checkpoints, so they mostly
     /// hold the same stable checkpoint and pick the same primary. One that
-    /// lags still takes the new view the others install, which names its
-    /// own checkpoint (see `on_new_view`). Persisted with the view, so a
-    /// restarted replica picks the same primary.
+    /// lags takes the new view the others install once it has executed
+    /// up to the checkpoint that new view carries (see `on_new_view`).
+    /// Persisted with the view, so a restarted replica picks the same
+    /// primary.
     fn enter_schedule(&mut self) {
         self.schedule = self.reputation.at(self.stable.seq).clone();
-        self.schedule_basis = self.stable.seq;
+        // The height of the schedule actually taken (older than the stable
+        // checkpoint while blocks are still being fetched), so a restart
+        // replays to exactly this one.
+        self.schedule_basis = self.schedule.height;
         self.persist(PersistRecord::ScheduleBasis(self.schedule_basis));
     }
 
@@ -2027,6 +2037,7 @@ impl<S: Signer> Replica<S> {
         self.persist(PersistRecord::StableCheckpoint(proof.clone()));
         self.stable = proof;
         self.stats.stable_checkpoints += 1;
+        self.refresh_changing_schedule();
         let keep = seq.saturating_add(1);
         self.log = self.log.split_off(&keep);
         self.checkpoint_votes = self.checkpoint_votes.split_off(&keep);
@@ -2452,33 +2463,37 @@ impl<S: Signer> Replica<S> {
             self.drop_input(DropReason::OldView);
             return;
         }
-        // The sender must lead this view by this replica's schedule, or by
-        // the schedule at the checkpoint the new view itself carries (the
-        // highest stable checkpoint among its view changes). The second
-        // lets a replica that missed the view change (restarted, cut off,
-        // its stable checkpoint behind) take the view the others entered;
-        // any certified checkpoint's schedule is acceptable for safety,
-        // which rests on quorums, not on who leads. Cheap check first:
-        // the view changes' checkpoints are read unverified here and the
-        // whole message is verified below.
-        let carried = nv
-            .view_changes
-            .iter()
-            .filter_map(|vc| decode_unverified(vc).ok())
-            .map(|vc| vc.checkpoint.seq)
-            .max()
-            .unwrap_or(0);
+        // The sender must lead this view by this replica's schedule, or,
+        // when this replica's schedule is older than the highest
+        // checkpoint the new view's view changes carry, by the schedule at
+        // that checkpoint (which it must have executed). The second lets a
+        // replica that missed the view change (restarted, cut off) take
+        // the view the others entered; until it can judge, it fetches
+        // blocks and does not vote in this view. A replica whose schedule
+        // is as new accepts only its own, so a faulty member cannot pick
+        // view changes whose checkpoint names it to lead replicas that
+        // are not behind. Safety does not depend on who leads; this is
+        // about liveness.
         let own = from == self.primary_of(nv.view);
-        let carried_schedule = (!own)
-            .then(|| self.reputation.at(carried).clone())
-            .filter(|schedule| schedule.height == carried && schedule.primary(nv.view) == from);
-        // A replica that has not executed up to that checkpoint cannot
-        // judge; it takes the new view from its sender if the rest of it
-        // verifies (a quorum of view changes for this view). A faulty
-        // sender gains nothing for safety, and only this lagging replica
-        // follows it, for this view.
-        let cannot_judge = !own && self.reputation.height() < carried;
-        if !own && carried_schedule.is_none() && !cannot_judge {
+        let carried_schedule = if own {
+            None
+        } else {
+            // Read unverified for this check only; the whole new view is
+            // verified below before anything is taken from it.
+            let carried = nv
+                .view_changes
+                .iter()
+                .filter_map(|vc| decode_unverified(vc).ok())
+                .map(|vc| vc.checkpoint.seq)
+                .max()
+                .unwrap_or(0);
+            Some(self.reputation.at(carried).clone()).filter(|schedule| {
+                self.schedule.height < carried
+                    && schedule.height == carried
+                    && schedule.primary(nv.view) == from
+            })
+        };
+        if !own && carried_schedule.is_none() {
             self.drop_input(DropReason::NotPrimary);
             return;
         }
@@ -2489,11 +2504,10 @@ impl<S: Signer> Replica<S> {
                     self.enter_schedule();
                 }
                 if let Some(schedule) = carried_schedule {
+                    self.schedule_basis = schedule.height;
                     self.schedule = schedule;
-                    self.schedule_basis = checkpoint.seq;
                     self.persist(PersistRecord::ScheduleBasis(self.schedule_basis));
                 }
-                self.view_primary = cannot_judge.then_some((nv.view, from));
                 self.view = nv.view;
                 self.persist(PersistRecord::View {
                     view: nv.view,

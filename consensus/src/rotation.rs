@@ -23,14 +23,18 @@
 //!   block, the most failures first. At most `f` are skipped, so at least
 //!   `2f + 1` validators stay in the rotation and one of them is correct.
 //!
-//! Which schedule a replica uses ([`crate::Replica`]): on entering a view,
-//! the one at its own stable checkpoint, fixed for that view and
-//! persisted. Replicas changing view have stopped committing and exchange
-//! checkpoints, so they mostly agree. A replica whose checkpoint lags
-//! also accepts a new view whose sender leads by the schedule at the
-//! checkpoint that new view carries, and adopts that schedule, so it
-//! rejoins the view the others entered. Disagreeing about a primary costs
-//! at most liveness, never safety: a prepared certificate needs `2f + 1`
+//! Which schedule a replica uses ([`crate::Replica`]): while changing to
+//! a view, the one at its own stable checkpoint (refreshed as that
+//! checkpoint moves), fixed once the view is installed, and persisted.
+//! Replicas changing view have stopped committing and exchange
+//! checkpoints, so they mostly agree. A replica that lags converges as it
+//! catches up, and also accepts a new view whose sender leads by the
+//! schedule at the checkpoint that new view carries when its own schedule
+//! is older. Until then it fetches blocks and sits the view out. A replica
+//! that cannot tell the primary of a long-lived view (the schedule it was
+//! chosen by is no longer kept) sits it out until the next view change,
+//! which its absence brings about if its vote is needed. Disagreeing
+//! about a primary costs at most liveness, never safety: a prepared certificate needs `2f + 1`
 //! distinct signers in one view whoever the primary was, and an honest
 //! replica signs one digest per view and sequence number.
 //!
