@@ -13,6 +13,8 @@
 //!   for that block, checked with strict Ed25519 ([`verify_chain`]), so it
 //!   never commits without a quorum;
 //! - heights are reported once each, in order;
+//! - the replica never signs two digests for one view and sequence number
+//!   (its pre-prepares, prepares and commits all agree);
 //! - what it persisted restores ([`Replica::restore`]) to the same height,
 //!   so its records never contradict each other.
 
@@ -108,6 +110,8 @@ struct Harness {
     batches: Vec<Batch>,
     sent: Vec<Message>,
     view_changes: Vec<(u64, usize, Signed<ViewChange>)>,
+    /// Every digest the replica signed, by (view, sequence number).
+    votes: std::collections::HashMap<(u64, u64), openagi_consensus::Hash>,
     blocks: Vec<Block>,
     certificates: Vec<CommitCertificate>,
 }
@@ -150,6 +154,7 @@ impl Harness {
             ],
             sent: Vec::new(),
             view_changes: Vec::new(),
+            votes: std::collections::HashMap::new(),
             blocks: Vec::new(),
             certificates: Vec::new(),
         }
@@ -171,7 +176,8 @@ impl Harness {
 
     fn event(&mut self, input: &mut Input<'_>) -> Option<()> {
         let op = input.byte()?;
-        let sender = input.below(N as u64) as usize;
+        // Validators 1 to 3: the replica's own key stays its own.
+        let sender = 1 + input.below(N as u64 - 1) as usize;
         let view = input.below(VIEWS);
         let seq = 1 + input.below(SEQS);
         let pick = input.below(8);
@@ -251,9 +257,7 @@ impl Harness {
                     prepared: Vec::new(),
                 };
                 let signed = self.sign(sender, &vc)?;
-                if self.view_changes.len() < KEPT_SENT {
-                    self.view_changes.push((view + 1, sender, signed.clone()));
-                }
+                self.keep_view_change(view + 1, sender, signed.clone());
                 Some(Message::ViewChange(signed))
             }
             7 => {
@@ -277,20 +281,26 @@ impl Harness {
                 Some(Message::NewView(self.sign(sender, &nv)?))
             }
             8 => {
-                // One of the replica's own messages, its payload re-signed
-                // by `sender`: votes and view changes as another validator
-                // would send them, with real digests and proofs.
-                let original = self
-                    .sent
-                    .get(pick as usize % self.sent.len().max(1))?
-                    .clone();
-                self.resign(original, sender)
+                // One of the replica's own messages (the newest first), its
+                // payload re-signed by `sender`: votes and view changes as
+                // another validator would send them, with real digests,
+                // checkpoints and prepared proofs.
+                let back = input.below(256) as usize % self.sent.len().max(1);
+                let index = self.sent.len().checked_sub(1 + back)?;
+                let original = self.sent.get(index)?.clone();
+                let resigned = self.resign(original, sender)?;
+                if let Message::ViewChange(vc) = &resigned
+                    && let Ok(payload) = postcard::from_bytes::<ViewChange>(vc.payload_bytes())
+                {
+                    self.keep_view_change(payload.new_view, sender, vc.clone());
+                }
+                Some(resigned)
             }
             9 => {
                 // One of the replica's own messages sent back unchanged.
-                self.sent
-                    .get(pick as usize % self.sent.len().max(1))
-                    .cloned()
+                let back = input.below(256) as usize % self.sent.len().max(1);
+                let index = self.sent.len().checked_sub(1 + back)?;
+                self.sent.get(index).cloned()
             }
             _ => Message::decode(input.chunk(), 1 << 16).ok(),
         };
@@ -299,6 +309,44 @@ impl Harness {
         }
         self.drain();
         Some(())
+    }
+
+    /// Keeps a view change for new views (op 7), newest kept.
+    fn keep_view_change(&mut self, view: u64, sender: usize, signed: Signed<ViewChange>) {
+        if self.view_changes.len() >= KEPT_SENT {
+            self.view_changes.remove(0);
+        }
+        self.view_changes.push((view, sender, signed));
+    }
+
+    /// Checks that the replica's votes never conflict, then keeps the
+    /// message (newest kept) for ops 8 and 9.
+    fn note_sent(&mut self, message: Message) {
+        let vote = match &message {
+            Message::PrePrepare { pre_prepare, .. } => {
+                postcard::from_bytes::<PrePrepare>(pre_prepare.payload_bytes())
+                    .ok()
+                    .map(|p| (p.view, p.seq, p.digest))
+            }
+            Message::Prepare(p) => postcard::from_bytes::<Prepare>(p.payload_bytes())
+                .ok()
+                .map(|p| (p.view, p.seq, p.digest)),
+            Message::Commit(c) => postcard::from_bytes::<Commit>(c.payload_bytes())
+                .ok()
+                .map(|c| (c.view, c.seq, c.digest)),
+            _ => None,
+        };
+        if let Some((view, seq, digest)) = vote {
+            let earlier = self.votes.entry((view, seq)).or_insert(digest);
+            assert_eq!(
+                *earlier, digest,
+                "the replica signed two digests for view {view}, sequence number {seq}"
+            );
+        }
+        if self.sent.len() >= KEPT_SENT {
+            self.sent.remove(0);
+        }
+        self.sent.push(message);
     }
 
     fn resign(&self, message: Message, sender: usize) -> Option<Message> {
@@ -323,14 +371,15 @@ impl Harness {
             match output {
                 Output::Persist(record) => self.persisted.apply(&record),
                 Output::Send { message, .. } => {
-                    if let Message::PrePrepare { batch, .. } = &message
-                        && self.batches.len() < KEPT_BATCHES
-                    {
+                    if let Message::PrePrepare { batch, .. } = &message {
+                        if self.batches.len() >= KEPT_BATCHES {
+                            // The two fixed batches stay; the oldest
+                            // proposal goes.
+                            self.batches.remove(2);
+                        }
                         self.batches.push(batch.clone());
                     }
-                    if self.sent.len() < KEPT_SENT {
-                        self.sent.push(message);
-                    }
+                    self.note_sent(message);
                 }
                 Output::Committed {
                     block, certificate, ..
