@@ -371,6 +371,14 @@ enum BenchArgs {
         /// Keep the nodes' data here instead of a temporary directory.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Measure the scale of following instead: this many full nodes
+        /// (each its own process) follow the validators under `--rate`
+        /// for `--duration` (0 gives the validators' own baseline).
+        #[arg(long)]
+        followers: Option<usize>,
+        /// How long the scale measurement runs.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        duration: Duration,
     },
     /// Secure aggregation in one process: the coordinator's and a
     /// participant's time per round and the bytes each participant moves.
@@ -789,6 +797,8 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                     payload,
                     batch_txs,
                     dir,
+                    followers,
+                    duration,
                 },
         } => {
             let figures = runtime()?.block_on(openagi_node::cli::bench_follow::follow(
@@ -798,9 +808,13 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                     payload_bytes: payload,
                     batch_txs,
                     dir,
+                    followers,
+                    duration,
                 },
             ))?;
             let settings = serde_json::json!({
+                "followers": followers,
+                "duration_s": duration.as_secs_f64(),
                 "blocks": blocks,
                 "rate": rate,
                 "payload_bytes": payload,

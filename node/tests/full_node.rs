@@ -307,3 +307,36 @@ fn bench_follow_catches_a_full_node_up_from_height_zero_and_prints_its_figures()
         assert!(value > 0.0, "{line}");
     }
 }
+
+#[test]
+fn bench_follow_measures_full_nodes_following_a_live_chain() {
+    use_binary(env!("CARGO_BIN_EXE_openagi"));
+    let root = tempfile::tempdir().expect("tempdir");
+    let data = root.path().join("bench");
+    let (status, stdout, stderr) = openagi(&[
+        "bench",
+        "follow",
+        "--followers",
+        "2",
+        "--rate",
+        "50",
+        "--duration",
+        "5s",
+        "--data-dir",
+        &data.to_string_lossy(),
+    ])
+    .expect("runs");
+    assert!(status.success(), "{stdout}\n{stderr}");
+    for figure in [
+        "follower lag, worst sample",
+        "validators' CPU (all four)",
+        "validators' peer payload out (all four)",
+        "follower RSS, mean",
+    ] {
+        assert!(stdout.contains(figure), "no {figure} in {stdout}");
+    }
+    assert!(
+        stdout.contains("| followers | 2.0 full nodes |"),
+        "{stdout}"
+    );
+}

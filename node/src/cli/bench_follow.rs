@@ -9,6 +9,12 @@
 //! it follows a real network. Reported: blocks and transactions verified
 //! and stored per second, the time to the validators' head, and the full
 //! node's resident memory while it catches up.
+//!
+//! With `--followers N` it measures the scale of following instead: four
+//! validators under a steady load and N full nodes following them, each
+//! its own process. Reported: how far behind the slowest follower is,
+//! the followers' memory, and the validators' CPU and outbound bytes per
+//! second (compare with `--followers 0` for what the followers add).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,11 +46,16 @@ pub struct FollowBench {
     pub batch_txs: usize,
     /// Where the nodes' data directories go (default: a temporary one).
     pub dir: Option<PathBuf>,
+    /// Full nodes following a live chain (the scale measurement; 0 is the
+    /// validators' baseline); `None` for the catch-up measurement.
+    pub followers: Option<usize>,
+    /// How long the scale measurement runs.
+    pub duration: Duration,
 }
 
 /// Runs the benchmark, prints a table and returns its figures.
 pub async fn follow(options: FollowBench) -> Result<Vec<Figure>> {
-    if options.blocks == 0 || options.rate == 0 || options.batch_txs == 0 {
+    if options.rate == 0 || options.batch_txs == 0 || options.blocks == 0 {
         bail!("--blocks, --rate and --batch-txs must be positive");
     }
     if let Some(dir) = &options.dir
@@ -58,6 +69,11 @@ pub async fn follow(options: FollowBench) -> Result<Vec<Figure>> {
         );
     }
     let (dir, temp) = bench_dir(options.dir.as_deref(), "follow")?;
+    if let Some(followers) = options.followers {
+        let result = scale(&dir, followers, options).await;
+        drop(temp);
+        return result;
+    }
     let extra = format!("[consensus]\nmax_batch_txs = {}\n", options.batch_txs);
     println!(
         "bench follow: {VALIDATORS} validators build a chain of {} blocks ({} B transactions, \
@@ -251,6 +267,177 @@ async fn measure(
             "MiB",
         ),
         Figure::new("full node RSS at the head", mib(end_rss), "MiB"),
+    ];
+    println!();
+    println!("| figure | value |");
+    println!("|---|---|");
+    for f in &figures {
+        println!("| {} | {:.1} {} |", f.name, f.value, f.unit);
+    }
+    Ok(figures)
+}
+
+/// CPU seconds a process has used (user and system), from `/proc`.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name, which may hold spaces: utime and
+    // stime are the 14th and 15th fields, the 12th and 13th after it.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    // Linux reports in clock ticks of 1/100 s on every platform it runs on
+    // here (USER_HZ).
+    ticks as f64 / 100.0
+}
+
+/// Peer payload bytes a node has sent, from its metrics.
+fn bytes_out(client: &ApiClient) -> f64 {
+    client
+        .get_text("/metrics")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.starts_with("openagi_p2p_payload_bytes_total{")
+                && l.contains("direction=\"outbound\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The scale measurement: `options.followers` full nodes following four
+/// validators under load for `options.duration`.
+async fn scale(
+    dir: &std::path::Path,
+    followers: usize,
+    options: FollowBench,
+) -> Result<Vec<Figure>> {
+    if followers > devnet::MAX_FULL_NODES {
+        bail!(
+            "--followers must be at most {} (got {followers})",
+            devnet::MAX_FULL_NODES
+        );
+    }
+    let extra = format!("[consensus]\nmax_batch_txs = {}\n", options.batch_txs);
+    println!(
+        "bench follow: {VALIDATORS} validators under {} tx/s and {} full nodes following them, \
+         each its own process, for {} s",
+        options.rate,
+        followers,
+        options.duration.as_secs()
+    );
+    let started = Instant::now();
+    let (mut nodes, _no_tor) =
+        devnet::start_local_network(dir, VALIDATORS, followers, &extra, false).await?;
+    println!(
+        "  {} daemons started in {:.1} s",
+        nodes.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let result = tokio::select! {
+        result = measure_scale(&nodes, &options, stop.clone()) => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    stop.store(true, Ordering::Relaxed);
+    devnet::stop_all(&mut nodes).await;
+    result
+}
+
+async fn measure_scale(
+    nodes: &[devnet::Node],
+    options: &FollowBench,
+    stop: Arc<AtomicBool>,
+) -> Result<Vec<Figure>> {
+    let (validators, followers) = nodes.split_at(VALIDATORS);
+    let clients: Vec<ApiClient> = validators.iter().filter_map(|n| n.client.clone()).collect();
+    let first = clients.first().context("no validator")?.clone();
+    // Commits need the validators connected to each other; followers
+    // find them through the DHT meanwhile.
+    let until = Instant::now() + Duration::from_secs(60);
+    while height_of(&first) == 0
+        && first
+            .post_json(
+                "/api/v1/tx",
+                &serde_json::json!({ "payload": "warm up", "wait": true }),
+            )
+            .is_err()
+    {
+        if Instant::now() > until {
+            bail!("the validators did not commit within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let primary_index = status_of(&first)?["consensus"]["primary_index"]
+        .as_u64()
+        .context("no consensus status")? as usize;
+    let primary = clients
+        .get(primary_index)
+        .context("primary out of range")?
+        .clone();
+    let counters = Arc::new(LoadCounters::default());
+    let load = {
+        let (primary, stop, counters) = (primary.clone(), stop.clone(), counters.clone());
+        let (rate, payload) = (options.rate, options.payload_bytes);
+        std::thread::spawn(move || run_load(primary, rate, payload, stop, counters))
+    };
+    // Let the followers catch up with the warm-up before measuring.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let pids: Vec<u32> = validators.iter().filter_map(|n| n.pid()).collect();
+    let cpu0: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
+    let out0: f64 = clients.iter().map(bytes_out).sum();
+    let h0 = height_of(&primary);
+    let t0 = Instant::now();
+    let mut worst_lag = 0u64;
+    let mut lags = Vec::new();
+    let mut follower_rss = Vec::new();
+    while t0.elapsed() < options.duration {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let head = height_of(&primary);
+        for follower in followers {
+            let height = follower.client.as_ref().map_or(0, height_of);
+            let lag = head.saturating_sub(height);
+            worst_lag = worst_lag.max(lag);
+            lags.push(lag as f64);
+            if let Some(pid) = follower.pid() {
+                follower_rss.push(rss_bytes(pid) as f64);
+            }
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu1: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
+    let out1: f64 = clients.iter().map(bytes_out).sum();
+    let blocks = height_of(&primary).saturating_sub(h0);
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || load.join()).await;
+    lags.sort_by(f64::total_cmp);
+    let median_lag = lags.get(lags.len() / 2).copied().unwrap_or(0.0);
+    let mib = |b: f64| b / (1 << 20) as f64;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let figures = vec![
+        Figure::new("followers", followers.len() as f64, "full nodes"),
+        Figure::new("blocks per second", blocks as f64 / secs, "blocks/s"),
+        Figure::new(
+            "validators' CPU (all four)",
+            (cpu1 - cpu0) / secs * 100.0,
+            "% of one core",
+        ),
+        Figure::new(
+            "validators' peer payload out (all four)",
+            (out1 - out0) / secs / 1024.0,
+            "KiB/s",
+        ),
+        Figure::new("follower lag, median of samples", median_lag, "blocks"),
+        Figure::new("follower lag, worst sample", worst_lag as f64, "blocks"),
+        Figure::new("follower RSS, mean", mib(mean(&follower_rss)), "MiB"),
+        Figure::new("follower RSS, largest", mib(max(&follower_rss)), "MiB"),
     ];
     println!();
     println!("| figure | value |");
