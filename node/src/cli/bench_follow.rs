@@ -419,7 +419,8 @@ async fn measure_scale(
     lags.sort_by(f64::total_cmp);
     let median_lag = lags.get(lags.len() / 2).copied().unwrap_or(0.0);
     let mib = |b: f64| b / (1 << 20) as f64;
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    // `+ 0.0`: the sum of no values is -0.0.
+    let mean = |v: &[f64]| (v.iter().sum::<f64>() + 0.0) / v.len().max(1) as f64;
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     let figures = vec![
         Figure::new("followers", followers.len() as f64, "full nodes"),
