@@ -7,8 +7,10 @@
 //! valid signatures. That covers equivocation, double voting and amnesia
 //! without writing any of them by hand. A scenario fixes
 //! - which identities are twinned (every subset of `twinned` validators;
-//!   since the primary of each view follows from the view, this is what
-//!   chooses whether the leaders of the first views are twinned), and
+//!   until a failure is on the ledger the primary of each view follows
+//!   from the view, so this is what chooses whether the leaders of the
+//!   first views are twinned; later ones follow the leader schedule of
+//!   [`openagi_consensus::rotation`]), and
 //! - for each of `phases` phases of `phase_ms`, a partition of all nodes,
 //!   twins included, into at most `max_groups` groups (every such set
 //!   partition is enumerated; a twin may sit apart from its original),
