@@ -25,6 +25,7 @@ fn run_with_forced_view_changes(
         sim.schedule(0, Action::Crash(id));
     }
     let mut leaders: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut installed_leaders: BTreeMap<u64, usize> = BTreeMap::new();
     let mut next_pause = 1_000;
     let mut paused = 0;
     let end = 1_000 + changes * interval_ms + 10_000;
@@ -38,14 +39,21 @@ fn run_with_forced_view_changes(
             };
             // Views being changed to count too: a view whose primary is
             // down is never installed, and is what the schedule saves.
+            // Replicas still changing may follow different checkpoints;
+            // those that installed a view must agree on its primary.
             let choice = replica.primary_choice();
-            let seen = *leaders.entry(replica.view()).or_insert(choice.index);
-            assert_eq!(
-                seen,
-                choice.index,
-                "replicas disagree on the primary of view {}",
-                replica.view()
-            );
+            leaders.entry(replica.view()).or_insert(choice.index);
+            if !replica.is_changing_view() {
+                let installed = *installed_leaders
+                    .entry(replica.view())
+                    .or_insert(choice.index);
+                assert_eq!(
+                    installed,
+                    choice.index,
+                    "replicas that installed view {} disagree on its primary",
+                    replica.view()
+                );
+            }
         }
         if now >= next_pause && paused < changes {
             // Pause whoever leads now, as a correct replica sees it.
@@ -154,7 +162,9 @@ fn a_validator_that_missed_the_view_changes_rejoins_the_view_the_others_entered(
     // expired, the others enter a new view under plain rotation, and 6
     // comes back: the schedule at its own checkpoint still skips 1, so it
     // expects another primary than the others have. It must still take
-    // their new view, or it never votes again.
+    // their new view (its schedule converges as it catches up, or it
+    // judges the new view by the schedule at the checkpoint that new view
+    // carries), or it never votes again: with neither, it stays out.
     let mut sim = Sim::new(SimConfig::new(11, 7));
     sim.schedule(0, Action::Crash(1));
     for at in [1_000, 7_000, 13_000] {

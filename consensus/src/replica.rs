@@ -1183,6 +1183,9 @@ impl<S: Signer> Replica<S> {
         }
         if self.reputation.at(self.stable.seq).height != self.schedule.height {
             self.enter_schedule();
+            // It may now lead the view, with the view changes already in
+            // hand (retransmissions of those are dropped as duplicates).
+            self.try_build_new_view();
         }
     }
 
