@@ -104,6 +104,30 @@ fn height_of(client: &ApiClient) -> u64 {
         .unwrap_or(0)
 }
 
+/// Finds the primary (as `first` sees it) and offers it the open-loop load
+/// of `options` until `stop` is set.
+fn load_the_primary(
+    first: &ApiClient,
+    clients: &[ApiClient],
+    options: &FollowBench,
+    stop: &Arc<AtomicBool>,
+) -> Result<(ApiClient, std::thread::JoinHandle<()>)> {
+    let primary_index = status_of(first)?["consensus"]["primary_index"]
+        .as_u64()
+        .context("no consensus status")? as usize;
+    let primary = clients
+        .get(primary_index)
+        .context("primary out of range")?
+        .clone();
+    let counters = Arc::new(LoadCounters::default());
+    let load = {
+        let (primary, stop, counters) = (primary.clone(), stop.clone(), counters);
+        let (rate, payload) = (options.rate, options.payload_bytes);
+        std::thread::spawn(move || run_load(primary, rate, payload, stop, counters))
+    };
+    Ok((primary, load))
+}
+
 /// Resident memory of a process, from `/proc` (0 where unreadable).
 fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -139,21 +163,8 @@ async fn measure(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let primary_index = status_of(&first)?["consensus"]["primary_index"]
-        .as_u64()
-        .context("no consensus status")? as usize;
-    let primary = clients
-        .get(primary_index)
-        .context("primary out of range")?
-        .clone();
-
     // Build the chain.
-    let counters = Arc::new(LoadCounters::default());
-    let load = {
-        let (primary, stop, counters) = (primary.clone(), stop.clone(), counters.clone());
-        let (rate, payload) = (options.rate, options.payload_bytes);
-        std::thread::spawn(move || run_load(primary, rate, payload, stop, counters))
-    };
+    let (primary, load) = load_the_primary(&first, &clients, options, &stop)?;
     let building = Instant::now();
     let mut last_height = 0;
     let mut last_growth = Instant::now();
@@ -374,19 +385,7 @@ async fn measure_scale(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let primary_index = status_of(&first)?["consensus"]["primary_index"]
-        .as_u64()
-        .context("no consensus status")? as usize;
-    let primary = clients
-        .get(primary_index)
-        .context("primary out of range")?
-        .clone();
-    let counters = Arc::new(LoadCounters::default());
-    let load = {
-        let (primary, stop, counters) = (primary.clone(), stop.clone(), counters.clone());
-        let (rate, payload) = (options.rate, options.payload_bytes);
-        std::thread::spawn(move || run_load(primary, rate, payload, stop, counters))
-    };
+    let (primary, load) = load_the_primary(&first, &clients, options, &stop)?;
     // Let the followers catch up with the warm-up before measuring.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let pids: Vec<u32> = validators.iter().filter_map(|n| n.pid()).collect();
