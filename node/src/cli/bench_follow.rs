@@ -279,13 +279,18 @@ async fn measure(
         ),
         Figure::new("full node RSS at the head", mib(end_rss), "MiB"),
     ];
+    print_figures(&figures);
+    Ok(figures)
+}
+
+/// Prints figures as a two-column Markdown table.
+fn print_figures(figures: &[Figure]) {
     println!();
     println!("| figure | value |");
     println!("|---|---|");
-    for f in &figures {
+    for f in figures {
         println!("| {} | {:.1} {} |", f.name, f.value, f.unit);
     }
-    Ok(figures)
 }
 
 /// CPU seconds a process has used (user and system), from `/proc`.
@@ -439,11 +444,6 @@ async fn measure_scale(
         Figure::new("follower RSS, mean", mib(mean(&follower_rss)), "MiB"),
         Figure::new("follower RSS, largest", mib(max(&follower_rss)), "MiB"),
     ];
-    println!();
-    println!("| figure | value |");
-    println!("|---|---|");
-    for f in &figures {
-        println!("| {} | {:.1} {} |", f.name, f.value, f.unit);
-    }
+    print_figures(&figures);
     Ok(figures)
 }
