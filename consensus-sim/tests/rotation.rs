@@ -220,3 +220,89 @@ fn a_validator_that_missed_the_view_changes_rejoins_the_view_the_others_entered(
     sim.check_liveness(height + 10)
         .expect("commits go on with the rejoined validator");
 }
+
+#[test]
+fn a_replica_behind_on_checkpoints_does_not_lead_by_its_older_schedule() {
+    // Of ten, validator 1 is down from the start. Validator 3 is cut off
+    // while the others change views past 1's turn (view 1 fails, view 2
+    // commits) and certify the checkpoint whose schedule skips 1. By the
+    // plain schedule 3 still holds, 3 leads view 3; by the others', someone
+    // else does. The cut heals as the primary of view 2 stops, with
+    // checkpoint messages held back, so 3 learns the newer checkpoint only
+    // from the view changes. It must adopt it from them and not build a
+    // new view by its older schedule, which the others would refuse
+    // (counted as `NotPrimary`), costing the view.
+    let lagging = 3;
+    let mut sim = Sim::new(SimConfig::new(5, 10));
+    sim.schedule(0, Action::Crash(1));
+    let mut groups = vec![0u8; 10];
+    groups[lagging] = 1;
+    sim.schedule(500, Action::PartitionNodes(groups));
+    sim.schedule(1_000, Action::Pause(0));
+    sim.schedule(6_000, Action::Resume(0));
+    sim.run_until(12_000).expect("no violation");
+    let reference = sim.replica(2).expect("running");
+    assert_eq!(
+        (reference.view(), reference.is_changing_view()),
+        (2, false),
+        "the others are in view 2"
+    );
+    let upcoming = reference.upcoming_schedule().clone();
+    assert_eq!(upcoming.excluded(), &[1], "their schedule skips 1");
+    let behind = sim.replica(lagging).expect("running");
+    assert!(
+        behind.stable_seq() < reference.stable_seq()
+            && behind.upcoming_schedule().excluded().is_empty(),
+        "3 holds an older checkpoint and the plain schedule"
+    );
+    assert_eq!(behind.upcoming_schedule().primary(3), lagging);
+    let primary = upcoming.primary(3);
+    assert_ne!(primary, lagging, "the others expect another primary");
+    let refused_before: u64 = (0..10)
+        .filter_map(|i| sim.replica(i))
+        .map(|r| r.stats().dropped(openagi_consensus::DropReason::NotPrimary))
+        .sum();
+    let now = sim.now();
+    sim.schedule(now, Action::BlockKind(Some("checkpoint")));
+    sim.schedule(now, Action::HealPartition);
+    sim.schedule(now, Action::Pause(2));
+    sim.schedule(now + 8_000, Action::Resume(2));
+    // Checkpoint messages flow again once the others have moved on to
+    // view 3 (their absence would stall commits at the watermark).
+    let mut step = now;
+    while step < now + 8_000 {
+        step += 100;
+        sim.run_until(step).expect("no violation");
+        let moved = sim.replica(4).is_some_and(|r| r.view() >= 3);
+        if moved {
+            sim.schedule(step, Action::BlockKind(None));
+        }
+    }
+    let refused_after: u64 = (0..10)
+        .filter_map(|i| sim.replica(i))
+        .map(|r| r.stats().dropped(openagi_consensus::DropReason::NotPrimary))
+        .sum();
+    assert_eq!(
+        refused_after, refused_before,
+        "no replica built a new view the others refused"
+    );
+    for id in sim.correct_nodes() {
+        let Some(replica) = sim.replica(id) else {
+            continue;
+        };
+        if id == 2 {
+            continue;
+        }
+        assert_eq!(
+            (replica.view(), replica.is_changing_view()),
+            (3, false),
+            "validator {id} installed view 3"
+        );
+        assert_eq!(replica.primary_choice().index, primary, "led by {primary}");
+    }
+    let height = sim.committed_height();
+    let now = sim.now();
+    sim.run_until(now + 10_000).expect("no violation");
+    sim.check_agreement().expect("agreement");
+    sim.check_liveness(height + 10).expect("commits go on");
+}

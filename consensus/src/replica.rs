@@ -2040,7 +2040,6 @@ impl<S: Signer> Replica<S> {
         self.persist(PersistRecord::StableCheckpoint(proof.clone()));
         self.stable = proof;
         self.stats.stable_checkpoints += 1;
-        self.refresh_changing_schedule();
         let keep = seq.saturating_add(1);
         self.log = self.log.split_off(&keep);
         self.checkpoint_votes = self.checkpoint_votes.split_off(&keep);
@@ -2050,6 +2049,19 @@ impl<S: Signer> Replica<S> {
         if self.ledger.height() < seq {
             self.start_fetch(seq, None);
         }
+        // Mid-change, this replica's view change now understates what it
+        // knows: send it again with the new checkpoint, so a new view
+        // built from it carries the checkpoint whose schedule chose the
+        // primary (see `try_build_new_view`).
+        if self.changing
+            && self
+                .view_changes
+                .get(&self.view)
+                .is_some_and(|m| m.contains_key(&self.me))
+        {
+            self.send_view_change();
+        }
+        self.refresh_changing_schedule();
         self.progress_recovery(None);
         let buffered: Vec<Message> = self.out_of_window.drain(..).collect();
         self.out_of_window_per_sender
@@ -2292,6 +2304,17 @@ impl<S: Signer> Replica<S> {
         if !self.check_network(vc.network) {
             return;
         }
+        // A certified checkpoint above this replica's, from whatever
+        // sender and view, moves its low watermark, and with it the leader
+        // schedule of a view being changed to: replicas that started a view
+        // change at different checkpoints converge on the newest, so the
+        // one they agree leads also carries it in its new view. Only a
+        // higher checkpoint is checked, so repeats cost nothing.
+        if vc.checkpoint.seq > self.stable.seq
+            && self.validate_checkpoint_proof(&vc.checkpoint).is_ok()
+        {
+            self.adopt_stable(vc.checkpoint.clone());
+        }
         if vc.new_view < self.view || (vc.new_view == self.view && !self.changing) {
             // The sender is behind: hand it the new view that started ours.
             self.help_lagging(from);
@@ -2302,13 +2325,21 @@ impl<S: Signer> Replica<S> {
             self.drop_input(DropReason::FutureViewOverflow);
             return;
         }
-        if self
+        // One view change per sender and view; a later one replaces it
+        // only when it carries a higher checkpoint (its sender adopted one
+        // mid-change), which bounds replacements by the checkpoints made.
+        if let Some(stored) = self
             .view_changes
             .get(&vc.new_view)
-            .is_some_and(|m| m.contains_key(&from))
+            .and_then(|m| m.get(&from))
         {
-            self.drop_input(DropReason::Duplicate);
-            return;
+            let newer = decode_unverified(stored)
+                .map(|old| vc.checkpoint.seq > old.checkpoint.seq)
+                .unwrap_or(false);
+            if !newer {
+                self.drop_input(DropReason::Duplicate);
+                return;
+            }
         }
         if self.validate_view_change(&vc).is_err() {
             self.drop_input(DropReason::InvalidCertificate);
@@ -2387,6 +2418,13 @@ impl<S: Signer> Replica<S> {
 
     fn try_build_new_view(&mut self) {
         if !self.changing || !self.is_primary() || self.recovery.is_some() {
+            return;
+        }
+        // Only the schedule at the stable checkpoint says who leads; a
+        // replica still fetching the blocks up to it cannot tell yet (the
+        // schedule it holds is older), and a new view it built now would
+        // carry a checkpoint whose schedule names someone else.
+        if self.schedule.height < self.stable.seq {
             return;
         }
         let view = self.view;
