@@ -68,6 +68,9 @@
 //!   voting) and the `/openagi/ledger/1` messages.
 //! - [`evidence`]: equivocation evidence anyone with the validator set can
 //!   verify.
+//! - [`membership`]: the validator set as ledger state: joins gated by
+//!   proof of computation, leaves, removals for equivocation, and the
+//!   epochs they make.
 //! - [`messages`]: the signed wire messages.
 //! - [`rotation`]: the leader schedule that skips recently failed
 //!   primaries, computed from committed blocks.
@@ -80,6 +83,7 @@ pub mod bundle;
 pub mod evidence;
 pub mod follow;
 pub mod ledger;
+pub mod membership;
 pub mod messages;
 pub mod replica;
 pub mod rotation;

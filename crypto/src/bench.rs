@@ -190,7 +190,8 @@ pub fn run(options: &CryptoBench, reference: &Reference) -> Result<Vec<Row>> {
     let input = PuzzleInput {
         public_key: &public,
         network_id: b"openagi-bench",
-        epoch: 1,
+        anchor_height: 1,
+        anchor_hash: &[1; 32],
     };
     let mut nonce_counter = 0u64;
     let rate = measure(time, runs, || {

@@ -4,12 +4,13 @@
 //!
 //! - The **identity puzzle** makes identities expensive to mint. A joining
 //!   node searches for a nonce such that
-//!   `Argon2id(pwd = public key || epoch || nonce || network id)` starts
-//!   with `difficulty_bits` zero bits. Argon2id is memory-hard, so the
-//!   cost is paid in memory bandwidth that GPUs and ASICs do not
-//!   multiply the way they multiply plain hashing. The epoch binds a
-//!   proof to a period (old work cannot be stockpiled forever) and the
-//!   network id to one network. Verifying costs one Argon2id run, so
+//!   `Argon2id(pwd = public key || anchor height || nonce || anchor hash
+//!   || network id)` starts with `difficulty_bits` zero bits. Argon2id is
+//!   memory-hard, so the cost is paid in memory bandwidth that GPUs and
+//!   ASICs do not multiply the way they multiply plain hashing. The anchor
+//!   (a recent block's height and hash) binds a proof to a point of the
+//!   ledger, so work cannot be done before that block existed or
+//!   stockpiled for later, and the network id to one network. Verifying costs one Argon2id run, so
 //!   verifiers check it after cheaper checks, cache the result per key and
 //!   limit concurrency; [`Verifier`] keeps its Argon2 memory between runs
 //!   so a busy verifier does not allocate 64 MiB per check.
@@ -119,16 +120,19 @@ pub struct PuzzleInput<'a> {
     pub public_key: &'a PublicKey,
     /// The network the identity joins.
     pub network_id: &'a [u8],
-    /// The epoch the proof is for.
-    pub epoch: u64,
+    /// Height of the ledger block the proof is anchored to.
+    pub anchor_height: u64,
+    /// Hash of that block: unpredictable before it was committed.
+    pub anchor_hash: &'a [u8; 32],
 }
 
 impl PuzzleInput<'_> {
     fn password(&self, nonce: u64) -> Vec<u8> {
-        let mut pwd = Vec::with_capacity(32 + 8 + 8 + 4 + self.network_id.len());
+        let mut pwd = Vec::with_capacity(32 + 8 + 8 + 32 + 4 + self.network_id.len());
         pwd.extend_from_slice(&self.public_key.to_bytes());
-        pwd.extend_from_slice(&self.epoch.to_be_bytes());
+        pwd.extend_from_slice(&self.anchor_height.to_be_bytes());
         pwd.extend_from_slice(&nonce.to_be_bytes());
+        pwd.extend_from_slice(self.anchor_hash);
         // Length-framed last field: nothing can be shifted into it.
         pwd.extend_from_slice(&(self.network_id.len() as u32).to_be_bytes());
         pwd.extend_from_slice(self.network_id);
@@ -396,7 +400,8 @@ mod tests {
         let input = PuzzleInput {
             public_key: &pk,
             network_id: b"testnet",
-            epoch: 7,
+            anchor_height: 7,
+            anchor_hash: &[7; 32],
         };
         let cancel = AtomicBool::new(false);
         let nonce = solve(&input, FAST, 2, 0, &no_progress, &cancel)
@@ -413,14 +418,22 @@ mod tests {
             public_key: &other_key,
             ..input
         };
-        let wrong_epoch = PuzzleInput { epoch: 8, ..input };
+        let wrong_height = PuzzleInput {
+            anchor_height: 8,
+            ..input
+        };
+        let wrong_anchor = PuzzleInput {
+            anchor_hash: &[8; 32],
+            ..input
+        };
         let wrong_network = PuzzleInput {
             network_id: b"mainnet",
             ..input
         };
         for (what, bad) in [
             ("key", wrong_key),
-            ("epoch", wrong_epoch),
+            ("anchor height", wrong_height),
+            ("anchor hash", wrong_anchor),
             ("network", wrong_network),
         ] {
             assert!(
@@ -470,7 +483,8 @@ mod tests {
         let input = PuzzleInput {
             public_key: &pk,
             network_id: b"n",
-            epoch: 1,
+            anchor_height: 1,
+            anchor_hash: &[1; 32],
         };
         let cancel = AtomicBool::new(false);
         let seen = AtomicU64::new(0);
@@ -510,7 +524,8 @@ mod tests {
         let input = PuzzleInput {
             public_key: &pk,
             network_id: b"n",
-            epoch: 2,
+            anchor_height: 2,
+            anchor_hash: &[2; 32],
         };
         let cancel = AtomicBool::new(false);
         let nonce = solve(&input, FAST, 1, 100, &no_progress, &cancel)
