@@ -134,6 +134,10 @@ pub enum Action {
     /// Drop every message of this kind (see [`Message::kind`]), or stop
     /// doing so with `None`.
     BlockKind(Option<&'static str>),
+    /// Start a spare node's replica once it joined the validator set: it
+    /// takes the chain from a correct node's disk (what its full node
+    /// would have followed) and restores from it.
+    StartJoined(usize),
 }
 
 /// Messages that wait for a paused node; later ones are lost.
@@ -173,6 +177,10 @@ pub struct SimConfig {
     /// Each node's clock runs ahead of simulated time by a random amount
     /// up to this, exercising the timestamp rules.
     pub clock_skew_ms: u64,
+    /// Nodes outside the genesis set (ids after the validators and
+    /// twins) that may join it: they run no replica until
+    /// [`Action::StartJoined`].
+    pub spares: usize,
 }
 
 impl SimConfig {
@@ -192,6 +200,7 @@ impl SimConfig {
             tick_ms: 10,
             load_until_ms: u64::MAX,
             clock_skew_ms: 0,
+            spares: 0,
         }
     }
 }
@@ -215,6 +224,12 @@ pub fn sim_replica_config() -> Config {
         max_blocks_per_reply: 16,
         // Few, so state transfer is also served from the node's disk.
         blocks_in_memory: 8,
+        // A join's proof costs microseconds here, not minutes.
+        join_puzzle: openagi_crypto::poc::PuzzleParams {
+            difficulty_bits: 4,
+            memory_kib: 8,
+            passes: 1,
+        },
         ..Config::default()
     }
 }
@@ -272,6 +287,10 @@ struct Node {
     /// How far this node's clock runs ahead of simulated time.
     clock_offset: u64,
     applied: HashSet<(ClientId, u64)>,
+    /// Left the validator set (its replica retired).
+    retired: bool,
+    /// What committed blocks did to the membership, as this node saw it.
+    membership: Vec<(u64, openagi_consensus::membership::BlockEffects)>,
 }
 
 struct Client {
@@ -310,6 +329,7 @@ pub struct Sim {
     next_client_round: u64,
     committed: BTreeMap<u64, Hash>,
     violation: Option<Violation>,
+    next_submitted: u64,
 }
 
 /// Mirror of the envelope's encoding, to build tampered envelopes the way
@@ -378,6 +398,8 @@ impl Sim {
                 recorded: Vec::new(),
                 clock_offset: 0,
                 applied: HashSet::new(),
+                retired: false,
+                membership: Vec::new(),
             });
         }
         for (index, groups) in &cfg.twins {
@@ -401,6 +423,30 @@ impl Sim {
                 recorded: Vec::new(),
                 clock_offset: 0,
                 applied: HashSet::new(),
+                retired: false,
+                membership: Vec::new(),
+            });
+        }
+        // Seeded apart from the run's generator, so adding spares changes
+        // nothing else in a run.
+        let mut spare_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5350_4152_4553_0001);
+        for spare in 0..cfg.spares {
+            let mut seed = [0u8; 32];
+            spare_rng.fill(&mut seed);
+            nodes.push(Node {
+                index: cfg.n + cfg.twins.len() + spare,
+                identity: Rc::new(Identity::from_seed(&seed)),
+                replica: None,
+                persisted: PersistedState::default(),
+                fault: Fault::Correct,
+                reach: None,
+                paused: false,
+                held: Vec::new(),
+                recorded: Vec::new(),
+                clock_offset: 0,
+                applied: HashSet::new(),
+                retired: false,
+                membership: Vec::new(),
             });
         }
         let clients = (0..cfg.clients)
@@ -430,16 +476,45 @@ impl Sim {
             next_client_round: 0,
             committed: BTreeMap::new(),
             violation: None,
+            next_submitted: 1,
             cfg,
         };
         let skew = sim.cfg.clock_skew_ms;
         for node in sim.nodes.iter_mut() {
             node.clock_offset = sim.rng.random_range(0..=skew);
         }
-        for id in 0..sim.nodes.len() {
+        for id in 0..total_nodes {
             sim.start_node(id, false);
         }
         sim
+    }
+
+    /// The identity of node `id`.
+    pub fn identity(&self, id: usize) -> Option<&Identity> {
+        self.nodes.get(id).map(|n| n.identity.as_ref())
+    }
+
+    /// What committed blocks did to the membership, as node `id` saw it.
+    pub fn membership_effects(
+        &self,
+        id: usize,
+    ) -> &[(u64, openagi_consensus::membership::BlockEffects)] {
+        self.nodes.get(id).map_or(&[], |n| n.membership.as_slice())
+    }
+
+    /// Sends a transaction with `payload` from a client of its own to
+    /// every node, as a node forwarding an operator's request would.
+    pub fn submit(&mut self, payload: Vec<u8>) {
+        let seq = self.next_submitted;
+        self.next_submitted += 1;
+        let tx = Transaction {
+            client: ClientId([0xee; 32]),
+            seq,
+            payload: payload.into(),
+        };
+        for to in 0..self.nodes.len() {
+            self.enqueue(Event::Request { to, tx: tx.clone() }, self.net.min_delay_ms);
+        }
     }
 
     /// Schedules `action` at simulated time `at_ms`.
@@ -470,9 +545,15 @@ impl Sim {
             && !self.cfg.twins.iter().any(|(i, _)| *i == index)
     }
 
-    /// Node ids of correct validators.
+    /// Node ids of correct validators: those of genesis that have not
+    /// left, and spares that joined.
     pub fn correct_nodes(&self) -> Vec<usize> {
-        (0..self.cfg.n).filter(|i| self.is_correct(*i)).collect()
+        let spares = self.cfg.n + self.cfg.twins.len()..self.nodes.len();
+        (0..self.cfg.n)
+            .filter(|i| self.is_correct(*i))
+            .chain(spares.filter(|i| self.replica(*i).is_some()))
+            .filter(|i| self.nodes.get(*i).is_some_and(|n| !n.retired))
+            .collect()
     }
 
     /// The replica of node `id`, if it is running.
@@ -531,6 +612,8 @@ impl Sim {
                 node.applied = applied_keys(&node.persisted.blocks);
                 node.replica = Some(r);
             }
+            // A validator that left has no replica to restore.
+            Err(_) if node.retired => node.replica = None,
             Err(e) => {
                 self.violation.get_or_insert(Violation {
                     seed: self.cfg.seed,
@@ -704,6 +787,8 @@ impl Sim {
                     self.on_committed(id, block.height, block.hash(), applied)
                 }
                 Output::ViewInstalled { .. } => {}
+                Output::Membership { height, effects } => node.membership.push((height, effects)),
+                Output::EpochStarted { member, .. } => node.retired |= !member,
                 // Evidence is the node's to gossip; the simulation checks
                 // safety and liveness, which evidence does not change.
                 Output::Evidence(_) => {}
@@ -1121,6 +1206,24 @@ impl Sim {
                 }
             }
             Action::Restart(id) => self.start_node(id, false),
+            Action::StartJoined(id) => {
+                let source = self
+                    .correct_nodes()
+                    .into_iter()
+                    .filter(|i| *i != id)
+                    .max_by_key(|i| self.nodes.get(*i).map_or(0, |n| n.persisted.blocks.len()));
+                let blocks = source
+                    .and_then(|i| self.nodes.get(i))
+                    .map(|n| n.persisted.blocks.clone())
+                    .unwrap_or_default();
+                if let Some(node) = self.nodes.get_mut(id) {
+                    node.persisted = PersistedState {
+                        blocks,
+                        ..PersistedState::default()
+                    };
+                }
+                self.start_node(id, false);
+            }
             Action::RestartEmpty(id) => self.start_node(id, true),
             Action::RecoverEmpty(id) => self.recover_node(id),
             Action::Partition(groups) => self.partition = Some(groups),

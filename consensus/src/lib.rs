@@ -46,6 +46,10 @@
 //!         // A validator signed conflicting votes: keep the proof, put it
 //!         // on the ledger.
 //!         Output::Evidence(_proof) => {}
+//!         // A block changed the validator set (or refused a change); a
+//!         // new set took over: route messages to it, and if this
+//!         // replica is not in it, follow the chain as a full node.
+//!         Output::Membership { .. } | Output::EpochStarted { .. } => {}
 //!         // A peer wants blocks older than the replica keeps in memory:
 //!         // read them from disk and hand them back.
 //!         Output::ReadBlocks { peer, from, last } => {

@@ -36,6 +36,7 @@ use openagi_crypto::{PublicKey, Signed, identity::SignedPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::Ledger;
+use crate::membership::{BlockEffects, Epoch, Membership, ProofCache};
 use crate::messages::{
     BlocksReply, Checkpoint, CheckpointProof, Commit, FetchBlocks, Forward, Message, NewView,
     PrePrepare, Prepare, PreparedProof, Status, ViewChange,
@@ -47,6 +48,7 @@ use crate::types::{
     genesis_hash, verify_block,
 };
 use crate::{Error, Hash};
+use openagi_crypto::poc::PuzzleParams;
 
 /// Tunables and buffer caps of a replica. All replicas of a network must
 /// agree on `checkpoint_interval` and `window`; the rest is local.
@@ -104,6 +106,9 @@ pub struct Config {
     pub max_checkpoints_per_replica: usize,
     /// Largest encoded message a node should accept from the network.
     pub max_message_bytes: usize,
+    /// The identity puzzle a validator join must solve (network-wide:
+    /// every node of a network uses its genesis parameters).
+    pub join_puzzle: PuzzleParams,
 }
 
 impl Default for Config {
@@ -131,6 +136,7 @@ impl Default for Config {
             max_future_views: 64,
             max_checkpoints_per_replica: 8,
             max_message_bytes: 64 * 1024 * 1024,
+            join_puzzle: PuzzleParams::DEFAULT,
         }
     }
 }
@@ -216,6 +222,8 @@ pub enum DropReason {
     BadTimestamp,
     /// Too many or too large transactions.
     TooLarge,
+    /// A checkpoint or view change of another epoch than this replica's.
+    OtherEpoch,
     /// A checkpoint, prepared, view-change or new-view certificate is
     /// forged or inconsistent.
     InvalidCertificate,
@@ -255,6 +263,8 @@ pub struct Stats {
     pub local_errors: u64,
     /// Batches of client transactions a backup relayed to the primary.
     pub relayed_batches: u64,
+    /// Epochs (validator sets) this replica moved into.
+    pub epochs_entered: u64,
 }
 
 impl Stats {
@@ -316,6 +326,29 @@ pub enum Output {
     /// A validator signed two conflicting votes: the proof, for the node
     /// to record and put on the ledger.
     Evidence(crate::evidence::Equivocation),
+    /// A committed block changed the membership: changes it scheduled and
+    /// requests it refused (with the reason), for the node to report.
+    Membership {
+        /// Height of the block.
+        height: u64,
+        /// What it did.
+        effects: BlockEffects,
+    },
+    /// This replica entered a new epoch: a new validator set decides from
+    /// `first_height` on. The node routes consensus messages to the new
+    /// set from now on. When this replica is not a member of it,
+    /// `member` is false and the replica has retired: it votes no more,
+    /// and the node follows the chain as a full node instead.
+    EpochStarted {
+        /// The epoch number.
+        number: u64,
+        /// The first height it decides.
+        first_height: u64,
+        /// Its validators, in order.
+        validators: Vec<PublicKey>,
+        /// Whether this replica is one of them.
+        member: bool,
+    },
     /// A peer asked for blocks older than those kept in memory: read
     /// heights `from..=last` from storage (as many as there are, in order)
     /// and hand them to [`Replica::handle_stored_blocks`] for `peer`.
@@ -606,6 +639,19 @@ pub struct Replica<S: Signer = IdentitySigner> {
     /// is older while this replica has not executed that far).
     schedule: Schedule,
     schedule_basis: u64,
+    /// The validator set along the executed chain (possibly one epoch
+    /// ahead of the one this replica votes in, between executing a
+    /// boundary block and holding the checkpoint certificate at it).
+    membership: Membership,
+    proofs: ProofCache,
+    /// The epoch this replica votes in; `validators` is its set.
+    epoch_number: u64,
+    epoch_first_height: u64,
+    /// The old set's checkpoint certificate at the start of this epoch
+    /// (the hand-off), resent to peers still behind it.
+    epoch_handoff: Option<CheckpointProof>,
+    /// Not a member of the epoch it reached: votes no more.
+    retired: bool,
 }
 
 impl<S: Signer> std::fmt::Debug for Replica<S> {
@@ -624,6 +670,22 @@ impl<S: Signer> Replica<S> {
     /// A fresh replica at genesis. Fails if the configuration is unusable
     /// or the signer is not a member of `validators`.
     pub fn new(cfg: Config, validators: ValidatorSet, signer: S, now: u64) -> Result<Self, Error> {
+        let replica = Self::blank(cfg, validators, signer, now)?;
+        if replica
+            .validators
+            .index_of(&replica.signer.public())
+            .is_none()
+        {
+            return Err(Error::Config(
+                "this identity is not in the validator set".into(),
+            ));
+        }
+        Ok(replica)
+    }
+
+    /// A replica at genesis before its identity is checked against any
+    /// set (see [`Replica::restore`], which replays the chain first).
+    fn blank(cfg: Config, validators: ValidatorSet, signer: S, now: u64) -> Result<Self, Error> {
         cfg.validate()?;
         if cfg.max_new_view_bytes(validators.n()) > cfg.max_message_bytes as u64 {
             // A correct new view could then be refused as too large and the
@@ -635,13 +697,17 @@ impl<S: Signer> Replica<S> {
                 cfg.max_new_view_bytes(validators.n())
             )));
         }
-        let me = validators
-            .index_of(&signer.public())
-            .ok_or_else(|| Error::Config("this identity is not in the validator set".into()))?;
+        let me = validators.index_of(&signer.public()).unwrap_or(0);
         let network = validators.network();
         let n = validators.n();
         let ledger = Ledger::keeping(network, cfg.blocks_in_memory);
         let cfg_interval = cfg.checkpoint_interval;
+        let membership = Membership::genesis(
+            validators.clone(),
+            cfg.checkpoint_interval,
+            cfg.window,
+            cfg.join_puzzle,
+        )?;
         Ok(Replica {
             next_retransmit: now.saturating_add(cfg.retransmit_interval_ms),
             next_status: now,
@@ -688,6 +754,12 @@ impl<S: Signer> Replica<S> {
             reputation: Reputation::new(n, cfg_interval),
             schedule: Schedule::genesis(n),
             schedule_basis: 0,
+            membership,
+            proofs: ProofCache::default(),
+            epoch_number: 0,
+            epoch_first_height: 1,
+            epoch_handoff: None,
+            retired: false,
             validators,
             signer,
         })
@@ -707,7 +779,7 @@ impl<S: Signer> Replica<S> {
         state: PersistedState,
         now: u64,
     ) -> Result<Self, Error> {
-        let mut replica = Replica::new(cfg, validators, signer, now)?;
+        let mut replica = Replica::blank(cfg, validators, signer, now)?;
         replica.schedule_basis = state.schedule_basis;
         for (block, cert) in state.blocks {
             let head = replica.ledger.head();
@@ -718,11 +790,18 @@ impl<S: Signer> Replica<S> {
                 });
             }
             replica.note_executed(&block, true);
-            replica.ledger.append(block, cert);
+            let (height, hash) = (block.height, block.hash());
+            let applied = replica.ledger.append(block, cert);
+            replica.note_membership(height, hash, &applied);
         }
+        // What the replayed blocks did was reported before the restart.
+        replica
+            .outputs
+            .retain(|o| !matches!(o, Output::Membership { .. }));
         if let Some(stable) = state.stable {
             replica.stable = stable;
         }
+        replica.select_restored_epoch()?;
         let low = replica.stable.seq;
         replica.view = state.view;
         replica.changing = state.changing;
@@ -797,9 +876,14 @@ impl<S: Signer> Replica<S> {
         Ok(replica)
     }
 
-    /// Whether this replica may vote at `(view, seq)` (always, unless
-    /// recovering from lost state).
+    /// Whether this replica may vote at `(view, seq)`: not before it holds
+    /// the checkpoint its epoch starts from (a newcomer fetches that state
+    /// first), and, when recovering from lost state, only above the
+    /// recovery bound.
     fn may_vote(&self, view: u64, seq: u64) -> bool {
+        if self.retired || self.stable.seq.saturating_add(1) < self.epoch_first_height {
+            return false;
+        }
         match &self.recovery {
             None => true,
             Some(r) => r.bound.is_some_and(|b| seq > b.seq || view > b.view),
@@ -959,6 +1043,24 @@ impl<S: Signer> Replica<S> {
         &self.validators
     }
 
+    /// The number of the epoch this replica votes in, and the first height
+    /// that epoch decides.
+    pub fn epoch(&self) -> (u64, u64) {
+        (self.epoch_number, self.epoch_first_height)
+    }
+
+    /// The validator set along the executed chain: the epoch in force for
+    /// the next height, the transition in flight, the join puzzle.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// Whether this replica left the validator set (it votes no more; the
+    /// node follows the chain as a full node instead).
+    pub fn is_retired(&self) -> bool {
+        self.retired
+    }
+
     /// Transactions waiting to be proposed.
     pub fn pending_len(&self) -> usize {
         self.pending.len()
@@ -1012,6 +1114,11 @@ impl<S: Signer> Replica<S> {
     /// validator if it is not proposed soon.
     pub fn handle_request(&mut self, tx: Transaction, now: u64) -> Result<(), Error> {
         self.advance_clock(now);
+        if self.retired {
+            return Err(Error::Config(
+                "this replica left the validator set; submit to a validator".into(),
+            ));
+        }
         if tx.size() > self.cfg.max_tx_bytes {
             self.drop_input(DropReason::TooLarge);
             return Err(Error::Malformed("transaction too large".into()));
@@ -1065,13 +1172,21 @@ impl<S: Signer> Replica<S> {
     pub fn handle_message(&mut self, message: Message, now: u64) {
         self.advance_clock(now);
         self.stats.messages_received += 1;
+        if self.retired {
+            return;
+        }
         self.dispatch(message);
+        self.maybe_enter_epoch();
         self.update_timer();
     }
 
     /// Time passed: fires timers, batches, retransmissions and status.
     pub fn handle_tick(&mut self, now: u64) {
         self.advance_clock(now);
+        if self.retired {
+            return;
+        }
+        self.maybe_enter_epoch();
         let now = self.now;
         if let Some(deadline) = self.deadline
             && now >= deadline
@@ -1207,8 +1322,237 @@ impl<S: Signer> Replica<S> {
         self.persist(PersistRecord::ScheduleBasis(self.schedule_basis));
     }
 
+    /// The last height the epoch this replica votes in decides, once a
+    /// transition is known: the boundary of the membership's transition
+    /// in flight, or, when the executed chain has already passed it, the
+    /// height before the chain's newest epoch.
+    fn epoch_end(&self) -> Option<u64> {
+        let latest = self.membership.epoch();
+        if latest.number > self.epoch_number {
+            Some(latest.first_height.saturating_sub(1))
+        } else {
+            self.membership.last_height_of_epoch()
+        }
+    }
+
+    /// The set that signs the checkpoint at `seq`: this epoch's for its own
+    /// heights (and the chain's newer one above them), the previous one for
+    /// the hand-off at this epoch's start; none for older checkpoints.
+    fn set_for_checkpoint(&self, seq: u64) -> Option<&ValidatorSet> {
+        let latest = self.membership.epoch();
+        if seq >= latest.first_height || latest.number == 0 {
+            return Some(&latest.validators);
+        }
+        self.membership
+            .previous_epoch()
+            .filter(|previous| seq >= previous.first_height || previous.number == 0)
+            .map(|previous| &previous.validators)
+    }
+
+    /// Folds an executed block into the membership; a block at a boundary
+    /// also starts the new set's leader rotation (part of the chain's
+    /// state, so every replica does it at the same height). What the
+    /// block did is reported as [`Output::Membership`].
+    fn note_membership(&mut self, height: u64, hash: Hash, applied: &[Transaction]) {
+        let effects =
+            match self
+                .membership
+                .apply_block(height, hash, applied, &self.signer, &mut self.proofs)
+            {
+                Ok(effects) => effects,
+                Err(_) => {
+                    // Blocks come in order from the ledger; a gap is a bug.
+                    self.stats.local_errors += 1;
+                    return;
+                }
+            };
+        if let Some(epoch) = &effects.new_epoch {
+            let newcomers: Vec<usize> = epoch
+                .newcomers
+                .iter()
+                .filter_map(|k| epoch.validators.index_of(k))
+                .collect();
+            self.reputation
+                .enter_epoch(height, epoch.validators.n(), &newcomers);
+            if self.schedule.height == height {
+                // Replaying at restart, the schedule just taken at this
+                // height was the old set's; the view follows the new one.
+                self.schedule = self.reputation.current().clone();
+            }
+        }
+        if !effects.scheduled.is_empty()
+            || !effects.refused.is_empty()
+            || effects.new_epoch.is_some()
+        {
+            self.outputs
+                .push_back(Output::Membership { height, effects });
+        }
+    }
+
+    /// After a restart: the epoch this replica votes in, from the replayed
+    /// chain and its stable checkpoint. The newest epoch once its hand-off
+    /// checkpoint is held (or when the replica was not in the one before:
+    /// a newcomer, which votes once it holds that checkpoint), else the
+    /// one before.
+    fn select_restored_epoch(&mut self) -> Result<(), Error> {
+        let me = self.signer.public();
+        let latest = self.membership.epoch().clone();
+        let handoff = latest.first_height.saturating_sub(1);
+        let previous = self.membership.previous_epoch().cloned();
+        let in_previous = previous
+            .as_ref()
+            .is_some_and(|p| p.validators.index_of(&me).is_some());
+        let epoch = match previous {
+            Some(previous) if self.stable.seq < handoff && in_previous => previous,
+            _ => latest,
+        };
+        let Some(index) = epoch.validators.index_of(&me) else {
+            return Err(Error::Config(format!(
+                "this identity is not a validator of epoch {}",
+                epoch.number
+            )));
+        };
+        if self.stable.seq == epoch.first_height.saturating_sub(1) && epoch.number > 0 {
+            self.epoch_handoff = Some(self.stable.clone());
+        }
+        self.adopt_epoch_set(&epoch, index);
+        let handoff = epoch.first_height.saturating_sub(1);
+        if epoch.number > 0 && self.schedule.height < handoff {
+            // A newcomer (or a replica whose view predates the epoch)
+            // starts from the epoch's first schedule.
+            self.enter_epoch_schedule(handoff);
+        }
+        Ok(())
+    }
+
+    /// Takes the schedule every replica takes on moving into the epoch
+    /// whose hand-off checkpoint is at `handoff`: the one taken at that
+    /// height, whatever newer checkpoint a replica may already hold, so
+    /// all agree on who leads the view they carry over.
+    fn enter_epoch_schedule(&mut self, handoff: u64) {
+        self.schedule = self.reputation.at(handoff).clone();
+        self.schedule_basis = self.schedule.height;
+        self.persist(PersistRecord::ScheduleBasis(self.schedule_basis));
+    }
+
+    /// Takes `epoch`'s set as the voting set, with this replica at
+    /// `index`; peer facts follow their keys.
+    fn adopt_epoch_set(&mut self, epoch: &Epoch, index: usize) {
+        let old_keys = self.validators.members().to_vec();
+        let old_peers = std::mem::take(&mut self.peers);
+        let n = epoch.validators.n();
+        self.peers = epoch
+            .validators
+            .members()
+            .iter()
+            .map(|key| {
+                old_keys
+                    .iter()
+                    .position(|old| old == key)
+                    .and_then(|i| old_peers.get(i).copied())
+                    .unwrap_or_default()
+            })
+            .collect();
+        self.validators = epoch.validators.clone();
+        self.me = index;
+        self.epoch_number = epoch.number;
+        self.epoch_first_height = epoch.first_height;
+        self.future_per_sender = vec![0; n];
+        self.out_of_window_per_sender = vec![0; n];
+        self.fetch = None;
+        self.fetch_rotation = index;
+    }
+
+    /// Moves into the chain's newest epoch once this replica has executed
+    /// up to its boundary and holds the old set's checkpoint certificate
+    /// there: every number up to the boundary is then decided, and the
+    /// new set starts from that certified state. A replica not in the new
+    /// set retires (also when, without that certificate, it has executed a
+    /// window past the boundary: the others have long moved on).
+    /// Everything kept by validator index starts over; buffered messages
+    /// are read again under the new set.
+    fn maybe_enter_epoch(&mut self) {
+        if self.retired {
+            return;
+        }
+        let latest = self.membership.epoch();
+        if latest.number <= self.epoch_number {
+            return;
+        }
+        let handoff = latest.first_height.saturating_sub(1);
+        let member = latest.validators.index_of(&self.signer.public());
+        let executed = self.ledger.height();
+        let certified = self.stable.seq >= handoff;
+        let long_past = executed >= handoff.saturating_add(self.cfg.window);
+        if executed < handoff || !(certified || (member.is_none() && long_past)) {
+            return;
+        }
+        let epoch = latest.clone();
+        self.stats.epochs_entered += 1;
+        self.outputs.push_back(Output::EpochStarted {
+            number: epoch.number,
+            first_height: epoch.first_height,
+            validators: epoch.validators.members().to_vec(),
+            member: member.is_some(),
+        });
+        let Some(index) = member else {
+            self.retired = true;
+            self.deadline = None;
+            self.fetch = None;
+            return;
+        };
+        if self.stable.seq == handoff {
+            self.epoch_handoff = Some(self.stable.clone());
+        }
+        let buffered: Vec<Message> = self
+            .future
+            .drain(..)
+            .chain(self.out_of_window.drain(..))
+            .collect();
+        self.adopt_epoch_set(&epoch, index);
+        self.view_changes.clear();
+        self.new_view = None;
+        self.checkpoint_votes.clear();
+        let keep = self.stable.seq.saturating_add(1);
+        let _ = self.log.split_off(&keep);
+        if let Some(recovery) = self.recovery.as_mut() {
+            recovery.reports.clear();
+        }
+        if self.changing {
+            // The view being changed to follows the stable checkpoint, as
+            // in any view change.
+            self.enter_schedule();
+        } else {
+            self.enter_epoch_schedule(handoff);
+        }
+        if self.changing {
+            self.send_view_change();
+        }
+        self.rebuild_in_flight();
+        for p in self.pending.iter_mut() {
+            p.forwarded = false;
+        }
+        self.deadline = None;
+        for message in buffered {
+            self.dispatch(message);
+        }
+        self.update_timer();
+        self.try_propose();
+    }
+
     fn high_watermark(&self) -> u64 {
-        self.stable.seq.saturating_add(self.cfg.window)
+        // Above `executed + L` the epoch of a number is not known yet (a
+        // change committed there could end the epoch below it), and no
+        // number past the epoch's last is decided by this set.
+        let high = self
+            .stable
+            .seq
+            .min(self.ledger.height())
+            .saturating_add(self.cfg.window);
+        match self.epoch_end() {
+            Some(end) => high.min(end),
+            None => high,
+        }
     }
 
     fn timeout(&self) -> u64 {
@@ -1930,6 +2274,7 @@ impl<S: Signer> Replica<S> {
         let keys: HashSet<(ClientId, u64)> = block.txs.iter().map(Transaction::key).collect();
         self.note_executed(&block, false);
         let applied = self.ledger.append(block.clone(), cert.clone());
+        self.note_membership(block.height, block.hash(), &applied);
         self.forget_pending(&keys);
         if fetched {
             self.stats.blocks_fetched += 1;
@@ -1948,7 +2293,10 @@ impl<S: Signer> Replica<S> {
         self.last_progress = self.now;
         self.deadline = None;
         self.next_seq = self.next_seq.max(height.saturating_add(1));
-        if height.is_multiple_of(self.cfg.checkpoint_interval) {
+        // Checkpoints past this epoch's end are the next set's to sign
+        // (this replica joins them once it has moved into that epoch).
+        let in_epoch = self.epoch_end().is_none_or(|end| height <= end);
+        if height.is_multiple_of(self.cfg.checkpoint_interval) && in_epoch && !self.retired {
             let checkpoint = Checkpoint {
                 network: self.network,
                 seq: height,
@@ -1976,6 +2324,12 @@ impl<S: Signer> Replica<S> {
         }
         if c.seq % self.cfg.checkpoint_interval != 0 {
             self.drop_input(DropReason::Malformed);
+            return;
+        }
+        if self.epoch_end().is_some_and(|end| c.seq > end) {
+            // The next set's checkpoint; counted once this replica is in
+            // that epoch (its signer's index there may differ).
+            self.drop_input(DropReason::OtherEpoch);
             return;
         }
         self.record_checkpoint_vote(from, c.seq, c.state, signed);
@@ -2150,10 +2504,12 @@ impl<S: Signer> Replica<S> {
                 "checkpoint off the interval".into(),
             ));
         }
+        let set = self.set_for_checkpoint(proof.seq).ok_or_else(|| {
+            Error::InvalidCertificate("checkpoint from an epoch no longer known".into())
+        })?;
         let mut signers = BTreeSet::new();
         for signed in &proof.messages {
-            let index = self
-                .validators
+            let index = set
                 .index_of(signed.signer())
                 .ok_or_else(|| Error::InvalidCertificate("checkpoint from a non-member".into()))?;
             let c = self.signer.open(signed)?;
@@ -2164,7 +2520,7 @@ impl<S: Signer> Replica<S> {
             }
             signers.insert(index);
         }
-        if signers.len() < self.quorum() {
+        if signers.len() < set.quorum() {
             return Err(Error::InvalidCertificate(
                 "too few checkpoint signers".into(),
             ));
@@ -2233,6 +2589,20 @@ impl<S: Signer> Replica<S> {
     fn validate_view_change(&self, vc: &ViewChange) -> Result<(), Error> {
         if vc.network != self.network {
             return Err(Error::InvalidCertificate("wrong network".into()));
+        }
+        // A view change belongs to the epoch its checkpoint starts: one
+        // from an earlier epoch (below this one's hand-off) or a later one
+        // (at or past this epoch's end) is never mixed into this epoch's
+        // new view.
+        if vc.checkpoint.seq.saturating_add(1) < self.epoch_first_height {
+            return Err(Error::InvalidCertificate(
+                "view change from an earlier epoch".into(),
+            ));
+        }
+        if self.epoch_end().is_some_and(|end| vc.checkpoint.seq >= end) {
+            return Err(Error::InvalidCertificate(
+                "view change from the next epoch".into(),
+            ));
         }
         self.validate_checkpoint_proof(&vc.checkpoint)?;
         let mut last_seq = vc.checkpoint.seq;
@@ -2875,7 +3245,10 @@ impl<S: Signer> Replica<S> {
                 continue;
             }
             let head = self.ledger.head();
-            if verify_block(&head, &block, &cert, &self.validators, &self.signer).is_err() {
+            // Each block is checked against the set of its own epoch, which
+            // the membership (fed every block before it) holds.
+            let set = &self.membership.epoch().validators;
+            if verify_block(&head, &block, &cert, set, &self.signer).is_err() {
                 self.drop_input(DropReason::InvalidBlock);
                 break;
             }
@@ -2972,6 +3345,23 @@ impl<S: Signer> Replica<S> {
             let proof = self.stable.messages.clone();
             for peer in behind {
                 for m in &proof {
+                    self.send_to(peer, Message::Checkpoint(m.clone()));
+                }
+            }
+        }
+        // Members still in the old epoch need the old set's certificate at
+        // this epoch's start to move in (later checkpoints are the new
+        // set's, which they do not count yet).
+        if let Some(handoff) = self.epoch_handoff.clone() {
+            let behind: Vec<usize> = self
+                .peers
+                .iter()
+                .enumerate()
+                .filter(|(i, p)| *i != self.me && p.stable < handoff.seq)
+                .map(|(i, _)| i)
+                .collect();
+            for peer in behind {
+                for m in &handoff.messages {
                     self.send_to(peer, Message::Checkpoint(m.clone()));
                 }
             }

@@ -160,6 +160,9 @@ struct Failure {
 pub struct Reputation {
     checkpoint_interval: u64,
     max_excluded: usize,
+    /// Members that joined at the start of this epoch: they lead no view
+    /// in it (ascending).
+    ineligible: Vec<usize>,
     /// The lowest view not yet known to have produced a block or failed.
     next_view: u64,
     /// Height of the last block folded in.
@@ -180,11 +183,43 @@ impl Reputation {
         Reputation {
             checkpoint_interval: checkpoint_interval.max(1),
             max_excluded: n.saturating_sub(1) / 3,
+            ineligible: Vec::new(),
             next_view: 0,
             height: 0,
             failures: VecDeque::new(),
             current: Schedule::genesis(n),
             history: VecDeque::from([Schedule::genesis(n)]),
+        }
+    }
+
+    /// Starts the rotation of a new validator set after the block at
+    /// `height` (an epoch boundary): `n` members, of which `newcomers`
+    /// (indices) lead no view in this epoch. The old set's failures are
+    /// forgotten (its indices mean nothing now); the schedule taken at
+    /// `height` becomes the new set's.
+    pub fn enter_epoch(&mut self, height: u64, n: usize, newcomers: &[usize]) {
+        let n = n.max(1);
+        let mut ineligible: Vec<usize> = newcomers.iter().copied().filter(|i| *i < n).collect();
+        ineligible.sort_unstable();
+        ineligible.dedup();
+        if ineligible.len() >= n {
+            // Someone must lead.
+            ineligible.clear();
+        }
+        self.max_excluded = n.saturating_sub(1) / 3;
+        self.failures.clear();
+        self.current = Schedule {
+            height,
+            n,
+            excluded: ineligible.clone(),
+        };
+        self.ineligible = ineligible;
+        if self.history.back().is_some_and(|s| s.height == height) {
+            self.history.pop_back();
+        }
+        self.history.push_back(self.current.clone());
+        while self.history.len() > SCHEDULES_KEPT {
+            self.history.pop_front();
         }
     }
 
@@ -259,8 +294,10 @@ impl Reputation {
                 .then(tally[b].1.cmp(&tally[a].1))
                 .then(a.cmp(&b))
         });
-        ranked.truncate(self.max_excluded);
+        ranked.truncate(self.max_excluded.saturating_sub(self.ineligible.len()));
+        ranked.extend(self.ineligible.iter().copied());
         ranked.sort_unstable();
+        ranked.dedup();
         self.current = Schedule {
             height: block.height,
             n: self.current.n,

@@ -402,7 +402,10 @@ impl Harness {
                         .collect();
                     self.replica.handle_stored_blocks(&peer, stored, self.now);
                 }
-                Output::ViewInstalled { .. } | Output::Evidence(_) => {}
+                Output::ViewInstalled { .. }
+                | Output::Evidence(_)
+                | Output::Membership { .. }
+                | Output::EpochStarted { .. } => {}
             }
         }
     }

@@ -91,7 +91,8 @@ pub enum ConsensusError {
 pub struct ConsensusStatus {
     /// `validator`: this node votes (a full node's section says `full`).
     pub role: &'static str,
-    /// The validator-set epoch (0 until membership changes exist).
+    /// The validator-set epoch this node votes in (0 for the genesis set;
+    /// one more per committed change of the set).
     pub epoch: u64,
     /// The validators' public keys, in order.
     pub validators_keys: Vec<String>,
@@ -1134,6 +1135,20 @@ impl Driver {
                 Output::Persist(_) => {}
                 Output::Evidence(evidence) => self.evidence(evidence),
                 Output::ReadBlocks { peer, from, last } => reads.push((peer, from, last)),
+                Output::Membership { height, effects } => {
+                    for (tx, change) in &effects.scheduled {
+                        info!(height, tx = %hex::encode(tx), ?change, "validator-set change scheduled");
+                    }
+                    for (tx, refusal) in &effects.refused {
+                        warn!(height, tx = %hex::encode(tx), %refusal, "validator-set change refused");
+                    }
+                }
+                Output::EpochStarted {
+                    number,
+                    first_height,
+                    validators,
+                    member,
+                } => self.enter_epoch(number, first_height, &validators, member),
             }
         }
         for (peer, parts) in outgoing.per_peer {
@@ -1174,6 +1189,56 @@ impl Driver {
                     outgoing.push(peer, bytes);
                 }
             }
+        }
+    }
+
+    /// A new validator set took over: messages go to its members, and only
+    /// theirs are read.
+    fn enter_epoch(
+        &mut self,
+        number: u64,
+        first_height: u64,
+        validators: &[PublicKey],
+        member: bool,
+    ) {
+        self.peers = validators.iter().map(peer_id_of).collect();
+        let me_peer = self.net.local_peer_id();
+        self.me = self
+            .peers
+            .iter()
+            .position(|p| *p == Some(me_peer))
+            .unwrap_or(usize::MAX);
+        self.net.allow_direct_from(
+            self.peers
+                .iter()
+                .flatten()
+                .copied()
+                .filter(|p| *p != me_peer),
+        );
+        self.activity = self
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(index, peer)| ValidatorActivity {
+                index,
+                peer_id: peer.map(|p| p.to_string()).unwrap_or_default(),
+                this_node: index == self.me,
+                ..ValidatorActivity::default()
+            })
+            .collect();
+        if member {
+            info!(
+                epoch = number,
+                first_height,
+                validators = validators.len(),
+                "a new validator set took over"
+            );
+        } else {
+            warn!(
+                epoch = number,
+                first_height,
+                "this node left the validator set: it votes no more (restart it to follow the ledger as a full node)"
+            );
         }
     }
 
@@ -1397,8 +1462,12 @@ impl Driver {
         self.metrics.view.set(view as i64);
         self.metrics.pending.set(self.replica.pending_len() as i64);
         let status = ConsensusStatus {
-            role: "validator",
-            epoch: 0,
+            role: if self.replica.is_retired() {
+                "full"
+            } else {
+                "validator"
+            },
+            epoch: self.replica.epoch().0,
             validators_keys: validators.members().iter().map(|k| k.to_hex()).collect(),
             view,
             changing_view: self.replica.is_changing_view(),

@@ -1,0 +1,212 @@
+//! Validator-set changes through consensus, in simulation: a node outside
+//! the genesis set proves its computation and joins, a validator leaves,
+//! an equivocator is removed; every change takes effect at the boundary
+//! every replica computes from the chain, and the network goes on with
+//! the new set (and needs it: a crash after the change must be survived
+//! with the newcomer's votes).
+
+use std::sync::atomic::AtomicBool;
+
+use openagi_consensus::membership::{
+    Change, JoinRequest, LeaveRequest, MembershipRequest, Refusal,
+};
+use openagi_consensus_sim::{Action, Sim, SimConfig, sim_replica_config};
+use openagi_crypto::Signed;
+use openagi_crypto::poc::{PuzzleInput, solve};
+
+/// A join for node `id`, anchored at node `reference`'s newest block.
+fn join_request(sim: &Sim, id: usize, reference: usize) -> Vec<u8> {
+    let identity = sim.identity(id).expect("node");
+    let replica = sim.replica(reference).expect("running");
+    let network = replica.validators().network();
+    let (anchor_height, anchor_hash) = replica.membership().anchor().expect("a block");
+    let public = identity.public();
+    let input = PuzzleInput {
+        public_key: &public,
+        network_id: &network.0,
+        anchor_height,
+        anchor_hash: &anchor_hash,
+    };
+    let params = sim_replica_config().join_puzzle;
+    let nonce = solve(&input, params, 1, 0, &|_| {}, &AtomicBool::new(false))
+        .expect("runs")
+        .expect("found");
+    let join = JoinRequest {
+        network,
+        anchor_height,
+        anchor_hash,
+        nonce,
+    };
+    MembershipRequest::Join(Signed::sign(identity, &join).expect("sign"))
+        .to_payload()
+        .expect("encode")
+}
+
+fn leave_request(sim: &Sim, id: usize, epoch: u64) -> Vec<u8> {
+    let identity = sim.identity(id).expect("node");
+    let network = sim.replica(id).expect("running").validators().network();
+    MembershipRequest::Leave(
+        Signed::sign(identity, &LeaveRequest { network, epoch }).expect("sign"),
+    )
+    .to_payload()
+    .expect("encode")
+}
+
+/// Runs until every correct replica is in `epoch`, or panics after
+/// `within_ms`.
+fn run_until_epoch(sim: &mut Sim, epoch: u64, within_ms: u64) {
+    let deadline = sim.now() + within_ms;
+    while sim.now() < deadline {
+        let step = sim.now() + 100;
+        sim.run_until(step).expect("no violation");
+        let all_in = sim
+            .correct_nodes()
+            .iter()
+            .filter_map(|id| sim.replica(*id))
+            .all(|r| r.epoch().0 >= epoch);
+        if all_in {
+            return;
+        }
+    }
+    let epochs: Vec<_> = sim
+        .correct_nodes()
+        .into_iter()
+        .filter_map(|id| sim.replica(id).map(|r| (id, r.epoch(), r.height())))
+        .collect();
+    panic!("not all in epoch {epoch}: {epochs:?}");
+}
+
+#[test]
+fn a_node_that_proves_its_computation_joins_and_its_votes_count() {
+    let mut cfg = SimConfig::new(3, 4);
+    cfg.spares = 1;
+    let spare = 4;
+    let mut sim = Sim::new(cfg);
+    sim.run_until(1_500).expect("no violation");
+    assert!(
+        sim.replica(spare).is_none(),
+        "the spare is no validator yet"
+    );
+    let join = join_request(&sim, spare, 0);
+    sim.submit(join);
+    run_until_epoch(&mut sim, 1, 20_000);
+
+    let reference = sim.replica(0).expect("running");
+    let (number, first_height) = reference.epoch();
+    assert_eq!(number, 1);
+    let spare_key = sim.identity(spare).expect("spare").public();
+    assert_eq!(reference.validators().n(), 5);
+    assert_eq!(reference.validators().member(4), Some(&spare_key));
+    // Where it took effect: the first checkpoint at or above the join's
+    // height, plus the window; all replicas agree on what the block did.
+    let (joined_at, effects) = sim
+        .membership_effects(0)
+        .iter()
+        .find(|(_, e)| !e.scheduled.is_empty())
+        .cloned()
+        .expect("the join was scheduled");
+    assert_eq!(
+        effects.scheduled.first().map(|(_, c)| *c),
+        Some(Change::Join(spare_key))
+    );
+    let cfg = sim_replica_config();
+    let boundary =
+        joined_at.div_ceil(cfg.checkpoint_interval) * cfg.checkpoint_interval + cfg.window;
+    assert_eq!(first_height, boundary + 1);
+    for id in sim.correct_nodes() {
+        assert_eq!(
+            sim.membership_effects(id)
+                .iter()
+                .find(|(h, _)| *h == joined_at)
+                .map(|(_, e)| e),
+            Some(&effects),
+            "node {id} saw the same effects"
+        );
+    }
+    // Blocks up to the boundary carry the old set's certificates only.
+    let blocks = sim.stored_blocks(0);
+    let last_old = blocks
+        .iter()
+        .find(|(b, _)| b.height == boundary)
+        .expect("boundary block");
+    assert!(
+        last_old.1.commits.iter().all(|c| *c.signer() != spare_key),
+        "the newcomer voted before its epoch"
+    );
+
+    // The newcomer starts from the chain its full node followed.
+    let now = sim.now();
+    sim.schedule(now, Action::StartJoined(spare));
+    sim.run_until(now + 15_000).expect("no violation");
+    let newcomer = sim.replica(spare).expect("started");
+    assert_eq!(newcomer.epoch().0, 1);
+    assert!(
+        newcomer.primary_choice().skipped.contains(&4),
+        "a newcomer does not lead in its first epoch"
+    );
+    let voted = sim
+        .stored_blocks(0)
+        .iter()
+        .filter(|(b, _)| b.height > boundary)
+        .any(|(_, cert)| cert.commits.iter().any(|c| *c.signer() == spare_key));
+    assert!(voted, "the newcomer's commits are in certificates");
+
+    // With five validators one may fail; after a crash the quorum of four
+    // needs the newcomer.
+    let height = sim.committed_height();
+    let now = sim.now();
+    let primary = sim.replica(0).expect("running").primary_choice().index;
+    let down = (0..4).find(|i| *i != primary).expect("a backup");
+    sim.schedule(now, Action::Crash(down));
+    sim.run_until(now + 15_000).expect("no violation");
+    sim.check_agreement().expect("agreement");
+    sim.check_liveness(height + 10)
+        .expect("commits go on with the newcomer's votes");
+    // And a restart across the boundary restores into epoch 1.
+    let now = sim.now();
+    sim.schedule(now, Action::Restart(down));
+    sim.run_until(now + 10_000).expect("no violation");
+    let restarted = sim.replica(down).expect("restarted");
+    assert_eq!(restarted.epoch().0, 1);
+    assert_eq!(restarted.validators().n(), 5);
+}
+
+#[test]
+fn a_validator_leaves_and_the_rest_go_on_without_it() {
+    let mut sim = Sim::new(SimConfig::new(8, 5));
+    sim.run_until(1_500).expect("no violation");
+    let leaving = 4;
+    let leave = leave_request(&sim, leaving, 0);
+    sim.submit(leave);
+    run_until_epoch(&mut sim, 1, 20_000);
+    let leaver_key = sim.identity(leaving).expect("node").public();
+    let reference = sim.replica(0).expect("running");
+    assert_eq!(reference.validators().n(), 4);
+    assert!(reference.validators().index_of(&leaver_key).is_none());
+    assert!(
+        sim.replica(leaving).expect("running").is_retired(),
+        "the leaver retired"
+    );
+    assert!(!sim.correct_nodes().contains(&leaving));
+    // A second leave would take the set below four: refused, with the
+    // reason, and the set stays.
+    let again = leave_request(&sim, 3, 1);
+    sim.submit(again);
+    let now = sim.now();
+    sim.run_until(now + 5_000).expect("no violation");
+    let refused = sim
+        .membership_effects(0)
+        .iter()
+        .flat_map(|(_, e)| e.refused.iter().map(|(_, r)| r.clone()))
+        .collect::<Vec<_>>();
+    assert_eq!(refused, vec![Refusal::TooFewValidators { min: 4 }]);
+    // Four validators tolerate one crash.
+    let height = sim.committed_height();
+    let now = sim.now();
+    let primary = sim.replica(0).expect("running").primary_choice().index;
+    let down = (0..4).find(|i| *i != primary).expect("a backup");
+    sim.schedule(now, Action::Crash(down));
+    sim.run_until(now + 15_000).expect("no violation");
+    sim.check_agreement().expect("agreement");
+    sim.check_liveness(height + 10).expect("commits go on");
+}
