@@ -5,9 +5,9 @@
 //! oversized answer.
 
 use openagi_consensus::follow::{Follower, LedgerRequest, LedgerResponse, MAX_BLOCKS_PER_REQUEST};
-use openagi_consensus::types::ChainAnchor;
+use openagi_consensus::membership::Membership;
 use openagi_consensus::{Block, CommitCertificate, StrictCrypto};
-use openagi_consensus_sim::{Sim, SimConfig};
+use openagi_consensus_sim::{Sim, SimConfig, sim_replica_config};
 
 fn committed_chain() -> (
     Vec<(Block, CommitCertificate)>,
@@ -26,8 +26,15 @@ fn committed_chain() -> (
 #[test]
 fn a_follower_takes_a_committed_chain_and_refuses_forgeries() {
     let (chain, validators) = committed_chain();
-    let genesis = ChainAnchor::genesis(validators.network());
-    let mut follower = Follower::new(validators.clone(), genesis);
+    let cfg = sim_replica_config();
+    let membership = Membership::genesis(
+        validators.clone(),
+        cfg.checkpoint_interval,
+        cfg.window,
+        cfg.join_puzzle,
+    )
+    .expect("genesis membership");
+    let mut follower = Follower::new(membership);
     assert_eq!(
         follower.next_request(),
         LedgerRequest::Blocks {

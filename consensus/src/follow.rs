@@ -1,12 +1,16 @@
 //! Following the ledger without voting: what a full node does.
 //!
-//! A [`Follower`] knows the validator set and the head it has verified. It
+//! A [`Follower`] knows the validator set (as it changes along the chain:
+//! [`crate::membership`]) and the head it has verified. It
 //! says which blocks to ask for next ([`Follower::next_request`]); the node
 //! sends that to a peer over `/openagi/ledger/1` and hands the answer to
 //! [`Follower::handle_blocks`], which verifies every block against the
-//! chain and the validator set (hash links, batch roots, timestamps and a
-//! commit certificate of a quorum of validators, strict Ed25519) before it
-//! accepts any, and returns the accepted blocks for the node to store. A
+//! chain and the validator set of that block's epoch (hash links, batch
+//! roots, timestamps and a commit certificate of a quorum of that set,
+//! strict Ed25519) before it accepts any, and returns the accepted blocks
+//! for the node to store. The old set's certificate over the block that
+//! ends an epoch is the hand-off: the blocks after it are checked against
+//! the set that block's changes made. A
 //! peer that sends a forged block or certificate gets an error the node
 //! turns into a penalty. Sans-IO like the replica: no clock, no network.
 //!
@@ -16,8 +20,12 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::ledger::Ledger;
+use crate::membership::{BlockEffects, Membership, ProofCache};
 use crate::signing::Crypto;
-use crate::types::{Block, ChainAnchor, CommitCertificate, Transaction, ValidatorSet};
+use crate::types::{
+    Block, ChainAnchor, CommitCertificate, Transaction, ValidatorSet, verify_block,
+};
 use crate::{Error, Hash};
 
 /// Most blocks asked for in one request.
@@ -91,41 +99,84 @@ impl LedgerResponse {
 /// A node following the ledger (see the module documentation).
 #[derive(Clone, Debug)]
 pub struct Follower {
-    validators: ValidatorSet,
-    anchor: ChainAnchor,
+    /// The verified chain's head and exactly-once table (which
+    /// transactions took effect, so membership changes are read as the
+    /// validators read them).
+    ledger: Ledger,
+    membership: Membership,
+    proofs: ProofCache,
 }
 
 impl Follower {
-    /// A follower whose verified ledger ends at `anchor` (the genesis
-    /// anchor, or the head of the blocks it has stored).
-    pub fn new(validators: ValidatorSet, anchor: ChainAnchor) -> Self {
-        Self { validators, anchor }
+    /// A follower at genesis, with the network's genesis membership.
+    pub fn new(membership: Membership) -> Self {
+        let network = membership.epoch().validators.network();
+        Self {
+            ledger: Ledger::keeping(network, 1),
+            membership,
+            proofs: ProofCache::default(),
+        }
+    }
+
+    /// Folds in a block this node stored earlier (verified when it came):
+    /// only the hash link is checked, as a restarted replica does. Blocks
+    /// must come in height order from 1.
+    pub fn replay<C: Crypto>(
+        &mut self,
+        block: Block,
+        cert: CommitCertificate,
+        crypto: &C,
+    ) -> Result<(), Error> {
+        let head = self.ledger.head();
+        if block.height != head.height.saturating_add(1) || block.prev_hash != head.hash {
+            return Err(Error::InvalidBlock {
+                height: block.height,
+                reason: "stored chain does not link".into(),
+            });
+        }
+        self.apply(block, cert, crypto).map(|_| ())
+    }
+
+    fn apply<C: Crypto>(
+        &mut self,
+        block: Block,
+        cert: CommitCertificate,
+        crypto: &C,
+    ) -> Result<BlockEffects, Error> {
+        let (height, hash) = (block.height, block.hash());
+        let applied = self.ledger.append(block, cert);
+        self.membership
+            .apply_block(height, hash, &applied, crypto, &mut self.proofs)
     }
 
     /// The verified head.
     pub fn head(&self) -> ChainAnchor {
-        self.anchor
+        self.ledger.head()
     }
 
-    /// The validator set blocks are checked against.
+    /// The validator set of the next block's epoch.
     pub fn validators(&self) -> &ValidatorSet {
-        &self.validators
+        &self.membership.epoch().validators
+    }
+
+    /// The membership along the verified chain.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
     }
 
     /// What to ask a peer for next.
     pub fn next_request(&self) -> LedgerRequest {
         LedgerRequest::Blocks {
-            from: self.anchor.height + 1,
+            from: self.head().height + 1,
             max: MAX_BLOCKS_PER_REQUEST,
         }
     }
 
     /// Verifies `blocks` (as a peer sent them) as the continuation of the
-    /// verified head and, if every one verifies, moves the head to the
-    /// last and returns them for storing. Blocks at or below the head are
-    /// skipped (a peer may answer with what we have). Nothing is accepted
-    /// when any block fails: a forged block or certificate, a gap, or too
-    /// many blocks.
+    /// verified head, each against its own epoch's set, and returns them
+    /// for storing. Blocks at or below the head are skipped (a peer may
+    /// answer with what we have). Nothing is accepted when any block
+    /// fails: a forged block or certificate, a gap, or too many blocks.
     pub fn handle_blocks<C: Crypto>(
         &mut self,
         blocks: Vec<(Block, CommitCertificate)>,
@@ -137,22 +188,19 @@ impl Follower {
                 blocks.len()
             )));
         }
+        let head = self.head().height;
         let fresh: Vec<(Block, CommitCertificate)> = blocks
             .into_iter()
-            .filter(|(b, _)| b.height > self.anchor.height)
+            .filter(|(b, _)| b.height > head)
             .collect();
-        if fresh.is_empty() {
-            return Ok(Vec::new());
+        // Checked on a copy, kept only when every block verified.
+        let mut next = self.clone();
+        for (block, cert) in &fresh {
+            let anchor = next.head();
+            verify_block(&anchor, block, cert, next.validators(), crypto)?;
+            next.apply(block.clone(), cert.clone(), crypto)?;
         }
-        let (chain, certs): (Vec<Block>, Vec<CommitCertificate>) = fresh.iter().cloned().unzip();
-        crate::types::verify_chain_from(self.anchor, &chain, &certs, &self.validators, crypto)?;
-        if let Some(last) = chain.last() {
-            self.anchor = ChainAnchor {
-                height: last.height,
-                hash: last.hash(),
-                timestamp: last.timestamp,
-            };
-        }
+        *self = next;
         Ok(fresh)
     }
 }

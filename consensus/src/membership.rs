@@ -283,7 +283,7 @@ pub struct BlockEffects {
 /// Remembers proof verdicts, keyed by everything the verdict depends on,
 /// so a node checks a join's proof once on admission and not again when
 /// the join executes. Bounded: emptied when full.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ProofCache {
     verdicts: HashMap<Hash, bool>,
 }

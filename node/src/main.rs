@@ -264,6 +264,14 @@ enum GenesisArgs {
         /// Output file.
         #[arg(long, default_value = "genesis.toml")]
         out: PathBuf,
+        /// Leading zero bits a validator join's proof of computation needs
+        /// (each bit doubles the work; the default, 12, costs minutes of
+        /// one core at 64 MiB per attempt). Test networks use fewer.
+        #[arg(long, default_value_t = openagi_crypto::poc::PuzzleParams::DEFAULT.difficulty_bits)]
+        join_difficulty: u32,
+        /// Memory of one join puzzle attempt, KiB.
+        #[arg(long, default_value_t = openagi_crypto::poc::PuzzleParams::DEFAULT.memory_kib)]
+        join_memory_kib: u32,
     },
 }
 
@@ -709,8 +717,19 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                     network_id,
                     validators,
                     out,
+                    join_difficulty,
+                    join_memory_kib,
                 },
-        } => cli_ledger::genesis_create(&network_id, validators, &out),
+        } => cli_ledger::genesis_create(
+            &network_id,
+            validators,
+            &out,
+            openagi_node::common::genesis::GenesisConsensus {
+                join_difficulty_bits: join_difficulty,
+                join_memory_kib,
+                ..Default::default()
+            },
+        ),
         Command::Bench {
             command: BenchArgs::Learning(args),
         } => {

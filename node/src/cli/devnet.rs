@@ -28,6 +28,11 @@ use crate::common::passphrase::PassphraseSource;
 
 /// Network id of every devnet.
 pub const DEVNET_NETWORK_ID: &str = "openagi-devnet";
+/// The devnet's join puzzle: 8 bits at 1 MiB, about 256 attempts of a
+/// few milliseconds.
+pub const DEVNET_JOIN_DIFFICULTY_BITS: u32 = 8;
+/// Memory of one devnet join attempt, KiB.
+pub const DEVNET_JOIN_MEMORY_KIB: u32 = 1024;
 /// How long stopping may take before stragglers are killed.
 const STOP_GRACE: Duration = Duration::from_secs(15);
 
@@ -295,6 +300,13 @@ pub(crate) async fn start_local_network(
     let genesis = Genesis {
         network_id: DEVNET_NETWORK_ID.into(),
         validators,
+        // A join costs a fraction of a second here, minutes on a real
+        // network.
+        consensus: crate::common::genesis::GenesisConsensus {
+            join_difficulty_bits: DEVNET_JOIN_DIFFICULTY_BITS,
+            join_memory_kib: DEVNET_JOIN_MEMORY_KIB,
+            ..Default::default()
+        },
     };
     for (index, d) in dirs.iter().enumerate() {
         let path = d.file(GENESIS_FILE);

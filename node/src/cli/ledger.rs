@@ -55,12 +55,14 @@ pub fn genesis_create(
     network_id: &str,
     validators: Vec<String>,
     out: &std::path::Path,
+    consensus: crate::common::genesis::GenesisConsensus,
 ) -> Result<()> {
     let genesis = Genesis {
         network_id: network_id.to_string(),
         validators,
+        consensus,
     };
-    genesis.validator_set()?;
+    genesis.membership()?;
     if out.exists() {
         bail!(
             "{} exists; a genesis is never overwritten (remove it first if you mean it)",
@@ -200,7 +202,9 @@ fn ledger_offline(dir: &DataDir, command: LedgerCommand) -> Result<(Value, bool)
             genesis_path.display()
         );
     }
-    let validators = Genesis::load(&genesis_path)?.validator_set()?;
+    let genesis = Genesis::load(&genesis_path)?;
+    let validators = genesis.validator_set()?;
+    let membership = genesis.membership()?;
     let reader = LedgerReader::open(dir.path())?;
     // On stderr, so that --json output stays one document.
     eprintln!(
@@ -235,7 +239,7 @@ fn ledger_offline(dir: &DataDir, command: LedgerCommand) -> Result<(Value, bool)
             ),
             None => bail!("no block at height {height}"),
         },
-        LedgerCommand::Verify => match crate::common::ledger::verify_blocks(&reader, &validators) {
+        LedgerCommand::Verify => match crate::common::ledger::verify_blocks(&reader, &membership) {
             Ok(height) => (json!({ "ok": true, "height": height }), true),
             Err(e) => (json!({ "ok": false, "error": format!("{e:#}") }), false),
         },

@@ -1,9 +1,11 @@
-//! The stored ledger read back: re-checking it against the validator set,
-//! and the JSON form of a block that the API and the offline CLI print.
+//! The stored ledger read back: re-checking it from genesis against the
+//! validator set of each block's epoch, and the JSON form of a block that
+//! the API and the offline CLI print.
 
 use anyhow::{Result, bail};
-use openagi_consensus::types::{ChainAnchor, verify_chain_from};
-use openagi_consensus::{StrictCrypto, ValidatorSet};
+use openagi_consensus::StrictCrypto;
+use openagi_consensus::follow::{Follower, MAX_BLOCKS_PER_REQUEST};
+use openagi_consensus::membership::Membership;
 
 use crate::common::store::{BlockSource, Store};
 
@@ -11,33 +13,31 @@ use crate::common::store::{BlockSource, Store};
 const VERIFY_CHUNK: usize = 1024;
 
 /// Verifies every stored block from genesis: hash links, batch roots,
-/// timestamps and commit certificates (strict Ed25519). Returns the
-/// verified height.
-pub fn verify_stored(store: &Store, validators: &ValidatorSet) -> Result<u64> {
-    verify_blocks(store, validators)
+/// timestamps and commit certificates (strict Ed25519), each against the
+/// validator set of its epoch as the chain's own membership changes make
+/// it (so a chain whose set changed verifies through the hand-offs).
+/// Returns the verified height.
+pub fn verify_stored(store: &Store, genesis: &Membership) -> Result<u64> {
+    verify_blocks(store, genesis)
 }
 
 /// [`verify_stored`] over any block source, such as the database of a
 /// stopped node.
-pub fn verify_blocks(store: &impl BlockSource, validators: &ValidatorSet) -> Result<u64> {
-    let mut anchor = ChainAnchor::genesis(validators.network());
+pub fn verify_blocks(store: &impl BlockSource, genesis: &Membership) -> Result<u64> {
+    let mut follower = Follower::new(genesis.clone());
     loop {
-        let chunk = store.blocks_from(anchor.height + 1, VERIFY_CHUNK)?;
+        let from = follower.head().height + 1;
+        let chunk = store.blocks_from(from, VERIFY_CHUNK)?;
         if chunk.is_empty() {
-            return Ok(anchor.height);
+            return Ok(follower.head().height);
         }
-        if chunk[0].0.height != anchor.height + 1 {
-            bail!("block {} is missing from the store", anchor.height + 1);
+        if chunk[0].0.height != from {
+            bail!("block {from} is missing from the store");
         }
-        let (blocks, certs): (Vec<_>, Vec<_>) = chunk.into_iter().unzip();
-        verify_chain_from(anchor, &blocks, &certs, validators, &StrictCrypto)
-            .map_err(|e| anyhow::anyhow!("ledger does not verify: {e}"))?;
-        if let Some(last) = blocks.last() {
-            anchor = ChainAnchor {
-                height: last.height,
-                hash: last.hash(),
-                timestamp: last.timestamp,
-            };
+        for piece in chunk.chunks(MAX_BLOCKS_PER_REQUEST as usize) {
+            follower
+                .handle_blocks(piece.to_vec(), &StrictCrypto)
+                .map_err(|e| anyhow::anyhow!("ledger does not verify: {e}"))?;
         }
     }
 }

@@ -794,9 +794,9 @@ async fn ledger_block(
 }
 
 async fn ledger_verify(State(state): State<Arc<ApiState>>) -> Response {
-    let validators = match (&state.consensus, &state.follower) {
-        (Some(c), _) => c.validators().clone(),
-        (None, Some(f)) => f.validators().clone(),
+    let genesis = match (&state.consensus, &state.follower) {
+        (Some(c), _) => c.genesis().clone(),
+        (None, Some(f)) => f.genesis().clone(),
         (None, None) => {
             return consensus_of(&state).err().unwrap_or_else(|| {
                 error(StatusCode::SERVICE_UNAVAILABLE, "no ledger on this node")
@@ -804,10 +804,9 @@ async fn ledger_verify(State(state): State<Arc<ApiState>>) -> Response {
         }
     };
     let store = state.store.clone();
-    let checked = tokio::task::spawn_blocking(move || {
-        crate::common::ledger::verify_stored(&store, &validators)
-    })
-    .await;
+    let checked =
+        tokio::task::spawn_blocking(move || crate::common::ledger::verify_stored(&store, &genesis))
+            .await;
     match checked {
         Ok(Ok(height)) => Json(serde_json::json!({ "ok": true, "height": height })).into_response(),
         Ok(Err(e)) => {

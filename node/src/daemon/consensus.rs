@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use openagi_consensus::membership::Membership;
 use openagi_consensus::{
     Block, Config, DropReason, Hash, IdentitySigner, Message, Output, Recipient, Replica,
     Transaction, ValidatorSet,
@@ -497,6 +498,7 @@ pub struct ConsensusHandle {
     status: Arc<RwLock<ConsensusStatus>>,
     commits: broadcast::Sender<CommitNotice>,
     validators: ValidatorSet,
+    genesis: Arc<Membership>,
     latencies: LatencyRing,
     /// This node's own client id and where its sequence numbers come from.
     own_client: openagi_consensus::ClientId,
@@ -614,6 +616,11 @@ impl ConsensusHandle {
     /// The validator set.
     pub fn validators(&self) -> &ValidatorSet {
         &self.validators
+    }
+
+    /// The membership at genesis, from which the whole ledger verifies.
+    pub fn genesis(&self) -> &Membership {
+        &self.genesis
     }
 }
 
@@ -811,6 +818,12 @@ pub fn start(
         status: status.clone(),
         commits: commits.clone(),
         validators: validators.clone(),
+        genesis: Arc::new(Membership::genesis(
+            validators.clone(),
+            replica.config().checkpoint_interval,
+            replica.config().window,
+            replica.config().join_puzzle,
+        )?),
         latencies: latencies.clone(),
         own_client: node_client_id(&me_peer),
         store: store.clone(),

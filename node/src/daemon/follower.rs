@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use openagi_consensus::follow::{Follower, LedgerRequest, LedgerResponse};
+use openagi_consensus::membership::Membership;
 use openagi_consensus::replica::PersistRecord;
-use openagi_consensus::types::ChainAnchor;
-use openagi_consensus::{StrictCrypto, Transaction, ValidatorSet};
+use openagi_consensus::{StrictCrypto, Transaction};
 use openagi_net::{NetHandle, PeerId};
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
@@ -42,7 +42,8 @@ const COMMIT_NOTICES: usize = 1024;
 pub struct FollowerStatus {
     /// `full`: follows the chain, never votes.
     pub role: &'static str,
-    /// The validator-set epoch (0 until membership changes exist).
+    /// The validator-set epoch of the next block (0 for the genesis set;
+    /// one more per committed change of the set).
     pub epoch: u64,
     /// How many validators there are.
     pub validators: usize,
@@ -76,8 +77,9 @@ pub enum ForwardError {
 pub struct FollowerHandle {
     status: Arc<RwLock<FollowerStatus>>,
     commits: broadcast::Sender<CommitNotice>,
-    validators: Arc<ValidatorSet>,
-    validator_peers: Arc<Vec<PeerId>>,
+    genesis: Arc<Membership>,
+    /// The current set's peers, as the followed chain changes it.
+    validator_peers: Arc<RwLock<Vec<PeerId>>>,
     store: Arc<Store>,
     own_client: openagi_consensus::ClientId,
 }
@@ -115,11 +117,11 @@ impl FollowerHandle {
             .filter_map(|p| p.parse().ok())
             .collect();
         let mut unreachable = Vec::new();
-        for peer in self
-            .validator_peers
-            .iter()
-            .filter(|p| connected.contains(p))
-        {
+        let validators: Vec<PeerId> = match self.validator_peers.read() {
+            Ok(peers) => peers.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        for peer in validators.iter().filter(|p| connected.contains(p)) {
             match net.ledger_request(*peer, request.clone()).await {
                 // One validator's word is not final (it may be faulty):
                 // a refusal or "duplicate" moves on to the next.
@@ -152,9 +154,9 @@ impl FollowerHandle {
         }))
     }
 
-    /// The validator set the ledger is verified against.
-    pub fn validators(&self) -> &ValidatorSet {
-        &self.validators
+    /// The membership at genesis, from which the whole ledger verifies.
+    pub fn genesis(&self) -> &Membership {
+        &self.genesis
     }
 
     /// The current status.
@@ -171,52 +173,95 @@ impl FollowerHandle {
     }
 }
 
-/// Starts following the ledger of `validators` from what `store` holds.
+/// Blocks read from the store at a time when replaying it at start.
+const REPLAY_CHUNK: usize = 256;
+
+/// The follower with every block `store` holds folded in (their hash
+/// links checked; their certificates were checked when they came): the
+/// membership and exactly-once table at the stored head.
+fn replay_stored(genesis: &Membership, store: &Store) -> Result<Follower> {
+    let mut follower = Follower::new(genesis.clone());
+    loop {
+        let from = follower.head().height + 1;
+        let chunk = store.blocks_from(from, REPLAY_CHUNK)?;
+        if chunk.is_empty() {
+            return Ok(follower);
+        }
+        for (block, cert) in chunk {
+            let height = block.height;
+            follower
+                .replay(block, cert, &StrictCrypto)
+                .with_context(|| format!("replaying stored block {height}"))?;
+        }
+    }
+}
+
+/// Shows the current validator set (epoch, keys) in the status and
+/// points forwarding at its members.
+fn publish_membership(
+    follower: &Follower,
+    status: &RwLock<FollowerStatus>,
+    validator_peers: &RwLock<Vec<PeerId>>,
+) {
+    let epoch = follower.membership().epoch();
+    let keys: Vec<String> = epoch
+        .validators
+        .members()
+        .iter()
+        .map(|k| k.to_hex())
+        .collect();
+    if let Ok(mut s) = status.write()
+        && (s.epoch != epoch.number || s.validators_keys != keys)
+    {
+        s.epoch = epoch.number;
+        s.validators = epoch.validators.n();
+        s.validators_keys = keys;
+        if let Ok(mut peers) = validator_peers.write() {
+            *peers = epoch
+                .validators
+                .members()
+                .iter()
+                .filter_map(peer_id_of)
+                .collect();
+        }
+    }
+}
+
+/// Starts following the ledger from what `store` holds; `genesis` is the
+/// network's membership at height 0.
 pub fn start(
-    validators: ValidatorSet,
+    genesis: Membership,
     store: Arc<Store>,
     net: NetHandle,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(FollowerHandle, tokio::task::JoinHandle<()>)> {
     let own_client = crate::daemon::consensus::node_client_id(&net.local_peer_id());
-    let anchor = match store.head_height()? {
-        0 => ChainAnchor::genesis(validators.network()),
-        height => {
-            let (block, _) = store
-                .block(height)?
-                .with_context(|| format!("block {height} is missing from the store"))?;
-            ChainAnchor {
-                height,
-                hash: block.hash(),
-                timestamp: block.timestamp,
-            }
-        }
-    };
-    let validator_peers: Vec<PeerId> = validators.members().iter().filter_map(peer_id_of).collect();
+    let mut follower = replay_stored(&genesis, &store)?;
+    let anchor = follower.head();
     let status = Arc::new(RwLock::new(FollowerStatus {
         role: "full",
-        epoch: 0,
-        validators: validators.n(),
-        validators_keys: validators.members().iter().map(|k| k.to_hex()).collect(),
+        epoch: u64::MAX,
         height: anchor.height,
         head_hash: hex::encode(anchor.hash),
         ..FollowerStatus::default()
     }));
+    let validator_peers = Arc::new(RwLock::new(Vec::new()));
+    publish_membership(&follower, &status, &validator_peers);
     let (commits, _) = broadcast::channel(COMMIT_NOTICES);
     let handle = FollowerHandle {
         status: status.clone(),
         commits: commits.clone(),
-        validators: Arc::new(validators.clone()),
-        validator_peers: Arc::new(validator_peers.clone()),
+        genesis: Arc::new(genesis),
+        validator_peers: validator_peers.clone(),
         store: store.clone(),
         own_client,
     };
     info!(
         height = anchor.height,
-        validators = validators.n(),
+        epoch = follower.membership().epoch().number,
+        validators = follower.validators().n(),
         "following the ledger as a full node"
     );
-    let mut follower = Follower::new(validators, anchor);
     let task = tokio::spawn(async move {
         let mut distrusted: HashMap<PeerId, Instant> = HashMap::new();
         let mut turn = 0usize;
@@ -228,7 +273,11 @@ pub fn start(
                 _ = tick.tick() => {}
             }
             distrusted.retain(|_, since| since.elapsed() < DISTRUST_FOR);
-            let Some(peer) = pick_peer(&net, &validator_peers, &distrusted, &mut turn) else {
+            let validators: Vec<PeerId> = match validator_peers.read() {
+                Ok(peers) => peers.clone(),
+                Err(poisoned) => poisoned.into_inner().clone(),
+            };
+            let Some(peer) = pick_peer(&net, &validators, &distrusted, &mut turn) else {
                 continue;
             };
             // Keep asking while a peer has more (catching up), one answer
@@ -237,7 +286,10 @@ pub fn start(
                 if *shutdown.borrow() {
                     break;
                 }
-                match follow_once(&mut follower, &store, &net, peer, &commits, &status).await {
+                let followed =
+                    follow_once(&mut follower, &store, &net, peer, &commits, &status).await;
+                publish_membership(&follower, &status, &validator_peers);
+                match followed {
                     Ok(0) => break,
                     Ok(_) => continue,
                     Err(Refusal::Forged(why)) => {

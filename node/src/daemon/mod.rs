@@ -264,10 +264,14 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         }
         let validators = genesis.validator_set()?;
         if validators.index_of(&identity.public()).is_some() {
+            let mut replica_config = config.consensus.replica_config(config.network.transport);
+            genesis
+                .apply_to(&mut replica_config)
+                .with_context(|| format!("{} and the config disagree", genesis_path.display()))?;
             let setup = consensus::ReplicaSetup {
                 identity: Identity::from_seed(&identity.seed()),
                 validators,
-                config: config.consensus.replica_config(config.network.transport),
+                config: replica_config,
                 marker: data_dir.file(CONSENSUS_MARKER),
             };
             let (handle, task) = consensus::start(
@@ -282,8 +286,12 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
             info!(
                 "this node's key is not among the genesis validators: it follows the ledger as a full node"
             );
-            let (handle, task) =
-                follower::start(validators, store.clone(), net.clone(), consensus_stopping)?;
+            let (handle, task) = follower::start(
+                genesis.membership()?,
+                store.clone(),
+                net.clone(),
+                consensus_stopping,
+            )?;
             follower = Some(handle);
             follower_task = Some(task);
             (None, None)
