@@ -210,3 +210,72 @@ fn a_validator_leaves_and_the_rest_go_on_without_it() {
     sim.check_agreement().expect("agreement");
     sim.check_liveness(height + 10).expect("commits go on");
 }
+
+#[test]
+fn a_quiet_network_still_reaches_the_boundary() {
+    // No client load after the leave: the primary carries the chain to the
+    // epoch's last height with empty batches.
+    let mut cfg = SimConfig::new(12, 5);
+    cfg.load_until_ms = 1_000;
+    let mut sim = Sim::new(cfg);
+    sim.run_until(3_000).expect("no violation");
+    let quiet_height = sim.committed_height();
+    sim.run_until(4_000).expect("no violation");
+    assert_eq!(sim.committed_height(), quiet_height, "no load, no blocks");
+    let leave = leave_request(&sim, 4, 0);
+    sim.submit(leave);
+    run_until_epoch(&mut sim, 1, 10_000);
+    assert_eq!(sim.replica(0).expect("running").validators().n(), 4);
+    let now = sim.now();
+    let height = sim.committed_height();
+    sim.run_until(now + 3_000).expect("no violation");
+    assert_eq!(
+        sim.committed_height(),
+        height,
+        "empty batches stop once no change waits"
+    );
+}
+
+#[test]
+fn a_newcomer_on_a_quiet_network_votes_from_the_old_sets_hand_off() {
+    // One of four validators is down when the join takes effect, so the
+    // old set's certificate at the boundary carries three signatures: a
+    // quorum of the old set, short of one of the new set of five. No load
+    // follows, so no checkpoint of the new set comes either: the newcomer
+    // must count that certificate against the old set before it votes,
+    // and with one of the five down its vote is needed to commit.
+    let mut cfg = SimConfig::new(21, 4);
+    cfg.spares = 1;
+    cfg.load_until_ms = 1_000;
+    let spare = 4;
+    let mut sim = Sim::new(cfg);
+    sim.run_until(2_000).expect("no violation");
+    let primary = sim.replica(0).expect("running").primary_choice().index;
+    let down = (0..4).find(|i| *i != primary).expect("a backup");
+    let now = sim.now();
+    sim.schedule(now, Action::Crash(down));
+    sim.run_until(now + 100).expect("no violation");
+    let reference = (0..4).find(|i| *i != down).expect("a running validator");
+    let join = join_request(&sim, spare, reference);
+    sim.submit(join);
+    run_until_epoch(&mut sim, 1, 15_000);
+    let (_, first_height) = sim.replica(reference).expect("running").epoch();
+    let now = sim.now();
+    sim.schedule(now, Action::StartJoined(spare));
+    sim.run_until(now + 5_000).expect("no violation");
+    let newcomer = sim.replica(spare).expect("started");
+    assert!(
+        newcomer.stable_seq() + 1 >= first_height,
+        "the newcomer holds the hand-off checkpoint (stable {}, epoch from {first_height})",
+        newcomer.stable_seq()
+    );
+    let height = sim.committed_height();
+    sim.submit(b"needs the newcomer".to_vec());
+    let now = sim.now();
+    sim.run_until(now + 10_000).expect("no violation");
+    assert!(
+        sim.committed_height() > height,
+        "committed with the newcomer's vote"
+    );
+    sim.check_agreement().expect("agreement");
+}

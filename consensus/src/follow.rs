@@ -105,7 +105,12 @@ pub struct Follower {
     ledger: Ledger,
     membership: Membership,
     proofs: ProofCache,
+    /// What recent blocks did to the membership, not yet taken.
+    effects: Vec<(u64, BlockEffects)>,
 }
+
+/// Membership effects kept until taken (older ones are dropped).
+pub const MAX_KEPT_EFFECTS: usize = 64;
 
 impl Follower {
     /// A follower at genesis, with the network's genesis membership.
@@ -115,6 +120,7 @@ impl Follower {
             ledger: Ledger::keeping(network, 1),
             membership,
             proofs: ProofCache::default(),
+            effects: Vec::new(),
         }
     }
 
@@ -145,8 +151,22 @@ impl Follower {
     ) -> Result<BlockEffects, Error> {
         let (height, hash) = (block.height, block.hash());
         let applied = self.ledger.append(block, cert);
-        self.membership
-            .apply_block(height, hash, &applied, crypto, &mut self.proofs)
+        let effects =
+            self.membership
+                .apply_block(height, hash, &applied, crypto, &mut self.proofs)?;
+        if !effects.scheduled.is_empty() || !effects.refused.is_empty() {
+            if self.effects.len() >= MAX_KEPT_EFFECTS {
+                self.effects.remove(0);
+            }
+            self.effects.push((height, effects.clone()));
+        }
+        Ok(effects)
+    }
+
+    /// What blocks taken since the last call did to the membership
+    /// (changes scheduled, requests refused), by height.
+    pub fn take_effects(&mut self) -> Vec<(u64, BlockEffects)> {
+        std::mem::take(&mut self.effects)
     }
 
     /// The verified head.

@@ -154,6 +154,10 @@ pub enum Error {
     /// The configuration or validator set is unusable.
     #[error("configuration: {0}")]
     Config(String),
+    /// This identity is not a validator of the epoch the chain has
+    /// reached (it left, was removed, or never joined).
+    #[error("this identity is not a validator of epoch {0}")]
+    NotInValidatorSet(u64),
 }
 
 impl Error {
@@ -165,7 +169,7 @@ impl Error {
                 ErrorKind::Invalid
             }
             Error::Full(_) => ErrorKind::Capacity,
-            Error::Config(_) => ErrorKind::Config,
+            Error::Config(_) | Error::NotInValidatorSet(_) => ErrorKind::Config,
         }
     }
 }

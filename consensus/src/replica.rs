@@ -652,6 +652,11 @@ pub struct Replica<S: Signer = IdentitySigner> {
     epoch_handoff: Option<CheckpointProof>,
     /// Not a member of the epoch it reached: votes no more.
     retired: bool,
+    /// When this primary last proposed an empty batch (see `filler_due`).
+    last_filler_ms: u64,
+    /// Votes of the previous set for the hand-off checkpoint, while this
+    /// replica lacks it (at most one per member of that set).
+    handoff_votes: Vec<Signed<Checkpoint>>,
 }
 
 impl<S: Signer> std::fmt::Debug for Replica<S> {
@@ -760,6 +765,8 @@ impl<S: Signer> Replica<S> {
             epoch_first_height: 1,
             epoch_handoff: None,
             retired: false,
+            last_filler_ms: 0,
+            handoff_votes: Vec::new(),
             validators,
             signer,
         })
@@ -1103,7 +1110,33 @@ impl<S: Signer> Replica<S> {
                 t = t.min(at);
             }
         }
+        if let Some(at) = self.filler_due() {
+            t = t.min(at);
+        }
         Some(t)
+    }
+
+    /// When this primary next proposes an empty batch: while a change of
+    /// the validator set waits for this epoch's last height and nothing
+    /// else is left to propose, one per batch delay, so a quiet network
+    /// still reaches the boundary.
+    fn filler_due(&self) -> Option<u64> {
+        let end = self.epoch_end()?;
+        if self.changing
+            || self.retired
+            || !self.is_primary()
+            || self.next_seq > end.min(self.high_watermark())
+        {
+            return None;
+        }
+        let idle = self
+            .pending
+            .range(self.proposable_from.min(self.pending.len())..)
+            .all(|p| self.in_flight.contains(&p.tx.key()));
+        idle.then(|| {
+            self.last_filler_ms
+                .saturating_add(self.cfg.max_batch_delay_ms.max(1))
+        })
     }
 
     // ----- inputs ----------------------------------------------------------
@@ -1407,10 +1440,7 @@ impl<S: Signer> Replica<S> {
             _ => latest,
         };
         let Some(index) = epoch.validators.index_of(&me) else {
-            return Err(Error::Config(format!(
-                "this identity is not a validator of epoch {}",
-                epoch.number
-            )));
+            return Err(Error::NotInValidatorSet(epoch.number));
         };
         if self.stable.seq == epoch.first_height.saturating_sub(1) && epoch.number > 0 {
             self.epoch_handoff = Some(self.stable.clone());
@@ -1784,7 +1814,11 @@ impl<S: Signer> Replica<S> {
                     break;
                 }
             }
-            if count == 0 || !ready {
+            if count == 0 && self.filler_due().is_some_and(|at| at <= self.now) {
+                // Nothing to order, but a validator-set change waits for
+                // the epoch's last height: carry the chain there.
+                self.last_filler_ms = self.now;
+            } else if count == 0 || !ready {
                 return;
             }
             let mut txs = Vec::new();
@@ -2312,6 +2346,17 @@ impl<S: Signer> Replica<S> {
     // ----- checkpoints -----------------------------------------------------
 
     fn on_checkpoint(&mut self, signed: Signed<Checkpoint>) {
+        // The old set's checkpoint at this epoch's start, which a replica
+        // that moved in without it (a newcomer) needs before it votes:
+        // signed by the previous set, counted against it.
+        let handoff = self.epoch_first_height.saturating_sub(1);
+        if self.epoch_number > 0
+            && self.stable.seq < handoff
+            && decode_unverified(&signed).is_ok_and(|c| c.seq == handoff)
+        {
+            self.on_handoff_checkpoint(signed);
+            return;
+        }
         let Some((from, c)) = self.open(&signed) else {
             return;
         };
@@ -2333,6 +2378,60 @@ impl<S: Signer> Replica<S> {
             return;
         }
         self.record_checkpoint_vote(from, c.seq, c.state, signed);
+    }
+
+    /// A vote of the previous set for the hand-off checkpoint: kept (one
+    /// per signer, bounded by that set's size) until a quorum of that set
+    /// agrees, then adopted as the stable checkpoint.
+    fn on_handoff_checkpoint(&mut self, signed: Signed<Checkpoint>) {
+        let Some(previous) = self
+            .set_for_checkpoint(self.epoch_first_height.saturating_sub(1))
+            .cloned()
+        else {
+            self.drop_input(DropReason::OtherEpoch);
+            return;
+        };
+        if previous.index_of(signed.signer()).is_none() {
+            self.drop_input(DropReason::NotMember);
+            return;
+        }
+        let c = match self.signer.open(&signed) {
+            Ok(c) => c,
+            Err(Error::BadSignature) => {
+                self.drop_input(DropReason::BadSignature);
+                return;
+            }
+            Err(_) => {
+                self.drop_input(DropReason::Malformed);
+                return;
+            }
+        };
+        if !self.check_network(c.network) {
+            return;
+        }
+        self.handoff_votes.retain(|s| s.signer() != signed.signer());
+        self.handoff_votes.push(signed);
+        let mut by_state: BTreeMap<Hash, Vec<Signed<Checkpoint>>> = BTreeMap::new();
+        for vote in &self.handoff_votes {
+            if let Ok(v) = decode_unverified(vote) {
+                by_state.entry(v.state).or_default().push(vote.clone());
+            }
+        }
+        let Some((state, messages)) = by_state
+            .into_iter()
+            .find(|(_, m)| m.len() >= previous.quorum())
+        else {
+            return;
+        };
+        let proof = CheckpointProof {
+            seq: c.seq,
+            state,
+            messages,
+        };
+        if self.validate_checkpoint_proof(&proof).is_ok() {
+            self.handoff_votes.clear();
+            self.adopt_stable(proof);
+        }
     }
 
     fn record_checkpoint_vote(

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use openagi_crypto::bench as bench_crypto;
 use openagi_node::cli::output::OutputError;
 use openagi_node::cli::{
-    bench, dashboard, debug_bundle, devnet, keys, ledger as cli_ledger, status,
+    bench, dashboard, debug_bundle, devnet, keys, ledger as cli_ledger, status, validator,
 };
 use openagi_node::common::bench_log::{self, Figure};
 use openagi_node::common::config::{CliOverrides, InitTransport, LogFormat};
@@ -93,6 +93,14 @@ enum Command {
     Ledger {
         #[command(subcommand)]
         command: LedgerArgs,
+        /// Print JSON.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+    /// Join or leave the validator set of the network this node follows.
+    Validator {
+        #[command(subcommand)]
+        command: ValidatorArgs,
         /// Print JSON.
         #[arg(long, global = true)]
         json: bool,
@@ -249,6 +257,31 @@ enum LedgerArgs {
     },
     /// Re-check every hash link and commit certificate from genesis.
     Verify,
+}
+
+#[derive(Subcommand)]
+enum ValidatorArgs {
+    /// Solve the network's proof of computation on this machine, have the
+    /// running daemon submit its join, and wait until it votes.
+    Join {
+        /// Threads solving the puzzle (default: every core); each holds
+        /// the puzzle's memory.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// How long to wait for the join to be ordered, and then for the
+        /// node to vote, in seconds.
+        #[arg(long, default_value_t = 600)]
+        wait_secs: u64,
+    },
+    /// Have the running daemon leave the validator set, and wait until it
+    /// follows the ledger as a full node.
+    Leave {
+        /// How long to wait, in seconds (as for `join`).
+        #[arg(long, default_value_t = 600)]
+        wait_secs: u64,
+    },
+    /// The validator set, a change in flight, and what a join costs.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -710,6 +743,18 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                 LedgerArgs::Verify => cli_ledger::LedgerCommand::Verify,
             };
             cli_ledger::ledger(&DataDir::new(&data_dir), command, json)
+        }
+        Command::Validator { command, json } => {
+            let dir = DataDir::new(&data_dir);
+            match command {
+                ValidatorArgs::Join { threads, wait_secs } => {
+                    validator::join(&dir, threads, Duration::from_secs(wait_secs), json)
+                }
+                ValidatorArgs::Leave { wait_secs } => {
+                    validator::leave(&dir, Duration::from_secs(wait_secs), json)
+                }
+                ValidatorArgs::Status => validator::status(&dir, json),
+            }
         }
         Command::Genesis {
             command:

@@ -103,6 +103,11 @@ pub fn init_validators(root: &Path, n: usize) -> Result<Vec<PathBuf>> {
         TEST_NETWORK,
         "--out",
         genesis_text,
+        // A join costs a fraction of a second in tests.
+        "--join-difficulty",
+        "4",
+        "--join-memory-kib",
+        "64",
     ];
     for key in &keys {
         args.push("--validator");

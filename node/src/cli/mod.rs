@@ -23,3 +23,4 @@ pub mod mcp;
 pub mod output;
 pub mod status;
 pub mod tor;
+pub mod validator;

@@ -35,11 +35,11 @@ pub struct ApiState {
     pub auth_failures: prometheus_client::metrics::counter::Counter,
     /// The network task.
     pub net: NetHandle,
-    /// The consensus task, when this node is a validator.
-    pub consensus: Option<ConsensusHandle>,
-    /// The ledger follower, when this node is a full node (a genesis that
-    /// does not list it).
-    pub follower: Option<crate::daemon::follower::FollowerHandle>,
+    /// The node's part in the ledger (validator, full node or none),
+    /// which may change while it runs.
+    pub ledger: crate::daemon::role::LedgerRole,
+    /// The node's identity, which signs its own join and leave requests.
+    pub identity: Arc<openagi_crypto::Identity>,
     /// The node's database.
     pub store: Arc<Store>,
     /// Committed transactions by hash.
@@ -70,6 +70,18 @@ pub struct ApiState {
     pub dashboard: Arc<crate::daemon::dashboard::Dashboard>,
     /// The data directory (the dashboard reads its benchmark log).
     pub data_dir: crate::common::datadir::DataDir,
+}
+
+impl ApiState {
+    /// The replica's handle while this node is a validator.
+    pub fn consensus(&self) -> Option<ConsensusHandle> {
+        self.ledger.consensus()
+    }
+
+    /// The follower's handle while this node is a full node.
+    pub fn follower(&self) -> Option<crate::daemon::follower::FollowerHandle> {
+        self.ledger.follower()
+    }
 }
 
 /// The `/api/v1/status` document. Sections are stable: later parts add
@@ -143,7 +155,7 @@ impl ApiState {
     /// Builds the status document.
     pub fn status(&self) -> StatusDocument {
         let snapshot = self.net.snapshot();
-        let consensus = match (&self.consensus, &self.follower) {
+        let consensus = match (self.consensus(), self.follower()) {
             (Some(c), _) => Some(ConsensusSection::Validator(Box::new(c.status()))),
             (None, Some(f)) => Some(ConsensusSection::Full(f.status())),
             (None, None) => None,
@@ -217,7 +229,7 @@ impl ApiState {
                 }
             }
         }
-        if let Some(consensus) = &self.consensus {
+        if let Some(consensus) = &self.consensus() {
             let status = consensus.status();
             if status.recovery.is_some() {
                 reasons.push("consensus recovering lost state".to_string());
@@ -256,6 +268,16 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/learn/models", get(learn_models))
         .route("/invites", get(list_invites).post(create_invite))
         .route("/invites/revoke", post(revoke_invite))
+        .route("/validator", get(crate::daemon::validator_api::overview))
+        .route("/validator/join", post(crate::daemon::validator_api::join))
+        .route(
+            "/validator/leave",
+            post(crate::daemon::validator_api::leave),
+        )
+        .route(
+            "/validator/changes/{tx}",
+            get(crate::daemon::validator_api::change_status),
+        )
         .route("/dashboard/login", post(dashboard_login))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -331,7 +353,7 @@ pub struct SubmitRequest {
     pub wait: bool,
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
@@ -427,8 +449,8 @@ async fn outbox(
 // The error is the HTTP response itself, built only when a request is
 // refused; boxing it would cost an allocation and buy nothing.
 #[allow(clippy::result_large_err)]
-fn consensus_of(state: &ApiState) -> Result<&ConsensusHandle, Response> {
-    state.consensus.as_ref().ok_or_else(|| {
+fn consensus_of(state: &ApiState) -> Result<ConsensusHandle, Response> {
+    state.consensus().ok_or_else(|| {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
             "this node runs no consensus: it needs a genesis.toml in its data directory that lists it as a validator",
@@ -443,7 +465,7 @@ fn consensus_of(state: &ApiState) -> Result<&ConsensusHandle, Response> {
 /// Read as a JSON value first: serde would also build a struct from an
 /// array of its fields (`[null, null]`), which no client means. A body
 /// that is not an object, or whose fields do not fit, gets 422.
-fn json_body<T: serde::de::DeserializeOwned>(
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
     body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<T, Response> {
     let value = body.map(|Json(value)| value).map_err(|e| {
@@ -472,17 +494,17 @@ fn query_of<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Response> {
 
 /// A path parameter, or the JSON error that says why it was refused.
 #[allow(clippy::result_large_err)]
-fn path_of<T>(path: Result<Path<T>, PathRejection>) -> Result<T, Response> {
+pub(crate) fn path_of<T>(path: Result<Path<T>, PathRejection>) -> Result<T, Response> {
     path.map(|Path(value)| value)
         .map_err(|e| error(e.status(), e.body_text()))
 }
 
 /// Where a submitted transaction goes.
-enum Submitter<'a> {
+enum Submitter {
     /// This node's replica.
-    Validator(&'a ConsensusHandle),
+    Validator(ConsensusHandle),
     /// A validator, through this full node's follower.
-    Full(&'a crate::daemon::follower::FollowerHandle),
+    Full(crate::daemon::follower::FollowerHandle),
 }
 
 /// How long `wait` waits for a commit.
@@ -497,7 +519,7 @@ async fn submit_tx(
         Err(response) => return response,
     };
     // A validator submits to its replica; a full node forwards to one.
-    let ledger = match (&state.consensus, &state.follower) {
+    let ledger = match (state.consensus(), state.follower()) {
         (Some(c), _) => Submitter::Validator(c),
         (None, Some(f)) => Submitter::Full(f),
         (None, None) => {
@@ -550,7 +572,7 @@ async fn submit_tx(
             );
         }
         (None, None) => {
-            let own = match ledger {
+            let own = match &ledger {
                 Submitter::Validator(c) => {
                     c.own_transaction(payload).await.map_err(|e| e.to_string())
                 }
@@ -701,7 +723,7 @@ async fn consensus_latency(
     }
 }
 
-fn parse_hash(text: &str) -> Option<[u8; 32]> {
+pub(crate) fn parse_hash(text: &str) -> Option<[u8; 32]> {
     hex::decode(text)
         .ok()
         .and_then(|b| <[u8; 32]>::try_from(b).ok())
@@ -754,8 +776,8 @@ async fn tx_status(
 }
 
 async fn ledger_head(State(state): State<Arc<ApiState>>) -> Response {
-    if state.consensus.is_none()
-        && let Some(f) = &state.follower
+    if state.consensus().is_none()
+        && let Some(f) = state.follower()
     {
         let s = f.status();
         return Json(serde_json::json!({ "height": s.height, "head_hash": s.head_hash }))
@@ -794,7 +816,7 @@ async fn ledger_block(
 }
 
 async fn ledger_verify(State(state): State<Arc<ApiState>>) -> Response {
-    let genesis = match (&state.consensus, &state.follower) {
+    let genesis = match (state.consensus(), state.follower()) {
         (Some(c), _) => c.genesis().clone(),
         (None, Some(f)) => f.genesis().clone(),
         (None, None) => {
@@ -951,7 +973,7 @@ async fn create_invite(
         Ok(value) => value,
         Err(response) => return response,
     };
-    if state.consensus.is_none() && state.follower.is_none() {
+    if !state.ledger.has_ledger() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "this node holds no ledger (no genesis.toml): there is no network to invite into",
@@ -1158,7 +1180,7 @@ async fn learn_submit(
     if let Err(e) = spec.validate() {
         return error(StatusCode::BAD_REQUEST, format!("job spec: {e}"));
     }
-    if state.consensus.is_none() {
+    if state.consensus().is_none() {
         return error(
             StatusCode::CONFLICT,
             "this node is not a validator; submit the job through a validator of the network",

@@ -37,7 +37,7 @@ use crate::common::store::Store;
 /// replica task; a full queue makes submitters wait.
 const CLIENT_QUEUE: usize = 256;
 /// Commit notices buffered for API waiters.
-const COMMIT_NOTICES: usize = 1024;
+pub const COMMIT_NOTICES: usize = 1024;
 /// Submissions not committed after this long stop being tracked.
 const STALE_SUBMISSION: Duration = Duration::from_secs(120);
 /// Locally submitted transactions whose latency is tracked.
@@ -46,9 +46,9 @@ const MAX_TRACKED_LATENCIES: usize = 200_000;
 /// Errors of the consensus driver.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsensusError {
-    /// This node's key is not in the validator set.
-    #[error("this node is not a validator of the genesis")]
-    NotValidator,
+    /// This node's key is not in the validator set the chain has reached.
+    #[error("this node is not a validator of epoch {0}")]
+    NotValidator(u64),
     /// The replica refused the input.
     #[error("{0}")]
     Rejected(String),
@@ -299,8 +299,11 @@ struct ReasonLabel {
     reason: String,
 }
 
+/// The consensus metrics, registered once at start-up (before the registry
+/// is shared) whether or not this node votes yet: a full node that joins
+/// the validator set later starts its replica with them.
 #[derive(Clone)]
-struct ConsensusMetrics {
+pub struct ConsensusMetrics {
     committed_txs: Counter,
     committed_blocks: Counter,
     blocks_served_from_disk: Counter,
@@ -317,7 +320,8 @@ struct ConsensusMetrics {
 }
 
 impl ConsensusMetrics {
-    fn register(registry: &mut Registry) -> Self {
+    /// Registers the metrics in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             committed_txs: Counter::default(),
             committed_blocks: Counter::default(),
@@ -741,13 +745,47 @@ fn mark_started(marker: &std::path::Path, store: &Store, lost: bool) -> Result<(
 }
 
 /// Starts the replica task, restoring what `store` holds.
+/// How the consensus task ended.
+pub enum ConsensusExit {
+    /// Shutdown was asked for.
+    Stopped,
+    /// This node left the validator set (its replica retired): the wiring
+    /// goes back, for a replica started if it joins again.
+    Retired(ConsensusWiring),
+}
+
+/// What the consensus task shares with the rest of the daemon and keeps
+/// across role changes: its metrics, the inbox of validators' messages
+/// (the network hands it out once) and the channel of commit notices.
+pub struct ConsensusWiring {
+    /// Registered at start-up.
+    pub metrics: ConsensusMetrics,
+    /// Messages from validators' direct streams.
+    pub inbox: mpsc::Receiver<openagi_net::DirectMessage>,
+    /// Where committed blocks are announced (shared with the follower).
+    pub commits: broadcast::Sender<CommitNotice>,
+    /// Where the validator set along the chain is published.
+    pub membership: crate::daemon::role::SharedMembership,
+}
+
+/// Starts the replica from what `store` holds. When this node is not a
+/// validator of the epoch its chain has reached, the wiring comes back
+/// with [`ConsensusError::NotValidator`]'s epoch, for the node to follow
+/// the ledger instead.
+#[allow(clippy::type_complexity, clippy::result_large_err)]
 pub fn start(
     setup: ReplicaSetup,
     store: Arc<Store>,
     net: NetHandle,
-    registry: &mut Registry,
+    wiring: ConsensusWiring,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<(ConsensusHandle, JoinHandle<Result<(), ConsensusError>>), ConsensusError> {
+) -> Result<
+    (
+        ConsensusHandle,
+        JoinHandle<Result<ConsensusExit, ConsensusError>>,
+    ),
+    (ConsensusError, ConsensusWiring),
+> {
     let ReplicaSetup {
         identity,
         validators,
@@ -755,58 +793,49 @@ pub fn start(
         marker,
     } = setup;
     let marker = marker.as_path();
-    let me = validators
-        .index_of(&identity.public())
-        .ok_or(ConsensusError::NotValidator)?;
-    let persisted = store.load_consensus()?;
-    let restored_height = persisted.blocks.len();
-    let signer = IdentitySigner::new(identity);
-    let lost = state_lost(marker, &store)?;
-    let replica = if lost {
-        // This validator took part in consensus before (the marker says
-        // so) but the database it voted from is gone or another one: it
-        // must not vote where it may have voted, or it could contradict
-        // itself.
-        warn!(
-            marker = %marker.display(),
-            "consensus state lost; recovering before voting again (the database is not the one this validator voted from)"
-        );
-        Replica::recover_after_data_loss(config, validators.clone(), signer, crate::unix_ms())?
-    } else {
-        Replica::restore(
-            config,
-            validators.clone(),
-            signer,
-            persisted,
-            crate::unix_ms(),
-        )?
+    let me_key = identity.public();
+    let (replica, restored_height) =
+        match open_replica(&store, marker, identity, validators.clone(), config) {
+            Ok(opened) => opened,
+            Err(e) => return Err((e, wiring)),
+        };
+    let genesis = match Membership::genesis(
+        validators.clone(),
+        replica.config().checkpoint_interval,
+        replica.config().window,
+        replica.config().join_puzzle,
+    ) {
+        Ok(genesis) => genesis,
+        Err(e) => return Err((e.into(), wiring)),
     };
-    // Durable before the replica can cast its first vote: a restart, even
-    // one before any vote, then finds the database it belongs to.
-    mark_started(marker, &store, lost)?;
+    let ConsensusWiring {
+        metrics,
+        inbox: mut message_rx,
+        commits,
+        membership,
+    } = wiring;
+    let me = replica.index();
+    debug_assert_eq!(replica.validators().member(me), Some(&me_key));
     info!(
         validator_index = me,
         height = replica.height(),
         restored_height,
         view = replica.view(),
+        epoch = replica.epoch().0,
         "consensus replica ready"
     );
-    let peers: Vec<Option<PeerId>> = validators.members().iter().map(peer_id_of).collect();
+    let peers: Vec<Option<PeerId>> = replica
+        .validators()
+        .members()
+        .iter()
+        .map(peer_id_of)
+        .collect();
     // Only validators' direct streams are read at all: anyone else's is
     // refused when it opens, before it can make this node hold memory.
     let me_peer = net.local_peer_id();
     net.allow_direct_from(peers.iter().flatten().copied().filter(|p| *p != me_peer));
-    let metrics = ConsensusMetrics::register(registry);
     let status = Arc::new(RwLock::new(ConsensusStatus::default()));
-    let (commits, _) = broadcast::channel(COMMIT_NOTICES);
     let (input_tx, mut input_rx) = mpsc::channel(CLIENT_QUEUE);
-    // Peer messages come straight from the network task, in their own
-    // queue (`openagi_net::DIRECT_INBOX`), read before client submissions
-    // so a flood of transactions cannot crowd out the votes that commit
-    // them; only validators' streams are read at all.
-    let mut message_rx = net
-        .take_direct_inbox()
-        .ok_or_else(|| ConsensusError::Rejected("the direct inbox is taken".into()))?;
     let latencies: LatencyRing = Arc::default();
     let backlog = Arc::new(Backlog {
         replica_pending: AtomicUsize::new(replica.pending_len()),
@@ -818,12 +847,7 @@ pub fn start(
         status: status.clone(),
         commits: commits.clone(),
         validators: validators.clone(),
-        genesis: Arc::new(Membership::genesis(
-            validators.clone(),
-            replica.config().checkpoint_interval,
-            replica.config().window,
-            replica.config().join_puzzle,
-        )?),
+        genesis: Arc::new(genesis),
         latencies: latencies.clone(),
         own_client: node_client_id(&me_peer),
         store: store.clone(),
@@ -849,6 +873,7 @@ pub fn start(
         reported: HashSet::new(),
         own_client: node_client_id(&me_peer),
         backlog,
+        membership,
     };
     driver.activity = driver
         .peers
@@ -911,11 +936,59 @@ pub fn start(
                 .backlog
                 .replica_pending
                 .store(driver.replica.pending_len(), Ordering::Relaxed);
+            if driver.replica.is_retired() {
+                info!("consensus stopped: this node left the validator set");
+                return Ok(ConsensusExit::Retired(ConsensusWiring {
+                    metrics: driver.metrics.clone(),
+                    inbox: message_rx,
+                    commits: driver.commits.clone(),
+                    membership: driver.membership.clone(),
+                }));
+            }
         }
         info!("consensus stopped");
-        Ok(())
+        Ok(ConsensusExit::Stopped)
     });
     Ok((handle, task))
+}
+
+/// Opens the replica from the store: restored, or recovering when the
+/// marker says this node voted from another database. Returns it with
+/// the height restored.
+fn open_replica(
+    store: &Store,
+    marker: &std::path::Path,
+    identity: Identity,
+    validators: ValidatorSet,
+    config: Config,
+) -> Result<(Replica<IdentitySigner>, usize), ConsensusError> {
+    let persisted = store.load_consensus()?;
+    let restored_height = persisted.blocks.len();
+    let signer = IdentitySigner::new(identity);
+    let lost = state_lost(marker, store)?;
+    let replica = if lost {
+        // This validator took part in consensus before (the marker says
+        // so) but the database it voted from is gone or another one: it
+        // must not vote where it may have voted, or it could contradict
+        // itself.
+        warn!(
+            marker = %marker.display(),
+            "consensus state lost; recovering before voting again (the database is not the one this validator voted from)"
+        );
+        Replica::recover_after_data_loss(config, validators.clone(), signer, crate::unix_ms())?
+    } else {
+        match Replica::restore(config, validators, signer, persisted, crate::unix_ms()) {
+            Ok(replica) => replica,
+            Err(openagi_consensus::Error::NotInValidatorSet(epoch)) => {
+                return Err(ConsensusError::NotValidator(epoch));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    // Durable before the replica can cast its first vote: a restart, even
+    // one before any vote, then finds the database it belongs to.
+    mark_started(marker, store, lost)?;
+    Ok((replica, restored_height))
 }
 
 struct Driver {
@@ -948,6 +1021,8 @@ struct Driver {
     own_client: openagi_consensus::ClientId,
     /// Admission control's view of what this validator holds.
     backlog: Arc<Backlog>,
+    /// Where the replica's view of the validator set is published.
+    membership: crate::daemon::role::SharedMembership,
 }
 
 impl Driver {
@@ -1149,6 +1224,7 @@ impl Driver {
                 Output::Evidence(evidence) => self.evidence(evidence),
                 Output::ReadBlocks { peer, from, last } => reads.push((peer, from, last)),
                 Output::Membership { height, effects } => {
+                    self.membership.record(height, &effects);
                     for (tx, change) in &effects.scheduled {
                         info!(height, tx = %hex::encode(tx), ?change, "validator-set change scheduled");
                     }
@@ -1173,6 +1249,9 @@ impl Driver {
         }
         self.sync_drop_counters();
         self.publish_status();
+        let replica = &self.replica;
+        self.membership
+            .refresh(false, || replica.membership().clone());
         Ok(reads)
     }
 

@@ -415,7 +415,7 @@ fn may_read(state: &ApiState, headers: &HeaderMap) -> bool {
 
 /// The latency of commits in the last minute.
 fn latency_json(state: &ApiState) -> serde_json::Value {
-    match &state.consensus {
+    match state.consensus() {
         Some(c) => serde_json::to_value(c.latency(crate::unix_ms().saturating_sub(60_000)))
             .unwrap_or(serde_json::Value::Null),
         None => serde_json::Value::Null,

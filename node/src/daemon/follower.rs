@@ -22,20 +22,20 @@ use openagi_consensus::follow::{Follower, LedgerRequest, LedgerResponse};
 use openagi_consensus::membership::Membership;
 use openagi_consensus::replica::PersistRecord;
 use openagi_consensus::{StrictCrypto, Transaction};
+use openagi_crypto::PublicKey;
 use openagi_net::{NetHandle, PeerId};
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 use tracing::{debug, info, warn};
 
 use crate::common::store::Store;
-use crate::daemon::consensus::{CommitNotice, ConsensusHandle, peer_id_of};
+use crate::daemon::consensus::{CommitNotice, peer_id_of};
+use crate::daemon::role::{LedgerRole, Role, SharedMembership};
 
 /// How often a full node asks for newer blocks.
 pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a peer whose answer did not verify is not asked.
 pub const DISTRUST_FOR: Duration = Duration::from_secs(60);
-/// Commit notices buffered for slow subscribers (they catch up from disk).
-const COMMIT_NOTICES: usize = 1024;
 
 /// What a full node's status shows of its ledger.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -227,14 +227,32 @@ fn publish_membership(
     }
 }
 
+/// How the follower task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FollowerExit {
+    /// Shutdown was asked for.
+    Stopped,
+    /// The followed chain made this node a validator (its key is in the
+    /// set of the epoch the stored chain has reached): start its replica.
+    Joined {
+        /// That epoch.
+        epoch: u64,
+    },
+}
+
 /// Starts following the ledger from what `store` holds; `genesis` is the
-/// network's membership at height 0.
+/// network's membership at height 0, `me` this node's key when the task
+/// should end once the chain makes it a validator, `commits` where stored
+/// blocks are announced.
 pub fn start(
     genesis: Membership,
     store: Arc<Store>,
     net: NetHandle,
+    me: Option<PublicKey>,
+    commits: broadcast::Sender<CommitNotice>,
+    view: SharedMembership,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<(FollowerHandle, tokio::task::JoinHandle<()>)> {
+) -> Result<(FollowerHandle, tokio::task::JoinHandle<FollowerExit>)> {
     let own_client = crate::daemon::consensus::node_client_id(&net.local_peer_id());
     let mut follower = replay_stored(&genesis, &store)?;
     let anchor = follower.head();
@@ -247,7 +265,7 @@ pub fn start(
     }));
     let validator_peers = Arc::new(RwLock::new(Vec::new()));
     publish_membership(&follower, &status, &validator_peers);
-    let (commits, _) = broadcast::channel(COMMIT_NOTICES);
+    view.refresh(true, || follower.membership().clone());
     let handle = FollowerHandle {
         status: status.clone(),
         commits: commits.clone(),
@@ -263,6 +281,16 @@ pub fn start(
         "following the ledger as a full node"
     );
     let task = tokio::spawn(async move {
+        let joined = |follower: &Follower| {
+            let epoch = follower.membership().epoch();
+            me.and_then(|me| epoch.validators.index_of(&me))
+                .map(|_| FollowerExit::Joined {
+                    epoch: epoch.number,
+                })
+        };
+        if let Some(exit) = joined(&follower) {
+            return exit;
+        }
         let mut distrusted: HashMap<PeerId, Instant> = HashMap::new();
         let mut turn = 0usize;
         let mut tick = tokio::time::interval(FOLLOW_INTERVAL);
@@ -289,6 +317,17 @@ pub fn start(
                 let followed =
                     follow_once(&mut follower, &store, &net, peer, &commits, &status).await;
                 publish_membership(&follower, &status, &validator_peers);
+                for (height, effects) in follower.take_effects() {
+                    view.record(height, &effects);
+                }
+                view.refresh(false, || follower.membership().clone());
+                if let Some(exit) = joined(&follower) {
+                    info!(
+                        height = follower.head().height,
+                        "the ledger made this node a validator"
+                    );
+                    return exit;
+                }
                 match followed {
                     Ok(0) => break,
                     Ok(_) => continue,
@@ -313,6 +352,7 @@ pub fn start(
             }
         }
         info!("ledger follower stopped");
+        FollowerExit::Stopped
     });
     Ok((handle, task))
 }
@@ -442,8 +482,9 @@ async fn follow_once(
 pub struct LedgerServer {
     /// The node's database.
     pub store: Arc<Store>,
-    /// Its replica, when it is a validator.
-    pub consensus: Option<ConsensusHandle>,
+    /// Its part in the ledger (forwarded transactions are taken while it
+    /// is a validator).
+    pub ledger: LedgerRole,
     /// Its network id and `genesis.toml`, handed to redeemed invites.
     pub genesis: Option<(String, String)>,
     /// When the last redemptions were tried (all peers together).
@@ -452,14 +493,10 @@ pub struct LedgerServer {
 
 impl LedgerServer {
     /// A server for this node.
-    pub fn new(
-        store: Arc<Store>,
-        consensus: Option<ConsensusHandle>,
-        genesis: Option<(String, String)>,
-    ) -> Self {
+    pub fn new(store: Arc<Store>, ledger: LedgerRole, genesis: Option<(String, String)>) -> Self {
         Self {
             store,
-            consensus,
+            ledger,
             genesis,
             redemptions: Arc::default(),
         }
@@ -493,7 +530,7 @@ impl LedgerServer {
 /// transaction, taken only by a validator) or its invites.
 async fn answer(server: &LedgerServer, from: PeerId, data: &[u8]) -> LedgerResponse {
     let store = &server.store;
-    let consensus = server.consensus.as_ref();
+    let consensus = server.ledger.consensus();
     let request = match LedgerRequest::decode(data) {
         Ok(r) => r,
         Err(e) => return LedgerResponse::Refused(format!("malformed request: {e}")),
@@ -584,16 +621,20 @@ async fn answer(server: &LedgerServer, from: PeerId, data: &[u8]) -> LedgerRespo
     }
 }
 
-/// How a service reaches the ledger: through this node's replica (a
-/// validator) or through a validator (a full node). Both publish the same
-/// commit notices and take the node's own transactions.
+/// How a service reaches the ledger: through this node's replica while it
+/// is a validator, through a validator while it is a full node (the part
+/// may change while the daemon runs). Both publish the same commit notices
+/// and take the node's own transactions.
 #[derive(Clone)]
-pub enum LedgerAccess {
-    /// This node votes.
-    Validator(ConsensusHandle),
-    /// This node follows and forwards (the follower and the network to
-    /// reach validators).
-    Full(Box<(FollowerHandle, NetHandle)>),
+pub struct LedgerAccess {
+    /// The node's current part.
+    pub role: LedgerRole,
+    /// The network, to reach validators from a full node.
+    pub net: NetHandle,
+}
+
+fn no_ledger() -> SubmitError {
+    SubmitError::Refused("this node holds no ledger".into())
 }
 
 /// Why a transaction was not taken.
@@ -610,41 +651,41 @@ pub enum SubmitError {
 impl LedgerAccess {
     /// Blocks as they commit (validator) or are stored (full node).
     pub fn subscribe(&self) -> broadcast::Receiver<CommitNotice> {
-        match self {
-            LedgerAccess::Validator(c) => c.subscribe(),
-            LedgerAccess::Full(full) => full.0.subscribe(),
-        }
+        self.role.subscribe()
     }
 
     /// The ledger height this node holds.
     pub fn height(&self) -> u64 {
-        match self {
-            LedgerAccess::Validator(c) => c.status().height,
-            LedgerAccess::Full(full) => full.0.status().height,
+        match self.role.get() {
+            Role::Validator(c) => c.status().height,
+            Role::Full(f) => f.status().height,
+            Role::None => 0,
         }
     }
 
     /// A transaction of this node's own (its client id and next number).
     pub async fn own_transaction(&self, payload: Vec<u8>) -> Result<Transaction> {
-        match self {
-            LedgerAccess::Validator(c) => Ok(c.own_transaction(payload).await?),
-            LedgerAccess::Full(full) => full.0.own_transaction(payload).await,
+        match self.role.get() {
+            Role::Validator(c) => Ok(c.own_transaction(payload).await?),
+            Role::Full(f) => f.own_transaction(payload).await,
+            Role::None => Err(anyhow::anyhow!("this node holds no ledger")),
         }
     }
 
     /// Submits `tx` to this node's replica or forwards it to a validator.
     pub async fn submit(&self, tx: Transaction) -> Result<openagi_consensus::Hash, SubmitError> {
-        match self {
-            LedgerAccess::Validator(c) => c.submit(tx).await.map_err(|e| match e {
+        match self.role.get() {
+            Role::Validator(c) => c.submit(tx).await.map_err(|e| match e {
                 crate::daemon::consensus::ConsensusError::Replica(
                     openagi_consensus::Error::Duplicate,
                 ) => SubmitError::Duplicate,
                 other => SubmitError::Refused(other.to_string()),
             }),
-            LedgerAccess::Full(full) => full.0.forward(&full.1, tx).await.map_err(|e| match e {
+            Role::Full(f) => f.forward(&self.net, tx).await.map_err(|e| match e {
                 ForwardError::Duplicate => SubmitError::Duplicate,
                 ForwardError::Refused(why) => SubmitError::Refused(why),
             }),
+            Role::None => Err(no_ledger()),
         }
     }
 }
@@ -709,7 +750,7 @@ mod tests {
     async fn a_peer_forwards_only_its_own_transactions_and_slots_are_bounded() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(Store::open(dir.path()).expect("store"));
-        let server = LedgerServer::new(store, None, None);
+        let server = LedgerServer::new(store, crate::daemon::role::LedgerRole::default(), None);
         let (me, other) = (PeerId::random(), PeerId::random());
         let request = |tx: Transaction| LedgerRequest::Submit(tx).encode().expect("encodes");
         match server.answer(me, &request(tx_of(&other))).await {

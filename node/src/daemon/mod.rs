@@ -18,7 +18,9 @@ pub mod follower;
 pub mod http;
 pub mod mesh;
 pub mod msg;
+pub mod role;
 pub mod txindex;
+pub mod validator_api;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,7 +41,6 @@ use crate::common::passphrase::PassphraseSource;
 use crate::common::store::Store;
 use crate::common::version::{VERSION, build_info};
 use api::ApiState;
-use openagi_crypto::Identity;
 
 /// Kept in the data directory (beside the key, outside the database) once
 /// this node has run consensus, so that a lost or replaced database is
@@ -250,9 +251,11 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
 
     let (stop_consensus, consensus_stopping) = tokio::sync::watch::channel(false);
     let genesis_path = data_dir.file(GENESIS_FILE);
-    let mut follower = None;
-    let mut follower_task = None;
-    let (consensus, mut consensus_task) = if genesis_path.exists() {
+    // The node's part in the ledger: validator or full node by the chain it
+    // holds, switched while it runs when the chain adds or removes it.
+    let mut ledger: Option<role::Ledger> = None;
+    let mut ledger_task: Option<role::PartTask> = None;
+    let ledger_role = if genesis_path.exists() {
         let genesis = Genesis::load(&genesis_path)?;
         if genesis.network_id != config.network.network_id {
             anyhow::bail!(
@@ -262,43 +265,28 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
                 config.network.network_id
             );
         }
-        let validators = genesis.validator_set()?;
-        if validators.index_of(&identity.public()).is_some() {
-            let mut replica_config = config.consensus.replica_config(config.network.transport);
-            genesis
-                .apply_to(&mut replica_config)
-                .with_context(|| format!("{} and the config disagree", genesis_path.display()))?;
-            let setup = consensus::ReplicaSetup {
-                identity: Identity::from_seed(&identity.seed()),
-                validators,
-                config: replica_config,
-                marker: data_dir.file(CONSENSUS_MARKER),
-            };
-            let (handle, task) = consensus::start(
-                setup,
-                store.clone(),
-                net.clone(),
-                metrics.registry_mut(),
-                consensus_stopping,
-            )?;
-            (Some(handle), Some(task))
-        } else {
-            info!(
-                "this node's key is not among the genesis validators: it follows the ledger as a full node"
-            );
-            let (handle, task) = follower::start(
-                genesis.membership()?,
-                store.clone(),
-                net.clone(),
-                consensus_stopping,
-            )?;
-            follower = Some(handle);
-            follower_task = Some(task);
-            (None, None)
-        }
+        let mut replica_config = config.consensus.replica_config(config.network.transport);
+        genesis
+            .apply_to(&mut replica_config)
+            .with_context(|| format!("{} and the config disagree", genesis_path.display()))?;
+        let consensus_metrics = consensus::ConsensusMetrics::register(metrics.registry_mut());
+        let mut parts = role::Ledger::new(
+            genesis,
+            &identity,
+            replica_config,
+            data_dir.file(CONSENSUS_MARKER),
+            store.clone(),
+            net.clone(),
+            consensus_metrics,
+            consensus_stopping,
+        )?;
+        ledger_task = Some(parts.start()?);
+        let shared = parts.role.clone();
+        ledger = Some(parts);
+        shared
     } else {
         info!("no {GENESIS_FILE} in the data directory; running without consensus");
-        (None, None)
+        role::LedgerRole::default()
     };
 
     let tx_lookup = Arc::new(
@@ -308,21 +296,14 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let (stop_indexer, indexer_stopping) = tokio::sync::watch::channel(false);
     let indexer_task = txindex::start(
         tx_lookup.clone(),
-        consensus
-            .as_ref()
-            .map(|c| c.subscribe())
-            .or_else(|| follower.as_ref().map(|f| f.subscribe())),
+        ledger_role.has_ledger().then(|| ledger_role.subscribe()),
         indexer_stopping,
     );
 
-    let ledger_access = match (&consensus, &follower) {
-        (Some(c), _) => Some(follower::LedgerAccess::Validator(c.clone())),
-        (None, Some(f)) => Some(follower::LedgerAccess::Full(Box::new((
-            f.clone(),
-            net.clone(),
-        )))),
-        (None, None) => None,
-    };
+    let ledger_access = ledger_role.has_ledger().then(|| follower::LedgerAccess {
+        role: ledger_role.clone(),
+        net: net.clone(),
+    });
     let (learner, learner_task) = federation::Learner::start(
         &identity,
         store.clone(),
@@ -360,8 +341,8 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let state = Arc::new(ApiState {
         auth_failures,
         net: net.clone(),
-        consensus: consensus.clone(),
-        follower: follower.clone(),
+        ledger: ledger_role.clone(),
+        identity: Arc::new(openagi_crypto::Identity::from_seed(&identity.seed())),
         store: store.clone(),
         tx_lookup,
         metrics,
@@ -409,7 +390,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     let ledger_slots = follower::LedgerSlots::default();
     let ledger_server = follower::LedgerServer::new(
         store.clone(),
-        consensus.clone(),
+        ledger_role.clone(),
         std::fs::read_to_string(data_dir.file(GENESIS_FILE))
             .ok()
             .map(|toml| (config.network.network_id.clone(), toml)),
@@ -476,14 +457,28 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
                 None => break "network task stopped",
             },
             finished = async {
-                match consensus_task.as_mut() {
+                match ledger_task.as_mut() {
                     Some(task) => task.await,
                     None => std::future::pending().await,
                 }
             } => {
-                consensus_task = None;
+                ledger_task = None;
                 match finished {
-                    Ok(Ok(())) => break "consensus stopped",
+                    Ok(Ok(exit)) => {
+                        let switched = match ledger.as_mut() {
+                            Some(parts) => parts.switch(exit),
+                            None => Ok(None),
+                        };
+                        match switched {
+                            Ok(Some(task)) => ledger_task = Some(task),
+                            Ok(None) => break "consensus stopped",
+                            Err(e) => {
+                                tracing::error!(error = format!("{e:#}"), "could not change this node's part in the ledger");
+                                failure = Some(e.context("changing this node's part in the ledger"));
+                                break "ledger part failed";
+                            }
+                        }
+                    }
                     Ok(Err(e)) => {
                         tracing::error!(error = %e, "consensus failed; shutting down rather than voting from unsaved state");
                         failure = Some(anyhow::anyhow!("consensus failed: {e}"));
@@ -507,10 +502,7 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         learner_task.abort();
         sampler.abort();
         mesh_clock.abort();
-        if let Some(task) = follower_task {
-            let _ = task.await;
-        }
-        if let Some(task) = consensus_task {
+        if let Some(task) = ledger_task {
             let _ = task.await;
         }
         // After consensus: the last commits get indexed and fsynced.
