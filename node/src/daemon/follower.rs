@@ -320,7 +320,11 @@ pub fn start(
                 for (height, effects) in follower.take_effects() {
                     view.record(height, &effects);
                 }
-                view.refresh(false, || follower.membership().clone());
+                // Blocks were stored: the view moves with them (the
+                // follower takes at most an answer at a time, so this
+                // copies at most once per answer).
+                let stored = matches!(followed, Ok(n) if n > 0);
+                view.refresh(stored, || follower.membership().clone());
                 if let Some(exit) = joined(&follower) {
                     info!(
                         height = follower.head().height,
