@@ -136,8 +136,14 @@ pub enum Action {
     BlockKind(Option<&'static str>),
     /// Start a spare node's replica once it joined the validator set: it
     /// takes the chain from a correct node's disk (what its full node
-    /// would have followed) and restores from it.
+    /// would have followed) and restores from it. Before its join took
+    /// effect the node stays down (try again later).
     StartJoined(usize),
+    /// Node `id` asks to join the validator set: a join anchored at a
+    /// correct replica's newest block, its proof solved, submitted.
+    RequestJoin(usize),
+    /// Node `id` asks to leave the validator set in the current epoch.
+    RequestLeave(usize),
 }
 
 /// Messages that wait for a paused node; later ones are lost.
@@ -181,6 +187,9 @@ pub struct SimConfig {
     /// twins) that may join it: they run no replica until
     /// [`Action::StartJoined`].
     pub spares: usize,
+    /// Correct nodes put equivocation evidence they see on the ledger, as
+    /// a node does, so the equivocator is removed at the next boundary.
+    pub report_evidence: bool,
 }
 
 impl SimConfig {
@@ -201,6 +210,7 @@ impl SimConfig {
             load_until_ms: u64::MAX,
             clock_skew_ms: 0,
             spares: 0,
+            report_evidence: false,
         }
     }
 }
@@ -330,6 +340,10 @@ pub struct Sim {
     committed: BTreeMap<u64, Hash>,
     violation: Option<Violation>,
     next_submitted: u64,
+    /// Evidence correct nodes saw, not yet submitted.
+    evidence_seen: Vec<openagi_consensus::evidence::Equivocation>,
+    /// Offenders whose evidence was submitted.
+    evidence_reported: HashSet<PublicKey>,
 }
 
 /// Mirror of the envelope's encoding, to build tampered envelopes the way
@@ -477,6 +491,8 @@ impl Sim {
             committed: BTreeMap::new(),
             violation: None,
             next_submitted: 1,
+            evidence_seen: Vec::new(),
+            evidence_reported: HashSet::new(),
             cfg,
         };
         let skew = sim.cfg.clock_skew_ms;
@@ -612,8 +628,14 @@ impl Sim {
                 node.applied = applied_keys(&node.persisted.blocks);
                 node.replica = Some(r);
             }
-            // A validator that left has no replica to restore.
+            // A validator that left has no replica to restore; a spare
+            // whose join has not taken effect yet has none either.
             Err(_) if node.retired => node.replica = None,
+            Err(openagi_consensus::Error::NotInValidatorSet(_))
+                if id >= self.cfg.n + self.cfg.twins.len() =>
+            {
+                node.replica = None;
+            }
             Err(e) => {
                 self.violation.get_or_insert(Violation {
                     seed: self.cfg.seed,
@@ -742,6 +764,89 @@ impl Sim {
     /// its durable state before any later message leaves, as the contract
     /// requires.
     fn drain(&mut self, id: usize) {
+        self.drain_outputs(id);
+        if !self.evidence_seen.is_empty() {
+            self.report_evidence();
+        }
+    }
+
+    /// Builds and submits node `id`'s join (`true`) or leave, against the
+    /// membership of the correct replica with the longest chain.
+    fn request_membership(&mut self, id: usize, join: bool) {
+        use openagi_consensus::membership::{JoinRequest, LeaveRequest, MembershipRequest};
+        let Some(reference) = self
+            .correct_nodes()
+            .into_iter()
+            .filter_map(|i| self.replica(i))
+            .max_by_key(|r| r.height())
+            .map(|r| r.membership().clone())
+        else {
+            return;
+        };
+        let Some(identity) = self.nodes.get(id).map(|n| n.identity.clone()) else {
+            return;
+        };
+        let network = reference.epoch().validators.network();
+        let request = if join {
+            let Some((anchor_height, anchor_hash)) = reference.anchor() else {
+                return;
+            };
+            let public = identity.public();
+            let input = openagi_crypto::poc::PuzzleInput {
+                public_key: &public,
+                network_id: &network.0,
+                anchor_height,
+                anchor_hash: &anchor_hash,
+            };
+            let cancel = std::sync::atomic::AtomicBool::new(false);
+            let Ok(Some(nonce)) =
+                openagi_crypto::poc::solve(&input, *reference.params(), 1, 0, &|_| {}, &cancel)
+            else {
+                return;
+            };
+            Signed::sign(
+                &identity,
+                &JoinRequest {
+                    network,
+                    anchor_height,
+                    anchor_hash,
+                    nonce,
+                },
+            )
+            .map(MembershipRequest::Join)
+        } else {
+            Signed::sign(
+                &identity,
+                &LeaveRequest {
+                    network,
+                    epoch: reference.epoch().number,
+                },
+            )
+            .map(MembershipRequest::Leave)
+        };
+        if let Some(payload) = request.ok().and_then(|r| r.to_payload().ok()) {
+            self.submit(payload);
+        }
+    }
+
+    /// Submits evidence correct nodes saw, once per offender.
+    fn report_evidence(&mut self) {
+        use openagi_consensus::evidence::Equivocation;
+        for evidence in std::mem::take(&mut self.evidence_seen) {
+            let offender = match &evidence {
+                Equivocation::Prepares(a, _) => *a.signer(),
+                Equivocation::Commits(a, _) => *a.signer(),
+            };
+            if !self.evidence_reported.insert(offender) {
+                continue;
+            }
+            if let Ok(payload) = evidence.to_payload() {
+                self.submit(payload);
+            }
+        }
+    }
+
+    fn drain_outputs(&mut self, id: usize) {
         loop {
             let Some(node) = self.nodes.get_mut(id) else {
                 return;
@@ -789,9 +894,19 @@ impl Sim {
                 Output::ViewInstalled { .. } => {}
                 Output::Membership { height, effects } => node.membership.push((height, effects)),
                 Output::EpochStarted { member, .. } => node.retired |= !member,
-                // Evidence is the node's to gossip; the simulation checks
-                // safety and liveness, which evidence does not change.
-                Output::Evidence(_) => {}
+                // A correct node puts evidence on the ledger (once per
+                // offender), when the run asks for it.
+                Output::Evidence(evidence) => {
+                    if self.cfg.report_evidence
+                        && self
+                            .cfg
+                            .faults
+                            .get(node.index)
+                            .is_none_or(|f| *f == Fault::Correct)
+                    {
+                        self.evidence_seen.push(evidence);
+                    }
+                }
                 Output::ReadBlocks { peer, from, last } => {
                     // The node's disk: what this replica persisted.
                     let first = usize::try_from(from.saturating_sub(1)).unwrap_or(usize::MAX);
@@ -1206,6 +1321,8 @@ impl Sim {
                 }
             }
             Action::Restart(id) => self.start_node(id, false),
+            Action::RequestJoin(id) => self.request_membership(id, true),
+            Action::RequestLeave(id) => self.request_membership(id, false),
             Action::StartJoined(id) => {
                 let source = self
                     .correct_nodes()
@@ -1663,7 +1780,28 @@ pub fn random_sim(seed: u64, duration_ms: u64) -> Sim {
     } else {
         NetConfig::clean()
     };
+    // Validator-set changes, from a generator of their own so that runs
+    // without them are the runs they always were: evidence put on the
+    // ledger (an equivocator removed), a node joining, a validator leaving
+    // (only where one fewer still tolerates the faults).
+    let mut churn = ChaCha8Rng::seed_from_u64(seed ^ 0xc4a5_9e00_0000_0001);
+    cfg.report_evidence = churn.random_bool(0.5);
+    let join_at = churn
+        .random_bool(0.3)
+        .then(|| churn.random_range(500..duration_ms.max(1_000) / 2));
+    if join_at.is_some() {
+        cfg.spares = 1;
+    }
     let mut sim = Sim::new(cfg);
+    if let Some(at) = join_at {
+        let spare = sim.nodes.len() - 1;
+        sim.schedule(at, Action::RequestJoin(spare));
+        let mut start = at + 2_000;
+        while start < duration_ms + 20_000 {
+            sim.schedule(start, Action::StartJoined(spare));
+            start += 2_000;
+        }
+    }
     if pick.random_bool(0.4) {
         let at = pick.random_range(0..duration_ms / 2);
         let groups: Vec<u8> = (0..n).map(|_| pick.random_range(0..2u8)).collect();
@@ -1690,6 +1828,20 @@ pub fn random_sim(seed: u64, duration_ms: u64) -> Sim {
         }
         crash_budget -= 1;
     }
-    let _ = crash_budget;
+    let faults_left = faulty + (f - faulty - crash_budget);
+    if churn.random_bool(0.3) && faults_left <= (n - 2) / 3 {
+        let at = churn.random_range(duration_ms / 4..duration_ms.max(4) / 2);
+        let correct: Vec<usize> = (0..n)
+            .filter(|i| {
+                sim.is_correct(*i)
+                    && !sim.schedule.iter().any(
+                        |(_, a)| matches!(a, Action::Crash(v) | Action::RecoverEmpty(v) if v == i),
+                    )
+            })
+            .collect();
+        if let Some(leaver) = correct.get(churn.random_range(0..correct.len().max(1))) {
+            sim.schedule(at, Action::RequestLeave(*leaver));
+        }
+    }
     sim
 }

@@ -279,3 +279,79 @@ fn a_newcomer_on_a_quiet_network_votes_from_the_old_sets_hand_off() {
     );
     sim.check_agreement().expect("agreement");
 }
+
+#[test]
+fn an_equivocator_is_removed_at_the_next_boundary_and_may_not_return() {
+    // Validator 2 of five signs conflicting prepares and commits. Correct
+    // replicas see both votes, put the evidence on the ledger, and the
+    // set of the next epoch is the other four.
+    let mut cfg = SimConfig::new(31, 5);
+    cfg.faults = vec![
+        openagi_consensus_sim::Fault::Correct,
+        openagi_consensus_sim::Fault::Correct,
+        openagi_consensus_sim::Fault::DoubleVoter,
+    ];
+    cfg.report_evidence = true;
+    let mut sim = Sim::new(cfg);
+    run_until_epoch(&mut sim, 1, 30_000);
+    let offender = sim.identity(2).expect("node").public();
+    let reference = sim.replica(0).expect("running");
+    assert_eq!(reference.validators().n(), 4);
+    assert!(reference.validators().index_of(&offender).is_none());
+    let removal = sim
+        .membership_effects(0)
+        .iter()
+        .flat_map(|(_, e)| e.scheduled.iter().map(|(_, c)| *c))
+        .find(|c| matches!(c, Change::Remove(_)));
+    assert_eq!(removal, Some(Change::Remove(offender)));
+    // The four go on; the removed key cannot join again.
+    let height = sim.committed_height();
+    let now = sim.now();
+    sim.run_until(now + 5_000).expect("no violation");
+    sim.check_agreement().expect("agreement");
+    sim.check_liveness(height + 10).expect("commits go on");
+    let membership = sim.replica(0).expect("running").membership().clone();
+    let (anchor_height, anchor_hash) = membership.anchor().expect("anchor");
+    let rejoin = {
+        let identity = sim.identity(2).expect("node");
+        let network = membership.epoch().validators.network();
+        let public = identity.public();
+        let input = PuzzleInput {
+            public_key: &public,
+            network_id: &network.0,
+            anchor_height,
+            anchor_hash: &anchor_hash,
+        };
+        let nonce = solve(
+            &input,
+            sim_replica_config().join_puzzle,
+            1,
+            0,
+            &|_| {},
+            &AtomicBool::new(false),
+        )
+        .expect("runs")
+        .expect("found");
+        MembershipRequest::Join(
+            Signed::sign(
+                identity,
+                &JoinRequest {
+                    network,
+                    anchor_height,
+                    anchor_hash,
+                    nonce,
+                },
+            )
+            .expect("sign"),
+        )
+    };
+    assert_eq!(
+        membership.check_request(
+            &rejoin,
+            membership.height() + 1,
+            &openagi_consensus::StrictCrypto,
+            &mut openagi_consensus::membership::ProofCache::default()
+        ),
+        Err(Refusal::Banned)
+    );
+}

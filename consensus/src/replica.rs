@@ -3250,11 +3250,35 @@ impl<S: Signer> Replica<S> {
         }
     }
 
+    /// A member of this epoch's set, or of the one before: a validator
+    /// that just left may still be fetching the blocks up to the boundary
+    /// it leaves at (it retires once it has them).
+    fn may_fetch(&self, key: &PublicKey) -> bool {
+        self.validators.index_of(key).is_some()
+            || self
+                .membership
+                .previous_epoch()
+                .is_some_and(|p| p.validators.index_of(key).is_some())
+    }
+
     fn on_fetch_blocks(&mut self, signed: Signed<FetchBlocks>) {
-        let Some((from, req)) = self.open(&signed) else {
+        let from = *signed.signer();
+        if !self.may_fetch(&from) {
+            self.drop_input(DropReason::NotMember);
             return;
+        }
+        let req = match self.signer.open(&signed) {
+            Ok(req) => req,
+            Err(Error::BadSignature) => {
+                self.drop_input(DropReason::BadSignature);
+                return;
+            }
+            Err(_) => {
+                self.drop_input(DropReason::Malformed);
+                return;
+            }
         };
-        if !self.check_network(req.network) || from == self.me {
+        if !self.check_network(req.network) || from == self.signer.public() {
             return;
         }
         if req.from == 0 || req.to < req.from {
@@ -3274,14 +3298,12 @@ impl<S: Signer> Replica<S> {
             return;
         }
         if req.from < self.ledger.first_in_memory() {
-            if let Some(peer) = self.validators.member(from).copied() {
-                self.stats.storage_reads += 1;
-                self.outputs.push_back(Output::ReadBlocks {
-                    peer,
-                    from: req.from,
-                    last,
-                });
-            }
+            self.stats.storage_reads += 1;
+            self.outputs.push_back(Output::ReadBlocks {
+                peer: from,
+                from: req.from,
+                last,
+            });
             return;
         }
         let blocks: Vec<_> = (req.from..=last)
@@ -3300,22 +3322,27 @@ impl<S: Signer> Replica<S> {
         now: u64,
     ) {
         self.now = self.now.max(now);
-        let Some(to) = self.validators.index_of(peer) else {
+        if !self.may_fetch(peer) {
             return;
-        };
+        }
+        let to = *peer;
         let runs = blocks
             .windows(2)
             .all(|pair| pair[1].0.height == pair[0].0.height.saturating_add(1));
         let within = blocks
             .last()
             .is_some_and(|(b, _)| b.height <= self.ledger.height());
-        if to == self.me || !runs || !within || blocks.len() > self.cfg.max_blocks_per_reply {
+        if to == self.signer.public()
+            || !runs
+            || !within
+            || blocks.len() > self.cfg.max_blocks_per_reply
+        {
             return;
         }
         self.reply_blocks(to, blocks);
     }
 
-    fn reply_blocks(&mut self, to: usize, blocks: Vec<(Block, CommitCertificate)>) {
+    fn reply_blocks(&mut self, to: PublicKey, blocks: Vec<(Block, CommitCertificate)>) {
         if blocks.is_empty() {
             return;
         }
@@ -3323,7 +3350,7 @@ impl<S: Signer> Replica<S> {
             network: self.network,
             blocks,
         }) {
-            self.send_to(to, Message::Blocks(reply));
+            self.send(Recipient::One(to), Message::Blocks(reply));
         }
     }
 

@@ -121,9 +121,11 @@ fn a_full_node_joins_votes_and_leaves_without_a_restart() {
         .expect("v3 exits");
     let committed = commit(&network.nodes[0], "with the newcomer's vote");
     let height = committed["height"].as_u64().expect("height");
-    wait_for("the newcomer holds the block", Duration::from_secs(10), || {
-        (head(&full) >= height).then_some(())
-    })
+    wait_for(
+        "the newcomer holds the block",
+        Duration::from_secs(10),
+        || (head(&full) >= height).then_some(()),
+    )
     .expect("newcomer at the head");
 
     // The chain verifies through the hand-off on a genesis validator and
@@ -166,8 +168,10 @@ fn a_full_node_joins_votes_and_leaves_without_a_restart() {
     .expect("all validators in epoch 2");
     let committed = commit(&network.nodes[1], "after the leave");
     let height = committed["height"].as_u64().expect("height");
-    wait_for("the full node follows again", Duration::from_secs(10), || {
-        (head(&full) >= height).then_some(())
-    })
+    wait_for(
+        "the full node follows again",
+        Duration::from_secs(10),
+        || (head(&full) >= height).then_some(()),
+    )
     .expect("following");
 }

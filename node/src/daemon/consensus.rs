@@ -1284,8 +1284,9 @@ impl Driver {
         }
     }
 
-    /// A new validator set took over: messages go to its members, and only
-    /// theirs are read.
+    /// A new validator set took over: messages go to its members, and
+    /// theirs are read, and those of the set before (one that just left
+    /// may still fetch the blocks up to the boundary it leaves at).
     fn enter_epoch(
         &mut self,
         number: u64,
@@ -1293,7 +1294,8 @@ impl Driver {
         validators: &[PublicKey],
         member: bool,
     ) {
-        self.peers = validators.iter().map(peer_id_of).collect();
+        let previous =
+            std::mem::replace(&mut self.peers, validators.iter().map(peer_id_of).collect());
         let me_peer = self.net.local_peer_id();
         self.me = self
             .peers
@@ -1303,6 +1305,7 @@ impl Driver {
         self.net.allow_direct_from(
             self.peers
                 .iter()
+                .chain(previous.iter())
                 .flatten()
                 .copied()
                 .filter(|p| *p != me_peer),
