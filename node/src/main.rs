@@ -165,6 +165,12 @@ enum Command {
         /// ledger without voting.
         #[arg(long, default_value_t = 0)]
         full_nodes: usize,
+        /// Nodes that start as full nodes and then join the validator set
+        /// the way an operator does (`openagi validator join`: proof of
+        /// computation, a join ordered by consensus, voting from the next
+        /// epoch), once consensus runs.
+        #[arg(long, default_value_t = 0)]
+        join: usize,
         /// Directory for the nodes' data directories.
         #[arg(long, default_value = "devnet-data")]
         dir: PathBuf,
@@ -1001,6 +1007,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
         Command::Devnet {
             nodes,
             full_nodes,
+            join,
             dir,
             duration,
             tor,
@@ -1010,6 +1017,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
         } => runtime()?.block_on(devnet::run(devnet::DevnetOptions {
             nodes,
             full_nodes,
+            join,
             dir,
             duration,
             tor,

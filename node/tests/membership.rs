@@ -42,7 +42,7 @@ fn a_full_node_joins_votes_and_leaves_without_a_restart() {
     commit(&network.nodes[0], "before the join");
 
     let full_dir = init_full_node(root.path()).expect("full node");
-    let full = Daemon::start(&full_dir, &network.boot).expect("full node starts");
+    let mut full = Daemon::start(&full_dir, &network.boot).expect("full node starts");
     let head = |d: &Daemon| {
         d.status()
             .ok()
@@ -112,6 +112,16 @@ fn a_full_node_joins_votes_and_leaves_without_a_restart() {
             .then_some(())
     })
     .expect("all validators in epoch 1");
+
+    // A restart finds its part from its own chain: a validator again.
+    full.signal(Signal::SIGTERM).expect("stop the newcomer");
+    full.wait_exit(Duration::from_secs(20))
+        .expect("newcomer exits");
+    let full = Daemon::start(&full_dir, &network.boot).expect("newcomer restarts");
+    wait_for("the newcomer votes again", Duration::from_secs(30), || {
+        (role_of(&full) == ("validator".into(), 1, 5)).then_some(())
+    })
+    .expect("a validator after the restart");
 
     // Its vote now counts: with a genesis validator stopped, four of five
     // remain, the newcomer among them, and a quorum is four.

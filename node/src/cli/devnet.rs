@@ -43,6 +43,9 @@ pub struct DevnetOptions {
     pub nodes: usize,
     /// Full nodes beside them: they follow the ledger without voting.
     pub full_nodes: usize,
+    /// Further nodes that start as full nodes and join the validator set
+    /// (`openagi validator join`) once consensus runs.
+    pub join: usize,
     /// Directory holding one data directory per node.
     pub dir: PathBuf,
     /// Stop by itself after this long.
@@ -387,14 +390,24 @@ pub(crate) async fn start_local_network(
 pub async fn run(options: DevnetOptions) -> Result<()> {
     let started = Instant::now();
     let resumed = prepare_dir(&options.dir, options.resume)?;
+    if options.join > MAX_FULL_NODES {
+        bail!(
+            "--join must be at most {MAX_FULL_NODES} (got {})",
+            options.join
+        );
+    }
     let (mut nodes, _tornet) = start_local_network(
         &options.dir,
         options.nodes,
-        options.full_nodes,
+        options.full_nodes + options.join,
         "",
         options.tor,
     )
     .await?;
+    // The joiners are the last nodes; each runs `openagi validator join`
+    // once consensus runs.
+    let joiners: Vec<usize> = (options.nodes + options.full_nodes..nodes.len()).collect();
+    let mut joins: Vec<Join> = Vec::new();
     println!(
         "Open-AGI devnet: {} nodes in {}",
         options.nodes,
@@ -458,6 +471,14 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
                 if start_height.is_none() {
                     start_height = nodes.first().and_then(|n| n.last_status.as_ref()).map(|s| s["ledger"]["height"].as_u64().unwrap_or(0));
                 }
+                if joins.is_empty() && !joiners.is_empty() && consensus_running(&nodes) {
+                    joins = start_joins(&nodes, &joiners);
+                }
+                for join in &mut joins {
+                    if let Some(line) = join.poll() {
+                        println!("{line}");
+                    }
+                }
                 if learning == Learning::Waiting && consensus_running(&nodes) {
                     ticks_with_consensus += 1;
                     let existing = resumed.then(|| devnet_job_on_ledger(&nodes)).flatten();
@@ -493,6 +514,9 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = handle.join();
     }
+    for join in &mut joins {
+        join.stop();
+    }
     // The last figures, read while the nodes still answer.
     refresh(&mut nodes).await;
     let summary = final_summary(&nodes, &learning, started.elapsed(), start_height);
@@ -514,6 +538,74 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
         options.dir.display()
     );
     Ok(())
+}
+
+/// A node joining the validator set: its `openagi validator join` run.
+struct Join {
+    index: usize,
+    child: Option<std::process::Child>,
+}
+
+/// Starts `openagi validator join` for each of `joiners`.
+fn start_joins(nodes: &[Node], joiners: &[usize]) -> Vec<Join> {
+    let exe = std::env::current_exe().ok();
+    joiners
+        .iter()
+        .filter_map(|index| nodes.get(*index))
+        .map(|node| {
+            let child = exe.as_ref().and_then(|exe| {
+                let log = std::fs::File::create(node.data_dir.file("join.log")).ok()?;
+                let err = log.try_clone().ok()?;
+                std::process::Command::new(exe)
+                    .args([
+                        "validator",
+                        "join",
+                        "--json",
+                        "--threads",
+                        "1",
+                        "--data-dir",
+                    ])
+                    .arg(node.data_dir.path())
+                    .stdin(std::process::Stdio::null())
+                    .stdout(log)
+                    .stderr(err)
+                    .spawn()
+                    .ok()
+            });
+            println!(
+                "node-{}: joining the validator set (solving the proof of computation; log in {})",
+                node.index,
+                node.data_dir.file("join.log").display()
+            );
+            Join {
+                index: node.index,
+                child,
+            }
+        })
+        .collect()
+}
+
+impl Join {
+    /// A line to print once the join has finished.
+    fn poll(&mut self) -> Option<String> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(if status.success() {
+            format!("node-{}: joined the validator set and votes", self.index)
+        } else {
+            format!(
+                "node-{}: the join failed ({status}); see its join.log",
+                self.index
+            )
+        })
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// The devnet job's id (shortened) when node 0's ledger holds it.
@@ -804,8 +896,15 @@ fn short(peer_id: &str) -> String {
 }
 
 fn render(nodes: &[Node], elapsed: Duration, connected_after: Option<Duration>) -> String {
+    // The validator-set epoch the first node answering is in (the join
+    // and leave of validators move it).
+    let epoch = nodes
+        .iter()
+        .filter_map(|n| n.last_status.as_ref())
+        .find_map(|s| s["consensus"]["epoch"].as_u64())
+        .unwrap_or(0);
     let mut out = format!(
-        "Open-AGI devnet · {} nodes · network {DEVNET_NETWORK_ID} · up {}s · Ctrl-C stops\n\n",
+        "Open-AGI devnet · {} nodes · network {DEVNET_NETWORK_ID} · epoch {epoch} · up {}s · Ctrl-C stops\n\n",
         nodes.len(),
         elapsed.as_secs()
     );

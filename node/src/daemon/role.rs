@@ -270,7 +270,19 @@ impl Ledger {
     /// holds has it in the validator set (the genesis set, or a later one
     /// it joined), else the follower.
     pub fn start(&mut self) -> anyhow::Result<PartTask> {
-        self.start_validator(false)
+        let me = Identity::from_seed(&self.identity_seed).public();
+        if self.genesis.validator_set()?.index_of(&me).is_some() {
+            // A genesis validator (unless the chain has since removed it:
+            // then it falls back to following).
+            self.start_validator(false)
+        } else {
+            // The follower reads the chain once and hands over at once if
+            // this node joined the set on it.
+            info!(
+                "this node's key is not among the genesis validators: it follows the ledger as a full node"
+            );
+            self.start_full(true)
+        }
     }
 
     /// Starts the replica, or the follower when this node is not a
