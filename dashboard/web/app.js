@@ -169,6 +169,7 @@ function renderConsensus(doc) {
       ? `rotation skipping ${c.skipped_validators.map((i) => i + 1).join(", ")} (recent failures as primary, checkpoint ${c.schedule_checkpoint})`
       : "rotation"],
     ["this validator", `${c.validator_index + 1} of ${c.validators} (tolerates f = ${c.f})`],
+    ["epoch", `${c.epoch} (the validator set after ${c.epoch} change${c.epoch === 1 ? "" : "s"})`],
     ["height", c.height], ["head", c.head_hash], ["view", c.view],
     ["stable checkpoint", c.stable_checkpoint], ["waiting transactions", c.pending],
     ["committed transactions", c.committed_txs],

@@ -33,6 +33,7 @@ pub const TARGETS: &[Target] = &[
     ("compressed_update", compressed_update),
     ("model_file", model_file),
     ("ledger_record", ledger_record),
+    ("membership_tx", membership_tx),
     ("job_spec", job_spec),
     ("mesh_envelope", mesh_envelope),
     ("sealed_envelope", sealed_envelope),
@@ -149,6 +150,62 @@ pub fn model_file(data: &[u8]) {
     use openagi_learning::model::{params_from_bytes, params_to_bytes};
     if let Ok(params) = params_from_bytes(data) {
         assert_eq!(params_to_bytes(&params), data, "model bytes round-trip");
+    }
+}
+
+/// Membership and evidence transactions, as every node reads them from
+/// committed blocks: decoded, re-encoded stably, and checked against a
+/// membership (signature, network, anchor, proof) without a panic. The
+/// puzzle costs microseconds here so mutations reach the proof check.
+pub fn membership_tx(data: &[u8]) {
+    use openagi_consensus::evidence::Equivocation;
+    use openagi_consensus::membership::{Membership, MembershipRequest, ProofCache};
+    use openagi_consensus::{NetworkId, StrictCrypto, Transaction, ValidatorSet};
+    round_trip(
+        data,
+        |b| MembershipRequest::from_payload(b).ok().flatten(),
+        |r| r.to_payload().ok(),
+    );
+    round_trip(
+        data,
+        |b| Equivocation::from_payload(b).ok().flatten(),
+        |e| e.to_payload().ok(),
+    );
+    let Ok(set) = ValidatorSet::new(
+        NetworkId::from_name("fuzz"),
+        (1..=4u8)
+            .map(|i| Identity::from_seed(&[i; 32]).public())
+            .collect(),
+    ) else {
+        return;
+    };
+    let params = openagi_crypto::poc::PuzzleParams {
+        difficulty_bits: 1,
+        memory_kib: 8,
+        passes: 1,
+    };
+    let Ok(mut membership) = Membership::genesis(set, 16, 64, params) else {
+        return;
+    };
+    let tx = Transaction {
+        client: openagi_consensus::ClientId([1; 32]),
+        seq: 1,
+        payload: data.to_vec().into(),
+    };
+    let mut proofs = ProofCache::default();
+    for height in 1..=3u64 {
+        let hash = [height as u8; 32];
+        let txs = if height == 3 {
+            std::slice::from_ref(&tx)
+        } else {
+            &[]
+        };
+        if membership
+            .apply_block(height, hash, txs, &StrictCrypto, &mut proofs)
+            .is_err()
+        {
+            return;
+        }
     }
 }
 

@@ -118,6 +118,19 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
         ],
         "invite" => Vec::new(),
         "api_tx_body" => vec![br#"{"payload": "hello", "wait": true}"#.to_vec()],
+        "membership_tx" => {
+            use openagi_consensus::membership::{LeaveRequest, MembershipRequest};
+            let member = Identity::from_seed(&[1; 32]);
+            let leave = LeaveRequest {
+                network: NetworkId::from_name("fuzz"),
+                epoch: 0,
+            };
+            vec![
+                MembershipRequest::Leave(Signed::sign(&member, &leave).expect("signs"))
+                    .to_payload()
+                    .expect("encodes"),
+            ]
+        }
         "pbft_replica" => vec![openagi_fuzz::replica::committing_seed()],
         _ => Vec::new(),
     }
