@@ -67,6 +67,14 @@ pub const PROOF_CACHE_ENTRIES: usize = 1_024;
 /// join again; the oldest are forgotten past this.
 pub const MAX_BANNED: usize = 4_096;
 
+/// Join proofs checked per checkpoint interval of blocks: every node runs
+/// one Argon2id per proof that passes the cheap checks when the block
+/// executes, so a faulty primary ordering joins with worthless proofs
+/// under fresh keys could otherwise make every block cost seconds. Joins
+/// past the budget are refused (to be submitted again); honest validators
+/// check proofs before admitting a join, so only a faulty one spends it.
+pub const PROOF_CHECKS_PER_INTERVAL: u32 = 4;
+
 /// A candidate's request to become a validator.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinRequest {
@@ -211,6 +219,14 @@ pub enum Refusal {
         /// The request's epoch.
         got: u64,
     },
+    /// The interval's proof checks are spent.
+    #[error("too many joins to check in blocks {first}..={last}; submit again after height {last}")]
+    ProofBudget {
+        /// The interval's first height.
+        first: u64,
+        /// Its last.
+        last: u64,
+    },
     /// A transition to a later boundary is already in flight.
     #[error(
         "a validator-set change already takes effect at height {boundary}; submit again after it"
@@ -244,6 +260,14 @@ pub enum Refusal {
     /// Equivocation evidence that does not prove anything.
     #[error("evidence does not verify: {0}")]
     BadEvidence(String),
+}
+
+/// What the cheap checks leave.
+enum Checked {
+    /// Decided: the change.
+    Done(Change),
+    /// A join whose proof is still to check.
+    Proof(PublicKey, JoinRequest),
 }
 
 /// A validator set and the heights it decides.
@@ -360,6 +384,9 @@ pub struct Membership {
     recent: VecDeque<(u64, Hash)>,
     banned: VecDeque<PublicKey>,
     height: u64,
+    /// Proof checks spent in the current checkpoint interval: (interval
+    /// index, count).
+    proof_checks: (u64, u32),
 }
 
 impl Membership {
@@ -399,6 +426,7 @@ impl Membership {
             recent: VecDeque::new(),
             banned: VecDeque::new(),
             height: 0,
+            proof_checks: (0, 0),
         })
     }
 
@@ -504,6 +532,23 @@ impl Membership {
         crypto: &C,
         proofs: &mut ProofCache,
     ) -> Result<Change, Refusal> {
+        match self.check_cheap(request, height, crypto)? {
+            Checked::Done(change) => Ok(change),
+            Checked::Proof(candidate, join) => {
+                proofs.check(self.network, &candidate, &join, &self.params)?;
+                Ok(Change::Join(candidate))
+            }
+        }
+    }
+
+    /// Everything but the proof: a leave is decided, a join is left with
+    /// its proof to check.
+    fn check_cheap<C: Crypto>(
+        &self,
+        request: &MembershipRequest,
+        height: u64,
+        crypto: &C,
+    ) -> Result<Checked, Refusal> {
         match request {
             MembershipRequest::Join(signed) => {
                 let candidate = *signed.signer();
@@ -552,9 +597,8 @@ impl Membership {
                     });
                 }
                 self.check_slot(height)?;
-                // The one expensive check, after all the cheap ones.
-                proofs.check(self.network, &candidate, &join, &self.params)?;
-                Ok(Change::Join(candidate))
+                // The one expensive check comes after all the cheap ones.
+                Ok(Checked::Proof(candidate, join))
             }
             MembershipRequest::Leave(signed) => {
                 let leaving = *signed.signer();
@@ -580,9 +624,28 @@ impl Membership {
                     });
                 }
                 self.check_slot(height)?;
-                Ok(Change::Leave(leaving))
+                Ok(Checked::Done(Change::Leave(leaving)))
             }
         }
+    }
+
+    /// Spends one of the interval's proof checks for a join committed at
+    /// `height`.
+    fn spend_proof_check(&mut self, height: u64) -> Result<(), Refusal> {
+        let interval = self.checkpoint_interval;
+        let index = height.saturating_sub(1) / interval;
+        if self.proof_checks.0 != index {
+            self.proof_checks = (index, 0);
+        }
+        if self.proof_checks.1 >= PROOF_CHECKS_PER_INTERVAL {
+            let first = index.saturating_mul(interval).saturating_add(1);
+            return Err(Refusal::ProofBudget {
+                first,
+                last: first.saturating_add(interval - 1),
+            });
+        }
+        self.proof_checks.1 += 1;
+        Ok(())
     }
 
     /// Checks committed equivocation evidence as a removal at `height`.
@@ -645,7 +708,16 @@ impl Membership {
         for tx in txs {
             let outcome =
                 if let Some(request) = MembershipRequest::from_payload(&tx.payload).transpose() {
-                    request.and_then(|r| self.check_request(&r, height, crypto, proofs))
+                    request
+                        .and_then(|r| self.check_cheap(&r, height, crypto))
+                        .and_then(|checked| match checked {
+                            Checked::Done(change) => Ok(change),
+                            Checked::Proof(candidate, join) => {
+                                self.spend_proof_check(height)?;
+                                proofs.check(self.network, &candidate, &join, &self.params)?;
+                                Ok(Change::Join(candidate))
+                            }
+                        })
                 } else if let Some(evidence) = Equivocation::from_payload(&tx.payload).transpose() {
                     evidence
                         .map_err(|e| Refusal::BadEvidence(e.to_string()))
@@ -1050,6 +1122,61 @@ mod tests {
                 &mut ProofCache::default()
             ),
             Err(Refusal::Banned)
+        );
+    }
+
+    #[test]
+    fn worthless_proofs_cost_at_most_the_intervals_budget() {
+        let members = ids(4);
+        let mut m = genesis(&members);
+        advance(&mut m, 2);
+        let (anchor_height, anchor_hash) = m.anchor().expect("anchor");
+        // Six joins under fresh keys whose nonces solve nothing (checked
+        // against the puzzle so the test does not depend on luck).
+        let mut txs = Vec::new();
+        let mut verifier = Verifier::new(CHEAP).expect("params");
+        for k in 0..6u8 {
+            let who = Identity::from_seed(&[100 + k; 32]);
+            let input = PuzzleInput {
+                public_key: &who.public(),
+                network_id: &network().0,
+                anchor_height,
+                anchor_hash: &anchor_hash,
+            };
+            let nonce = (0..1_000u64)
+                .find(|n| verifier.verify(&input, *n).is_err())
+                .expect("a nonce that fails");
+            let join = JoinRequest {
+                network: network(),
+                anchor_height,
+                anchor_hash,
+                nonce,
+            };
+            let request = MembershipRequest::Join(Signed::sign(&who, &join).expect("sign"));
+            txs.push(tx(request.to_payload().expect("encode"), u64::from(k) + 1));
+        }
+        let effects = m
+            .apply_block(
+                3,
+                hash_of(3),
+                &txs,
+                &StrictCrypto,
+                &mut ProofCache::default(),
+            )
+            .expect("in order");
+        let reasons: Vec<Refusal> = effects.refused.into_iter().map(|(_, r)| r).collect();
+        let bad = Refusal::BadProof { difficulty_bits: 4 };
+        let spent = Refusal::ProofBudget { first: 1, last: 16 };
+        assert_eq!(
+            reasons,
+            vec![
+                bad.clone(),
+                bad.clone(),
+                bad.clone(),
+                bad,
+                spent.clone(),
+                spent
+            ]
         );
     }
 

@@ -38,6 +38,12 @@ use crate::common::store::Store;
 const CLIENT_QUEUE: usize = 256;
 /// Commit notices buffered for API waiters.
 pub const COMMIT_NOTICES: usize = 1024;
+/// Join proofs checked at once before admission: each is one Argon2id run
+/// of the genesis's memory (64 MiB by default), on a blocking thread.
+pub const ADMISSION_PROOF_CHECKS: usize = 1;
+/// Times admission waits half a view refresh for the membership view to
+/// reach a join's anchor.
+const ADMISSION_VIEW_WAITS: usize = 4;
 /// Submissions not committed after this long stop being tracked.
 const STALE_SUBMISSION: Duration = Duration::from_secs(120);
 /// Locally submitted transactions whose latency is tracked.
@@ -503,6 +509,10 @@ pub struct ConsensusHandle {
     commits: broadcast::Sender<CommitNotice>,
     validators: ValidatorSet,
     genesis: Arc<Membership>,
+    /// The validator set along the replica's chain (for admitting joins).
+    membership: crate::daemon::role::SharedMembership,
+    /// Join proofs being checked for admission.
+    proof_checks: Arc<tokio::sync::Semaphore>,
     latencies: LatencyRing,
     /// This node's own client id and where its sequence numbers come from.
     own_client: openagi_consensus::ClientId,
@@ -596,12 +606,68 @@ impl ConsensusHandle {
     /// Submits a client transaction; returns its hash once the replica
     /// accepted it (not yet committed).
     pub async fn submit(&self, tx: Transaction) -> Result<Hash, ConsensusError> {
+        self.admit_membership(&tx).await?;
         let (reply, answer) = oneshot::channel();
         self.inputs
             .send(Input::Submit { tx, reply })
             .await
             .map_err(|_| ConsensusError::Stopped)?;
         answer.await.map_err(|_| ConsensusError::Stopped)?
+    }
+
+    /// A join or leave is checked against this validator's chain before
+    /// it is admitted: cheap checks first, a join's proof last, one proof
+    /// at a time ([`ADMISSION_PROOF_CHECKS`]) and off the async workers.
+    /// A worthless one is refused here with the reason, instead of being
+    /// ordered and costing every node a proof check for nothing.
+    async fn admit_membership(&self, tx: &Transaction) -> Result<(), ConsensusError> {
+        use openagi_consensus::membership::{MembershipRequest, ProofCache};
+        let request = match MembershipRequest::from_payload(&tx.payload) {
+            Ok(None) => return Ok(()),
+            Ok(Some(request)) => request,
+            Err(refusal) => return Err(ConsensusError::Rejected(refusal.to_string())),
+        };
+        let anchor = match &request {
+            MembershipRequest::Join(signed) => signed.verify().ok().map(|j| j.anchor_height),
+            MembershipRequest::Leave(_) => None,
+        };
+        // The view is refreshed about once a second: a join anchored on a
+        // block newer than it waits for it (a little), not a refusal.
+        let mut membership = None;
+        for _ in 0..ADMISSION_VIEW_WAITS {
+            membership = self.membership.membership();
+            let behind = match (&membership, anchor) {
+                (Some(m), Some(anchor)) => m.height() < anchor,
+                _ => false,
+            };
+            if !behind {
+                break;
+            }
+            tokio::time::sleep(crate::daemon::role::VIEW_REFRESH / 2).await;
+        }
+        let Some(membership) = membership else {
+            // No view yet (just started): consensus checks it when ordered.
+            return Ok(());
+        };
+        let _permit = self
+            .proof_checks
+            .acquire()
+            .await
+            .map_err(|_| ConsensusError::Stopped)?;
+        let next = membership.height().saturating_add(1);
+        let checked = tokio::task::spawn_blocking(move || {
+            membership.check_request(
+                &request,
+                next,
+                &openagi_consensus::StrictCrypto,
+                &mut ProofCache::default(),
+            )
+        })
+        .await
+        .map_err(|e| ConsensusError::Rejected(format!("checking the request: {e}")))?;
+        checked
+            .map(|_| ())
+            .map_err(|refusal| ConsensusError::Rejected(refusal.to_string()))
     }
 
     /// The current status.
@@ -848,6 +914,8 @@ pub fn start(
         commits: commits.clone(),
         validators: validators.clone(),
         genesis: Arc::new(genesis),
+        membership: membership.clone(),
+        proof_checks: Arc::new(tokio::sync::Semaphore::new(ADMISSION_PROOF_CHECKS)),
         latencies: latencies.clone(),
         own_client: node_client_id(&me_peer),
         store: store.clone(),
