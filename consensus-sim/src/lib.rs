@@ -659,6 +659,7 @@ impl Sim {
             self.cfg.replica.clone(),
             self.validators.clone(),
             signer,
+            Vec::new(),
             clock,
         ) {
             Ok(r) => node.replica = Some(r),
@@ -747,7 +748,27 @@ impl Sim {
 
     fn targets(&self, from: usize, to: &Recipient) -> Vec<usize> {
         match to {
-            Recipient::All => (0..self.nodes.len()).filter(|i| *i != from).collect(),
+            // As a node does: every other member of the sender's set (the
+            // genesis set while it runs no replica).
+            Recipient::All => {
+                let members = self
+                    .nodes
+                    .get(from)
+                    .and_then(|n| n.replica.as_ref())
+                    .map_or_else(
+                        || self.validators.members().to_vec(),
+                        |r| r.validators().members().to_vec(),
+                    );
+                (0..self.nodes.len())
+                    .filter(|i| {
+                        *i != from
+                            && self
+                                .nodes
+                                .get(*i)
+                                .is_some_and(|n| members.contains(&n.identity.public()))
+                    })
+                    .collect()
+            }
             Recipient::One(key) => (0..self.nodes.len())
                 .filter(|i| {
                     *i != from
@@ -840,7 +861,7 @@ impl Sim {
             if !self.evidence_reported.insert(offender) {
                 continue;
             }
-            if let Ok(payload) = evidence.to_payload() {
+            if let Ok(payload) = evidence.to_removal_payload() {
                 self.submit(payload);
             }
         }

@@ -355,3 +355,48 @@ fn an_equivocator_is_removed_at_the_next_boundary_and_may_not_return() {
         Err(Refusal::Banned)
     );
 }
+
+#[test]
+fn a_leaver_cut_off_at_the_boundary_still_retires() {
+    // Validator 4 of five asks to leave and is cut off before the others
+    // certify the boundary; they move into the new set and on. Messages to
+    // "all" go to the new set only, as in a node, so the leaver hears of
+    // the boundary only by asking: its status is answered with the others'
+    // status and the old set's certificate, it fetches up to the boundary
+    // and retires.
+    let mut sim = Sim::new(SimConfig::new(41, 5));
+    sim.run_until(1_000).expect("no violation");
+    let leave = leave_request(&sim, 4, 0);
+    sim.submit(leave);
+    // Cut it off once the leave is scheduled.
+    let deadline = sim.now() + 10_000;
+    while sim
+        .replica(0)
+        .is_some_and(|r| r.membership().transition().is_none())
+    {
+        assert!(sim.now() < deadline, "the leave was not scheduled");
+        let step = sim.now() + 20;
+        sim.run_until(step).expect("no violation");
+    }
+    let now = sim.now();
+    sim.schedule(now, Action::PartitionNodes(vec![0, 0, 0, 0, 1]));
+    let deadline = now + 20_000;
+    while sim.replica(0).is_some_and(|r| r.epoch().0 < 1) {
+        assert!(sim.now() < deadline, "the others did not move on");
+        let step = sim.now() + 100;
+        sim.run_until(step).expect("no violation");
+    }
+    let now = sim.now();
+    sim.run_until(now + 3_000).expect("no violation");
+    let leaver = sim.replica(4).expect("running");
+    assert!(!leaver.is_retired(), "cut off, it could not retire yet");
+    let now = sim.now();
+    sim.schedule(now, Action::HealPartition);
+    sim.run_until(now + 15_000).expect("no violation");
+    assert!(
+        sim.replica(4).expect("running").is_retired(),
+        "the leaver retired once it could ask: {:?}",
+        sim.replica(4)
+    );
+    sim.check_agreement().expect("agreement");
+}

@@ -6,9 +6,9 @@
 //!
 //! A replica that receives the second vote emits
 //! [`crate::Output::Evidence`]; the node records it and puts it on the
-//! ledger as a transaction tagged [`EVIDENCE_TAG`], where it stays for
-//! anyone to check (acting on it, such as excluding the validator at the
-//! next epoch, needs validator-set changes, which do not exist yet).
+//! ledger as a transaction tagged [`REMOVAL_TAG`], where anyone can check
+//! it and which removes the equivocator at the next epoch boundary
+//! ([`crate::membership`]).
 
 use openagi_crypto::{PublicKey, Signed};
 use serde::{Deserialize, Serialize};
@@ -18,8 +18,17 @@ use crate::messages::Prepare;
 use crate::signing::Crypto;
 use crate::types::{Commit, ValidatorSet};
 
-/// The first bytes of a ledger transaction that carries evidence.
+/// The first bytes of a ledger transaction that carries evidence as a
+/// record only (what earlier releases put on the ledger; it changes
+/// nothing).
 pub const EVIDENCE_TAG: &[u8] = b"openagi/evidence/v1\n";
+
+/// The first bytes of a ledger transaction that carries evidence and asks
+/// for the equivocator's removal from the validator set
+/// ([`crate::membership`]). A tag of its own, so that evidence recorded
+/// before removals existed does not remove anyone when the chain is
+/// replayed by a newer release.
+pub const REMOVAL_TAG: &[u8] = b"openagi/removal/v1\n";
 
 /// Two conflicting signed votes of one validator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -103,9 +112,19 @@ impl Equivocation {
         })
     }
 
-    /// The ledger transaction payload carrying this evidence.
+    /// The ledger transaction payload carrying this evidence as a record.
     pub fn to_payload(&self) -> Result<Vec<u8>, Error> {
-        let mut out = EVIDENCE_TAG.to_vec();
+        self.tagged(EVIDENCE_TAG)
+    }
+
+    /// The ledger transaction payload that asks for the equivocator's
+    /// removal.
+    pub fn to_removal_payload(&self) -> Result<Vec<u8>, Error> {
+        self.tagged(REMOVAL_TAG)
+    }
+
+    fn tagged(&self, tag: &[u8]) -> Result<Vec<u8>, Error> {
+        let mut out = tag.to_vec();
         out.extend(postcard::to_stdvec(self).map_err(|e| invalid(&e.to_string()))?);
         Ok(out)
     }
@@ -113,7 +132,17 @@ impl Equivocation {
     /// The evidence in a ledger payload: `Ok(None)` for payloads that are
     /// not evidence, an error for tagged payloads that do not decode.
     pub fn from_payload(payload: &[u8]) -> Result<Option<Self>, Error> {
-        match payload.strip_prefix(EVIDENCE_TAG) {
+        Self::untagged(payload, EVIDENCE_TAG)
+    }
+
+    /// The evidence in a removal request's payload (see
+    /// [`Equivocation::from_payload`]).
+    pub fn from_removal_payload(payload: &[u8]) -> Result<Option<Self>, Error> {
+        Self::untagged(payload, REMOVAL_TAG)
+    }
+
+    fn untagged(payload: &[u8], tag: &[u8]) -> Result<Option<Self>, Error> {
+        match payload.strip_prefix(tag) {
             None => Ok(None),
             Some(rest) => postcard::from_bytes(rest)
                 .map(Some)

@@ -8,7 +8,12 @@
 //!   it cannot be computed before that block existed nor kept for later;
 //! - a **leave**, signed by the leaving validator for the epoch it leaves;
 //! - a **removal**, brought about by committed equivocation evidence
-//!   ([`crate::evidence`]); the equivocator may never join again.
+//!   ([`crate::evidence::REMOVAL_TAG`]); the equivocator may never join
+//!   again. Removals are not counted against the churn bound: one that
+//!   cannot join the transition in flight waits for the next.
+//!
+//! A join is used once: the same candidate cannot join again with the
+//! same anchor (so a committed join cannot be replayed after a leave).
 //!
 //! [`Membership`] is a pure function of the committed chain: every node
 //! (validator or full node) feeds it each executed block in order with
@@ -26,9 +31,8 @@
 //! most `max(1, f)` changes of the set in force (its `f`), and a set never
 //! grows past [`MAX_VALIDATORS`] nor, by leaves, shrinks below
 //! [`MIN_VALIDATORS`] (or the genesis size, if smaller). Proofs are checked
-//! after every cheap check, and a verdict cache ([`ProofCache`]) spares
-//! the node a second Argon2 run when it already checked the proof on
-//! admission.
+//! after every cheap check, at most [`PROOF_CHECKS_PER_INTERVAL`] per
+//! checkpoint interval of blocks.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
@@ -51,9 +55,11 @@ pub const MEMBERSHIP_TAG: &[u8] = b"openagi/membership/v1\n";
 /// after it.
 pub const ANCHOR_MAX_AGE: u64 = 1_024;
 
-/// The largest validator set: consensus messages (view changes, new views)
-/// and certificates grow with it, and their size limits assume this bound.
-pub const MAX_VALIDATORS: usize = 64;
+/// The largest validator set joins may make: a new view's worst-case size
+/// grows with the square of the set, and with the default window and
+/// batch limits 16 keeps it well under the message limit every node
+/// applies (a genesis may list more where its configuration allows).
+pub const MAX_VALIDATORS: usize = 16;
 
 /// Leaves may not shrink a set below this (or below the genesis size,
 /// when the network started smaller): four is the smallest set that
@@ -211,6 +217,9 @@ pub enum Refusal {
     /// The key was removed for equivocation.
     #[error("the key was removed for equivocation and may not join again")]
     Banned,
+    /// The join was used before.
+    #[error("this join was used before; solve again against a recent block")]
+    Replayed,
     /// A leave names another epoch.
     #[error("the leave is for epoch {got}, the current one is {current}")]
     WrongEpoch {
@@ -305,8 +314,8 @@ pub struct BlockEffects {
 }
 
 /// Remembers proof verdicts, keyed by everything the verdict depends on,
-/// so a node checks a join's proof once on admission and not again when
-/// the join executes. Bounded: emptied when full.
+/// so one holder checks a proof once however often it is asked (a replica
+/// keeps one for the blocks it executes). Bounded: emptied when full.
 #[derive(Clone, Debug, Default)]
 pub struct ProofCache {
     verdicts: HashMap<Hash, bool>,
@@ -387,6 +396,12 @@ pub struct Membership {
     /// Proof checks spent in the current checkpoint interval: (interval
     /// index, count).
     proof_checks: (u64, u32),
+    /// Joins taken, as (candidate, anchor height), until their anchors
+    /// are too old to be used anyway.
+    used_joins: VecDeque<(PublicKey, u64)>,
+    /// Removals committed while a transition to an earlier boundary was
+    /// in flight: they start the next one.
+    deferred: Vec<(u64, Change)>,
 }
 
 impl Membership {
@@ -400,9 +415,12 @@ impl Membership {
         window: u64,
         params: PuzzleParams,
     ) -> Result<Self, Error> {
-        if checkpoint_interval == 0 || window == 0 {
+        if checkpoint_interval == 0
+            || window < 2 * checkpoint_interval
+            || !window.is_multiple_of(checkpoint_interval)
+        {
             return Err(Error::Config(
-                "membership needs a positive checkpoint interval and window".into(),
+                "window must be a multiple of checkpoint_interval and at least twice it".into(),
             ));
         }
         params
@@ -427,6 +445,8 @@ impl Membership {
             banned: VecDeque::new(),
             height: 0,
             proof_checks: (0, 0),
+            used_joins: VecDeque::new(),
+            deferred: Vec::new(),
         })
     }
 
@@ -586,6 +606,13 @@ impl Membership {
                 if self.is_banned(&candidate) {
                     return Err(Refusal::Banned);
                 }
+                if self
+                    .used_joins
+                    .iter()
+                    .any(|(key, anchor)| *key == candidate && *anchor == join.anchor_height)
+                {
+                    return Err(Refusal::Replayed);
+                }
                 if self.epoch.validators.index_of(&candidate).is_some()
                     || self.pending_for(&candidate)
                 {
@@ -629,6 +656,16 @@ impl Membership {
         }
     }
 
+    /// Remembers a join taken at `height`, so it cannot be taken again;
+    /// forgets those whose anchors are too old to be used anyway.
+    fn use_join(&mut self, height: u64, candidate: PublicKey, anchor: u64) {
+        let horizon = height.saturating_sub(ANCHOR_MAX_AGE);
+        while self.used_joins.front().is_some_and(|(_, a)| *a < horizon) {
+            self.used_joins.pop_front();
+        }
+        self.used_joins.push_back((candidate, anchor));
+    }
+
     /// Spends one of the interval's proof checks for a join committed at
     /// `height`.
     fn spend_proof_check(&mut self, height: u64) -> Result<(), Refusal> {
@@ -648,17 +685,19 @@ impl Membership {
         Ok(())
     }
 
-    /// Checks committed equivocation evidence as a removal at `height`.
+    /// Checks committed equivocation evidence as a removal.
     fn check_evidence<C: Crypto>(
         &self,
         evidence: &Equivocation,
-        height: u64,
         crypto: &C,
     ) -> Result<Change, Refusal> {
         let proven = evidence
             .verify(&self.epoch.validators, crypto)
             .map_err(|e| Refusal::BadEvidence(e.to_string()))?;
         let key = proven.validator;
+        if self.deferred.iter().any(|(_, c)| *c.key() == key) {
+            return Err(Refusal::AlreadyMember);
+        }
         if self.pending_for(&key) {
             // Already leaving or being removed; a leave becomes a removal
             // below so the key is banned all the same.
@@ -667,12 +706,23 @@ impl Membership {
         if self.size_after_transition() <= 1 {
             return Err(Refusal::TooFewValidators { min: 1 });
         }
-        self.check_slot(height)?;
+        // Not limited by the churn bound; a removal that cannot join the
+        // transition in flight is deferred (see `schedule`).
         Ok(Change::Remove(key))
     }
 
     fn schedule(&mut self, height: u64, change: Change) {
         let boundary = self.boundary_for(height);
+        if matches!(change, Change::Remove(_))
+            && self
+                .transition
+                .as_ref()
+                .is_some_and(|t| t.boundary != boundary)
+            && !self.pending_for(change.key())
+        {
+            self.deferred.push((height, change));
+            return;
+        }
         let transition = self.transition.get_or_insert_with(|| Transition {
             boundary,
             changes: Vec::new(),
@@ -715,13 +765,16 @@ impl Membership {
                             Checked::Proof(candidate, join) => {
                                 self.spend_proof_check(height)?;
                                 proofs.check(self.network, &candidate, &join, &self.params)?;
+                                self.use_join(height, candidate, join.anchor_height);
                                 Ok(Change::Join(candidate))
                             }
                         })
-                } else if let Some(evidence) = Equivocation::from_payload(&tx.payload).transpose() {
+                } else if let Some(evidence) =
+                    Equivocation::from_removal_payload(&tx.payload).transpose()
+                {
                     evidence
                         .map_err(|e| Refusal::BadEvidence(e.to_string()))
-                        .and_then(|e| self.check_evidence(&e, height, crypto))
+                        .and_then(|e| self.check_evidence(&e, crypto))
                 } else {
                     continue;
                 };
@@ -774,6 +827,17 @@ impl Membership {
             }
         }
         members.retain(|k| !gone.contains(&k.to_bytes()));
+        // Removals that waited for this transition start the next.
+        let deferred: Vec<(u64, Change)> = std::mem::take(&mut self.deferred)
+            .into_iter()
+            .filter(|(_, c)| members.contains(c.key()))
+            .collect();
+        if let Some(boundary) = deferred.iter().map(|(h, _)| self.boundary_for(*h)).max() {
+            self.transition = Some(Transition {
+                boundary,
+                changes: deferred.into_iter().map(|(_, c)| c).collect(),
+            });
+        }
         let validators = ValidatorSet::new(self.network, members)?;
         let next = Epoch {
             number: self.epoch.number.saturating_add(1),
@@ -1095,7 +1159,7 @@ mod tests {
             .apply_block(
                 h,
                 hash_of(h),
-                &[tx(evidence.to_payload().expect("encode"), 3)],
+                &[tx(evidence.to_removal_payload().expect("encode"), 3)],
                 &StrictCrypto,
                 &mut ProofCache::default(),
             )
@@ -1177,6 +1241,107 @@ mod tests {
                 spent.clone(),
                 spent
             ]
+        );
+    }
+
+    #[test]
+    fn a_removal_behind_another_transition_starts_the_next_and_a_join_is_used_once() {
+        let members = ids(7);
+        let mut m = genesis(&members);
+        advance(&mut m, 3);
+        // A leave at 4 makes the transition to 80.
+        let leave = MembershipRequest::Leave(
+            Signed::sign(
+                &members[6],
+                &LeaveRequest {
+                    network: network(),
+                    epoch: 0,
+                },
+            )
+            .expect("sign"),
+        );
+        assert!(apply_one(&mut m, &leave, 1).refused.is_empty());
+        assert_eq!(m.last_height_of_epoch(), Some(80));
+        // Evidence against validator 5 at 20 would take effect at 96: it
+        // waits for the transition to 80, then starts the next.
+        advance(&mut m, 19);
+        let evidence = Equivocation::Commits(
+            Signed::sign(
+                &members[5],
+                &crate::types::Commit {
+                    network: network(),
+                    view: 1,
+                    seq: 9,
+                    digest: [1; 32],
+                },
+            )
+            .expect("sign"),
+            Signed::sign(
+                &members[5],
+                &crate::types::Commit {
+                    network: network(),
+                    view: 1,
+                    seq: 9,
+                    digest: [2; 32],
+                },
+            )
+            .expect("sign"),
+        );
+        let h = m.height() + 1;
+        let effects = m
+            .apply_block(
+                h,
+                hash_of(h),
+                &[tx(evidence.to_removal_payload().expect("encode"), 2)],
+                &StrictCrypto,
+                &mut ProofCache::default(),
+            )
+            .expect("in order");
+        assert!(effects.refused.is_empty(), "{:?}", effects.refused);
+        assert_eq!(m.last_height_of_epoch(), Some(80));
+        advance(&mut m, 80);
+        assert_eq!(m.epoch().validators.n(), 6, "the leave took effect");
+        assert_eq!(
+            m.last_height_of_epoch(),
+            Some(96),
+            "the removal starts the next transition"
+        );
+        advance(&mut m, 96);
+        assert_eq!(m.epoch().validators.n(), 5);
+        assert!(
+            m.epoch()
+                .validators
+                .index_of(&members[5].public())
+                .is_none()
+        );
+
+        // A join taken once cannot be taken again (here after its
+        // validator left, as a replay would try).
+        let candidate = Identity::from_seed(&[90; 32]);
+        let join = solved_join(&m, &candidate, CHEAP);
+        assert!(apply_one(&mut m, &join, 3).refused.is_empty());
+        let boundary = m.last_height_of_epoch().expect("pending");
+        advance(&mut m, boundary);
+        let leave = MembershipRequest::Leave(
+            Signed::sign(
+                &candidate,
+                &LeaveRequest {
+                    network: network(),
+                    epoch: m.epoch().number,
+                },
+            )
+            .expect("sign"),
+        );
+        assert!(apply_one(&mut m, &leave, 4).refused.is_empty());
+        let boundary = m.last_height_of_epoch().expect("pending");
+        advance(&mut m, boundary);
+        assert!(m.epoch().validators.index_of(&candidate.public()).is_none());
+        assert_eq!(
+            apply_one(&mut m, &join, 5)
+                .refused
+                .first()
+                .map(|(_, r)| r.clone()),
+            Some(Refusal::Replayed)
         );
     }
 

@@ -657,6 +657,9 @@ pub struct Replica<S: Signer = IdentitySigner> {
     /// Votes of the previous set for the hand-off checkpoint, while this
     /// replica lacks it (at most one per member of that set).
     handoff_votes: Vec<Signed<Checkpoint>>,
+    /// Members of the previous set answered lately, and when (at most one
+    /// entry per member of that set).
+    former_answered: Vec<(PublicKey, u64)>,
 }
 
 impl<S: Signer> std::fmt::Debug for Replica<S> {
@@ -767,6 +770,7 @@ impl<S: Signer> Replica<S> {
             retired: false,
             last_filler_ms: 0,
             handoff_votes: Vec::new(),
+            former_answered: Vec::new(),
             validators,
             signer,
         })
@@ -871,13 +875,23 @@ impl<S: Signer> Replica<S> {
     /// transfer, checkpoints), so it counts as faulty for liveness only,
     /// never for safety. A lying reporter can only lengthen the recovery.
     /// The recovery is persisted, so a crash during it does not end it.
+    ///
+    /// `blocks` is whatever chain the node has stored since (a full node's
+    /// follower may have fetched it again): replayed, it puts the replica
+    /// in the epoch the chain reached, so a validator that joined after
+    /// genesis recovers too.
     pub fn recover_after_data_loss(
         cfg: Config,
         validators: ValidatorSet,
         signer: S,
+        blocks: Vec<(Block, CommitCertificate)>,
         now: u64,
     ) -> Result<Self, Error> {
-        let mut replica = Replica::new(cfg, validators, signer, now)?;
+        let state = PersistedState {
+            blocks,
+            ..PersistedState::default()
+        };
+        let mut replica = Replica::restore(cfg, validators, signer, state, now)?;
         replica.recovery = Some(Recovery::default());
         replica.persist(PersistRecord::Recovering { bound: None });
         Ok(replica)
@@ -1513,8 +1527,20 @@ impl<S: Signer> Replica<S> {
         let member = latest.validators.index_of(&self.signer.public());
         let executed = self.ledger.height();
         let certified = self.stable.seq >= handoff;
+        // A leaver that missed the certificate may go once it has executed
+        // the boundary and f + 1 others (one of them correct) report a
+        // stable checkpoint at or past it: its votes are not needed there.
+        let others_certified = self
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| *i != self.me && p.stable >= handoff)
+            .count()
+            > self.validators.f();
         let long_past = executed >= handoff.saturating_add(self.cfg.window);
-        if executed < handoff || !(certified || (member.is_none() && long_past)) {
+        if executed < handoff
+            || !(certified || (member.is_none() && (long_past || others_certified)))
+        {
             return;
         }
         let epoch = latest.clone();
@@ -3169,6 +3195,63 @@ impl<S: Signer> Replica<S> {
         self.join_if_f_plus_one();
     }
 
+    /// A status from a member of the set before this epoch's (one that
+    /// left, still moving towards the boundary): answered, at most once a
+    /// retransmit interval per sender, with this replica's status (so it
+    /// learns how far the chain went and fetches, which it may) and, while
+    /// it lacks it, the old set's certificate at the boundary, so it can
+    /// retire even when it missed the checkpoint exchange.
+    fn on_former_member_status(&mut self, signed: Signed<Status>) {
+        let from = *signed.signer();
+        let former = self
+            .membership
+            .previous_epoch()
+            .is_some_and(|p| p.validators.index_of(&from).is_some());
+        if !former {
+            self.drop_input(DropReason::NotMember);
+            return;
+        }
+        let status = match self.signer.open(&signed) {
+            Ok(status) => status,
+            Err(_) => {
+                self.drop_input(DropReason::BadSignature);
+                return;
+            }
+        };
+        if !self.check_network(status.network) {
+            return;
+        }
+        let interval = self.cfg.retransmit_interval_ms;
+        let now = self.now;
+        if self
+            .former_answered
+            .iter()
+            .any(|(key, at)| *key == from && at.saturating_add(interval) > now)
+        {
+            return;
+        }
+        self.former_answered.retain(|(key, _)| *key != from);
+        // At most one entry per member of the previous set.
+        self.former_answered.push((from, now));
+        let mine = Status {
+            network: self.network,
+            view: self.view,
+            height: self.ledger.height(),
+            stable: self.stable.seq,
+            recovering: self.recovery.is_some(),
+        };
+        if let Some(reply) = self.seal(&mine) {
+            self.send(Recipient::One(from), Message::Status(reply));
+        }
+        if let Some(handoff) = self.epoch_handoff.clone()
+            && status.stable < handoff.seq
+        {
+            for m in handoff.messages {
+                self.send(Recipient::One(from), Message::Checkpoint(m));
+            }
+        }
+    }
+
     /// If f+1 peers (so at least one correct) report a longer ledger and
     /// this replica made no progress for a retransmit interval, fetch the
     /// missing blocks, starting with the peer that reports the most.
@@ -3511,6 +3594,9 @@ impl<S: Signer> Replica<S> {
             Message::ViewChange(s) => self.on_view_change(s),
             Message::NewView(s) => self.on_new_view(s),
             Message::Forward(s) => self.on_forward(s),
+            Message::Status(s) if self.validators.index_of(s.signer()).is_none() => {
+                self.on_former_member_status(s)
+            }
             Message::Status(s) => self.on_status(s),
             Message::FetchBlocks(s) => self.on_fetch_blocks(s),
             Message::Blocks(s) => self.on_blocks(s),

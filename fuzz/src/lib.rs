@@ -171,6 +171,11 @@ pub fn membership_tx(data: &[u8]) {
         |b| Equivocation::from_payload(b).ok().flatten(),
         |e| e.to_payload().ok(),
     );
+    round_trip(
+        data,
+        |b| Equivocation::from_removal_payload(b).ok().flatten(),
+        |e| e.to_removal_payload().ok(),
+    );
     let Ok(set) = ValidatorSet::new(
         NetworkId::from_name("fuzz"),
         (1..=4u8)

@@ -896,10 +896,11 @@ pub fn start(
         .iter()
         .map(peer_id_of)
         .collect();
-    // Only validators' direct streams are read at all: anyone else's is
-    // refused when it opens, before it can make this node hold memory.
+    // Only validators' direct streams are read at all (see
+    // `Driver::allow_streams`, called before the task starts): anyone
+    // else's is refused when it opens, before it can make this node hold
+    // memory.
     let me_peer = net.local_peer_id();
-    net.allow_direct_from(peers.iter().flatten().copied().filter(|p| *p != me_peer));
     let status = Arc::new(RwLock::new(ConsensusStatus::default()));
     let (input_tx, mut input_rx) = mpsc::channel(CLIENT_QUEUE);
     let latencies: LatencyRing = Arc::default();
@@ -954,6 +955,7 @@ pub fn start(
             ..ValidatorActivity::default()
         })
         .collect();
+    driver.allow_streams();
     driver.publish_status();
     let task = tokio::spawn(async move {
         loop {
@@ -1043,7 +1045,19 @@ fn open_replica(
             marker = %marker.display(),
             "consensus state lost; recovering before voting again (the database is not the one this validator voted from)"
         );
-        Replica::recover_after_data_loss(config, validators.clone(), signer, crate::unix_ms())?
+        match Replica::recover_after_data_loss(
+            config,
+            validators,
+            signer,
+            persisted.blocks,
+            crate::unix_ms(),
+        ) {
+            Ok(replica) => replica,
+            Err(openagi_consensus::Error::NotInValidatorSet(epoch)) => {
+                return Err(ConsensusError::NotValidator(epoch));
+            }
+            Err(e) => return Err(e.into()),
+        }
     } else {
         match Replica::restore(config, validators, signer, persisted, crate::unix_ms()) {
             Ok(replica) => replica,
@@ -1293,6 +1307,7 @@ impl Driver {
                 Output::ReadBlocks { peer, from, last } => reads.push((peer, from, last)),
                 Output::Membership { height, effects } => {
                     self.membership.record(height, &effects);
+                    self.allow_streams();
                     for (tx, change) in &effects.scheduled {
                         info!(height, tx = %hex::encode(tx), ?change, "validator-set change scheduled");
                     }
@@ -1352,9 +1367,42 @@ impl Driver {
         }
     }
 
-    /// A new validator set took over: messages go to its members, and
-    /// theirs are read, and those of the set before (one that just left
-    /// may still fetch the blocks up to the boundary it leaves at).
+    /// Whose direct streams are read: this epoch's validators, those of the
+    /// epoch before (one that just left may still ask for blocks and the
+    /// hand-off on its way to the boundary), and the keys joining in the
+    /// transition in flight (they start sending when they move in, maybe
+    /// before this replica does; refused streams would cost them their
+    /// score).
+    fn allow_streams(&self) {
+        let membership = self.replica.membership();
+        let keys = self
+            .replica
+            .validators()
+            .members()
+            .iter()
+            .chain(
+                membership
+                    .previous_epoch()
+                    .map(|p| p.validators.members())
+                    .unwrap_or_default(),
+            )
+            .chain(membership.epoch().validators.members())
+            .chain(
+                membership
+                    .transition()
+                    .map(|t| t.changes.iter().map(|c| c.key()).collect::<Vec<_>>())
+                    .unwrap_or_default(),
+            );
+        let me_peer = self.net.local_peer_id();
+        let allowed: HashSet<PeerId> = keys
+            .filter_map(peer_id_of)
+            .filter(|p| *p != me_peer)
+            .collect();
+        self.net.allow_direct_from(allowed);
+    }
+
+    /// A new validator set took over: messages go to its members (see
+    /// [`Driver::allow_streams`] for whose are read).
     fn enter_epoch(
         &mut self,
         number: u64,
@@ -1362,22 +1410,14 @@ impl Driver {
         validators: &[PublicKey],
         member: bool,
     ) {
-        let previous =
-            std::mem::replace(&mut self.peers, validators.iter().map(peer_id_of).collect());
+        self.peers = validators.iter().map(peer_id_of).collect();
         let me_peer = self.net.local_peer_id();
         self.me = self
             .peers
             .iter()
             .position(|p| *p == Some(me_peer))
             .unwrap_or(usize::MAX);
-        self.net.allow_direct_from(
-            self.peers
-                .iter()
-                .chain(previous.iter())
-                .flatten()
-                .copied()
-                .filter(|p| *p != me_peer),
-        );
+        self.allow_streams();
         self.activity = self
             .peers
             .iter()
@@ -1400,7 +1440,7 @@ impl Driver {
             warn!(
                 epoch = number,
                 first_height,
-                "this node left the validator set: it votes no more (restart it to follow the ledger as a full node)"
+                "this node left the validator set: it votes no more and follows the ledger as a full node"
             );
         }
     }
@@ -1531,7 +1571,7 @@ impl Driver {
         let mut submitted = false;
         if !self.reported.contains(&proven.validator) {
             let now = crate::unix_ms();
-            let tx = evidence.to_payload().and_then(|payload| {
+            let tx = evidence.to_removal_payload().and_then(|payload| {
                 let seq = self
                     .store
                     .next_client_seq()

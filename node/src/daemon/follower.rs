@@ -240,6 +240,39 @@ pub enum FollowerExit {
     },
 }
 
+/// While a transition that makes this node a validator is in flight, the
+/// validators' direct streams are accepted (they wait in the inbox for the
+/// replica): the others start sending once they move into the new set,
+/// perhaps before this node has, and refused streams would cost them
+/// their standing here.
+fn allow_when_joining(net: &NetHandle, follower: &Follower, me: Option<&PublicKey>) {
+    let Some(me) = me else {
+        return;
+    };
+    let membership = follower.membership();
+    let Some(transition) = membership.transition() else {
+        return;
+    };
+    if !transition
+        .changes
+        .iter()
+        .any(|c| matches!(c, openagi_consensus::membership::Change::Join(k) if k == me))
+    {
+        return;
+    }
+    let me_peer = net.local_peer_id();
+    net.allow_direct_from(
+        membership
+            .epoch()
+            .validators
+            .members()
+            .iter()
+            .chain(transition.changes.iter().map(|c| c.key()))
+            .filter_map(peer_id_of)
+            .filter(|p| *p != me_peer),
+    );
+}
+
 /// Starts following the ledger from what `store` holds; `genesis` is the
 /// network's membership at height 0, `me` this node's key when the task
 /// should end once the chain makes it a validator, `commits` where stored
@@ -325,6 +358,9 @@ pub fn start(
                 // copies at most once per answer).
                 let stored = matches!(followed, Ok(n) if n > 0);
                 view.refresh(stored, || follower.membership().clone());
+                if stored {
+                    allow_when_joining(&net, &follower, me.as_ref());
+                }
                 if let Some(exit) = joined(&follower) {
                     info!(
                         height = follower.head().height,

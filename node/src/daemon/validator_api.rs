@@ -207,9 +207,6 @@ pub async fn change_status(
         );
     };
     let view = state.ledger.membership();
-    let transition = view
-        .membership()
-        .and_then(|m| m.transition().map(|t| t.boundary));
     match view.outcome(&hash) {
         None => Json(json!({ "status": "unknown" })).into_response(),
         Some(outcome) => match outcome.result {
@@ -217,7 +214,9 @@ pub async fn change_status(
                 "status": "scheduled",
                 "height": outcome.height,
                 "change": change_json(&change),
-                "takes_effect_after": transition,
+                // Where a change committed at that height takes effect (a
+                // removal deferred behind an earlier transition goes later).
+                "takes_effect_after": view.membership().map(|m| m.boundary_for(outcome.height)),
             }))
             .into_response(),
             Err(refusal) => Json(json!({
