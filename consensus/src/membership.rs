@@ -49,11 +49,13 @@ use crate::{Error, Hash};
 /// The first bytes of a ledger transaction that carries a join or leave.
 pub const MEMBERSHIP_TAG: &[u8] = b"openagi/membership/v1\n";
 
-/// How many blocks old a join's anchor may be when the join commits: the
-/// candidate has this long (about minutes at the network's usual pace) to
-/// solve the puzzle and have the join ordered, and a proof is worthless
-/// after it.
-pub const ANCHOR_MAX_AGE: u64 = 1_024;
+/// How many checkpoints back a join's anchor may be when the join commits.
+/// Anchors are checkpoint blocks (or genesis), so the window is this many
+/// checkpoint intervals of blocks (65,536 with the default 16): minutes
+/// even at a hundred blocks a second, for a puzzle that takes minutes to
+/// solve, and a proof is worthless after it. Each kept anchor is a height
+/// and a hash, so the window costs 160 KiB.
+pub const ANCHOR_CHECKPOINTS: u64 = 4_096;
 
 /// The largest validator set joins may make: a new view's worst-case size
 /// grows with the square of the set, and with the default window and
@@ -181,18 +183,20 @@ pub enum Refusal {
     /// The anchor is too old (or from the future) at the height the join
     /// was committed.
     #[error(
-        "stale proof: anchored at height {anchor}, committed at {height}; anchors may be at most {max_age} blocks old, so solve again against a recent block"
+        "stale proof: anchored at height {anchor}, committed at {height}; anchors may be at most {max_age} blocks old, so solve again against a recent checkpoint"
     )]
     StaleAnchor {
         /// The anchor height.
         anchor: u64,
         /// Height of the block carrying the join.
         height: u64,
-        /// [`ANCHOR_MAX_AGE`].
+        /// [`Membership::anchor_max_age`].
         max_age: u64,
     },
     /// The anchor hash is not the ledger's block at that height.
-    #[error("wrong proof: the anchor hash is not the block at height {anchor}")]
+    #[error(
+        "wrong proof: height {anchor} is not a checkpoint of this chain with that hash (anchors are checkpoint blocks)"
+    )]
     WrongAnchor {
         /// The anchor height.
         anchor: u64,
@@ -389,7 +393,8 @@ pub struct Membership {
     epoch: Epoch,
     previous: Option<Epoch>,
     transition: Option<Transition>,
-    /// Hashes of the last [`ANCHOR_MAX_AGE`] + 1 blocks, oldest first.
+    /// Hashes of genesis and the checkpoint blocks a join may anchor to
+    /// (the last [`ANCHOR_CHECKPOINTS`] + 1), oldest first.
     recent: VecDeque<(u64, Hash)>,
     banned: VecDeque<PublicKey>,
     height: u64,
@@ -427,6 +432,7 @@ impl Membership {
             .validate()
             .map_err(|e| Error::Config(format!("join puzzle parameters: {e}")))?;
         let min_validators = MIN_VALIDATORS.min(validators.n());
+        let genesis_anchor = crate::types::genesis_hash(validators.network());
         Ok(Self {
             network: validators.network(),
             checkpoint_interval,
@@ -441,7 +447,7 @@ impl Membership {
             },
             previous: None,
             transition: None,
-            recent: VecDeque::new(),
+            recent: VecDeque::from([(0, genesis_anchor)]),
             banned: VecDeque::new(),
             height: 0,
             proof_checks: (0, 0),
@@ -492,7 +498,13 @@ impl Membership {
             .saturating_add(self.window)
     }
 
-    /// A recent block's hash, for anchoring a join's proof.
+    /// How many blocks old an anchor may be when its join commits.
+    pub fn anchor_max_age(&self) -> u64 {
+        ANCHOR_CHECKPOINTS.saturating_mul(self.checkpoint_interval)
+    }
+
+    /// The newest anchor a join's proof may use: the last checkpoint block
+    /// (or genesis) and its hash.
     pub fn anchor(&self) -> Option<(u64, Hash)> {
         self.recent.back().copied()
     }
@@ -576,11 +588,13 @@ impl Membership {
                 if join.network != self.network {
                     return Err(Refusal::WrongNetwork);
                 }
-                if join.anchor_height >= height || height - join.anchor_height > ANCHOR_MAX_AGE {
+                if join.anchor_height >= height
+                    || height - join.anchor_height > self.anchor_max_age()
+                {
                     return Err(Refusal::StaleAnchor {
                         anchor: join.anchor_height,
                         height,
-                        max_age: ANCHOR_MAX_AGE,
+                        max_age: self.anchor_max_age(),
                     });
                 }
                 let known = self
@@ -590,16 +604,9 @@ impl Membership {
                     .map(|(_, hash)| *hash);
                 match known {
                     Some(hash) if hash == join.anchor_hash => {}
-                    Some(_) => {
+                    _ => {
                         return Err(Refusal::WrongAnchor {
                             anchor: join.anchor_height,
-                        });
-                    }
-                    None => {
-                        return Err(Refusal::StaleAnchor {
-                            anchor: join.anchor_height,
-                            height,
-                            max_age: ANCHOR_MAX_AGE,
                         });
                     }
                 }
@@ -659,7 +666,7 @@ impl Membership {
     /// Remembers a join taken at `height`, so it cannot be taken again;
     /// forgets those whose anchors are too old to be used anyway.
     fn use_join(&mut self, height: u64, candidate: PublicKey, anchor: u64) {
-        let horizon = height.saturating_sub(ANCHOR_MAX_AGE);
+        let horizon = height.saturating_sub(self.anchor_max_age());
         while self.used_joins.front().is_some_and(|(_, a)| *a < horizon) {
             self.used_joins.pop_front();
         }
@@ -787,9 +794,11 @@ impl Membership {
             }
         }
         self.height = height;
-        self.recent.push_back((height, block_hash));
-        while self.recent.len() as u64 > ANCHOR_MAX_AGE.saturating_add(1) {
-            self.recent.pop_front();
+        if height.is_multiple_of(self.checkpoint_interval) {
+            self.recent.push_back((height, block_hash));
+            while self.recent.len() as u64 > ANCHOR_CHECKPOINTS.saturating_add(1) {
+                self.recent.pop_front();
+            }
         }
         if self
             .transition
@@ -1025,12 +1034,12 @@ mod tests {
         let wrong = MembershipRequest::Join(Signed::sign(&candidate, &wrong).expect("sign"));
         assert_eq!(
             m.check_request(&wrong, 11, &crypto, &mut cache),
-            Err(Refusal::WrongAnchor { anchor: 10 })
+            Err(Refusal::WrongAnchor { anchor: 0 })
         );
 
         // The right proof, committed too late.
         assert!(matches!(
-            m.check_request(&good, 10 + ANCHOR_MAX_AGE + 1, &crypto, &mut cache),
+            m.check_request(&good, m.anchor_max_age() + 1, &crypto, &mut cache),
             Err(Refusal::StaleAnchor { .. })
         ));
         // A forged signature.

@@ -78,7 +78,7 @@ fn a_full_node_joins_votes_and_leaves_without_a_restart() {
     assert!(
         refused["error"]
             .as_str()
-            .is_some_and(|e| e.contains("anchor hash")),
+            .is_some_and(|e| e.contains("wrong proof")),
         "{refused}"
     );
 

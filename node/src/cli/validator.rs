@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use openagi_consensus::membership::ANCHOR_MAX_AGE;
 use openagi_crypto::PublicKey;
 use openagi_crypto::poc::{PuzzleInput, PuzzleParams, solve};
 use serde_json::{Value, json};
@@ -26,9 +25,9 @@ use crate::outln;
 /// and whether its part has switched.
 const POLL: Duration = Duration::from_millis(500);
 
-/// An anchor this many blocks short of [`ANCHOR_MAX_AGE`] is solved
+/// An anchor this many blocks short of the network's anchor age is solved
 /// again rather than submitted: it could go stale before it is ordered.
-const ANCHOR_MARGIN: u64 = 64;
+const ANCHOR_MARGIN: u64 = 1_024;
 
 fn field<'a>(value: &'a Value, key: &str) -> Result<&'a Value> {
     value
@@ -205,9 +204,11 @@ pub fn join(
         let puzzle = puzzle_of(&overview)?;
         let nonce = solve_with_progress(&puzzle, threads, json_output)?;
         // A solution anchored too far back by now would be refused as
-        // stale: anchor to a newer block and solve again.
-        let head = u64_of(&client.get_json("/api/v1/validator")?, "height")?;
-        if head.saturating_sub(puzzle.anchor_height) + ANCHOR_MARGIN < ANCHOR_MAX_AGE {
+        // stale: anchor to a newer checkpoint and solve again.
+        let now = client.get_json("/api/v1/validator")?;
+        let head = u64_of(&now, "height")?;
+        let max_age = u64_of(&now, "anchor_max_age_blocks")?;
+        if head.saturating_sub(puzzle.anchor_height) + ANCHOR_MARGIN < max_age {
             break (nonce, puzzle);
         }
         eprintln!("the ledger moved on while solving; solving again against a newer block");

@@ -68,7 +68,7 @@ pub struct MembershipView {
 
 /// How stale the membership view may get while no change happens (an
 /// anchor a second old is as good as a fresh one: anchors may be
-/// [`openagi_consensus::membership::ANCHOR_MAX_AGE`] blocks old).
+/// [`openagi_consensus::membership::ANCHOR_CHECKPOINTS`] checkpoints old).
 pub const VIEW_REFRESH: Duration = Duration::from_secs(1);
 
 /// A shared [`MembershipView`].

@@ -73,6 +73,7 @@ pub async fn overview(State(state): State<Arc<ApiState>>) -> Response {
             "passes": params.passes,
         },
         "anchor": anchor.map(|(height, hash)| json!({ "height": height, "hash": hex::encode(hash) })),
+        "anchor_max_age_blocks": membership.anchor_max_age(),
         "height": membership.height(),
     }))
     .into_response()
