@@ -896,6 +896,14 @@ mod tests {
         }
     }
 
+    fn leave_by(who: &Identity, epoch: u64) -> MembershipRequest {
+        let leave = LeaveRequest {
+            network: network(),
+            epoch,
+        };
+        MembershipRequest::Leave(Signed::sign(who, &leave).expect("sign"))
+    }
+
     fn hash_of(height: u64) -> Hash {
         *blake3::hash(&height.to_be_bytes()).as_bytes()
     }
@@ -1072,18 +1080,7 @@ mod tests {
         let mut m = genesis(&members);
         advance(&mut m, 3);
         let epoch = m.epoch().number;
-        let leave = |who: &Identity| {
-            MembershipRequest::Leave(
-                Signed::sign(
-                    who,
-                    &LeaveRequest {
-                        network: network(),
-                        epoch,
-                    },
-                )
-                .expect("sign"),
-            )
-        };
+        let leave = |who: &Identity| leave_by(who, epoch);
         assert!(apply_one(&mut m, &leave(&members[0]), 1).refused.is_empty());
         assert!(apply_one(&mut m, &leave(&members[1]), 2).refused.is_empty());
         let third = apply_one(&mut m, &leave(&members[2]), 3);
@@ -1118,29 +1115,11 @@ mod tests {
         let members = ids(5);
         let mut m = genesis(&members);
         advance(&mut m, 1);
-        let leave = MembershipRequest::Leave(
-            Signed::sign(
-                &members[4],
-                &LeaveRequest {
-                    network: network(),
-                    epoch: 0,
-                },
-            )
-            .expect("sign"),
-        );
+        let leave = leave_by(&members[4], 0);
         assert!(apply_one(&mut m, &leave, 1).refused.is_empty());
         advance(&mut m, 80);
         assert_eq!(m.epoch().validators.n(), 4);
-        let again = MembershipRequest::Leave(
-            Signed::sign(
-                &members[3],
-                &LeaveRequest {
-                    network: network(),
-                    epoch: 1,
-                },
-            )
-            .expect("sign"),
-        );
+        let again = leave_by(&members[3], 1);
         assert_eq!(
             apply_one(&mut m, &again, 2)
                 .refused
@@ -1259,16 +1238,7 @@ mod tests {
         let mut m = genesis(&members);
         advance(&mut m, 3);
         // A leave at 4 makes the transition to 80.
-        let leave = MembershipRequest::Leave(
-            Signed::sign(
-                &members[6],
-                &LeaveRequest {
-                    network: network(),
-                    epoch: 0,
-                },
-            )
-            .expect("sign"),
-        );
+        let leave = leave_by(&members[6], 0);
         assert!(apply_one(&mut m, &leave, 1).refused.is_empty());
         assert_eq!(m.last_height_of_epoch(), Some(80));
         // Evidence against validator 5 at 20 would take effect at 96: it
@@ -1331,16 +1301,7 @@ mod tests {
         assert!(apply_one(&mut m, &join, 3).refused.is_empty());
         let boundary = m.last_height_of_epoch().expect("pending");
         advance(&mut m, boundary);
-        let leave = MembershipRequest::Leave(
-            Signed::sign(
-                &candidate,
-                &LeaveRequest {
-                    network: network(),
-                    epoch: m.epoch().number,
-                },
-            )
-            .expect("sign"),
-        );
+        let leave = leave_by(&candidate, m.epoch().number);
         assert!(apply_one(&mut m, &leave, 4).refused.is_empty());
         let boundary = m.last_height_of_epoch().expect("pending");
         advance(&mut m, boundary);

@@ -1653,8 +1653,14 @@ impl<S: Signer> Replica<S> {
             self.drop_input(DropReason::NotMember);
             return None;
         };
+        self.open_signed(signed).map(|value| (index, value))
+    }
+
+    /// The strict signature check alone (the caller has decided whom it
+    /// takes the message from), counting what it drops.
+    fn open_signed<T: SignedPayload + Clone + 'static>(&mut self, signed: &Signed<T>) -> Option<T> {
         match self.signer.open(signed) {
-            Ok(value) => Some((index, value)),
+            Ok(value) => Some(value),
             Err(Error::BadSignature) => {
                 self.drop_input(DropReason::BadSignature);
                 None
@@ -2421,16 +2427,8 @@ impl<S: Signer> Replica<S> {
             self.drop_input(DropReason::NotMember);
             return;
         }
-        let c = match self.signer.open(&signed) {
-            Ok(c) => c,
-            Err(Error::BadSignature) => {
-                self.drop_input(DropReason::BadSignature);
-                return;
-            }
-            Err(_) => {
-                self.drop_input(DropReason::Malformed);
-                return;
-            }
+        let Some(c) = self.open_signed(&signed) else {
+            return;
         };
         if !self.check_network(c.network) {
             return;
@@ -3211,12 +3209,8 @@ impl<S: Signer> Replica<S> {
             self.drop_input(DropReason::NotMember);
             return;
         }
-        let status = match self.signer.open(&signed) {
-            Ok(status) => status,
-            Err(_) => {
-                self.drop_input(DropReason::BadSignature);
-                return;
-            }
+        let Some(status) = self.open_signed(&signed) else {
+            return;
         };
         if !self.check_network(status.network) {
             return;
@@ -3350,16 +3344,8 @@ impl<S: Signer> Replica<S> {
             self.drop_input(DropReason::NotMember);
             return;
         }
-        let req = match self.signer.open(&signed) {
-            Ok(req) => req,
-            Err(Error::BadSignature) => {
-                self.drop_input(DropReason::BadSignature);
-                return;
-            }
-            Err(_) => {
-                self.drop_input(DropReason::Malformed);
-                return;
-            }
+        let Some(req) = self.open_signed(&signed) else {
+            return;
         };
         if !self.check_network(req.network) || from == self.signer.public() {
             return;

@@ -944,17 +944,7 @@ pub fn start(
         backlog,
         membership,
     };
-    driver.activity = driver
-        .peers
-        .iter()
-        .enumerate()
-        .map(|(index, peer)| ValidatorActivity {
-            index,
-            peer_id: peer.map(|p| p.to_string()).unwrap_or_default(),
-            this_node: index == driver.me,
-            ..ValidatorActivity::default()
-        })
-        .collect();
+    driver.reset_activity();
     driver.allow_streams();
     driver.publish_status();
     let task = tokio::spawn(async move {
@@ -1401,6 +1391,22 @@ impl Driver {
         self.net.allow_direct_from(allowed);
     }
 
+    /// What was heard from each validator starts over, one entry per
+    /// member of the current set.
+    fn reset_activity(&mut self) {
+        self.activity = self
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(index, peer)| ValidatorActivity {
+                index,
+                peer_id: peer.map(|p| p.to_string()).unwrap_or_default(),
+                this_node: index == self.me,
+                ..ValidatorActivity::default()
+            })
+            .collect();
+    }
+
     /// A new validator set took over: messages go to its members (see
     /// [`Driver::allow_streams`] for whose are read).
     fn enter_epoch(
@@ -1418,17 +1424,7 @@ impl Driver {
             .position(|p| *p == Some(me_peer))
             .unwrap_or(usize::MAX);
         self.allow_streams();
-        self.activity = self
-            .peers
-            .iter()
-            .enumerate()
-            .map(|(index, peer)| ValidatorActivity {
-                index,
-                peer_id: peer.map(|p| p.to_string()).unwrap_or_default(),
-                this_node: index == self.me,
-                ..ValidatorActivity::default()
-            })
-            .collect();
+        self.reset_activity();
         if member {
             info!(
                 epoch = number,
