@@ -255,6 +255,10 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
     // holds, switched while it runs when the chain adds or removes it.
     let mut ledger: Option<role::Ledger> = None;
     let mut ledger_task: Option<role::PartTask> = None;
+    // A change of part replays the stored chain; it runs off this loop.
+    let mut switching: Option<
+        tokio::task::JoinHandle<(role::Ledger, anyhow::Result<Option<role::PartTask>>)>,
+    > = None;
     let ledger_role = if genesis_path.exists() {
         let genesis = Genesis::load(&genesis_path)?;
         if genesis.network_id != config.network.network_id {
@@ -464,21 +468,16 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
             } => {
                 ledger_task = None;
                 match finished {
-                    Ok(Ok(exit)) => {
-                        let switched = match ledger.as_mut() {
-                            Some(parts) => parts.switch(exit),
-                            None => Ok(None),
-                        };
-                        match switched {
-                            Ok(Some(task)) => ledger_task = Some(task),
-                            Ok(None) => break "consensus stopped",
-                            Err(e) => {
-                                tracing::error!(error = format!("{e:#}"), "could not change this node's part in the ledger");
-                                failure = Some(e.context("changing this node's part in the ledger"));
-                                break "ledger part failed";
-                            }
+                    Ok(Ok(role::PartExit::Stopped)) => break "consensus stopped",
+                    Ok(Ok(exit)) => match ledger.take() {
+                        Some(mut parts) => {
+                            switching = Some(tokio::task::spawn_blocking(move || {
+                                let started = parts.switch(exit);
+                                (parts, started)
+                            }));
                         }
-                    }
+                        None => break "consensus stopped",
+                    },
                     Ok(Err(e)) => {
                         tracing::error!(error = %e, "consensus failed; shutting down rather than voting from unsaved state");
                         failure = Some(anyhow::anyhow!("consensus failed: {e}"));
@@ -487,6 +486,30 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
                     Err(e) => {
                         failure = Some(anyhow::anyhow!("consensus task panicked: {e}"));
                         break "consensus panicked";
+                    }
+                }
+            }
+            switched = async {
+                match switching.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                switching = None;
+                match switched {
+                    Ok((parts, Ok(Some(task)))) => {
+                        ledger = Some(parts);
+                        ledger_task = Some(task);
+                    }
+                    Ok((_, Ok(None))) => break "consensus stopped",
+                    Ok((_, Err(e))) => {
+                        tracing::error!(error = format!("{e:#}"), "could not change this node's part in the ledger");
+                        failure = Some(e.context("changing this node's part in the ledger"));
+                        break "ledger part failed";
+                    }
+                    Err(e) => {
+                        failure = Some(anyhow::anyhow!("changing this node's part in the ledger panicked: {e}"));
+                        break "ledger part panicked";
                     }
                 }
             }
@@ -502,6 +525,11 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         learner_task.abort();
         sampler.abort();
         mesh_clock.abort();
+        if let Some(task) = switching {
+            if let Ok((_, Ok(Some(task)))) = task.await {
+                let _ = task.await;
+            }
+        }
         if let Some(task) = ledger_task {
             let _ = task.await;
         }
