@@ -525,10 +525,10 @@ pub async fn run(options: RunOptions, config: Config, started: Instant) -> Resul
         learner_task.abort();
         sampler.abort();
         mesh_clock.abort();
-        if let Some(task) = switching {
-            if let Ok((_, Ok(Some(task)))) = task.await {
-                let _ = task.await;
-            }
+        if let Some(task) = switching
+            && let Ok((_, Ok(Some(task)))) = task.await
+        {
+            let _ = task.await;
         }
         if let Some(task) = ledger_task {
             let _ = task.await;
