@@ -104,6 +104,25 @@ fn a_full_node_joins_votes_and_leaves_without_a_restart() {
     assert_eq!(joined["role"], "validator", "{joined}");
     assert_eq!(joined["epoch"], 1, "{joined}");
     assert_eq!(role_of(&full), ("validator".into(), 1, 5));
+    // The join is readable in its block.
+    let ordered_at = joined["ordered_at"].as_u64().expect("height");
+    let (code, block) = network.nodes[0]
+        .get(
+            &format!("/api/v1/ledger/blocks/{ordered_at}"),
+            Some(network.nodes[0].token()),
+        )
+        .expect("block");
+    assert_eq!(code, 200, "{block}");
+    let block: Value = serde_json::from_str(&block).expect("json");
+    let full_key = overview["public_key"].clone();
+    assert!(
+        block["transactions"]
+            .as_array()
+            .expect("transactions")
+            .iter()
+            .any(|tx| tx["membership"]["kind"] == "join" && tx["membership"]["key"] == full_key),
+        "{block}"
+    );
     wait_for("the others in epoch 1", Duration::from_secs(20), || {
         network
             .nodes

@@ -42,6 +42,43 @@ pub fn verify_blocks(store: &impl BlockSource, genesis: &Membership) -> Result<u
     }
 }
 
+/// What a validator-set transaction asks, for people reading a block:
+/// a join (the candidate and its anchor), a leave (the validator and its
+/// epoch) or a removal (the equivocator, the kind of vote, view and
+/// sequence number, as the evidence shows when checked against the set).
+/// Whether it took effect is the chain's business (`GET
+/// /api/v1/validator/changes/{tx}`); this only reads the request.
+fn membership_json(payload: &[u8]) -> Option<serde_json::Value> {
+    use openagi_consensus::evidence::Equivocation;
+    use openagi_consensus::membership::MembershipRequest;
+    if let Ok(Some(request)) = MembershipRequest::from_payload(payload) {
+        return Some(match request {
+            MembershipRequest::Join(signed) => serde_json::json!({
+                "kind": "join",
+                "key": signed.signer().to_hex(),
+                "anchor_height": signed.verify().ok().map(|j| j.anchor_height),
+            }),
+            MembershipRequest::Leave(signed) => serde_json::json!({
+                "kind": "leave",
+                "key": signed.signer().to_hex(),
+                "epoch": signed.verify().ok().map(|l| l.epoch),
+            }),
+        });
+    }
+    let (kind, evidence) = match Equivocation::from_removal_payload(payload) {
+        Ok(Some(e)) => ("removal", e),
+        _ => match Equivocation::from_payload(payload) {
+            Ok(Some(e)) => ("evidence", e),
+            _ => return None,
+        },
+    };
+    let (signer, vote) = match &evidence {
+        Equivocation::Prepares(a, _) => (a.signer().to_hex(), "prepare"),
+        Equivocation::Commits(a, _) => (a.signer().to_hex(), "commit"),
+    };
+    Some(serde_json::json!({ "kind": kind, "key": signer, "votes": vote }))
+}
+
 /// The JSON form of a block.
 pub fn block_json(
     block: &openagi_consensus::Block,
@@ -54,12 +91,18 @@ pub fn block_json(
         "prev_hash": hex::encode(block.prev_hash),
         "batch_root": hex::encode(block.batch_root),
         "timestamp_ms": block.timestamp,
-        "transactions": block.txs.iter().map(|tx| serde_json::json!({
-            "hash": hex::encode(tx.hash()),
-            "client": hex::encode(tx.client.0),
-            "seq": tx.seq,
-            "payload_hex": hex::encode(&tx.payload),
-        })).collect::<Vec<_>>(),
+        "transactions": block.txs.iter().map(|tx| {
+            let mut json = serde_json::json!({
+                "hash": hex::encode(tx.hash()),
+                "client": hex::encode(tx.client.0),
+                "seq": tx.seq,
+                "payload_hex": hex::encode(&tx.payload),
+            });
+            if let Some(membership) = membership_json(&tx.payload) {
+                json["membership"] = membership;
+            }
+            json
+        }).collect::<Vec<_>>(),
         "certificate": {
             "view": certificate.view,
             "seq": certificate.seq,
