@@ -154,7 +154,7 @@ impl Follower {
         let effects =
             self.membership
                 .apply_block(height, hash, &applied, crypto, &mut self.proofs)?;
-        if !effects.scheduled.is_empty() || !effects.refused.is_empty() {
+        if !effects.is_empty() {
             if self.effects.len() >= MAX_KEPT_EFFECTS {
                 self.effects.remove(0);
             }

@@ -75,6 +75,14 @@ pub const PROOF_CACHE_ENTRIES: usize = 1_024;
 /// join again; the oldest are forgotten past this.
 pub const MAX_BANNED: usize = 4_096;
 
+/// Most memory a vote may set for one puzzle attempt (128 MiB): every node
+/// spends it for each join it checks.
+pub const MAX_VOTED_MEMORY_KIB: u32 = 128 * 1024;
+
+/// Most difficulty a vote may set (20 bits: about a million attempts, many
+/// hours of one core at 64 MiB), so joining stays possible.
+pub const MAX_VOTED_DIFFICULTY_BITS: u32 = 20;
+
 /// Join proofs checked per checkpoint interval of blocks: every node runs
 /// one Argon2id per proof that passes the cheap checks when the block
 /// executes, so a faulty primary ordering joins with worthless proofs
@@ -114,6 +122,24 @@ impl SignedPayload for LeaveRequest {
     const CONTEXT: &'static str = "openagi/membership/leave/v1";
 }
 
+/// A validator's vote for new join puzzle parameters. Once a quorum of
+/// the set in force has voted for the same parameters in one epoch, they
+/// take effect at the boundary of the last vote's height (like any change)
+/// and every later join must solve them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PuzzleVote {
+    /// The network.
+    pub network: NetworkId,
+    /// The epoch the vote counts in (votes do not carry over).
+    pub epoch: u64,
+    /// The parameters voted for.
+    pub params: PuzzleParams,
+}
+
+impl SignedPayload for PuzzleVote {
+    const CONTEXT: &'static str = "openagi/membership/puzzle-vote/v1";
+}
+
 /// The payload of a membership transaction (after [`MEMBERSHIP_TAG`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum MembershipRequest {
@@ -121,6 +147,17 @@ pub enum MembershipRequest {
     Join(Signed<JoinRequest>),
     /// Stop being one.
     Leave(Signed<LeaveRequest>),
+    /// Change what a join costs.
+    Puzzle(Signed<PuzzleVote>),
+}
+
+/// What a membership transaction that passed every check does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// A change of the set (scheduled).
+    Change(Change),
+    /// A vote for join puzzle parameters (counted).
+    PuzzleVote(PuzzleParams),
 }
 
 impl MembershipRequest {
@@ -240,6 +277,10 @@ pub enum Refusal {
         /// Its last.
         last: u64,
     },
+    /// Parameters outside the bounds every node can run, or the ones in
+    /// force already.
+    #[error("puzzle parameters refused: {0}")]
+    BadPuzzle(String),
     /// A transition to a later boundary is already in flight.
     #[error(
         "a validator-set change already takes effect at height {boundary}; submit again after it"
@@ -279,6 +320,8 @@ pub enum Refusal {
 enum Checked {
     /// Decided: the change.
     Done(Change),
+    /// A puzzle vote to count.
+    Vote(PublicKey, PuzzleParams),
     /// A join whose proof is still to check.
     Proof(PublicKey, JoinRequest),
 }
@@ -315,6 +358,22 @@ pub struct BlockEffects {
     pub refused: Vec<(Hash, Refusal)>,
     /// The epoch that starts after this block, when it is a boundary.
     pub new_epoch: Option<Epoch>,
+    /// Puzzle votes counted, with the transaction that carried each.
+    pub votes: Vec<(Hash, PuzzleParams)>,
+    /// New puzzle parameters a quorum voted for in this block, and the
+    /// last height before they apply.
+    pub puzzle_scheduled: Option<(u64, PuzzleParams)>,
+}
+
+impl BlockEffects {
+    /// Whether the block did anything to the membership at all.
+    pub fn is_empty(&self) -> bool {
+        self.scheduled.is_empty()
+            && self.refused.is_empty()
+            && self.new_epoch.is_none()
+            && self.votes.is_empty()
+            && self.puzzle_scheduled.is_none()
+    }
 }
 
 /// Remembers proof verdicts, keyed by everything the verdict depends on,
@@ -407,6 +466,10 @@ pub struct Membership {
     /// Removals committed while a transition to an earlier boundary was
     /// in flight: they start the next one.
     deferred: Vec<(u64, Change)>,
+    /// Puzzle votes of this epoch, one per validator (its latest).
+    puzzle_votes: Vec<(PublicKey, PuzzleParams)>,
+    /// Puzzle parameters voted in, and the last height before they apply.
+    pending_puzzle: Option<(u64, PuzzleParams)>,
 }
 
 impl Membership {
@@ -453,6 +516,8 @@ impl Membership {
             proof_checks: (0, 0),
             used_joins: VecDeque::new(),
             deferred: Vec::new(),
+            puzzle_votes: Vec::new(),
+            pending_puzzle: None,
         })
     }
 
@@ -475,6 +540,24 @@ impl Membership {
     /// The join puzzle's parameters in force.
     pub fn params(&self) -> &PuzzleParams {
         &self.params
+    }
+
+    /// Puzzle parameters voted in and the last height before they apply.
+    pub fn pending_puzzle(&self) -> Option<(u64, PuzzleParams)> {
+        self.pending_puzzle
+    }
+
+    /// This epoch's puzzle votes: the parameters and how many validators
+    /// voted for them.
+    pub fn puzzle_votes(&self) -> Vec<(PuzzleParams, usize)> {
+        let mut tally: Vec<(PuzzleParams, usize)> = Vec::new();
+        for (_, params) in &self.puzzle_votes {
+            match tally.iter_mut().find(|(p, _)| p == params) {
+                Some((_, n)) => *n += 1,
+                None => tally.push((*params, 1)),
+            }
+        }
+        tally
     }
 
     /// Height of the last block applied.
@@ -563,12 +646,13 @@ impl Membership {
         height: u64,
         crypto: &C,
         proofs: &mut ProofCache,
-    ) -> Result<Change, Refusal> {
+    ) -> Result<Accepted, Refusal> {
         match self.check_cheap(request, height, crypto)? {
-            Checked::Done(change) => Ok(change),
+            Checked::Done(change) => Ok(Accepted::Change(change)),
+            Checked::Vote(_, params) => Ok(Accepted::PuzzleVote(params)),
             Checked::Proof(candidate, join) => {
                 proofs.check(self.network, &candidate, &join, &self.params)?;
-                Ok(Change::Join(candidate))
+                Ok(Accepted::Change(Change::Join(candidate)))
             }
         }
     }
@@ -660,7 +744,64 @@ impl Membership {
                 self.check_slot(height)?;
                 Ok(Checked::Done(Change::Leave(leaving)))
             }
+            MembershipRequest::Puzzle(signed) => {
+                let voter = *signed.signer();
+                let vote = crypto.open(signed).map_err(|_| Refusal::BadSignature)?;
+                if vote.network != self.network {
+                    return Err(Refusal::WrongNetwork);
+                }
+                if vote.epoch != self.epoch.number {
+                    return Err(Refusal::WrongEpoch {
+                        current: self.epoch.number,
+                        got: vote.epoch,
+                    });
+                }
+                if self.epoch.validators.index_of(&voter).is_none() {
+                    return Err(Refusal::NotMember);
+                }
+                vote.params
+                    .validate()
+                    .map_err(|e| Refusal::BadPuzzle(e.to_string()))?;
+                if vote.params.memory_kib > MAX_VOTED_MEMORY_KIB
+                    || vote.params.difficulty_bits > MAX_VOTED_DIFFICULTY_BITS
+                {
+                    return Err(Refusal::BadPuzzle(format!(
+                        "at most {MAX_VOTED_DIFFICULTY_BITS} bits and {MAX_VOTED_MEMORY_KIB} KiB"
+                    )));
+                }
+                if vote.params == self.params {
+                    return Err(Refusal::BadPuzzle(
+                        "these are the parameters in force".into(),
+                    ));
+                }
+                Ok(Checked::Vote(voter, vote.params))
+            }
         }
+    }
+
+    /// Counts `voter`'s vote (replacing an earlier one of this epoch);
+    /// returns the parameters and their boundary once a quorum of the set
+    /// in force agrees.
+    fn count_vote(
+        &mut self,
+        height: u64,
+        voter: PublicKey,
+        params: PuzzleParams,
+    ) -> Option<(u64, PuzzleParams)> {
+        self.puzzle_votes.retain(|(k, _)| *k != voter);
+        self.puzzle_votes.push((voter, params));
+        let agreeing = self
+            .puzzle_votes
+            .iter()
+            .filter(|(_, p)| *p == params)
+            .count();
+        if agreeing < self.epoch.validators.quorum() {
+            return None;
+        }
+        self.puzzle_votes.clear();
+        let scheduled = (self.boundary_for(height), params);
+        self.pending_puzzle = Some(scheduled);
+        Some(scheduled)
     }
 
     /// Remembers a join taken at `height`, so it cannot be taken again;
@@ -768,12 +909,18 @@ impl Membership {
                     request
                         .and_then(|r| self.check_cheap(&r, height, crypto))
                         .and_then(|checked| match checked {
-                            Checked::Done(change) => Ok(change),
+                            Checked::Done(change) => Ok(Accepted::Change(change)),
+                            Checked::Vote(voter, params) => {
+                                if let Some(scheduled) = self.count_vote(height, voter, params) {
+                                    effects.puzzle_scheduled = Some(scheduled);
+                                }
+                                Ok(Accepted::PuzzleVote(params))
+                            }
                             Checked::Proof(candidate, join) => {
                                 self.spend_proof_check(height)?;
                                 proofs.check(self.network, &candidate, &join, &self.params)?;
                                 self.use_join(height, candidate, join.anchor_height);
-                                Ok(Change::Join(candidate))
+                                Ok(Accepted::Change(Change::Join(candidate)))
                             }
                         })
                 } else if let Some(evidence) =
@@ -782,16 +929,24 @@ impl Membership {
                     evidence
                         .map_err(|e| Refusal::BadEvidence(e.to_string()))
                         .and_then(|e| self.check_evidence(&e, crypto))
+                        .map(Accepted::Change)
                 } else {
                     continue;
                 };
             match outcome {
-                Ok(change) => {
+                Ok(Accepted::Change(change)) => {
                     self.schedule(height, change);
                     effects.scheduled.push((tx.hash(), change));
                 }
+                Ok(Accepted::PuzzleVote(params)) => effects.votes.push((tx.hash(), params)),
                 Err(refusal) => effects.refused.push((tx.hash(), refusal)),
             }
+        }
+        if let Some((boundary, params)) = self.pending_puzzle
+            && boundary == height
+        {
+            self.params = params;
+            self.pending_puzzle = None;
         }
         self.height = height;
         if height.is_multiple_of(self.checkpoint_interval) {
@@ -854,6 +1009,8 @@ impl Membership {
             validators,
             newcomers,
         };
+        // Votes count in the epoch they name.
+        self.puzzle_votes.clear();
         self.previous = Some(std::mem::replace(&mut self.epoch, next.clone()));
         Ok(Some(next))
     }
@@ -1063,7 +1220,7 @@ mod tests {
         // And the good one passes.
         assert_eq!(
             m.check_request(&good, 11, &crypto, &mut cache),
-            Ok(Change::Join(candidate.public()))
+            Ok(Accepted::Change(Change::Join(candidate.public())))
         );
         // A member cannot join again.
         let member_join = solved_join(&m, &members[1], CHEAP);
@@ -1312,6 +1469,91 @@ mod tests {
                 .first()
                 .map(|(_, r)| r.clone()),
             Some(Refusal::Replayed)
+        );
+    }
+
+    #[test]
+    fn a_quorum_of_votes_changes_the_join_puzzle_at_the_boundary() {
+        let members = ids(4);
+        let mut m = genesis(&members);
+        advance(&mut m, 2);
+        let harder = PuzzleParams {
+            difficulty_bits: 9,
+            ..CHEAP
+        };
+        let vote = |who: &Identity, params: PuzzleParams, epoch: u64| {
+            let vote = PuzzleVote {
+                network: network(),
+                epoch,
+                params,
+            };
+            MembershipRequest::Puzzle(Signed::sign(who, &vote).expect("sign"))
+        };
+        // The parameters in force, a stranger's vote and bounds refused.
+        let outsider = Identity::from_seed(&[77; 32]);
+        for (request, refusal) in [
+            (vote(&members[0], CHEAP, 0), "in force"),
+            (vote(&outsider, harder, 0), "not a validator"),
+            (
+                vote(
+                    &members[0],
+                    PuzzleParams {
+                        memory_kib: 1,
+                        ..CHEAP
+                    },
+                    0,
+                ),
+                "memory",
+            ),
+        ] {
+            let e = apply_one(&mut m, &request, 1);
+            let reason = e
+                .refused
+                .first()
+                .map(|(_, r)| r.to_string())
+                .unwrap_or_default();
+            assert!(reason.contains(refusal), "{reason}");
+        }
+        // Three of four (a quorum) agree at height 7: in force after 16 + 64.
+        assert!(
+            apply_one(&mut m, &vote(&members[0], harder, 0), 2)
+                .refused
+                .is_empty()
+        );
+        assert!(
+            apply_one(&mut m, &vote(&members[1], harder, 0), 3)
+                .refused
+                .is_empty()
+        );
+        assert_eq!(m.pending_puzzle(), None);
+        let third = apply_one(&mut m, &vote(&members[2], harder, 0), 4);
+        assert_eq!(third.puzzle_scheduled, Some((80, harder)));
+        assert_eq!(m.params(), &CHEAP, "not before the boundary");
+        advance(&mut m, 80);
+        assert_eq!(m.params(), &harder);
+        // A proof at the old difficulty no longer passes (the nonce that
+        // solves 4 bits is very unlikely to solve 9).
+        let candidate = Identity::from_seed(&[91; 32]);
+        let cheap_join = solved_join(&m, &candidate, CHEAP);
+        let answer = m.check_request(
+            &cheap_join,
+            m.height() + 1,
+            &StrictCrypto,
+            &mut ProofCache::default(),
+        );
+        let good_join = solved_join(&m, &candidate, harder);
+        assert!(
+            answer == Err(Refusal::BadProof { difficulty_bits: 9 }) || cheap_join == good_join,
+            "{answer:?}"
+        );
+        assert_eq!(
+            m.check_request(
+                &good_join,
+                m.height() + 1,
+                &StrictCrypto,
+                &mut ProofCache::default()
+            ),
+            Ok(Accepted::Change(Change::Join(candidate.public())))
         );
     }
 

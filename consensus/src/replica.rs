@@ -1427,10 +1427,7 @@ impl<S: Signer> Replica<S> {
                 self.schedule = self.reputation.current().clone();
             }
         }
-        if !effects.scheduled.is_empty()
-            || !effects.refused.is_empty()
-            || effects.new_epoch.is_some()
-        {
+        if !effects.is_empty() {
             self.outputs
                 .push_back(Output::Membership { height, effects });
         }

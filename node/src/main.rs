@@ -288,6 +288,22 @@ enum ValidatorArgs {
     },
     /// The validator set, a change in flight, and what a join costs.
     Status,
+    /// Vote (as a validator) for new join puzzle parameters; they apply,
+    /// at the next boundary, once a quorum of the set votes the same.
+    VotePuzzle {
+        /// Leading zero bits a join must find (each doubles the work).
+        #[arg(long)]
+        difficulty: u32,
+        /// Memory of one attempt, KiB.
+        #[arg(long)]
+        memory_kib: u32,
+        /// Argon2id passes per attempt.
+        #[arg(long, default_value_t = 1)]
+        passes: u32,
+        /// How long to wait for the vote to be ordered, in seconds.
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -760,6 +776,21 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                     validator::leave(&dir, Duration::from_secs(wait_secs), json)
                 }
                 ValidatorArgs::Status => validator::status(&dir, json),
+                ValidatorArgs::VotePuzzle {
+                    difficulty,
+                    memory_kib,
+                    passes,
+                    wait_secs,
+                } => validator::vote_puzzle(
+                    &dir,
+                    openagi_crypto::poc::PuzzleParams {
+                        difficulty_bits: difficulty,
+                        memory_kib,
+                        passes,
+                    },
+                    Duration::from_secs(wait_secs),
+                    json,
+                ),
             }
         }
         Command::Genesis {

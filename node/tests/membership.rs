@@ -203,4 +203,33 @@ fn a_full_node_joins_votes_and_leaves_without_a_restart() {
         || (head(&full) >= height).then_some(()),
     )
     .expect("following");
+
+    // The join puzzle changes by vote: three of the four validators (a
+    // quorum; the fourth is stopped) vote for 5 bits at 128 KiB.
+    for i in 0..3 {
+        let dir = network.dirs[i].to_str().expect("utf-8").to_string();
+        let (status, out, err) = openagi(&[
+            "validator",
+            "vote-puzzle",
+            "--data-dir",
+            &dir,
+            "--difficulty",
+            "5",
+            "--memory-kib",
+            "128",
+            "--json",
+        ])
+        .expect("runs");
+        assert!(status.success(), "vote {i}: {out}{err}");
+        let vote: Value = serde_json::from_str(&out).expect("json");
+        if i < 2 {
+            assert!(vote["pending_puzzle"].is_null(), "{vote}");
+        } else {
+            assert_eq!(
+                vote["pending_puzzle"]["params"]["difficulty_bits"], 5,
+                "{vote}"
+            );
+            assert!(vote["takes_effect_after"].is_u64(), "{vote}");
+        }
+    }
 }

@@ -287,6 +287,77 @@ pub fn leave(dir: &DataDir, wait: Duration, json_output: bool) -> Result<()> {
     Ok(())
 }
 
+/// `openagi validator vote-puzzle`: this validator's vote for new join
+/// puzzle parameters; they apply once a quorum of the set votes the same.
+pub fn vote_puzzle(
+    dir: &DataDir,
+    params: PuzzleParams,
+    wait: Duration,
+    json_output: bool,
+) -> Result<()> {
+    params
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--difficulty/--memory-kib/--passes: {e}"))?;
+    let client = ApiClient::from_data_dir(dir)?;
+    let submitted = client.post_json(
+        "/api/v1/validator/puzzle",
+        &json!({
+            "difficulty_bits": params.difficulty_bits,
+            "memory_kib": params.memory_kib,
+            "passes": params.passes,
+        }),
+    )?;
+    let tx = str_of(&submitted, "tx_hash")?.to_string();
+    let started = Instant::now();
+    let counted = loop {
+        let answer = client.get_json(&format!("/api/v1/validator/changes/{tx}"))?;
+        match str_of(&answer, "status")? {
+            "counted" => break answer,
+            "refused" => bail!(
+                "the network refused the vote: {}",
+                str_of(&answer, "reason").unwrap_or("no reason given")
+            ),
+            _ if started.elapsed() > wait => bail!(
+                "the vote {tx} was not ordered within {} s; see the daemon's log",
+                wait.as_secs()
+            ),
+            _ => std::thread::sleep(POLL),
+        }
+    };
+    let overview = client.get_json("/api/v1/validator")?;
+    if json_output {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "tx_hash": tx,
+                "counted_at": counted["height"],
+                "takes_effect_after": counted["takes_effect_after"],
+                "puzzle_votes": overview["puzzle_votes"],
+                "pending_puzzle": overview["pending_puzzle"],
+            }))?
+        )?;
+    } else {
+        outln!("vote counted at height {}", counted["height"])?;
+        match counted["takes_effect_after"].as_u64() {
+            Some(boundary) => {
+                outln!("a quorum agrees: joins need these parameters after height {boundary}")?
+            }
+            None => outln!(
+                "in force once {} of the {} validators vote the same (votes so far: {})",
+                quorum_of(overview["validators"].as_array().map_or(0, Vec::len)),
+                overview["validators"].as_array().map_or(0, Vec::len),
+                overview["puzzle_votes"]
+            )?,
+        }
+    }
+    Ok(())
+}
+
+/// Votes needed among `n` validators (`n - f`).
+fn quorum_of(n: usize) -> usize {
+    n - n.saturating_sub(1) / 3
+}
+
 /// `openagi validator status`.
 pub fn status(dir: &DataDir, json_output: bool) -> Result<()> {
     let client = ApiClient::from_data_dir(dir)?;

@@ -63,6 +63,16 @@ fn membership_json(payload: &[u8]) -> Option<serde_json::Value> {
                 "key": signed.signer().to_hex(),
                 "epoch": signed.verify().ok().map(|l| l.epoch),
             }),
+            MembershipRequest::Puzzle(signed) => {
+                let vote = signed.verify().ok();
+                serde_json::json!({
+                    "kind": "puzzle_vote",
+                    "key": signed.signer().to_hex(),
+                    "epoch": vote.as_ref().map(|v| v.epoch),
+                    "difficulty_bits": vote.as_ref().map(|v| v.params.difficulty_bits),
+                    "memory_kib": vote.as_ref().map(|v| v.params.memory_kib),
+                })
+            }
         });
     }
     let (kind, evidence) = match Equivocation::from_removal_payload(payload) {

@@ -275,6 +275,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
             post(crate::daemon::validator_api::leave),
         )
         .route(
+            "/validator/puzzle",
+            post(crate::daemon::validator_api::puzzle_vote),
+        )
+        .route(
             "/validator/changes/{tx}",
             get(crate::daemon::validator_api::change_status),
         )

@@ -629,7 +629,7 @@ impl ConsensusHandle {
         };
         let anchor = match &request {
             MembershipRequest::Join(signed) => signed.verify().ok().map(|j| j.anchor_height),
-            MembershipRequest::Leave(_) => None,
+            MembershipRequest::Leave(_) | MembershipRequest::Puzzle(_) => None,
         };
         // The view is refreshed about once a second: a join anchored on a
         // block newer than it waits for it (a little), not a refusal.
@@ -832,6 +832,9 @@ pub struct ConsensusWiring {
     pub commits: broadcast::Sender<CommitNotice>,
     /// Where the validator set along the chain is published.
     pub membership: crate::daemon::role::SharedMembership,
+    /// Join proofs checked at once outside consensus (shared with the
+    /// API).
+    pub proof_checks: Arc<tokio::sync::Semaphore>,
 }
 
 /// Starts the replica from what `store` holds. When this node is not a
@@ -879,6 +882,7 @@ pub fn start(
         inbox: mut message_rx,
         commits,
         membership,
+        proof_checks,
     } = wiring;
     let me = replica.index();
     debug_assert_eq!(replica.validators().member(me), Some(&me_key));
@@ -916,7 +920,7 @@ pub fn start(
         validators: validators.clone(),
         genesis: Arc::new(genesis),
         membership: membership.clone(),
-        proof_checks: Arc::new(tokio::sync::Semaphore::new(ADMISSION_PROOF_CHECKS)),
+        proof_checks: proof_checks.clone(),
         latencies: latencies.clone(),
         own_client: node_client_id(&me_peer),
         store: store.clone(),
@@ -1003,6 +1007,7 @@ pub fn start(
                     inbox: message_rx,
                     commits: driver.commits.clone(),
                     membership: driver.membership.clone(),
+                    proof_checks: proof_checks.clone(),
                 }));
             }
         }

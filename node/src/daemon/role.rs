@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use openagi_consensus::Hash;
-use openagi_consensus::membership::{BlockEffects, Change, Membership, Refusal};
+use openagi_consensus::membership::{Accepted, BlockEffects, Membership, Refusal};
 use openagi_crypto::Identity;
 use openagi_net::NetHandle;
 use tokio::sync::{broadcast, watch};
@@ -49,8 +49,9 @@ pub const KEPT_OUTCOMES: usize = 256;
 pub struct Outcome {
     /// The height that carried it.
     pub height: u64,
-    /// The change it scheduled, or why it was refused.
-    pub result: Result<Change, Refusal>,
+    /// The change it scheduled or the vote it counted, or why it was
+    /// refused.
+    pub result: Result<Accepted, Refusal>,
 }
 
 /// What this node knows of the validator set along its chain, kept by
@@ -82,7 +83,13 @@ impl SharedMembership {
         let outcomes = effects
             .scheduled
             .iter()
-            .map(|(tx, change)| (*tx, Ok(*change)))
+            .map(|(tx, change)| (*tx, Ok(Accepted::Change(*change))))
+            .chain(
+                effects
+                    .votes
+                    .iter()
+                    .map(|(tx, params)| (*tx, Ok(Accepted::PuzzleVote(*params)))),
+            )
             .chain(effects.refused.iter().map(|(tx, r)| (*tx, Err(r.clone()))));
         for (tx, result) in outcomes {
             if view.outcomes.len() >= KEPT_OUTCOMES {
@@ -132,6 +139,7 @@ pub struct LedgerRole {
     current: Arc<RwLock<Role>>,
     commits: broadcast::Sender<CommitNotice>,
     membership: SharedMembership,
+    proof_checks: Arc<tokio::sync::Semaphore>,
 }
 
 impl Default for LedgerRole {
@@ -141,6 +149,9 @@ impl Default for LedgerRole {
             current: Arc::default(),
             commits,
             membership: SharedMembership::default(),
+            proof_checks: Arc::new(tokio::sync::Semaphore::new(
+                crate::daemon::consensus::ADMISSION_PROOF_CHECKS,
+            )),
         }
     }
 }
@@ -187,6 +198,13 @@ impl LedgerRole {
     /// last published it.
     pub fn membership(&self) -> &SharedMembership {
         &self.membership
+    }
+
+    /// Join proofs this node checks at once outside consensus (before
+    /// submitting or admitting a join): each is one Argon2id run of the
+    /// puzzle's memory.
+    pub fn proof_checks(&self) -> Arc<tokio::sync::Semaphore> {
+        self.proof_checks.clone()
     }
 
     /// The channel both parts announce blocks on.
@@ -254,6 +272,7 @@ impl Ledger {
                 inbox,
                 commits: role.commits(),
                 membership: role.membership().clone(),
+                proof_checks: role.proof_checks(),
             }),
             role,
             genesis,

@@ -19,10 +19,11 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use openagi_consensus::membership::{
-    Change, JoinRequest, LeaveRequest, MembershipRequest, ProofCache,
+    Accepted, Change, JoinRequest, LeaveRequest, MembershipRequest, ProofCache, PuzzleVote,
 };
 use openagi_consensus::{StrictCrypto, Transaction};
 use openagi_crypto::Signed;
+use openagi_crypto::poc::PuzzleParams;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -36,6 +37,23 @@ fn change_json(change: &Change) -> serde_json::Value {
         Change::Remove(k) => ("remove", k),
     };
     json!({ "kind": kind, "key": key.to_hex() })
+}
+
+fn params_json(params: &PuzzleParams) -> serde_json::Value {
+    json!({
+        "difficulty_bits": params.difficulty_bits,
+        "memory_kib": params.memory_kib,
+        "passes": params.passes,
+    })
+}
+
+fn accepted_json(accepted: &Accepted) -> serde_json::Value {
+    match accepted {
+        Accepted::Change(change) => change_json(change),
+        Accepted::PuzzleVote(params) => {
+            json!({ "kind": "puzzle_vote", "params": params_json(params) })
+        }
+    }
 }
 
 fn no_view() -> Response {
@@ -67,11 +85,15 @@ pub async fn overview(State(state): State<Arc<ApiState>>) -> Response {
             "boundary": t.boundary,
             "changes": t.changes.iter().map(change_json).collect::<Vec<_>>(),
         })),
-        "puzzle": {
-            "difficulty_bits": params.difficulty_bits,
-            "memory_kib": params.memory_kib,
-            "passes": params.passes,
-        },
+        "puzzle": params_json(params),
+        "pending_puzzle": membership.pending_puzzle().map(|(boundary, p)| json!({
+            "boundary": boundary,
+            "params": params_json(&p),
+        })),
+        "puzzle_votes": membership.puzzle_votes().iter().map(|(p, n)| json!({
+            "params": params_json(p),
+            "votes": n,
+        })).collect::<Vec<_>>(),
         "anchor": anchor.map(|(height, hash)| json!({ "height": height, "hash": hex::encode(hash) })),
         "anchor_max_age_blocks": membership.anchor_max_age(),
         "height": membership.height(),
@@ -137,6 +159,47 @@ pub async fn leave(State(state): State<Arc<ApiState>>) -> Response {
     submit(&state, MembershipRequest::Leave(signed)).await
 }
 
+/// Body of `POST /api/v1/validator/puzzle`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PuzzleBody {
+    /// Leading zero bits a join must find.
+    pub difficulty_bits: u32,
+    /// Memory of one attempt, KiB.
+    pub memory_kib: u32,
+    /// Argon2id passes (default 1).
+    pub passes: Option<u32>,
+}
+
+/// `POST /api/v1/validator/puzzle`: this validator's vote for new join
+/// puzzle parameters, for the current epoch.
+pub async fn puzzle_vote(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Response {
+    let body: PuzzleBody = match json_body(body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let Some(membership) = state.ledger.membership().membership() else {
+        return no_view();
+    };
+    let vote = PuzzleVote {
+        network: membership.epoch().validators.network(),
+        epoch: membership.epoch().number,
+        params: PuzzleParams {
+            difficulty_bits: body.difficulty_bits,
+            memory_kib: body.memory_kib,
+            passes: body.passes.unwrap_or(1),
+        },
+    };
+    let signed = match Signed::sign(&state.identity, &vote) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    submit(&state, MembershipRequest::Puzzle(signed)).await
+}
+
 /// Checks `request` against this node's view of the chain (as if the next
 /// block carried it; the proof last, off the async workers), then submits
 /// it. A refusal is 422 with the reason.
@@ -145,7 +208,13 @@ async fn submit(state: &Arc<ApiState>, request: MembershipRequest) -> Response {
         return no_view();
     };
     let next = membership.height().saturating_add(1);
+    let Ok(permit) = state.ledger.proof_checks().acquire_owned().await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping");
+    };
     let checked = {
+        // One proof at a time on this node; the permit goes before the
+        // submission, whose admission check takes it again.
+        let _permit = permit;
         let request = request.clone();
         tokio::task::spawn_blocking(move || {
             let change =
@@ -154,8 +223,8 @@ async fn submit(state: &Arc<ApiState>, request: MembershipRequest) -> Response {
         })
         .await
     };
-    let (change, boundary) = match checked {
-        Ok((Ok(change), boundary)) => (change, boundary),
+    let (accepted, boundary) = match checked {
+        Ok((Ok(accepted), boundary)) => (accepted, boundary),
         Ok((Err(refusal), _)) => {
             return error(StatusCode::UNPROCESSABLE_ENTITY, refusal.to_string());
         }
@@ -178,7 +247,7 @@ async fn submit(state: &Arc<ApiState>, request: MembershipRequest) -> Response {
             StatusCode::ACCEPTED,
             Json(json!({
                 "tx_hash": hex::encode(hash),
-                "change": change_json(&change),
+                "change": accepted_json(&accepted),
                 // If it commits in the next block; later blocks move it on.
                 "takes_effect_after": boundary,
             })),
@@ -211,7 +280,15 @@ pub async fn change_status(
     match view.outcome(&hash) {
         None => Json(json!({ "status": "unknown" })).into_response(),
         Some(outcome) => match outcome.result {
-            Ok(change) => Json(json!({
+            Ok(Accepted::PuzzleVote(params)) => Json(json!({
+                "status": "counted",
+                "height": outcome.height,
+                "change": accepted_json(&Accepted::PuzzleVote(params)),
+                // Set once a quorum agrees (on these or other parameters).
+                "takes_effect_after": view.membership().and_then(|m| m.pending_puzzle()).filter(|(_, p)| *p == params).map(|(b, _)| b),
+            }))
+            .into_response(),
+            Ok(Accepted::Change(change)) => Json(json!({
                 "status": "scheduled",
                 "height": outcome.height,
                 "change": change_json(&change),
