@@ -75,8 +75,9 @@ pub const PROOF_CACHE_ENTRIES: usize = 1_024;
 /// join again; the oldest are forgotten past this.
 pub const MAX_BANNED: usize = 4_096;
 
-/// Most memory a vote may set for one puzzle attempt (128 MiB): every node
-/// spends it for each join it checks.
+/// Most memory times passes a vote may set for one puzzle attempt (128 MiB
+/// for one pass): every node spends it on each join proof it checks, some
+/// of them on the consensus task.
 pub const MAX_VOTED_MEMORY_KIB: u32 = 128 * 1024;
 
 /// Most difficulty a vote may set (20 bits: about a million attempts, many
@@ -762,11 +763,12 @@ impl Membership {
                 vote.params
                     .validate()
                     .map_err(|e| Refusal::BadPuzzle(e.to_string()))?;
-                if vote.params.memory_kib > MAX_VOTED_MEMORY_KIB
+                let work = u64::from(vote.params.memory_kib) * u64::from(vote.params.passes);
+                if work > u64::from(MAX_VOTED_MEMORY_KIB)
                     || vote.params.difficulty_bits > MAX_VOTED_DIFFICULTY_BITS
                 {
                     return Err(Refusal::BadPuzzle(format!(
-                        "at most {MAX_VOTED_DIFFICULTY_BITS} bits and {MAX_VOTED_MEMORY_KIB} KiB"
+                        "at most {MAX_VOTED_DIFFICULTY_BITS} bits and {MAX_VOTED_MEMORY_KIB} KiB times passes"
                     )));
                 }
                 if vote.params == self.params {
@@ -851,7 +853,11 @@ impl Membership {
             // below so the key is banned all the same.
             return Ok(Change::Remove(key));
         }
-        if self.size_after_transition() <= 1 {
+        if self
+            .size_after_transition()
+            .saturating_sub(self.deferred.len())
+            <= 1
+        {
             return Err(Refusal::TooFewValidators { min: 1 });
         }
         // Not limited by the churn bound; a removal that cannot join the

@@ -658,9 +658,15 @@ pub struct Replica<S: Signer = IdentitySigner> {
     /// replica lacks it (at most one per member of that set).
     handoff_votes: Vec<Signed<Checkpoint>>,
     /// Members of the previous set answered lately, and when (at most one
-    /// entry per member of that set).
+    /// entry per former member).
     former_answered: Vec<(PublicKey, u64)>,
+    /// See [`Replica::former_members`].
+    former_members: Vec<PublicKey>,
 }
+
+/// Former validators a replica keeps answering (a few epochs' worth of
+/// leavers and removals).
+pub const FORMER_MEMBERS: usize = 64;
 
 impl<S: Signer> std::fmt::Debug for Replica<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -771,6 +777,7 @@ impl<S: Signer> Replica<S> {
             last_filler_ms: 0,
             handoff_votes: Vec::new(),
             former_answered: Vec::new(),
+            former_members: Vec::new(),
             validators,
             signer,
         })
@@ -1562,6 +1569,16 @@ impl<S: Signer> Replica<S> {
             .drain(..)
             .chain(self.out_of_window.drain(..))
             .collect();
+        // Who left stays known for a while (see `former_members`).
+        for key in self.validators.members().to_vec() {
+            if epoch.validators.index_of(&key).is_none() && !self.former_members.contains(&key) {
+                self.former_members.push(key);
+            }
+        }
+        let excess = self.former_members.len().saturating_sub(FORMER_MEMBERS);
+        self.former_members.drain(..excess);
+        self.former_answered
+            .retain(|(key, _)| self.former_members.contains(key));
         self.adopt_epoch_set(&epoch, index);
         self.view_changes.clear();
         self.new_view = None;
@@ -3198,11 +3215,7 @@ impl<S: Signer> Replica<S> {
     /// retire even when it missed the checkpoint exchange.
     fn on_former_member_status(&mut self, signed: Signed<Status>) {
         let from = *signed.signer();
-        let former = self
-            .membership
-            .previous_epoch()
-            .is_some_and(|p| p.validators.index_of(&from).is_some());
-        if !former {
+        if !self.is_former_member(&from) {
             self.drop_input(DropReason::NotMember);
             return;
         }
@@ -3328,11 +3341,24 @@ impl<S: Signer> Replica<S> {
     /// that just left may still be fetching the blocks up to the boundary
     /// it leaves at (it retires once it has them).
     fn may_fetch(&self, key: &PublicKey) -> bool {
-        self.validators.index_of(key).is_some()
+        self.validators.index_of(key).is_some() || self.is_former_member(key)
+    }
+
+    /// Whether `key` was a validator in one of the last epochs this
+    /// replica went through (or the chain's previous one).
+    fn is_former_member(&self, key: &PublicKey) -> bool {
+        self.former_members.contains(key)
             || self
                 .membership
                 .previous_epoch()
                 .is_some_and(|p| p.validators.index_of(key).is_some())
+    }
+
+    /// Validators of the last epochs this replica left behind, newest last
+    /// (at most [`FORMER_MEMBERS`]): one that left may still be on its way
+    /// to its boundary when two boundaries come close together.
+    pub fn former_members(&self) -> &[PublicKey] {
+        &self.former_members
     }
 
     fn on_fetch_blocks(&mut self, signed: Signed<FetchBlocks>) {

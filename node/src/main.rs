@@ -327,6 +327,14 @@ enum GenesisArgs {
         /// Memory of one join puzzle attempt, KiB.
         #[arg(long, default_value_t = openagi_crypto::poc::PuzzleParams::DEFAULT.memory_kib)]
         join_memory_kib: u32,
+        /// A checkpoint every this many blocks, on every node of the
+        /// network (validators' `consensus.checkpoint_interval` must match).
+        #[arg(long, default_value_t = openagi_consensus::Config::default().checkpoint_interval)]
+        checkpoint_interval: u64,
+        /// Blocks in flight above the stable checkpoint, on every node
+        /// (validators' `consensus.window` must match).
+        #[arg(long, default_value_t = openagi_consensus::Config::default().window)]
+        window: u64,
     },
 }
 
@@ -801,6 +809,8 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
                     out,
                     join_difficulty,
                     join_memory_kib,
+                    checkpoint_interval,
+                    window,
                 },
         } => cli_ledger::genesis_create(
             &network_id,
@@ -809,6 +819,8 @@ fn dispatch(cli: Cli, started: Instant) -> Result<()> {
             openagi_node::common::genesis::GenesisConsensus {
                 join_difficulty_bits: join_difficulty,
                 join_memory_kib,
+                checkpoint_interval,
+                window,
                 ..Default::default()
             },
         ),

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use openagi_tests::{
-    Daemon, DaemonOptions, env_vars, init_validators, openagi, use_binary, wait_for,
+    Daemon, DaemonOptions, env_vars, init_validators, init_validators_with, openagi, use_binary,
+    wait_for,
 };
 use serde_json::json;
 
@@ -24,7 +25,19 @@ fn start_network(n: usize) -> Network {
 fn start_network_with(n: usize, env: &[(&str, &str)]) -> Network {
     use_binary(env!("CARGO_BIN_EXE_openagi"));
     let root = tempfile::tempdir().expect("tempdir");
-    let dirs = init_validators(root.path(), n).expect("validators");
+    // The genesis carries what every node must share: a test that tunes
+    // the checkpoint interval or window for its validators writes it there.
+    let mut genesis_args: Vec<&str> = Vec::new();
+    for (key, value) in env {
+        match *key {
+            "OPENAGI_CONSENSUS_CHECKPOINT_INTERVAL" => {
+                genesis_args.extend(["--checkpoint-interval", value]);
+            }
+            "OPENAGI_CONSENSUS_WINDOW" => genesis_args.extend(["--window", value]),
+            _ => {}
+        }
+    }
+    let dirs = init_validators_with(root.path(), n, &genesis_args).expect("validators");
     let env = env_vars(env);
     let solo = DaemonOptions {
         env: env.clone(),

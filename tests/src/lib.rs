@@ -70,6 +70,13 @@ pub fn init(dir: &Path) -> Result<()> {
 /// operator commands (`init`, `keys show`, `genesis create`, `init
 /// --genesis`).
 pub fn init_validators(root: &Path, n: usize) -> Result<Vec<PathBuf>> {
+    init_validators_with(root, n, &[])
+}
+
+/// [`init_validators`] with more `genesis create` arguments (e.g.
+/// `--checkpoint-interval 2 --window 4`, which the validators' config must
+/// then match).
+pub fn init_validators_with(root: &Path, n: usize, genesis_args: &[&str]) -> Result<Vec<PathBuf>> {
     let mut dirs = Vec::with_capacity(n);
     let mut keys = Vec::with_capacity(n);
     for i in 0..n {
@@ -109,6 +116,7 @@ pub fn init_validators(root: &Path, n: usize) -> Result<Vec<PathBuf>> {
         "--join-memory-kib",
         "64",
     ];
+    args.extend_from_slice(genesis_args);
     for key in &keys {
         args.push("--validator");
         args.push(key);

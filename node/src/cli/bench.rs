@@ -237,8 +237,19 @@ pub async fn consensus(options: ConsensusBench) -> Result<Vec<Figure>> {
         options.duration.as_secs()
     );
     // The private Tor network lives as long as `_tornet`.
-    let (mut nodes, _tornet) =
-        devnet::start_local_network(&dir, options.nodes, 0, &extra, options.tor).await?;
+    let (mut nodes, _tornet) = devnet::start_local_network(
+        &dir,
+        options.nodes,
+        0,
+        &extra,
+        options.tor,
+        crate::common::genesis::GenesisConsensus {
+            checkpoint_interval: consensus.checkpoint_interval,
+            window: consensus.window,
+            ..devnet::devnet_consensus()
+        },
+    )
+    .await?;
     // Ctrl-C stops the load, the nodes and removes the temporary
     // directory too.
     let stop = Arc::new(AtomicBool::new(false));

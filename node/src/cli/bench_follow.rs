@@ -80,8 +80,15 @@ pub async fn follow(options: FollowBench) -> Result<Vec<Figure>> {
          offered {} tx/s, blocks of up to {}); then a full node catches up from height 0",
         options.blocks, options.payload_bytes, options.rate, options.batch_txs
     );
-    let (mut nodes, _no_tor) =
-        devnet::start_local_network(&dir, VALIDATORS, 1, &extra, false).await?;
+    let (mut nodes, _no_tor) = devnet::start_local_network(
+        &dir,
+        VALIDATORS,
+        1,
+        &extra,
+        false,
+        devnet::devnet_consensus(),
+    )
+    .await?;
     let stop = Arc::new(AtomicBool::new(false));
     let result = tokio::select! {
         result = measure(&mut nodes, &options, stop.clone()) => result,
@@ -349,8 +356,15 @@ async fn scale(
         options.duration.as_secs()
     );
     let started = Instant::now();
-    let (mut nodes, _no_tor) =
-        devnet::start_local_network(dir, VALIDATORS, followers, &extra, false).await?;
+    let (mut nodes, _no_tor) = devnet::start_local_network(
+        dir,
+        VALIDATORS,
+        followers,
+        &extra,
+        false,
+        devnet::devnet_consensus(),
+    )
+    .await?;
     println!(
         "  {} daemons started in {:.1} s",
         nodes.len(),

@@ -33,6 +33,17 @@ pub const DEVNET_NETWORK_ID: &str = "openagi-devnet";
 pub const DEVNET_JOIN_DIFFICULTY_BITS: u32 = 8;
 /// Memory of one devnet join attempt, KiB.
 pub const DEVNET_JOIN_MEMORY_KIB: u32 = 1024;
+
+/// The devnet genesis's shared parameters: the default checkpoint interval
+/// and window, and a join that costs a fraction of a second (minutes on a
+/// real network).
+pub(crate) fn devnet_consensus() -> crate::common::genesis::GenesisConsensus {
+    crate::common::genesis::GenesisConsensus {
+        join_difficulty_bits: DEVNET_JOIN_DIFFICULTY_BITS,
+        join_memory_kib: DEVNET_JOIN_MEMORY_KIB,
+        ..Default::default()
+    }
+}
 /// How long stopping may take before stragglers are killed.
 const STOP_GRACE: Duration = Duration::from_secs(15);
 
@@ -266,6 +277,7 @@ pub(crate) async fn start_local_network(
     full_nodes: usize,
     extra: &str,
     tor: bool,
+    consensus: crate::common::genesis::GenesisConsensus,
 ) -> Result<(Vec<Node>, Option<openagi_tornet::TorNet>)> {
     if count == 0 || count > 64 {
         bail!("--nodes must be between 1 and 64 (got {count})");
@@ -303,13 +315,7 @@ pub(crate) async fn start_local_network(
     let genesis = Genesis {
         network_id: DEVNET_NETWORK_ID.into(),
         validators,
-        // A join costs a fraction of a second here, minutes on a real
-        // network.
-        consensus: crate::common::genesis::GenesisConsensus {
-            join_difficulty_bits: DEVNET_JOIN_DIFFICULTY_BITS,
-            join_memory_kib: DEVNET_JOIN_MEMORY_KIB,
-            ..Default::default()
-        },
+        consensus,
     };
     for (index, d) in dirs.iter().enumerate() {
         let path = d.file(GENESIS_FILE);
@@ -402,6 +408,7 @@ pub async fn run(options: DevnetOptions) -> Result<()> {
         options.full_nodes + options.join,
         "",
         options.tor,
+        devnet_consensus(),
     )
     .await?;
     // The joiners are the last nodes; each runs `openagi validator join`

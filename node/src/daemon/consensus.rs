@@ -649,13 +649,21 @@ impl ConsensusHandle {
             // No view yet (just started): consensus checks it when ordered.
             return Ok(());
         };
-        let _permit = self
-            .proof_checks
-            .acquire()
-            .await
-            .map_err(|_| ConsensusError::Stopped)?;
+        // Only a join's proof costs an Argon2 run; the permit goes with the
+        // run (a caller that gives up does not free it early).
+        let permit = match &request {
+            MembershipRequest::Join(_) => Some(
+                self.proof_checks
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| ConsensusError::Stopped)?,
+            ),
+            _ => None,
+        };
         let next = membership.height().saturating_add(1);
         let checked = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             membership.check_request(
                 &request,
                 next,
@@ -1040,6 +1048,19 @@ fn open_replica(
             marker = %marker.display(),
             "consensus state lost; recovering before voting again (the database is not the one this validator voted from)"
         );
+        // The blocks on disk now came from elsewhere (a follower fetched
+        // them, or a backup): they are replayed, so they are checked first.
+        let genesis = Membership::genesis(
+            validators.clone(),
+            config.checkpoint_interval,
+            config.window,
+            config.join_puzzle,
+        )?;
+        crate::common::ledger::verify_blocks(store, &genesis).map_err(|e| {
+            ConsensusError::Rejected(format!(
+                "the stored chain does not verify, so this validator cannot recover from it: {e:#}"
+            ))
+        })?;
         match Replica::recover_after_data_loss(
             config,
             validators,
@@ -1381,6 +1402,7 @@ impl Driver {
                     .map(|p| p.validators.members())
                     .unwrap_or_default(),
             )
+            .chain(self.replica.former_members())
             .chain(membership.epoch().validators.members())
             .chain(
                 membership

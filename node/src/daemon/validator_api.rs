@@ -208,15 +208,20 @@ async fn submit(state: &Arc<ApiState>, request: MembershipRequest) -> Response {
         return no_view();
     };
     let next = membership.height().saturating_add(1);
-    let Ok(permit) = state.ledger.proof_checks().acquire_owned().await else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping");
+    // One proof at a time on this node: only a join's costs an Argon2 run,
+    // and the permit goes with the run. It is free again before the
+    // submission, whose admission check takes it too.
+    let permit = match &request {
+        MembershipRequest::Join(_) => match state.ledger.proof_checks().acquire_owned().await {
+            Ok(permit) => Some(permit),
+            Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping"),
+        },
+        _ => None,
     };
     let checked = {
-        // One proof at a time on this node; the permit goes before the
-        // submission, whose admission check takes it again.
-        let _permit = permit;
         let request = request.clone();
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let change =
                 membership.check_request(&request, next, &StrictCrypto, &mut ProofCache::default());
             (change, membership.boundary_for(next))
