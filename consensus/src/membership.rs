@@ -722,18 +722,7 @@ impl Membership {
             MembershipRequest::Leave(signed) => {
                 let leaving = *signed.signer();
                 let leave = crypto.open(signed).map_err(|_| Refusal::BadSignature)?;
-                if leave.network != self.network {
-                    return Err(Refusal::WrongNetwork);
-                }
-                if leave.epoch != self.epoch.number {
-                    return Err(Refusal::WrongEpoch {
-                        current: self.epoch.number,
-                        got: leave.epoch,
-                    });
-                }
-                if self.epoch.validators.index_of(&leaving).is_none() {
-                    return Err(Refusal::NotMember);
-                }
+                self.check_validator_request(leave.network, leave.epoch, &leaving)?;
                 if self.pending_for(&leaving) {
                     return Err(Refusal::AlreadyMember);
                 }
@@ -748,18 +737,7 @@ impl Membership {
             MembershipRequest::Puzzle(signed) => {
                 let voter = *signed.signer();
                 let vote = crypto.open(signed).map_err(|_| Refusal::BadSignature)?;
-                if vote.network != self.network {
-                    return Err(Refusal::WrongNetwork);
-                }
-                if vote.epoch != self.epoch.number {
-                    return Err(Refusal::WrongEpoch {
-                        current: self.epoch.number,
-                        got: vote.epoch,
-                    });
-                }
-                if self.epoch.validators.index_of(&voter).is_none() {
-                    return Err(Refusal::NotMember);
-                }
+                self.check_validator_request(vote.network, vote.epoch, &voter)?;
                 vote.params
                     .validate()
                     .map_err(|e| Refusal::BadPuzzle(e.to_string()))?;
@@ -779,6 +757,29 @@ impl Membership {
                 Ok(Checked::Vote(voter, vote.params))
             }
         }
+    }
+
+    /// A request only a validator of the current epoch may make: for this
+    /// network, naming this epoch, signed by a member.
+    fn check_validator_request(
+        &self,
+        network: NetworkId,
+        epoch: u64,
+        signer: &PublicKey,
+    ) -> Result<(), Refusal> {
+        if network != self.network {
+            return Err(Refusal::WrongNetwork);
+        }
+        if epoch != self.epoch.number {
+            return Err(Refusal::WrongEpoch {
+                current: self.epoch.number,
+                got: epoch,
+            });
+        }
+        if self.epoch.validators.index_of(signer).is_none() {
+            return Err(Refusal::NotMember);
+        }
+        Ok(())
     }
 
     /// Counts `voter`'s vote (replacing an earlier one of this epoch);
