@@ -673,9 +673,13 @@ impl Membership {
                 if join.network != self.network {
                     return Err(Refusal::WrongNetwork);
                 }
-                if join.anchor_height >= height
-                    || height - join.anchor_height > self.anchor_max_age()
-                {
+                if join.anchor_height >= height {
+                    // Not a block of this chain yet: no stale proof, a wrong one.
+                    return Err(Refusal::WrongAnchor {
+                        anchor: join.anchor_height,
+                    });
+                }
+                if height - join.anchor_height > self.anchor_max_age() {
                     return Err(Refusal::StaleAnchor {
                         anchor: join.anchor_height,
                         height,

@@ -25,9 +25,10 @@ use crate::outln;
 /// and whether its part has switched.
 const POLL: Duration = Duration::from_millis(500);
 
-/// An anchor this many blocks short of the network's anchor age is solved
-/// again rather than submitted: it could go stale before it is ordered.
-const ANCHOR_MARGIN: u64 = 1_024;
+/// An anchor within this fraction of the network's anchor age of going
+/// stale is solved again rather than submitted: it could go stale before
+/// it is ordered.
+const ANCHOR_MARGIN_DIVISOR: u64 = 16;
 
 fn field<'a>(value: &'a Value, key: &str) -> Result<&'a Value> {
     value
@@ -208,7 +209,7 @@ pub fn join(
         let now = client.get_json("/api/v1/validator")?;
         let head = u64_of(&now, "height")?;
         let max_age = u64_of(&now, "anchor_max_age_blocks")?;
-        if head.saturating_sub(puzzle.anchor_height) + ANCHOR_MARGIN < max_age {
+        if head.saturating_sub(puzzle.anchor_height) + max_age / ANCHOR_MARGIN_DIVISOR < max_age {
             break (nonce, puzzle);
         }
         eprintln!("the ledger moved on while solving; solving again against a newer block");

@@ -507,7 +507,6 @@ pub struct ConsensusHandle {
     inputs: mpsc::Sender<Input>,
     status: Arc<RwLock<ConsensusStatus>>,
     commits: broadcast::Sender<CommitNotice>,
-    validators: ValidatorSet,
     genesis: Arc<Membership>,
     /// The validator set along the replica's chain (for admitting joins).
     membership: crate::daemon::role::SharedMembership,
@@ -689,11 +688,6 @@ impl ConsensusHandle {
     /// Notices of blocks committing from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<CommitNotice> {
         self.commits.subscribe()
-    }
-
-    /// The validator set.
-    pub fn validators(&self) -> &ValidatorSet {
-        &self.validators
     }
 
     /// The membership at genesis, from which the whole ledger verifies.
@@ -925,7 +919,6 @@ pub fn start(
         inputs: input_tx,
         status: status.clone(),
         commits: commits.clone(),
-        validators: validators.clone(),
         genesis: Arc::new(genesis),
         membership: membership.clone(),
         proof_checks: proof_checks.clone(),

@@ -61,7 +61,7 @@ pub struct MembershipView {
     /// The membership at the node's head (refreshed at most every
     /// [`VIEW_REFRESH`] while nothing changes, at once when something
     /// does).
-    pub membership: Option<Membership>,
+    pub membership: Option<Arc<Membership>>,
     /// Recent membership transactions' outcomes by transaction hash.
     pub outcomes: VecDeque<(Hash, Outcome)>,
     refreshed: Option<Instant>,
@@ -106,13 +106,13 @@ impl SharedMembership {
     pub fn refresh(&self, force: bool, current: impl FnOnce() -> Membership) {
         let mut view = self.0.write().unwrap_or_else(|p| p.into_inner());
         if force || view.refreshed.is_none_or(|at| at.elapsed() >= VIEW_REFRESH) {
-            view.membership = Some(current());
+            view.membership = Some(Arc::new(current()));
             view.refreshed = Some(Instant::now());
         }
     }
 
-    /// The membership at (about) the node's head.
-    pub fn membership(&self) -> Option<Membership> {
+    /// The membership at (about) the node's head (shared, not copied).
+    pub fn membership(&self) -> Option<Arc<Membership>> {
         self.0
             .read()
             .unwrap_or_else(|p| p.into_inner())
